@@ -1,0 +1,451 @@
+//! The Stock aggregate, one per SKU.
+//!
+//! `on_hand` is what is in the warehouse, `reserved` what placed orders hold of it, and
+//! `available = on_hand - reserved` never goes below zero. Reservations are kept per order so that
+//! a release or a deduction moves exactly what that order reserved.
+//!
+//! A release is also a barrier: once an order's reservation on a SKU is released (even one that
+//! was never made, because the reserve step's outcome was unknown), a late reserve for that order
+//! is refused. So a compensation never leaves stock held by an order that gave up.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Aggregate, DomainEvent, OrderId, Rejection, Sku};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stock {
+    pub on_hand: u64,
+    pub reserved: u64,
+    /// Quantity held per order that reserved and has not released or shipped yet.
+    pub reservations: BTreeMap<OrderId, u64>,
+    /// Orders whose reservation ended (released or deducted): they cannot reserve again.
+    pub settled: BTreeSet<OrderId>,
+}
+
+impl Stock {
+    pub fn available(&self) -> u64 {
+        self.on_hand - self.reserved
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StockCommand {
+    /// Goods arrived: adds to on-hand stock; the first receive creates the SKU.
+    Receive { sku: Sku, qty: u64 },
+    /// Holds `qty` for an order (the saga's step).
+    Reserve {
+        sku: Sku,
+        order_id: OrderId,
+        qty: u64,
+    },
+    /// Gives back whatever the order holds (the saga's compensation).
+    Release { sku: Sku, order_id: OrderId },
+    /// The order shipped: its reservation leaves the warehouse.
+    Deduct { sku: Sku, order_id: OrderId },
+}
+
+impl StockCommand {
+    pub fn sku(&self) -> &Sku {
+        match self {
+            Self::Receive { sku, .. }
+            | Self::Reserve { sku, .. }
+            | Self::Release { sku, .. }
+            | Self::Deduct { sku, .. } => sku,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data", deny_unknown_fields)]
+pub enum StockEvent {
+    StockReceived {
+        qty: u64,
+    },
+    StockReserved {
+        order_id: OrderId,
+        qty: u64,
+    },
+    /// `qty` is what the order held, 0 when the release only closes the barrier.
+    StockReleased {
+        order_id: OrderId,
+        qty: u64,
+    },
+    StockDeducted {
+        order_id: OrderId,
+        qty: u64,
+    },
+}
+
+impl DomainEvent for StockEvent {
+    fn event_type(&self) -> &'static str {
+        match self {
+            Self::StockReceived { .. } => "StockReceived",
+            Self::StockReserved { .. } => "StockReserved",
+            Self::StockReleased { .. } => "StockReleased",
+            Self::StockDeducted { .. } => "StockDeducted",
+        }
+    }
+}
+
+pub struct StockAggregate;
+
+impl Aggregate for StockAggregate {
+    const CATEGORY: &'static str = "stock";
+    type State = Option<Stock>;
+    type Command = StockCommand;
+    type Event = StockEvent;
+
+    fn decide(state: &Option<Stock>, command: &StockCommand) -> Result<StockEvent, Rejection> {
+        if let StockCommand::Receive { qty, .. } = command {
+            let on_hand = state.as_ref().map_or(0, |stock| stock.on_hand);
+            if *qty == 0 {
+                return Err(Rejection::Invalid("qty must be greater than 0".into()));
+            }
+            if on_hand.checked_add(*qty).is_none() {
+                return Err(Rejection::Invalid(format!(
+                    "receiving {qty} would overflow the on-hand count of {}",
+                    command.sku()
+                )));
+            }
+            return Ok(StockEvent::StockReceived { qty: *qty });
+        }
+        let Some(stock) = state else {
+            return Err(Rejection::NotFound {
+                what: "sku",
+                id: command.sku().to_string(),
+            });
+        };
+        match command {
+            StockCommand::Receive { .. } => unreachable!("handled above"),
+            StockCommand::Reserve { sku, order_id, qty } => {
+                if *qty == 0 {
+                    return Err(Rejection::Invalid("qty must be greater than 0".into()));
+                }
+                if stock.settled.contains(order_id) {
+                    return Err(Rejection::InvalidState(format!(
+                        "the reservation of order {order_id} on {sku} was already released or shipped"
+                    )));
+                }
+                if stock.reservations.contains_key(order_id) {
+                    return Err(Rejection::InvalidState(format!(
+                        "order {order_id} already holds a reservation on {sku}"
+                    )));
+                }
+                if *qty > stock.available() {
+                    return Err(Rejection::InsufficientStock {
+                        sku: sku.to_string(),
+                        requested: *qty,
+                        available: stock.available(),
+                    });
+                }
+                Ok(StockEvent::StockReserved {
+                    order_id: order_id.clone(),
+                    qty: *qty,
+                })
+            }
+            StockCommand::Release { sku, order_id } => {
+                if stock.settled.contains(order_id) {
+                    return Err(Rejection::InvalidState(format!(
+                        "the reservation of order {order_id} on {sku} was already released or shipped"
+                    )));
+                }
+                Ok(StockEvent::StockReleased {
+                    order_id: order_id.clone(),
+                    qty: stock.reservations.get(order_id).copied().unwrap_or(0),
+                })
+            }
+            StockCommand::Deduct { sku, order_id } => match stock.reservations.get(order_id) {
+                Some(qty) => Ok(StockEvent::StockDeducted {
+                    order_id: order_id.clone(),
+                    qty: *qty,
+                }),
+                None => Err(Rejection::InvalidState(format!(
+                    "order {order_id} holds no reservation on {sku} to deduct"
+                ))),
+            },
+        }
+    }
+
+    fn evolve(state: Option<Stock>, event: &StockEvent) -> Option<Stock> {
+        let mut stock = state.unwrap_or_default();
+        match event {
+            StockEvent::StockReceived { qty } => stock.on_hand += qty,
+            StockEvent::StockReserved { order_id, qty } => {
+                stock.reserved += qty;
+                stock.reservations.insert(order_id.clone(), *qty);
+            }
+            StockEvent::StockReleased { order_id, qty } => {
+                stock.reserved -= qty;
+                stock.reservations.remove(order_id);
+                stock.settled.insert(order_id.clone());
+            }
+            StockEvent::StockDeducted { order_id, qty } => {
+                stock.reserved -= qty;
+                stock.on_hand -= qty;
+                stock.reservations.remove(order_id);
+                stock.settled.insert(order_id.clone());
+            }
+        }
+        Some(stock)
+    }
+}
+
+#[cfg(test)]
+mod specification {
+    use super::*;
+    use crate::spec::given;
+
+    fn sku() -> Sku {
+        Sku::parse("A1").unwrap()
+    }
+
+    fn order(id: &str) -> OrderId {
+        OrderId::parse(id).unwrap()
+    }
+
+    fn received(qty: u64) -> StockEvent {
+        StockEvent::StockReceived { qty }
+    }
+
+    fn reserved(order_id: &str, qty: u64) -> StockEvent {
+        StockEvent::StockReserved {
+            order_id: order(order_id),
+            qty,
+        }
+    }
+
+    fn released(order_id: &str, qty: u64) -> StockEvent {
+        StockEvent::StockReleased {
+            order_id: order(order_id),
+            qty,
+        }
+    }
+
+    fn reserve(order_id: &str, qty: u64) -> StockCommand {
+        StockCommand::Reserve {
+            sku: sku(),
+            order_id: order(order_id),
+            qty,
+        }
+    }
+
+    fn release(order_id: &str) -> StockCommand {
+        StockCommand::Release {
+            sku: sku(),
+            order_id: order(order_id),
+        }
+    }
+
+    fn deduct(order_id: &str) -> StockCommand {
+        StockCommand::Deduct {
+            sku: sku(),
+            order_id: order(order_id),
+        }
+    }
+
+    fn given_stock(events: Vec<StockEvent>) -> crate::spec::Given<StockAggregate> {
+        given::<StockAggregate>(events)
+    }
+
+    fn settled_already(order_id: &str) -> Rejection {
+        Rejection::InvalidState(format!(
+            "the reservation of order {order_id} on A1 was already released or shipped"
+        ))
+    }
+
+    #[test]
+    fn the_first_receive_creates_the_sku() {
+        let stock = given_stock(vec![])
+            .when(StockCommand::Receive { sku: sku(), qty: 5 })
+            .then(received(5))
+            .unwrap();
+        assert_eq!(
+            (stock.on_hand, stock.reserved, stock.available()),
+            (5, 0, 5)
+        );
+    }
+
+    #[test]
+    fn receiving_adds_to_on_hand() {
+        let stock = given_stock(vec![received(5)])
+            .when(StockCommand::Receive { sku: sku(), qty: 3 })
+            .then(received(3))
+            .unwrap();
+        assert_eq!(stock.on_hand, 8);
+    }
+
+    #[test]
+    fn receiving_nothing_is_refused() {
+        given_stock(vec![])
+            .when(StockCommand::Receive { sku: sku(), qty: 0 })
+            .then_rejected(Rejection::Invalid("qty must be greater than 0".into()));
+    }
+
+    #[test]
+    fn receiving_past_the_largest_count_is_refused() {
+        given_stock(vec![received(u64::MAX)])
+            .when(StockCommand::Receive { sku: sku(), qty: 1 })
+            .then_rejected(Rejection::Invalid(
+                "receiving 1 would overflow the on-hand count of A1".into(),
+            ));
+    }
+
+    #[test]
+    fn commands_on_an_unknown_sku_are_not_found() {
+        for command in [reserve("o-1", 1), release("o-1"), deduct("o-1")] {
+            given_stock(vec![])
+                .when(command)
+                .then_rejected(Rejection::NotFound {
+                    what: "sku",
+                    id: "A1".into(),
+                });
+        }
+    }
+
+    #[test]
+    fn reserving_holds_stock_for_the_order() {
+        let stock = given_stock(vec![received(5)])
+            .when(reserve("o-1", 2))
+            .then(reserved("o-1", 2))
+            .unwrap();
+        assert_eq!(
+            (stock.on_hand, stock.reserved, stock.available()),
+            (5, 2, 3)
+        );
+    }
+
+    #[test]
+    fn reserving_exactly_what_is_available_succeeds() {
+        given_stock(vec![received(5), reserved("o-1", 2)])
+            .when(reserve("o-2", 3))
+            .then(reserved("o-2", 3));
+    }
+
+    #[test]
+    fn reserving_more_than_is_available_is_refused() {
+        given_stock(vec![received(5), reserved("o-1", 2)])
+            .when(reserve("o-2", 4))
+            .then_rejected(Rejection::InsufficientStock {
+                sku: "A1".into(),
+                requested: 4,
+                available: 3,
+            });
+    }
+
+    #[test]
+    fn reserving_nothing_is_refused() {
+        given_stock(vec![received(5)])
+            .when(reserve("o-1", 0))
+            .then_rejected(Rejection::Invalid("qty must be greater than 0".into()));
+    }
+
+    #[test]
+    fn an_order_reserves_a_sku_once() {
+        given_stock(vec![received(5), reserved("o-1", 1)])
+            .when(reserve("o-1", 1))
+            .then_rejected(Rejection::InvalidState(
+                "order o-1 already holds a reservation on A1".into(),
+            ));
+    }
+
+    #[test]
+    fn releasing_gives_back_what_the_order_held() {
+        let stock = given_stock(vec![received(5), reserved("o-1", 2)])
+            .when(release("o-1"))
+            .then(released("o-1", 2))
+            .unwrap();
+        assert_eq!(
+            (stock.on_hand, stock.reserved, stock.available()),
+            (5, 0, 5)
+        );
+    }
+
+    #[test]
+    fn releasing_a_reservation_that_was_never_made_closes_the_barrier() {
+        let stock = given_stock(vec![received(5)])
+            .when(release("o-1"))
+            .then(released("o-1", 0))
+            .unwrap();
+        assert_eq!(stock.reserved, 0);
+        // A reserve that arrives after its compensation must not hold stock.
+        given_stock(vec![received(5), released("o-1", 0)])
+            .when(reserve("o-1", 1))
+            .then_rejected(settled_already("o-1"));
+    }
+
+    #[test]
+    fn a_reservation_is_released_once() {
+        given_stock(vec![received(5), reserved("o-1", 2), released("o-1", 2)])
+            .when(release("o-1"))
+            .then_rejected(settled_already("o-1"));
+    }
+
+    #[test]
+    fn shipping_deducts_the_reservation_from_on_hand() {
+        let stock = given_stock(vec![received(5), reserved("o-1", 2)])
+            .when(deduct("o-1"))
+            .then(StockEvent::StockDeducted {
+                order_id: order("o-1"),
+                qty: 2,
+            })
+            .unwrap();
+        assert_eq!(
+            (stock.on_hand, stock.reserved, stock.available()),
+            (3, 0, 3)
+        );
+    }
+
+    #[test]
+    fn deducting_needs_a_reservation() {
+        given_stock(vec![received(5)])
+            .when(deduct("o-1"))
+            .then_rejected(Rejection::InvalidState(
+                "order o-1 holds no reservation on A1 to deduct".into(),
+            ));
+    }
+
+    #[test]
+    fn a_shipped_reservation_cannot_be_released() {
+        given_stock(vec![
+            received(5),
+            reserved("o-1", 2),
+            StockEvent::StockDeducted {
+                order_id: order("o-1"),
+                qty: 2,
+            },
+        ])
+        .when(release("o-1"))
+        .then_rejected(settled_already("o-1"));
+    }
+
+    #[test]
+    fn reserved_never_exceeds_on_hand_whatever_the_order_of_commands() {
+        // A small exhaustive walk: every sequence of up to 6 commands over 3 orders.
+        let commands: Vec<StockCommand> = ["o-1", "o-2", "o-3"]
+            .iter()
+            .flat_map(|o| [reserve(o, 2), release(o), deduct(o)])
+            .chain([StockCommand::Receive { sku: sku(), qty: 3 }])
+            .collect();
+        fn walk(state: Option<Stock>, depth: usize, commands: &[StockCommand]) {
+            if let Some(stock) = &state {
+                assert!(stock.reserved <= stock.on_hand, "{stock:?}");
+                assert_eq!(stock.reserved, stock.reservations.values().sum::<u64>());
+            }
+            if depth == 0 {
+                return;
+            }
+            for command in commands {
+                if let Ok(event) = StockAggregate::decide(&state, command) {
+                    walk(
+                        StockAggregate::evolve(state.clone(), &event),
+                        depth - 1,
+                        commands,
+                    );
+                }
+            }
+        }
+        walk(None, 6, &commands);
+    }
+}

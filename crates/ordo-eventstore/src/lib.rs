@@ -1,0 +1,37 @@
+//! The JetStream event store.
+//!
+//! # Layout
+//! - [`streams`]: the stream definitions of `streams/*.json` and their idempotent `apply`.
+//! - [`envelope`]: the stored event format (the JSON envelope and its headers), kept apart from
+//!   the domain types so that old schemas can be upcast on read.
+//! - [`publish`]: the one conditional append every write goes through, and how JetStream's answers
+//!   map to typed outcomes (conflict, duplicate, unavailable).
+//! - [`store`]: [`EventStore`], which loads an aggregate from its subject and appends one event
+//!   with optimistic concurrency, with a moka cache of `(state, last sequence)` per aggregate.
+//!
+//! Subjects are `ordo.<category>.events.<aggregate id>`; the stream sequence of an aggregate's last
+//! event is the expected sequence of its next append (0 for a new aggregate).
+
+pub mod envelope;
+pub mod publish;
+pub mod store;
+pub mod streams;
+
+pub use envelope::{EventEnvelope, EventMetadata, RecordedEvent};
+pub use publish::{Appended, PublishError};
+pub use store::{EventStore, LoadError, Loaded, Repository};
+pub use streams::{StreamDefinition, StreamsError};
+
+/// The subject an aggregate's events are stored under.
+pub fn aggregate_subject(category: &str, aggregate_id: &str) -> String {
+    format!("ordo.{category}.events.{aggregate_id}")
+}
+
+/// The stream holding a category's events.
+pub fn stream_for_category(category: &str) -> &'static str {
+    match category {
+        "order" => "ORDO_ORDERS",
+        "stock" => "ORDO_STOCK",
+        other => panic!("no stream is defined for aggregate category {other:?}"),
+    }
+}

