@@ -1,1 +1,19 @@
-//! placeholder
+//! The command service: the NATS micro service `ordo` that answers on `ordo.cmd.*`, turns each
+//! JSON request into at most one event and replies with the outcome.
+//!
+//! # Layout
+//! - [`wire`]: the subjects, the strict parsing of request bodies, command ids and the JSON
+//!   replies with their error codes (the one place a failure gets its code).
+//! - [`outcomes`]: the durable record of each command id's first outcome.
+//! - [`handler`]: [`CommandHandler`], which runs one command: outcome check, load, decide, append
+//!   with optimistic concurrency, retry on conflict.
+//! - [`service`]: [`CommandService`], the micro service with its queue group, concurrency limit and
+//!   graceful shutdown.
+
+pub mod handler;
+pub mod outcomes;
+pub mod service;
+pub mod wire;
+
+pub use handler::CommandHandler;
+pub use service::{CommandService, ServiceConfig};

@@ -17,7 +17,7 @@ pub mod publish;
 pub mod store;
 pub mod streams;
 
-pub use envelope::{EventEnvelope, EventMetadata, RecordedEvent};
+pub use envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent};
 pub use publish::{Appended, PublishError};
 pub use store::{EventStore, LoadError, Loaded, Repository};
 pub use streams::{StreamDefinition, StreamsError};
@@ -27,11 +27,21 @@ pub fn aggregate_subject(category: &str, aggregate_id: &str) -> String {
     format!("ordo.{category}.events.{aggregate_id}")
 }
 
-/// The stream holding a category's events.
-pub fn stream_for_category(category: &str) -> &'static str {
+/// The stream holding a category's events, if the category is known.
+pub fn stream_for_category(category: &str) -> Option<&'static str> {
     match category {
-        "order" => "ORDO_ORDERS",
-        "stock" => "ORDO_STOCK",
-        other => panic!("no stream is defined for aggregate category {other:?}"),
+        "order" => Some("ORDO_ORDERS"),
+        "stock" => Some("ORDO_STOCK"),
+        _ => None,
     }
+}
+
+/// The stream of an aggregate type; every aggregate of the domain has one.
+pub fn stream_of<A: ordo_domain::Aggregate>() -> &'static str {
+    stream_for_category(A::CATEGORY).unwrap_or_else(|| {
+        panic!(
+            "no stream is defined for aggregate category {}",
+            A::CATEGORY
+        )
+    })
 }

@@ -18,7 +18,7 @@ use crate::{
     aggregate_subject,
     envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent},
     publish::{Appended, PublishError, conditional_publish},
-    stream_for_category,
+    stream_of,
 };
 
 /// Aggregates with at most this many events are read by direct gets; longer histories through
@@ -128,11 +128,11 @@ impl EventStore {
         stream: &str,
         subject: &str,
     ) -> Result<Option<RecordedEvent>, LoadError> {
-        let result = self
-            .stream(stream)
-            .direct_get_last_for_subject(subject)
-            .await;
-        recorded(subject, result)
+        recorded(
+            self.stream(stream)
+                .direct_get_last_for_subject(subject)
+                .await,
+        )
     }
 
     /// The first message on `subject` after stream sequence `after`, or `None`.
@@ -142,16 +142,25 @@ impl EventStore {
         subject: &str,
         after: u64,
     ) -> Result<Option<RecordedEvent>, LoadError> {
-        let result = self
-            .stream(stream)
-            .direct_get_next_for_subject(subject, Some(after + 1))
-            .await;
-        recorded(subject, result)
+        recorded(
+            self.stream(stream)
+                .direct_get_next_for_subject(subject, Some(after + 1))
+                .await,
+        )
+    }
+
+    /// The message at stream sequence `seq`, or `None`.
+    pub async fn event_at(
+        &self,
+        stream: &str,
+        seq: u64,
+    ) -> Result<Option<RecordedEvent>, LoadError> {
+        recorded(self.stream(stream).direct_get(seq).await)
     }
 
     /// Folds every event of an aggregate, reading only its subject.
     pub async fn load<A: Aggregate>(&self, aggregate_id: &str) -> Result<Loaded<A>, LoadError> {
-        let stream = stream_for_category(A::CATEGORY);
+        let stream = stream_of::<A>();
         let subject = aggregate_subject(A::CATEGORY, aggregate_id);
         let Some(last) = self.last_event(stream, &subject).await? else {
             return Ok(Loaded::new_aggregate());
@@ -313,14 +322,13 @@ impl EventStore {
 }
 
 fn recorded(
-    subject: &str,
     result: Result<jetstream::message::StreamMessage, jetstream::stream::DirectGetError>,
 ) -> Result<Option<RecordedEvent>, LoadError> {
     match result {
         Ok(message) => {
             let envelope = EventEnvelope::from_bytes(&message.payload).map_err(|source| {
                 LoadError::Corrupt {
-                    subject: subject.to_owned(),
+                    subject: message.subject.to_string(),
                     seq: message.sequence,
                     source,
                 }
@@ -375,27 +383,50 @@ impl<A: Aggregate> Repository<A> {
         Ok(loaded)
     }
 
-    /// The aggregate read from the stream, bypassing (and refreshing) the cache.
-    pub async fn reload(&self, aggregate_id: &str) -> Result<Loaded<A>, LoadError> {
-        self.cache.invalidate(aggregate_id).await;
-        self.load(aggregate_id).await
-    }
-
-    /// True when no event was appended to the aggregate after `loaded`.
-    pub async fn is_current(
+    /// `loaded` brought up to date with the events stored after it, and cached. Cheap when it is
+    /// a few events behind (one direct get per event, one more to see there are no others).
+    pub async fn catch_up(
         &self,
         aggregate_id: &str,
-        loaded: &Loaded<A>,
-    ) -> Result<bool, LoadError> {
+        loaded: Loaded<A>,
+    ) -> Result<Loaded<A>, LoadError> {
+        let stream = stream_of::<A>();
         let subject = aggregate_subject(A::CATEGORY, aggregate_id);
-        let last = self
+        let mut current = loaded;
+        while let Some(recorded) = self
             .store
-            .last_message(stream_for_category(A::CATEGORY), &subject)
-            .await?;
-        Ok(last.map_or(0, |(seq, _)| seq) == loaded.last_seq)
+            .event_after(stream, &subject, current.last_seq)
+            .await?
+        {
+            if recorded.envelope.version != current.version + 1 {
+                // Not the next event of what we hold (our state was wrong): read it all again.
+                tracing::warn!(
+                    subject,
+                    seq = recorded.seq,
+                    "version gap while catching up; reloading"
+                );
+                current = self.store.load::<A>(aggregate_id).await?;
+                break;
+            }
+            let event =
+                recorded
+                    .envelope
+                    .decode::<A::Event>()
+                    .map_err(|source| LoadError::Corrupt {
+                        subject: subject.clone(),
+                        seq: recorded.seq,
+                        source,
+                    })?;
+            current = current.then(&event, recorded.seq);
+        }
+        self.cache
+            .insert(aggregate_id.to_owned(), current.clone())
+            .await;
+        Ok(current)
     }
 
-    /// Appends `event` after `loaded` and caches the result; a conflict evicts the cached entry.
+    /// Appends `event` after `loaded` and caches the result. After a conflict, [`Self::catch_up`]
+    /// brings the state up to date; any other failure evicts the cached entry.
     pub async fn append(
         &self,
         aggregate_id: &str,
@@ -413,6 +444,7 @@ impl<A: Aggregate> Repository<A> {
                     .insert(aggregate_id.to_owned(), loaded.then(event, appended.seq))
                     .await;
             }
+            Err(PublishError::Conflict { .. }) => {}
             _ => self.cache.invalidate(aggregate_id).await,
         }
         result

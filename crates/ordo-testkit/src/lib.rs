@@ -1,4 +1,4 @@
-//! Real servers for tests: a nats-server with JetStream per test (free port, temporary store) that
+//! Real servers for tests (and for `ordo up`, which starts a nats-server when none answers): a nats-server with JetStream per test (free port, temporary store) that
 //! can be killed with SIGKILL and restarted on the same store, and a fresh PostgreSQL database per
 //! test. Nothing is mocked: tests talk to the same servers ordo runs against.
 //!
@@ -9,5 +9,5 @@
 mod nats;
 mod postgres;
 
-pub use nats::{NatsServer, find_nats_server};
+pub use nats::{MINIMUM_VERSION, NatsServer, find_nats_server, parse_version};
 pub use postgres::TestDatabase;

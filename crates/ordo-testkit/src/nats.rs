@@ -1,4 +1,4 @@
-//! A nats-server process owned by one test.
+//! A nats-server process owned by one test (or by `ordo up`).
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -8,13 +8,30 @@ use std::{
 };
 
 /// The oldest nats-server whose JetStream behaviour ordo relies on.
-const MINIMUM_VERSION: (u32, u32) = (2, 10);
+pub const MINIMUM_VERSION: (u32, u32) = (2, 10);
 
 pub struct NatsServer {
     binary: PathBuf,
     port: u16,
-    store: tempfile::TempDir,
-    child: Option<Child>,
+    store: Store,
+    /// Behind a lock so that a test can kill and restart the server while others use it.
+    child: std::sync::Mutex<Option<Child>>,
+}
+
+/// Where the server keeps its data: a temporary directory deleted on drop (tests), or a
+/// directory that outlives the process (`ordo up`).
+enum Store {
+    Temporary(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl Store {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Temporary(dir) => dir.path(),
+            Self::Kept(dir) => dir,
+        }
+    }
 }
 
 impl NatsServer {
@@ -25,14 +42,38 @@ impl NatsServer {
             .prefix("ordo-nats-")
             .tempdir()
             .expect("create a temporary store for nats-server");
-        let mut server = Self {
+        let server = Self {
             binary,
             port: free_port(),
-            store,
-            child: None,
+            store: Store::Temporary(store),
+            child: Default::default(),
         };
         server.spawn();
         server
+    }
+
+    /// Starts a nats-server whose data stays in `dir` after it stops, on `port` if that is free,
+    /// else on a free port. It still stops when this value is dropped.
+    pub fn start_kept(dir: &Path, port: u16) -> Result<Self, String> {
+        let binary = find_nats_server()?;
+        std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
+        let port = if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            port
+        } else {
+            free_port()
+        };
+        let server = Self {
+            binary,
+            port,
+            store: Store::Kept(dir.to_owned()),
+            child: Default::default(),
+        };
+        server.spawn();
+        Ok(server)
+    }
+
+    pub fn log_file(&self) -> PathBuf {
+        self.store.path().join("nats-server.log")
     }
 
     pub fn url(&self) -> String {
@@ -47,10 +88,9 @@ impl NatsServer {
         self.store.path()
     }
 
-    /// Connects a client that keeps retrying across restarts of this server.
+    /// Connects a client that reconnects quickly across restarts of this server.
     pub async fn client(&self) -> async_nats::Client {
         async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
             // Tests restart servers on purpose: come back quickly, not after a long backoff.
             .reconnect_delay_callback(|attempts| {
@@ -79,24 +119,24 @@ impl NatsServer {
     }
 
     /// SIGKILL, as a crash would: no flush, no goodbye to clients.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().expect("not poisoned").take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
     /// Starts the server again on the same port and store.
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         self.kill();
         self.spawn();
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.store.path().join("nats-server.log"))
+            .open(self.log_file())
             .expect("open the nats-server log");
         let child = Command::new(&self.binary)
             .args([
@@ -112,14 +152,14 @@ impl NatsServer {
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap_or_else(|err| panic!("start {}: {err}", self.binary.display()));
-        self.child = Some(child);
+        *self.child.lock().expect("not poisoned") = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not listen on {} within 20 s; see {}",
                 self.port,
-                self.store.path().join("nats-server.log").display()
+                self.log_file().display()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -184,7 +224,8 @@ fn version_of(binary: &Path) -> Option<(u32, u32)> {
     parse_version(&String::from_utf8_lossy(&output.stdout))
 }
 
-fn parse_version(text: &str) -> Option<(u32, u32)> {
+/// The `(major, minor)` of a version text such as `nats-server: v2.15.1` or `2.10.4`.
+pub fn parse_version(text: &str) -> Option<(u32, u32)> {
     let version = text.trim().rsplit('v').next()?;
     let mut parts = version.split('.');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
@@ -204,7 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_killed_server_restarts_on_the_same_store() {
-        let mut server = NatsServer::start();
+        let server = NatsServer::start();
         let client = server.client().await;
         let js = async_nats::jetstream::new(client);
         js.create_stream(async_nats::jetstream::stream::Config {

@@ -1,0 +1,250 @@
+//! [`CommandHandler`]: runs one parsed command to its one outcome.
+//!
+//! For a command id: read its outcome record; if the command already has an outcome, return it.
+//! Otherwise load the aggregate (cache or stream), decide, write the outcome record, append the
+//! event on the condition that the aggregate did not move, and on a conflict start over with a
+//! fresh load. Commands on one aggregate are serialised inside this process so that they do not
+//! conflict with each other; across processes the conditional append is the only gate.
+
+use std::{
+    collections::hash_map::DefaultHasher,
+    hash::{Hash, Hasher},
+};
+
+use ordo_domain::{Aggregate, order::OrderAggregate, stock::StockAggregate};
+use ordo_eventstore::{
+    EventMetadata, EventStore, LoadError, PublishError, Repository, aggregate_subject,
+    stream_for_category, stream_of,
+};
+use serde_json::Value;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::{
+    outcomes::{OutcomeRecord, OutcomeState, Outcomes},
+    wire::{Command, ErrorCode, ParsedRequest, error_reply, ok_reply},
+};
+
+/// How often a command is decided again after losing a race for its aggregate.
+const MAX_ATTEMPTS: u32 = 20;
+/// Stripes of the per-aggregate locks: bounded memory, rare false sharing.
+const LOCK_STRIPES: usize = 1024;
+
+pub struct CommandHandler {
+    orders: Repository<OrderAggregate>,
+    stock: Repository<StockAggregate>,
+    outcomes: Outcomes,
+    locks: Vec<Mutex<()>>,
+}
+
+/// What can go wrong outside the domain while running a command.
+#[derive(Debug, thiserror::Error)]
+enum Infrastructure {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl CommandHandler {
+    pub fn new(store: EventStore) -> Self {
+        Self {
+            orders: Repository::new(store.clone()),
+            stock: Repository::new(store.clone()),
+            outcomes: Outcomes::new(store),
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Runs the command and returns its JSON reply. Never panics on bad input and never returns
+    /// before the outcome is either durable or known not to have happened.
+    pub async fn execute(&self, request: &ParsedRequest, metadata: &EventMetadata) -> Value {
+        let result = match &request.command {
+            Command::Order(command) => {
+                self.run(
+                    &self.orders,
+                    command.order_id().as_str(),
+                    command,
+                    request,
+                    metadata,
+                )
+                .await
+            }
+            Command::Stock(command) => {
+                self.run(
+                    &self.stock,
+                    command.sku().as_str(),
+                    command,
+                    request,
+                    metadata,
+                )
+                .await
+            }
+        };
+        result.unwrap_or_else(|err| {
+            tracing::warn!(command_id = %request.command_id, %err, "command not completed");
+            error_reply(ErrorCode::Unavailable, err)
+        })
+    }
+
+    async fn lock(&self, category: &str, aggregate_id: &str) -> MutexGuard<'_, ()> {
+        let mut hasher = DefaultHasher::new();
+        (category, aggregate_id).hash(&mut hasher);
+        self.locks[hasher.finish() as usize % LOCK_STRIPES]
+            .lock()
+            .await
+    }
+
+    async fn run<A: Aggregate>(
+        &self,
+        repository: &Repository<A>,
+        aggregate_id: &str,
+        command: &A::Command,
+        request: &ParsedRequest,
+        metadata: &EventMetadata,
+    ) -> Result<Value, Infrastructure> {
+        let _serialised = self.lock(A::CATEGORY, aggregate_id).await;
+        let (mut revision, mut record) = self.outcomes.get(&request.command_id).await?;
+        let mut loaded = repository.load(aggregate_id).await?;
+
+        for attempt in 0..MAX_ATTEMPTS {
+            if let Some(record) = &record {
+                if record.fingerprint != request.fingerprint {
+                    return Ok(error_reply(
+                        ErrorCode::InvalidCommand,
+                        format!(
+                            "command id {} was already used for a different command",
+                            request.command_id
+                        ),
+                    ));
+                }
+                if let Some(reply) = self.earlier_outcome(record).await? {
+                    return Ok(reply);
+                }
+            }
+
+            let event = match A::decide(&loaded.state, command) {
+                Ok(event) => event,
+                Err(rejection) => {
+                    // The cache may be behind another instance: refuse only on current state.
+                    let current = repository.catch_up(aggregate_id, loaded.clone()).await?;
+                    if current.last_seq != loaded.last_seq {
+                        loaded = current;
+                        continue;
+                    }
+                    let reply = error_reply(ErrorCode::from(&rejection), &rejection);
+                    if !request.explicit_id {
+                        return Ok(reply);
+                    }
+                    let refused = self.record(
+                        request,
+                        OutcomeState::Rejected {
+                            reply: reply.clone(),
+                        },
+                    );
+                    match self.outcomes.put(&refused, revision).await {
+                        Ok(_) => return Ok(reply),
+                        Err(PublishError::Conflict { .. }) => {
+                            // Another instance runs the same command id: see what it did.
+                            (revision, record) = self.outcomes.get(&request.command_id).await?;
+                            continue;
+                        }
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+            };
+
+            let appending = self.record(
+                request,
+                OutcomeState::Appending {
+                    category: A::CATEGORY.to_owned(),
+                    aggregate_id: aggregate_id.to_owned(),
+                    expected_last_seq: loaded.last_seq,
+                },
+            );
+            revision = match self.outcomes.put(&appending, revision).await {
+                Ok(revision) => revision,
+                Err(PublishError::Conflict { .. }) => {
+                    (revision, record) = self.outcomes.get(&request.command_id).await?;
+                    continue;
+                }
+                Err(err) => return Err(err.into()),
+            };
+            record = Some(appending);
+
+            let version = loaded.version + 1;
+            match repository
+                .append(aggregate_id, loaded.clone(), &event, metadata)
+                .await
+            {
+                Ok(appended) if !appended.duplicate => {
+                    return Ok(ok_reply(A::CATEGORY, aggregate_id, version, appended.seq));
+                }
+                Ok(duplicate) => {
+                    // JetStream had this command id already: reply with the event it stored.
+                    let stream = stream_of::<A>();
+                    if let Some(first) = self.store().event_at(stream, duplicate.seq).await? {
+                        return Ok(ok_reply(
+                            A::CATEGORY,
+                            &first.envelope.aggregate_id,
+                            first.envelope.version,
+                            first.seq,
+                        ));
+                    }
+                }
+                Err(PublishError::Conflict { .. }) => {
+                    // Another instance appended first: take its events in and decide again,
+                    // after a short random pause so that instances do not keep colliding.
+                    loaded = repository.catch_up(aggregate_id, loaded).await?;
+                    let pause = rand::random_range(0..=(1u64 << attempt.min(6)));
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(error_reply(
+            ErrorCode::Conflict,
+            format!(
+                "{} kept changing; gave up after {MAX_ATTEMPTS} attempts, try again",
+                aggregate_subject(A::CATEGORY, aggregate_id)
+            ),
+        ))
+    }
+
+    fn record(&self, request: &ParsedRequest, state: OutcomeState) -> OutcomeRecord {
+        OutcomeRecord {
+            command_id: request.command_id.clone(),
+            fingerprint: request.fingerprint.clone(),
+            state,
+        }
+    }
+
+    /// The reply of an earlier run of the same command, if it got as far as an outcome.
+    async fn earlier_outcome(&self, record: &OutcomeRecord) -> Result<Option<Value>, LoadError> {
+        match &record.state {
+            OutcomeState::Rejected { reply } => Ok(Some(reply.clone())),
+            OutcomeState::Appending {
+                category,
+                aggregate_id,
+                expected_last_seq,
+            } => {
+                let Some(stream) = stream_for_category(category) else {
+                    return Ok(None);
+                };
+                let subject = aggregate_subject(category, aggregate_id);
+                let next = self
+                    .store()
+                    .event_after(stream, &subject, *expected_last_seq)
+                    .await?;
+                Ok(next
+                    .filter(|event| event.envelope.command_id == record.command_id)
+                    .map(|event| {
+                        ok_reply(category, aggregate_id, event.envelope.version, event.seq)
+                    }))
+            }
+        }
+    }
+
+    fn store(&self) -> &EventStore {
+        self.orders.store()
+    }
+}

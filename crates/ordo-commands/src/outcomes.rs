@@ -1,0 +1,87 @@
+//! The first outcome of every command id, so that a repeated command returns it and appends
+//! nothing, also after JetStream's 2-minute duplicate window.
+//!
+//! Each command id has one subject, `ordo.outcomes.<sha256(command id)>`, holding one message
+//! (its revision is the stream sequence; writes are conditional on it). The record is written
+//! *before* the event is appended:
+//! - `appending {category, aggregate_id, expected_last_seq}`: the event, if it was stored, is the
+//!   first message on the aggregate's subject after `expected_last_seq` (the append was conditional on exactly that),
+//!   so a retry can tell whether the append happened even if the process died right after it.
+//! - `rejected {reply}`: the domain refused; the refusal is the outcome.
+//!
+//! Successful outcomes are read back from the event itself: the event stream stays the one truth.
+
+use ordo_eventstore::{EventStore, LoadError, PublishError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::wire::hex_digest;
+
+pub const OUTCOMES_STREAM: &str = "ORDO_COMMAND_OUTCOMES";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    pub command_id: String,
+    pub fingerprint: String,
+    #[serde(flatten)]
+    pub state: OutcomeState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum OutcomeState {
+    Appending {
+        category: String,
+        aggregate_id: String,
+        expected_last_seq: u64,
+    },
+    Rejected {
+        reply: Value,
+    },
+}
+
+#[derive(Clone)]
+pub struct Outcomes {
+    store: EventStore,
+}
+
+impl Outcomes {
+    pub fn new(store: EventStore) -> Self {
+        Self { store }
+    }
+
+    fn subject(command_id: &str) -> String {
+        format!("ordo.outcomes.{}", hex_digest(command_id))
+    }
+
+    /// The command id's record and its revision (the stream sequence it was written at; 0 when
+    /// there is none). An unreadable record comes back as `None` with its revision, so that it is
+    /// overwritten rather than blocking the command id forever.
+    pub async fn get(&self, command_id: &str) -> Result<(u64, Option<OutcomeRecord>), LoadError> {
+        let Some((revision, payload)) = self
+            .store
+            .last_message(OUTCOMES_STREAM, &Self::subject(command_id))
+            .await?
+        else {
+            return Ok((0, None));
+        };
+        match serde_json::from_slice::<OutcomeRecord>(&payload) {
+            Ok(record) => Ok((revision, Some(record))),
+            Err(err) => {
+                tracing::warn!(command_id, %err, "unreadable command outcome record; overwriting it");
+                Ok((revision, None))
+            }
+        }
+    }
+
+    /// Writes `record` if the command id's record is still at `revision` (0: none yet).
+    pub async fn put(&self, record: &OutcomeRecord, revision: u64) -> Result<u64, PublishError> {
+        let subject = Self::subject(&record.command_id);
+        let msg_id = format!("{subject}@{revision}");
+        let payload = serde_json::to_vec(record).expect("outcome records serialize");
+        self.store
+            .publish_if_last(&subject, payload, &msg_id, revision)
+            .await
+            .map(|appended| appended.seq)
+    }
+}

@@ -1,0 +1,600 @@
+//! The wire contract of the command subjects: JSON request bodies in, JSON replies out.
+//!
+//! Parsing is strict: malformed JSON, unknown or missing fields, wrong types, non-positive
+//! quantities, ids that are not subject tokens and bodies over 64 KiB are all `invalid_command`,
+//! with a message that says which field and why.
+
+use ordo_domain::{
+    Currency, CustomerId, IdError, OrderId, Rejection, Sku,
+    order::{OrderCommand, OrderLine},
+    stock::StockCommand,
+};
+use serde::{Deserialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// The longest command id accepted.
+pub const MAX_COMMAND_ID_LEN: usize = 128;
+/// Every command subject starts with this.
+pub const SUBJECT_PREFIX: &str = "ordo.cmd";
+
+/// One command subject: `ordo.cmd.<category>.<action>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    OrderPlace,
+    OrderCancel,
+    OrderShip,
+    OrderConfirm,
+    OrderReject,
+    StockReceive,
+    StockReserve,
+    StockRelease,
+    StockDeduct,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 9] = [
+        Self::OrderPlace,
+        Self::OrderCancel,
+        Self::OrderShip,
+        Self::OrderConfirm,
+        Self::OrderReject,
+        Self::StockReceive,
+        Self::StockReserve,
+        Self::StockRelease,
+        Self::StockDeduct,
+    ];
+
+    /// The subject after `ordo.cmd.`, e.g. `order.place`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::OrderPlace => "order.place",
+            Self::OrderCancel => "order.cancel",
+            Self::OrderShip => "order.ship",
+            Self::OrderConfirm => "order.confirm",
+            Self::OrderReject => "order.reject",
+            Self::StockReceive => "stock.receive",
+            Self::StockReserve => "stock.reserve",
+            Self::StockRelease => "stock.release",
+            Self::StockDeduct => "stock.deduct",
+        }
+    }
+
+    pub fn subject(self) -> String {
+        format!("{SUBJECT_PREFIX}.{}", self.name())
+    }
+
+    /// Internal commands are the saga's; customers use the others.
+    pub fn is_internal(self) -> bool {
+        matches!(
+            self,
+            Self::OrderConfirm
+                | Self::OrderReject
+                | Self::StockReserve
+                | Self::StockRelease
+                | Self::StockDeduct
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Order(OrderCommand),
+    Stock(StockCommand),
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedRequest {
+    pub endpoint: Endpoint,
+    pub command: Command,
+    /// From `Nats-Msg-Id`, else the body's `command_id`, else the natural key.
+    pub command_id: String,
+    /// A digest of what the request asks for, so that a command id reused for a different
+    /// request is told apart from a retry.
+    pub fingerprint: String,
+    /// True when the client chose the command id. Only then is a refusal the command's final
+    /// outcome; under a natural key the command is decided again (a `ship` refused while the
+    /// order was pending must work once it is confirmed).
+    pub explicit_id: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidCommand(pub String);
+
+impl From<IdError> for InvalidCommand {
+    fn from(err: IdError) -> Self {
+        Self(err.to_string())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceBody {
+    order_id: Option<String>,
+    customer_id: String,
+    lines: Vec<LineBody>,
+    currency: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    sku: String,
+    qty: i64,
+    unit_price_cents: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OrderIdBody {
+    order_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    order_id: String,
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RejectBody {
+    order_id: String,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveBody {
+    sku: String,
+    qty: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReserveBody {
+    sku: String,
+    order_id: String,
+    qty: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SkuOrderBody {
+    sku: String,
+    order_id: String,
+}
+
+/// The longest free-text reason kept on an order.
+const MAX_REASON_LEN: usize = 1024;
+
+/// Parses a request body for `endpoint`. `header_command_id` is the `Nats-Msg-Id` header.
+pub fn parse(
+    endpoint: Endpoint,
+    body: &[u8],
+    header_command_id: Option<&str>,
+) -> Result<ParsedRequest, InvalidCommand> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(InvalidCommand(format!(
+            "the body is {} bytes; the limit is {MAX_BODY_BYTES}",
+            body.len()
+        )));
+    }
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|err| InvalidCommand(format!("the body is not valid JSON: {err}")))?;
+    let Value::Object(fields) = &mut value else {
+        return Err(InvalidCommand("the body must be a JSON object".into()));
+    };
+    let body_command_id = match fields.remove("command_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id),
+        Some(_) => return Err(InvalidCommand("command_id must be a string".into())),
+    };
+    let fingerprint = hex_digest(&format!("{}\n{}", endpoint.name(), canonical_json(&value)));
+
+    let (command, natural_key) = match endpoint {
+        Endpoint::OrderPlace => {
+            let body: PlaceBody = typed(value)?;
+            // Without an order id, a new one is generated, and is the natural key.
+            let order_id = match body.order_id {
+                Some(id) => OrderId::parse(id)?,
+                None => OrderId::parse(uuid::Uuid::now_v7().to_string())?,
+            };
+            let natural_key = Some(format!("order.place:{order_id}"));
+            let lines = body
+                .lines
+                .into_iter()
+                .enumerate()
+                .map(|(i, line)| {
+                    Ok(OrderLine {
+                        sku: Sku::parse(line.sku)?,
+                        qty: positive(line.qty, &format!("lines[{i}].qty")).and_then(|qty| {
+                            u32::try_from(qty)
+                                .map_err(|_| InvalidCommand(format!("lines[{i}].qty is too large")))
+                        })?,
+                        unit_price_cents: u64::try_from(line.unit_price_cents).map_err(|_| {
+                            InvalidCommand(format!("lines[{i}].unit_price_cents must be 0 or more"))
+                        })?,
+                    })
+                })
+                .collect::<Result<Vec<_>, InvalidCommand>>()?;
+            let currency = body
+                .currency
+                .map(Currency::parse)
+                .transpose()?
+                .unwrap_or_default();
+            let command = OrderCommand::Place {
+                customer_id: CustomerId::parse(body.customer_id)?,
+                order_id,
+                lines,
+                currency,
+            };
+            (Command::Order(command), natural_key)
+        }
+        Endpoint::OrderCancel => {
+            let body: CancelBody = typed(value)?;
+            let order_id = OrderId::parse(body.order_id)?;
+            let reason = body.reason.map(bounded_reason).transpose()?;
+            let key = format!("order.cancel:{order_id}");
+            (
+                Command::Order(OrderCommand::Cancel { order_id, reason }),
+                Some(key),
+            )
+        }
+        Endpoint::OrderShip | Endpoint::OrderConfirm => {
+            let body: OrderIdBody = typed(value)?;
+            let order_id = OrderId::parse(body.order_id)?;
+            let key = format!("{}:{order_id}", endpoint.name());
+            let command = if endpoint == Endpoint::OrderShip {
+                OrderCommand::Ship { order_id }
+            } else {
+                OrderCommand::Confirm { order_id }
+            };
+            (Command::Order(command), Some(key))
+        }
+        Endpoint::OrderReject => {
+            let body: RejectBody = typed(value)?;
+            let order_id = OrderId::parse(body.order_id)?;
+            let reason = bounded_reason(body.reason)?;
+            let key = format!("order.reject:{order_id}");
+            (
+                Command::Order(OrderCommand::Reject { order_id, reason }),
+                Some(key),
+            )
+        }
+        Endpoint::StockReceive => {
+            let body: ReceiveBody = typed(value)?;
+            let command = StockCommand::Receive {
+                sku: Sku::parse(body.sku)?,
+                qty: positive(body.qty, "qty")?,
+            };
+            // Two deliveries of the same quantity are both real: receive has no natural key.
+            (Command::Stock(command), None)
+        }
+        Endpoint::StockReserve => {
+            let body: ReserveBody = typed(value)?;
+            let (sku, order_id) = (Sku::parse(body.sku)?, OrderId::parse(body.order_id)?);
+            let key = format!("stock.reserve:{sku}:{order_id}");
+            let qty = positive(body.qty, "qty")?;
+            (
+                Command::Stock(StockCommand::Reserve { sku, order_id, qty }),
+                Some(key),
+            )
+        }
+        Endpoint::StockRelease | Endpoint::StockDeduct => {
+            let body: SkuOrderBody = typed(value)?;
+            let (sku, order_id) = (Sku::parse(body.sku)?, OrderId::parse(body.order_id)?);
+            let key = format!("{}:{sku}:{order_id}", endpoint.name());
+            let command = if endpoint == Endpoint::StockRelease {
+                StockCommand::Release { sku, order_id }
+            } else {
+                StockCommand::Deduct { sku, order_id }
+            };
+            (Command::Stock(command), Some(key))
+        }
+    };
+
+    let explicit_id = header_command_id.map(str::to_owned).or(body_command_id);
+    let command_id = match &explicit_id {
+        Some(id) => validate_command_id(id.clone())?,
+        // The natural key includes what is asked, so that a different request on the same
+        // aggregate is a different command (and meets the domain's rules, not a dedup refusal).
+        None => match natural_key {
+            Some(key) => format!("{key}:{}", &fingerprint[..16]),
+            None => format!("{}:{}", endpoint.name(), uuid::Uuid::now_v7()),
+        },
+    };
+    Ok(ParsedRequest {
+        endpoint,
+        command,
+        command_id,
+        fingerprint,
+        explicit_id: explicit_id.is_some(),
+    })
+}
+
+/// JSON text with object keys sorted at every level: the same request, whatever its key order,
+/// has the same text.
+fn canonical_json(value: &Value) -> String {
+    match value {
+        Value::Object(fields) => {
+            let mut keys: Vec<&String> = fields.keys().collect();
+            keys.sort();
+            let members: Vec<String> = keys
+                .into_iter()
+                .map(|key| {
+                    format!(
+                        "{}:{}",
+                        Value::String(key.clone()),
+                        canonical_json(&fields[key])
+                    )
+                })
+                .collect();
+            format!("{{{}}}", members.join(","))
+        }
+        Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(canonical_json).collect();
+            format!("[{}]", items.join(","))
+        }
+        scalar => scalar.to_string(),
+    }
+}
+
+fn typed<T: DeserializeOwned>(value: Value) -> Result<T, InvalidCommand> {
+    serde_json::from_value(value).map_err(|err| InvalidCommand(err.to_string()))
+}
+
+fn positive(value: i64, field: &str) -> Result<u64, InvalidCommand> {
+    u64::try_from(value)
+        .ok()
+        .filter(|qty| *qty > 0)
+        .ok_or_else(|| InvalidCommand(format!("{field} must be greater than 0, got {value}")))
+}
+
+fn bounded_reason(reason: String) -> Result<String, InvalidCommand> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(InvalidCommand(format!(
+            "reason is {} bytes; the limit is {MAX_REASON_LEN}",
+            reason.len()
+        )));
+    }
+    Ok(reason)
+}
+
+fn validate_command_id(id: String) -> Result<String, InvalidCommand> {
+    let printable = id.bytes().all(|b| b.is_ascii_graphic());
+    if id.is_empty() || id.len() > MAX_COMMAND_ID_LEN || !printable {
+        return Err(InvalidCommand(format!(
+            "command id {id:?} must be 1 to {MAX_COMMAND_ID_LEN} printable ASCII characters without spaces"
+        )));
+    }
+    Ok(id)
+}
+
+pub fn hex_digest(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The error codes of the wire contract. Every failure maps to exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidCommand,
+    NotFound,
+    InvalidState,
+    InsufficientStock,
+    Conflict,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidCommand => "invalid_command",
+            Self::NotFound => "not_found",
+            Self::InvalidState => "invalid_state",
+            Self::InsufficientStock => "insufficient_stock",
+            Self::Conflict => "conflict",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl From<&Rejection> for ErrorCode {
+    fn from(rejection: &Rejection) -> Self {
+        match rejection {
+            Rejection::Invalid(_) => Self::InvalidCommand,
+            Rejection::NotFound { .. } => Self::NotFound,
+            Rejection::InvalidState(_) => Self::InvalidState,
+            Rejection::InsufficientStock { .. } => Self::InsufficientStock,
+        }
+    }
+}
+
+/// A reply as JSON: `{"ok": true, "order_id"|"sku": …, "version": n, "seq": s}` or
+/// `{"ok": false, "error": {"code": …, "message": …}}`.
+pub fn ok_reply(category: &str, aggregate_id: &str, version: u64, seq: u64) -> Value {
+    let key = if category == "stock" {
+        "sku"
+    } else {
+        "order_id"
+    };
+    json!({"ok": true, key: aggregate_id, "version": version, "seq": seq})
+}
+
+pub fn error_reply(code: ErrorCode, message: impl std::fmt::Display) -> Value {
+    json!({"ok": false, "error": {"code": code.as_str(), "message": message.to_string()}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(endpoint: Endpoint, body: &str) -> String {
+        parse(endpoint, body.as_bytes(), None).unwrap_err().0
+    }
+
+    #[test]
+    fn malformed_json_is_invalid() {
+        assert!(
+            invalid(Endpoint::StockReceive, "{\"sku\":").starts_with("the body is not valid JSON")
+        );
+        assert_eq!(
+            invalid(Endpoint::StockReceive, "[1]"),
+            "the body must be a JSON object"
+        );
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_named() {
+        let unknown = invalid(
+            Endpoint::StockReceive,
+            r#"{"sku":"A1","qty":1,"colour":"red"}"#,
+        );
+        assert!(unknown.contains("unknown field `colour`"), "{unknown}");
+        let missing = invalid(Endpoint::StockReceive, r#"{"sku":"A1"}"#);
+        assert!(missing.contains("missing field `qty`"), "{missing}");
+    }
+
+    #[test]
+    fn quantities_must_be_positive() {
+        assert_eq!(
+            invalid(Endpoint::StockReceive, r#"{"sku":"A1","qty":0}"#),
+            "qty must be greater than 0, got 0"
+        );
+        assert_eq!(
+            invalid(
+                Endpoint::OrderPlace,
+                r#"{"customer_id":"c1","lines":[{"sku":"A1","qty":-2,"unit_price_cents":1}]}"#
+            ),
+            "lines[0].qty must be greater than 0, got -2"
+        );
+        assert_eq!(
+            invalid(
+                Endpoint::OrderPlace,
+                r#"{"customer_id":"c1","lines":[{"sku":"A1","qty":1,"unit_price_cents":-1}]}"#
+            ),
+            "lines[0].unit_price_cents must be 0 or more"
+        );
+    }
+
+    #[test]
+    fn ids_must_be_subject_tokens() {
+        let message = invalid(Endpoint::OrderShip, r#"{"order_id":"o.1"}"#);
+        assert!(
+            message.starts_with("order_id \"o.1\" is not a valid id"),
+            "{message}"
+        );
+        assert!(invalid(Endpoint::StockReceive, r#"{"sku":"A>","qty":1}"#).contains("sku"));
+    }
+
+    #[test]
+    fn bodies_over_64_kib_are_refused_before_parsing() {
+        let body = format!(r#"{{"order_id":"{}"}}"#, "x".repeat(MAX_BODY_BYTES));
+        assert_eq!(
+            invalid(Endpoint::OrderShip, &body),
+            format!("the body is {} bytes; the limit is 65536", body.len())
+        );
+    }
+
+    #[test]
+    fn the_command_id_comes_from_the_header_then_the_body_then_the_natural_key() {
+        let body = br#"{"order_id":"o-1","command_id":"from-body"}"#;
+        let header = parse(Endpoint::OrderShip, body, Some("from-header")).unwrap();
+        assert_eq!(header.command_id, "from-header");
+        assert_eq!(
+            parse(Endpoint::OrderShip, body, None).unwrap().command_id,
+            "from-body"
+        );
+        let natural = parse(Endpoint::OrderShip, br#"{"order_id":"o-1"}"#, None).unwrap();
+        assert_eq!(
+            natural.command_id,
+            format!("order.ship:o-1:{}", &natural.fingerprint[..16])
+        );
+        assert!(!natural.explicit_id && header.explicit_id);
+        let reserve = parse(
+            Endpoint::StockReserve,
+            br#"{"sku":"A1","order_id":"o-1","qty":1}"#,
+            None,
+        )
+        .unwrap();
+        assert!(reserve.command_id.starts_with("stock.reserve:A1:o-1:"));
+    }
+
+    #[test]
+    fn placing_without_an_order_id_generates_one_that_is_also_the_natural_key() {
+        let body = br#"{"customer_id":"c1","lines":[{"sku":"A1","qty":1,"unit_price_cents":1}]}"#;
+        let parsed = parse(Endpoint::OrderPlace, body, None).unwrap();
+        let Command::Order(OrderCommand::Place {
+            order_id, currency, ..
+        }) = &parsed.command
+        else {
+            panic!("not a place: {parsed:?}");
+        };
+        assert!(
+            parsed
+                .command_id
+                .starts_with(&format!("order.place:{order_id}:"))
+        );
+        assert_eq!(currency.as_str(), "USD");
+    }
+
+    #[test]
+    fn receiving_has_no_natural_key_so_two_deliveries_are_two_commands() {
+        let body = br#"{"sku":"A1","qty":1}"#;
+        let first = parse(Endpoint::StockReceive, body, None).unwrap();
+        let second = parse(Endpoint::StockReceive, body, None).unwrap();
+        assert_ne!(first.command_id, second.command_id);
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_key_order_and_the_command_id_but_not_values() {
+        let fingerprint = |body: &str| {
+            parse(Endpoint::StockReceive, body.as_bytes(), None)
+                .unwrap()
+                .fingerprint
+        };
+        assert_eq!(
+            fingerprint(r#"{"sku":"A1","qty":1}"#),
+            fingerprint(r#"{"qty":1,"sku":"A1","command_id":"x"}"#)
+        );
+        assert_ne!(
+            fingerprint(r#"{"sku":"A1","qty":1}"#),
+            fingerprint(r#"{"sku":"A1","qty":2}"#)
+        );
+    }
+
+    #[test]
+    fn command_ids_are_printable_and_bounded() {
+        let body = br#"{"order_id":"o-1"}"#;
+        assert!(parse(Endpoint::OrderShip, body, Some("has space")).is_err());
+        assert!(parse(Endpoint::OrderShip, body, Some(&"x".repeat(129))).is_err());
+        assert!(
+            parse(
+                Endpoint::OrderShip,
+                body,
+                Some("550e8400-e29b-41d4-a716-446655440000")
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn replies_put_ok_first() {
+        assert_eq!(
+            error_reply(ErrorCode::NotFound, "x").to_string(),
+            r#"{"ok":false,"error":{"code":"not_found","message":"x"}}"#
+        );
+        assert_eq!(
+            ok_reply("stock", "A1", 2, 7).to_string(),
+            r#"{"ok":true,"sku":"A1","version":2,"seq":7}"#
+        );
+    }
+}

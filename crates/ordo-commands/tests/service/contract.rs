@@ -1,0 +1,332 @@
+//! The wire contract of every command subject, as a client sees it.
+
+use serde_json::json;
+
+use crate::support::{Engine, line, outcome};
+
+#[tokio::test]
+async fn receiving_stock_creates_the_sku_and_replies_with_version_and_sequence() {
+    let engine = Engine::start().await;
+    let first = engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    assert_eq!(
+        first,
+        json!({"ok": true, "sku": "A1", "version": 1, "seq": 1})
+    );
+    let second = engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 3}))
+        .await;
+    assert_eq!(
+        second,
+        json!({"ok": true, "sku": "A1", "version": 2, "seq": 2})
+    );
+}
+
+#[tokio::test]
+async fn placing_an_order_without_an_id_returns_the_generated_id() {
+    let engine = Engine::start().await;
+    let reply = engine
+        .request(
+            "ordo.cmd.order.place",
+            json!({"customer_id": "c1", "lines": [line("A1", 2, 500)]}),
+        )
+        .await;
+    assert_eq!(outcome(&reply), "ok", "{reply}");
+    let order_id = reply["order_id"].as_str().unwrap();
+    assert!(ordo_domain::OrderId::parse(order_id).is_ok(), "{order_id}");
+    let stored = engine.stored("ORDO_ORDERS").await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].subject, format!("ordo.order.events.{order_id}"));
+}
+
+#[tokio::test]
+async fn an_event_is_stored_in_the_envelope_with_its_headers() {
+    let engine = Engine::start().await;
+    let reply = engine
+        .request_with_id(
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 2, 500), line("B2", 1, 250)]}),
+            "cmd-42",
+        )
+        .await;
+    assert_eq!(
+        reply,
+        json!({"ok": true, "order_id": "o-1", "version": 1, "seq": 1})
+    );
+
+    let stored = engine.stored("ORDO_ORDERS").await;
+    let event = &stored[0];
+    assert_eq!(event.subject, "ordo.order.events.o-1");
+    assert_eq!(event.headers.get("Nats-Msg-Id").unwrap().as_str(), "cmd-42");
+    assert_eq!(
+        event.headers.get("Ordo-Event-Type").unwrap().as_str(),
+        "OrderPlaced"
+    );
+    assert!(
+        event
+            .headers
+            .get("traceparent")
+            .unwrap()
+            .as_str()
+            .starts_with("00-")
+    );
+    let envelope = &event.envelope;
+    assert_eq!(
+        (
+            envelope.event_type.as_str(),
+            envelope.schema,
+            envelope.aggregate_id.as_str(),
+            envelope.version
+        ),
+        ("OrderPlaced", 1, "o-1", 1)
+    );
+    assert_eq!(
+        (
+            envelope.command_id.as_str(),
+            envelope.correlation_id.as_str()
+        ),
+        ("cmd-42", "cmd-42")
+    );
+    assert_eq!(
+        envelope.data,
+        json!({
+            "customer_id": "c1",
+            "lines": [
+                {"sku": "A1", "qty": 2, "unit_price_cents": 500},
+                {"sku": "B2", "qty": 1, "unit_price_cents": 250}
+            ],
+            "currency": "USD",
+            "total_cents": 1250
+        })
+    );
+}
+
+#[tokio::test]
+async fn an_order_moves_through_its_states_by_subject() {
+    let engine = Engine::start().await;
+    let place = json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 1, 100)]});
+    assert_eq!(
+        outcome(&engine.request("ordo.cmd.order.place", place).await),
+        "ok"
+    );
+    let ship_early = engine
+        .request("ordo.cmd.order.ship", json!({"order_id": "o-1"}))
+        .await;
+    assert_eq!(
+        ship_early,
+        json!({"ok": false, "error": {"code": "invalid_state", "message": "order o-1 is pending and cannot be shipped"}})
+    );
+    let confirmed = engine
+        .request("ordo.cmd.order.confirm", json!({"order_id": "o-1"}))
+        .await;
+    assert_eq!(
+        confirmed,
+        json!({"ok": true, "order_id": "o-1", "version": 2, "seq": 2})
+    );
+    let shipped = engine
+        .request("ordo.cmd.order.ship", json!({"order_id": "o-1"}))
+        .await;
+    assert_eq!(shipped["version"], 3);
+    let cancel_late = engine
+        .request("ordo.cmd.order.cancel", json!({"order_id": "o-1"}))
+        .await;
+    assert_eq!(outcome(&cancel_late), "invalid_state");
+
+    let place = json!({"order_id": "o-2", "customer_id": "c1", "lines": [line("A1", 1, 100)]});
+    engine.request("ordo.cmd.order.place", place).await;
+    let rejected = engine
+        .request(
+            "ordo.cmd.order.reject",
+            json!({"order_id": "o-2", "reason": "insufficient_stock"}),
+        )
+        .await;
+    assert_eq!(outcome(&rejected), "ok");
+    let types: Vec<String> = engine
+        .stored("ORDO_ORDERS")
+        .await
+        .into_iter()
+        .map(|event| {
+            format!(
+                "{}:{}",
+                event.envelope.aggregate_id, event.envelope.event_type
+            )
+        })
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "o-1:OrderPlaced",
+            "o-1:OrderConfirmed",
+            "o-1:OrderShipped",
+            "o-2:OrderPlaced",
+            "o-2:OrderRejected"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn commands_on_unknown_aggregates_are_not_found() {
+    let engine = Engine::start().await;
+    let ship = engine
+        .request("ordo.cmd.order.ship", json!({"order_id": "nope"}))
+        .await;
+    assert_eq!(
+        ship,
+        json!({"ok": false, "error": {"code": "not_found", "message": "order nope does not exist"}})
+    );
+    let reserve = engine
+        .request(
+            "ordo.cmd.stock.reserve",
+            json!({"sku": "nope", "order_id": "o-1", "qty": 1}),
+        )
+        .await;
+    assert_eq!(outcome(&reserve), "not_found");
+    assert_eq!(engine.event_counts().await, (0, 0));
+}
+
+#[tokio::test]
+async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
+    let engine = Engine::start().await;
+    engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    let reserve = |order: &str, qty: i64| json!({"sku": "A1", "order_id": order, "qty": qty});
+    assert_eq!(
+        outcome(
+            &engine
+                .request("ordo.cmd.stock.reserve", reserve("o-1", 2))
+                .await
+        ),
+        "ok"
+    );
+    assert_eq!(
+        outcome(
+            &engine
+                .request("ordo.cmd.stock.reserve", reserve("o-2", 3))
+                .await
+        ),
+        "ok"
+    );
+    let too_much = engine
+        .request("ordo.cmd.stock.reserve", reserve("o-3", 1))
+        .await;
+    assert_eq!(
+        too_much,
+        json!({"ok": false, "error": {"code": "insufficient_stock",
+            "message": "insufficient stock for A1: requested 1, available 0"}})
+    );
+    let release = engine
+        .request(
+            "ordo.cmd.stock.release",
+            json!({"sku": "A1", "order_id": "o-1"}),
+        )
+        .await;
+    assert_eq!(outcome(&release), "ok");
+    let deduct = engine
+        .request(
+            "ordo.cmd.stock.deduct",
+            json!({"sku": "A1", "order_id": "o-2"}),
+        )
+        .await;
+    assert_eq!(outcome(&deduct), "ok");
+    let data: Vec<String> = engine
+        .stored("ORDO_STOCK")
+        .await
+        .into_iter()
+        .map(|event| format!("{} {}", event.envelope.event_type, event.envelope.data))
+        .collect();
+    assert_eq!(
+        data,
+        [
+            r#"StockReceived {"qty":5}"#,
+            r#"StockReserved {"order_id":"o-1","qty":2}"#,
+            r#"StockReserved {"order_id":"o-2","qty":3}"#,
+            r#"StockReleased {"order_id":"o-1","qty":2}"#,
+            r#"StockDeducted {"order_id":"o-2","qty":3}"#,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_an_invalid_command_and_appends_nothing() {
+    let engine = Engine::start().await;
+    let oversized = format!(
+        r#"{{"sku":"A1","qty":1,"pad":"{}"}}"#,
+        "x".repeat(64 * 1024)
+    );
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("ordo.cmd.stock.receive", b"{\"sku\": \"A1\", \"qty\":".to_vec(), "the body is not valid JSON"),
+        ("ordo.cmd.stock.receive", b"\"A1\"".to_vec(), "the body must be a JSON object"),
+        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":1,"extra":true}"#.to_vec(), "unknown field `extra`"),
+        ("ordo.cmd.stock.receive", br#"{"sku":"A1"}"#.to_vec(), "missing field `qty`"),
+        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":0}"#.to_vec(), "qty must be greater than 0"),
+        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":-1}"#.to_vec(), "qty must be greater than 0"),
+        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":"5"}"#.to_vec(), "invalid type"),
+        ("ordo.cmd.stock.receive", br#"{"sku":"A.1","qty":1}"#.to_vec(), "sku \"A.1\" is not a valid id"),
+        ("ordo.cmd.stock.receive", br#"{"sku":"A*","qty":1}"#.to_vec(), "is not a valid id"),
+        ("ordo.cmd.stock.receive", oversized.into_bytes(), "the limit is 65536"),
+        ("ordo.cmd.order.place", br#"{"customer_id":"c1","lines":[]}"#.to_vec(), "at least one line"),
+        (
+            "ordo.cmd.order.place",
+            br#"{"customer_id":"c1","lines":[{"sku":"A1","qty":1,"unit_price_cents":1}],"currency":"usd"}"#.to_vec(),
+            "currency \"usd\" is not a valid id",
+        ),
+        ("ordo.cmd.order.cancel", br#"{"order_id":"o 1"}"#.to_vec(), "is not a valid id"),
+        ("ordo.cmd.order.ship", br#"{"order_id":"o-1","command_id":5}"#.to_vec(), "command_id must be a string"),
+    ];
+    for (subject, body, expected) in cases {
+        let reply = engine.request_bytes(subject, body, None).await;
+        assert_eq!(outcome(&reply), "invalid_command", "{subject}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(expected),
+            "{subject}: {message:?} should say {expected:?}"
+        );
+    }
+    assert_eq!(engine.event_counts().await, (0, 0));
+    assert_eq!(
+        engine.message_count("ORDO_COMMAND_OUTCOMES").await,
+        0,
+        "without a command id, a refusal is not remembered"
+    );
+}
+
+#[tokio::test]
+async fn the_service_is_visible_to_nats_micro_tooling() {
+    let engine = Engine::start().await;
+    let info = engine
+        .client
+        .request("$SRV.INFO.ordo", "".into())
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    assert_eq!(info["name"], "ordo");
+    let mut subjects: Vec<&str> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|endpoint| endpoint["subject"].as_str().unwrap())
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        [
+            "ordo.cmd.order.cancel",
+            "ordo.cmd.order.confirm",
+            "ordo.cmd.order.place",
+            "ordo.cmd.order.reject",
+            "ordo.cmd.order.ship",
+            "ordo.cmd.stock.deduct",
+            "ordo.cmd.stock.receive",
+            "ordo.cmd.stock.release",
+            "ordo.cmd.stock.reserve",
+        ]
+    );
+    let ping = engine
+        .client
+        .request("$SRV.PING.ordo", "".into())
+        .await
+        .unwrap();
+    assert!(!ping.payload.is_empty());
+}

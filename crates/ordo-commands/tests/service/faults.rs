@@ -1,0 +1,111 @@
+//! nats-server killed with SIGKILL and restarted in the middle of a run: no acknowledged event is
+//! lost, and retrying every command afterwards stores each exactly once.
+
+use std::{collections::HashMap, time::Duration};
+
+use futures::{StreamExt, stream};
+use serde_json::{Value, json};
+
+use crate::support::{Engine, outcome};
+
+const COMMANDS: usize = 300;
+
+async fn receive(engine: &Engine, i: usize) -> Result<Value, String> {
+    let body = serde_json::to_vec(&json!({"sku": "A1", "qty": 1})).unwrap();
+    engine
+        .try_request(
+            "ordo.cmd.stock.receive",
+            body,
+            Some(&format!("r-{i}")),
+            Duration::from_secs(1),
+        )
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_killed_mid_run_loses_no_acknowledged_event() {
+    let engine = Engine::start().await;
+    let acknowledged = tokio::sync::Mutex::new(HashMap::<usize, u64>::new());
+
+    let load = stream::iter(0..COMMANDS)
+        .map(|i| {
+            let (engine, acknowledged) = (&engine, &acknowledged);
+            async move {
+                if let Ok(reply) = receive(engine, i).await
+                    && outcome(&reply) == "ok"
+                {
+                    acknowledged
+                        .lock()
+                        .await
+                        .insert(i, reply["seq"].as_u64().unwrap());
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>();
+    let load = async {
+        load.await;
+    };
+    let chaos = async {
+        while acknowledged.lock().await.len() < COMMANDS / 3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The load keeps running while the server is gone, longer than a request waits.
+        engine.server.kill();
+        let acknowledged_at_kill = acknowledged.lock().await.len();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        engine.server.restart();
+        acknowledged_at_kill
+    };
+    let ((), acknowledged_at_kill) = tokio::join!(load, chaos);
+    let acknowledged = acknowledged.into_inner();
+    assert!(
+        acknowledged_at_kill < COMMANDS,
+        "the server died in the middle of the run"
+    );
+    eprintln!(
+        "{} of {COMMANDS} commands acknowledged in the run, {acknowledged_at_kill} of them before the kill",
+        acknowledged.len()
+    );
+    ordo_testkit::NatsServer::wait_for_jetstream(&engine.client).await;
+
+    // Every command is retried until it has an outcome; those acknowledged keep theirs.
+    for i in 0..COMMANDS {
+        let reply = loop {
+            match receive(&engine, i).await {
+                Ok(reply) if outcome(&reply) == "ok" => break reply,
+                other => {
+                    eprintln!("r-{i} not done yet: {other:?}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        if let Some(seq) = acknowledged.get(&i) {
+            assert_eq!(
+                reply["seq"].as_u64(),
+                Some(*seq),
+                "r-{i} was acknowledged at {seq}"
+            );
+        }
+    }
+
+    let stored = engine.stored("ORDO_STOCK").await;
+    for (i, seq) in &acknowledged {
+        let event = stored.iter().find(|event| event.seq == *seq);
+        assert_eq!(
+            event.map(|event| event.envelope.command_id.as_str()),
+            Some(format!("r-{i}").as_str()),
+            "acknowledged event r-{i} at {seq} is in the stream"
+        );
+    }
+    let mut command_ids: Vec<&str> = stored
+        .iter()
+        .map(|event| event.envelope.command_id.as_str())
+        .collect();
+    command_ids.sort();
+    command_ids.dedup();
+    assert_eq!(stored.len(), COMMANDS, "one event per command");
+    assert_eq!(command_ids.len(), COMMANDS, "no command stored twice");
+    let versions: Vec<u64> = stored.iter().map(|event| event.envelope.version).collect();
+    assert_eq!(versions, (1..=COMMANDS as u64).collect::<Vec<_>>());
+}

@@ -1,0 +1,264 @@
+//! A command id is used once: repeating it returns the first outcome and appends nothing, within
+//! JetStream's duplicate window and after it, and even when the first run died before replying.
+
+use std::time::Duration;
+
+use ordo_commands::{
+    outcomes::{OUTCOMES_STREAM, OutcomeRecord, OutcomeState, Outcomes},
+    wire::{self, Endpoint},
+};
+use ordo_domain::stock::{StockAggregate, StockEvent};
+use ordo_eventstore::{EventMetadata, EventStore, StreamDefinition};
+use serde_json::json;
+
+use crate::support::{Engine, line, outcome};
+
+/// Streams whose duplicate window is one second, so a test can outlast it.
+fn short_duplicate_window() -> Vec<StreamDefinition> {
+    StreamDefinition::built_in()
+        .into_iter()
+        .map(|mut definition| {
+            definition.config.duplicate_window = Duration::from_secs(1);
+            definition
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_repeated_msg_id_header_returns_the_first_outcome_and_appends_nothing() {
+    let engine = Engine::start().await;
+    let body = json!({"sku": "A1", "qty": 5});
+    let first = engine
+        .request_with_id("ordo.cmd.stock.receive", body.clone(), "delivery-1")
+        .await;
+    let again = engine
+        .request_with_id("ordo.cmd.stock.receive", body, "delivery-1")
+        .await;
+    assert_eq!(
+        first,
+        json!({"ok": true, "sku": "A1", "version": 1, "seq": 1})
+    );
+    assert_eq!(again, first);
+    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+}
+
+#[tokio::test]
+async fn a_command_id_field_works_like_the_header() {
+    let engine = Engine::start().await;
+    let body = json!({"sku": "A1", "qty": 5, "command_id": "delivery-1"});
+    let first = engine.request("ordo.cmd.stock.receive", body.clone()).await;
+    let again = engine.request("ordo.cmd.stock.receive", body).await;
+    assert_eq!(again, first);
+    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+}
+
+#[tokio::test]
+async fn without_a_command_id_the_natural_key_makes_retries_safe() {
+    let engine = Engine::start().await;
+    let place = json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 1, 100)]});
+    let placed = engine.request("ordo.cmd.order.place", place.clone()).await;
+    assert_eq!(engine.request("ordo.cmd.order.place", place).await, placed);
+    let cancel = json!({"order_id": "o-1"});
+    let cancelled = engine
+        .request("ordo.cmd.order.cancel", cancel.clone())
+        .await;
+    assert_eq!(outcome(&cancelled), "ok");
+    assert_eq!(
+        engine.request("ordo.cmd.order.cancel", cancel).await,
+        cancelled,
+        "a retried cancel is not refused as 'already cancelled'"
+    );
+    assert_eq!(engine.message_count("ORDO_ORDERS").await, 2);
+}
+
+#[tokio::test]
+async fn a_command_id_reused_for_a_different_command_is_refused() {
+    let engine = Engine::start().await;
+    engine
+        .request_with_id(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 5}),
+            "same-id",
+        )
+        .await;
+    let reused = engine
+        .request_with_id(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 7}),
+            "same-id",
+        )
+        .await;
+    assert_eq!(
+        reused,
+        json!({"ok": false, "error": {"code": "invalid_command",
+            "message": "command id same-id was already used for a different command"}})
+    );
+    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+}
+
+#[tokio::test]
+async fn a_refusal_is_the_first_outcome_of_a_command_id() {
+    let engine = Engine::start().await;
+    engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .await;
+    let reserve = json!({"sku": "A1", "order_id": "o-1", "qty": 5});
+    let refused = engine
+        .request_with_id(
+            "ordo.cmd.stock.reserve",
+            reserve.clone(),
+            "saga-o-1-reserve-A1",
+        )
+        .await;
+    assert_eq!(outcome(&refused), "insufficient_stock");
+    engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 10}))
+        .await;
+    let repeated = engine
+        .request_with_id(
+            "ordo.cmd.stock.reserve",
+            reserve.clone(),
+            "saga-o-1-reserve-A1",
+        )
+        .await;
+    assert_eq!(repeated, refused);
+    let reserved = engine
+        .stored("ORDO_STOCK")
+        .await
+        .iter()
+        .filter(|event| event.envelope.event_type == "StockReserved")
+        .count();
+    assert_eq!(reserved, 0);
+}
+
+#[tokio::test]
+async fn without_a_command_id_a_refused_command_is_decided_again_later() {
+    let engine = Engine::start().await;
+    engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .await;
+    let reserve = json!({"sku": "A1", "order_id": "o-1", "qty": 5});
+    let refused = engine
+        .request("ordo.cmd.stock.reserve", reserve.clone())
+        .await;
+    assert_eq!(outcome(&refused), "insufficient_stock");
+    engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 10}))
+        .await;
+    let reserved = engine.request("ordo.cmd.stock.reserve", reserve).await;
+    assert_eq!(
+        reserved,
+        json!({"ok": true, "sku": "A1", "version": 3, "seq": 3})
+    );
+}
+
+#[tokio::test]
+async fn a_repeat_after_the_duplicate_window_still_returns_the_first_outcome() {
+    let engine = Engine::start_with(1, short_duplicate_window()).await;
+    let body = json!({"sku": "A1", "qty": 5});
+    let first = engine
+        .request_with_id("ordo.cmd.stock.receive", body.clone(), "late-retry")
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = engine
+        .request_with_id("ordo.cmd.stock.receive", body, "late-retry")
+        .await;
+    assert_eq!(again, first);
+    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+}
+
+#[tokio::test]
+async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
+    let engine = Engine::start_with(1, short_duplicate_window()).await;
+    engine
+        .request_with_id(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 1}),
+            "before",
+        )
+        .await;
+
+    // Given a run of "crashed" that recorded its intent and appended, then died before replying…
+    let body = br#"{"sku":"A1","qty":4}"#;
+    let parsed = wire::parse(Endpoint::StockReceive, body, Some("crashed")).unwrap();
+    let store = EventStore::open(engine.client.clone(), &["ORDO_STOCK", OUTCOMES_STREAM])
+        .await
+        .unwrap();
+    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
+    let intent = OutcomeRecord {
+        command_id: "crashed".into(),
+        fingerprint: parsed.fingerprint.clone(),
+        state: OutcomeState::Appending {
+            category: "stock".into(),
+            aggregate_id: "A1".into(),
+            expected_last_seq: loaded.last_seq,
+        },
+    };
+    Outcomes::new(store.clone()).put(&intent, 0).await.unwrap();
+    let metadata = EventMetadata {
+        command_id: "crashed".into(),
+        correlation_id: "crashed".into(),
+        ..Default::default()
+    };
+    let appended = store
+        .append::<StockAggregate>(
+            "A1",
+            &loaded,
+            &StockEvent::StockReceived { qty: 4 },
+            &metadata,
+        )
+        .await
+        .unwrap();
+    // …and another command landed after it, and the duplicate window has passed,
+    engine
+        .request_with_id(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 1}),
+            "after",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // when the client retries, it gets the outcome of the run that died, and nothing new is stored.
+    let retried = engine
+        .request_with_id(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 4}),
+            "crashed",
+        )
+        .await;
+    assert_eq!(
+        retried,
+        json!({"ok": true, "sku": "A1", "version": 2, "seq": appended.seq})
+    );
+    assert_eq!(engine.message_count("ORDO_STOCK").await, 3);
+}
+
+#[tokio::test]
+async fn a_run_that_died_before_appending_is_run_again() {
+    let engine = Engine::start().await;
+    let body = br#"{"sku":"A1","qty":4}"#;
+    let parsed = wire::parse(Endpoint::StockReceive, body, Some("died-early")).unwrap();
+    let store = EventStore::open(engine.client.clone(), &["ORDO_STOCK", OUTCOMES_STREAM])
+        .await
+        .unwrap();
+    let intent = OutcomeRecord {
+        command_id: "died-early".into(),
+        fingerprint: parsed.fingerprint,
+        state: OutcomeState::Appending {
+            category: "stock".into(),
+            aggregate_id: "A1".into(),
+            expected_last_seq: 0,
+        },
+    };
+    Outcomes::new(store).put(&intent, 0).await.unwrap();
+
+    let reply = engine
+        .request_bytes("ordo.cmd.stock.receive", body.to_vec(), Some("died-early"))
+        .await;
+    assert_eq!(
+        reply,
+        json!({"ok": true, "sku": "A1", "version": 1, "seq": 1})
+    );
+    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+}

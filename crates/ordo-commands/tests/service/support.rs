@@ -1,0 +1,191 @@
+//! An engine for one test: its own nats-server, the streams applied, and command service
+//! instances running in this process, each with its own connection and cache.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::{HeaderMap, jetstream};
+use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
+use ordo_eventstore::{EventEnvelope, EventStore, StreamDefinition, streams::apply_all};
+use ordo_testkit::NatsServer;
+use serde_json::Value;
+use tokio::{sync::oneshot, task::JoinHandle};
+
+pub struct Engine {
+    pub server: NatsServer,
+    pub client: async_nats::Client,
+    instances: Vec<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+/// One stored message, decoded.
+pub struct Stored {
+    pub seq: u64,
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub envelope: EventEnvelope,
+}
+
+impl Engine {
+    pub async fn start() -> Self {
+        Self::start_with(1, StreamDefinition::built_in()).await
+    }
+
+    pub async fn start_with(instances: usize, definitions: Vec<StreamDefinition>) -> Self {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        NatsServer::wait_for_jetstream(&client).await;
+        apply_all(&jetstream::new(client.clone()), &definitions)
+            .await
+            .expect("apply the streams");
+        let mut engine = Self {
+            server,
+            client,
+            instances: Vec::new(),
+        };
+        for _ in 0..instances {
+            engine.add_instance().await;
+        }
+        engine
+    }
+
+    pub async fn add_instance(&mut self) {
+        let client = self.server.client().await;
+        let store = EventStore::open(
+            client.clone(),
+            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
+        )
+        .await
+        .expect("open the event store");
+        let service = CommandService::start(
+            client,
+            Arc::new(CommandHandler::new(store)),
+            Default::default(),
+        )
+        .await
+        .expect("start the command service");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            service
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("the command service runs");
+        });
+        self.instances.push((stop, task));
+    }
+
+    /// Sends `body` to `subject` and returns the JSON reply; panics if there is none in 10 s.
+    pub async fn request(&self, subject: &str, body: Value) -> Value {
+        self.request_bytes(subject, serde_json::to_vec(&body).unwrap(), None)
+            .await
+    }
+
+    /// The same, with a `Nats-Msg-Id` header.
+    pub async fn request_with_id(&self, subject: &str, body: Value, command_id: &str) -> Value {
+        self.request_bytes(
+            subject,
+            serde_json::to_vec(&body).unwrap(),
+            Some(command_id),
+        )
+        .await
+    }
+
+    pub async fn request_bytes(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        command_id: Option<&str>,
+    ) -> Value {
+        self.try_request(subject, body, command_id, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|err| panic!("no reply on {subject}: {err}"))
+    }
+
+    /// A request that may go unanswered (while the server is down, say).
+    pub async fn try_request(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        command_id: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Value, String> {
+        let mut headers = HeaderMap::new();
+        if let Some(id) = command_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .headers(headers)
+            .timeout(Some(timeout));
+        let reply = self
+            .client
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|err| err.to_string())?;
+        serde_json::from_slice(&reply.payload).map_err(|err| err.to_string())
+    }
+
+    /// Every message of a stream, in order.
+    pub async fn stored(&self, stream: &str) -> Vec<Stored> {
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(stream).await.expect("the stream exists");
+        let last = stream
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .last_sequence;
+        let mut stored = Vec::new();
+        for seq in 1..=last {
+            let Ok(message) = stream.direct_get(seq).await else {
+                continue;
+            };
+            stored.push(Stored {
+                seq,
+                subject: message.subject.to_string(),
+                headers: message.headers.clone(),
+                envelope: EventEnvelope::from_bytes(&message.payload).expect("an event envelope"),
+            });
+        }
+        stored
+    }
+
+    pub async fn message_count(&self, stream: &str) -> u64 {
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(stream).await.expect("the stream exists");
+        stream.info().await.expect("stream info").state.messages
+    }
+
+    /// The counts of the event streams, to show a refused command appended nothing.
+    pub async fn event_counts(&self) -> (u64, u64) {
+        (
+            self.message_count("ORDO_ORDERS").await,
+            self.message_count("ORDO_STOCK").await,
+        )
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for (stop, task) in self.instances.drain(..) {
+            let _ = stop.send(());
+            task.abort();
+        }
+    }
+}
+
+pub fn line(sku: &str, qty: i64, unit_price_cents: i64) -> Value {
+    serde_json::json!({"sku": sku, "qty": qty, "unit_price_cents": unit_price_cents})
+}
+
+/// The error code of a reply, or "ok".
+pub fn outcome(reply: &Value) -> String {
+    if reply["ok"] == Value::Bool(true) {
+        "ok".to_owned()
+    } else {
+        reply["error"]["code"]
+            .as_str()
+            .unwrap_or("no code")
+            .to_owned()
+    }
+}
