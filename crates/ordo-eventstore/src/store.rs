@@ -40,7 +40,6 @@ pub enum LoadError {
 }
 
 /// An aggregate's state as of its last event.
-#[derive(Debug)]
 pub struct Loaded<A: Aggregate> {
     pub state: A::State,
     /// How many events the aggregate has (0 for a new one).
@@ -48,6 +47,16 @@ pub struct Loaded<A: Aggregate> {
     /// The stream sequence of its last event (0 for a new one): the next append's expectation.
     pub last_seq: u64,
     _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate> std::fmt::Debug for Loaded<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("state", &self.state)
+            .field("version", &self.version)
+            .field("last_seq", &self.last_seq)
+            .finish()
+    }
 }
 
 impl<A: Aggregate> Clone for Loaded<A> {

@@ -106,13 +106,15 @@ impl StreamDefinition {
             .collect()
     }
 
-    /// The fields of the file that the live configuration does not match.
+    /// The fields of the file that the live configuration does not match. Both sides go through
+    /// the same serializer, so a field at its default (which it leaves out) compares equal.
     fn differences(&self, live: &stream::Config) -> Vec<String> {
+        let wanted = serde_json::to_value(&self.config).unwrap_or(Value::Null);
         let live = serde_json::to_value(live).unwrap_or(Value::Null);
         self.fields
-            .iter()
-            .filter(|(key, wanted)| live.get(key.as_str()).unwrap_or(&Value::Null) != *wanted)
-            .map(|(key, _)| key.clone())
+            .keys()
+            .filter(|key| wanted.get(key.as_str()) != live.get(key.as_str()))
+            .cloned()
             .collect()
     }
 

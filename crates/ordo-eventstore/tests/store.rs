@@ -1,0 +1,237 @@
+//! The event store against a real nats-server.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use ordo_domain::{
+    OrderId,
+    stock::{StockAggregate, StockEvent},
+};
+use ordo_eventstore::{
+    EventMetadata, EventStore, LoadError, Loaded, PublishError, Repository, StreamDefinition,
+    streams::{Applied, apply_all},
+};
+use ordo_testkit::NatsServer;
+
+async fn open() -> (NatsServer, EventStore) {
+    let server = NatsServer::start();
+    let client = server.client().await;
+    apply_all(
+        &jetstream::new(client.clone()),
+        &StreamDefinition::built_in(),
+    )
+    .await
+    .unwrap();
+    let store = EventStore::open(client, &["ORDO_ORDERS", "ORDO_STOCK"])
+        .await
+        .unwrap();
+    (server, store)
+}
+
+fn metadata(command_id: &str) -> EventMetadata {
+    EventMetadata {
+        command_id: command_id.into(),
+        correlation_id: command_id.into(),
+        ..Default::default()
+    }
+}
+
+fn reserved(order: &str) -> StockEvent {
+    StockEvent::StockReserved {
+        order_id: OrderId::parse(order).unwrap(),
+        qty: 1,
+    }
+}
+
+/// Appends `events` to `sku` one after the other, as commands would.
+async fn append_all(
+    store: &EventStore,
+    sku: &str,
+    events: &[StockEvent],
+) -> Loaded<StockAggregate> {
+    let mut loaded = store.load::<StockAggregate>(sku).await.unwrap();
+    for (i, event) in events.iter().enumerate() {
+        store
+            .append::<StockAggregate>(sku, &loaded, event, &metadata(&format!("{sku}-{i}")))
+            .await
+            .unwrap();
+        loaded = store.load::<StockAggregate>(sku).await.unwrap();
+    }
+    loaded
+}
+
+#[tokio::test]
+async fn a_new_aggregate_loads_as_version_0_at_sequence_0() {
+    let (_server, store) = open().await;
+    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
+    assert_eq!(
+        (loaded.version, loaded.last_seq, loaded.state),
+        (0, 0, None)
+    );
+}
+
+#[tokio::test]
+async fn an_append_after_a_stale_load_is_a_typed_conflict() {
+    let (_server, store) = open().await;
+    let stale = store.load::<StockAggregate>("A1").await.unwrap();
+    store
+        .append::<StockAggregate>(
+            "A1",
+            &stale,
+            &StockEvent::StockReceived { qty: 5 },
+            &metadata("c1"),
+        )
+        .await
+        .unwrap();
+    let second = store
+        .append::<StockAggregate>(
+            "A1",
+            &stale,
+            &StockEvent::StockReceived { qty: 5 },
+            &metadata("c2"),
+        )
+        .await;
+    assert_eq!(
+        second,
+        Err(PublishError::Conflict {
+            subject: "ordo.stock.events.A1".into(),
+            expected: 0
+        })
+    );
+}
+
+#[tokio::test]
+async fn a_retried_append_is_stored_once() {
+    let (_server, store) = open().await;
+    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
+    let event = StockEvent::StockReceived { qty: 5 };
+    let first = store
+        .append::<StockAggregate>("A1", &loaded, &event, &metadata("once"))
+        .await
+        .unwrap();
+    assert!(!first.duplicate);
+    // The server checks the expected sequence before the message id: the same append sent again
+    // is a conflict (the command handler then finds its own event through its outcome record).
+    let again = store
+        .append::<StockAggregate>("A1", &loaded, &event, &metadata("once"))
+        .await;
+    assert!(
+        matches!(again, Err(PublishError::Conflict { .. })),
+        "{again:?}"
+    );
+    // Where the expectation still holds, the message id alone stops the second copy.
+    let elsewhere = store.load::<StockAggregate>("B1").await.unwrap();
+    let duplicate = store
+        .append::<StockAggregate>("B1", &elsewhere, &event, &metadata("once"))
+        .await
+        .unwrap();
+    assert!(duplicate.duplicate);
+    assert_eq!(duplicate.seq, first.seq);
+    assert_eq!(store.load::<StockAggregate>("A1").await.unwrap().version, 1);
+}
+
+#[tokio::test]
+async fn loading_folds_only_the_aggregates_own_events_by_both_read_paths() {
+    let (_server, store) = open().await;
+    // Short histories are read by direct gets, long ones through an ordered consumer.
+    for (sku, reservations) in [("SHORT", 3), ("LONG", 40)] {
+        let mut events = vec![StockEvent::StockReceived { qty: 100 }];
+        events.extend((0..reservations).map(|i| reserved(&format!("o-{i}"))));
+        append_all(&store, sku, &events).await;
+        // Interleave another aggregate's events so that the subject filter matters.
+        append_all(
+            &store,
+            &format!("{sku}-OTHER"),
+            &[StockEvent::StockReceived { qty: 1 }],
+        )
+        .await;
+    }
+    for (sku, reservations) in [("SHORT", 3u64), ("LONG", 40)] {
+        let loaded = store.load::<StockAggregate>(sku).await.unwrap();
+        let stock = loaded.state.unwrap();
+        assert_eq!(loaded.version, reservations + 1, "{sku}");
+        assert_eq!(
+            (stock.on_hand, stock.reserved),
+            (100, reservations),
+            "{sku}"
+        );
+        assert_eq!(stock.reservations.len() as u64, reservations);
+    }
+}
+
+#[tokio::test]
+async fn catching_up_folds_what_another_instance_appended() {
+    let (_server, store) = open().await;
+    let repository = Repository::<StockAggregate>::new(store.clone());
+    append_all(&store, "A1", &[StockEvent::StockReceived { qty: 5 }]).await;
+    let cached = repository.load("A1").await.unwrap();
+    // Another instance appends twice behind this repository's back.
+    let mut other = store.load::<StockAggregate>("A1").await.unwrap();
+    for (i, event) in [reserved("o-1"), reserved("o-2")].iter().enumerate() {
+        store
+            .append::<StockAggregate>("A1", &other, event, &metadata(&format!("other-{i}")))
+            .await
+            .unwrap();
+        other = store.load::<StockAggregate>("A1").await.unwrap();
+    }
+    let stale = repository.load("A1").await.unwrap();
+    assert_eq!(
+        stale.version, cached.version,
+        "the cache alone does not see it"
+    );
+    let current = repository.catch_up("A1", stale).await.unwrap();
+    assert_eq!(
+        (current.version, current.last_seq),
+        (other.version, other.last_seq)
+    );
+    assert_eq!(current.state, other.state);
+}
+
+#[tokio::test]
+async fn an_unreadable_event_is_reported_with_its_sequence_not_skipped() {
+    let (server, store) = open().await;
+    append_all(&store, "A1", &[StockEvent::StockReceived { qty: 5 }]).await;
+    let js = jetstream::new(server.client().await);
+    let ack = js
+        .publish("ordo.stock.events.A1", "not an envelope".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    match store.load::<StockAggregate>("A1").await {
+        Err(LoadError::Corrupt { subject, seq, .. }) => {
+            assert_eq!(
+                (subject.as_str(), seq),
+                ("ordo.stock.events.A1", ack.sequence)
+            );
+        }
+        other => panic!("expected a corrupt-event error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn apply_updates_a_stream_whose_definition_changed_and_leaves_the_rest() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    let mut definitions = StreamDefinition::built_in();
+    apply_all(&js, &definitions).await.unwrap();
+    definitions[1].config.duplicate_window = Duration::from_secs(30);
+    let applied = apply_all(&js, &definitions).await.unwrap();
+    let applied: Vec<(&str, Applied)> = applied
+        .iter()
+        .map(|(name, what)| (name.as_str(), *what))
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            ("ORDO_ORDERS", Applied::Unchanged),
+            ("ORDO_STOCK", Applied::Updated),
+            ("ORDO_COMMAND_OUTCOMES", Applied::Unchanged)
+        ]
+    );
+    let mut stock = js.get_stream("ORDO_STOCK").await.unwrap();
+    assert_eq!(
+        stock.info().await.unwrap().config.duplicate_window,
+        Duration::from_secs(30)
+    );
+}
