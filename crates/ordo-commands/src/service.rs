@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::{
     handler::CommandHandler,
+    trace,
     wire::{self, Endpoint, ErrorCode, SUBJECT_PREFIX, error_reply},
 };
 
@@ -137,11 +138,14 @@ async fn respond(handler: &CommandHandler, endpoint: Endpoint, request: Request)
             .and_then(|headers| headers.get(name))
             .map(|value| value.as_str().to_owned())
     };
+    let caller_trace = header("traceparent");
     let span = tracing::info_span!(
         "command",
         endpoint = endpoint.name(),
         command_id = tracing::field::Empty
     );
+    trace::continue_trace(&span, caller_trace.as_deref());
+    let traceparent = trace::event_traceparent(&span, caller_trace.as_deref());
     let reply = async {
         match wire::parse(
             endpoint,
@@ -155,7 +159,7 @@ async fn respond(handler: &CommandHandler, endpoint: Endpoint, request: Request)
                     correlation_id: header(HEADER_CORRELATION_ID)
                         .unwrap_or_else(|| parsed.command_id.clone()),
                     causation_id: header(HEADER_CAUSATION_ID),
-                    traceparent: Some(child_traceparent(header("traceparent").as_deref())),
+                    traceparent: Some(traceparent),
                     command_id: parsed.command_id.clone(),
                 };
                 handler.execute(&parsed, &metadata).await
@@ -167,59 +171,5 @@ async fn respond(handler: &CommandHandler, endpoint: Endpoint, request: Request)
     let body = serde_json::to_vec(&reply).expect("replies serialize");
     if let Err(err) = request.respond(Ok(body.into())).await {
         tracing::warn!(endpoint = endpoint.name(), %err, "could not send the reply");
-    }
-}
-
-/// A W3C `traceparent` for the event: the caller's trace continues with a new span; a caller
-/// without one starts a new trace.
-pub fn child_traceparent(parent: Option<&str>) -> String {
-    let span_id: u64 = rand::random::<u64>() | 1;
-    let parts: Vec<&str> = parent.map(|p| p.split('-').collect()).unwrap_or_default();
-    let valid = parts.len() == 4
-        && parts[1].len() == 32
-        && parts[2].len() == 16
-        && parts[3].len() == 2
-        && parts[1..]
-            .iter()
-            .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
-        && parts[1].bytes().any(|b| b != b'0');
-    if valid {
-        format!(
-            "00-{}-{span_id:016x}-{}",
-            parts[1].to_ascii_lowercase(),
-            parts[3]
-        )
-    } else {
-        let trace_id: u128 = rand::random::<u128>() | 1;
-        format!("00-{trace_id:032x}-{span_id:016x}-01")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_valid_traceparent_keeps_its_trace_and_gets_a_new_span() {
-        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let child = child_traceparent(Some(parent));
-        assert!(child.starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
-        assert!(child.ends_with("-01"));
-        assert_ne!(child, parent);
-    }
-
-    #[test]
-    fn a_missing_or_invalid_traceparent_starts_a_new_trace() {
-        for parent in [
-            None,
-            Some("garbage"),
-            Some("00-00000000000000000000000000000000-b7ad6b7169203331-01"),
-        ] {
-            let child = child_traceparent(parent);
-            let parts: Vec<&str> = child.split('-').collect();
-            assert_eq!(parts.len(), 4, "{child}");
-            assert_eq!((parts[1].len(), parts[2].len()), (32, 16));
-            assert_ne!(parts[1], "00000000000000000000000000000000");
-        }
     }
 }

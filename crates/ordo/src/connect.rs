@@ -22,7 +22,8 @@ pub fn configured_url(configured: Option<String>, home: &Path) -> String {
 }
 
 /// `ordo up`'s NATS: the configured URL; else 127.0.0.1:4222 if a nats-server >= 2.10 with
-/// JetStream answers there; else one started here with its data under `<home>/nats`.
+/// JetStream answers there; else the one an earlier `ordo up` left running; else one started here
+/// with its data under `<home>/nats`.
 pub async fn url_for_up(
     configured: Option<String>,
     home: &Path,
@@ -39,6 +40,15 @@ pub async fn url_for_up(
             return Ok((DEFAULT_URL.to_owned(), None));
         }
         Err(reason) => tracing::info!(url = DEFAULT_URL, %reason, "not using it"),
+    }
+    // A server an earlier `ordo up` started and could not stop (it was killed) still holds the
+    // store: use it rather than start a second one on the same data.
+    if let Ok(url) = std::fs::read_to_string(home.join(URL_FILE)) {
+        let url = url.trim().to_owned();
+        if probe(&url).await.is_ok() {
+            tracing::info!(%url, "using the nats-server an earlier `ordo up` left running");
+            return Ok((url, None));
+        }
     }
     let server = NatsServer::start_kept(&home.join("nats"), 4222)
         .map_err(anyhow::Error::msg)
@@ -92,6 +102,17 @@ async fn probe(url: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The servers of a URL list: `nats://a:4222,nats://b:4222` names a cluster.
+fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    url.split(',')
+        .map(|one| {
+            one.trim()
+                .parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("{one:?} is not a NATS URL"))
+        })
+        .collect()
+}
+
 fn options() -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new()
         .name(concat!("ordo ", env!("CARGO_PKG_VERSION")))
@@ -109,13 +130,14 @@ fn options() -> async_nats::ConnectOptions {
 
 /// Connects, waiting for the server with exponential backoff (capped at 30 s) and saying so.
 /// Once connected, the client reconnects by itself whenever the connection drops.
-pub async fn connect_with_backoff(url: &str) -> async_nats::Client {
+pub async fn connect_with_backoff(url: &str) -> anyhow::Result<async_nats::Client> {
+    let servers = server_addrs(url)?;
     let mut delay = Duration::from_millis(250);
     loop {
-        match options().connect(url).await {
+        match options().connect(servers.as_slice()).await {
             Ok(client) => {
                 tracing::info!(url, "connected to NATS");
-                return client;
+                return Ok(client);
             }
             Err(err) => {
                 tracing::warn!(url, %err, retry_in = ?delay, "NATS is unreachable; retrying");
@@ -128,10 +150,33 @@ pub async fn connect_with_backoff(url: &str) -> async_nats::Client {
 
 /// One attempt, for commands a person runs and waits for.
 pub async fn connect_once(url: &str) -> anyhow::Result<async_nats::Client> {
-    match options().connect(url).await {
+    match options().connect(server_addrs(url)?.as_slice()).await {
         Ok(client) => Ok(client),
         Err(err) => bail!(
             "NATS at {url} is unreachable: {err}. Is `ordo up` running? (or set ORDO_NATS_URL)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_list_names_every_server_of_a_cluster() {
+        let servers = server_addrs("nats://a:4222, nats://b:4223").unwrap();
+        let ports: Vec<u16> = servers.iter().map(|server| server.port()).collect();
+        assert_eq!(ports, [4222, 4223]);
+        assert!(server_addrs("nats://a:4222,:::").is_err());
+    }
+
+    #[test]
+    fn without_configuration_the_client_finds_the_server_ordo_up_started() {
+        let home = tempfile::tempdir().unwrap();
+        assert_eq!(configured_url(None, home.path()), DEFAULT_URL);
+        std::fs::write(home.path().join(URL_FILE), "nats://127.0.0.1:4555\n").unwrap();
+        assert_eq!(configured_url(None, home.path()), "nats://127.0.0.1:4555");
+        let given = Some("nats://elsewhere:4222".to_owned());
+        assert_eq!(configured_url(given, home.path()), "nats://elsewhere:4222");
     }
 }

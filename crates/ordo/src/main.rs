@@ -85,14 +85,14 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up => {
             let (url, _local_server) = connect::url_for_up(cli.nats_url, &cli.home).await?;
-            let nats = connect::connect_with_backoff(&url).await;
+            let nats = connect::connect_with_backoff(&url).await?;
             run_command_service(nats).await
         }
         Command::Run {
             component: Component::Commands,
         } => {
             let url = connect::configured_url(cli.nats_url, &cli.home);
-            run_command_service(connect::connect_with_backoff(&url).await).await
+            run_command_service(connect::connect_with_backoff(&url).await?).await
         }
         Command::Streams {
             action: StreamsAction::Apply { dir },

@@ -103,6 +103,42 @@ async fn an_event_is_stored_in_the_envelope_with_its_headers() {
 }
 
 #[tokio::test]
+async fn the_event_carries_the_causation_the_caller_sent_and_continues_its_trace() {
+    let engine = Engine::start().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    );
+    headers.insert("Ordo-Correlation-Id", "order-o-9");
+    headers.insert("Ordo-Causation-Id", "event-123");
+    let body = serde_json::to_vec(&json!({"sku": "A1", "qty": 1})).unwrap();
+    let reply = engine
+        .try_request_with_headers(
+            "ordo.cmd.stock.receive",
+            body,
+            headers,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome(&reply), "ok");
+    let stored = engine.stored("ORDO_STOCK").await;
+    let event = &stored[0];
+    let traceparent = event.headers.get("traceparent").unwrap().as_str();
+    assert!(
+        traceparent.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+        "{traceparent}"
+    );
+    assert!(
+        !traceparent.contains("b7ad6b7169203331"),
+        "the event is a new span: {traceparent}"
+    );
+    assert_eq!(event.envelope.correlation_id, "order-o-9");
+    assert_eq!(event.envelope.causation_id.as_deref(), Some("event-123"));
+}
+
+#[tokio::test]
 async fn an_order_moves_through_its_states_by_subject() {
     let engine = Engine::start().await;
     let place = json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 1, 100)]});

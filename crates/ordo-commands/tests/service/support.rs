@@ -113,6 +113,17 @@ impl Engine {
         if let Some(id) = command_id {
             headers.insert("Nats-Msg-Id", id);
         }
+        self.try_request_with_headers(subject, body, headers, timeout)
+            .await
+    }
+
+    pub async fn try_request_with_headers(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        headers: HeaderMap,
+        timeout: Duration,
+    ) -> Result<Value, String> {
         let request = async_nats::Request::new()
             .payload(body.into())
             .headers(headers)
