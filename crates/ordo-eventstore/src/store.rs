@@ -182,16 +182,7 @@ impl EventStore {
         };
         let mut loaded = Loaded::<A>::new_aggregate();
         for recorded in events {
-            let event =
-                recorded
-                    .envelope
-                    .decode::<A::Event>()
-                    .map_err(|source| LoadError::Corrupt {
-                        subject: subject.clone(),
-                        seq: recorded.seq,
-                        source,
-                    })?;
-            loaded = loaded.then(&event, recorded.seq);
+            loaded = loaded.then(&decode::<A::Event>(&recorded)?, recorded.seq);
         }
         Ok(loaded)
     }
@@ -330,6 +321,18 @@ impl EventStore {
     }
 }
 
+/// The domain event of a recorded one; an unreadable event names its subject and sequence.
+fn decode<E: ordo_domain::DomainEvent>(recorded: &RecordedEvent) -> Result<E, LoadError> {
+    recorded
+        .envelope
+        .decode::<E>()
+        .map_err(|source| LoadError::Corrupt {
+            subject: recorded.subject.clone(),
+            seq: recorded.seq,
+            source,
+        })
+}
+
 fn recorded(
     result: Result<jetstream::message::StreamMessage, jetstream::stream::DirectGetError>,
 ) -> Result<Option<RecordedEvent>, LoadError> {
@@ -417,16 +420,7 @@ impl<A: Aggregate> Repository<A> {
                 current = self.store.load::<A>(aggregate_id).await?;
                 break;
             }
-            let event =
-                recorded
-                    .envelope
-                    .decode::<A::Event>()
-                    .map_err(|source| LoadError::Corrupt {
-                        subject: subject.clone(),
-                        seq: recorded.seq,
-                        source,
-                    })?;
-            current = current.then(&event, recorded.seq);
+            current = current.then(&decode::<A::Event>(&recorded)?, recorded.seq);
         }
         self.cache
             .insert(aggregate_id.to_owned(), current.clone())

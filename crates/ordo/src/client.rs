@@ -139,7 +139,11 @@ pub async fn send(url: &str, request: Request) -> anyhow::Result<()> {
         headers.insert("Nats-Msg-Id", command_id.as_str());
     }
     let body = serde_json::to_vec(&request.body)?;
-    println!("> nats req {} '{}'", request.subject, request.body);
+    let header = match &request.command_id {
+        Some(id) => format!("-H Nats-Msg-Id:{id} "),
+        None => String::new(),
+    };
+    println!("> nats req {header}{} '{}'", request.subject, request.body);
     let reply = nats
         .send_request(
             request.subject,

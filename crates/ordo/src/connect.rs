@@ -122,7 +122,7 @@ fn options() -> async_nats::ConnectOptions {
                 async_nats::Event::Disconnected => {
                     tracing::warn!("lost the NATS connection; reconnecting")
                 }
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Connected => tracing::info!("NATS connection up"),
                 other => tracing::info!(event = %other, "NATS"),
             }
         })

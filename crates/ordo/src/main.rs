@@ -143,7 +143,8 @@ async fn run_command_service(nats: async_nats::Client) -> anyhow::Result<()> {
         .await?
         .run(shutdown_signal())
         .await?;
-    nats.flush().await.ok();
+    // Close the connection before a nats-server `ordo up` started is stopped.
+    nats.drain().await.ok();
     Ok(())
 }
 

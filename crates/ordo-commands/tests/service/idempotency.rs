@@ -13,6 +13,27 @@ use serde_json::json;
 
 use crate::support::{Engine, line, outcome};
 
+/// What a run of a `stock.receive` on A1 records before it appends: its intent to append after
+/// `expected_last_seq`.
+async fn record_receive_intent(
+    store: &EventStore,
+    command_id: &str,
+    body: &[u8],
+    expected_last_seq: u64,
+) {
+    let parsed = wire::parse(Endpoint::StockReceive, body, Some(command_id)).unwrap();
+    let intent = OutcomeRecord {
+        command_id: command_id.into(),
+        fingerprint: parsed.fingerprint,
+        state: OutcomeState::Appending {
+            category: "stock".into(),
+            aggregate_id: "A1".into(),
+            expected_last_seq,
+        },
+    };
+    Outcomes::new(store.clone()).put(&intent, 0).await.unwrap();
+}
+
 /// Streams whose duplicate window is one second, so a test can outlast it.
 fn short_duplicate_window() -> Vec<StreamDefinition> {
     StreamDefinition::built_in()
@@ -179,22 +200,17 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
         .await;
 
     // Given a run of "crashed" that recorded its intent and appended, then died before replying…
-    let body = br#"{"sku":"A1","qty":4}"#;
-    let parsed = wire::parse(Endpoint::StockReceive, body, Some("crashed")).unwrap();
     let store = EventStore::open(engine.client.clone(), &["ORDO_STOCK", OUTCOMES_STREAM])
         .await
         .unwrap();
     let loaded = store.load::<StockAggregate>("A1").await.unwrap();
-    let intent = OutcomeRecord {
-        command_id: "crashed".into(),
-        fingerprint: parsed.fingerprint.clone(),
-        state: OutcomeState::Appending {
-            category: "stock".into(),
-            aggregate_id: "A1".into(),
-            expected_last_seq: loaded.last_seq,
-        },
-    };
-    Outcomes::new(store.clone()).put(&intent, 0).await.unwrap();
+    record_receive_intent(
+        &store,
+        "crashed",
+        br#"{"sku":"A1","qty":4}"#,
+        loaded.last_seq,
+    )
+    .await;
     let metadata = EventMetadata {
         command_id: "crashed".into(),
         correlation_id: "crashed".into(),
@@ -238,20 +254,10 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
 async fn a_run_that_died_before_appending_is_run_again() {
     let engine = Engine::start().await;
     let body = br#"{"sku":"A1","qty":4}"#;
-    let parsed = wire::parse(Endpoint::StockReceive, body, Some("died-early")).unwrap();
     let store = EventStore::open(engine.client.clone(), &["ORDO_STOCK", OUTCOMES_STREAM])
         .await
         .unwrap();
-    let intent = OutcomeRecord {
-        command_id: "died-early".into(),
-        fingerprint: parsed.fingerprint,
-        state: OutcomeState::Appending {
-            category: "stock".into(),
-            aggregate_id: "A1".into(),
-            expected_last_seq: 0,
-        },
-    };
-    Outcomes::new(store).put(&intent, 0).await.unwrap();
+    record_receive_intent(&store, "died-early", body, 0).await;
 
     let reply = engine
         .request_bytes("ordo.cmd.stock.receive", body.to_vec(), Some("died-early"))
