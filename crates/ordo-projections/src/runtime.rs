@@ -1,0 +1,380 @@
+//! [`Projector`]: one projection's worker. See the crate documentation for the guarantees.
+
+use std::{future::Future, marker::PhantomData, time::Duration};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+};
+use futures::StreamExt;
+use ordo_eventstore::{EventEnvelope, RecordedEvent};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
+
+use crate::{
+    ApplyError, Projection,
+    schema::{self, set_search_path},
+};
+
+#[derive(Debug, Clone)]
+pub struct ProjectorConfig {
+    /// Events fetched, and applied in one transaction, at most.
+    pub batch_size: usize,
+    /// How long a fetch waits for events when there are none.
+    pub fetch_wait: Duration,
+    /// Tries of an event that fails before it is parked.
+    pub max_attempts: u32,
+    /// The first pause between tries; it doubles each time.
+    pub retry_base: Duration,
+    /// How often a standby instance asks whether it can take over.
+    pub standby_poll: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            fetch_wait: Duration::from_millis(500),
+            max_attempts: 5,
+            retry_base: Duration::from_millis(100),
+            standby_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectorError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("PostgreSQL is unavailable: {0}")]
+    Unavailable(String),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+    #[error("the checkpoint of {stream} is no longer {expected}: another instance took over")]
+    Fenced { stream: String, expected: u64 },
+    #[error("expected event {expected} next but got {got}: reading again from the checkpoint")]
+    Gap { expected: u64, got: u64 },
+}
+
+/// One fetched message: its sequence, subject and payload, read as an envelope if it is one.
+struct Fetched {
+    seq: u64,
+    subject: String,
+    payload: Vec<u8>,
+    envelope: Result<EventEnvelope, String>,
+}
+
+impl Fetched {
+    fn recorded(&self) -> Result<RecordedEvent, ApplyError> {
+        match &self.envelope {
+            Ok(envelope) => Ok(RecordedEvent {
+                subject: self.subject.clone(),
+                seq: self.seq,
+                envelope: envelope.clone(),
+            }),
+            Err(reason) => Err(ApplyError::Rejected(reason.clone())),
+        }
+    }
+}
+
+/// How a leadership term ended.
+enum Term {
+    /// Another instance leads: wait and ask again.
+    Standby,
+}
+
+pub struct Projector<P: Projection> {
+    pool: PgPool,
+    js: jetstream::Context,
+    config: ProjectorConfig,
+    _projection: PhantomData<fn() -> P>,
+}
+
+impl<P: Projection> Projector<P> {
+    pub fn new(pool: PgPool, js: jetstream::Context, config: ProjectorConfig) -> Self {
+        Self {
+            pool,
+            js,
+            config,
+            _projection: PhantomData,
+        }
+    }
+
+    fn consumer_name() -> String {
+        format!("ordo-projection-{}", P::NAME)
+    }
+
+    /// Keeps the view up to date until `shutdown` completes. Failures (PostgreSQL or NATS down,
+    /// a lost take-over) end the current term; the projector then starts again from its
+    /// checkpoint, after a pause that grows up to 10 s.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut pause = self.config.retry_base;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                ended = self.lead() => {
+                    let wait = match ended {
+                        Ok(Term::Standby) => self.config.standby_poll,
+                        Err(err) => {
+                            tracing::warn!(projection = P::NAME, %err, retry_in = ?pause, "projector stopped; starting again");
+                            let wait = pause;
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                            wait
+                        }
+                    };
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One term: take the projection's lock or stand by; as leader, apply batches until
+    /// something fails.
+    async fn lead(&self) -> Result<Term, ProjectorError> {
+        // The lock lives as long as this connection, which never goes back to the pool.
+        let mut lock = self.pool.acquire().await?.detach();
+        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(Self::consumer_name())
+            .fetch_one(&mut lock)
+            .await?;
+        if !leader {
+            lock.close().await.ok();
+            return Ok(Term::Standby);
+        }
+        let result = self.lead_as_leader().await;
+        lock.close().await.ok();
+        result
+    }
+
+    async fn lead_as_leader(&self) -> Result<Term, ProjectorError> {
+        let schema = schema::live_schema::<P>();
+        schema::ensure_view::<P>(&self.pool, &schema).await?;
+        let mut checkpoint = schema::checkpoint::<P>(&self.pool, &schema).await?;
+        let consumer = self.consumer_from(checkpoint + 1).await?;
+        tracing::info!(
+            projection = P::NAME,
+            checkpoint,
+            "projector leads; reading from checkpoint + 1"
+        );
+        loop {
+            let mut messages = consumer
+                .fetch()
+                .max_messages(self.config.batch_size)
+                .expires(self.config.fetch_wait)
+                .messages()
+                .await
+                .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+            let mut batch = Vec::new();
+            let mut last_message = None;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+                let seq = message
+                    .info()
+                    .map_err(|err| ProjectorError::JetStream(err.to_string()))?
+                    .stream_sequence;
+                if seq > checkpoint + batch.len() as u64 + 1 {
+                    return Err(ProjectorError::Gap {
+                        expected: checkpoint + batch.len() as u64 + 1,
+                        got: seq,
+                    });
+                }
+                if seq > checkpoint {
+                    batch.push(Fetched {
+                        seq,
+                        subject: message.subject.to_string(),
+                        payload: message.payload.to_vec(),
+                        envelope: EventEnvelope::from_bytes(&message.payload)
+                            .map_err(|err| err.to_string()),
+                    });
+                }
+                last_message = Some(message);
+            }
+            if !batch.is_empty() {
+                checkpoint = self.apply_batch(&schema, checkpoint, &batch).await?;
+            }
+            if let Some(message) = last_message {
+                // Acks everything up to it (ack policy "all"); a lost ack only means a redelivery
+                // that the checkpoint skips.
+                if let Err(err) = message.double_ack().await {
+                    tracing::debug!(projection = P::NAME, %err, "ack not confirmed");
+                }
+            }
+        }
+    }
+
+    /// The durable consumer, recreated to start at `start`: the checkpoint, not the consumer's
+    /// own acknowledgements, says where the view is.
+    async fn consumer_from(
+        &self,
+        start: u64,
+    ) -> Result<jetstream::consumer::PullConsumer, ProjectorError> {
+        let js_err = |err: &dyn std::fmt::Display| ProjectorError::JetStream(err.to_string());
+        let stream = self
+            .js
+            .get_stream(P::STREAM)
+            .await
+            .map_err(|err| js_err(&err))?;
+        let name = Self::consumer_name();
+        let _ = stream.delete_consumer(&name).await;
+        stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name),
+                description: Some(format!(
+                    "ordo projection {} (restarted at its checkpoint)",
+                    P::NAME
+                )),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ack_policy: AckPolicy::All,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 10_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| js_err(&err))
+    }
+
+    /// Applies `batch` (contiguous, starting at `checkpoint + 1`) and returns the new checkpoint.
+    /// An event that cannot be applied is retried alone, then parked; the rest goes on.
+    async fn apply_batch(
+        &self,
+        schema: &str,
+        mut checkpoint: u64,
+        batch: &[Fetched],
+    ) -> Result<u64, ProjectorError> {
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let (applied, failure) = self.apply_in_transaction(schema, checkpoint, rest).await?;
+            checkpoint += applied as u64;
+            let Some(first_reason) = failure else {
+                break;
+            };
+            let failing = &rest[applied];
+            checkpoint = self
+                .retry_or_park(schema, checkpoint, failing, first_reason)
+                .await?;
+            rest = &rest[applied + 1..];
+        }
+        Ok(checkpoint)
+    }
+
+    /// Applies as many events of `events` as it can in one transaction, with the checkpoint.
+    /// Returns how many it applied and, if it stopped early, why the next one failed.
+    async fn apply_in_transaction(
+        &self,
+        schema: &str,
+        checkpoint: u64,
+        events: &[Fetched],
+    ) -> Result<(usize, Option<String>), ProjectorError> {
+        let mut tx = self.begin(schema).await?;
+        let mut applied = 0;
+        let mut failure = None;
+        for fetched in events {
+            let mut savepoint = tx.begin().await?;
+            let result = match fetched.recorded() {
+                Ok(recorded) => P::apply(&mut savepoint, &recorded).await,
+                Err(err) => Err(err),
+            };
+            match result {
+                Ok(()) => {
+                    savepoint.commit().await?;
+                    applied += 1;
+                }
+                Err(ApplyError::Unavailable(reason)) => {
+                    return Err(ProjectorError::Unavailable(reason));
+                }
+                Err(ApplyError::Rejected(reason)) => {
+                    savepoint.rollback().await?;
+                    failure = Some(reason);
+                    break;
+                }
+            }
+        }
+        if applied > 0 {
+            advance_checkpoint::<P>(&mut tx, checkpoint, checkpoint + applied as u64).await?;
+        }
+        tx.commit().await?;
+        Ok((applied, failure))
+    }
+
+    /// Tries one failing event again with growing pauses; parks it when it keeps failing, in the
+    /// same transaction as the checkpoint that moves past it.
+    async fn retry_or_park(
+        &self,
+        schema: &str,
+        checkpoint: u64,
+        event: &Fetched,
+        first_reason: String,
+    ) -> Result<u64, ProjectorError> {
+        let mut reason = first_reason;
+        let mut pause = self.config.retry_base;
+        for attempt in 2..=self.config.max_attempts {
+            tracing::warn!(projection = P::NAME, seq = event.seq, %reason, attempt, "event not applied; trying again");
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            let (applied, failure) = self
+                .apply_in_transaction(schema, checkpoint, std::slice::from_ref(event))
+                .await?;
+            if applied == 1 {
+                return Ok(checkpoint + 1);
+            }
+            reason = failure.unwrap_or_default();
+        }
+        tracing::error!(projection = P::NAME, seq = event.seq, %reason, "event parked");
+        let mut tx = self.begin(schema).await?;
+        sqlx::query(
+            "INSERT INTO public.parked_events (projection, stream, seq, subject, event_type, reason, attempts, payload)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (projection, stream, seq) DO UPDATE
+             SET reason = excluded.reason, attempts = excluded.attempts, parked_at = now()",
+        )
+        .bind(P::NAME)
+        .bind(P::STREAM)
+        .bind(event.seq as i64)
+        .bind(&event.subject)
+        .bind(event.envelope.as_ref().ok().map(|envelope| envelope.event_type.clone()))
+        .bind(&reason)
+        .bind(self.config.max_attempts as i32)
+        .bind(String::from_utf8_lossy(&event.payload).into_owned())
+        .execute(&mut *tx)
+        .await?;
+        advance_checkpoint::<P>(&mut tx, checkpoint, checkpoint + 1).await?;
+        tx.commit().await?;
+        Ok(checkpoint + 1)
+    }
+
+    async fn begin(&self, schema: &str) -> Result<Transaction<'static, Postgres>, ProjectorError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(set_search_path(schema))
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+}
+
+/// Moves the checkpoint from `expected` to `to`, or fails if another instance moved it.
+async fn advance_checkpoint<P: Projection>(
+    connection: &mut PgConnection,
+    expected: u64,
+    to: u64,
+) -> Result<(), ProjectorError> {
+    let updated = sqlx::query(
+        "UPDATE checkpoints SET seq = $2, updated_at = now() WHERE stream = $1 AND seq = $3",
+    )
+    .bind(P::STREAM)
+    .bind(to as i64)
+    .bind(expected as i64)
+    .execute(connection)
+    .await?;
+    if updated.rows_affected() != 1 {
+        return Err(ProjectorError::Fenced {
+            stream: P::STREAM.to_owned(),
+            expected,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,377 @@
+//! Projectors against real nats-server and PostgreSQL: events in, rows out, exactly once.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream;
+use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
+use ordo_domain::{order::OrderAggregate, stock::StockAggregate};
+use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_projections::{
+    Projection, Projector, ProjectorConfig,
+    orders::OrdersView,
+    schema::{self, live_schema},
+    stock::StockView,
+};
+use ordo_testkit::{NatsServer, TestDatabase};
+use serde_json::{Value, json};
+use sqlx::{PgPool, Row};
+use tokio::{sync::oneshot, task::JoinHandle};
+
+struct Setup {
+    server: NatsServer,
+    client: async_nats::Client,
+    database: TestDatabase,
+    _service: JoinHandle<()>,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        apply_all(
+            &jetstream::new(client.clone()),
+            &StreamDefinition::built_in(),
+        )
+        .await
+        .unwrap();
+        let store = EventStore::open(
+            client.clone(),
+            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
+        )
+        .await
+        .unwrap();
+        let service = CommandService::start(
+            client.clone(),
+            Arc::new(CommandHandler::new(store)),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let service =
+            tokio::spawn(async move { service.run(std::future::pending()).await.unwrap() });
+        let database = TestDatabase::create().await;
+        schema::migrate(database.pool()).await.unwrap();
+        Self {
+            server,
+            client,
+            database,
+            _service: service,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.database.pool()
+    }
+
+    async fn command(&self, subject: &str, body: Value) -> Value {
+        let reply = self
+            .client
+            .request(
+                subject.to_owned(),
+                serde_json::to_vec(&body).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(reply["ok"], true, "{subject} {body}: {reply}");
+        reply
+    }
+
+    /// Starts a projector instance; dropping the handle's sender stops it, aborting kills it.
+    fn projector<P: Projection>(&self) -> (oneshot::Sender<()>, JoinHandle<()>) {
+        let projector = Projector::<P>::new(
+            self.pool().clone(),
+            jetstream::new(self.client.clone()),
+            ProjectorConfig {
+                batch_size: 32,
+                fetch_wait: Duration::from_millis(100),
+                retry_base: Duration::from_millis(20),
+                max_attempts: 3,
+                standby_poll: Duration::from_millis(100),
+            },
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            projector
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        (stop, task)
+    }
+
+    /// Waits until the view's checkpoint reaches the stream's last sequence.
+    async fn caught_up<P: Projection>(&self) {
+        let mut stream = jetstream::new(self.client.clone())
+            .get_stream(P::STREAM)
+            .await
+            .unwrap();
+        let head = stream.info().await.unwrap().state.last_sequence;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let checkpoint = schema::checkpoint::<P>(self.pool(), &live_schema::<P>())
+                .await
+                .unwrap_or(0);
+            if checkpoint >= head {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} stuck at {checkpoint} of {head}",
+                P::NAME
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn parked(&self) -> Vec<(String, i64, String)> {
+        sqlx::query("SELECT projection, seq, reason FROM parked_events ORDER BY projection, seq")
+            .fetch_all(self.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+
+    /// Every SKU row of the view next to the SKU folded from its events by the domain.
+    async fn stock_view_matches_the_stream(&self) {
+        let store = EventStore::open(self.client.clone(), &["ORDO_STOCK"])
+            .await
+            .unwrap();
+        let rows = sqlx::query(
+            "SELECT sku, on_hand, reserved, available, version FROM view_stock.stock ORDER BY sku",
+        )
+        .fetch_all(self.pool())
+        .await
+        .unwrap();
+        assert!(!rows.is_empty());
+        for row in rows {
+            let sku: String = row.get("sku");
+            let loaded = store.load::<StockAggregate>(&sku).await.unwrap();
+            let stock = loaded.state.unwrap();
+            let view: (i64, i64, i64, i64) = (
+                row.get("on_hand"),
+                row.get("reserved"),
+                row.get("available"),
+                row.get("version"),
+            );
+            let expected = (
+                stock.on_hand as i64,
+                stock.reserved as i64,
+                stock.available() as i64,
+                loaded.version as i64,
+            );
+            assert_eq!(view, expected, "{sku}");
+        }
+    }
+
+    async fn orders_view_matches_the_stream(&self) {
+        let store = EventStore::open(self.client.clone(), &["ORDO_ORDERS"])
+            .await
+            .unwrap();
+        let rows =
+            sqlx::query("SELECT order_id, status, version, total_cents FROM view_orders.orders")
+                .fetch_all(self.pool())
+                .await
+                .unwrap();
+        for row in &rows {
+            let order_id: String = row.get("order_id");
+            let loaded = store.load::<OrderAggregate>(&order_id).await.unwrap();
+            let order = loaded.state.unwrap();
+            let view: (String, i64, i64) = (
+                row.get("status"),
+                row.get("version"),
+                row.get("total_cents"),
+            );
+            assert_eq!(
+                view,
+                (
+                    order.status.as_str().to_owned(),
+                    loaded.version as i64,
+                    order.total_cents as i64
+                )
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_views_follow_the_commands() {
+    let setup = Setup::start().await;
+    let _orders = setup.projector::<OrdersView>();
+    let _stock = setup.projector::<StockView>();
+
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    setup
+        .command(
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-1", "customer_id": "c1", "lines": [
+                {"sku": "A1", "qty": 2, "unit_price_cents": 500},
+                {"sku": "B2", "qty": 1, "unit_price_cents": 250}
+            ]}),
+        )
+        .await;
+    setup
+        .command(
+            "ordo.cmd.stock.reserve",
+            json!({"sku": "A1", "order_id": "o-1", "qty": 2}),
+        )
+        .await;
+    setup
+        .command("ordo.cmd.order.confirm", json!({"order_id": "o-1"}))
+        .await;
+    setup.caught_up::<OrdersView>().await;
+    setup.caught_up::<StockView>().await;
+
+    let order = sqlx::query("SELECT customer_id, status, total_cents, version FROM view_orders.orders WHERE order_id = 'o-1'")
+        .fetch_one(setup.pool())
+        .await
+        .unwrap();
+    let order: (String, String, i64, i64) =
+        (order.get(0), order.get(1), order.get(2), order.get(3));
+    assert_eq!(order, ("c1".into(), "confirmed".into(), 1250, 2));
+    let lines: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT sku, qty, unit_price_cents FROM view_orders.order_lines WHERE order_id = 'o-1' ORDER BY line_no")
+            .fetch_all(setup.pool())
+            .await
+            .unwrap();
+    assert_eq!(lines, [("A1".into(), 2, 500), ("B2".into(), 1, 250)]);
+    let stock: (i64, i64, i64) = sqlx::query_as(
+        "SELECT on_hand, reserved, available FROM view_stock.stock WHERE sku = 'A1'",
+    )
+    .fetch_one(setup.pool())
+    .await
+    .unwrap();
+    assert_eq!(stock, (5, 2, 3));
+    assert!(setup.parked().await.is_empty());
+}
+
+#[tokio::test]
+async fn an_event_that_cannot_be_applied_is_parked_and_the_view_goes_on() {
+    let setup = Setup::start().await;
+    let _stock = setup.projector::<StockView>();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    let js = jetstream::new(setup.client.clone());
+    let bad = js
+        .publish("ordo.stock.events.BAD", "not an event".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .await;
+    setup.caught_up::<StockView>().await;
+
+    let parked = setup.parked().await;
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(
+        (parked[0].0.as_str(), parked[0].1),
+        ("stock", bad.sequence as i64)
+    );
+    assert!(
+        parked[0].2.starts_with("not an event envelope"),
+        "{}",
+        parked[0].2
+    );
+    let on_hand: i64 = sqlx::query_scalar("SELECT on_hand FROM view_stock.stock WHERE sku = 'A1'")
+        .fetch_one(setup.pool())
+        .await
+        .unwrap();
+    assert_eq!(on_hand, 6, "the event after the parked one was applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice() {
+    let setup = Setup::start().await;
+    // The first instance is alone, so it leads; the standby joins once it has work in hand.
+    let (_stop_first, first) = setup.projector::<StockView>();
+    let (_stop_orders, _orders) = setup.projector::<OrdersView>();
+
+    let load = async {
+        for i in 0..150 {
+            let sku = format!("S{}", i % 7);
+            setup
+                .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": 3}))
+                .await;
+            setup
+                .command(
+                    "ordo.cmd.stock.reserve",
+                    json!({"sku": sku, "order_id": format!("o-{i}"), "qty": 1}),
+                )
+                .await;
+            if i % 3 == 0 {
+                setup
+                    .command(
+                        "ordo.cmd.stock.release",
+                        json!({"sku": sku, "order_id": format!("o-{i}")}),
+                    )
+                    .await;
+            }
+        }
+    };
+    let chaos = async {
+        let schema = live_schema::<StockView>();
+        while schema::checkpoint::<StockView>(setup.pool(), &schema)
+            .await
+            .unwrap_or(0)
+            < 50
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let standby = setup.projector::<StockView>();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Killed in the middle of its work: the standby takes over from the checkpoint.
+        first.abort();
+        let killed_at = schema::checkpoint::<StockView>(setup.pool(), &schema)
+            .await
+            .unwrap();
+        (standby, killed_at)
+    };
+    let ((), (_standby, killed_at)) = tokio::join!(load, chaos);
+    let head = jetstream::new(setup.client.clone())
+        .get_stream("ORDO_STOCK")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    assert!(
+        killed_at < head,
+        "the leader died before the end ({killed_at} of {head})"
+    );
+    setup.caught_up::<StockView>().await;
+    setup.stock_view_matches_the_stream().await;
+    setup.orders_view_matches_the_stream().await;
+    assert!(
+        setup.parked().await.is_empty(),
+        "a double apply would have been refused and parked"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_nats_server_does_not_stop_the_projector() {
+    let setup = Setup::start().await;
+    let _stock = setup.projector::<StockView>();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    setup.caught_up::<StockView>().await;
+    setup.server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    setup.server.restart();
+    NatsServer::wait_for_jetstream(&setup.client).await;
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 2}))
+        .await;
+    setup.caught_up::<StockView>().await;
+    setup.stock_view_matches_the_stream().await;
+}
