@@ -193,7 +193,15 @@ impl<P: Projection> Projector<P> {
                 last_message = Some(message);
             }
             if !batch.is_empty() {
+                let started = std::time::Instant::now();
                 checkpoint = self.apply_batch(&schema, checkpoint, &batch).await?;
+                let labels = [("projection", P::NAME)];
+                metrics::histogram!("ordo_projection_batch_size", &labels)
+                    .record(batch.len() as f64);
+                metrics::histogram!("ordo_projection_batch_seconds", &labels)
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("ordo_projection_events_total", &labels)
+                    .increment(batch.len() as u64);
             }
             if let Some(message) = last_message {
                 // Acks everything up to it (ack policy "all"); a lost ack only means a redelivery
@@ -325,6 +333,7 @@ impl<P: Projection> Projector<P> {
             reason = failure.unwrap_or_default();
         }
         tracing::error!(projection = P::NAME, seq = event.seq, %reason, "event parked");
+        metrics::counter!("ordo_projection_parked_total", "projection" => P::NAME).increment(1);
         let mut tx = self.begin(schema).await?;
         sqlx::query(
             "INSERT INTO public.parked_events (projection, stream, seq, subject, event_type, reason, attempts, payload)

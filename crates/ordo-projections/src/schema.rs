@@ -50,11 +50,53 @@ pub async fn ensure_view<P: Projection>(pool: &PgPool, schema: &str) -> Result<(
 
 /// The stream sequence of the last event the view in `schema` applied.
 pub async fn checkpoint<P: Projection>(pool: &PgPool, schema: &str) -> Result<u64, sqlx::Error> {
-    let seq: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+    checkpoint_of(pool, schema, P::STREAM).await
+}
+
+/// The checkpoint of `stream` in `schema` (0 before the first event).
+pub async fn checkpoint_of(pool: &PgPool, schema: &str, stream: &str) -> Result<u64, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT seq FROM {schema}.checkpoints WHERE stream = $1"
     )))
-    .bind(P::STREAM)
-    .fetch_one(pool)
+    .bind(stream)
+    .fetch_optional(pool)
     .await?;
-    Ok(seq as u64)
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+/// A projection as data, for code that handles all of them alike (status, metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectionInfo {
+    pub name: &'static str,
+    pub stream: &'static str,
+}
+
+impl ProjectionInfo {
+    pub fn of<P: Projection>() -> Self {
+        Self {
+            name: P::NAME,
+            stream: P::STREAM,
+        }
+    }
+
+    pub fn schema(&self) -> String {
+        format!("view_{}", self.name)
+    }
+}
+
+/// Every projection of ordo.
+pub fn catalog() -> [ProjectionInfo; 2] {
+    [
+        ProjectionInfo::of::<crate::orders::OrdersView>(),
+        ProjectionInfo::of::<crate::stock::StockView>(),
+    ]
+}
+
+/// Runs the migrations and creates every view that is missing: what a reader needs first.
+pub async fn prepare(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    migrate(pool).await?;
+    ensure_view::<crate::orders::OrdersView>(pool, &live_schema::<crate::orders::OrdersView>())
+        .await?;
+    ensure_view::<crate::stock::StockView>(pool, &live_schema::<crate::stock::StockView>()).await?;
+    Ok(())
 }

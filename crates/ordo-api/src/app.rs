@@ -1,0 +1,87 @@
+//! The routes, the state they share, and the listener.
+
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use axum::{Router, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use moka::future::Cache;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::{ops, reads};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: PgPool,
+    /// For stream heads (`/projections`) and readiness.
+    pub nats: async_nats::Client,
+    /// How long a read with `min_seq` waits for its view.
+    pub min_seq_wait: Duration,
+    /// Hot rows by key, with the checkpoint their view had when they were read.
+    pub cache: Cache<String, (Value, u64)>,
+    pub metrics: PrometheusHandle,
+}
+
+impl ApiState {
+    /// `pool` must already be prepared (`ordo_projections::schema::prepare`).
+    pub fn new(pool: PgPool, nats: async_nats::Client) -> Self {
+        Self {
+            pool,
+            nats,
+            min_seq_wait: Duration::from_secs(5),
+            cache: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
+            metrics: prometheus(),
+        }
+    }
+}
+
+/// The process-wide Prometheus recorder, installed on first use.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "a metrics recorder was already installed; /metrics shows only this one"
+                );
+            }
+            handle
+        })
+        .clone()
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/orders", get(reads::list_orders))
+        .route("/orders/{order_id}", get(reads::get_order))
+        .route("/stock/{sku}", get(reads::get_stock))
+        .route("/sagas/{order_id}", get(reads::get_saga))
+        .route("/notifications", get(reads::list_notifications))
+        .route("/projections", get(ops::projections))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .with_state(Arc::new(state))
+}
+
+/// Serves on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "HTTP read API ready");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

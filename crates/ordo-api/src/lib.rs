@@ -1,0 +1,15 @@
+//! The HTTP read model (axum). Every read comes from the PostgreSQL views; a read may wait until
+//! a view has caught up with a command's reply (`?min_seq=`), so a client can read its own writes.
+//!
+//! # Layout
+//! - [`error`]: the JSON errors and their HTTP statuses.
+//! - [`reads`]: the view endpoints (`/orders`, `/stock`, `/sagas`, `/notifications`).
+//! - [`ops`]: `/projections`, `/healthz`, `/readyz`, `/metrics`.
+//! - [`app`]: [`router`] and [`serve`]: the routes, the shared state, the listener.
+
+pub mod app;
+pub mod error;
+pub mod ops;
+pub mod reads;
+
+pub use app::{ApiState, router, serve};

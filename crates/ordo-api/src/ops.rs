@@ -1,0 +1,128 @@
+//! Operating the read side: projection status, health, readiness and Prometheus metrics.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, Uri, header},
+    response::IntoResponse,
+};
+use ordo_projections::schema::{catalog, checkpoint_of};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::{ApiState, error::ApiError};
+
+/// What `/projections` and `ordo projections status` show for each projection.
+pub async fn projection_status(
+    pool: &sqlx::PgPool,
+    nats: &async_nats::Client,
+) -> Result<Vec<Value>, ApiError> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut status = Vec::new();
+    for projection in catalog() {
+        let checkpoint = checkpoint_of(pool, &projection.schema(), projection.stream).await?;
+        let head = match js.get_stream(projection.stream).await {
+            Ok(mut stream) => stream
+                .info()
+                .await
+                .ok()
+                .map(|info| info.state.last_sequence),
+            Err(_) => None,
+        };
+        let parked = sqlx::query(
+            "SELECT seq, subject, event_type, reason, attempts, parked_at FROM parked_events
+             WHERE projection = $1 ORDER BY seq",
+        )
+        .bind(projection.name)
+        .fetch_all(pool)
+        .await?;
+        let parked: Vec<Value> = parked
+            .iter()
+            .map(|row| {
+                json!({
+                    "seq": row.get::<i64, _>("seq"),
+                    "subject": row.get::<String, _>("subject"),
+                    "event_type": row.get::<Option<String>, _>("event_type"),
+                    "reason": row.get::<String, _>("reason"),
+                    "attempts": row.get::<i32, _>("attempts"),
+                    "parked_at": row.get::<chrono::DateTime<chrono::Utc>, _>("parked_at"),
+                })
+            })
+            .collect();
+        status.push(json!({
+            "name": projection.name,
+            "stream": projection.stream,
+            "checkpoint": checkpoint,
+            "stream_head": head,
+            "lag": head.map(|head| head.saturating_sub(checkpoint)),
+            "parked": parked.len(),
+            "parked_events": parked,
+        }));
+    }
+    Ok(status)
+}
+
+pub async fn projections(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        json!({"projections": projection_status(&state.pool, &state.nats).await?}),
+    ))
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when PostgreSQL answers (the views were prepared before the API started) and NATS is
+/// connected.
+pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
+    let postgres = match sqlx::query("SELECT 1").execute(&state.pool).await {
+        Ok(_) => "ok".to_owned(),
+        Err(err) => err.to_string(),
+    };
+    let nats = match state.nats.connection_state() {
+        async_nats::connection::State::Connected => "ok".to_owned(),
+        other => format!("{other:?}").to_lowercase(),
+    };
+    let ready = postgres == "ok" && nats == "ok";
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"ready": ready, "checks": {"postgres": postgres, "nats": nats}})),
+    )
+}
+
+/// Prometheus text: the gauges of every projection, read now, and what this process recorded.
+pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
+    match projection_status(&state.pool, &state.nats).await {
+        Ok(projections) => {
+            for projection in projections {
+                let name = projection["name"].as_str().unwrap_or_default().to_owned();
+                let gauge = |metric: &'static str, key: &str| {
+                    if let Some(value) = projection[key].as_u64() {
+                        metrics::gauge!(metric, "projection" => name.clone()).set(value as f64);
+                    }
+                };
+                gauge("ordo_projection_checkpoint", "checkpoint");
+                gauge("ordo_projection_stream_head", "stream_head");
+                gauge("ordo_projection_lag", "lag");
+                gauge("ordo_projection_parked_events", "parked");
+            }
+            metrics::gauge!("ordo_read_model_up").set(1.0);
+        }
+        Err(_) => metrics::gauge!("ordo_read_model_up").set(0.0),
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}

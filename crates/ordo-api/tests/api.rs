@@ -1,0 +1,314 @@
+//! The HTTP read model over a real listener, with real nats-server, command service, projectors
+//! and PostgreSQL behind it.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use async_nats::jetstream;
+use ordo_api::ApiState;
+use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
+use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_projections::{Projector, ProjectorConfig, orders::OrdersView, schema, stock::StockView};
+use ordo_testkit::{NatsServer, TestDatabase};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+struct Setup {
+    _server: NatsServer,
+    client: async_nats::Client,
+    _database: TestDatabase,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        apply_all(
+            &jetstream::new(client.clone()),
+            &StreamDefinition::built_in(),
+        )
+        .await
+        .unwrap();
+        let store = EventStore::open(
+            client.clone(),
+            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
+        )
+        .await
+        .unwrap();
+        let service = CommandService::start(
+            client.clone(),
+            Arc::new(CommandHandler::new(store)),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(service.run(std::future::pending()));
+
+        let database = TestDatabase::create().await;
+        schema::prepare(database.pool()).await.unwrap();
+        let config = ProjectorConfig {
+            fetch_wait: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let js = jetstream::new(client.clone());
+        let orders =
+            Projector::<OrdersView>::new(database.pool().clone(), js.clone(), config.clone());
+        let stock = Projector::<StockView>::new(database.pool().clone(), js, config);
+        tokio::spawn(async move { orders.run(std::future::pending()).await });
+        tokio::spawn(async move { stock.run(std::future::pending()).await });
+
+        let mut state = ApiState::new(database.pool().clone(), client.clone());
+        state.min_seq_wait = Duration::from_millis(500);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(ordo_api::serve(listener, state, std::future::pending()));
+        Self {
+            _server: server,
+            client,
+            _database: database,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn command(&self, subject: &str, body: Value) -> Value {
+        let reply = self
+            .client
+            .request(
+                subject.to_owned(),
+                serde_json::to_vec(&body).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        reply
+    }
+
+    async fn place(&self, order_id: &str, customer_id: &str) -> Value {
+        self.command(
+            "ordo.cmd.order.place",
+            json!({"order_id": order_id, "customer_id": customer_id,
+                   "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
+        )
+        .await
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+#[tokio::test]
+async fn a_client_reads_its_own_write_with_min_seq() {
+    let setup = Setup::start().await;
+    let reply = setup.place("o-1", "c1").await;
+    let (status, order) = setup
+        .get(&format!("/orders/o-1?min_seq={}", reply["seq"]))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["status"], "pending");
+    assert_eq!(order["customer_id"], "c1");
+    assert_eq!(order["total_cents"], 1000);
+    assert_eq!(
+        order["lines"],
+        json!([{"sku": "A1", "qty": 2, "unit_price_cents": 500}])
+    );
+
+    let received = setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    let (status, stock) = setup
+        .get(&format!("/stock/A1?min_seq={}", received["seq"]))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (
+            stock["on_hand"].clone(),
+            stock["reserved"].clone(),
+            stock["available"].clone()
+        ),
+        (json!(5), json!(0), json!(5))
+    );
+
+    // A later write is seen by a read that asks for it, even right after a cached read.
+    let confirmed = setup
+        .command("ordo.cmd.order.confirm", json!({"order_id": "o-1"}))
+        .await;
+    let (_, order) = setup
+        .get(&format!("/orders/o-1?min_seq={}", confirmed["seq"]))
+        .await;
+    assert_eq!(order["status"], "confirmed");
+}
+
+#[tokio::test]
+async fn a_view_that_does_not_catch_up_in_time_answers_504_with_its_checkpoint() {
+    let setup = Setup::start().await;
+    let reply = setup.place("o-1", "c1").await;
+    let ahead = reply["seq"].as_u64().unwrap() + 100;
+    let (status, body) = setup.get(&format!("/orders/o-1?min_seq={ahead}")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(body["error"]["code"], "not_caught_up");
+    assert!(body["error"]["checkpoint"].as_u64().unwrap() < ahead);
+}
+
+#[tokio::test]
+async fn bad_parameters_are_400_with_the_reason_and_unknown_things_404() {
+    let setup = Setup::start().await;
+    for (path, reason) in [
+        ("/orders/o.1", "order_id \"o.1\" is not a valid id"),
+        ("/orders?status=lost", "status \"lost\" is not one of"),
+        ("/orders?limit=0", "limit must be 1 to 500"),
+        ("/orders?limit=lots", "limit"),
+        (
+            "/orders?cursor=abc",
+            "cursor \"abc\" is not one this API returned",
+        ),
+        ("/orders?colour=red", "unknown field `colour`"),
+        ("/orders?customer_id=c*", "customer_id"),
+        ("/stock/A1?min_seq=-1", "min_seq"),
+        ("/notifications?order_id=a%20b", "order_id"),
+    ] {
+        let (status, body) = setup.get(path).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{path}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(reason),
+            "{path}: {message:?} should say {reason:?}"
+        );
+    }
+    for path in [
+        "/orders/nope",
+        "/stock/nope",
+        "/sagas/nope",
+        "/no/such/route",
+    ] {
+        let (status, body) = setup.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(body["error"]["code"], "not_found", "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_returns_every_order_once_while_orders_are_inserted() {
+    let setup = Setup::start().await;
+    let mut last = Value::Null;
+    for i in 0..30 {
+        last = setup.place(&format!("early-{i:02}"), "c1").await;
+    }
+    let first_page = format!("/orders?customer_id=c1&limit=7&min_seq={}", last["seq"]);
+    let pages = async {
+        let mut seen = Vec::new();
+        let mut path = first_page;
+        loop {
+            let (status, page) = setup.get(&path).await;
+            assert_eq!(status, StatusCode::OK, "{page}");
+            seen.extend(
+                page["orders"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o["order_id"].as_str().unwrap().to_owned()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(cursor) => path = format!("/orders?customer_id=c1&limit=7&cursor={cursor}"),
+                None => return seen,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let inserts = async {
+        for i in 0..30 {
+            setup.place(&format!("late-{i:02}"), "c1").await;
+        }
+    };
+    let (seen, ()) = tokio::join!(pages, inserts);
+    let unique: HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no order twice: {seen:?}");
+    for i in 0..30 {
+        assert!(
+            unique.contains(&format!("early-{i:02}")),
+            "early-{i:02} missing"
+        );
+    }
+    let early: Vec<&String> = seen.iter().filter(|id| id.starts_with("early")).collect();
+    assert!(
+        early.windows(2).all(|pair| pair[0] < pair[1]),
+        "in placing order"
+    );
+}
+
+#[tokio::test]
+async fn operators_see_projections_readiness_and_metrics() {
+    let setup = Setup::start().await;
+    let reply = setup.place("o-1", "c1").await;
+    setup
+        .get(&format!("/orders/o-1?min_seq={}", reply["seq"]))
+        .await;
+    let js = jetstream::new(setup.client.clone());
+    js.publish("ordo.order.events.bad", "garbage".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let orders = loop {
+        let (status, body) = setup.get("/projections").await;
+        assert_eq!(status, StatusCode::OK);
+        let orders = body["projections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "orders")
+            .unwrap()
+            .clone();
+        if orders["parked"] == 1 && orders["lag"] == 0 {
+            break orders;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (orders["checkpoint"].clone(), orders["stream_head"].clone()),
+        (json!(2), json!(2))
+    );
+    assert_eq!(orders["parked_events"][0]["seq"], 2);
+    assert_eq!(
+        orders["parked_events"][0]["subject"],
+        "ordo.order.events.bad"
+    );
+
+    assert_eq!(
+        setup.get("/healthz").await,
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let (status, ready) = setup.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    let metrics = setup
+        .http
+        .get(format!("{}/metrics", setup.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"ordo_projection_parked_events{projection="orders"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ordo_projection_lag{projection="stock"} 0"#),
+        "{metrics}"
+    );
+}
