@@ -79,13 +79,14 @@ pg_bin_dir() {
 # .ordo/pg (installed with apt-get if PostgreSQL is not on the machine), started on a free port.
 ensure_postgres() {
   local local_url="postgres://postgres@127.0.0.1:5432/postgres"
+  # The server binaries are needed in any case: `ordo up` and some tests start private clusters.
+  pg_bin_dir >/dev/null || apt_install postgresql
   if [ -n "${ORDO_TEST_DATABASE_URL:-}" ]; then return; fi
   command -v psql >/dev/null || apt_install postgresql-client
   if [ -z "${ORDO_PRIVATE_PG:-}" ] && pg_answers "$local_url"; then
     export ORDO_TEST_DATABASE_URL="$local_url"; say "PostgreSQL: $local_url"; return
   fi
-  local bin; bin="$(pg_bin_dir || true)"
-  if [ -z "$bin" ]; then apt_install postgresql; bin="$(pg_bin_dir)"; fi
+  local bin; bin="$(pg_bin_dir)"
   local data="$ORDO_ROOT/.ordo/pg/data" port_file="$ORDO_ROOT/.ordo/pg/port"
   local runner=()
   # initdb and postgres refuse to run as root: run them as the postgres user.

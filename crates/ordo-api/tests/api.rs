@@ -312,3 +312,50 @@ async fn operators_see_projections_readiness_and_metrics() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn while_postgresql_is_down_reads_are_503_and_readiness_says_why() {
+    let postgres = ordo_testkit::PostgresServer::start();
+    let database = TestDatabase::create_on(&postgres.url("postgres")).await;
+    schema::prepare(database.pool()).await.unwrap();
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(ordo_api::serve(
+        listener,
+        ApiState::new(database.pool().clone(), client),
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.get(format!("{base}/stock/A1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    postgres.stop();
+    let response = http.get(format!("{base}/stock/A1")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    postgres.start_again().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while http
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != StatusCode::OK
+    {
+        assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -375,3 +375,35 @@ async fn a_restarted_nats_server_does_not_stop_the_projector() {
     setup.caught_up::<StockView>().await;
     setup.stock_view_matches_the_stream().await;
 }
+
+#[tokio::test]
+async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after() {
+    let postgres = ordo_testkit::PostgresServer::start();
+    let mut setup = Setup::start().await;
+    setup.database = TestDatabase::create_on(&postgres.url("postgres")).await;
+    schema::migrate(setup.pool()).await.unwrap();
+    let _stock = setup.projector::<StockView>();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    setup.caught_up::<StockView>().await;
+
+    postgres.stop();
+    for i in 0..5 {
+        setup
+            .command(
+                "ordo.cmd.stock.reserve",
+                json!({"sku": "A1", "order_id": format!("o-{i}"), "qty": 1}),
+            )
+            .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    postgres.start_again().unwrap();
+
+    setup.caught_up::<StockView>().await;
+    setup.stock_view_matches_the_stream().await;
+    assert!(
+        setup.parked().await.is_empty(),
+        "an outage is not a reason to park"
+    );
+}

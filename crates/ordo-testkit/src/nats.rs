@@ -172,7 +172,8 @@ impl Drop for NatsServer {
     }
 }
 
-fn free_port() -> u16 {
+/// A port nothing listens on right now.
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())

@@ -16,6 +16,12 @@ impl TestDatabase {
     pub async fn create() -> Self {
         let admin_url =
             std::env::var("ORDO_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.into());
+        Self::create_on(&admin_url).await
+    }
+
+    /// Creates `ordo_test_<uuid>` on the server of `admin_url`.
+    pub async fn create_on(admin_url: &str) -> Self {
+        let admin_url = admin_url.to_owned();
         let name = format!("ordo_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|err| {
             panic!(
@@ -30,6 +36,8 @@ impl TestDatabase {
         let url = with_database(&admin_url, &name);
         let pool = PgPoolOptions::new()
             .max_connections(5)
+            // Like ordo's own pools: a database that is down is an error in seconds, not 30.
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .connect(&url)
             .await
             .expect("connect to the test database");
