@@ -28,7 +28,10 @@ CREATE TABLE IF NOT EXISTS order_lines (
 );
 
 CREATE TABLE IF NOT EXISTS checkpoints (
-    stream      text PRIMARY KEY,
-    seq         bigint NOT NULL,
-    updated_at  timestamptz NOT NULL DEFAULT now()
+    stream          text PRIMARY KEY,
+    seq             bigint NOT NULL,
+    -- When the stream the view was built from was created: a view never follows another stream
+    -- (one recreated under the same name would restart at sequence 1, below the checkpoint).
+    stream_created  timestamptz,
+    updated_at      timestamptz NOT NULL DEFAULT now()
 );

@@ -53,6 +53,11 @@ pub enum ProjectorError {
     Fenced { stream: String, expected: u64 },
     #[error("expected event {expected} next but got {got}: reading again from the checkpoint")]
     Gap { expected: u64, got: u64 },
+    #[error(
+        "the view was built from another {stream} ({reason}); it is left as it is. Rebuild it \
+         (`ordo projections rebuild`) or point ORDO_DATABASE_URL at the database of this stream"
+    )]
+    ForeignStream { stream: String, reason: String },
 }
 
 /// One fetched message: its sequence, subject and payload, read as an envelope if it is one.
@@ -153,6 +158,7 @@ impl<P: Projection> Projector<P> {
         let schema = schema::live_schema::<P>();
         schema::ensure_view::<P>(&self.pool, &schema).await?;
         let mut checkpoint = schema::checkpoint::<P>(&self.pool, &schema).await?;
+        self.check_same_stream(&schema, checkpoint).await?;
         let consumer = self.consumer_from(checkpoint + 1).await?;
         tracing::info!(
             projection = P::NAME,
@@ -211,6 +217,58 @@ impl<P: Projection> Projector<P> {
                 }
             }
         }
+    }
+
+    /// Refuses to go on with a view built from another stream of the same name: its checkpoint
+    /// would skip the new stream's first events.
+    async fn check_same_stream(&self, schema: &str, checkpoint: u64) -> Result<(), ProjectorError> {
+        let mut stream = self
+            .js
+            .get_stream(P::STREAM)
+            .await
+            .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+        // PostgreSQL keeps microseconds: compare at that precision.
+        let created = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(
+            (info.created.unix_timestamp_nanos() / 1_000) as i64,
+        )
+        .unwrap_or_default();
+        let recorded: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT stream_created FROM {schema}.checkpoints WHERE stream = $1"
+            )))
+            .bind(P::STREAM)
+            .fetch_one(&self.pool)
+            .await?;
+        let foreign = |reason: String| ProjectorError::ForeignStream {
+            stream: P::STREAM.to_owned(),
+            reason,
+        };
+        match recorded {
+            Some(recorded) if recorded != created => {
+                return Err(foreign(format!("created {recorded}, this one {created}")));
+            }
+            Some(_) => {}
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "UPDATE {schema}.checkpoints SET stream_created = $2 WHERE stream = $1"
+                )))
+                .bind(P::STREAM)
+                .bind(created)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        if checkpoint > info.state.last_sequence {
+            return Err(foreign(format!(
+                "its checkpoint {checkpoint} is past this stream's last sequence {}",
+                info.state.last_sequence
+            )));
+        }
+        Ok(())
     }
 
     /// The durable consumer, recreated to start at `start`: the checkpoint, not the consumer's

@@ -407,3 +407,47 @@ async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after(
         "an outage is not a reason to park"
     );
 }
+
+#[tokio::test]
+async fn a_view_never_follows_another_stream_of_the_same_name() {
+    let setup = Setup::start().await;
+    let _stock = setup.projector::<StockView>();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    setup.caught_up::<StockView>().await;
+
+    // The stream is deleted and created again: its sequences start at 1, below the checkpoint.
+    let js = jetstream::new(setup.client.clone());
+    js.delete_stream("ORDO_STOCK").await.unwrap();
+    apply_all(&js, &StreamDefinition::built_in()).await.unwrap();
+    let reply = setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .await;
+    assert_eq!(reply["seq"], 1);
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .await;
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let skus: Vec<String> = sqlx::query_scalar("SELECT sku FROM view_stock.stock ORDER BY sku")
+        .fetch_all(setup.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        skus,
+        ["A1"],
+        "the new stream's events were neither applied nor skipped into the view"
+    );
+    let checkpoint = schema::checkpoint::<StockView>(setup.pool(), &live_schema::<StockView>())
+        .await
+        .unwrap();
+    assert_eq!(checkpoint, 2);
+    assert!(setup.parked().await.is_empty());
+}

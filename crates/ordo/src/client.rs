@@ -176,3 +176,35 @@ mod tests {
         assert!(parse_line("A1:two:500").is_err());
     }
 }
+
+/// The projection status as a table for a terminal.
+pub fn status_table(status: &[Value]) -> String {
+    let mut out = format!(
+        "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
+        "projection", "stream", "checkpoint", "head", "lag", "parked"
+    );
+    let show = |value: &Value| match value {
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    for projection in status {
+        out.push_str(&format!(
+            "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
+            projection["name"].as_str().unwrap_or_default(),
+            projection["stream"].as_str().unwrap_or_default(),
+            show(&projection["checkpoint"]),
+            show(&projection["stream_head"]),
+            show(&projection["lag"]),
+            show(&projection["parked"]),
+        ));
+        for parked in projection["parked_events"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  parked: seq {} on {}: {}\n",
+                parked["seq"],
+                parked["subject"].as_str().unwrap_or_default(),
+                parked["reason"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    out
+}

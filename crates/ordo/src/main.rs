@@ -1,19 +1,22 @@
 //! `ordo`: runs the engine and talks to it.
 //!
-//! - `ordo up`: everything in one process (today: the command service), with local defaults.
-//! - `ordo run commands`: one component, to run many side by side.
-//! - `ordo streams apply`: create or update the JetStream streams.
+//! - `ordo up`: every component in one process, with local defaults for NATS and PostgreSQL.
+//! - `ordo run commands|projector|api`: one component, to run many side by side.
+//! - `ordo streams apply`, `ordo projections status`: operating the streams and views.
 //! - `ordo order place|cancel|ship`, `ordo stock receive`: send the JSON `nats req` would.
 
 mod client;
+mod components;
 mod connect;
+mod database;
 mod telemetry;
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use components::Shutdown;
+use ordo_eventstore::{StreamDefinition, streams::apply_all};
+use tokio::task::JoinSet;
 
 #[derive(Parser)]
 #[command(
@@ -22,10 +25,24 @@ use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
     about = "An event-sourced order engine on NATS JetStream"
 )]
 struct Cli {
-    /// NATS server URL. Unset, `ordo up` uses 127.0.0.1:4222 if a nats-server >= 2.10 with
-    /// JetStream answers there, else starts one under .ordo/nats.
+    /// NATS server URL (a comma-separated list for a cluster). Unset, `ordo up` uses
+    /// 127.0.0.1:4222 if a nats-server >= 2.10 with JetStream answers there, else starts one.
     #[arg(long, env = "ORDO_NATS_URL", global = true)]
     nats_url: Option<String>,
+
+    /// PostgreSQL URL of the read views. Unset, `ordo up` uses database `ordo` on a local server
+    /// that accepts `postgres` without a password, else starts a private one under .ordo/pg.
+    #[arg(long, env = "ORDO_DATABASE_URL", global = true)]
+    database_url: Option<String>,
+
+    /// Address of the HTTP read API.
+    #[arg(
+        long,
+        env = "ORDO_HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    http_addr: SocketAddr,
 
     /// Where `ordo up` keeps the data of servers it starts itself.
     #[arg(long, env = "ORDO_HOME", default_value = ".ordo", global = true)]
@@ -37,7 +54,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every component in this process, starting a local nats-server if none answers.
+    /// Run every component in this process, starting local servers if none answer.
     Up,
     /// Run one component.
     Run {
@@ -48,6 +65,11 @@ enum Command {
     Streams {
         #[command(subcommand)]
         action: StreamsAction,
+    },
+    /// Inspect the read views.
+    Projections {
+        #[command(subcommand)]
+        action: ProjectionsAction,
     },
     /// Send an order command and print the reply.
     Order {
@@ -65,6 +87,14 @@ enum Command {
 enum Component {
     /// The command service (NATS micro service `ordo`, queue group `ordo-commands`).
     Commands,
+    /// Projector workers; one instance leads each projection, the others stand by.
+    Projector {
+        /// Only this projection (orders or stock); all when absent.
+        #[arg(long)]
+        projection: Option<String>,
+    },
+    /// The HTTP read API.
+    Api,
 }
 
 #[derive(Subcommand)]
@@ -77,28 +107,69 @@ enum StreamsAction {
     },
 }
 
+#[derive(Subcommand)]
+enum ProjectionsAction {
+    /// Checkpoint, stream head, lag and parked events of each projection (as GET /projections).
+    Status,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let client_only = matches!(cli.command, Command::Order { .. } | Command::Stock { .. });
+    let client_only = matches!(
+        cli.command,
+        Command::Order { .. } | Command::Stock { .. } | Command::Projections { .. }
+    );
     let _telemetry = telemetry::init(client_only)?;
+    let nats_url = connect::configured_url(cli.nats_url.clone(), &cli.home);
+    let database_url = database::configured_url(cli.database_url.clone(), &cli.home);
     match cli.command {
-        Command::Up => {
-            let (url, _local_server) = connect::url_for_up(cli.nats_url, &cli.home).await?;
-            let nats = connect::connect_with_backoff(&url).await?;
-            run_command_service(nats).await
-        }
-        Command::Run {
-            component: Component::Commands,
-        } => {
-            let url = connect::configured_url(cli.nats_url, &cli.home);
-            run_command_service(connect::connect_with_backoff(&url).await?).await
+        Command::Up => up(cli).await,
+        Command::Run { component } => {
+            let nats = connect::connect_with_backoff(&nats_url).await?;
+            let shutdown = Shutdown::new();
+            let mut components = JoinSet::new();
+            match component {
+                Component::Commands => {
+                    components.spawn(named(
+                        "commands",
+                        components::commands(nats.clone(), shutdown.clone()),
+                    ));
+                }
+                Component::Projector { projection } => {
+                    let pool = database::connect_and_prepare(&database_url).await;
+                    let names: Vec<String> = match projection {
+                        Some(name) => vec![name],
+                        None => components::PROJECTIONS
+                            .iter()
+                            .map(|name| name.to_string())
+                            .collect(),
+                    };
+                    for name in names {
+                        let label = format!("projector {name}");
+                        let task = components::projector(
+                            name,
+                            pool.clone(),
+                            nats.clone(),
+                            shutdown.clone(),
+                        );
+                        components.spawn(async move { (label, task.await) });
+                    }
+                }
+                Component::Api => {
+                    let pool = database::connect_and_prepare(&database_url).await;
+                    components.spawn(named(
+                        "api",
+                        components::api(cli.http_addr, pool, nats.clone(), shutdown.clone()),
+                    ));
+                }
+            }
+            supervise(components, shutdown, nats).await
         }
         Command::Streams {
             action: StreamsAction::Apply { dir },
         } => {
-            let url = connect::configured_url(cli.nats_url, &cli.home);
-            let nats = connect::connect_once(&url).await?;
+            let nats = connect::connect_once(&nats_url).await?;
             let definitions = match dir {
                 Some(dir) => StreamDefinition::from_dir(&dir)?,
                 None => StreamDefinition::built_in(),
@@ -109,43 +180,90 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Order { action } => {
-            let url = connect::configured_url(cli.nats_url, &cli.home);
-            client::send(&url, action.into_request()?).await
+        Command::Projections {
+            action: ProjectionsAction::Status,
+        } => {
+            let nats = connect::connect_once(&nats_url).await?;
+            let pool = sqlx::PgPool::connect(&database_url).await?;
+            let status = ordo_api::ops::projection_status(&pool, &nats)
+                .await
+                .map_err(|err| anyhow::anyhow!("{err:?}"))?;
+            print!("{}", client::status_table(&status));
+            Ok(())
         }
-        Command::Stock { action } => {
-            let url = connect::configured_url(cli.nats_url, &cli.home);
-            client::send(&url, action.into_request()).await
-        }
+        Command::Order { action } => client::send(&nats_url, action.into_request()?).await,
+        Command::Stock { action } => client::send(&nats_url, action.into_request()).await,
     }
 }
 
-/// Applies the streams, then serves commands until Ctrl-C or SIGTERM.
-async fn run_command_service(nats: async_nats::Client) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(nats.clone());
-    let applied = apply_all(&js, &StreamDefinition::built_in())
-        .await
-        .context("applying the JetStream streams (is JetStream enabled on the server?)")?;
-    for (stream, applied) in applied {
-        tracing::info!(%stream, %applied, "stream");
+/// Every component in one process: the command service, the projectors and the HTTP API.
+async fn up(cli: Cli) -> anyhow::Result<()> {
+    let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url, &cli.home).await?;
+    let (database_url, _local_postgres) = database::url_for_up(cli.database_url, &cli.home).await?;
+    let nats = connect::connect_with_backoff(&nats_url).await?;
+    let pool = database::connect_and_prepare(&database_url).await;
+    let shutdown = Shutdown::new();
+    let mut components = JoinSet::new();
+    components.spawn(named(
+        "commands",
+        components::commands(nats.clone(), shutdown.clone()),
+    ));
+    for name in components::PROJECTIONS {
+        let task = components::projector(
+            name.to_owned(),
+            pool.clone(),
+            nats.clone(),
+            shutdown.clone(),
+        );
+        components.spawn(async move { (format!("projector {name}"), task.await) });
     }
-    let store = EventStore::open(
-        nats.clone(),
-        &[
-            "ORDO_ORDERS",
-            "ORDO_STOCK",
-            ordo_commands::outcomes::OUTCOMES_STREAM,
-        ],
-    )
-    .await?;
-    let handler = std::sync::Arc::new(ordo_commands::CommandHandler::new(store));
-    ordo_commands::CommandService::start(nats.clone(), handler, Default::default())
-        .await?
-        .run(shutdown_signal())
-        .await?;
+    components.spawn(named(
+        "api",
+        components::api(cli.http_addr, pool, nats.clone(), shutdown.clone()),
+    ));
+    tracing::info!(api = %format!("http://{}", cli.http_addr), "ordo is up");
+    supervise(components, shutdown, nats).await
+    // The servers `ordo up` started stop here, after every component.
+}
+
+async fn named(
+    name: &'static str,
+    component: impl Future<Output = anyhow::Result<()>>,
+) -> (String, anyhow::Result<()>) {
+    (name.to_owned(), component.await)
+}
+
+/// Waits for Ctrl-C or SIGTERM, or for a component to stop on its own (which stops the rest),
+/// then for every component to finish. Fails if any component failed.
+async fn supervise(
+    mut components: JoinSet<(String, anyhow::Result<()>)>,
+    shutdown: Shutdown,
+    nats: async_nats::Client,
+) -> anyhow::Result<()> {
+    let mut failed = None;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        Some(ended) = components.join_next() => {
+            let (name, result) = ended?;
+            match result {
+                Ok(()) => tracing::error!(component = %name, "stopped on its own; stopping the rest"),
+                Err(err) => {
+                    tracing::error!(component = %name, err = format!("{err:#}"), "failed; stopping the rest");
+                    failed = Some(err.context(name));
+                }
+            }
+        }
+    }
+    shutdown.trigger();
+    while let Some(ended) = components.join_next().await {
+        let (name, result) = ended?;
+        if let Err(err) = result {
+            tracing::error!(component = %name, err = format!("{err:#}"), "failed while stopping");
+        }
+    }
     // Close the connection before a nats-server `ordo up` started is stopped.
     nats.drain().await.ok();
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 async fn shutdown_signal() {

@@ -18,7 +18,12 @@ impl Drop for Telemetry {
 
 /// `quiet`: for client commands, whose output is the reply; only warnings go to stderr.
 pub fn init(quiet: bool) -> anyhow::Result<Telemetry> {
-    let default = if quiet { "warn" } else { "info" };
+    // sqlx reports PostgreSQL's "already exists, skipping" notices at info: not news.
+    let default = if quiet {
+        "warn"
+    } else {
+        "info,sqlx::postgres::notice=warn"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let provider = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {

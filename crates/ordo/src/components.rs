@@ -1,0 +1,108 @@
+//! The long-running components, each a task that stops when told: `ordo up` runs them all,
+//! `ordo run …` one of them.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_projections::{Projector, ProjectorConfig, orders::OrdersView, stock::StockView};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+/// Tells every component to stop.
+#[derive(Clone)]
+pub struct Shutdown(watch::Sender<bool>);
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self(watch::channel(false).0)
+    }
+
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Completes once [`Self::trigger`] was called.
+    pub fn signal(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut receiver = self.0.subscribe();
+        async move {
+            let _ = receiver.wait_for(|stop| *stop).await;
+        }
+    }
+}
+
+/// Applies the streams, then serves commands until shutdown.
+pub async fn commands(nats: async_nats::Client, shutdown: Shutdown) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let applied = apply_all(&js, &StreamDefinition::built_in())
+        .await
+        .context("applying the JetStream streams (is JetStream enabled on the server?)")?;
+    for (stream, applied) in applied {
+        tracing::info!(%stream, %applied, "stream");
+    }
+    let store = EventStore::open(
+        nats.clone(),
+        &[
+            "ORDO_ORDERS",
+            "ORDO_STOCK",
+            ordo_commands::outcomes::OUTCOMES_STREAM,
+        ],
+    )
+    .await?;
+    let handler = Arc::new(ordo_commands::CommandHandler::new(store));
+    ordo_commands::CommandService::start(nats, handler, Default::default())
+        .await?
+        .run(shutdown.signal())
+        .await?;
+    Ok(())
+}
+
+/// The projections a `run projector` runs: all, or the one named.
+pub const PROJECTIONS: [&str; 2] = ["orders", "stock"];
+
+/// Runs the projector of `name` until shutdown.
+pub async fn projector(
+    name: String,
+    pool: PgPool,
+    nats: async_nats::Client,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(nats);
+    let config = ProjectorConfig::default();
+    match name.as_str() {
+        "orders" => {
+            Projector::<OrdersView>::new(pool, js, config)
+                .run(shutdown.signal())
+                .await
+        }
+        "stock" => {
+            Projector::<StockView>::new(pool, js, config)
+                .run(shutdown.signal())
+                .await
+        }
+        other => anyhow::bail!(
+            "no projection named {other:?} (there are: {})",
+            PROJECTIONS.join(", ")
+        ),
+    }
+    Ok(())
+}
+
+/// Serves the HTTP read API on `addr` until shutdown.
+pub async fn api(
+    addr: SocketAddr,
+    pool: PgPool,
+    nats: async_nats::Client,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("listening on {addr} (set ORDO_HTTP_ADDR to use another address)")
+    })?;
+    ordo_api::serve(
+        listener,
+        ordo_api::ApiState::new(pool, nats),
+        shutdown.signal(),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! Finding and preparing PostgreSQL: the configured URL, the local defaults of `ordo up`, and a
+//! first connection that waits for the server with backoff.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context;
+use ordo_testkit::PostgresServer;
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, postgres::PgPoolOptions};
+
+/// A local server with trust authentication, as Debian's and many developer set-ups have.
+const LOCAL_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+/// The database ordo uses on a server it picks itself.
+const DATABASE: &str = "ordo";
+/// Written by `ordo up` while it runs a PostgreSQL of its own, read by the other commands.
+const URL_FILE: &str = "database.url";
+
+/// The URL to use when one is configured, else the database `ordo up` started, else the local
+/// default (`postgres://postgres@127.0.0.1:5432/ordo`).
+pub fn configured_url(configured: Option<String>, home: &Path) -> String {
+    configured
+        .or_else(|| {
+            std::fs::read_to_string(home.join(URL_FILE))
+                .ok()
+                .map(|url| url.trim().to_owned())
+        })
+        .unwrap_or_else(|| format!("{LOCAL_SERVER}/{DATABASE}"))
+}
+
+/// `ordo up`'s database: the configured URL; else database `ordo` (created if missing) on a local
+/// server that accepts `postgres` without a password; else a private cluster under `<home>/pg`.
+pub async fn url_for_up(
+    configured: Option<String>,
+    home: &Path,
+) -> anyhow::Result<(String, Option<LocalPostgres>)> {
+    if let Some(url) = configured {
+        return Ok((url, None));
+    }
+    match create_database_if_missing(LOCAL_SERVER).await {
+        Ok(url) => {
+            tracing::info!(%url, "using the local PostgreSQL");
+            return Ok((url, None));
+        }
+        Err(err) => tracing::info!(server = LOCAL_SERVER, %err, "not using it"),
+    }
+    let server = PostgresServer::start_kept(&home.join("pg"))
+        .map_err(anyhow::Error::msg)
+        .context("starting a private PostgreSQL")?;
+    let url =
+        create_database_if_missing(server.url("postgres").trim_end_matches("/postgres")).await?;
+    std::fs::write(home.join(URL_FILE), &url).context("recording the local database URL")?;
+    tracing::info!(%url, data = %home.join("pg").display(), "started a private PostgreSQL");
+    Ok((
+        url,
+        Some(LocalPostgres {
+            _server: server,
+            url_file: home.join(URL_FILE),
+        }),
+    ))
+}
+
+/// A PostgreSQL `ordo up` started: it stops with `ordo up`, its data stays.
+pub struct LocalPostgres {
+    _server: PostgresServer,
+    url_file: std::path::PathBuf,
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.url_file);
+    }
+}
+
+async fn create_database_if_missing(server: &str) -> anyhow::Result<String> {
+    let mut admin = tokio::time::timeout(
+        Duration::from_secs(2),
+        PgConnection::connect(&format!("{server}/postgres")),
+    )
+    .await
+    .context("no answer")??;
+    let exists: bool =
+        sqlx::query_scalar("SELECT exists(SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(DATABASE)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {DATABASE}")))
+            .execute(&mut admin)
+            .await?;
+    }
+    Ok(format!("{server}/{DATABASE}"))
+}
+
+/// A pool on `url` with the migrations run and the views created, waiting for the database with
+/// exponential backoff (capped at 30 s) and saying so.
+pub async fn connect_and_prepare(url: &str) -> PgPool {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let attempt = async {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(3))
+                .connect(url)
+                .await?;
+            ordo_projections::schema::prepare(&pool).await?;
+            anyhow::Ok(pool)
+        };
+        match attempt.await {
+            Ok(pool) => return pool,
+            Err(err) => {
+                tracing::warn!(%err, retry_in = ?delay, "PostgreSQL is unreachable or not ready; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
