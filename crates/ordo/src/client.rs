@@ -162,21 +162,6 @@ pub async fn send(url: &str, request: Request) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_line_is_sku_qty_and_unit_price() {
-        assert_eq!(
-            parse_line("A1:2:500").unwrap(),
-            json!({"sku": "A1", "qty": 2, "unit_price_cents": 500})
-        );
-        assert!(parse_line("A1:2").is_err());
-        assert!(parse_line("A1:two:500").is_err());
-    }
-}
-
 /// The projection status as a table for a terminal.
 pub fn status_table(status: &[Value]) -> String {
     let mut out = format!(
@@ -207,4 +192,19 @@ pub fn status_table(status: &[Value]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_sku_qty_and_unit_price() {
+        assert_eq!(
+            parse_line("A1:2:500").unwrap(),
+            json!({"sku": "A1", "qty": 2, "unit_price_cents": 500})
+        );
+        assert!(parse_line("A1:2").is_err());
+        assert!(parse_line("A1:two:500").is_err());
+    }
 }
