@@ -7,6 +7,7 @@
 //! - [`schema`]: one PostgreSQL schema per projection (`view_<name>`) holding its tables *and*
 //!   its checkpoint, plus the shared tables of `projections/migrations`.
 //! - [`runtime`]: [`Projector`], which applies batches exactly once in effect.
+//! - [`rebuild`]: replays a stream into a new schema and swaps it in without downtime.
 //!
 //! # How an event reaches a view exactly once
 //! The checkpoint is the stream sequence of the last event applied, stored in the view's own
@@ -19,6 +20,7 @@
 
 pub mod orders;
 pub mod projection;
+pub mod rebuild;
 pub mod runtime;
 pub mod schema;
 pub mod stock;

@@ -61,11 +61,23 @@ pub enum ProjectorError {
 }
 
 /// One fetched message: its sequence, subject and payload, read as an envelope if it is one.
-struct Fetched {
-    seq: u64,
+pub(crate) struct Fetched {
+    pub(crate) seq: u64,
     subject: String,
     payload: Vec<u8>,
     envelope: Result<EventEnvelope, String>,
+}
+
+impl Fetched {
+    pub(crate) fn new(seq: u64, subject: String, payload: Vec<u8>) -> Self {
+        let envelope = EventEnvelope::from_bytes(&payload).map_err(|err| err.to_string());
+        Self {
+            seq,
+            subject,
+            payload,
+            envelope,
+        }
+    }
 }
 
 impl Fetched {
@@ -188,13 +200,11 @@ impl<P: Projection> Projector<P> {
                     });
                 }
                 if seq > checkpoint {
-                    batch.push(Fetched {
+                    batch.push(Fetched::new(
                         seq,
-                        subject: message.subject.to_string(),
-                        payload: message.payload.to_vec(),
-                        envelope: EventEnvelope::from_bytes(&message.payload)
-                            .map_err(|err| err.to_string()),
-                    });
+                        message.subject.to_string(),
+                        message.payload.to_vec(),
+                    ));
                 }
                 last_message = Some(message);
             }
@@ -222,20 +232,7 @@ impl<P: Projection> Projector<P> {
     /// Refuses to go on with a view built from another stream of the same name: its checkpoint
     /// would skip the new stream's first events.
     async fn check_same_stream(&self, schema: &str, checkpoint: u64) -> Result<(), ProjectorError> {
-        let mut stream = self
-            .js
-            .get_stream(P::STREAM)
-            .await
-            .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
-        // PostgreSQL keeps microseconds: compare at that precision.
-        let created = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(
-            (info.created.unix_timestamp_nanos() / 1_000) as i64,
-        )
-        .unwrap_or_default();
+        let (created, last_sequence) = stream_identity(&self.js, P::STREAM).await?;
         let recorded: Option<chrono::DateTime<chrono::Utc>> =
             sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT stream_created FROM {schema}.checkpoints WHERE stream = $1"
@@ -262,10 +259,9 @@ impl<P: Projection> Projector<P> {
                 .await?;
             }
         }
-        if checkpoint > info.state.last_sequence {
+        if checkpoint > last_sequence {
             return Err(foreign(format!(
-                "its checkpoint {checkpoint} is past this stream's last sequence {}",
-                info.state.last_sequence
+                "its checkpoint {checkpoint} is past this stream's last sequence {last_sequence}"
             )));
         }
         Ok(())
@@ -306,7 +302,7 @@ impl<P: Projection> Projector<P> {
 
     /// Applies `batch` (contiguous, starting at `checkpoint + 1`) and returns the new checkpoint.
     /// An event that cannot be applied is retried alone, then parked; the rest goes on.
-    async fn apply_batch(
+    pub(crate) async fn apply_batch(
         &self,
         schema: &str,
         mut checkpoint: u64,
@@ -421,6 +417,21 @@ impl<P: Projection> Projector<P> {
             .await?;
         Ok(tx)
     }
+}
+
+/// When `stream` was created (at PostgreSQL's microsecond precision) and its last sequence.
+pub(crate) async fn stream_identity(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<(chrono::DateTime<chrono::Utc>, u64), ProjectorError> {
+    let js_err = |err: &dyn std::fmt::Display| ProjectorError::JetStream(err.to_string());
+    let mut stream = js.get_stream(stream).await.map_err(|err| js_err(&err))?;
+    let info = stream.info().await.map_err(|err| js_err(&err))?;
+    let created = chrono::DateTime::<chrono::Utc>::from_timestamp_micros(
+        (info.created.unix_timestamp_nanos() / 1_000) as i64,
+    )
+    .unwrap_or_default();
+    Ok((created, info.state.last_sequence))
 }
 
 /// Moves the checkpoint from `expected` to `to`, or fails if another instance moved it.

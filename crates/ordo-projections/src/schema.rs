@@ -64,6 +64,21 @@ pub async fn checkpoint_of(pool: &PgPool, schema: &str, stream: &str) -> Result<
     Ok(seq.unwrap_or(0) as u64)
 }
 
+/// The checkpoint of `stream` in `schema`, read inside a transaction of the caller's.
+pub async fn checkpoint_of_in(
+    connection: &mut sqlx::PgConnection,
+    schema: &str,
+    stream: &str,
+) -> Result<u64, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT seq FROM {schema}.checkpoints WHERE stream = $1"
+    )))
+    .bind(stream)
+    .fetch_optional(connection)
+    .await?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
 /// A projection as data, for code that handles all of them alike (status, metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProjectionInfo {

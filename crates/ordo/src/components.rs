@@ -106,3 +106,55 @@ pub async fn api(
     .await?;
     Ok(())
 }
+
+/// Rebuilds the view `name` with a progress bar (events/s, ETA) on a terminal, plain lines
+/// otherwise.
+pub async fn rebuild(name: &str, pool: &PgPool, nats: &async_nats::Client) -> anyhow::Result<()> {
+    use ordo_projections::rebuild::{Progress, rebuild};
+    use std::io::IsTerminal;
+
+    let js = async_nats::jetstream::new(nats.clone());
+    let bar = indicatif::ProgressBar::new(0);
+    let terminal = std::io::stderr().is_terminal();
+    if terminal {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} events · {per_sec} · ETA {eta}",
+            )?
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("rebuilding {name}"));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    let mut report = |progress: Progress| {
+        bar.set_length(progress.target);
+        bar.set_position(progress.applied);
+        if !terminal && (last_line.elapsed().as_secs() >= 1 || progress.applied >= progress.target)
+        {
+            let rate = progress.applied as f64 / started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "rebuilding {name}: {}/{} events, {rate:.0} events/s",
+                progress.applied, progress.target
+            );
+            last_line = std::time::Instant::now();
+        }
+    };
+    let config = ProjectorConfig::default();
+    let rebuilt = match name {
+        "orders" => rebuild::<OrdersView>(pool, &js, config, &mut report).await?,
+        "stock" => rebuild::<StockView>(pool, &js, config, &mut report).await?,
+        other => anyhow::bail!(
+            "no projection named {other:?} (there are: {})",
+            PROJECTIONS.join(", ")
+        ),
+    };
+    bar.finish_and_clear();
+    println!(
+        "{name}: rebuilt up to sequence {} in {:.1?} and swapped in",
+        rebuilt.checkpoint, rebuilt.took
+    );
+    Ok(())
+}

@@ -111,6 +111,11 @@ enum StreamsAction {
 enum ProjectionsAction {
     /// Checkpoint, stream head, lag and parked events of each projection (as GET /projections).
     Status,
+    /// Replay a projection's stream into a new view and swap it in; the live view keeps serving.
+    Rebuild {
+        /// orders or stock
+        name: String,
+    },
 }
 
 #[tokio::main]
@@ -190,6 +195,13 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|err| anyhow::anyhow!("{err:?}"))?;
             print!("{}", client::status_table(&status));
             Ok(())
+        }
+        Command::Projections {
+            action: ProjectionsAction::Rebuild { name },
+        } => {
+            let nats = connect::connect_once(&nats_url).await?;
+            let pool = database::connect_and_prepare(&database_url).await;
+            components::rebuild(&name, &pool, &nats).await
         }
         Command::Order { action } => client::send(&nats_url, action.into_request()?).await,
         Command::Stock { action } => client::send(&nats_url, action.into_request()).await,

@@ -11,17 +11,21 @@ use serde_json::{Value, json};
 
 const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
 
-/// `ordo run commands` in the background, its log in `log`.
+/// `ordo run commands` (or other arguments) in the background, its log in `log`.
 struct Running {
     child: Child,
 }
 
 impl Running {
     fn start(url: &str, log: &Path) -> Self {
+        Self::start_with(&["run", "commands"], &[("ORDO_NATS_URL", url)], log)
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new(ORDO)
-            .args(["run", "commands"])
-            .env("ORDO_NATS_URL", url)
+            .args(args)
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log)
@@ -244,4 +248,88 @@ fn a_client_command_without_a_server_says_what_to_do() {
         stderr.contains("is unreachable") && stderr.contains("ordo up"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start();
+    let database = ordo_testkit::TestDatabase::create().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let http_addr = format!("127.0.0.1:{port}");
+    let env = [
+        ("ORDO_NATS_URL", server.url()),
+        ("ORDO_DATABASE_URL", database.url().to_owned()),
+        ("ORDO_HTTP_ADDR", http_addr.clone()),
+        ("ORDO_HOME", dir.path().display().to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let up = Running::start_with(&["up"], &env, &dir.path().join("up.log"));
+
+    let client = server.client().await;
+    let placed = request_when_up(
+        &client,
+        "ordo.cmd.order.place",
+        json!({"order_id": "o-1", "customer_id": "c1", "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
+    )
+    .await;
+    assert_eq!(placed["ok"], true, "{placed}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let order: Value = loop {
+        let url = format!("http://{http_addr}/orders/o-1?min_seq={}", placed["seq"]);
+        match http.get(&url).send().await {
+            Ok(response) if response.status().is_success() => break response.json().await.unwrap(),
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no order from the API: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        (order["status"].as_str(), order["total_cents"].as_i64()),
+        (Some("pending"), Some(1000))
+    );
+
+    let command = |args: &[&str]| {
+        Command::new(ORDO)
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let status = command(&["projections", "status"]);
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        status.contains("orders       ORDO_ORDERS             1          1        0       0"),
+        "{status}"
+    );
+    let rebuilt = command(&["projections", "rebuild", "orders"]);
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&rebuilt.stdout).starts_with("orders: rebuilt up to sequence 1")
+    );
+    assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("rebuilding orders: 1/1 events"));
+    let after: Value = http
+        .get(format!("http://{http_addr}/orders/o-1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after["status"], "pending");
+
+    assert!(up.terminate().success());
 }

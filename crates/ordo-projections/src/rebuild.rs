@@ -1,0 +1,190 @@
+//! Rebuilding a view from its stream without downtime.
+//!
+//! 1. A fresh schema `view_<name>_next` gets the view's tables; every event of the stream, from
+//!    the first, is applied to it (same batches, retries and parking as the live projector),
+//!    while the live view keeps serving and updating.
+//! 2. The swap locks the live `checkpoints` table, which pauses the live projector between
+//!    batches; the new view catches up to at least the live checkpoint (a view never goes back),
+//!    and the two schemas are renamed in one transaction. The old schema is dropped afterwards.
+//! 3. A live projector caught in the middle of a batch finds its checkpoint fenced, starts a new
+//!    term and goes on from the new view's checkpoint.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{DeliverPolicy, pull::OrderedConfig},
+};
+use futures::StreamExt;
+use sqlx::{AssertSqlSafe, PgPool};
+
+use crate::{
+    Projection, Projector, ProjectorConfig,
+    runtime::{Fetched, ProjectorError, stream_identity},
+    schema::{self, checkpoint, ensure_view, live_schema},
+};
+
+/// Where a rebuild is: events applied to the new view, and the stream's head when it started.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub applied: u64,
+    pub target: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Rebuilt {
+    /// The checkpoint of the view that now serves.
+    pub checkpoint: u64,
+    pub took: Duration,
+}
+
+/// Rebuilds `P`'s view from the first event and swaps it in; `progress` is called after every
+/// batch.
+pub async fn rebuild<P: Projection>(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    config: ProjectorConfig,
+    mut progress: impl FnMut(Progress),
+) -> Result<Rebuilt, ProjectorError> {
+    let started = Instant::now();
+    let live = live_schema::<P>();
+    let next = format!("{live}_next");
+    ensure_view::<P>(pool, &live).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {next} CASCADE"
+    )))
+    .execute(pool)
+    .await?;
+    ensure_view::<P>(pool, &next).await?;
+    let (created, target) = stream_identity(js, P::STREAM).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {next}.checkpoints SET stream_created = $2 WHERE stream = $1"
+    )))
+    .bind(P::STREAM)
+    .bind(created)
+    .execute(pool)
+    .await?;
+
+    let batch_size = config.batch_size;
+    let projector = Projector::<P>::new(pool.clone(), js.clone(), config);
+    let mut replay = Replay::open::<P>(js).await?;
+    let mut applied = 0;
+    while applied < target {
+        applied = replay
+            .apply_next_batch(&projector, &next, applied, batch_size)
+            .await?;
+        progress(Progress { applied, target });
+    }
+
+    // The swap: the live projector waits at its next checkpoint update while this holds the lock.
+    let mut swap = pool.begin().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "LOCK TABLE {live}.checkpoints IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *swap)
+    .await?;
+    let live_checkpoint = schema::checkpoint_of_in(&mut swap, &live, P::STREAM).await?;
+    while applied < live_checkpoint {
+        applied = replay
+            .apply_next_batch(&projector, &next, applied, batch_size)
+            .await?;
+        progress(Progress {
+            applied,
+            target: target.max(live_checkpoint),
+        });
+    }
+    let old = format!("{live}_old");
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {old} CASCADE"
+    )))
+    .execute(&mut *swap)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "ALTER SCHEMA {live} RENAME TO {old}"
+    )))
+    .execute(&mut *swap)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "ALTER SCHEMA {next} RENAME TO {live}"
+    )))
+    .execute(&mut *swap)
+    .await?;
+    swap.commit().await?;
+    // Dropped after the commit: a live batch holding locks on the old tables finishes first.
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {old} CASCADE"
+    )))
+    .execute(pool)
+    .await?;
+    let checkpoint = checkpoint::<P>(pool, &live).await?;
+    tracing::info!(projection = P::NAME, checkpoint, took = ?started.elapsed(), "view rebuilt and swapped in");
+    Ok(Rebuilt {
+        checkpoint,
+        took: started.elapsed(),
+    })
+}
+
+/// The stream read in order from its first event, through an ordered consumer.
+struct Replay {
+    messages: jetstream::consumer::pull::Ordered,
+}
+
+impl Replay {
+    async fn open<P: Projection>(js: &jetstream::Context) -> Result<Self, ProjectorError> {
+        let js_err = |err: &dyn std::fmt::Display| ProjectorError::JetStream(err.to_string());
+        let stream = js.get_stream(P::STREAM).await.map_err(|err| js_err(&err))?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| js_err(&err))?;
+        let messages = consumer.messages().await.map_err(|err| js_err(&err))?;
+        Ok(Self { messages })
+    }
+
+    /// Reads up to `batch_size` events after `checkpoint` (waiting for the first), applies them
+    /// to `schema` and returns the new checkpoint.
+    async fn apply_next_batch<P: Projection>(
+        &mut self,
+        projector: &Projector<P>,
+        schema: &str,
+        checkpoint: u64,
+        batch_size: usize,
+    ) -> Result<u64, ProjectorError> {
+        let mut batch = Vec::with_capacity(batch_size);
+        while batch.len() < batch_size {
+            let wait = if batch.is_empty() {
+                Duration::from_secs(30)
+            } else {
+                Duration::from_millis(50)
+            };
+            let Ok(next) = tokio::time::timeout(wait, self.messages.next()).await else {
+                break;
+            };
+            let message = next
+                .ok_or_else(|| ProjectorError::JetStream("the replay ended early".into()))?
+                .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+            let seq = message
+                .info()
+                .map_err(|err| ProjectorError::JetStream(err.to_string()))?
+                .stream_sequence;
+            let expected = checkpoint + batch.len() as u64 + 1;
+            if seq != expected {
+                return Err(ProjectorError::Gap { expected, got: seq });
+            }
+            batch.push(Fetched::new(
+                seq,
+                message.subject.to_string(),
+                message.payload.to_vec(),
+            ));
+        }
+        if batch.is_empty() {
+            return Err(ProjectorError::JetStream(
+                "no event arrived within 30 s during the replay".into(),
+            ));
+        }
+        projector.apply_batch(schema, checkpoint, &batch).await
+    }
+}
