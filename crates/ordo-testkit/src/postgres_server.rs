@@ -12,6 +12,8 @@ pub struct PostgresServer {
     data: PathBuf,
     port: u16,
     run_as_postgres: bool,
+    /// Temporary clusters skip fsync (tests); kept ones do not.
+    durable: bool,
     _temporary: Option<tempfile::TempDir>,
 }
 
@@ -22,7 +24,8 @@ impl PostgresServer {
             .prefix("ordo-pg-")
             .tempdir()
             .expect("create a temporary directory for PostgreSQL");
-        let mut server = Self::start_kept(dir.path()).unwrap_or_else(|problem| panic!("{problem}"));
+        let mut server =
+            Self::start_in(dir.path(), false).unwrap_or_else(|problem| panic!("{problem}"));
         server._temporary = Some(dir);
         server
     }
@@ -30,9 +33,15 @@ impl PostgresServer {
     /// A cluster whose data stays in `<dir>/data` (created by initdb the first time), started
     /// on a free port with trust authentication on 127.0.0.1 only. It stops when dropped.
     pub fn start_kept(dir: &Path) -> Result<Self, String> {
+        Self::start_in(dir, true)
+    }
+
+    fn start_in(dir: &Path, durable: bool) -> Result<Self, String> {
         let bin = find_postgres_bin()?;
         let run_as_postgres = is_root();
         std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
+        // The server resolves relative paths from its data directory: give it absolute ones.
+        let dir = &std::fs::canonicalize(dir).map_err(|err| format!("{}: {err}", dir.display()))?;
         if run_as_postgres {
             run(Command::new("chown").arg("-R").arg("postgres").arg(dir))?;
         }
@@ -41,6 +50,7 @@ impl PostgresServer {
             data: dir.join("data"),
             port: crate::nats::free_port(),
             run_as_postgres,
+            durable,
             _temporary: None,
         };
         if !server.data.join("PG_VERSION").exists() {
@@ -73,11 +83,14 @@ impl PostgresServer {
 
     /// Starts the server (again) on the same port and data.
     pub fn start_again(&self) -> Result<(), String> {
-        let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+        let mut options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {}",
             self.port,
             self.data.display()
         );
+        if !self.durable {
+            options.push_str(" -c fsync=off");
+        }
         run(self
             .command("pg_ctl")
             .arg("-D")
