@@ -553,3 +553,45 @@ async fn a_rebuild_during_live_writes_ends_equal_to_the_stream() {
     setup.orders_view_matches_the_stream().await;
     assert!(setup.parked().await.is_empty());
 }
+
+#[tokio::test]
+async fn redelivered_events_are_skipped_not_applied_again() {
+    let setup = Setup::start().await;
+    let _stock = setup.projector::<StockView>();
+    for _ in 0..5 {
+        setup
+            .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+            .await;
+    }
+    setup.caught_up::<StockView>().await;
+
+    // The consumer forgets what was acked and delivers everything again, from the first event.
+    let stream = jetstream::new(setup.client.clone())
+        .get_stream("ORDO_STOCK")
+        .await
+        .unwrap();
+    stream
+        .delete_consumer("ordo-projection-stock")
+        .await
+        .unwrap();
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("ordo-projection-stock".into()),
+            deliver_policy: jetstream::consumer::DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .await;
+    setup.caught_up::<StockView>().await;
+
+    let on_hand: i64 = sqlx::query_scalar("SELECT on_hand FROM view_stock.stock WHERE sku = 'A1'")
+        .fetch_one(setup.pool())
+        .await
+        .unwrap();
+    assert_eq!(on_hand, 6, "each receive counted once");
+    assert!(setup.parked().await.is_empty());
+}
