@@ -14,6 +14,7 @@
 
 pub mod ids;
 pub mod order;
+pub mod saga;
 pub mod spec;
 pub mod stock;
 
