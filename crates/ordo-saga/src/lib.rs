@@ -1,0 +1,19 @@
+//! The order saga and what reacts to its end.
+//!
+//! # Layout
+//! - [`coordinator`]: [`Coordinator`] starts a saga per placed order, drives its steps
+//!   (reserve, pay, confirm, or compensate) and keeps its state in PostgreSQL.
+//! - [`payment`]: the pluggable payment gateway and its simulation.
+//! - [`notifier`]: [`Notifier`], one notification per (order, kind), published on NATS and to an
+//!   optional webhook.
+//!
+//! The rules themselves (which step comes next, what an outcome means) are pure, in
+//! `ordo_domain::saga`.
+
+pub mod coordinator;
+pub mod notifier;
+pub mod payment;
+
+pub use coordinator::{Coordinator, CoordinatorConfig};
+pub use notifier::{Notifier, NotifierConfig};
+pub use payment::{PaymentGateway, SimulatedGateway};

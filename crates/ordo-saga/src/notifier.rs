@@ -1,0 +1,288 @@
+//! [`Notifier`]: tells customers how their orders ended.
+//!
+//! For every `OrderConfirmed`, `OrderRejected`, `OrderCancelled` and `OrderShipped`, exactly one
+//! notification per (order, kind) is recorded in PostgreSQL (its primary key), whatever is
+//! redelivered. It is published on `ordo.notifications.<customer_id>` and, if configured, POSTed
+//! to a webhook. Delivery is tried with growing pauses, under a lock on the record so that two
+//! redeliveries never send it twice; after the last attempt the record is dead-lettered and shows
+//! in `/notifications`. Notification is the saga's pivot: it is never undone, only retried.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use ordo_domain::order::{OrderAggregate, OrderEvent};
+use ordo_eventstore::{EventEnvelope, EventStore};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+#[derive(Debug, Clone)]
+pub struct NotifierConfig {
+    /// Also POST each notification here.
+    pub webhook_url: Option<String>,
+    pub webhook_timeout: Duration,
+    /// Deliveries tried before the notification is dead-lettered.
+    pub attempts: u32,
+    /// The first pause between attempts; it doubles.
+    pub retry_base: Duration,
+    /// A share of deliveries made to fail on purpose, to exercise retries and dead letters.
+    pub failure_rate: f64,
+    /// Notifications handled at once.
+    pub concurrency: usize,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            webhook_timeout: Duration::from_secs(2),
+            attempts: 5,
+            retry_base: Duration::from_millis(100),
+            failure_rate: 0.0,
+            concurrency: 16,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifierError {
+    #[error("PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("JetStream: {0}")]
+    JetStream(String),
+}
+
+#[derive(Clone)]
+pub struct Notifier {
+    pool: PgPool,
+    nats: async_nats::Client,
+    store: EventStore,
+    http: reqwest::Client,
+    config: NotifierConfig,
+}
+
+const CONSUMER: &str = "ordo-notifier";
+
+impl Notifier {
+    pub fn new(
+        pool: PgPool,
+        nats: async_nats::Client,
+        store: EventStore,
+        config: NotifierConfig,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(config.webhook_timeout)
+            .build()
+            .expect("an HTTP client");
+        Self {
+            pool,
+            nats,
+            store,
+            http,
+            config,
+        }
+    }
+
+    /// Handles order events until `shutdown` completes; failures are logged and retried.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut pause = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                result = self.consume() => {
+                    if let Err(err) = result {
+                        tracing::warn!(%err, retry_in = ?pause, "notifier stopped; starting again");
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn consume(&self) -> Result<(), NotifierError> {
+        let js = jetstream::new(self.nats.clone());
+        let js_err = |err: &dyn std::fmt::Display| NotifierError::JetStream(err.to_string());
+        let stream = js
+            .get_stream("ORDO_ORDERS")
+            .await
+            .map_err(|err| js_err(&err))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.into()),
+                    description: Some("ordo notifier: orders that ended (confirmed, rejected, cancelled, shipped)".into()),
+                    ack_wait: Duration::from_secs(60),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|err| js_err(&err))?;
+        let messages = consumer.messages().await.map_err(|err| js_err(&err))?;
+        messages
+            .for_each_concurrent(self.config.concurrency, |message| async move {
+                let Ok(message) = message else { return };
+                match self.handle(&message.payload).await {
+                    Ok(()) => {
+                        let _ = message.ack().await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "notification not handled; it will be redelivered");
+                        let _ = message
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                    }
+                }
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn handle(&self, payload: &[u8]) -> Result<(), NotifierError> {
+        let Ok(envelope) = EventEnvelope::from_bytes(payload) else {
+            return Ok(());
+        };
+        let Ok(event) = envelope.decode::<OrderEvent>() else {
+            return Ok(());
+        };
+        let (kind, reason) = match event {
+            OrderEvent::OrderConfirmed {} => ("confirmed", None),
+            OrderEvent::OrderRejected { reason } => ("rejected", Some(reason)),
+            OrderEvent::OrderCancelled { reason } => ("cancelled", reason),
+            OrderEvent::OrderShipped {} => ("shipped", None),
+            OrderEvent::OrderPlaced { .. } => return Ok(()),
+        };
+        let order_id = envelope.aggregate_id.clone();
+        // The customer comes from the order's own events, not from a view that may lag.
+        let loaded = self
+            .store
+            .load::<OrderAggregate>(&order_id)
+            .await
+            .map_err(|err| NotifierError::JetStream(err.to_string()))?;
+        let Some(order) = loaded.state else {
+            tracing::warn!(order_id, kind, "no such order; nothing to notify");
+            return Ok(());
+        };
+        let notification = json!({
+            "order_id": order_id,
+            "kind": kind,
+            "customer_id": order.customer_id,
+            "reason": reason,
+            "at": envelope.at,
+        });
+        sqlx::query(
+            "INSERT INTO notifications (order_id, kind, customer_id, status, payload)
+             VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT (order_id, kind) DO NOTHING",
+        )
+        .bind(&order_id)
+        .bind(kind)
+        .bind(order.customer_id.as_str())
+        .bind(&notification)
+        .execute(&self.pool)
+        .await?;
+        self.deliver(&order_id, kind).await
+    }
+
+    /// Delivers a pending notification, under a lock on its record.
+    async fn deliver(&self, order_id: &str, kind: &str) -> Result<(), NotifierError> {
+        let mut tx = self.pool.begin().await?;
+        let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
+            "SELECT status, customer_id, payload FROM notifications WHERE order_id = $1 AND kind = $2 FOR UPDATE",
+        )
+        .bind(order_id)
+        .bind(kind)
+        .fetch_one(&mut *tx)
+        .await?;
+        if status != "pending" {
+            return Ok(());
+        }
+        let mut pause = self.config.retry_base;
+        let mut last_error = String::new();
+        for attempt in 1..=self.config.attempts {
+            match self.send(&customer_id, order_id, kind, &payload).await {
+                Ok(()) => {
+                    sqlx::query(
+                        "UPDATE notifications SET status = 'sent', attempts = $3, last_error = NULL, sent_at = now()
+                         WHERE order_id = $1 AND kind = $2",
+                    )
+                    .bind(order_id)
+                    .bind(kind)
+                    .bind(attempt as i32)
+                    .execute(&mut *tx)
+                    .await?;
+                    tx.commit().await?;
+                    metrics::counter!("ordo_notifications_total", "status" => "sent").increment(1);
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::info!(order_id, kind, attempt, %error, "notification not delivered");
+                    last_error = error;
+                    if attempt < self.config.attempts {
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                    }
+                }
+            }
+        }
+        tracing::warn!(order_id, kind, %last_error, "notification dead-lettered");
+        sqlx::query(
+            "UPDATE notifications SET status = 'dead_lettered', attempts = $3, last_error = $4
+             WHERE order_id = $1 AND kind = $2",
+        )
+        .bind(order_id)
+        .bind(kind)
+        .bind(self.config.attempts as i32)
+        .bind(&last_error)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        metrics::counter!("ordo_notifications_total", "status" => "dead_lettered").increment(1);
+        Ok(())
+    }
+
+    async fn send(
+        &self,
+        customer_id: &str,
+        order_id: &str,
+        kind: &str,
+        payload: &Value,
+    ) -> Result<(), String> {
+        if self.config.failure_rate > 0.0 && rand::random::<f64>() < self.config.failure_rate {
+            return Err("simulated delivery failure (notifier failure rate)".into());
+        }
+        let body = serde_json::to_vec(payload).expect("payloads serialize");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("notification:{order_id}:{kind}").as_str(),
+        );
+        self.nats
+            .publish_with_headers(
+                format!("ordo.notifications.{customer_id}"),
+                headers,
+                body.clone().into(),
+            )
+            .await
+            .map_err(|err| format!("NATS: {err}"))?;
+        self.nats
+            .flush()
+            .await
+            .map_err(|err| format!("NATS: {err}"))?;
+        if let Some(url) = &self.config.webhook_url {
+            let response = self
+                .http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .map_err(|err| format!("webhook: {err}"))?;
+            if !response.status().is_success() {
+                return Err(format!("webhook answered {}", response.status()));
+            }
+        }
+        Ok(())
+    }
+}

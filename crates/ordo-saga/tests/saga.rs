@@ -1,0 +1,546 @@
+//! Sagas against real nats-server and PostgreSQL: commands in, sagas, stock and notifications out.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
+use ordo_domain::{
+    order::{OrderAggregate, OrderStatus},
+    stock::StockAggregate,
+};
+use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_saga::{Coordinator, CoordinatorConfig, Notifier, NotifierConfig, SimulatedGateway};
+use ordo_testkit::{NatsServer, TestDatabase};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+
+struct Setup {
+    _server: NatsServer,
+    client: async_nats::Client,
+    database: TestDatabase,
+    store: EventStore,
+}
+
+fn quick() -> CoordinatorConfig {
+    CoordinatorConfig {
+        retry_base: Duration::from_millis(20),
+        poll: Duration::from_millis(10),
+        ..Default::default()
+    }
+}
+
+fn gateway(decline_rate: f64, latency_ms: u64) -> SimulatedGateway {
+    SimulatedGateway {
+        decline_rate,
+        latency: Duration::from_millis(latency_ms),
+    }
+}
+
+impl Setup {
+    async fn start() -> Self {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        apply_all(
+            &jetstream::new(client.clone()),
+            &StreamDefinition::built_in(),
+        )
+        .await
+        .unwrap();
+        let store = EventStore::open(
+            client.clone(),
+            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
+        )
+        .await
+        .unwrap();
+        for _ in 0..2 {
+            let connection = server.client().await;
+            let service = CommandService::start(
+                connection,
+                Arc::new(CommandHandler::new(store.clone())),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(service.run(std::future::pending()));
+        }
+        let database = TestDatabase::create().await;
+        ordo_projections::schema::prepare(database.pool())
+            .await
+            .unwrap();
+        Self {
+            _server: server,
+            client,
+            database,
+            store,
+        }
+    }
+
+    fn pool(&self) -> &PgPool {
+        self.database.pool()
+    }
+
+    fn coordinator(&self, gateway: SimulatedGateway, config: CoordinatorConfig) -> JoinHandle<()> {
+        let coordinator =
+            Coordinator::new(self.pool().clone(), self.client.clone(), gateway, config);
+        tokio::spawn(async move { coordinator.run(std::future::pending()).await })
+    }
+
+    fn notifier(&self) -> JoinHandle<()> {
+        let notifier = Notifier::new(
+            self.pool().clone(),
+            self.client.clone(),
+            self.store.clone(),
+            NotifierConfig::default(),
+        );
+        tokio::spawn(async move { notifier.run(std::future::pending()).await })
+    }
+
+    async fn command(&self, subject: &str, body: Value) -> Value {
+        let reply = self
+            .client
+            .request(
+                subject.to_owned(),
+                serde_json::to_vec(&body).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
+    async fn receive(&self, sku: &str, qty: u64) {
+        let reply = self
+            .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": qty}))
+            .await;
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+
+    async fn place(&self, order_id: &str, lines: &[(&str, u64)]) {
+        let lines: Vec<Value> = lines
+            .iter()
+            .map(|(sku, qty)| json!({"sku": sku, "qty": qty, "unit_price_cents": 100}))
+            .collect();
+        let reply = self
+            .command(
+                "ordo.cmd.order.place",
+                json!({"order_id": order_id, "customer_id": "c1", "lines": lines}),
+            )
+            .await;
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+
+    async fn saga(&self, order_id: &str) -> Option<(String, Option<String>, Value)> {
+        sqlx::query_as("SELECT state, reason, steps FROM sagas WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(self.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the saga of `order_id` is in `state`, and returns its reason.
+    async fn saga_ends(&self, order_id: &str, state: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let saga = self.saga(order_id).await;
+            if let Some((now, reason, _)) = &saga
+                && now == state
+            {
+                return reason.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "saga of {order_id}: {saga:?}, expected {state}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn order_status(&self, order_id: &str) -> OrderStatus {
+        self.store
+            .load::<OrderAggregate>(order_id)
+            .await
+            .unwrap()
+            .state
+            .unwrap()
+            .status
+    }
+
+    /// (on hand, reserved) of a SKU, folded from its events.
+    async fn stock(&self, sku: &str) -> (u64, u64) {
+        let stock = self
+            .store
+            .load::<StockAggregate>(sku)
+            .await
+            .unwrap()
+            .state
+            .unwrap();
+        (stock.on_hand, stock.reserved)
+    }
+
+    /// How many events of `event_type` the stock stream holds.
+    async fn stock_events(&self, event_type: &str) -> usize {
+        let mut stream = jetstream::new(self.client.clone())
+            .get_stream("ORDO_STOCK")
+            .await
+            .unwrap();
+        let last = stream.info().await.unwrap().state.last_sequence;
+        let mut count = 0;
+        for seq in 1..=last {
+            let message = stream.direct_get(seq).await.unwrap();
+            if message.headers.get("Ordo-Event-Type").map(|v| v.as_str()) == Some(event_type) {
+                count += 1;
+            }
+        }
+        count
+    }
+
+    async fn notifications(&self, order_id: &str) -> Vec<(String, String)> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows: Vec<(String, String)> = sqlx::query_as(
+                "SELECT kind, status FROM notifications WHERE order_id = $1 ORDER BY kind",
+            )
+            .bind(order_id)
+            .fetch_all(self.pool())
+            .await
+            .unwrap();
+            if rows.iter().all(|(_, status)| status != "pending")
+                || std::time::Instant::now() > deadline
+            {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_placed_order_is_reserved_paid_confirmed_and_notified() {
+    let setup = Setup::start().await;
+    let mut published = setup
+        .client
+        .subscribe("ordo.notifications.>")
+        .await
+        .unwrap();
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    let _notifier = setup.notifier();
+    setup.receive("A1", 5).await;
+    setup.receive("B2", 5).await;
+    setup.place("o-1", &[("A1", 2), ("B2", 1)]).await;
+
+    setup.saga_ends("o-1", "confirmed").await;
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Confirmed);
+    assert_eq!(
+        (setup.stock("A1").await, setup.stock("B2").await),
+        ((5, 2), (5, 1))
+    );
+    let (_, _, steps) = setup.saga("o-1").await.unwrap();
+    let steps: Vec<(String, String)> = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["kind"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let succeeded = |kind: &str| (kind.to_owned(), "succeeded".to_owned());
+    assert_eq!(
+        steps,
+        [
+            succeeded("reserve"),
+            succeeded("reserve"),
+            succeeded("authorize"),
+            succeeded("confirm")
+        ]
+    );
+
+    assert_eq!(
+        setup.notifications("o-1").await,
+        [("confirmed".into(), "sent".into())]
+    );
+    let message = tokio::time::timeout(Duration::from_secs(10), published.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.subject.as_str(), "ordo.notifications.c1");
+    let notification: Value = serde_json::from_slice(&message.payload).unwrap();
+    assert_eq!(
+        (
+            notification["order_id"].as_str(),
+            notification["kind"].as_str()
+        ),
+        (Some("o-1"), Some("confirmed"))
+    );
+}
+
+#[tokio::test]
+async fn a_line_out_of_stock_releases_the_others_and_rejects_the_order() {
+    let setup = Setup::start().await;
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    let _notifier = setup.notifier();
+    setup.receive("A1", 5).await;
+    setup.receive("B2", 1).await;
+    setup.place("o-1", &[("A1", 2), ("B2", 3)]).await;
+
+    let reason = setup.saga_ends("o-1", "rejected").await.unwrap();
+    assert_eq!(
+        reason,
+        "insufficient stock for B2: requested 3, available 1"
+    );
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Rejected);
+    assert_eq!(
+        (setup.stock("A1").await, setup.stock("B2").await),
+        ((5, 0), (1, 0))
+    );
+    assert_eq!(setup.stock_events("StockReleased").await, 1);
+    assert_eq!(
+        setup.notifications("o-1").await,
+        [("rejected".into(), "sent".into())]
+    );
+}
+
+#[tokio::test]
+async fn a_declined_payment_releases_every_reservation_and_rejects_the_order() {
+    let setup = Setup::start().await;
+    let _coordinator = setup.coordinator(gateway(1.0, 1), quick());
+    setup.receive("A1", 5).await;
+    setup.receive("B2", 5).await;
+    setup.place("o-1", &[("A1", 2), ("B2", 1)]).await;
+
+    let reason = setup.saga_ends("o-1", "rejected").await.unwrap();
+    assert!(reason.starts_with("payment declined"), "{reason}");
+    assert_eq!(
+        (setup.stock("A1").await, setup.stock("B2").await),
+        ((5, 0), (5, 0))
+    );
+    assert_eq!(setup.stock_events("StockReleased").await, 2);
+}
+
+#[tokio::test]
+async fn cancelling_a_confirmed_order_releases_its_stock_and_shipping_deducts_it() {
+    let setup = Setup::start().await;
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    let _notifier = setup.notifier();
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    setup.place("o-2", &[("A1", 1)]).await;
+    setup.saga_ends("o-1", "confirmed").await;
+    setup.saga_ends("o-2", "confirmed").await;
+
+    let cancelled = setup
+        .command("ordo.cmd.order.cancel", json!({"order_id": "o-1"}))
+        .await;
+    assert_eq!(cancelled["ok"], true);
+    setup.saga_ends("o-1", "cancelled").await;
+    let shipped = setup
+        .command("ordo.cmd.order.ship", json!({"order_id": "o-2"}))
+        .await;
+    assert_eq!(shipped["ok"], true);
+    setup.saga_ends("o-2", "shipped").await;
+
+    assert_eq!(
+        setup.stock("A1").await,
+        (4, 0),
+        "o-1 released its 2, o-2 took its 1"
+    );
+    assert_eq!(
+        setup.notifications("o-1").await,
+        [
+            ("cancelled".into(), "sent".into()),
+            ("confirmed".into(), "sent".into())
+        ]
+    );
+    assert_eq!(
+        setup.notifications("o-2").await,
+        [
+            ("confirmed".into(), "sent".into()),
+            ("shipped".into(), "sent".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_order_past_its_deadline_is_rejected_with_reason_timeout_after_compensating() {
+    let setup = Setup::start().await;
+    let config = CoordinatorConfig {
+        saga_timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    // Payment answers after the deadline; the confirmation then finds the saga out of time.
+    let _coordinator = setup.coordinator(gateway(0.0, 600), config);
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    assert_eq!(
+        setup.saga_ends("o-1", "rejected").await.as_deref(),
+        Some("timeout")
+    );
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Rejected);
+    assert_eq!(setup.stock("A1").await, (5, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_between_reservation_and_confirmation_is_resumed_by_another() {
+    let setup = Setup::start().await;
+    let slow_payment = gateway(0.0, 1500);
+    let first = setup.coordinator(slow_payment.clone(), quick());
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    // Wait until the reservation is made and the payment is under way, then kill.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while setup.stock("A1").await != (5, 2) {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.abort();
+    assert_eq!(setup.saga("o-1").await.unwrap().0, "running");
+
+    let _second = setup.coordinator(slow_payment, quick());
+    setup.saga_ends("o-1", "confirmed").await;
+    assert_eq!(setup.stock("A1").await, (5, 2));
+    assert_eq!(
+        setup.stock_events("StockReserved").await,
+        1,
+        "the reservation was not made twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_events_and_two_coordinators_never_reserve_twice() {
+    let setup = Setup::start().await;
+    let _one = setup.coordinator(gateway(0.0, 1), quick());
+    let _two = setup.coordinator(gateway(0.0, 1), quick());
+    setup.receive("A1", 50).await;
+    for i in 0..10 {
+        setup.place(&format!("o-{i}"), &[("A1", 1)]).await;
+    }
+    for i in 0..10 {
+        setup.saga_ends(&format!("o-{i}"), "confirmed").await;
+    }
+    // Every order event is delivered again.
+    let stream = jetstream::new(setup.client.clone())
+        .get_stream("ORDO_ORDERS")
+        .await
+        .unwrap();
+    stream.delete_consumer("ordo-saga").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..10 {
+        setup.saga_ends(&format!("o-{i}"), "confirmed").await;
+    }
+    assert_eq!(setup.stock_events("StockReserved").await, 10);
+    assert_eq!(setup.stock("A1").await, (50, 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_orders_over_scarce_stock_oversell_nothing() {
+    let setup = Setup::start().await;
+    let _one = setup.coordinator(gateway(0.1, 1), quick());
+    let _two = setup.coordinator(gateway(0.1, 1), quick());
+    let _notifier = setup.notifier();
+    let skus: Vec<String> = (0..20).map(|i| format!("S{i:02}")).collect();
+    for sku in &skus {
+        setup.receive(sku, 25).await;
+    }
+    // Orders of 1 to 3 lines, 1 to 3 units each: about twice what the stock can serve.
+    let orders: Vec<(String, Vec<(String, u64)>)> = (0..500)
+        .map(|i: usize| {
+            let lines = (0..1 + i % 3)
+                .map(|l| (skus[(i * 7 + l * 3) % 20].clone(), 1 + ((i + l) % 3) as u64))
+                .collect();
+            (format!("o-{i}"), lines)
+        })
+        .collect();
+    futures::stream::iter(&orders)
+        .for_each_concurrent(50, |(order_id, lines)| {
+            let setup = &setup;
+            async move {
+                let lines: Vec<(&str, u64)> = lines
+                    .iter()
+                    .map(|(sku, qty)| (sku.as_str(), *qty))
+                    .collect();
+                setup.place(order_id, &lines).await;
+            }
+        })
+        .await;
+
+    // Every order leaves pending.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let active: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sagas WHERE state NOT IN ('confirmed', 'rejected')",
+        )
+        .fetch_one(setup.pool())
+        .await
+        .unwrap();
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM sagas")
+            .fetch_one(setup.pool())
+            .await
+            .unwrap();
+        if active == 0 && total == 500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{active} sagas still active of {total}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut confirmed_units: HashMap<String, u64> = HashMap::new();
+    let mut outcomes: HashMap<&'static str, usize> = HashMap::new();
+    for (order_id, lines) in &orders {
+        let status = setup.order_status(order_id).await;
+        assert_ne!(status, OrderStatus::Pending, "{order_id}");
+        *outcomes.entry(status.as_str()).or_default() += 1;
+        if status == OrderStatus::Confirmed {
+            for (sku, qty) in lines {
+                *confirmed_units.entry(sku.clone()).or_default() += qty;
+            }
+        }
+    }
+    for sku in &skus {
+        let (on_hand, reserved) = setup.stock(sku).await;
+        assert!(
+            reserved <= on_hand,
+            "{sku} oversold: {reserved} of {on_hand}"
+        );
+        assert_eq!(
+            reserved,
+            confirmed_units.get(sku).copied().unwrap_or(0),
+            "{sku}: reserved = confirmed units"
+        );
+    }
+    assert!(
+        outcomes["confirmed"] > 0 && outcomes["rejected"] > 0,
+        "{outcomes:?}"
+    );
+
+    // Exactly one notification per order, of the kind its end was.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let sent: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM notifications WHERE status = 'sent'")
+                .fetch_one(setup.pool())
+                .await
+                .unwrap();
+        if sent == 500 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sent} of 500 notifications sent"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let per_order: Vec<i64> =
+        sqlx::query_scalar("SELECT count(*) FROM notifications GROUP BY order_id")
+            .fetch_all(setup.pool())
+            .await
+            .unwrap();
+    assert_eq!(per_order.len(), 500);
+    assert!(per_order.iter().all(|n| *n == 1));
+    eprintln!("500 orders: {outcomes:?}");
+}
