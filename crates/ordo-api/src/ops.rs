@@ -114,6 +114,26 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
                 gauge("ordo_projection_parked_events", "parked");
             }
             metrics::gauge!("ordo_read_model_up").set(1.0);
+            if let Ok(sagas) = count_by(
+                &state.pool,
+                "SELECT state, count(*) FROM sagas GROUP BY state",
+            )
+            .await
+            {
+                for (saga_state, count) in sagas {
+                    metrics::gauge!("ordo_sagas", "state" => saga_state).set(count as f64);
+                }
+            }
+            if let Ok(notifications) = count_by(
+                &state.pool,
+                "SELECT status, count(*) FROM notifications GROUP BY status",
+            )
+            .await
+            {
+                for (status, count) in notifications {
+                    metrics::gauge!("ordo_notifications", "status" => status).set(count as f64);
+                }
+            }
         }
         Err(_) => metrics::gauge!("ordo_read_model_up").set(0.0),
     }
@@ -121,6 +141,13 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+async fn count_by(
+    pool: &sqlx::PgPool,
+    query: &'static str,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(query).fetch_all(pool).await
 }
 
 pub async fn not_found(uri: Uri) -> ApiError {

@@ -58,6 +58,15 @@ pub enum ProjectorError {
          (`ordo projections rebuild`) or point ORDO_DATABASE_URL at the database of this stream"
     )]
     ForeignStream { stream: String, reason: String },
+    #[error(
+        "the view in schema {schema} was built from another definition ({found}); it is left as \
+         it is. Rebuild it: `ordo projections rebuild {name}`"
+    )]
+    OutdatedView {
+        schema: String,
+        name: String,
+        found: String,
+    },
 }
 
 /// One fetched message: its sequence, subject and payload, read as an envelope if it is one.
@@ -169,6 +178,14 @@ impl<P: Projection> Projector<P> {
     async fn lead_as_leader(&self) -> Result<Term, ProjectorError> {
         let schema = schema::live_schema::<P>();
         schema::ensure_view::<P>(&self.pool, &schema).await?;
+        let found = schema::definition_of(&self.pool, &schema).await?;
+        if found.as_deref() != Some(schema::definition::<P>().as_str()) {
+            return Err(ProjectorError::OutdatedView {
+                schema,
+                name: P::NAME.to_owned(),
+                found: found.unwrap_or_else(|| "no definition mark".into()),
+            });
+        }
         let mut checkpoint = schema::checkpoint::<P>(&self.pool, &schema).await?;
         self.check_same_stream(&schema, checkpoint).await?;
         let consumer = self.consumer_from(checkpoint + 1).await?;

@@ -25,18 +25,53 @@ pub fn set_search_path(schema: &str) -> AssertSqlSafe<String> {
     AssertSqlSafe(format!("SET LOCAL search_path TO {schema}, public"))
 }
 
-/// Creates the projection's schema, tables and checkpoint row if they are missing.
+/// The mark a view's schema carries: the projection and a digest of the SQL that built it.
+pub fn definition<P: Projection>() -> String {
+    // FNV-1a: stable across builds and platforms, unlike the standard library's hasher.
+    let digest = P::DDL
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("ordo projection {} definition {digest:016x}", P::NAME)
+}
+
+/// The definition mark of `schema`, if it has one.
+pub async fn definition_of(pool: &PgPool, schema: &str) -> Result<Option<String>, sqlx::Error> {
+    let mark: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
+    )
+    .bind(schema)
+    .fetch_optional(pool)
+    .await?;
+    Ok(mark.flatten())
+}
+
+/// Creates the projection's schema, tables and checkpoint row if they are missing. A schema it
+/// creates is marked with the projection's definition; an existing one keeps its mark (a view
+/// built from another definition must be rebuilt, not altered).
 pub async fn ensure_view<P: Projection>(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Instances start together: one at a time creates the tables.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('ordo-projection-ddl'))")
         .execute(&mut *tx)
         .await?;
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema}"
-    )))
-    .execute(&mut *tx)
-    .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT exists(SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+            .bind(schema)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !exists {
+        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "COMMENT ON SCHEMA {schema} IS '{}'",
+            definition::<P>()
+        )))
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query(set_search_path(schema))
         .execute(&mut *tx)
         .await?;

@@ -595,3 +595,50 @@ async fn redelivered_events_are_skipped_not_applied_again() {
     assert_eq!(on_hand, 6, "each receive counted once");
     assert!(setup.parked().await.is_empty());
 }
+
+#[tokio::test]
+async fn a_view_built_from_another_definition_is_left_alone_until_rebuilt() {
+    let setup = Setup::start().await;
+    // A view from an older build: its schema carries another definition mark.
+    schema::ensure_view::<StockView>(setup.pool(), "view_stock")
+        .await
+        .unwrap();
+    sqlx::query(
+        "COMMENT ON SCHEMA view_stock IS 'ordo projection stock definition 0000000000000000'",
+    )
+    .execute(setup.pool())
+    .await
+    .unwrap();
+    let _stock = setup.projector::<StockView>();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        schema::checkpoint::<StockView>(setup.pool(), "view_stock")
+            .await
+            .unwrap(),
+        0,
+        "left alone"
+    );
+
+    rebuild::<StockView>(
+        setup.pool(),
+        &jetstream::new(setup.client.clone()),
+        ProjectorConfig::default(),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        schema::definition_of(setup.pool(), "view_stock")
+            .await
+            .unwrap(),
+        Some(schema::definition::<StockView>())
+    );
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .await;
+    setup.caught_up::<StockView>().await;
+    setup.stock_view_matches_the_stream().await;
+}

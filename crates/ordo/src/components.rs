@@ -31,8 +31,9 @@ impl Shutdown {
     }
 }
 
-/// Applies the streams, then serves commands until shutdown.
-pub async fn commands(nats: async_nats::Client, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Creates or updates the streams. Every long-running command does it first (it is idempotent),
+/// so that no component finds a stream missing.
+pub async fn apply_streams(nats: &async_nats::Client) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats.clone());
     let applied = apply_all(&js, &StreamDefinition::built_in())
         .await
@@ -40,6 +41,11 @@ pub async fn commands(nats: async_nats::Client, shutdown: Shutdown) -> anyhow::R
     for (stream, applied) in applied {
         tracing::info!(%stream, %applied, "stream");
     }
+    Ok(())
+}
+
+/// Serves commands until shutdown.
+pub async fn commands(nats: async_nats::Client, shutdown: Shutdown) -> anyhow::Result<()> {
     let store = EventStore::open(
         nats.clone(),
         &[
@@ -85,6 +91,88 @@ pub async fn projector(
             PROJECTIONS.join(", ")
         ),
     }
+    Ok(())
+}
+
+/// How the saga coordinator and the notifier behave; shared by `up` and `run saga|notifier`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SagaOptions {
+    /// Share of orders the simulated payment gateway declines (0 to 1).
+    #[arg(long, env = "ORDO_PAYMENT_DECLINE_RATE", default_value_t = 0.0, value_parser = share)]
+    pub payment_decline_rate: f64,
+    /// How long the simulated payment gateway takes to answer, in milliseconds.
+    #[arg(long, env = "ORDO_PAYMENT_LATENCY_MS", default_value_t = 5)]
+    pub payment_latency_ms: u64,
+    /// How long an order may stay pending before its saga rejects it with reason `timeout`.
+    #[arg(long, env = "ORDO_SAGA_TIMEOUT_SECS", default_value_t = 30)]
+    pub saga_timeout_secs: u64,
+    /// Also POST every notification to this URL.
+    #[arg(long, env = "ORDO_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Share of notification deliveries that fail on purpose, to exercise retries (0 to 1).
+    #[arg(long, env = "ORDO_NOTIFY_FAILURE_RATE", default_value_t = 0.0, value_parser = share)]
+    pub notify_failure_rate: f64,
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if (0.0..=1.0).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not between 0 and 1"))
+    }
+}
+
+impl SagaOptions {
+    pub fn gateway(&self) -> ordo_saga::SimulatedGateway {
+        ordo_saga::SimulatedGateway {
+            decline_rate: self.payment_decline_rate,
+            latency: std::time::Duration::from_millis(self.payment_latency_ms),
+        }
+    }
+
+    pub fn coordinator(
+        &self,
+        pool: PgPool,
+        nats: async_nats::Client,
+    ) -> ordo_saga::Coordinator<ordo_saga::SimulatedGateway> {
+        let config = ordo_saga::CoordinatorConfig {
+            saga_timeout: std::time::Duration::from_secs(self.saga_timeout_secs),
+            ..Default::default()
+        };
+        ordo_saga::Coordinator::new(pool, nats, self.gateway(), config)
+    }
+}
+
+/// Runs a saga coordinator until shutdown.
+pub async fn saga(
+    options: SagaOptions,
+    pool: PgPool,
+    nats: async_nats::Client,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    options.coordinator(pool, nats).run(shutdown.signal()).await;
+    Ok(())
+}
+
+/// Runs the notifier until shutdown.
+pub async fn notifier(
+    options: SagaOptions,
+    pool: PgPool,
+    nats: async_nats::Client,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let store = EventStore::open(nats.clone(), &["ORDO_ORDERS"]).await?;
+    let config = ordo_saga::NotifierConfig {
+        webhook_url: options.webhook_url,
+        failure_rate: options.notify_failure_rate,
+        ..Default::default()
+    };
+    ordo_saga::Notifier::new(pool, nats, store, config)
+        .run(shutdown.signal())
+        .await;
     Ok(())
 }
 

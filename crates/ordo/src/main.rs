@@ -1,7 +1,8 @@
 //! `ordo`: runs the engine and talks to it.
 //!
 //! - `ordo up`: every component in one process, with local defaults for NATS and PostgreSQL.
-//! - `ordo run commands|projector|api`: one component, to run many side by side.
+//! - `ordo run commands|projector|api|saga|notifier`: one component, to run many side by side.
+//! - `ordo sagas retry ORDER_ID`: an operator's retry of a saga stuck in a compensation.
 //! - `ordo streams apply`, `ordo projections status`: operating the streams and views.
 //! - `ordo order place|cancel|ship`, `ordo stock receive`: send the JSON `nats req` would.
 
@@ -48,6 +49,9 @@ struct Cli {
     #[arg(long, env = "ORDO_HOME", default_value = ".ordo", global = true)]
     home: PathBuf,
 
+    #[command(flatten)]
+    saga: components::SagaOptions,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -70,6 +74,11 @@ enum Command {
     Projections {
         #[command(subcommand)]
         action: ProjectionsAction,
+    },
+    /// Operate sagas.
+    Sagas {
+        #[command(subcommand)]
+        action: SagasAction,
     },
     /// Send an order command and print the reply.
     Order {
@@ -95,6 +104,10 @@ enum Component {
     },
     /// The HTTP read API.
     Api,
+    /// A saga coordinator: reserve, pay, confirm, or compensate (run as many as you like).
+    Saga,
+    /// The notifier: one notification per (order, kind).
+    Notifier,
 }
 
 #[derive(Subcommand)]
@@ -105,6 +118,12 @@ enum StreamsAction {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum SagasAction {
+    /// Give a saga stuck in a compensation a fresh retry budget.
+    Retry { order_id: String },
 }
 
 #[derive(Subcommand)]
@@ -123,7 +142,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client_only = matches!(
         cli.command,
-        Command::Order { .. } | Command::Stock { .. } | Command::Projections { .. }
+        Command::Order { .. }
+            | Command::Stock { .. }
+            | Command::Projections { .. }
+            | Command::Sagas { .. }
     );
     let _telemetry = telemetry::init(client_only)?;
     let nats_url = connect::configured_url(cli.nats_url.clone(), &cli.home);
@@ -132,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Up => up(cli).await,
         Command::Run { component } => {
             let nats = connect::connect_with_backoff(&nats_url).await?;
+            components::apply_streams(&nats).await?;
             let shutdown = Shutdown::new();
             let mut components = JoinSet::new();
             match component {
@@ -168,6 +191,17 @@ async fn main() -> anyhow::Result<()> {
                         components::api(cli.http_addr, pool, nats.clone(), shutdown.clone()),
                     ));
                 }
+                Component::Saga => {
+                    let pool = database::connect_and_prepare(&database_url).await;
+                    let saga = components::saga(cli.saga, pool, nats.clone(), shutdown.clone());
+                    components.spawn(named("saga", saga));
+                }
+                Component::Notifier => {
+                    let pool = database::connect_and_prepare(&database_url).await;
+                    let notifier =
+                        components::notifier(cli.saga, pool, nats.clone(), shutdown.clone());
+                    components.spawn(named("notifier", notifier));
+                }
             }
             supervise(components, shutdown, nats).await
         }
@@ -203,16 +237,35 @@ async fn main() -> anyhow::Result<()> {
             let pool = database::connect_and_prepare(&database_url).await;
             components::rebuild(&name, &pool, &nats).await
         }
+        Command::Sagas {
+            action: SagasAction::Retry { order_id },
+        } => {
+            let order_id = ordo_domain::OrderId::parse(order_id)?;
+            let nats = connect::connect_once(&nats_url).await?;
+            let pool = sqlx::PgPool::connect(&database_url).await?;
+            match cli
+                .saga
+                .coordinator(pool, nats)
+                .retry_stuck(&order_id)
+                .await?
+            {
+                Some(state) => println!("saga of {order_id}: {}", state.as_str()),
+                None => anyhow::bail!("no saga for order {order_id}"),
+            }
+            Ok(())
+        }
         Command::Order { action } => client::send(&nats_url, action.into_request()?).await,
         Command::Stock { action } => client::send(&nats_url, action.into_request()).await,
     }
 }
 
-/// Every component in one process: the command service, the projectors and the HTTP API.
+/// Every component in one process: the command service, the projectors, the saga coordinator,
+/// the notifier and the HTTP API.
 async fn up(cli: Cli) -> anyhow::Result<()> {
     let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url, &cli.home).await?;
     let (database_url, _local_postgres) = database::url_for_up(cli.database_url, &cli.home).await?;
     let nats = connect::connect_with_backoff(&nats_url).await?;
+    components::apply_streams(&nats).await?;
     let pool = database::connect_and_prepare(&database_url).await;
     let shutdown = Shutdown::new();
     let mut components = JoinSet::new();
@@ -229,6 +282,15 @@ async fn up(cli: Cli) -> anyhow::Result<()> {
         );
         components.spawn(async move { (format!("projector {name}"), task.await) });
     }
+    let saga = components::saga(
+        cli.saga.clone(),
+        pool.clone(),
+        nats.clone(),
+        shutdown.clone(),
+    );
+    components.spawn(named("saga", saga));
+    let notifier = components::notifier(cli.saga, pool.clone(), nats.clone(), shutdown.clone());
+    components.spawn(named("notifier", notifier));
     components.spawn(named(
         "api",
         components::api(cli.http_addr, pool, nats.clone(), shutdown.clone()),

@@ -271,6 +271,13 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
     let up = Running::start_with(&["up"], &env, &dir.path().join("up.log"));
 
     let client = server.client().await;
+    let received = request_when_up(
+        &client,
+        "ordo.cmd.stock.receive",
+        json!({"sku": "A1", "qty": 5}),
+    )
+    .await;
+    assert_eq!(received["ok"], true, "{received}");
     let placed = request_when_up(
         &client,
         "ordo.cmd.order.place",
@@ -279,24 +286,44 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
     .await;
     assert_eq!(placed["ok"], true, "{placed}");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let order: Value = loop {
-        let url = format!("http://{http_addr}/orders/o-1?min_seq={}", placed["seq"]);
-        match http.get(&url).send().await {
-            Ok(response) if response.status().is_success() => break response.json().await.unwrap(),
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "no order from the API: {other:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
+    let get = |path: String| {
+        let (http, http_addr) = (http.clone(), http_addr.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match http.get(format!("http://{http_addr}{path}")).send().await {
+                    Ok(response) if response.status().is_success() => {
+                        break response.json::<Value>().await.unwrap();
+                    }
+                    other => {
+                        assert!(Instant::now() < deadline, "no answer for {path}: {other:?}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             }
         }
     };
-    assert_eq!(
-        (order["status"].as_str(), order["total_cents"].as_i64()),
-        (Some("pending"), Some(1000))
-    );
+    // The client reads its own write…
+    let order = get(format!("/orders/o-1?min_seq={}", placed["seq"])).await;
+    assert_eq!(order["total_cents"].as_i64(), Some(1000));
+    // …and the saga confirms the order without any further command, and notifies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get("/sagas/o-1".into()).await["state"] != "confirmed" {
+        assert!(Instant::now() < deadline, "the saga did not confirm o-1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let notifications = loop {
+        let notifications = get("/notifications?order_id=o-1".into()).await;
+        if notifications["notifications"][0]["status"] == "sent" {
+            break notifications;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no notification: {notifications}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(notifications["notifications"][0]["kind"], "confirmed");
 
     let command = |args: &[&str]| {
         Command::new(ORDO)
@@ -307,29 +334,22 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
     };
     let status = command(&["projections", "status"]);
     let status = String::from_utf8_lossy(&status.stdout).to_string();
-    assert!(
-        status.contains("orders       ORDO_ORDERS             1          1        0       0"),
-        "{status}"
-    );
-    let rebuilt = command(&["projections", "rebuild", "orders"]);
+    assert!(status.starts_with("projection   stream"), "{status}");
+    let rebuilt = command(&["projections", "rebuild", "stock"]);
     assert!(
         rebuilt.status.success(),
         "{}",
         String::from_utf8_lossy(&rebuilt.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&rebuilt.stdout).starts_with("orders: rebuilt up to sequence 1")
+        String::from_utf8_lossy(&rebuilt.stdout).starts_with("stock: rebuilt up to sequence 2")
     );
-    assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("rebuilding orders: 1/1 events"));
-    let after: Value = http
-        .get(format!("http://{http_addr}/orders/o-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(after["status"], "pending");
+    assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("rebuilding stock: 2/2 events"));
+    let stock = get("/stock/A1?min_seq=2".into()).await;
+    assert_eq!(
+        (stock["on_hand"].as_i64(), stock["reserved"].as_i64()),
+        (Some(5), Some(2))
+    );
 
     assert!(up.terminate().success());
 }
