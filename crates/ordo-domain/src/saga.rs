@@ -15,6 +15,7 @@
 //! Every step has a deterministic command id (`saga:<order>:<index>:<kind>`), so running a step
 //! again, after a crash or a lost reply, never acts twice.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::{CustomerId, OrderId, Sku, order::OrderLine};
@@ -76,6 +77,9 @@ pub struct PlannedStep {
     pub state: StepState,
     pub attempts: u32,
     pub last_error: Option<String>,
+    /// When the step was last run (the caller's clock; the domain has none).
+    #[serde(default)]
+    pub last_attempt_at: Option<DateTime<Utc>>,
 }
 
 impl PlannedStep {
@@ -85,6 +89,7 @@ impl PlannedStep {
             state: StepState::Pending,
             attempts: 0,
             last_error: None,
+            last_attempt_at: None,
         }
     }
 
@@ -214,11 +219,12 @@ impl Saga {
         )
     }
 
-    /// Records what running step `index` came to, and moves the saga on.
-    pub fn record(mut self, index: usize, outcome: Outcome) -> Self {
+    /// Records what running step `index` at `at` came to, and moves the saga on.
+    pub fn record(mut self, index: usize, outcome: Outcome, at: DateTime<Utc>) -> Self {
         let is_compensation = self.steps[index].step.is_compensation();
         let planned = &mut self.steps[index];
         planned.attempts += 1;
+        planned.last_attempt_at = Some(at);
         match outcome {
             Outcome::Succeeded => {
                 planned.state = StepState::Succeeded;
@@ -402,7 +408,7 @@ mod specification {
     /// Runs the next step with `outcome` and returns the saga after it.
     fn run(saga: Saga, outcome: Outcome) -> Saga {
         let (index, _) = saga.next_step().expect("a next step");
-        saga.record(index, outcome)
+        saga.record(index, outcome, chrono::Utc::now())
     }
 
     fn next(saga: &Saga) -> Option<Step> {

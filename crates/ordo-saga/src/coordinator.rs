@@ -272,7 +272,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                 let outcome = self.run_step(&saga, index, &step).await;
                 tracing::debug!(order_id = %saga.order_id, step = step.kind(), ?outcome, "saga step");
                 let unknown = matches!(outcome, Outcome::Unknown(_));
-                saga = saga.record(index, outcome);
+                saga = saga.record(index, outcome, Utc::now());
                 let attempts = saga.steps[index].attempts;
                 match saga.next_step() {
                     None => None,
@@ -320,12 +320,12 @@ impl<G: PaymentGateway> Coordinator<G> {
                 json!({"order_id": order_id, "reason": reason}),
             ),
             Step::Authorize { amount_cents } => {
-                return payment_outcome(
-                    self.gateway.authorize(&saga.order_id, *amount_cents).await,
-                );
+                let call = self.gateway.authorize(&saga.order_id, *amount_cents);
+                return payment_outcome(tokio::time::timeout(self.config.step_timeout, call).await);
             }
             Step::Refund { amount_cents } => {
-                return payment_outcome(self.gateway.refund(&saga.order_id, *amount_cents).await);
+                let call = self.gateway.refund(&saga.order_id, *amount_cents);
+                return payment_outcome(tokio::time::timeout(self.config.step_timeout, call).await);
             }
         };
         let mut headers = async_nats::HeaderMap::new();
@@ -380,11 +380,14 @@ enum TakenIn {
     TooEarly,
 }
 
-fn payment_outcome(result: Result<(), PaymentError>) -> Outcome {
+fn payment_outcome(
+    result: Result<Result<(), PaymentError>, tokio::time::error::Elapsed>,
+) -> Outcome {
     match result {
-        Ok(()) => Outcome::Succeeded,
-        Err(declined @ PaymentError::Declined(_)) => Outcome::Failed(declined.to_string()),
-        Err(unavailable) => Outcome::Unknown(unavailable.to_string()),
+        Ok(Ok(())) => Outcome::Succeeded,
+        Ok(Err(declined @ PaymentError::Declined(_))) => Outcome::Failed(declined.to_string()),
+        Ok(Err(unavailable)) => Outcome::Unknown(unavailable.to_string()),
+        Err(_) => Outcome::Unknown("the payment gateway did not answer in time".into()),
     }
 }
 
@@ -398,6 +401,7 @@ fn steps_json(saga: &Saga) -> Value {
                 step["state"] = json!(planned.state);
                 step["attempts"] = json!(planned.attempts);
                 step["last_error"] = json!(planned.last_error);
+                step["last_attempt_at"] = json!(planned.last_attempt_at);
                 step
             })
             .collect(),

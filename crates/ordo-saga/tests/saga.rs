@@ -88,11 +88,15 @@ impl Setup {
     }
 
     fn notifier(&self) -> JoinHandle<()> {
+        self.notifier_with(NotifierConfig::default())
+    }
+
+    fn notifier_with(&self, config: NotifierConfig) -> JoinHandle<()> {
         let notifier = Notifier::new(
             self.pool().clone(),
             self.client.clone(),
             self.store.clone(),
-            NotifierConfig::default(),
+            config,
         );
         tokio::spawn(async move { notifier.run(std::future::pending()).await })
     }
@@ -543,4 +547,100 @@ async fn five_hundred_concurrent_orders_over_scarce_stock_oversell_nothing() {
     assert_eq!(per_order.len(), 500);
     assert!(per_order.iter().all(|n| *n == 1));
     eprintln!("500 orders: {outcomes:?}");
+}
+
+/// A webhook receiver: records every POST body; answers 500 to the first `fail_first` of them.
+async fn webhook(fail_first: usize) -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    use axum::{Json, http::StatusCode, routing::post};
+    let received = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (store, counter) = (received.clone(), calls.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |Json(body): Json<Value>| {
+            let (store, counter) = (store.clone(), counter.clone());
+            async move {
+                if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail_first {
+                    return StatusCode::INTERNAL_SERVER_ERROR;
+                }
+                store.lock().unwrap().push(body);
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+#[tokio::test]
+async fn the_webhook_gets_one_post_per_order_and_kind_after_retries_and_redeliveries() {
+    let setup = Setup::start().await;
+    let (url, received) = webhook(1).await;
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    let _notifier = setup.notifier_with(NotifierConfig {
+        webhook_url: Some(url),
+        retry_base: Duration::from_millis(20),
+        ..Default::default()
+    });
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 1)]).await;
+    setup.saga_ends("o-1", "confirmed").await;
+    assert_eq!(
+        setup.notifications("o-1").await,
+        [("confirmed".into(), "sent".into())]
+    );
+    let attempts: i32 =
+        sqlx::query_scalar("SELECT attempts FROM notifications WHERE order_id = 'o-1'")
+            .fetch_one(setup.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        attempts, 2,
+        "the first POST failed, the second went through"
+    );
+
+    // Every order event is delivered to the notifier again.
+    let stream = jetstream::new(setup.client.clone())
+        .get_stream("ORDO_ORDERS")
+        .await
+        .unwrap();
+    stream.delete_consumer("ordo-notifier").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(
+        (
+            received[0]["order_id"].as_str(),
+            received[0]["kind"].as_str()
+        ),
+        (Some("o-1"), Some("confirmed"))
+    );
+}
+
+#[tokio::test]
+async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() {
+    let setup = Setup::start().await;
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    let _notifier = setup.notifier_with(NotifierConfig {
+        failure_rate: 1.0,
+        attempts: 3,
+        retry_base: Duration::from_millis(10),
+        ..Default::default()
+    });
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 1)]).await;
+    setup.saga_ends("o-1", "confirmed").await;
+    assert_eq!(
+        setup.notifications("o-1").await,
+        [("confirmed".into(), "dead_lettered".into())]
+    );
+    let (attempts, last_error): (i32, Option<String>) =
+        sqlx::query_as("SELECT attempts, last_error FROM notifications WHERE order_id = 'o-1'")
+            .fetch_one(setup.pool())
+            .await
+            .unwrap();
+    assert_eq!(attempts, 3);
+    assert!(last_error.unwrap().contains("simulated delivery failure"));
 }
