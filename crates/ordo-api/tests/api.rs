@@ -1,20 +1,18 @@
 //! The HTTP read model over a real listener, with real nats-server, command service, projectors
 //! and PostgreSQL behind it.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use async_nats::jetstream;
 use ordo_api::ApiState;
-use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
-use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_harness::Engine;
 use ordo_projections::{Projector, ProjectorConfig, orders::OrdersView, schema, stock::StockView};
 use ordo_testkit::{NatsServer, TestDatabase};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 struct Setup {
-    _server: NatsServer,
-    client: async_nats::Client,
+    engine: Engine,
     _database: TestDatabase,
     base: String,
     http: reqwest::Client,
@@ -22,50 +20,27 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
-        let server = NatsServer::start();
-        let client = server.client().await;
-        apply_all(
-            &jetstream::new(client.clone()),
-            &StreamDefinition::built_in(),
-        )
-        .await
-        .unwrap();
-        let store = EventStore::open(
-            client.clone(),
-            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
-        )
-        .await
-        .unwrap();
-        let service = CommandService::start(
-            client.clone(),
-            Arc::new(CommandHandler::new(store)),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(service.run(std::future::pending()));
-
+        let engine = Engine::start().await;
         let database = TestDatabase::create().await;
         schema::prepare(database.pool()).await.unwrap();
         let config = ProjectorConfig {
             fetch_wait: Duration::from_millis(100),
             ..Default::default()
         };
-        let js = jetstream::new(client.clone());
+        let js = jetstream::new(engine.client.clone());
         let orders =
             Projector::<OrdersView>::new(database.pool().clone(), js.clone(), config.clone());
         let stock = Projector::<StockView>::new(database.pool().clone(), js, config);
         tokio::spawn(async move { orders.run(std::future::pending()).await });
         tokio::spawn(async move { stock.run(std::future::pending()).await });
 
-        let mut state = ApiState::new(database.pool().clone(), client.clone());
+        let mut state = ApiState::new(database.pool().clone(), engine.client.clone());
         state.min_seq_wait = Duration::from_millis(500);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(ordo_api::serve(listener, state, std::future::pending()));
         Self {
-            _server: server,
-            client,
+            engine,
             _database: database,
             base,
             http: reqwest::Client::new(),
@@ -73,17 +48,7 @@ impl Setup {
     }
 
     async fn command(&self, subject: &str, body: Value) -> Value {
-        let reply = self
-            .client
-            .request(
-                subject.to_owned(),
-                serde_json::to_vec(&body).unwrap().into(),
-            )
-            .await
-            .unwrap();
-        let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
-        assert_eq!(reply["ok"], true, "{reply}");
-        reply
+        self.engine.command(subject, body).await
     }
 
     async fn place(&self, order_id: &str, customer_id: &str) -> Value {
@@ -254,7 +219,7 @@ async fn operators_see_projections_readiness_and_metrics() {
     setup
         .get(&format!("/orders/o-1?min_seq={}", reply["seq"]))
         .await;
-    let js = jetstream::new(setup.client.clone());
+    let js = jetstream::new(setup.engine.client.clone());
     js.publish("ordo.order.events.bad", "garbage".into())
         .await
         .unwrap()

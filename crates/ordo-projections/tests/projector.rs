@@ -1,11 +1,11 @@
 //! Projectors against real nats-server and PostgreSQL: events in, rows out, exactly once.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use async_nats::jetstream;
-use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
 use ordo_domain::{order::OrderAggregate, stock::StockAggregate};
 use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_harness::Engine;
 use ordo_projections::{
     Projection, Projector, ProjectorConfig,
     orders::OrdersView,
@@ -19,45 +19,16 @@ use sqlx::{PgPool, Row};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 struct Setup {
-    server: NatsServer,
-    client: async_nats::Client,
+    engine: Engine,
     database: TestDatabase,
-    _service: JoinHandle<()>,
 }
 
 impl Setup {
     async fn start() -> Self {
-        let server = NatsServer::start();
-        let client = server.client().await;
-        apply_all(
-            &jetstream::new(client.clone()),
-            &StreamDefinition::built_in(),
-        )
-        .await
-        .unwrap();
-        let store = EventStore::open(
-            client.clone(),
-            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
-        )
-        .await
-        .unwrap();
-        let service = CommandService::start(
-            client.clone(),
-            Arc::new(CommandHandler::new(store)),
-            Default::default(),
-        )
-        .await
-        .unwrap();
-        let service =
-            tokio::spawn(async move { service.run(std::future::pending()).await.unwrap() });
+        let engine = Engine::start().await;
         let database = TestDatabase::create().await;
         schema::migrate(database.pool()).await.unwrap();
-        Self {
-            server,
-            client,
-            database,
-            _service: service,
-        }
+        Self { engine, database }
     }
 
     fn pool(&self) -> &PgPool {
@@ -65,24 +36,14 @@ impl Setup {
     }
 
     async fn command(&self, subject: &str, body: Value) -> Value {
-        let reply = self
-            .client
-            .request(
-                subject.to_owned(),
-                serde_json::to_vec(&body).unwrap().into(),
-            )
-            .await
-            .unwrap();
-        let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
-        assert_eq!(reply["ok"], true, "{subject} {body}: {reply}");
-        reply
+        self.engine.command(subject, body).await
     }
 
     /// Starts a projector instance; dropping the handle's sender stops it, aborting kills it.
     fn projector<P: Projection>(&self) -> (oneshot::Sender<()>, JoinHandle<()>) {
         let projector = Projector::<P>::new(
             self.pool().clone(),
-            jetstream::new(self.client.clone()),
+            jetstream::new(self.engine.client.clone()),
             ProjectorConfig {
                 batch_size: 32,
                 fetch_wait: Duration::from_millis(100),
@@ -104,7 +65,7 @@ impl Setup {
 
     /// Waits until the view's checkpoint reaches the stream's last sequence.
     async fn caught_up<P: Projection>(&self) {
-        let mut stream = jetstream::new(self.client.clone())
+        let mut stream = jetstream::new(self.engine.client.clone())
             .get_stream(P::STREAM)
             .await
             .unwrap();
@@ -138,7 +99,7 @@ impl Setup {
 
     /// Every SKU row of the view next to the SKU folded from its events by the domain.
     async fn stock_view_matches_the_stream(&self) {
-        let store = EventStore::open(self.client.clone(), &["ORDO_STOCK"])
+        let store = EventStore::open(self.engine.client.clone(), &["ORDO_STOCK"])
             .await
             .unwrap();
         let rows = sqlx::query(
@@ -169,7 +130,7 @@ impl Setup {
     }
 
     async fn orders_view_matches_the_stream(&self) {
-        let store = EventStore::open(self.client.clone(), &["ORDO_ORDERS"])
+        let store = EventStore::open(self.engine.client.clone(), &["ORDO_ORDERS"])
             .await
             .unwrap();
         let rows =
@@ -258,7 +219,7 @@ async fn an_event_that_cannot_be_applied_is_parked_and_the_view_goes_on() {
     setup
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
         .await;
-    let js = jetstream::new(setup.client.clone());
+    let js = jetstream::new(setup.engine.client.clone());
     let bad = js
         .publish("ordo.stock.events.BAD", "not an event".into())
         .await
@@ -336,7 +297,7 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
         (standby, killed_at)
     };
     let ((), (_standby, killed_at)) = tokio::join!(load, chaos);
-    let head = jetstream::new(setup.client.clone())
+    let head = jetstream::new(setup.engine.client.clone())
         .get_stream("ORDO_STOCK")
         .await
         .unwrap()
@@ -366,10 +327,10 @@ async fn a_restarted_nats_server_does_not_stop_the_projector() {
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
         .await;
     setup.caught_up::<StockView>().await;
-    setup.server.kill();
+    setup.engine.server.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    setup.server.restart();
-    NatsServer::wait_for_jetstream(&setup.client).await;
+    setup.engine.server.restart();
+    NatsServer::wait_for_jetstream(&setup.engine.client).await;
     setup
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 2}))
         .await;
@@ -422,7 +383,7 @@ async fn a_view_never_follows_another_stream_of_the_same_name() {
     setup.caught_up::<StockView>().await;
 
     // The stream is deleted and created again: its sequences start at 1, below the checkpoint.
-    let js = jetstream::new(setup.client.clone());
+    let js = jetstream::new(setup.engine.client.clone());
     js.delete_stream("ORDO_STOCK").await.unwrap();
     apply_all(&js, &StreamDefinition::built_in()).await.unwrap();
     let reply = setup
@@ -504,7 +465,7 @@ async fn a_rebuild_gives_the_same_rows_as_the_incremental_view() {
         rows(setup.pool(), "view_orders.order_lines", "order_id, line_no").await,
     );
 
-    let js = jetstream::new(setup.client.clone());
+    let js = jetstream::new(setup.engine.client.clone());
     let mut reports = Vec::new();
     let rebuilt = rebuild::<StockView>(setup.pool(), &js, ProjectorConfig::default(), |p| {
         reports.push(p)
@@ -536,7 +497,7 @@ async fn a_rebuild_during_live_writes_ends_equal_to_the_stream() {
     let _orders = setup.projector::<OrdersView>();
     busy_day(&setup, 0, 30).await;
 
-    let js = jetstream::new(setup.client.clone());
+    let js = jetstream::new(setup.engine.client.clone());
     let config = ProjectorConfig {
         batch_size: 8,
         ..Default::default()
@@ -566,7 +527,7 @@ async fn redelivered_events_are_skipped_not_applied_again() {
     setup.caught_up::<StockView>().await;
 
     // The consumer forgets what was acked and delivers everything again, from the first event.
-    let stream = jetstream::new(setup.client.clone())
+    let stream = jetstream::new(setup.engine.client.clone())
         .get_stream("ORDO_STOCK")
         .await
         .unwrap();
@@ -624,7 +585,7 @@ async fn a_view_built_from_another_definition_is_left_alone_until_rebuilt() {
 
     rebuild::<StockView>(
         setup.pool(),
-        &jetstream::new(setup.client.clone()),
+        &jetstream::new(setup.engine.client.clone()),
         ProjectorConfig::default(),
         |_| {},
     )

@@ -4,20 +4,20 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
 use ordo_domain::{
     order::{OrderAggregate, OrderStatus},
     stock::StockAggregate,
 };
-use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_eventstore::EventStore;
+use ordo_harness::Engine;
 use ordo_saga::{Coordinator, CoordinatorConfig, Notifier, NotifierConfig, SimulatedGateway};
-use ordo_testkit::{NatsServer, TestDatabase};
+use ordo_testkit::TestDatabase;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
 struct Setup {
-    _server: NatsServer,
+    engine: Engine,
     client: async_nats::Client,
     database: TestDatabase,
     store: EventStore,
@@ -40,40 +40,16 @@ fn gateway(decline_rate: f64, latency_ms: u64) -> SimulatedGateway {
 
 impl Setup {
     async fn start() -> Self {
-        let server = NatsServer::start();
-        let client = server.client().await;
-        apply_all(
-            &jetstream::new(client.clone()),
-            &StreamDefinition::built_in(),
-        )
-        .await
-        .unwrap();
-        let store = EventStore::open(
-            client.clone(),
-            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
-        )
-        .await
-        .unwrap();
-        for _ in 0..2 {
-            let connection = server.client().await;
-            let service = CommandService::start(
-                connection,
-                Arc::new(CommandHandler::new(store.clone())),
-                Default::default(),
-            )
-            .await
-            .unwrap();
-            tokio::spawn(service.run(std::future::pending()));
-        }
+        let engine = Engine::start_with_instances(2).await;
         let database = TestDatabase::create().await;
         ordo_projections::schema::prepare(database.pool())
             .await
             .unwrap();
         Self {
-            _server: server,
-            client,
+            client: engine.client.clone(),
+            store: engine.store.clone(),
+            engine,
             database,
-            store,
         }
     }
 
@@ -102,15 +78,7 @@ impl Setup {
     }
 
     async fn command(&self, subject: &str, body: Value) -> Value {
-        let reply = self
-            .client
-            .request(
-                subject.to_owned(),
-                serde_json::to_vec(&body).unwrap().into(),
-            )
-            .await
-            .unwrap();
-        serde_json::from_slice(&reply.payload).unwrap()
+        self.engine.send(subject, body).await
     }
 
     async fn receive(&self, sku: &str, qty: u64) {

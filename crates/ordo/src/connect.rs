@@ -12,13 +12,18 @@ const URL_FILE: &str = "nats.url";
 
 /// The URL to use when one is configured, else the server `ordo up` started, else the default.
 pub fn configured_url(configured: Option<String>, home: &Path) -> String {
+    configured_or_recorded(configured, &home.join(URL_FILE), DEFAULT_URL)
+}
+
+/// `configured`, else the URL recorded in `file` by a running `ordo up`, else `default`.
+pub fn configured_or_recorded(configured: Option<String>, file: &Path, default: &str) -> String {
     configured
         .or_else(|| {
-            std::fs::read_to_string(home.join(URL_FILE))
+            std::fs::read_to_string(file)
                 .ok()
                 .map(|url| url.trim().to_owned())
         })
-        .unwrap_or_else(|| DEFAULT_URL.to_owned())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// `ordo up`'s NATS: the configured URL; else 127.0.0.1:4222 if a nats-server >= 2.10 with

@@ -17,13 +17,8 @@ const URL_FILE: &str = "database.url";
 /// The URL to use when one is configured, else the database `ordo up` started, else the local
 /// default (`postgres://postgres@127.0.0.1:5432/ordo`).
 pub fn configured_url(configured: Option<String>, home: &Path) -> String {
-    configured
-        .or_else(|| {
-            std::fs::read_to_string(home.join(URL_FILE))
-                .ok()
-                .map(|url| url.trim().to_owned())
-        })
-        .unwrap_or_else(|| format!("{LOCAL_SERVER}/{DATABASE}"))
+    let default = format!("{LOCAL_SERVER}/{DATABASE}");
+    crate::connect::configured_or_recorded(configured, &home.join(URL_FILE), &default)
 }
 
 /// `ordo up`'s database: the configured URL; else database `ordo` (created if missing) on a local

@@ -1,0 +1,75 @@
+//! A running ordo for the integration tests of the crates downstream of the command service: a
+//! nats-server of the test's own, the streams applied, and command service instances in the
+//! test's process. (The command service's own tests cannot use it: it depends on them.)
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
+use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_testkit::NatsServer;
+use serde_json::Value;
+
+pub struct Engine {
+    pub server: NatsServer,
+    pub client: async_nats::Client,
+    pub store: EventStore,
+}
+
+impl Engine {
+    /// A nats-server with the streams and one command service instance.
+    pub async fn start() -> Self {
+        Self::start_with_instances(1).await
+    }
+
+    /// The same with `instances` command service instances, each on its own connection.
+    pub async fn start_with_instances(instances: usize) -> Self {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        apply_all(
+            &jetstream::new(client.clone()),
+            &StreamDefinition::built_in(),
+        )
+        .await
+        .expect("apply the streams");
+        let store = EventStore::open(
+            client.clone(),
+            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
+        )
+        .await
+        .expect("open the event store");
+        for _ in 0..instances {
+            let connection = server.client().await;
+            let handler = Arc::new(CommandHandler::new(store.clone()));
+            let service = CommandService::start(connection, handler, Default::default())
+                .await
+                .expect("start the command service");
+            tokio::spawn(service.run(std::future::pending()));
+        }
+        Self {
+            server,
+            client,
+            store,
+        }
+    }
+
+    /// Sends a command and returns its reply, whatever it says.
+    pub async fn send(&self, subject: &str, body: Value) -> Value {
+        let reply = self
+            .client
+            .request(
+                subject.to_owned(),
+                serde_json::to_vec(&body).expect("JSON").into(),
+            )
+            .await
+            .unwrap_or_else(|err| panic!("no reply on {subject}: {err}"));
+        serde_json::from_slice(&reply.payload).expect("a JSON reply")
+    }
+
+    /// Sends a command that must succeed, and returns its reply.
+    pub async fn command(&self, subject: &str, body: Value) -> Value {
+        let reply = self.send(subject, body.clone()).await;
+        assert_eq!(reply["ok"], true, "{subject} {body}: {reply}");
+        reply
+    }
+}
