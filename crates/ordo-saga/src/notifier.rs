@@ -39,7 +39,7 @@ impl Default for NotifierConfig {
             attempts: 5,
             retry_base: Duration::from_millis(100),
             failure_rate: 0.0,
-            concurrency: 16,
+            concurrency: 8,
         }
     }
 }

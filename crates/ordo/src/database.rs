@@ -91,8 +91,10 @@ pub async fn connect_and_prepare(url: &str) -> PgPool {
     let mut delay = Duration::from_millis(250);
     loop {
         let attempt = async {
+            // Saga workers (8) and notifier deliveries (8) hold a connection while they wait on
+            // NATS, the payment gateway or a webhook; projectors and the API need theirs too.
             let pool = PgPoolOptions::new()
-                .max_connections(16)
+                .max_connections(32)
                 .acquire_timeout(Duration::from_secs(3))
                 .connect(url)
                 .await?;
