@@ -256,47 +256,51 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
     let (_stop_first, first) = setup.projector::<StockView>();
     let (_stop_orders, _orders) = setup.projector::<OrdersView>();
 
-    let load = async {
-        for i in 0..150 {
-            let sku = format!("S{}", i % 7);
-            setup
-                .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": 3}))
-                .await;
-            setup
-                .command(
-                    "ordo.cmd.stock.reserve",
-                    json!({"sku": sku, "order_id": format!("o-{i}"), "qty": 1}),
-                )
-                .await;
-            if i % 3 == 0 {
+    let load = |range: std::ops::Range<usize>| {
+        let setup = &setup;
+        async move {
+            for i in range {
+                let (sku, order) = (format!("S{}", i % 7), format!("o-{i}"));
+                setup
+                    .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": 3}))
+                    .await;
                 setup
                     .command(
-                        "ordo.cmd.stock.release",
-                        json!({"sku": sku, "order_id": format!("o-{i}")}),
+                        "ordo.cmd.stock.reserve",
+                        json!({"sku": sku, "order_id": order, "qty": 1}),
                     )
                     .await;
+                if i % 3 == 0 {
+                    setup
+                        .command(
+                            "ordo.cmd.stock.release",
+                            json!({"sku": sku, "order_id": order}),
+                        )
+                        .await;
+                }
             }
         }
     };
+    // The leader works through the first half; a standby joins.
+    load(0..50).await;
+    let schema = live_schema::<StockView>();
+    while schema::checkpoint::<StockView>(setup.pool(), &schema)
+        .await
+        .unwrap_or(0)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _standby = setup.projector::<StockView>();
+    // The leader is killed while the second half is being written (and applied).
     let chaos = async {
-        let schema = live_schema::<StockView>();
-        while schema::checkpoint::<StockView>(setup.pool(), &schema)
-            .await
-            .unwrap_or(0)
-            < 50
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let standby = setup.projector::<StockView>();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // Killed in the middle of its work: the standby takes over from the checkpoint.
+        tokio::time::sleep(Duration::from_millis(20)).await;
         first.abort();
-        let killed_at = schema::checkpoint::<StockView>(setup.pool(), &schema)
+        schema::checkpoint::<StockView>(setup.pool(), &schema)
             .await
-            .unwrap();
-        (standby, killed_at)
+            .unwrap()
     };
-    let ((), (_standby, killed_at)) = tokio::join!(load, chaos);
+    let ((), killed_at) = tokio::join!(load(50..150), chaos);
     let head = jetstream::new(setup.engine.client.clone())
         .get_stream("ORDO_STOCK")
         .await
