@@ -6,7 +6,9 @@
 //! 2. The swap locks the live `checkpoints` table, which pauses the live projector between
 //!    batches; the new view catches up to at least the live checkpoint (a view never goes back),
 //!    and the two schemas are renamed in one transaction. The old schema is dropped afterwards.
-//! 3. A live projector caught in the middle of a batch finds its checkpoint fenced, starts a new
+//! 3. Parked events of the projection that applied this time are no longer parked (a rebuild is
+//!    how a parked event is retried once its cause is fixed).
+//! 4. A live projector caught in the middle of a batch finds its checkpoint fenced, starts a new
 //!    term and goes on from the new view's checkpoint.
 
 use std::time::{Duration, Instant};
@@ -47,6 +49,8 @@ pub async fn rebuild<P: Projection>(
     mut progress: impl FnMut(Progress),
 ) -> Result<Rebuilt, ProjectorError> {
     let started = Instant::now();
+    let rebuild_began: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let live = live_schema::<P>();
     let next = format!("{live}_next");
     ensure_view::<P>(pool, &live).await?;
@@ -109,6 +113,13 @@ pub async fn rebuild<P: Projection>(
     )))
     .execute(&mut *swap)
     .await?;
+    // A rebuild is the retry of parked events: those that failed again were parked anew
+    // during it; the others now apply and are no longer parked.
+    sqlx::query("DELETE FROM parked_events WHERE projection = $1 AND parked_at < $2")
+        .bind(P::NAME)
+        .bind(rebuild_began)
+        .execute(&mut *swap)
+        .await?;
     swap.commit().await?;
     // Dropped after the commit: a live batch holding locks on the old tables finishes first.
     sqlx::query(AssertSqlSafe(format!(

@@ -5,7 +5,7 @@
 //! redelivered. It is published on `ordo.notifications.<customer_id>` and, if configured, POSTed
 //! to a webhook. Delivery is tried with growing pauses, under a lock on the record so that two
 //! redeliveries never send it twice; after the last attempt the record is dead-lettered and shows
-//! in `/notifications`. Notification is the saga's pivot: it is never undone, only retried.
+//! in `/notifications`, and an operator can retry it (`ordo notifications retry`). Notification is the saga's pivot: it is never undone, only retried.
 
 use std::time::Duration;
 
@@ -183,6 +183,30 @@ impl Notifier {
         .execute(&self.pool)
         .await?;
         self.deliver(&order_id, kind).await
+    }
+
+    /// An operator's retry of a dead-lettered notification: it is pending again and delivered
+    /// now. Returns its status after the attempt, or `None` if there is no such notification.
+    pub async fn retry(&self, order_id: &str, kind: &str) -> Result<Option<String>, NotifierError> {
+        let reset = sqlx::query(
+            "UPDATE notifications SET status = 'pending', attempts = 0 WHERE order_id = $1 AND kind = $2
+             AND status = 'dead_lettered'",
+        )
+        .bind(order_id)
+        .bind(kind)
+        .execute(&self.pool)
+        .await?;
+        if reset.rows_affected() == 1 {
+            self.deliver(order_id, kind).await?;
+        }
+        let status: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM notifications WHERE order_id = $1 AND kind = $2",
+        )
+        .bind(order_id)
+        .bind(kind)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(status)
     }
 
     /// Delivers a pending notification, under a lock on its record.

@@ -611,4 +611,21 @@ async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() 
             .unwrap();
     assert_eq!(attempts, 3);
     assert!(last_error.unwrap().contains("simulated delivery failure"));
+
+    // Once the channel works again, an operator retries it.
+    let working = Notifier::new(
+        setup.pool().clone(),
+        setup.client.clone(),
+        setup.store.clone(),
+        NotifierConfig::default(),
+    );
+    assert_eq!(
+        working.retry("o-1", "confirmed").await.unwrap().as_deref(),
+        Some("sent")
+    );
+    assert_eq!(
+        working.retry("o-1", "shipped").await.unwrap(),
+        None,
+        "no such notification"
+    );
 }

@@ -157,6 +157,21 @@ pub async fn saga(
     Ok(())
 }
 
+/// The notifier these options describe.
+pub async fn notifier_of(
+    options: &SagaOptions,
+    pool: PgPool,
+    nats: async_nats::Client,
+) -> anyhow::Result<ordo_saga::Notifier> {
+    let store = EventStore::open(nats.clone(), &["ORDO_ORDERS"]).await?;
+    let config = ordo_saga::NotifierConfig {
+        webhook_url: options.webhook_url.clone(),
+        failure_rate: options.notify_failure_rate,
+        ..Default::default()
+    };
+    Ok(ordo_saga::Notifier::new(pool, nats, store, config))
+}
+
 /// Runs the notifier until shutdown.
 pub async fn notifier(
     options: SagaOptions,
@@ -164,13 +179,8 @@ pub async fn notifier(
     nats: async_nats::Client,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let store = EventStore::open(nats.clone(), &["ORDO_ORDERS"]).await?;
-    let config = ordo_saga::NotifierConfig {
-        webhook_url: options.webhook_url,
-        failure_rate: options.notify_failure_rate,
-        ..Default::default()
-    };
-    ordo_saga::Notifier::new(pool, nats, store, config)
+    notifier_of(&options, pool, nats)
+        .await?
         .run(shutdown.signal())
         .await;
     Ok(())

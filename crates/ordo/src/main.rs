@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         action: SagasAction,
     },
+    /// Operate notifications.
+    Notifications {
+        #[command(subcommand)]
+        action: NotificationsAction,
+    },
     /// Send an order command and print the reply.
     Order {
         #[command(subcommand)]
@@ -121,6 +126,16 @@ enum StreamsAction {
 }
 
 #[derive(Subcommand)]
+enum NotificationsAction {
+    /// Deliver a dead-lettered notification again.
+    Retry {
+        order_id: String,
+        /// confirmed, rejected, cancelled or shipped
+        kind: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum SagasAction {
     /// Give a saga stuck in a compensation a fresh retry budget.
     Retry { order_id: String },
@@ -146,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             | Command::Stock { .. }
             | Command::Projections { .. }
             | Command::Sagas { .. }
+            | Command::Notifications { .. }
     );
     let _telemetry = telemetry::init(client_only)?;
     let nats_url = connect::configured_url(cli.nats_url.clone(), &cli.home);
@@ -251,6 +267,21 @@ async fn main() -> anyhow::Result<()> {
             {
                 Some(state) => println!("saga of {order_id}: {}", state.as_str()),
                 None => anyhow::bail!("no saga for order {order_id}"),
+            }
+            Ok(())
+        }
+        Command::Notifications {
+            action: NotificationsAction::Retry { order_id, kind },
+        } => {
+            let nats = connect::connect_once(&nats_url).await?;
+            let pool = sqlx::PgPool::connect(&database_url).await?;
+            match components::notifier_of(&cli.saga, pool, nats)
+                .await?
+                .retry(&order_id, &kind)
+                .await?
+            {
+                Some(status) => println!("notification {kind} of {order_id}: {status}"),
+                None => anyhow::bail!("no {kind} notification for order {order_id}"),
             }
             Ok(())
         }
