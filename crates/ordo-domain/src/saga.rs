@@ -2,15 +2,32 @@
 //!
 //! A saga is a plan of steps run one after the other. For a placed order: reserve every line,
 //! authorise the payment, confirm the order. When a forward step fails for a business reason
-//! (out of stock, payment declined), or its outcome stays unknown after its retries, or the
-//! deadline passes, the rest of the plan is replaced by compensations: release every
-//! reservation that was (or may have been) made, in reverse order, refund the payment if it was
-//! (or may have been) authorised, and reject the order with the reason. A compensation whose
-//! outcome stays unknown stops the saga in `compensation_stuck`, visible, for an operator.
+//! (out of stock, payment declined), or the deadline passes before the confirm, the rest of the
+//! plan is replaced by compensations: release every reservation that was (or may have been)
+//! made, in reverse order, refund the payment if it was (or may have been) authorised, and
+//! reject the order with the reason.
 //!
-//! Later events extend a finished plan: a cancelled order releases its stock and refunds; a
-//! shipped order deducts its reservations. Notification is not a step: it cannot be undone, so
-//! the notifier reacts to the order's final events instead.
+//! Three outcomes per step: success, a definite no, or unknown (no answer, no responders, a
+//! transient error). An unknown step is run again with the same command id until it is known;
+//! there is no count after which a forward step is given up: the deadline bounds the steps
+//! before the confirm, and an outage is waited out.
+//!
+//! **Confirm is the point of no return.** Once a confirm may have been sent, the saga only goes
+//! forward: a confirm that is refused or unanswered is run again (the coordinator resolves it by
+//! reading the order's events), the deadline no longer applies, and nothing is compensated.
+//! Steps after it (deductions on shipping) and compensations are retried until they are known;
+//! after [`STUCK_AFTER_ATTEMPTS`] unknown outcomes the saga shows `compensation_stuck` so that an
+//! operator sees it, and it keeps being retried (with capped back-off) on its own.
+//!
+//! A step that is about to run may have run already: a coordinator can die after sending it and
+//! before recording it. So when the saga is interrupted from outside (deadline, cancellation),
+//! its current step counts as possibly done and is undone too (a release or refund of something
+//! that never happened is a no-op, by the participants' barriers).
+//!
+//! Later events extend a plan: a cancelled order releases its stock and refunds; a shipped order
+//! deducts its reservations, also when the shipping arrives while the saga is still confirming.
+//! Notification is not a step: it cannot be undone, so the notifier reacts to the order's final
+//! events instead.
 //!
 //! Every step has a deterministic command id (`saga:<order>:<index>:<kind>`), so running a step
 //! again, after a crash or a lost reply, never acts twice.
@@ -20,8 +37,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{CustomerId, OrderId, Sku, order::OrderLine};
 
-/// How often a step whose outcome is unknown is tried before the saga gives up on it.
-pub const STEP_ATTEMPTS: u32 = 6;
+/// Unknown outcomes of a compensation (or a step after the confirm) after which the saga shows
+/// `compensation_stuck`. It keeps being retried; the state is there to be seen.
+pub const STUCK_AFTER_ATTEMPTS: u32 = 6;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -54,6 +72,11 @@ impl Step {
             self,
             Self::Release { .. } | Self::Refund { .. } | Self::Reject { .. }
         )
+    }
+
+    /// Steps run before the confirm: the only ones a deadline or a refusal undoes.
+    fn is_before_pivot(&self) -> bool {
+        matches!(self, Self::Reserve { .. } | Self::Authorize { .. })
     }
 }
 
@@ -116,7 +139,8 @@ pub enum SagaState {
     Cancelled,
     Shipping,
     Shipped,
-    /// A compensation kept failing: an operator must look (and can retry).
+    /// A compensation (or a deduction) has had no answer for a while: it keeps being retried
+    /// with capped back-off, and shows here so that an operator can look (and retry it now).
     CompensationStuck,
 }
 
@@ -135,11 +159,15 @@ impl SagaState {
         }
     }
 
-    /// True while the saga has steps to run.
+    /// True while the saga has steps to run (a stuck saga too: it keeps being retried).
     pub fn is_active(self) -> bool {
         matches!(
             self,
-            Self::Running | Self::Compensating | Self::Cancelling | Self::Shipping
+            Self::Running
+                | Self::Compensating
+                | Self::Cancelling
+                | Self::Shipping
+                | Self::CompensationStuck
         )
     }
 }
@@ -163,8 +191,14 @@ pub struct Saga {
     pub steps: Vec<PlannedStep>,
     /// Why the order was rejected or the saga is stuck.
     pub reason: Option<String>,
-    /// The state a stuck saga goes back to when an operator retries it.
+    /// The state a stuck saga goes back to once its step is known.
     pub stuck_from: Option<SagaState>,
+    /// The order shipped while the saga was still confirming it: deduct once it is confirmed.
+    #[serde(default)]
+    pub ship_requested: bool,
+    /// Why the saga shows `compensation_stuck`: the step that has had no answer.
+    #[serde(default)]
+    pub stuck_on: Option<String>,
 }
 
 impl Saga {
@@ -196,6 +230,8 @@ impl Saga {
             steps,
             reason: None,
             stuck_from: None,
+            ship_requested: false,
+            stuck_on: None,
         }
     }
 
@@ -204,10 +240,14 @@ impl Saga {
         if !self.state.is_active() {
             return None;
         }
+        self.current_index()
+            .map(|index| (index, &self.steps[index]))
+    }
+
+    fn current_index(&self) -> Option<usize> {
         self.steps
             .iter()
-            .enumerate()
-            .find(|(_, planned)| matches!(planned.state, StepState::Pending | StepState::Unknown))
+            .position(|planned| matches!(planned.state, StepState::Pending | StepState::Unknown))
     }
 
     /// The command id of step `index`: the same every time the step runs.
@@ -219,51 +259,88 @@ impl Saga {
         )
     }
 
+    /// True once a confirm may have been sent: from then on the saga only goes forward.
+    pub fn reached_pivot(&self) -> bool {
+        let current = self.current_index();
+        self.steps.iter().enumerate().any(|(index, planned)| {
+            planned.step == Step::Confirm && (planned.may_have_happened() || Some(index) == current)
+        })
+    }
+
+    /// What the read model shows as the saga's reason: why it is stuck, else why it failed.
+    pub fn shown_reason(&self) -> Option<&str> {
+        match self.state {
+            SagaState::CompensationStuck => self.stuck_on.as_deref().or(self.reason.as_deref()),
+            _ => self.reason.as_deref(),
+        }
+    }
+
     /// Records what running step `index` at `at` came to, and moves the saga on.
     pub fn record(mut self, index: usize, outcome: Outcome, at: DateTime<Utc>) -> Self {
-        let is_compensation = self.steps[index].step.is_compensation();
+        let step = self.steps[index].step.clone();
         let planned = &mut self.steps[index];
         planned.attempts += 1;
         planned.last_attempt_at = Some(at);
-        match outcome {
+        let unknown = match outcome {
             Outcome::Succeeded => {
                 planned.state = StepState::Succeeded;
                 planned.last_error = None;
+                None
             }
-            Outcome::Failed(reason) if is_compensation => {
+            Outcome::Failed(reason) if step.is_compensation() => {
                 // Nothing was there to undo (never reserved, already released…): undone.
                 planned.state = StepState::Succeeded;
                 planned.last_error = Some(reason);
+                None
             }
-            Outcome::Failed(reason) => {
+            Outcome::Failed(reason) if step.is_before_pivot() => {
                 planned.state = StepState::Failed;
                 planned.last_error = Some(reason.clone());
-                return self.compensate(reason);
+                return self.compensate(reason, false);
             }
-            Outcome::Unknown(error) => {
-                planned.state = StepState::Unknown;
-                planned.last_error = Some(error.clone());
-                if planned.attempts >= STEP_ATTEMPTS {
-                    let kind = planned.step.kind();
-                    let reason =
-                        format!("{kind} outcome unknown after {STEP_ATTEMPTS} attempts: {error}");
-                    if is_compensation || self.state != SagaState::Running {
-                        self.stuck_from = Some(self.state);
-                        self.state = SagaState::CompensationStuck;
-                        self.reason = Some(reason);
-                        return self;
-                    }
-                    return self.compensate(reason);
-                }
+            Outcome::Failed(reason) if step == Step::Confirm => {
+                // The pivot is never compensated: a refused confirm is run again until the
+                // order's events say how it ended (a cancellation then takes over).
+                Some(reason)
             }
+            Outcome::Failed(reason) => {
+                // A deduction refused after shipping: nothing to undo, nothing to retry.
+                planned.state = StepState::Failed;
+                planned.last_error = Some(reason);
+                None
+            }
+            Outcome::Unknown(error) => Some(error),
+        };
+        if let Some(error) = unknown {
+            let planned = &mut self.steps[index];
+            planned.state = StepState::Unknown;
+            planned.last_error = Some(error.clone());
+            let attempts = planned.attempts;
+            let flags_stuck = step.is_compensation() || !step.is_before_pivot();
+            if flags_stuck
+                && attempts >= STUCK_AFTER_ATTEMPTS
+                && self.state != SagaState::CompensationStuck
+            {
+                self.stuck_from = Some(self.state);
+                self.state = SagaState::CompensationStuck;
+                self.stuck_on = Some(format!(
+                    "{} outcome unknown after {attempts} attempts: {error}",
+                    step.kind()
+                ));
+            }
+            return self;
+        }
+        if self.state == SagaState::CompensationStuck {
+            self.state = self.stuck_from.take().unwrap_or(SagaState::Compensating);
+            self.stuck_on = None;
         }
         self.finish_if_done()
     }
 
-    /// The deadline passed: a running saga gives up and compensates.
+    /// The deadline passed: a saga that has not reached the confirm gives up and compensates.
     pub fn time_out(self) -> Self {
-        if self.state == SagaState::Running {
-            self.compensate("timeout".into())
+        if self.state == SagaState::Running && !self.reached_pivot() {
+            self.compensate("timeout".into(), true)
         } else {
             self
         }
@@ -271,33 +348,53 @@ impl Saga {
 
     /// The customer cancelled: undo what was done, whatever the saga was doing.
     pub fn cancel(mut self) -> Self {
-        match self.state {
+        let state = match self.state {
+            SagaState::CompensationStuck => self.stuck_from.unwrap_or(SagaState::Compensating),
+            state => state,
+        };
+        match state {
             SagaState::Running | SagaState::Compensating | SagaState::Confirmed => {
-                self.drop_pending();
+                self.drop_pending(true);
                 self.steps.extend(self.undo_steps());
                 self.state = SagaState::Cancelling;
+                self.stuck_from = None;
+                self.stuck_on = None;
                 self.finish_if_done()
+            }
+            // The compensation had undone everything; its reject was refused because the
+            // customer's cancellation got there first. The order is cancelled, and so is this.
+            SagaState::Rejected if self.reject_was_refused() => {
+                self.state = SagaState::Cancelled;
+                self
             }
             _ => self,
         }
     }
 
-    /// The order shipped: its reservations leave the warehouse.
+    /// The order shipped: its reservations leave the warehouse. A shipping that arrives while
+    /// the confirm is still unanswered is kept and applied once the saga is confirmed.
     pub fn ship(mut self) -> Self {
-        if self.state != SagaState::Confirmed {
-            return self;
+        match self.state {
+            SagaState::Confirmed => {
+                let deductions: Vec<PlannedStep> = self
+                    .reserved_skus()
+                    .into_iter()
+                    .map(|sku| PlannedStep::new(Step::Deduct { sku }))
+                    .collect();
+                self.steps.extend(deductions);
+                self.state = SagaState::Shipping;
+                self.ship_requested = false;
+                self.finish_if_done()
+            }
+            SagaState::Running | SagaState::CompensationStuck => {
+                self.ship_requested = true;
+                self
+            }
+            _ => self,
         }
-        let deductions: Vec<PlannedStep> = self
-            .reserved_skus()
-            .into_iter()
-            .map(|sku| PlannedStep::new(Step::Deduct { sku }))
-            .collect();
-        self.steps.extend(deductions);
-        self.state = SagaState::Shipping;
-        self.finish_if_done()
     }
 
-    /// An operator retries a stuck saga: its unknown steps get a fresh budget.
+    /// An operator retries a stuck saga now: its unknown steps start a fresh count.
     pub fn retry_stuck(mut self) -> Self {
         if self.state != SagaState::CompensationStuck {
             return self;
@@ -308,11 +405,12 @@ impl Saga {
             }
         }
         self.state = self.stuck_from.take().unwrap_or(SagaState::Compensating);
+        self.stuck_on = None;
         self.finish_if_done()
     }
 
-    fn compensate(mut self, reason: String) -> Self {
-        self.drop_pending();
+    fn compensate(mut self, reason: String, current_may_have_run: bool) -> Self {
+        self.drop_pending(current_may_have_run);
         let mut undo = self.undo_steps();
         undo.push(PlannedStep::new(Step::Reject {
             reason: reason.clone(),
@@ -323,10 +421,16 @@ impl Saga {
         self.finish_if_done()
     }
 
-    /// Forward steps not run yet are dropped; those still unknown are given up on.
-    fn drop_pending(&mut self) {
-        for planned in &mut self.steps {
+    /// Steps not run yet are dropped; those still unknown are given up on (they may have
+    /// happened, so they are undone). With `current_may_have_run`, so is the step that was
+    /// about to run: a coordinator may have sent it and died before recording it.
+    fn drop_pending(&mut self, current_may_have_run: bool) {
+        let current = self.current_index();
+        for (index, planned) in self.steps.iter_mut().enumerate() {
             planned.state = match planned.state {
+                StepState::Pending if current_may_have_run && Some(index) == current => {
+                    StepState::Abandoned
+                }
                 StepState::Pending => StepState::Skipped,
                 StepState::Unknown => StepState::Abandoned,
                 done => done,
@@ -334,18 +438,34 @@ impl Saga {
         }
     }
 
-    fn reserved_skus(&self) -> Vec<Sku> {
-        self.steps
-            .iter()
-            .filter(|planned| planned.may_have_happened())
-            .filter_map(|planned| match &planned.step {
-                Step::Reserve { sku, .. } => Some(sku.clone()),
-                _ => None,
-            })
-            .collect()
+    fn reject_was_refused(&self) -> bool {
+        self.steps.iter().any(|planned| {
+            matches!(planned.step, Step::Reject { .. })
+                && planned.state == StepState::Succeeded
+                && planned.last_error.is_some()
+        })
     }
 
-    /// Releases (in reverse order) and a refund for what happened or may have happened.
+    /// SKUs whose reservation happened or may have happened, and that no later step of the plan
+    /// is known to have released or deducted.
+    fn reserved_skus(&self) -> Vec<Sku> {
+        let mut held: Vec<Sku> = Vec::new();
+        for planned in &self.steps {
+            match &planned.step {
+                Step::Reserve { sku, .. } if planned.may_have_happened() => held.push(sku.clone()),
+                Step::Release { sku } | Step::Deduct { sku }
+                    if planned.state == StepState::Succeeded =>
+                {
+                    held.retain(|held| held != sku)
+                }
+                _ => {}
+            }
+        }
+        held
+    }
+
+    /// Releases (in reverse order) and a refund for what happened or may have happened and is
+    /// not undone already.
     fn undo_steps(&self) -> Vec<PlannedStep> {
         let mut undo: Vec<PlannedStep> = self
             .reserved_skus()
@@ -356,7 +476,10 @@ impl Saga {
         let authorised = self.steps.iter().any(|planned| {
             matches!(planned.step, Step::Authorize { .. }) && planned.may_have_happened()
         });
-        if authorised {
+        let refunded = self.steps.iter().any(|planned| {
+            matches!(planned.step, Step::Refund { .. }) && planned.state == StepState::Succeeded
+        });
+        if authorised && !refunded {
             undo.push(PlannedStep::new(Step::Refund {
                 amount_cents: self.total_cents,
             }));
@@ -375,6 +498,9 @@ impl Saga {
             SagaState::Shipping => SagaState::Shipped,
             done => done,
         };
+        if self.state == SagaState::Confirmed && self.ship_requested {
+            return self.ship();
+        }
         self
     }
 }
@@ -496,32 +622,72 @@ mod specification {
     }
 
     #[test]
-    fn a_step_with_an_unknown_outcome_is_retried_then_compensated_as_if_it_happened() {
+    fn a_forward_step_without_an_answer_is_retried_until_the_deadline_then_undone() {
         let mut saga = placed();
-        for attempt in 1..STEP_ATTEMPTS {
-            saga = run(saga, Outcome::Unknown("no answer".into()));
-            assert_eq!(
-                saga.state,
-                SagaState::Running,
-                "attempt {attempt} is retried"
-            );
+        for attempt in 1..=50 {
+            saga = run(saga, Outcome::Unknown("no responders".into()));
+            assert_eq!(saga.state, SagaState::Running, "attempt {attempt}");
             assert_eq!(
                 next(&saga),
                 Some(Step::Reserve {
                     sku: sku("A1"),
                     qty: 2
-                })
+                }),
+                "an outage is waited out: no count of attempts gives up"
             );
         }
-        let saga = run(saga, Outcome::Unknown("no answer".into()));
+        let saga = saga.time_out();
         assert_eq!(saga.state, SagaState::Compensating);
         // The reserve may have happened: it is released (a no-op if it never ran).
         assert_eq!(next(&saga), Some(Step::Release { sku: sku("A1") }));
+        assert_eq!(saga.reason.as_deref(), Some("timeout"));
+    }
+
+    #[test]
+    fn confirm_is_the_point_of_no_return() {
+        let saga = run(
+            run(run(placed(), Outcome::Succeeded), Outcome::Succeeded),
+            Outcome::Succeeded,
+        );
+        assert_eq!(next(&saga), Some(Step::Confirm));
+        // The confirm may be in flight: the deadline no longer undoes anything.
+        let mut saga = saga.time_out();
+        assert_eq!(next(&saga), Some(Step::Confirm));
+        for _ in 0..20 {
+            saga = run(saga, Outcome::Unknown("timed out".into()));
+            saga = run(saga, Outcome::Failed("order o-1 is pending".into())).time_out();
+            assert_eq!(next(&saga), Some(Step::Confirm), "only ever forward");
+        }
+        assert_eq!(saga.state, SagaState::CompensationStuck, "and visible");
         assert!(
-            saga.reason
-                .as_deref()
-                .unwrap()
-                .starts_with("reserve outcome unknown after 6 attempts")
+            !saga.steps.iter().any(|p| p.step.is_compensation()),
+            "nothing was compensated"
+        );
+        let saga = run(saga, Outcome::Succeeded);
+        assert_eq!(saga.state, SagaState::Confirmed);
+        assert_eq!(saga.reason, None);
+    }
+
+    #[test]
+    fn a_deadline_while_a_step_may_be_in_flight_undoes_that_step_too() {
+        // A1 is reserved; the reserve of B2 is the current step: a coordinator may have sent it
+        // and died before recording it.
+        let saga = run(placed(), Outcome::Succeeded).time_out();
+        let mut saga = saga;
+        let mut undo = Vec::new();
+        while let Some(step) = next(&saga) {
+            undo.push(step);
+            saga = run(saga, Outcome::Succeeded);
+        }
+        assert_eq!(
+            undo,
+            [
+                Step::Release { sku: sku("B2") },
+                Step::Release { sku: sku("A1") },
+                Step::Reject {
+                    reason: "timeout".into()
+                },
+            ]
         );
     }
 
@@ -544,27 +710,50 @@ mod specification {
     }
 
     #[test]
-    fn a_compensation_that_never_answers_leaves_the_saga_stuck_and_visible_until_retried() {
+    fn a_compensation_without_an_answer_shows_stuck_and_keeps_being_retried() {
         let mut saga = run(
             run(placed(), Outcome::Succeeded),
             Outcome::Failed("out of stock".into()),
         );
-        for _ in 0..STEP_ATTEMPTS {
+        for _ in 0..STUCK_AFTER_ATTEMPTS {
             saga = run(saga, Outcome::Unknown("stock service unavailable".into()));
         }
         assert_eq!(saga.state, SagaState::CompensationStuck);
         assert!(
-            saga.next_step().is_none(),
-            "a stuck saga runs nothing by itself"
+            saga.shown_reason()
+                .unwrap()
+                .starts_with("release outcome unknown after 6 attempts"),
+            "{:?}",
+            saga.shown_reason()
         );
-        let saga = run_all_ok(saga.retry_stuck());
+        assert_eq!(
+            next(&saga),
+            Some(Step::Release { sku: sku("A1") }),
+            "a stuck saga is still driven"
+        );
+        let saga = run_all_ok(saga);
         assert_eq!(saga.state, SagaState::Rejected);
+        assert_eq!(saga.reason.as_deref(), Some("out of stock"));
+    }
+
+    #[test]
+    fn an_operator_retry_of_a_stuck_saga_starts_a_fresh_count() {
+        let mut saga = run(
+            run(placed(), Outcome::Succeeded),
+            Outcome::Failed("out of stock".into()),
+        );
+        for _ in 0..STUCK_AFTER_ATTEMPTS {
+            saga = run(saga, Outcome::Unknown("no answer".into()));
+        }
+        let saga = saga.retry_stuck();
+        assert_eq!(saga.state, SagaState::Compensating);
+        assert_eq!(saga.next_step().unwrap().1.attempts, 0);
     }
 
     #[test]
     fn the_deadline_rejects_a_running_saga_with_reason_timeout_after_compensating() {
         let saga = run(placed(), Outcome::Succeeded).time_out();
-        assert_eq!(next(&saga), Some(Step::Release { sku: sku("A1") }));
+        assert_eq!(next(&saga), Some(Step::Release { sku: sku("B2") }));
         let saga = run_all_ok(saga);
         assert_eq!(
             (saga.state, saga.reason.as_deref()),
@@ -599,7 +788,8 @@ mod specification {
     #[test]
     fn cancelling_while_reserving_drops_the_rest_and_releases_what_was_reserved() {
         let saga = run(placed(), Outcome::Succeeded).cancel();
-        assert_eq!(next(&saga), Some(Step::Release { sku: sku("A1") }));
+        // B2's reserve was about to run, so it may have: released too (a no-op if not).
+        assert_eq!(next(&saga), Some(Step::Release { sku: sku("B2") }));
         assert_eq!(run_all_ok(saga).state, SagaState::Cancelled);
     }
 
@@ -624,11 +814,61 @@ mod specification {
     #[test]
     fn a_saga_stuck_while_shipping_resumes_shipping_when_retried() {
         let mut saga = run_all_ok(placed()).ship();
-        for _ in 0..STEP_ATTEMPTS {
+        for _ in 0..STUCK_AFTER_ATTEMPTS {
             saga = run(saga, Outcome::Unknown("no answer".into()));
         }
         assert_eq!(saga.state, SagaState::CompensationStuck);
         assert_eq!(run_all_ok(saga.retry_stuck()).state, SagaState::Shipped);
+    }
+
+    #[test]
+    fn a_shipping_that_arrives_while_the_confirm_is_unanswered_is_applied_once_confirmed() {
+        let saga = run(
+            run(run(placed(), Outcome::Succeeded), Outcome::Succeeded),
+            Outcome::Succeeded,
+        );
+        let saga = run(saga, Outcome::Unknown("timed out".into())).ship();
+        assert_eq!(next(&saga), Some(Step::Confirm));
+        let saga = run(saga, Outcome::Succeeded);
+        assert_eq!(saga.state, SagaState::Shipping);
+        assert_eq!(next(&saga), Some(Step::Deduct { sku: sku("A1") }));
+        assert_eq!(run_all_ok(saga).state, SagaState::Shipped);
+    }
+
+    #[test]
+    fn a_refused_deduction_is_recorded_and_never_compensated() {
+        let saga = run_all_ok(placed()).ship();
+        let saga = run(saga, Outcome::Failed("no reservation to deduct".into()));
+        let saga = run_all_ok(saga);
+        assert_eq!(saga.state, SagaState::Shipped);
+        assert!(!saga.steps.iter().any(|p| p.step.is_compensation()));
+    }
+
+    #[test]
+    fn a_cancellation_that_beat_the_reject_ends_the_saga_cancelled() {
+        let saga = run(
+            run(placed(), Outcome::Succeeded),
+            Outcome::Failed("out of stock".into()),
+        );
+        let saga = run(saga, Outcome::Succeeded); // release A1
+        let saga = run(saga, Outcome::Failed("order o-1 is cancelled".into())); // reject refused
+        assert_eq!(saga.state, SagaState::Rejected);
+        assert_eq!(saga.cancel().state, SagaState::Cancelled);
+    }
+
+    #[test]
+    fn a_cancellation_while_a_compensation_is_stuck_takes_over() {
+        let mut saga = run(
+            run(placed(), Outcome::Succeeded),
+            Outcome::Failed("out of stock".into()),
+        );
+        for _ in 0..STUCK_AFTER_ATTEMPTS {
+            saga = run(saga, Outcome::Unknown("no answer".into()));
+        }
+        let saga = saga.cancel();
+        assert_eq!(saga.state, SagaState::Cancelling);
+        assert_eq!(next(&saga), Some(Step::Release { sku: sku("A1") }));
+        assert_eq!(run_all_ok(saga).state, SagaState::Cancelled);
     }
 
     #[test]

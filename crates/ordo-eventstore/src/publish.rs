@@ -8,14 +8,22 @@ use async_nats::{HeaderMap, RequestErrorKind};
 use bytes::Bytes;
 use serde::Deserialize;
 
-/// `wrong last sequence: N`: another append got there first.
-const ERR_WRONG_LAST_SEQUENCE: u64 = 10071;
-/// The same conflict as reported by replicated streams.
-const ERR_WRONG_LAST_SEQUENCE_CONSTANT: u64 = 10164;
-/// `duplicate message id is in process`: the first publish of this id is still being stored.
-const ERR_DUPLICATE_IN_PROCESS: u64 = 10158;
-/// `expected last sequence per subject temporarily unavailable` (2.11+, replicated streams).
-const ERR_EXPECTED_LAST_SEQ_NOT_READY: u64 = 10194;
+use async_nats::jetstream::ErrorCode;
+
+/// Answers that mean "another append got there first" (10164 on replicated streams).
+const CONFLICTS: [ErrorCode; 2] = [
+    ErrorCode::STREAM_WRONG_LAST_SEQUENCE,
+    ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT,
+];
+/// Answers after which sending the same message again is right: the first publish of this id
+/// is still being stored; the per-subject sequence is not known yet (replicated streams, 2.11+);
+/// the stream is offline for a moment (a leader election, a restart).
+const TRANSIENT: [ErrorCode; 4] = [
+    ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT,
+    ErrorCode::STREAM_EXPECTED_LAST_SEQ_PER_SUBJECT_NOT_READY,
+    ErrorCode::STREAM_OFFLINE,
+    ErrorCode::STREAM_OFFLINE_REASON,
+];
 
 /// How many times an append whose outcome is unknown is sent again. Safe, because the repeat
 /// carries the same `Nats-Msg-Id` and is recognised as a duplicate if the first one was stored.
@@ -108,23 +116,20 @@ pub async fn conditional_publish(
                 duplicate: ack.duplicate,
             });
         };
-        match error.err_code {
-            ERR_WRONG_LAST_SEQUENCE | ERR_WRONG_LAST_SEQUENCE_CONSTANT => {
-                return Err(PublishError::Conflict {
-                    subject: subject.to_owned(),
-                    expected: expected_last_subject_seq,
-                });
-            }
-            ERR_DUPLICATE_IN_PROCESS | ERR_EXPECTED_LAST_SEQ_NOT_READY => {
-                last_problem = error.description;
-            }
-            code => {
-                return Err(PublishError::Refused {
-                    code,
-                    description: error.description,
-                });
-            }
+        let code = ErrorCode(error.err_code);
+        if CONFLICTS.contains(&code) {
+            return Err(PublishError::Conflict {
+                subject: subject.to_owned(),
+                expected: expected_last_subject_seq,
+            });
         }
+        if !TRANSIENT.contains(&code) {
+            return Err(PublishError::Refused {
+                code: error.err_code,
+                description: error.description,
+            });
+        }
+        last_problem = error.description;
     }
     Err(PublishError::Unavailable(last_problem))
 }

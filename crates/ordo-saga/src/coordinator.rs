@@ -6,9 +6,14 @@
 //! - Driving: workers pick a due saga with `FOR UPDATE SKIP LOCKED` (so a saga is driven by one
 //!   coordinator at a time), run its next step as a command with the step's deterministic id (or
 //!   a call to the payment gateway), record the outcome and commit. A step whose outcome is
-//!   unknown is scheduled again with exponential backoff and jitter; the retry time and the
-//!   saga's deadline are stored with it, so both survive restarts. A deadline found after the
-//!   saga moved on does nothing.
+//!   unknown (no answer, no responders, a transient error) is scheduled again with capped
+//!   exponential back-off and jitter, for as long as it takes: an outage is waited out, not
+//!   counted. The retry time and the saga's deadline are stored with it, so both survive
+//!   restarts. A deadline found after the saga moved on, or after the confirm may have been
+//!   sent, does nothing.
+//! - The confirm is the pivot: an answer other than `ok` is resolved by reading the order's
+//!   last event from the stream leader (not a replica that may lag): confirmed or shipped means
+//!   the confirm happened.
 
 use std::{sync::Arc, time::Duration};
 
@@ -34,6 +39,8 @@ pub struct CoordinatorConfig {
     pub step_timeout: Duration,
     /// The first retry pause of a step whose outcome was unknown; it doubles, with jitter.
     pub retry_base: Duration,
+    /// The longest retry pause: how soon after an outage ends every saga is moving again.
+    pub retry_cap: Duration,
     /// Sagas driven at once by this coordinator.
     pub workers: usize,
     /// How often an idle worker looks for due sagas.
@@ -46,6 +53,7 @@ impl Default for CoordinatorConfig {
             saga_timeout: Duration::from_secs(30),
             step_timeout: Duration::from_secs(5),
             retry_base: Duration::from_millis(200),
+            retry_cap: Duration::from_secs(10),
             workers: 8,
             poll: Duration::from_millis(50),
         }
@@ -246,7 +254,7 @@ impl<G: PaymentGateway> Coordinator<G> {
     pub async fn drive_one(&self) -> Result<bool, CoordinatorError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
-            "SELECT data, deadline_at FROM sagas
+            "SELECT order_id, data, deadline_at FROM sagas
              WHERE next_attempt_at IS NOT NULL
                AND (next_attempt_at <= now() OR (state = 'running' AND deadline_at <= now()))
              ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
@@ -256,8 +264,25 @@ impl<G: PaymentGateway> Coordinator<G> {
         let Some(row) = row else {
             return Ok(false);
         };
-        let mut saga: Saga = serde_json::from_value(row.get("data"))
-            .map_err(|err| sqlx::Error::Decode(Box::new(err)))?;
+        let mut saga: Saga = match serde_json::from_value(row.get("data")) {
+            Ok(saga) => saga,
+            Err(err) => {
+                // Claiming it again would fail the same way: set it aside, visibly.
+                let order_id: String = row.get("order_id");
+                tracing::error!(order_id, %err, "unreadable saga state; set aside for an operator");
+                metrics::counter!("ordo_sagas_unreadable_total").increment(1);
+                sqlx::query(
+                    "UPDATE sagas SET next_attempt_at = NULL, reason = $2, updated_at = now()
+                     WHERE order_id = $1",
+                )
+                .bind(&order_id)
+                .bind(format!("unreadable saga state: {err}"))
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(true);
+            }
+        };
         let deadline: Option<DateTime<Utc>> = row.get("deadline_at");
         if saga.state == SagaState::Running
             && deadline.is_some_and(|deadline| deadline <= Utc::now())
@@ -291,8 +316,8 @@ impl<G: PaymentGateway> Coordinator<G> {
     }
 
     fn backoff(&self, attempts: u32) -> chrono::Duration {
-        let exponential = self.config.retry_base.saturating_mul(1 << attempts.min(8));
-        let capped = exponential.min(Duration::from_secs(10));
+        let exponential = self.config.retry_base.saturating_mul(1 << attempts.min(16));
+        let capped = exponential.min(self.config.retry_cap);
         // Full jitter: anywhere between half and all of it, so retries do not move in step.
         let jittered = capped.mul_f64(0.5 + rand::random::<f64>() * 0.5);
         chrono::Duration::from_std(jittered).unwrap_or_default()
@@ -314,7 +339,16 @@ impl<G: PaymentGateway> Coordinator<G> {
                 "ordo.cmd.stock.deduct",
                 json!({"sku": sku, "order_id": order_id}),
             ),
-            Step::Confirm => command("ordo.cmd.order.confirm", json!({"order_id": order_id})),
+            Step::Confirm => {
+                let body = json!({"order_id": order_id});
+                let outcome = self
+                    .send_command(saga, index, "ordo.cmd.order.confirm", body)
+                    .await;
+                return match outcome {
+                    Outcome::Succeeded => outcome,
+                    not_ok => self.resolve_confirm(&saga.order_id, not_ok).await,
+                };
+            }
             Step::Reject { reason } => command(
                 "ordo.cmd.order.reject",
                 json!({"order_id": order_id, "reason": reason}),
@@ -328,6 +362,12 @@ impl<G: PaymentGateway> Coordinator<G> {
                 return payment_outcome(tokio::time::timeout(self.config.step_timeout, call).await);
             }
         };
+        self.send_command(saga, index, subject, body).await
+    }
+
+    /// Sends step `index` of `saga` as a command and says what its reply means.
+    async fn send_command(&self, saga: &Saga, index: usize, subject: &str, body: Value) -> Outcome {
+        let order_id = saga.order_id.as_str();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", saga.command_id(index).as_str());
         headers.insert("Ordo-Correlation-Id", format!("order:{order_id}").as_str());
@@ -335,7 +375,7 @@ impl<G: PaymentGateway> Coordinator<G> {
             .headers(headers)
             .payload(serde_json::to_vec(&body).expect("bodies serialize").into())
             .timeout(Some(self.config.step_timeout));
-        let reply = match self.nats.send_request(subject, request).await {
+        let reply = match self.nats.send_request(subject.to_owned(), request).await {
             Ok(reply) => reply,
             Err(err) => return Outcome::Unknown(format!("{subject}: {err}")),
         };
@@ -359,6 +399,45 @@ impl<G: PaymentGateway> Coordinator<G> {
         }
     }
 
+    /// A confirm that was not answered `ok` happened if the order's last event says it is
+    /// confirmed or shipped. The read goes to the stream leader: a lagging replica's answer
+    /// could say "pending" about a confirmed order.
+    async fn resolve_confirm(&self, order_id: &OrderId, not_ok: Outcome) -> Outcome {
+        let js = jetstream::new(self.nats.clone());
+        let subject = format!("ordo.order.events.{order_id}");
+        let last = async {
+            let stream = js
+                .get_stream("ORDO_ORDERS")
+                .await
+                .map_err(|e| e.to_string())?;
+            let message = stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .map_err(|e| e.to_string())?;
+            EventEnvelope::from_bytes(&message.payload).map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.config.step_timeout, last).await {
+            Ok(Ok(envelope))
+                if ["OrderConfirmed", "OrderShipped"].contains(&envelope.event_type.as_str()) =>
+            {
+                Outcome::Succeeded
+            }
+            Ok(Ok(envelope)) => Outcome::Unknown(format!(
+                "confirm not answered ok ({}); the order's last event is {}",
+                outcome_text(&not_ok),
+                envelope.event_type
+            )),
+            Ok(Err(err)) => Outcome::Unknown(format!(
+                "confirm not answered ok ({}); the order's events cannot be read: {err}",
+                outcome_text(&not_ok)
+            )),
+            Err(_) => Outcome::Unknown(format!(
+                "confirm not answered ok ({}); the order's events did not answer in time",
+                outcome_text(&not_ok)
+            )),
+        }
+    }
+
     /// An operator's retry of a saga stuck in a compensation.
     pub async fn retry_stuck(
         &self,
@@ -372,6 +451,13 @@ impl<G: PaymentGateway> Coordinator<G> {
         save(&mut tx, &saga, Some(Utc::now())).await?;
         tx.commit().await?;
         Ok(Some(saga.state))
+    }
+}
+
+fn outcome_text(outcome: &Outcome) -> &str {
+    match outcome {
+        Outcome::Succeeded => "ok",
+        Outcome::Failed(reason) | Outcome::Unknown(reason) => reason,
     }
 }
 
@@ -439,7 +525,7 @@ async fn save(
     .bind(saga.order_id.as_str())
     .bind(saga.state.as_str())
     .bind(steps_json(saga))
-    .bind(&saga.reason)
+    .bind(saga.shown_reason())
     .bind(serde_json::to_value(saga).expect("sagas serialize"))
     .bind(next_attempt_at)
     .execute(&mut **tx)

@@ -1,5 +1,7 @@
 //! The payment step's gateway. Pluggable; the default is a simulation whose decline rate and
-//! latency are configurable, so the saga's failure paths can be exercised end to end.
+//! latency are configurable, so the saga's failure paths can be exercised end to end. With a
+//! ledger (the `payments` table), it keeps what it authorised and refunded, as a real gateway
+//! would, so that a drill can check every order's payment against its outcome.
 
 use std::time::Duration;
 
@@ -37,6 +39,8 @@ pub trait PaymentGateway: Send + Sync + 'static {
 pub struct SimulatedGateway {
     pub decline_rate: f64,
     pub latency: Duration,
+    /// Where authorisations and refunds are recorded; none: they are only simulated.
+    pub ledger: Option<sqlx::PgPool>,
 }
 
 impl Default for SimulatedGateway {
@@ -44,6 +48,7 @@ impl Default for SimulatedGateway {
         Self {
             decline_rate: 0.0,
             latency: Duration::from_millis(5),
+            ledger: None,
         }
     }
 }
@@ -69,13 +74,55 @@ impl PaymentGateway for SimulatedGateway {
                 "the simulated gateway declined {amount_cents} cents for order {order_id}"
             )));
         }
+        let Some(ledger) = &self.ledger else {
+            return Ok(());
+        };
+        let refunded: Option<bool> = sqlx::query_scalar(
+            "INSERT INTO payments (order_id, amount_cents, authorized_at) VALUES ($1, $2, now())
+             ON CONFLICT (order_id) DO UPDATE SET amount_cents = payments.amount_cents
+             RETURNING refunded_at IS NOT NULL AND authorized_at IS NULL",
+        )
+        .bind(order_id.as_str())
+        .bind(cents(amount_cents)?)
+        .fetch_optional(ledger)
+        .await
+        .map_err(unavailable)?;
+        if refunded == Some(true) {
+            return Err(PaymentError::Declined(format!(
+                "the payment of order {order_id} was refunded before it was authorised"
+            )));
+        }
         Ok(())
     }
 
-    async fn refund(&self, _order_id: &OrderId, _amount_cents: u64) -> Result<(), PaymentError> {
+    async fn refund(&self, order_id: &OrderId, amount_cents: u64) -> Result<(), PaymentError> {
         tokio::time::sleep(self.latency).await;
+        let Some(ledger) = &self.ledger else {
+            return Ok(());
+        };
+        sqlx::query(
+            "INSERT INTO payments (order_id, amount_cents, refunded_at) VALUES ($1, $2, now())
+             ON CONFLICT (order_id) DO UPDATE SET refunded_at = coalesce(payments.refunded_at, now())",
+        )
+        .bind(order_id.as_str())
+        .bind(cents(amount_cents)?)
+        .execute(ledger)
+        .await
+        .map_err(unavailable)?;
         Ok(())
     }
+}
+
+fn cents(amount_cents: u64) -> Result<i64, PaymentError> {
+    i64::try_from(amount_cents).map_err(|_| {
+        PaymentError::Declined(format!(
+            "{amount_cents} cents is more than the ledger holds"
+        ))
+    })
+}
+
+fn unavailable(err: sqlx::Error) -> PaymentError {
+    PaymentError::Unavailable(format!("the ledger: {err}"))
 }
 
 #[cfg(test)]
@@ -87,6 +134,7 @@ mod tests {
         let gateway = SimulatedGateway {
             decline_rate: 0.3,
             latency: Duration::ZERO,
+            ledger: None,
         };
         let orders: Vec<OrderId> = (0..2000)
             .map(|i| OrderId::parse(format!("o-{i}")).unwrap())
@@ -106,6 +154,7 @@ mod tests {
         let always = SimulatedGateway {
             decline_rate: 1.0,
             latency: Duration::ZERO,
+            ledger: None,
         };
         assert!(orders.iter().all(|order| always.declines(order)));
     }

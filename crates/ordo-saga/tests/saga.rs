@@ -5,12 +5,16 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_nats::jetstream;
 use futures::StreamExt;
 use ordo_domain::{
+    OrderId,
     order::{OrderAggregate, OrderStatus},
     stock::StockAggregate,
 };
 use ordo_eventstore::EventStore;
 use ordo_harness::Engine;
-use ordo_saga::{Coordinator, CoordinatorConfig, Notifier, NotifierConfig, SimulatedGateway};
+use ordo_saga::{
+    Coordinator, CoordinatorConfig, Notifier, NotifierConfig, PaymentGateway, SimulatedGateway,
+    payment::PaymentError,
+};
 use ordo_testkit::TestDatabase;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -35,6 +39,7 @@ fn gateway(decline_rate: f64, latency_ms: u64) -> SimulatedGateway {
     SimulatedGateway {
         decline_rate,
         latency: Duration::from_millis(latency_ms),
+        ledger: None,
     }
 }
 
@@ -57,7 +62,11 @@ impl Setup {
         self.database.pool()
     }
 
-    fn coordinator(&self, gateway: SimulatedGateway, config: CoordinatorConfig) -> JoinHandle<()> {
+    fn coordinator<G: PaymentGateway>(
+        &self,
+        gateway: G,
+        config: CoordinatorConfig,
+    ) -> JoinHandle<()> {
         let coordinator =
             Coordinator::new(self.pool().clone(), self.client.clone(), gateway, config);
         tokio::spawn(async move { coordinator.run(std::future::pending()).await })
@@ -339,11 +348,22 @@ async fn cancelling_a_confirmed_order_releases_its_stock_and_shipping_deducts_it
 async fn an_order_past_its_deadline_is_rejected_with_reason_timeout_after_compensating() {
     let setup = Setup::start().await;
     let config = CoordinatorConfig {
-        saga_timeout: Duration::from_millis(300),
+        saga_timeout: Duration::from_millis(600),
+        step_timeout: Duration::from_millis(200),
         ..quick()
     };
-    // Payment answers after the deadline; the confirmation then finds the saga out of time.
-    let _coordinator = setup.coordinator(gateway(0.0, 600), config);
+    // The payment gateway hangs on every authorisation, and the deadline passes before the
+    // confirm is reached. (Refunds work.)
+    struct HangingAuthorizations;
+    impl PaymentGateway for HangingAuthorizations {
+        async fn authorize(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+            std::future::pending().await
+        }
+        async fn refund(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+            Ok(())
+        }
+    }
+    let _coordinator = setup.coordinator(HangingAuthorizations, config);
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
     assert_eq!(
@@ -352,6 +372,23 @@ async fn an_order_past_its_deadline_is_rejected_with_reason_timeout_after_compen
     );
     assert_eq!(setup.order_status("o-1").await, OrderStatus::Rejected);
     assert_eq!(setup.stock("A1").await, (5, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_never_undoes_an_order_whose_confirm_may_have_been_sent() {
+    let setup = Setup::start().await;
+    let config = CoordinatorConfig {
+        saga_timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    // The payment answers after the deadline; the saga has then reached the confirm, the point
+    // of no return, and goes forward.
+    let _coordinator = setup.coordinator(gateway(0.0, 600), config);
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    setup.saga_ends("o-1", "confirmed").await;
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Confirmed);
+    assert_eq!(setup.stock("A1").await, (5, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -126,10 +126,12 @@ fn share(text: &str) -> Result<f64, String> {
 }
 
 impl SagaOptions {
-    pub fn gateway(&self) -> ordo_saga::SimulatedGateway {
+    /// The simulated gateway, keeping its ledger in the `payments` table of `pool`.
+    pub fn gateway(&self, pool: &PgPool) -> ordo_saga::SimulatedGateway {
         ordo_saga::SimulatedGateway {
             decline_rate: self.payment_decline_rate,
             latency: std::time::Duration::from_millis(self.payment_latency_ms),
+            ledger: Some(pool.clone()),
         }
     }
 
@@ -142,7 +144,8 @@ impl SagaOptions {
             saga_timeout: std::time::Duration::from_secs(self.saga_timeout_secs),
             ..Default::default()
         };
-        ordo_saga::Coordinator::new(pool, nats, self.gateway(), config)
+        let gateway = self.gateway(&pool);
+        ordo_saga::Coordinator::new(pool, nats, gateway, config)
     }
 }
 
