@@ -6,6 +6,7 @@
 //! - `ordo streams apply`, `ordo projections status`: operating the streams and views.
 //! - `ordo order place|cancel|ship`, `ordo stock receive`: send the JSON `nats req` would.
 
+mod chaos;
 mod client;
 mod components;
 mod connect;
@@ -14,6 +15,7 @@ mod telemetry;
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use components::Shutdown;
 use ordo_eventstore::{StreamDefinition, streams::apply_all};
@@ -95,6 +97,9 @@ enum Command {
         #[command(subcommand)]
         action: client::StockAction,
     },
+    /// Run a chaos drill: the whole system as processes, a mixed load, SIGKILLs, nats-server
+    /// restarts and outages; then check every invariant. Exits 0 only with no violation.
+    Chaos(chaos::ChaosOptions),
 }
 
 #[derive(Subcommand)]
@@ -162,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
             | Command::Projections { .. }
             | Command::Sagas { .. }
             | Command::Notifications { .. }
+            | Command::Chaos(..)
     );
     let _telemetry = telemetry::init(client_only)?;
     let nats_url = connect::configured_url(cli.nats_url.clone(), &cli.home);
@@ -287,6 +293,19 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Order { action } => client::send(&nats_url, action.into_request()?).await,
         Command::Stock { action } => client::send(&nats_url, action.into_request()).await,
+        Command::Chaos(options) => {
+            let report_file = options.report.clone();
+            let report = chaos::run(options, cli.nats_url, cli.database_url).await?;
+            chaos::print(&report);
+            if let Some(file) = report_file {
+                std::fs::write(&file, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing the report to {}", file.display()))?;
+            }
+            if !report.passed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,558 @@
+//! `ordo chaos`: a drill that runs the whole system as separate processes, drives a mixed load
+//! through NATS, injects faults (SIGKILLs of random workers, nats-server killed and kept down,
+//! whole components taken away), waits for the system to settle and checks every invariant of
+//! DESIGN.md against what the streams and the views hold.
+//!
+//! - [`fleet`]: the processes, started, killed and started again.
+//! - [`load`]: the clients and the history of what they were told.
+//! - [`observe`]: reading the streams, views, sagas, notifications and payments back.
+//! - [`check`]: the checker, a pure function with its own fold of the streams.
+//!
+//! A run is driven by a seed (printed, and `--seed` repeats it): the load and the schedule of
+//! faults come from it. Timing on a real machine still varies, so a seed repeats the drill, not
+//! every interleaving.
+
+pub mod check;
+pub mod fleet;
+pub mod load;
+pub mod observe;
+
+use std::{
+    collections::BTreeMap,
+    io::IsTerminal,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use fleet::{Component, Fleet, Launch};
+use ordo_testkit::{NatsServer, TestDatabase};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+use serde::Serialize;
+
+/// `COMPONENT:SECS`: every instance of a component killed at once, back after SECS.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Outage {
+    pub component: Component,
+    pub secs: f64,
+}
+
+fn outage(text: &str) -> Result<Outage, String> {
+    let (name, secs) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not COMPONENT:SECS (e.g. commands:15)"))?;
+    let component = Component::parse(name)
+        .filter(|c| *c != Component::Api)
+        .ok_or_else(|| format!("{name:?} is not one of commands, projector, saga, notifier"))?;
+    let secs: f64 = secs
+        .parse()
+        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        return Err(format!("an outage lasts more than 0 s, not {secs}"));
+    }
+    Ok(Outage { component, secs })
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ChaosOptions {
+    /// How long the load runs, in seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Instances of each worker (command services, projectors, saga coordinators, notifiers).
+    #[arg(long, default_value_t = 2)]
+    pub instances: usize,
+    /// Seconds between SIGKILLs of a random worker (0: none).
+    #[arg(long, default_value_t = 2.0)]
+    pub kill_interval: f64,
+    /// How often nats-server is SIGKILLed and kept down during the load.
+    #[arg(long, default_value_t = 0)]
+    pub nats_restarts: u32,
+    /// How long nats-server stays down each time, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub nats_down: f64,
+    /// Take every instance of a component away at once for SECS (repeatable), e.g. commands:15.
+    #[arg(long = "outage", value_parser = outage)]
+    pub outages: Vec<Outage>,
+    /// Concurrent clients sending commands.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// The seed of the load and of the fault schedule (random when absent; printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// How long to wait for the system to settle after the load, in seconds.
+    #[arg(long, default_value_t = 180.0)]
+    pub settle_timeout: f64,
+    /// Share of payments the simulated gateway declines.
+    #[arg(long, default_value_t = 0.2)]
+    pub decline_rate: f64,
+    /// Share of notification deliveries that fail (and are retried).
+    #[arg(long, default_value_t = 0.1)]
+    pub notify_failure_rate: f64,
+    /// Where the processes' logs go (default: a new temporary directory, kept).
+    #[arg(long)]
+    pub logs: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub passed: bool,
+    pub duration_secs: f64,
+    pub settle_secs: f64,
+    pub settled: bool,
+    pub instances: usize,
+    pub commands: load::CommandCounts,
+    pub kills: BTreeMap<Component, u32>,
+    pub nats_restarts: u32,
+    pub outages: Vec<Outage>,
+    /// Processes that exited without being killed: (component, instance, status).
+    pub unexpected_exits: Vec<(Component, usize, String)>,
+    pub orders: BTreeMap<String, u64>,
+    /// Why rejected orders were rejected.
+    pub rejections: BTreeMap<String, u64>,
+    pub events: BTreeMap<String, usize>,
+    pub still_moving: Vec<String>,
+    pub violations: Vec<check::Violation>,
+    pub logs: PathBuf,
+}
+
+/// Runs the drill; returns its report (`passed` is true only with no violation).
+pub async fn run(
+    options: ChaosOptions,
+    nats_url: Option<String>,
+    database_url: Option<String>,
+) -> anyhow::Result<Report> {
+    let seed = options.seed.unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
+    eprintln!("ordo chaos: seed {seed} (repeat with --seed {seed})");
+    if nats_url.is_some() && options.nats_restarts > 0 {
+        anyhow::bail!(
+            "--nats-restarts needs a nats-server the drill starts itself: leave --nats-url unset"
+        );
+    }
+    let logs = match &options.logs {
+        Some(dir) => dir.clone(),
+        None => tempfile::Builder::new()
+            .prefix("ordo-chaos-")
+            .tempdir()?
+            .keep(),
+    };
+
+    // The servers: a nats-server of the drill's own (or the one given), a fresh database.
+    let nats_server = match nats_url {
+        Some(_) => None,
+        None => Some(tokio::task::spawn_blocking(NatsServer::start).await?),
+    };
+    let nats_url = nats_url.unwrap_or_else(|| nats_server.as_ref().expect("started").url());
+    let admin_url = database_url
+        .or_else(|| std::env::var("ORDO_TEST_DATABASE_URL").ok())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let database = TestDatabase::create_on(&admin_url).await;
+    let nats = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
+        .connect(&nats_url)
+        .await
+        .with_context(|| format!("connecting to {nats_url}"))?;
+    crate::components::apply_streams(&nats).await?;
+    ordo_projections::schema::prepare(database.pool()).await?;
+    let js = async_nats::jetstream::new(nats.clone());
+
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let launch = Launch {
+        binary: std::env::current_exe()?,
+        env: vec![
+            ("ORDO_NATS_URL".into(), nats_url.clone()),
+            ("ORDO_DATABASE_URL".into(), database.url().to_owned()),
+            ("ORDO_HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+            ("ORDO_HOME".into(), logs.join("home").display().to_string()),
+            (
+                "ORDO_PAYMENT_DECLINE_RATE".into(),
+                options.decline_rate.to_string(),
+            ),
+            (
+                "ORDO_NOTIFY_FAILURE_RATE".into(),
+                options.notify_failure_rate.to_string(),
+            ),
+            (
+                "RUST_LOG".into(),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            ),
+        ],
+        logs: logs.clone(),
+    };
+    let fleet = Arc::new(Mutex::new(Fleet::start(launch, options.instances)?));
+    eprintln!(
+        "ordo chaos: {} processes, nats {nats_url}, database {}, logs in {}",
+        options.instances * Component::WORKERS.len() + 1,
+        database.name(),
+        logs.display()
+    );
+    wait_for_commands(&nats).await?;
+    for index in 0..load::SKUS {
+        let body = serde_json::json!({"sku": load::sku(index), "qty": 20});
+        nats.request("ordo.cmd.stock.receive", serde_json::to_vec(&body)?.into())
+            .await?;
+    }
+
+    // The load.
+    let history = Arc::new(load::History::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..options.clients {
+        clients.spawn(load::client(
+            nats.clone(),
+            seed,
+            client,
+            history.clone(),
+            stop.clone(),
+        ));
+    }
+
+    // The faults, on a schedule drawn from the seed.
+    let started = Instant::now();
+    let duration = Duration::from_secs_f64(options.duration);
+    let progress = Progress::new(duration);
+    let mut nats_restarts = 0;
+    let nats_at: Vec<Duration> = (1..=options.nats_restarts)
+        .map(|i| duration.mul_f64(f64::from(i) / f64::from(options.nats_restarts + 1)))
+        .collect();
+    let outage_at: Vec<(Duration, Outage)> = options
+        .outages
+        .iter()
+        .enumerate()
+        .map(|(i, outage)| {
+            (
+                duration.mul_f64((i as f64 + 0.5) / (options.outages.len() as f64 + 0.5) * 0.8),
+                *outage,
+            )
+        })
+        .collect();
+    let mut down: Vec<(Instant, Option<Component>)> = Vec::new();
+    let mut next_kill = started + secs(options.kill_interval);
+    let mut unexpected_exits = Vec::new();
+    let (mut nats_next, mut outage_next) = (0, 0);
+    while started.elapsed() < duration {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = Instant::now();
+        let elapsed = started.elapsed();
+        {
+            let mut fleet = fleet.lock().expect("not poisoned");
+            unexpected_exits.extend(fleet.exited());
+            // Components whose outage is over, and killed workers, come back.
+            down.retain(|(until, component)| {
+                if *until <= now {
+                    let _ = fleet.restart_stopped(*component);
+                    false
+                } else {
+                    true
+                }
+            });
+            if options.kill_interval > 0.0 && now >= next_kill {
+                let candidates: Vec<usize> = fleet
+                    .running(None)
+                    .into_iter()
+                    .filter(|slot| {
+                        !down
+                            .iter()
+                            .any(|(_, c)| *c == Some(fleet.component_of(*slot)))
+                    })
+                    .collect();
+                if let Some(slot) = candidates.choose(&mut rng) {
+                    fleet.kill(*slot);
+                    let back_in = Duration::from_millis(rng.random_range(200..1500));
+                    down.push((now + back_in, None));
+                }
+                next_kill = now + secs(options.kill_interval);
+            }
+            if outage_next < outage_at.len() && elapsed >= outage_at[outage_next].0 {
+                let outage = outage_at[outage_next].1;
+                for slot in fleet.running(Some(outage.component)) {
+                    fleet.kill(slot);
+                }
+                down.push((now + secs(outage.secs), Some(outage.component)));
+                progress.note(format!(
+                    "outage: every {} instance down for {} s",
+                    outage.component.name(),
+                    outage.secs
+                ));
+                outage_next += 1;
+            }
+        }
+        if nats_next < nats_at.len() && elapsed >= nats_at[nats_next] {
+            let server = nats_server.as_ref().expect("the drill's own server");
+            progress.note(format!(
+                "nats-server SIGKILLed, down for {} s",
+                options.nats_down
+            ));
+            server.kill();
+            tokio::time::sleep(secs(options.nats_down)).await;
+            let restarted =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.restart()));
+            restarted.map_err(|_| {
+                anyhow::anyhow!(
+                    "nats-server did not start again; see {}",
+                    server.log_file().display()
+                )
+            })?;
+            nats_restarts += 1;
+            nats_next += 1;
+        }
+        progress.tick(
+            elapsed,
+            &history,
+            &fleet.lock().expect("not poisoned").kills,
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    {
+        let mut fleet = fleet.lock().expect("not poisoned");
+        fleet.restart_stopped(None)?;
+    }
+    progress.note("load stopped; every component is back; waiting for the system to settle".into());
+    while clients.join_next().await.is_some() {}
+
+    // Quiescence, then the check.
+    let settling = Instant::now();
+    let mut quiet_polls = 0;
+    let mut moving = Vec::new();
+    while settling.elapsed() < secs(options.settle_timeout) && quiet_polls < 3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        unexpected_exits.extend(fleet.lock().expect("not poisoned").exited());
+        fleet.lock().expect("not poisoned").restart_stopped(None)?;
+        moving = observe::still_moving(&js, database.pool())
+            .await
+            .unwrap_or_else(|err| vec![format!("{err:#}")]);
+        quiet_polls = if moving.is_empty() {
+            quiet_polls + 1
+        } else {
+            0
+        };
+        progress.settling(settling.elapsed(), &moving);
+    }
+    let settle_secs = settling.elapsed().as_secs_f64();
+    progress.finish();
+    let observed = observe::observe(&js, database.pool()).await?;
+    let acknowledged = history.acknowledged.lock().expect("not poisoned").clone();
+    let violations = check::check(&acknowledged, &observed);
+    fleet
+        .lock()
+        .expect("not poisoned")
+        .stop(Duration::from_secs(5));
+
+    let mut orders: BTreeMap<String, u64> = BTreeMap::new();
+    for row in &observed.orders_view {
+        *orders.entry(row.status.clone()).or_default() += 1;
+    }
+    let kills = fleet.lock().expect("not poisoned").kills.clone();
+    let rejections = observe::rejections(database.pool())
+        .await
+        .unwrap_or_default();
+    Ok(Report {
+        seed,
+        passed: violations.is_empty(),
+        duration_secs: options.duration,
+        settle_secs,
+        settled: quiet_polls >= 3,
+        instances: options.instances,
+        commands: history.counts(),
+        kills,
+        nats_restarts,
+        outages: options.outages.clone(),
+        unexpected_exits,
+        orders,
+        rejections,
+        events: [
+            ("ORDO_ORDERS".to_owned(), observed.order_events.len()),
+            ("ORDO_STOCK".to_owned(), observed.stock_events.len()),
+        ]
+        .into(),
+        still_moving: moving,
+        violations,
+        logs,
+    })
+}
+
+fn secs(secs: f64) -> Duration {
+    Duration::from_secs_f64(secs.max(0.0))
+}
+
+/// Waits until a command service answers (the fleet has just started).
+async fn wait_for_commands(nats: &async_nats::Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ping = nats.request("$SRV.PING.ordo", "".into());
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), ping).await {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no command service answered within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The report as a person reads it.
+pub fn print(report: &Report) {
+    let c = &report.commands;
+    println!("ordo chaos — seed {}", report.seed);
+    println!(
+        "  load        {:.0} s, {} instances of each worker",
+        report.duration_secs, report.instances
+    );
+    println!(
+        "  commands    {} sent, {} acknowledged, {} refused {:?}, {} unanswered, {} retries",
+        c.sent,
+        c.acknowledged,
+        c.refused.values().sum::<u64>(),
+        c.refused,
+        c.unanswered,
+        c.retries
+    );
+    let kills: Vec<String> = report
+        .kills
+        .iter()
+        .map(|(c, n)| format!("{} {n}", c.name()))
+        .collect();
+    println!(
+        "  kills       {}",
+        if kills.is_empty() {
+            "none".into()
+        } else {
+            kills.join(", ")
+        }
+    );
+    println!("  nats-server {} restarts", report.nats_restarts);
+    for outage in &report.outages {
+        println!(
+            "  outage      every {} for {} s",
+            outage.component.name(),
+            outage.secs
+        );
+    }
+    for (component, index, status) in &report.unexpected_exits {
+        println!(
+            "  exited      {}-{index} on its own: {status}",
+            component.name()
+        );
+    }
+    println!("  orders      {:?}", report.orders);
+    println!("  rejected    {:?}", report.rejections);
+    println!("  events      {:?}", report.events);
+    println!(
+        "  settled     {} after {:.1} s{}",
+        if report.settled { "yes" } else { "NO" },
+        report.settle_secs,
+        if report.still_moving.is_empty() {
+            String::new()
+        } else {
+            format!(" (still moving: {})", report.still_moving.join("; "))
+        }
+    );
+    println!("  logs        {}", report.logs.display());
+    if report.violations.is_empty() {
+        println!("  violations  0 — every invariant holds");
+    } else {
+        println!("  violations  {}", report.violations.len());
+        for violation in report.violations.iter().take(50) {
+            println!("    [{}] {}", violation.invariant, violation.detail);
+        }
+        if report.violations.len() > 50 {
+            println!(
+                "    … {} more in the JSON report",
+                report.violations.len() - 50
+            );
+        }
+    }
+}
+
+/// Progress while the drill runs: a bar on a terminal, a line every 5 s otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    last_line: Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(duration: Duration) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(duration.as_secs());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar
+        });
+        Self {
+            bar,
+            last_line: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn note(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(format!("ordo chaos: {line}")),
+            None => eprintln!("ordo chaos: {line}"),
+        }
+    }
+
+    fn tick(&self, elapsed: Duration, history: &load::History, kills: &BTreeMap<Component, u32>) {
+        let c = history.counts();
+        let message = format!(
+            "{} sent · {} ok · {} unanswered · {} retries · {} kills",
+            c.sent,
+            c.acknowledged,
+            c.unanswered,
+            c.retries,
+            kills.values().sum::<u32>()
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(elapsed.as_secs());
+                bar.set_message(message);
+            }
+            None => self.every_5_s(|| format!("{:>4.0} s: {message}", elapsed.as_secs_f64())),
+        }
+    }
+
+    fn settling(&self, elapsed: Duration, moving: &[String]) {
+        let message = if moving.is_empty() {
+            "quiet".to_owned()
+        } else {
+            moving.join("; ")
+        };
+        match &self.bar {
+            Some(bar) => bar.set_message(format!(
+                "settling {:.0} s: {message}",
+                elapsed.as_secs_f64()
+            )),
+            None => {
+                self.every_5_s(|| format!("settling {:.0} s: {message}", elapsed.as_secs_f64()))
+            }
+        }
+    }
+
+    fn every_5_s(&self, line: impl FnOnce() -> String) {
+        let mut last = self.last_line.lock().expect("not poisoned");
+        if last.elapsed() >= Duration::from_secs(5) {
+            eprintln!("ordo chaos: {}", line());
+            *last = Instant::now();
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
