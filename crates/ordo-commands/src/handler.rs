@@ -5,6 +5,13 @@
 //! event on the condition that the aggregate did not move, and on a conflict start over with a
 //! fresh load. Commands on one aggregate are serialised inside this process so that they do not
 //! conflict with each other; across processes the conditional append is the only gate.
+//!
+//! Several copies of one command id may run at once (two instances, a client's retry while the
+//! first run is in flight). The record written before an append names the sequence the append
+//! is conditional on; while that append may still land (nothing follows that sequence yet), a
+//! second run decides on exactly that state and sends the same conditional append, so at most
+//! one of them lands and the record keeps pointing at it. Only once another event follows the
+//! expected sequence is the earlier attempt dead, and the record may move on.
 
 use std::{
     collections::hash_map::DefaultHasher,
@@ -34,6 +41,16 @@ pub struct CommandHandler {
     stock: Repository<StockAggregate>,
     outcomes: Outcomes,
     locks: Vec<Mutex<()>>,
+}
+
+/// What an earlier run of a command id came to.
+enum EarlierRun {
+    /// It has its outcome: this is the reply.
+    Ended(Value),
+    /// Its append (conditional on `expected_last_seq`) has not landed and still may.
+    MayStillLand { expected_last_seq: u64 },
+    /// Its append can never land: another event follows its expected sequence.
+    CannotLand,
 }
 
 /// What can go wrong outside the domain while running a command.
@@ -107,8 +124,8 @@ impl CommandHandler {
         let mut loaded = repository.load(aggregate_id).await?;
 
         for attempt in 0..MAX_ATTEMPTS {
-            if let Some(record) = &record {
-                if record.fingerprint != request.fingerprint {
+            if let Some(earlier) = &record {
+                if earlier.fingerprint != request.fingerprint {
                     return Ok(error_reply(
                         ErrorCode::InvalidCommand,
                         format!(
@@ -117,8 +134,20 @@ impl CommandHandler {
                         ),
                     ));
                 }
-                if let Some(reply) = self.earlier_outcome(record).await? {
-                    return Ok(reply);
+                match self.earlier_run(earlier).await? {
+                    EarlierRun::Ended(reply) => return Ok(reply),
+                    EarlierRun::MayStillLand { expected_last_seq } => {
+                        // Decide on the very state the earlier run decided on.
+                        if loaded.last_seq != expected_last_seq {
+                            loaded = repository.catch_up(aggregate_id, loaded).await?;
+                        }
+                        if loaded.last_seq != expected_last_seq {
+                            // It moved on meanwhile: see whether that was the earlier run.
+                            (revision, record) = self.outcomes.get(&request.command_id).await?;
+                            continue;
+                        }
+                    }
+                    EarlierRun::CannotLand => {}
                 }
             }
 
@@ -218,28 +247,38 @@ impl CommandHandler {
         }
     }
 
-    /// The reply of an earlier run of the same command, if it got as far as an outcome.
-    async fn earlier_outcome(&self, record: &OutcomeRecord) -> Result<Option<Value>, LoadError> {
+    /// What an earlier run of the same command id came to, as far as can be told.
+    async fn earlier_run(&self, record: &OutcomeRecord) -> Result<EarlierRun, LoadError> {
         match &record.state {
-            OutcomeState::Rejected { reply } => Ok(Some(reply.clone())),
+            OutcomeState::Rejected { reply } => Ok(EarlierRun::Ended(reply.clone())),
             OutcomeState::Appending {
                 category,
                 aggregate_id,
                 expected_last_seq,
             } => {
                 let Some(stream) = stream_for_category(category) else {
-                    return Ok(None);
+                    return Ok(EarlierRun::CannotLand);
                 };
                 let subject = aggregate_subject(category, aggregate_id);
                 let next = self
                     .store()
                     .event_after(stream, &subject, *expected_last_seq)
                     .await?;
-                Ok(next
-                    .filter(|event| event.envelope.command_id == record.command_id)
-                    .map(|event| {
-                        ok_reply(category, aggregate_id, event.envelope.version, event.seq)
-                    }))
+                Ok(match next {
+                    Some(event) if event.envelope.command_id == record.command_id => {
+                        EarlierRun::Ended(ok_reply(
+                            category,
+                            aggregate_id,
+                            event.envelope.version,
+                            event.seq,
+                        ))
+                    }
+                    // Its append was conditional on a sequence that another event followed.
+                    Some(_) => EarlierRun::CannotLand,
+                    None => EarlierRun::MayStillLand {
+                        expected_last_seq: *expected_last_seq,
+                    },
+                })
             }
         }
     }

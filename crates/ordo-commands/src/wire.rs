@@ -170,6 +170,10 @@ struct SkuOrderBody {
     order_id: String,
 }
 
+/// Order ids generated from a client's command id are UUIDv5 in this namespace.
+const ORDER_ID_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6f72_646f_2d6f_7264_6572_2d69_6400_0001);
+
 /// The longest free-text reason kept on an order.
 const MAX_REASON_LEN: usize = 1024;
 
@@ -196,14 +200,24 @@ pub fn parse(
         Some(_) => return Err(InvalidCommand("command_id must be a string".into())),
     };
     let fingerprint = hex_digest(&format!("{}\n{}", endpoint.name(), canonical_json(&value)));
+    let explicit_id = header_command_id
+        .map(str::to_owned)
+        .or(body_command_id)
+        .map(validate_command_id)
+        .transpose()?;
 
     let (command, natural_key) = match endpoint {
         Endpoint::OrderPlace => {
             let body: PlaceBody = typed(value)?;
-            // Without an order id, a new one is generated, and is the natural key.
-            let order_id = match body.order_id {
-                Some(id) => OrderId::parse(id)?,
-                None => OrderId::parse(uuid::Uuid::now_v7().to_string())?,
+            // Without an order id, one is generated, and is the natural key. Under a command id
+            // of the client's, it is derived from that id, so that every copy of the command
+            // (a retry, a redelivery to another instance) places the same order.
+            let order_id = match (body.order_id, &explicit_id) {
+                (Some(id), _) => OrderId::parse(id)?,
+                (None, Some(command_id)) => OrderId::parse(
+                    uuid::Uuid::new_v5(&ORDER_ID_NAMESPACE, command_id.as_bytes()).to_string(),
+                )?,
+                (None, None) => OrderId::parse(uuid::Uuid::now_v7().to_string())?,
             };
             let natural_key = Some(format!("order.place:{order_id}"));
             let lines = body
@@ -299,9 +313,8 @@ pub fn parse(
         }
     };
 
-    let explicit_id = header_command_id.map(str::to_owned).or(body_command_id);
     let command_id = match &explicit_id {
-        Some(id) => validate_command_id(id.clone())?,
+        Some(id) => id.clone(),
         // The natural key includes what is asked, so that a different request on the same
         // aggregate is a different command (and meets the domain's rules, not a dedup refusal).
         None => match natural_key {
@@ -544,6 +557,20 @@ mod tests {
                 .starts_with(&format!("order.place:{order_id}:"))
         );
         assert_eq!(currency.as_str(), "USD");
+    }
+
+    #[test]
+    fn copies_of_a_place_without_order_id_under_one_command_id_place_the_same_order() {
+        let body = br#"{"customer_id":"c1","lines":[{"sku":"A1","qty":1,"unit_price_cents":1}]}"#;
+        let order_of = |command_id| match parse(Endpoint::OrderPlace, body, Some(command_id))
+            .unwrap()
+            .command
+        {
+            Command::Order(OrderCommand::Place { order_id, .. }) => order_id,
+            other => panic!("not a place: {other:?}"),
+        };
+        assert_eq!(order_of("retry-me"), order_of("retry-me"));
+        assert_ne!(order_of("retry-me"), order_of("another"));
     }
 
     #[test]

@@ -268,3 +268,63 @@ async fn a_run_that_died_before_appending_is_run_again() {
     );
     assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_before_and_after_the_window()
+ {
+    let engine = Engine::start_with(2, short_duplicate_window()).await;
+    let engine = &engine;
+    // Rounds of 6 copies of one receive, sent at once, while other commands move the same SKU.
+    let mut first_replies = Vec::new();
+    for round in 0..12 {
+        let command_id = format!("copied-{round}");
+        let copies = (0..6).map(|_| {
+            engine.request_with_id(
+                "ordo.cmd.stock.receive",
+                json!({"sku": "A1", "qty": 1}),
+                &command_id,
+            )
+        });
+        let other = engine.request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 100}));
+        let (replies, _) = tokio::join!(futures::future::join_all(copies), other);
+        assert!(
+            replies.iter().all(|reply| *reply == replies[0]),
+            "round {round}: every copy gets the one outcome: {replies:?}"
+        );
+        assert_eq!(outcome(&replies[0]), "ok");
+        first_replies.push((command_id, replies[0].clone()));
+    }
+    // And a place without an order id, under one command id: one order, whichever copy ran.
+    let place = || {
+        engine.request_with_id(
+            "ordo.cmd.order.place",
+            json!({"customer_id": "c1", "lines": [line("A1", 1, 100)]}),
+            "place-once",
+        )
+    };
+    let placed = futures::future::join_all((0..6).map(|_| place())).await;
+    assert!(placed.iter().all(|reply| *reply == placed[0]), "{placed:?}");
+
+    // After the duplicate window, repeats still get the first outcome and append nothing.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (command_id, first) in &first_replies {
+        let again = engine
+            .request_with_id(
+                "ordo.cmd.stock.receive",
+                json!({"sku": "A1", "qty": 1}),
+                command_id,
+            )
+            .await;
+        assert_eq!(&again, first, "{command_id} after the window");
+    }
+    assert_eq!(place().await, placed[0]);
+    let stock = engine.stored("ORDO_STOCK").await;
+    for (command_id, _) in &first_replies {
+        let appended = stock
+            .iter()
+            .filter(|s| s.envelope.command_id == *command_id)
+            .count();
+        assert_eq!(appended, 1, "{command_id} appended {appended} times");
+    }
+    assert_eq!(engine.message_count("ORDO_ORDERS").await, 1);
+}
