@@ -20,6 +20,11 @@ pub mod stock;
 
 pub use ids::{Currency, CustomerId, IdError, OrderId, Sku};
 
+/// The largest count or amount (stock on hand, an order's total in cents) the domain accepts:
+/// what every read view can hold (a PostgreSQL bigint). Past it a command is refused, never
+/// stored for a view to choke on.
+pub const MAX_AMOUNT: u64 = i64::MAX as u64;
+
 use serde::{Serialize, de::DeserializeOwned};
 
 /// An event-sourced aggregate: its state is the fold of its events.

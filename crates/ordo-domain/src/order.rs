@@ -238,7 +238,13 @@ fn validate_lines(lines: &[OrderLine]) -> Result<u64, Rejection> {
         total = u64::from(line.qty)
             .checked_mul(line.unit_price_cents)
             .and_then(|amount| total.checked_add(amount))
-            .ok_or_else(|| Rejection::Invalid("the order total is too large".into()))?;
+            .filter(|total| *total <= crate::MAX_AMOUNT)
+            .ok_or_else(|| {
+                Rejection::Invalid(format!(
+                    "the order total is too large (at most {} cents)",
+                    crate::MAX_AMOUNT
+                ))
+            })?;
     }
     Ok(total)
 }
@@ -341,10 +347,28 @@ mod specification {
     }
 
     #[test]
-    fn a_total_that_overflows_is_refused() {
+    fn a_total_that_no_view_could_hold_is_refused() {
+        let too_large = || {
+            Rejection::Invalid(format!(
+                "the order total is too large (at most {} cents)",
+                i64::MAX
+            ))
+        };
         given_order(vec![])
             .when(place(vec![line("A1", u32::MAX, u64::MAX)]))
-            .then_rejected(Rejection::Invalid("the order total is too large".into()));
+            .then_rejected(too_large());
+        // Fits a u64, not a bigint.
+        given_order(vec![])
+            .when(place(vec![line("A1", 2, i64::MAX as u64)]))
+            .then_rejected(too_large());
+        given_order(vec![])
+            .when(place(vec![line("A1", 1, i64::MAX as u64)]))
+            .then(OrderEvent::OrderPlaced {
+                customer_id: CustomerId::parse("c-1").unwrap(),
+                lines: vec![line("A1", 1, i64::MAX as u64)],
+                currency: Currency::default(),
+                total_cents: i64::MAX as u64,
+            });
     }
 
     #[test]

@@ -103,7 +103,10 @@ impl Aggregate for StockAggregate {
             if *qty == 0 {
                 return Err(Rejection::Invalid("qty must be greater than 0".into()));
             }
-            if on_hand.checked_add(*qty).is_none() {
+            if on_hand
+                .checked_add(*qty)
+                .is_none_or(|total| total > crate::MAX_AMOUNT)
+            {
                 return Err(Rejection::Invalid(format!(
                     "receiving {qty} would overflow the on-hand count of {}",
                     command.sku()
@@ -284,8 +287,18 @@ mod specification {
     }
 
     #[test]
-    fn receiving_past_the_largest_count_is_refused() {
-        given_stock(vec![received(u64::MAX)])
+    fn receiving_past_the_largest_count_a_view_holds_is_refused() {
+        // Sent twice, the largest bigint is accepted once.
+        given_stock(vec![received(i64::MAX as u64)])
+            .when(StockCommand::Receive {
+                sku: sku(),
+                qty: i64::MAX as u64,
+            })
+            .then_rejected(Rejection::Invalid(format!(
+                "receiving {} would overflow the on-hand count of A1",
+                i64::MAX
+            )));
+        given_stock(vec![received(i64::MAX as u64)])
             .when(StockCommand::Receive { sku: sku(), qty: 1 })
             .then_rejected(Rejection::Invalid(
                 "receiving 1 would overflow the on-hand count of A1".into(),

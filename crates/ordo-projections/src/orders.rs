@@ -4,7 +4,7 @@ use ordo_domain::order::{OrderEvent, OrderStatus};
 use ordo_eventstore::RecordedEvent;
 use sqlx::PgConnection;
 
-use crate::{ApplyError, Projection};
+use crate::{ApplyError, Projection, projection::bigint};
 
 pub struct OrdersView;
 
@@ -23,8 +23,8 @@ impl Projection for OrdersView {
             .map_err(|err| ApplyError::Rejected(err.to_string()))?;
         let (order_id, version, seq) = (
             &envelope.aggregate_id,
-            envelope.version as i64,
-            recorded.seq as i64,
+            bigint(envelope.version, "version")?,
+            bigint(recorded.seq, "seq")?,
         );
         let (status, reason) = match &event {
             OrderEvent::OrderPlaced {
@@ -41,7 +41,7 @@ impl Projection for OrdersView {
                 .bind(order_id)
                 .bind(customer_id.as_str())
                 .bind(currency.as_str())
-                .bind(*total_cents as i64)
+                .bind(bigint(*total_cents, "total_cents")?)
                 .bind(version)
                 .bind(seq)
                 .bind(envelope.at)
@@ -56,7 +56,7 @@ impl Projection for OrdersView {
                     .bind(line_no as i32)
                     .bind(line.sku.as_str())
                     .bind(i64::from(line.qty))
-                    .bind(line.unit_price_cents as i64)
+                    .bind(bigint(line.unit_price_cents, "unit_price_cents")?)
                     .execute(&mut *connection)
                     .await?;
                 }

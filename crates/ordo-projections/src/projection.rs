@@ -17,6 +17,11 @@ pub enum ApplyError {
 impl From<sqlx::Error> for ApplyError {
     fn from(err: sqlx::Error) -> Self {
         match err {
+            // Errors of the moment (a serialization failure, a deadlock, the server shutting
+            // down or out of resources): the same statement may well work when tried again.
+            sqlx::Error::Database(err) if err.code().is_some_and(|code| is_transient(&code)) => {
+                Self::Unavailable(err.to_string())
+            }
             // The database answered and refused (a constraint, a type): the event does not fit.
             sqlx::Error::Database(err) => Self::Rejected(err.to_string()),
             sqlx::Error::RowNotFound
@@ -26,6 +31,22 @@ impl From<sqlx::Error> for ApplyError {
             other => Self::Unavailable(other.to_string()),
         }
     }
+}
+
+/// SQLSTATEs that say "not now" rather than "never": transaction rollbacks (40: serialization
+/// failure, deadlock), connection exceptions (08), insufficient resources (53), operator
+/// intervention (57: admin shutdown, query cancelled, cannot connect now), lock not available.
+fn is_transient(code: &str) -> bool {
+    ["40", "08", "53", "57"]
+        .iter()
+        .any(|class| code.starts_with(class))
+        || code == "55P03"
+}
+
+/// A count or amount as the views store it (bigint); the domain never makes one larger.
+pub fn bigint(value: u64, what: &str) -> Result<i64, ApplyError> {
+    i64::try_from(value)
+        .map_err(|_| ApplyError::Rejected(format!("{what} {value} does not fit a bigint")))
 }
 
 pub trait Projection: Send + Sync + 'static {

@@ -4,7 +4,7 @@ use ordo_domain::stock::StockEvent;
 use ordo_eventstore::RecordedEvent;
 use sqlx::PgConnection;
 
-use crate::{ApplyError, Projection};
+use crate::{ApplyError, Projection, projection::bigint};
 
 pub struct StockView;
 
@@ -23,15 +23,15 @@ impl Projection for StockView {
             .map_err(|err| ApplyError::Rejected(err.to_string()))?;
         // (change of on hand, change of reserved)
         let (on_hand, reserved): (i64, i64) = match &event {
-            StockEvent::StockReceived { qty } => (*qty as i64, 0),
-            StockEvent::StockReserved { qty, .. } => (0, *qty as i64),
-            StockEvent::StockReleased { qty, .. } => (0, -(*qty as i64)),
-            StockEvent::StockDeducted { qty, .. } => (-(*qty as i64), -(*qty as i64)),
+            StockEvent::StockReceived { qty } => (bigint(*qty, "qty")?, 0),
+            StockEvent::StockReserved { qty, .. } => (0, bigint(*qty, "qty")?),
+            StockEvent::StockReleased { qty, .. } => (0, -bigint(*qty, "qty")?),
+            StockEvent::StockDeducted { qty, .. } => (-bigint(*qty, "qty")?, -bigint(*qty, "qty")?),
         };
         let (sku, version, seq) = (
             &envelope.aggregate_id,
-            envelope.version as i64,
-            recorded.seq as i64,
+            bigint(envelope.version, "version")?,
+            bigint(recorded.seq, "seq")?,
         );
         let changed = if version == 1 {
             sqlx::query(

@@ -254,9 +254,10 @@ impl<G: PaymentGateway> Coordinator<G> {
     pub async fn drive_one(&self) -> Result<bool, CoordinatorError> {
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
+            // A running saga is never due later than its deadline (see `save`), so one range
+            // scan of the `sagas_due` index finds both retries and deadlines.
             "SELECT order_id, data, deadline_at FROM sagas
-             WHERE next_attempt_at IS NOT NULL
-               AND (next_attempt_at <= now() OR (state = 'running' AND deadline_at <= now()))
+             WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
              ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
         )
         .fetch_optional(&mut *tx)
@@ -519,7 +520,8 @@ async fn save(
         None
     };
     sqlx::query(
-        "UPDATE sagas SET state = $2, steps = $3, reason = $4, data = $5, updated_at = now(), next_attempt_at = $6
+        "UPDATE sagas SET state = $2, steps = $3, reason = $4, data = $5, updated_at = now(),
+                next_attempt_at = CASE WHEN $7 THEN least($6, deadline_at) ELSE $6 END
          WHERE order_id = $1",
     )
     .bind(saga.order_id.as_str())
@@ -528,6 +530,8 @@ async fn save(
     .bind(saga.shown_reason())
     .bind(serde_json::to_value(saga).expect("sagas serialize"))
     .bind(next_attempt_at)
+    // The deadline bounds only the steps before the confirm.
+    .bind(saga.state == SagaState::Running && !saga.reached_pivot())
     .execute(&mut **tx)
     .await?;
     Ok(())

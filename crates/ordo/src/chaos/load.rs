@@ -65,17 +65,22 @@ pub fn sku(index: usize) -> String {
     format!("sku-{index}")
 }
 
-/// One client: sends commands until `stop` is set, then finishes the one in hand.
+/// One client: sends a command every `every` (or as fast as they are answered, if slower) until
+/// `stop` is set, then finishes the one in hand.
 pub async fn client(
     nats: async_nats::Client,
     seed: u64,
     client: usize,
+    every: Duration,
     history: Arc<History>,
     stop: Arc<AtomicBool>,
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ (client as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut pace = tokio::time::interval(every);
+    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        pace.tick().await;
         n += 1;
         let command_id = format!("chaos-{seed:x}-{client}-{n}");
         let roll: f64 = rng.random();

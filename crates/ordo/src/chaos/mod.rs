@@ -80,6 +80,11 @@ pub struct ChaosOptions {
     /// Concurrent clients sending commands.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
+    /// Commands per second, all clients together (about 60 % of them places). The default stays
+    /// under what the saga coordinators confirm today, so that a drill tests faults, not
+    /// overload.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
     /// The seed of the load and of the fault schedule (random when absent; printed).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -108,6 +113,7 @@ pub struct Report {
     pub settle_secs: f64,
     pub settled: bool,
     pub instances: usize,
+    pub rate: f64,
     pub commands: load::CommandCounts,
     pub kills: BTreeMap<Component, u32>,
     pub nats_restarts: u32,
@@ -209,10 +215,12 @@ pub async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = tokio::task::JoinSet::new();
     for client in 0..options.clients {
+        let every = Duration::from_secs_f64(options.clients as f64 / options.rate.max(0.1));
         clients.spawn(load::client(
             nats.clone(),
             seed,
             client,
+            every,
             history.clone(),
             stop.clone(),
         ));
@@ -364,6 +372,7 @@ pub async fn run(
         settle_secs,
         settled: quiet_polls >= 3,
         instances: options.instances,
+        rate: options.rate,
         commands: history.counts(),
         kills,
         nats_restarts,
@@ -407,8 +416,8 @@ pub fn print(report: &Report) {
     let c = &report.commands;
     println!("ordo chaos — seed {}", report.seed);
     println!(
-        "  load        {:.0} s, {} instances of each worker",
-        report.duration_secs, report.instances
+        "  load        {:.0} s at {} commands/s, {} instances of each worker",
+        report.duration_secs, report.rate, report.instances
     );
     println!(
         "  commands    {} sent, {} acknowledged, {} refused {:?}, {} unanswered, {} retries",
