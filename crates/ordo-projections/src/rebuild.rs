@@ -9,7 +9,10 @@
 //! 3. Parked events of the projection that applied this time are no longer parked (a rebuild is
 //!    how a parked event is retried once its cause is fixed).
 //! 4. A live projector caught in the middle of a batch finds its checkpoint fenced, starts a new
-//!    term and goes on from the new view's checkpoint.
+//!    term and goes on from the new view's checkpoint. The fence is on the view's generation
+//!    (its schema's object id, new with every rebuild) as well as on the checkpoint value, which
+//!    the new view may share with the old one: a batch whose rows went to the old view rolls
+//!    back whole.
 
 use std::time::{Duration, Instant};
 

@@ -349,7 +349,7 @@ impl<P: Projection> Projector<P> {
         checkpoint: u64,
         events: &[Fetched],
     ) -> Result<(usize, Option<String>), ProjectorError> {
-        let mut tx = self.begin(schema).await?;
+        let (mut tx, generation) = self.begin(schema).await?;
         let mut applied = 0;
         let mut failure = None;
         for fetched in events {
@@ -374,7 +374,8 @@ impl<P: Projection> Projector<P> {
             }
         }
         if applied > 0 {
-            advance_checkpoint::<P>(&mut tx, checkpoint, checkpoint + applied as u64).await?;
+            let to = checkpoint + applied as u64;
+            advance_checkpoint::<P>(&mut tx, &generation, checkpoint, to).await?;
         }
         tx.commit().await?;
         Ok((applied, failure))
@@ -405,7 +406,7 @@ impl<P: Projection> Projector<P> {
         }
         tracing::error!(projection = P::NAME, seq = event.seq, %reason, "event parked");
         metrics::counter!("ordo_projection_parked_total", "projection" => P::NAME).increment(1);
-        let mut tx = self.begin(schema).await?;
+        let (mut tx, generation) = self.begin(schema).await?;
         sqlx::query(
             "INSERT INTO public.parked_events (projection, stream, seq, subject, event_type, reason, attempts, payload)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -422,17 +423,29 @@ impl<P: Projection> Projector<P> {
         .bind(String::from_utf8_lossy(&event.payload).into_owned())
         .execute(&mut *tx)
         .await?;
-        advance_checkpoint::<P>(&mut tx, checkpoint, checkpoint + 1).await?;
+        advance_checkpoint::<P>(&mut tx, &generation, checkpoint, checkpoint + 1).await?;
         tx.commit().await?;
         Ok(checkpoint + 1)
     }
 
-    async fn begin(&self, schema: &str) -> Result<Transaction<'static, Postgres>, ProjectorError> {
+    /// A transaction on `schema`, and the generation of the schema it started on.
+    async fn begin(
+        &self,
+        schema: &str,
+    ) -> Result<(Transaction<'static, Postgres>, Generation), ProjectorError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(set_search_path(schema))
             .execute(&mut *tx)
             .await?;
-        Ok(tx)
+        let oid: Option<i64> = sqlx::query_scalar("SELECT to_regnamespace($1)::oid::bigint")
+            .bind(schema)
+            .fetch_one(&mut *tx)
+            .await?;
+        let generation = Generation {
+            schema: schema.to_owned(),
+            oid: oid.unwrap_or(-1),
+        };
+        Ok((tx, generation))
     }
 }
 
@@ -451,18 +464,32 @@ pub(crate) async fn stream_identity(
     Ok((created, info.state.last_sequence))
 }
 
-/// Moves the checkpoint from `expected` to `to`, or fails if another instance moved it.
+/// Which view a batch started writing to: the schema's name and its object id. A rebuild swaps
+/// in a new schema under the same name, so the id changes with every rebuild even when the new
+/// view's checkpoint equals the old one's.
+struct Generation {
+    schema: String,
+    oid: i64,
+}
+
+/// Moves the checkpoint from `expected` to `to`, or fails if another instance moved it, or a
+/// rebuild swapped the view since the batch began (its rows went to the old view: the whole
+/// transaction must roll back, and the batch is applied again to the new one).
 async fn advance_checkpoint<P: Projection>(
     connection: &mut PgConnection,
+    generation: &Generation,
     expected: u64,
     to: u64,
 ) -> Result<(), ProjectorError> {
     let updated = sqlx::query(
-        "UPDATE checkpoints SET seq = $2, updated_at = now() WHERE stream = $1 AND seq = $3",
+        "UPDATE checkpoints SET seq = $2, updated_at = now()
+         WHERE stream = $1 AND seq = $3 AND to_regnamespace($4)::oid::bigint = $5",
     )
     .bind(P::STREAM)
     .bind(to as i64)
     .bind(expected as i64)
+    .bind(&generation.schema)
+    .bind(generation.oid)
     .execute(connection)
     .await?;
     if updated.rows_affected() != 1 {
@@ -472,4 +499,49 @@ async fn advance_checkpoint<P: Projection>(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{schema::ensure_view, stock::StockView};
+    use ordo_testkit::{NatsServer, TestDatabase};
+
+    #[tokio::test]
+    async fn a_batch_that_began_before_a_rebuild_swap_cannot_move_the_new_views_checkpoint() {
+        let database = TestDatabase::create().await;
+        let server = NatsServer::start();
+        let pool = database.pool().clone();
+        crate::schema::migrate(&pool).await.unwrap();
+        ensure_view::<StockView>(&pool, "view_stock").await.unwrap();
+        let projector = Projector::<StockView>::new(
+            pool.clone(),
+            jetstream::new(server.client().await),
+            ProjectorConfig::default(),
+        );
+        // Given a live batch that began writing to the view at checkpoint 0…
+        let (mut live, generation) = projector.begin("view_stock").await.unwrap();
+        sqlx::query("INSERT INTO stock (sku, on_hand, reserved, version, updated_at, last_seq) VALUES ('A1', 1, 0, 1, now(), 1)")
+            .execute(&mut *live)
+            .await
+            .unwrap();
+        // …when a rebuild swaps in a new view whose checkpoint is also 0,
+        ensure_view::<StockView>(&pool, "view_stock_next")
+            .await
+            .unwrap();
+        let mut swap = pool.begin().await.unwrap();
+        for rename in [
+            "ALTER SCHEMA view_stock RENAME TO view_stock_old",
+            "ALTER SCHEMA view_stock_next RENAME TO view_stock",
+        ] {
+            sqlx::query(rename).execute(&mut *swap).await.unwrap();
+        }
+        swap.commit().await.unwrap();
+        // then the live batch's checkpoint update is fenced: its rows went to the old view.
+        let fenced = advance_checkpoint::<StockView>(&mut live, &generation, 0, 1).await;
+        assert!(
+            matches!(fenced, Err(ProjectorError::Fenced { .. })),
+            "{fenced:?}"
+        );
+    }
 }
