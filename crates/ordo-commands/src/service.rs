@@ -26,6 +26,9 @@ pub const HEADER_CAUSATION_ID: &str = "Ordo-Causation-Id";
 #[error("cannot start the command service: {0}")]
 pub struct ServiceError(String);
 
+/// How long a stopping instance keeps answering requests delivered before its unsubscribe.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// Requests handled at once by this instance; more wait in NATS.
@@ -94,7 +97,9 @@ impl CommandService {
         })
     }
 
-    /// Serves until `shutdown` completes, then finishes the requests in flight and leaves.
+    /// Serves until `shutdown` completes. Then it stops taking requests (every endpoint
+    /// unsubscribes, so new ones go to other instances), answers those already delivered to it,
+    /// finishes those in flight, and leaves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
         let Self {
             service,
@@ -104,6 +109,13 @@ impl CommandService {
         } = self;
         let limit = Arc::new(Semaphore::new(config.max_in_flight));
         let mut in_flight = JoinSet::new();
+        let serve = |in_flight: &mut JoinSet<()>, endpoint, request, permit| {
+            let handler = handler.clone();
+            in_flight.spawn(async move {
+                respond(&handler, endpoint, request).await;
+                drop(permit);
+            });
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -112,20 +124,38 @@ impl CommandService {
                 next = requests.next() => {
                     let Some((endpoint, request)) = next else { break };
                     let permit = limit.clone().acquire_owned().await.expect("the limit is never closed");
-                    let handler = handler.clone();
-                    in_flight.spawn(async move {
-                        respond(&handler, endpoint, request).await;
-                        drop(permit);
-                    });
+                    serve(&mut in_flight, endpoint, request, permit);
                 }
             }
         }
-        tracing::info!(in_flight = in_flight.len(), "command service stopping");
-        while in_flight.join_next().await.is_some() {}
+        tracing::info!(
+            in_flight = in_flight.len(),
+            "command service stopping: no new requests"
+        );
+        // Unsubscribes every endpoint; each stream then yields what was already delivered, and
+        // ends.
         service
             .stop()
             .await
-            .map_err(|err| ServiceError(err.to_string()))
+            .map_err(|err| ServiceError(err.to_string()))?;
+        let delivered = async {
+            while let Some((endpoint, request)) = requests.next().await {
+                let permit = limit
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the limit is never closed");
+                serve(&mut in_flight, endpoint, request, permit);
+            }
+        };
+        if tokio::time::timeout(DRAIN_LIMIT, delivered).await.is_err() {
+            tracing::warn!(
+                "requests kept arriving after the unsubscribe; leaving the rest to other instances"
+            );
+        }
+        while in_flight.join_next().await.is_some() {}
+        tracing::info!("command service stopped");
+        Ok(())
     }
 }
 

@@ -22,6 +22,14 @@ impl Shutdown {
         self.0.send_replace(true);
     }
 
+    /// Runs `work` unless a stop is asked for first: then `None`.
+    pub async fn unless_triggered<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            value = work => Some(value),
+            () = self.signal() => None,
+        }
+    }
+
     /// Completes once [`Self::trigger`] was called.
     pub fn signal(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut receiver = self.0.subscribe();

@@ -172,12 +172,34 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = telemetry::init(client_only)?;
     let nats_url = connect::configured_url(cli.nats_url.clone(), &cli.home);
     let database_url = database::configured_url(cli.database_url.clone(), &cli.home);
+    // Ctrl-C and SIGTERM stop a long-running command at any moment, also while it still waits
+    // for a server at start-up.
+    // (Only those: the other commands keep the default, where Ctrl-C ends the process.)
+    let shutdown = Shutdown::new();
+    if matches!(cli.command, Command::Up | Command::Run { .. }) {
+        let stop_on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            stop_on_signal.trigger();
+        });
+    }
     match cli.command {
-        Command::Up => up(cli).await,
+        Command::Up => up(cli, shutdown).await,
         Command::Run { component } => {
-            let nats = connect::connect_with_backoff(&nats_url).await?;
+            let Some(nats) = shutdown
+                .unless_triggered(connect::connect_with_backoff(&nats_url))
+                .await
+                .transpose()?
+            else {
+                return Ok(());
+            };
             components::apply_streams(&nats).await?;
-            let shutdown = Shutdown::new();
+            let Some(pool) = shutdown
+                .unless_triggered(connect_database(&component, &database_url))
+                .await
+            else {
+                return Ok(());
+            };
             let mut components = JoinSet::new();
             match component {
                 Component::Commands => {
@@ -187,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
                     ));
                 }
                 Component::Projector { projection } => {
-                    let pool = database::connect_and_prepare(&database_url).await;
+                    let pool = pool.expect("a pool for the projector");
                     let names: Vec<String> = match projection {
                         Some(name) => vec![name],
                         None => components::PROJECTIONS
@@ -207,19 +229,19 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 Component::Api => {
-                    let pool = database::connect_and_prepare(&database_url).await;
+                    let pool = pool.expect("a pool for the API");
                     components.spawn(named(
                         "api",
                         components::api(cli.http_addr, pool, nats.clone(), shutdown.clone()),
                     ));
                 }
                 Component::Saga => {
-                    let pool = database::connect_and_prepare(&database_url).await;
+                    let pool = pool.expect("a pool for the saga coordinator");
                     let saga = components::saga(cli.saga, pool, nats.clone(), shutdown.clone());
                     components.spawn(named("saga", saga));
                 }
                 Component::Notifier => {
-                    let pool = database::connect_and_prepare(&database_url).await;
+                    let pool = pool.expect("a pool for the notifier");
                     let notifier =
                         components::notifier(cli.saga, pool, nats.clone(), shutdown.clone());
                     components.spawn(named("notifier", notifier));
@@ -295,7 +317,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Stock { action } => client::send(&nats_url, action.into_request()).await,
         Command::Chaos(options) => {
             let report_file = options.report.clone();
-            let report = chaos::run(options, cli.nats_url, cli.database_url).await?;
+            // Ctrl-C ends the drill and, as its processes and servers are dropped, kills them.
+            let report = tokio::select! {
+                report = chaos::run(options, cli.nats_url, cli.database_url) => report?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: the drill's processes are stopped"),
+            };
             chaos::print(&report);
             if let Some(file) = report_file {
                 std::fs::write(&file, serde_json::to_vec_pretty(&report)?)
@@ -311,13 +337,23 @@ async fn main() -> anyhow::Result<()> {
 
 /// Every component in one process: the command service, the projectors, the saga coordinator,
 /// the notifier and the HTTP API.
-async fn up(cli: Cli) -> anyhow::Result<()> {
+async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url, &cli.home).await?;
     let (database_url, _local_postgres) = database::url_for_up(cli.database_url, &cli.home).await?;
-    let nats = connect::connect_with_backoff(&nats_url).await?;
+    let Some(nats) = shutdown
+        .unless_triggered(connect::connect_with_backoff(&nats_url))
+        .await
+        .transpose()?
+    else {
+        return Ok(());
+    };
     components::apply_streams(&nats).await?;
-    let pool = database::connect_and_prepare(&database_url).await;
-    let shutdown = Shutdown::new();
+    let Some(pool) = shutdown
+        .unless_triggered(database::connect_and_prepare(&database_url))
+        .await
+    else {
+        return Ok(());
+    };
     let mut components = JoinSet::new();
     components.spawn(named(
         "commands",
@@ -357,6 +393,14 @@ async fn named(
     (name.to_owned(), component.await)
 }
 
+/// PostgreSQL for the components that use it (all but the command service).
+async fn connect_database(component: &Component, url: &str) -> Option<sqlx::PgPool> {
+    match component {
+        Component::Commands => None,
+        _ => Some(database::connect_and_prepare(url).await),
+    }
+}
+
 /// Waits for Ctrl-C or SIGTERM, or for a component to stop on its own (which stops the rest),
 /// then for every component to finish. Fails if any component failed.
 async fn supervise(
@@ -366,7 +410,7 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut failed = None;
     tokio::select! {
-        () = shutdown_signal() => {}
+        () = shutdown.signal() => {}
         Some(ended) = components.join_next() => {
             let (name, result) = ended?;
             match result {

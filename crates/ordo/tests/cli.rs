@@ -35,9 +35,14 @@ impl Running {
     }
 
     /// SIGTERM, and the exit status it ends with.
-    fn terminate(mut self) -> std::process::ExitStatus {
+    fn terminate(self) -> std::process::ExitStatus {
+        self.signal("-TERM")
+    }
+
+    /// `signal` (as `kill` spells it), and the exit status it ends with within 10 s.
+    fn signal(mut self, signal: &str) -> std::process::ExitStatus {
         Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -45,7 +50,7 @@ impl Running {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "ordo did not stop on SIGTERM");
+            assert!(Instant::now() < deadline, "ordo did not stop on {signal}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -117,6 +122,23 @@ async fn the_command_service_waits_for_nats_then_serves_and_stops_on_sigterm() {
     );
 
     assert!(service.terminate().success());
+}
+
+#[test]
+fn ctrl_c_stops_a_component_that_is_still_waiting_for_its_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    for args in [&["run", "commands"][..], &["run", "saga"][..]] {
+        let log = dir.path().join(format!("{}.log", args[1]));
+        let waiting = Running::start_with(args, &[("ORDO_NATS_URL", &url)], &log);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(waiting.signal("-INT").success(), "{args:?}");
+    }
 }
 
 #[tokio::test]
