@@ -120,8 +120,11 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
             )
             .await
             {
-                for (saga_state, count) in sagas {
-                    metrics::gauge!("ordo_sagas", "state" => saga_state).set(count as f64);
+                // Every state, so that one that emptied shows 0 rather than its last count.
+                for saga_state in ordo_domain::saga::SagaState::ALL {
+                    let count = sagas.iter().find(|(state, _)| state == saga_state.as_str());
+                    let count = count.map_or(0, |(_, count)| *count);
+                    metrics::gauge!("ordo_sagas", "state" => saga_state.as_str()).set(count as f64);
                 }
             }
             if let Ok(notifications) = count_by(
@@ -130,7 +133,9 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
             )
             .await
             {
-                for (status, count) in notifications {
+                for status in ["pending", "sent", "dead_lettered"] {
+                    let count = notifications.iter().find(|(known, _)| known == status);
+                    let count = count.map_or(0, |(_, count)| *count);
                     metrics::gauge!("ordo_notifications", "status" => status).set(count as f64);
                 }
             }

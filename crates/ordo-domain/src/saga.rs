@@ -145,6 +145,18 @@ pub enum SagaState {
 }
 
 impl SagaState {
+    pub const ALL: [SagaState; 9] = [
+        Self::Running,
+        Self::Compensating,
+        Self::Confirmed,
+        Self::Rejected,
+        Self::Cancelling,
+        Self::Cancelled,
+        Self::Shipping,
+        Self::Shipped,
+        Self::CompensationStuck,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",

@@ -12,6 +12,7 @@
 //! Subjects are `ordo.<category>.events.<aggregate id>`; the stream sequence of an aggregate's last
 //! event is the expected sequence of its next append (0 for a new aggregate).
 
+pub mod backoff;
 pub mod envelope;
 pub mod publish;
 pub mod store;

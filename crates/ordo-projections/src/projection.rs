@@ -63,3 +63,22 @@ pub trait Projection: Send + Sync + 'static {
         event: &RecordedEvent,
     ) -> impl std::future::Future<Output = Result<(), ApplyError>> + Send;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_of_the_moment_are_retried_and_refusals_are_parked() {
+        // serialization failure, deadlock, admin shutdown, cannot connect now, lock not available
+        for code in [
+            "40001", "40P01", "57P01", "57P03", "08006", "53300", "55P03",
+        ] {
+            assert!(is_transient(code), "{code} is retried");
+        }
+        // unique violation, check violation, numeric out of range, undefined table
+        for code in ["23505", "23514", "22003", "42P01"] {
+            assert!(!is_transient(code), "{code} does not fit: parked");
+        }
+    }
+}

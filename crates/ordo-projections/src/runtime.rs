@@ -7,7 +7,10 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, pull},
 };
 use futures::StreamExt;
-use ordo_eventstore::{EventEnvelope, RecordedEvent};
+use ordo_eventstore::{EventEnvelope, RecordedEvent, backoff::Backoff};
+
+/// A term that lasted this long was healthy: its failure starts the back-off over.
+const HEALTHY_TERM: Duration = Duration::from_secs(30);
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::{
@@ -134,17 +137,20 @@ impl<P: Projection> Projector<P> {
     /// checkpoint, after a pause that grows up to 10 s.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut pause = self.config.retry_base;
+        let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(10));
         loop {
+            let term_began = std::time::Instant::now();
             tokio::select! {
                 () = &mut shutdown => return,
                 ended = self.lead() => {
                     let wait = match ended {
                         Ok(Term::Standby) => self.config.standby_poll,
                         Err(err) => {
-                            tracing::warn!(projection = P::NAME, %err, retry_in = ?pause, "projector stopped; starting again");
-                            let wait = pause;
-                            pause = (pause * 2).min(Duration::from_secs(10));
+                            if term_began.elapsed() > HEALTHY_TERM {
+                                backoff.reset();
+                            }
+                            let wait = backoff.next_delay();
+                            tracing::warn!(projection = P::NAME, %err, retry_in = ?wait, "projector stopped; starting again");
                             wait
                         }
                     };

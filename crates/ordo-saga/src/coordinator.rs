@@ -25,7 +25,7 @@ use ordo_domain::{
     order::OrderEvent,
     saga::{Outcome, Saga, SagaState, Step},
 };
-use ordo_eventstore::EventEnvelope;
+use ordo_eventstore::{EventEnvelope, backoff::Backoff};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
@@ -119,17 +119,18 @@ impl<G: PaymentGateway> Coordinator<G> {
     }
 
     async fn intake_forever(&self) {
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
-            if let Err(err) = self.intake().await {
-                tracing::warn!(%err, retry_in = ?pause, "saga intake stopped; starting again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(10));
+            if let Err(err) = self.intake(&mut backoff).await {
+                let delay = backoff.next_delay();
+                tracing::warn!(%err, retry_in = ?delay, "saga intake stopped; starting again");
+                tokio::time::sleep(delay).await;
             }
         }
     }
 
-    async fn intake(&self) -> Result<(), CoordinatorError> {
+    /// Takes order events in until the consumer fails; every event taken in resets `backoff`.
+    async fn intake(&self, backoff: &mut Backoff) -> Result<(), CoordinatorError> {
         let js = jetstream::new(self.nats.clone());
         let js_err = |err: &dyn std::fmt::Display| CoordinatorError::JetStream(err.to_string());
         let stream = js
@@ -156,7 +157,11 @@ impl<G: PaymentGateway> Coordinator<G> {
             let message = message.map_err(|err| js_err(&err))?;
             match self.take_in(&message.payload).await {
                 Ok(TakenIn::Done) => {
-                    let _ = message.ack().await;
+                    backoff.reset();
+                    if let Err(err) = message.ack().await {
+                        // Redelivered after ack_wait; taking it in again changes nothing.
+                        tracing::debug!(%err, "ack not sent");
+                    }
                 }
                 Ok(TakenIn::TooEarly) => {
                     // The saga's OrderPlaced is not in yet (another coordinator holds it).
@@ -238,13 +243,18 @@ impl<G: PaymentGateway> Coordinator<G> {
     }
 
     async fn drive_forever(&self, worker: usize) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             match self.drive_one().await {
-                Ok(true) => {}
-                Ok(false) => tokio::time::sleep(self.config.poll).await,
+                Ok(true) => backoff.reset(),
+                Ok(false) => {
+                    backoff.reset();
+                    tokio::time::sleep(self.config.poll).await;
+                }
                 Err(err) => {
-                    tracing::warn!(worker, %err, "saga worker failed; pausing");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let delay = backoff.next_delay();
+                    tracing::warn!(worker, %err, retry_in = ?delay, "saga worker failed; pausing");
+                    tokio::time::sleep(delay).await;
                 }
             }
         }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use ordo_domain::order::{OrderAggregate, OrderEvent};
-use ordo_eventstore::{EventEnvelope, EventStore};
+use ordo_eventstore::{EventEnvelope, EventStore, backoff::Backoff};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -86,16 +86,25 @@ impl Notifier {
     /// Handles order events until `shutdown` completes; failures are logged and retried.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
+            let began = std::time::Instant::now();
             tokio::select! {
                 () = &mut shutdown => return,
                 result = self.consume() => {
-                    if let Err(err) = result {
-                        tracing::warn!(%err, retry_in = ?pause, "notifier stopped; starting again");
+                    // A consumer that ran for a while was healthy: start the back-off over.
+                    if began.elapsed() > Duration::from_secs(30) {
+                        backoff.reset();
                     }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(10));
+                    let delay = backoff.next_delay();
+                    match result {
+                        Err(err) => tracing::warn!(%err, retry_in = ?delay, "notifier stopped; starting again"),
+                        Ok(()) => tracing::warn!(retry_in = ?delay, "the notifier's consumer ended; starting again"),
+                    }
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
                 }
             }
         }
@@ -124,7 +133,14 @@ impl Notifier {
         let messages = consumer.messages().await.map_err(|err| js_err(&err))?;
         messages
             .for_each_concurrent(self.config.concurrency, |message| async move {
-                let Ok(message) = message else { return };
+                let message = match message {
+                    Ok(message) => message,
+                    Err(err) => {
+                        tracing::warn!(%err, "the notifier's consumer failed to deliver a message");
+                        metrics::counter!("ordo_notifier_consumer_errors_total").increment(1);
+                        return;
+                    }
+                };
                 match self.handle(&message.payload).await {
                     Ok(()) => {
                         let _ = message.ack().await;
@@ -223,7 +239,7 @@ impl Notifier {
         if status != "pending" {
             return Ok(());
         }
-        let mut pause = self.config.retry_base;
+        let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(5));
         let mut last_error = String::new();
         for attempt in 1..=self.config.attempts {
             match self.send(&customer_id, order_id, kind, &payload).await {
@@ -245,8 +261,7 @@ impl Notifier {
                     tracing::info!(order_id, kind, attempt, %error, "notification not delivered");
                     last_error = error;
                     if attempt < self.config.attempts {
-                        tokio::time::sleep(pause).await;
-                        pause *= 2;
+                        backoff.wait().await;
                     }
                 }
             }

@@ -666,3 +666,25 @@ async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() 
         "no such notification"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_row_that_cannot_be_read_is_set_aside_visibly_and_the_others_go_on() {
+    let setup = Setup::start().await;
+    sqlx::query(
+        "INSERT INTO sagas (order_id, state, data, next_attempt_at) VALUES ('o-bad', 'running', '{\"not\": \"a saga\"}', now())",
+    )
+    .execute(setup.pool())
+    .await
+    .unwrap();
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 1)]).await;
+    setup.saga_ends("o-1", "confirmed").await;
+    let (next_attempt, reason): (Option<chrono::DateTime<chrono::Utc>>, Option<String>) =
+        sqlx::query_as("SELECT next_attempt_at, reason FROM sagas WHERE order_id = 'o-bad'")
+            .fetch_one(setup.pool())
+            .await
+            .unwrap();
+    assert_eq!(next_attempt, None, "not claimed again and again");
+    assert!(reason.unwrap().starts_with("unreadable saga state"));
+}

@@ -4,6 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, bail};
+use ordo_eventstore::backoff::Backoff;
 use ordo_testkit::{MINIMUM_VERSION, NatsServer, parse_version};
 
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
@@ -137,20 +138,34 @@ fn options() -> async_nats::ConnectOptions {
 /// Once connected, the client reconnects by itself whenever the connection drops.
 pub async fn connect_with_backoff(url: &str) -> anyhow::Result<async_nats::Client> {
     let servers = server_addrs(url)?;
-    let mut delay = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         match options().connect(servers.as_slice()).await {
             Ok(client) => {
-                tracing::info!(url, "connected to NATS");
+                tracing::info!(url = %redacted(url), "connected to NATS");
                 return Ok(client);
             }
             Err(err) => {
-                tracing::warn!(url, %err, retry_in = ?delay, "NATS is unreachable; retrying");
+                let delay = backoff.next_delay();
+                tracing::warn!(url = %redacted(url), %err, retry_in = ?delay, "NATS is unreachable; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }
+}
+
+/// The URL without a password or token, for logs.
+pub fn redacted(url: &str) -> String {
+    url.split(',')
+        .map(|one| match one.split_once("://") {
+            Some((scheme, rest)) => match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}"),
+                None => one.to_owned(),
+            },
+            None => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// One attempt, for commands a person runs and waits for.
@@ -166,6 +181,15 @@ pub async fn connect_once(url: &str) -> anyhow::Result<async_nats::Client> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logged_urls_carry_no_password() {
+        assert_eq!(
+            redacted("nats://ordo:s3cret@127.0.0.1:4222,nats://tok@b:4223"),
+            "nats://***@127.0.0.1:4222,nats://***@b:4223"
+        );
+        assert_eq!(redacted("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
 
     #[test]
     fn a_url_list_names_every_server_of_a_cluster() {

@@ -4,6 +4,7 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::Context;
+use ordo_eventstore::backoff::Backoff;
 use ordo_testkit::PostgresServer;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 
@@ -88,7 +89,7 @@ async fn create_database_if_missing(server: &str) -> anyhow::Result<String> {
 /// A pool on `url` with the migrations run and the views created, waiting for the database with
 /// exponential backoff (capped at 30 s) and saying so.
 pub async fn connect_and_prepare(url: &str) -> PgPool {
-    let mut delay = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         let attempt = async {
             // Saga workers (8) and notifier deliveries (8) hold a connection while they wait on
@@ -104,9 +105,9 @@ pub async fn connect_and_prepare(url: &str) -> PgPool {
         match attempt.await {
             Ok(pool) => return pool,
             Err(err) => {
+                let delay = backoff.next_delay();
                 tracing::warn!(%err, retry_in = ?delay, "PostgreSQL is unreachable or not ready; retrying");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
     }
