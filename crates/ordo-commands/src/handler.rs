@@ -154,10 +154,26 @@ impl CommandHandler {
             let event = match A::decide(&loaded.state, command) {
                 Ok(event) => event,
                 Err(rejection) => {
-                    // The cache may be behind another instance: refuse only on current state.
+                    // The cache may be behind another instance, and a direct get may be answered
+                    // by a replica that lags: refuse only on the state the stream leader has.
                     let current = repository.catch_up(aggregate_id, loaded.clone()).await?;
                     if current.last_seq != loaded.last_seq {
                         loaded = current;
+                        continue;
+                    }
+                    let stream = stream_of::<A>();
+                    let subject = aggregate_subject(A::CATEGORY, aggregate_id);
+                    let leader_seq = self.store().last_seq_from_leader(stream, &subject).await?;
+                    if leader_seq != loaded.last_seq {
+                        tracing::debug!(
+                            subject,
+                            leader_seq,
+                            read = loaded.last_seq,
+                            "a replica lags; reading again"
+                        );
+                        tokio::time::sleep(std::time::Duration::from_millis(5 << attempt.min(6)))
+                            .await;
+                        loaded = repository.catch_up(aggregate_id, loaded).await?;
                         continue;
                     }
                     let reply = error_reply(ErrorCode::from(&rejection), &rejection);

@@ -158,6 +158,26 @@ impl EventStore {
         )
     }
 
+    /// The stream sequence of the last message on `subject` (0 when it has none), as the stream
+    /// leader knows it. Direct gets may be answered by any replica, one of which may lag; a
+    /// decision that no conditional write will check (a refusal) is confirmed with this.
+    pub async fn last_seq_from_leader(
+        &self,
+        stream: &str,
+        subject: &str,
+    ) -> Result<u64, LoadError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        match self
+            .stream(stream)
+            .get_last_raw_message_by_subject(subject)
+            .await
+        {
+            Ok(message) => Ok(message.sequence),
+            Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(err) => Err(LoadError::Unavailable(err.to_string())),
+        }
+    }
+
     /// The message at stream sequence `seq`, or `None`.
     pub async fn event_at(
         &self,

@@ -235,3 +235,29 @@ async fn apply_updates_a_stream_whose_definition_changed_and_leaves_the_rest() {
         Duration::from_secs(30)
     );
 }
+
+#[tokio::test]
+async fn the_leader_says_which_event_is_an_aggregates_last() {
+    let (_server, store) = open().await;
+    assert_eq!(
+        store
+            .last_seq_from_leader("ORDO_STOCK", "ordo.stock.events.A1")
+            .await
+            .unwrap(),
+        0
+    );
+    append_all(&store, "B2", &[StockEvent::StockReceived { qty: 1 }]).await;
+    let loaded = append_all(
+        &store,
+        "A1",
+        &[StockEvent::StockReceived { qty: 2 }, reserved("o-1")],
+    )
+    .await;
+    assert_eq!(
+        store
+            .last_seq_from_leader("ORDO_STOCK", "ordo.stock.events.A1")
+            .await
+            .unwrap(),
+        loaded.last_seq
+    );
+}
