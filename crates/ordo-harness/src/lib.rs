@@ -5,7 +5,11 @@
 use std::sync::Arc;
 
 use async_nats::jetstream;
-use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
+use ordo_commands::{
+    CommandHandler, CommandService,
+    outcomes::OUTCOMES_STREAM,
+    wire::{CommandRequest, Reply},
+};
 use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
 use ordo_testkit::NatsServer;
 use serde_json::Value;
@@ -53,7 +57,31 @@ impl Engine {
         }
     }
 
-    /// Sends a command and returns its reply, whatever it says.
+    /// Sends a typed command of the wire contract and returns its typed reply.
+    pub async fn request(&self, command: &CommandRequest) -> Reply {
+        let subject = command.subject();
+        let reply = self
+            .client
+            .request(subject.clone(), command.body_bytes().into())
+            .await
+            .unwrap_or_else(|err| panic!("no reply on {subject}: {err}"));
+        Reply::parse(&reply.payload).unwrap_or_else(|err| panic!("{subject}: {err}"))
+    }
+
+    /// Sends a typed command that must be accepted; returns its (aggregate id, version, seq).
+    pub async fn accepted(&self, command: &CommandRequest) -> (String, u64, u64) {
+        match self.request(command).await {
+            Reply::Accepted {
+                aggregate_id,
+                version,
+                seq,
+            } => (aggregate_id, version, seq),
+            refused => panic!("{command:?} was refused: {refused:?}"),
+        }
+    }
+
+    /// Sends raw JSON (for tests of what clients may send) and returns its reply, whatever it
+    /// says.
     pub async fn send(&self, subject: &str, body: Value) -> Value {
         let reply = self
             .client

@@ -20,6 +20,10 @@ use std::{sync::Arc, time::Duration};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use ordo_commands::{
+    service::HEADER_CORRELATION_ID,
+    wire::{CommandRequest, ErrorCode, Reply},
+};
 use ordo_domain::{
     OrderId,
     order::OrderEvent,
@@ -335,35 +339,32 @@ impl<G: PaymentGateway> Coordinator<G> {
     }
 
     async fn run_step(&self, saga: &Saga, index: usize, step: &Step) -> Outcome {
-        let order_id = saga.order_id.as_str();
-        let command = |subject: &'static str, body: Value| (subject, body);
-        let (subject, body) = match step {
-            Step::Reserve { sku, qty } => command(
-                "ordo.cmd.stock.reserve",
-                json!({"sku": sku, "order_id": order_id, "qty": qty}),
-            ),
-            Step::Release { sku } => command(
-                "ordo.cmd.stock.release",
-                json!({"sku": sku, "order_id": order_id}),
-            ),
-            Step::Deduct { sku } => command(
-                "ordo.cmd.stock.deduct",
-                json!({"sku": sku, "order_id": order_id}),
-            ),
+        let order_id = saga.order_id.clone();
+        let request = match step {
+            Step::Reserve { sku, qty } => CommandRequest::ReserveStock {
+                sku: sku.clone(),
+                order_id,
+                qty: *qty,
+            },
+            Step::Release { sku } => CommandRequest::ReleaseStock {
+                sku: sku.clone(),
+                order_id,
+            },
+            Step::Deduct { sku } => CommandRequest::DeductStock {
+                sku: sku.clone(),
+                order_id,
+            },
+            Step::Reject { reason } => CommandRequest::RejectOrder {
+                order_id,
+                reason: reason.clone(),
+            },
             Step::Confirm => {
-                let body = json!({"order_id": order_id});
-                let outcome = self
-                    .send_command(saga, index, "ordo.cmd.order.confirm", body)
-                    .await;
-                return match outcome {
-                    Outcome::Succeeded => outcome,
+                let request = CommandRequest::ConfirmOrder { order_id };
+                return match self.send_command(saga, index, &request).await {
+                    Outcome::Succeeded => Outcome::Succeeded,
                     not_ok => self.resolve_confirm(&saga.order_id, not_ok).await,
                 };
             }
-            Step::Reject { reason } => command(
-                "ordo.cmd.order.reject",
-                json!({"order_id": order_id, "reason": reason}),
-            ),
             Step::Authorize { amount_cents } => {
                 let call = self.gateway.authorize(&saga.order_id, *amount_cents);
                 return payment_outcome(tokio::time::timeout(self.config.step_timeout, call).await);
@@ -373,40 +374,40 @@ impl<G: PaymentGateway> Coordinator<G> {
                 return payment_outcome(tokio::time::timeout(self.config.step_timeout, call).await);
             }
         };
-        self.send_command(saga, index, subject, body).await
+        self.send_command(saga, index, &request).await
     }
 
     /// Sends step `index` of `saga` as a command and says what its reply means.
-    async fn send_command(&self, saga: &Saga, index: usize, subject: &str, body: Value) -> Outcome {
-        let order_id = saga.order_id.as_str();
+    async fn send_command(&self, saga: &Saga, index: usize, command: &CommandRequest) -> Outcome {
+        let subject = command.subject();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", saga.command_id(index).as_str());
-        headers.insert("Ordo-Correlation-Id", format!("order:{order_id}").as_str());
+        headers.insert(
+            HEADER_CORRELATION_ID,
+            format!("order:{}", saga.order_id).as_str(),
+        );
         let request = async_nats::Request::new()
             .headers(headers)
-            .payload(serde_json::to_vec(&body).expect("bodies serialize").into())
+            .payload(command.body_bytes().into())
             .timeout(Some(self.config.step_timeout));
-        let reply = match self.nats.send_request(subject.to_owned(), request).await {
+        let reply = match self.nats.send_request(subject.clone(), request).await {
             Ok(reply) => reply,
             Err(err) => return Outcome::Unknown(format!("{subject}: {err}")),
         };
-        let reply: Value = match serde_json::from_slice(&reply.payload) {
-            Ok(reply) => reply,
-            Err(err) => return Outcome::Unknown(format!("{subject}: unreadable reply: {err}")),
-        };
-        if reply["ok"] == true {
-            return Outcome::Succeeded;
-        }
-        let code = reply["error"]["code"].as_str().unwrap_or_default();
-        let message = reply["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        match code {
-            "insufficient_stock" | "not_found" | "invalid_state" | "invalid_command" => {
-                Outcome::Failed(message)
-            }
-            _ => Outcome::Unknown(format!("{code}: {message}")),
+        match Reply::parse(&reply.payload) {
+            Ok(Reply::Accepted { .. }) => Outcome::Succeeded,
+            Ok(Reply::Refused { code, message }) => match code {
+                // Definite: retrying the same command gets the same answer.
+                ErrorCode::InsufficientStock
+                | ErrorCode::NotFound
+                | ErrorCode::InvalidState
+                | ErrorCode::InvalidCommand => Outcome::Failed(message),
+                // Of the moment: it may work when sent again.
+                ErrorCode::Conflict | ErrorCode::Unavailable => {
+                    Outcome::Unknown(format!("{}: {message}", code.as_str()))
+                }
+            },
+            Err(err) => Outcome::Unknown(format!("{subject}: {err}")),
         }
     }
 

@@ -4,8 +4,10 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream;
 use futures::StreamExt;
+use ordo_commands::wire::CommandRequest;
 use ordo_domain::{
-    OrderId,
+    CustomerId, OrderId, Sku,
+    order::OrderLine,
     order::{OrderAggregate, OrderStatus},
     stock::StockAggregate,
 };
@@ -16,7 +18,7 @@ use ordo_saga::{
     payment::PaymentError,
 };
 use ordo_testkit::TestDatabase;
-use serde_json::{Value, json};
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 
@@ -86,29 +88,32 @@ impl Setup {
         tokio::spawn(async move { notifier.run(std::future::pending()).await })
     }
 
-    async fn command(&self, subject: &str, body: Value) -> Value {
-        self.engine.send(subject, body).await
-    }
-
     async fn receive(&self, sku: &str, qty: u64) {
-        let reply = self
-            .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": qty}))
+        self.engine
+            .accepted(&CommandRequest::ReceiveStock {
+                sku: Sku::parse(sku).unwrap(),
+                qty,
+            })
             .await;
-        assert_eq!(reply["ok"], true, "{reply}");
     }
 
-    async fn place(&self, order_id: &str, lines: &[(&str, u64)]) {
-        let lines: Vec<Value> = lines
+    async fn place(&self, order_id: &str, lines: &[(&str, u32)]) {
+        let lines = lines
             .iter()
-            .map(|(sku, qty)| json!({"sku": sku, "qty": qty, "unit_price_cents": 100}))
+            .map(|(sku, qty)| OrderLine {
+                sku: Sku::parse(*sku).unwrap(),
+                qty: *qty,
+                unit_price_cents: 100,
+            })
             .collect();
-        let reply = self
-            .command(
-                "ordo.cmd.order.place",
-                json!({"order_id": order_id, "customer_id": "c1", "lines": lines}),
-            )
+        self.engine
+            .accepted(&CommandRequest::PlaceOrder {
+                order_id: Some(OrderId::parse(order_id).unwrap()),
+                customer_id: CustomerId::parse("c1").unwrap(),
+                lines,
+                currency: None,
+            })
             .await;
-        assert_eq!(reply["ok"], true, "{reply}");
     }
 
     async fn saga(&self, order_id: &str) -> Option<(String, Option<String>, Value)> {
@@ -312,15 +317,19 @@ async fn cancelling_a_confirmed_order_releases_its_stock_and_shipping_deducts_it
     setup.saga_ends("o-1", "confirmed").await;
     setup.saga_ends("o-2", "confirmed").await;
 
-    let cancelled = setup
-        .command("ordo.cmd.order.cancel", json!({"order_id": "o-1"}))
+    let o = |id: &str| OrderId::parse(id).unwrap();
+    setup
+        .engine
+        .accepted(&CommandRequest::CancelOrder {
+            order_id: o("o-1"),
+            reason: None,
+        })
         .await;
-    assert_eq!(cancelled["ok"], true);
     setup.saga_ends("o-1", "cancelled").await;
-    let shipped = setup
-        .command("ordo.cmd.order.ship", json!({"order_id": "o-2"}))
+    setup
+        .engine
+        .accepted(&CommandRequest::ShipOrder { order_id: o("o-2") })
         .await;
-    assert_eq!(shipped["ok"], true);
     setup.saga_ends("o-2", "shipped").await;
 
     assert_eq!(
@@ -455,10 +464,10 @@ async fn five_hundred_concurrent_orders_over_scarce_stock_oversell_nothing() {
         setup.receive(sku, 25).await;
     }
     // Orders of 1 to 3 lines, 1 to 3 units each: about twice what the stock can serve.
-    let orders: Vec<(String, Vec<(String, u64)>)> = (0..500)
+    let orders: Vec<(String, Vec<(String, u32)>)> = (0..500)
         .map(|i: usize| {
             let lines = (0..1 + i % 3)
-                .map(|l| (skus[(i * 7 + l * 3) % 20].clone(), 1 + ((i + l) % 3) as u64))
+                .map(|l| (skus[(i * 7 + l * 3) % 20].clone(), 1 + ((i + l) % 3) as u32))
                 .collect();
             (format!("o-{i}"), lines)
         })
@@ -467,7 +476,7 @@ async fn five_hundred_concurrent_orders_over_scarce_stock_oversell_nothing() {
         .for_each_concurrent(50, |(order_id, lines)| {
             let setup = &setup;
             async move {
-                let lines: Vec<(&str, u64)> = lines
+                let lines: Vec<(&str, u32)> = lines
                     .iter()
                     .map(|(sku, qty)| (sku.as_str(), *qty))
                     .collect();
@@ -506,7 +515,7 @@ async fn five_hundred_concurrent_orders_over_scarce_stock_oversell_nothing() {
         *outcomes.entry(status.as_str()).or_default() += 1;
         if status == OrderStatus::Confirmed {
             for (sku, qty) in lines {
-                *confirmed_units.entry(sku.clone()).or_default() += qty;
+                *confirmed_units.entry(sku.clone()).or_default() += u64::from(*qty);
             }
         }
     }

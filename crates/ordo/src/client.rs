@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use serde_json::{Value, json};
+use ordo_commands::wire::{CommandRequest, Reply};
+use ordo_domain::{Currency, CustomerId, OrderId, Sku, order::OrderLine};
+use serde_json::Value;
 
 use crate::connect;
 
@@ -49,9 +51,9 @@ pub enum StockAction {
     },
 }
 
+/// A typed command of the wire contract, and the command id to send it under.
 pub struct Request {
-    subject: &'static str,
-    body: Value,
+    command: CommandRequest,
     command_id: Option<String>,
 }
 
@@ -64,38 +66,29 @@ impl OrderAction {
                 order_id,
                 currency,
                 command_id,
-            } => {
-                let lines = lines
-                    .iter()
-                    .map(|line| parse_line(line))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let mut body = json!({"customer_id": customer, "lines": lines});
-                if let Some(order_id) = order_id {
-                    body["order_id"] = json!(order_id);
-                }
-                if let Some(currency) = currency {
-                    body["currency"] = json!(currency);
-                }
-                Request {
-                    subject: "ordo.cmd.order.place",
-                    body,
-                    command_id,
-                }
-            }
-            Self::Cancel { order_id, reason } => {
-                let mut body = json!({"order_id": order_id});
-                if let Some(reason) = reason {
-                    body["reason"] = json!(reason);
-                }
-                Request {
-                    subject: "ordo.cmd.order.cancel",
-                    body,
-                    command_id: None,
-                }
-            }
+            } => Request {
+                command: CommandRequest::PlaceOrder {
+                    order_id: order_id.map(OrderId::parse).transpose()?,
+                    customer_id: CustomerId::parse(customer)?,
+                    lines: lines
+                        .iter()
+                        .map(|line| parse_line(line))
+                        .collect::<anyhow::Result<Vec<_>>>()?,
+                    currency: currency.map(Currency::parse).transpose()?,
+                },
+                command_id,
+            },
+            Self::Cancel { order_id, reason } => Request {
+                command: CommandRequest::CancelOrder {
+                    order_id: OrderId::parse(order_id)?,
+                    reason,
+                },
+                command_id: None,
+            },
             Self::Ship { order_id } => Request {
-                subject: "ordo.cmd.order.ship",
-                body: json!({"order_id": order_id}),
+                command: CommandRequest::ShipOrder {
+                    order_id: OrderId::parse(order_id)?,
+                },
                 command_id: None,
             },
         })
@@ -103,33 +96,43 @@ impl OrderAction {
 }
 
 impl StockAction {
-    pub fn into_request(self) -> Request {
+    pub fn into_request(self) -> anyhow::Result<Request> {
         match self {
             Self::Receive {
                 sku,
                 qty,
                 command_id,
-            } => Request {
-                subject: "ordo.cmd.stock.receive",
-                body: json!({"sku": sku, "qty": qty}),
+            } => Ok(Request {
+                command: CommandRequest::ReceiveStock {
+                    sku: Sku::parse(sku)?,
+                    qty: u64::try_from(qty)
+                        .ok()
+                        .filter(|qty| *qty > 0)
+                        .with_context(|| format!("qty must be greater than 0, got {qty}"))?,
+                },
                 command_id,
-            },
+            }),
         }
     }
 }
 
-/// `SKU:QTY:UNIT_PRICE_CENTS` → a line object; the service validates the values.
-fn parse_line(text: &str) -> anyhow::Result<Value> {
+/// `SKU:QTY:UNIT_PRICE_CENTS` → an order line.
+fn parse_line(text: &str) -> anyhow::Result<OrderLine> {
     let parts: Vec<&str> = text.split(':').collect();
     let [sku, qty, price] = parts[..] else {
         bail!("--line {text:?}: expected SKU:QTY:UNIT_PRICE_CENTS, e.g. A1:2:500");
     };
     let number = |what: &str, value: &str| {
         value
-            .parse::<i64>()
+            .parse::<u64>()
             .with_context(|| format!("--line {text:?}: {what} {value:?} is not a whole number"))
     };
-    Ok(json!({"sku": sku, "qty": number("qty", qty)?, "unit_price_cents": number("price", price)?}))
+    Ok(OrderLine {
+        sku: Sku::parse(sku.to_owned())?,
+        qty: u32::try_from(number("qty", qty)?)
+            .with_context(|| format!("--line {text:?}: qty {qty} is too large"))?,
+        unit_price_cents: number("price", price)?,
+    })
 }
 
 pub async fn send(url: &str, request: Request) -> anyhow::Result<()> {
@@ -138,25 +141,26 @@ pub async fn send(url: &str, request: Request) -> anyhow::Result<()> {
     if let Some(command_id) = &request.command_id {
         headers.insert("Nats-Msg-Id", command_id.as_str());
     }
-    let body = serde_json::to_vec(&request.body)?;
+    let subject = request.command.subject();
+    let body = request.command.body();
     let header = match &request.command_id {
         Some(id) => format!("-H Nats-Msg-Id:{id} "),
         None => String::new(),
     };
-    println!("> nats req {header}{} '{}'", request.subject, request.body);
+    println!("> nats req {header}{subject} '{body}'");
     let reply = nats
         .send_request(
-            request.subject,
+            subject.clone(),
             async_nats::Request::new()
                 .headers(headers)
-                .payload(body.into())
+                .payload(request.command.body_bytes().into())
                 .timeout(Some(Duration::from_secs(10))),
         )
         .await
-        .with_context(|| format!("no answer on {} (is `ordo up` running?)", request.subject))?;
-    let reply: Value = serde_json::from_slice(&reply.payload).context("the reply is not JSON")?;
-    println!("{reply}");
-    if reply["ok"] != json!(true) {
+        .with_context(|| format!("no answer on {subject} (is `ordo up` running?)"))?;
+    let printed: Value = serde_json::from_slice(&reply.payload).context("the reply is not JSON")?;
+    println!("{printed}");
+    if !Reply::from_json(&printed)?.is_accepted() {
         std::process::exit(1);
     }
     Ok(())
@@ -202,8 +206,13 @@ mod tests {
     fn a_line_is_sku_qty_and_unit_price() {
         assert_eq!(
             parse_line("A1:2:500").unwrap(),
-            json!({"sku": "A1", "qty": 2, "unit_price_cents": 500})
+            OrderLine {
+                sku: Sku::parse("A1").unwrap(),
+                qty: 2,
+                unit_price_cents: 500
+            }
         );
+        assert!(parse_line("A.1:2:500").is_err());
         assert!(parse_line("A1:2").is_err());
         assert!(parse_line("A1:two:500").is_err());
     }

@@ -314,7 +314,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Order { action } => client::send(&nats_url, action.into_request()?).await,
-        Command::Stock { action } => client::send(&nats_url, action.into_request()).await,
+        Command::Stock { action } => client::send(&nats_url, action.into_request()?).await,
         Command::Chaos(options) => {
             let report_file = options.report.clone();
             // Ctrl-C ends the drill and, as its processes and servers are dropped, kills them.

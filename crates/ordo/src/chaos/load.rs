@@ -12,13 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ordo_commands::wire::{CommandRequest, ErrorCode, Reply};
+use ordo_domain::{CustomerId, OrderId, Sku, order::OrderLine};
 use rand::{
     Rng, SeedableRng,
     rngs::StdRng,
     seq::{IndexedRandom, SliceRandom},
 };
 use serde::Serialize;
-use serde_json::{Value, json};
 
 use super::check::Acknowledged;
 
@@ -61,8 +62,8 @@ impl History {
     }
 }
 
-pub fn sku(index: usize) -> String {
-    format!("sku-{index}")
+pub fn sku(index: usize) -> Sku {
+    Sku::parse(format!("sku-{index}")).expect("a valid SKU")
 }
 
 /// One client: sends a command every `every` (or as fast as they are answered, if slower) until
@@ -88,45 +89,50 @@ pub async fn client(
             let orders = history.orders.lock().expect("not poisoned");
             orders.choose(&mut rng).cloned()
         };
-        let (subject, body, stream, key) = match (roll, known_order) {
-            (r, _) if r < 0.15 => {
-                let sku = sku(rng.random_range(0..SKUS));
-                let body = json!({"sku": sku, "qty": rng.random_range(1..=6)});
-                ("ordo.cmd.stock.receive", body, "ORDO_STOCK", "sku")
-            }
-            (r, Some(order_id)) if r < 0.27 => (
-                "ordo.cmd.order.cancel",
-                json!({"order_id": order_id, "reason": "chaos"}),
-                "ORDO_ORDERS",
-                "order_id",
-            ),
-            (r, Some(order_id)) if r < 0.40 => (
-                "ordo.cmd.order.ship",
-                json!({"order_id": order_id}),
-                "ORDO_ORDERS",
-                "order_id",
-            ),
+        let id = |text: String| OrderId::parse(text).expect("generated ids are valid");
+        let request = match (roll, known_order) {
+            (r, _) if r < 0.15 => CommandRequest::ReceiveStock {
+                sku: sku(rng.random_range(0..SKUS)),
+                qty: rng.random_range(1..=6),
+            },
+            (r, Some(order_id)) if r < 0.27 => CommandRequest::CancelOrder {
+                order_id: id(order_id),
+                reason: Some("chaos".into()),
+            },
+            (r, Some(order_id)) if r < 0.40 => CommandRequest::ShipOrder {
+                order_id: id(order_id),
+            },
             _ => {
-                let order_id = format!("o-{seed:x}-{client}-{n}");
                 let count = rng.random_range(1..=3);
                 let mut skus: Vec<usize> = (0..SKUS).collect();
                 let (chosen, _) = skus.partial_shuffle(&mut rng, count);
-                let lines: Vec<Value> = chosen
+                let lines = chosen
                     .iter()
-                    .map(|index| {
-                        json!({"sku": sku(*index), "qty": rng.random_range(1..=3), "unit_price_cents": rng.random_range(100..1000)})
+                    .map(|index| OrderLine {
+                        sku: sku(*index),
+                        qty: rng.random_range(1..=3),
+                        unit_price_cents: rng.random_range(100..1000),
                     })
                     .collect();
-                let body = json!({"order_id": order_id, "customer_id": format!("c-{client}"), "lines": lines});
-                ("ordo.cmd.order.place", body, "ORDO_ORDERS", "order_id")
+                CommandRequest::PlaceOrder {
+                    order_id: Some(id(format!("o-{seed:x}-{client}-{n}"))),
+                    customer_id: CustomerId::parse(format!("c-{client}")).expect("a valid id"),
+                    lines,
+                    currency: None,
+                }
             }
         };
         history.sent.fetch_add(1, Ordering::Relaxed);
-        match send_until_answered(&nats, subject, &body, &command_id, &history).await {
-            Some(reply) if reply["ok"] == true => {
+        match send_until_answered(&nats, &request, &command_id, &history).await {
+            Some(Reply::Accepted {
+                aggregate_id, seq, ..
+            }) => {
                 history.answered_ok.fetch_add(1, Ordering::Relaxed);
-                let aggregate_id = reply[key].as_str().unwrap_or_default().to_owned();
-                if subject == "ordo.cmd.order.place" {
+                let stream = match request.endpoint().category() {
+                    "order" => "ORDO_ORDERS",
+                    _ => "ORDO_STOCK",
+                };
+                if let CommandRequest::PlaceOrder { .. } = request {
                     history
                         .orders
                         .lock()
@@ -141,14 +147,11 @@ pub async fn client(
                         command_id,
                         stream,
                         aggregate_id,
-                        seq: reply["seq"].as_u64().unwrap_or(0),
+                        seq,
                     });
             }
-            Some(reply) => {
-                let code = reply["error"]["code"]
-                    .as_str()
-                    .unwrap_or("unreadable")
-                    .to_owned();
+            Some(Reply::Refused { code, .. }) => {
+                let code = code.as_str().to_owned();
                 *history
                     .refused
                     .lock()
@@ -166,11 +169,11 @@ pub async fn client(
 /// Sends the request until it is answered (other than `unavailable`), or gives up: `None`.
 async fn send_until_answered(
     nats: &async_nats::Client,
-    subject: &str,
-    body: &Value,
+    command: &CommandRequest,
     command_id: &str,
     history: &History,
-) -> Option<Value> {
+) -> Option<Reply> {
+    let subject = command.subject();
     let started = Instant::now();
     let mut pause = Duration::from_millis(50);
     loop {
@@ -178,11 +181,17 @@ async fn send_until_answered(
         headers.insert("Nats-Msg-Id", command_id);
         let request = async_nats::Request::new()
             .headers(headers)
-            .payload(serde_json::to_vec(body).expect("JSON").into())
+            .payload(command.body_bytes().into())
             .timeout(Some(REQUEST_TIMEOUT));
-        if let Ok(reply) = nats.send_request(subject.to_owned(), request).await
-            && let Ok(reply) = serde_json::from_slice::<Value>(&reply.payload)
-            && reply["error"]["code"] != "unavailable"
+        if let Ok(reply) = nats.send_request(subject.clone(), request).await
+            && let Ok(reply) = Reply::parse(&reply.payload)
+            && !matches!(
+                reply,
+                Reply::Refused {
+                    code: ErrorCode::Unavailable,
+                    ..
+                }
+            )
         {
             return Some(reply);
         }

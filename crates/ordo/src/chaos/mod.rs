@@ -205,8 +205,11 @@ pub async fn run(
     );
     wait_for_commands(&nats).await?;
     for index in 0..load::SKUS {
-        let body = serde_json::json!({"sku": load::sku(index), "qty": 20});
-        nats.request("ordo.cmd.stock.receive", serde_json::to_vec(&body)?.into())
+        let receive = ordo_commands::wire::CommandRequest::ReceiveStock {
+            sku: load::sku(index),
+            qty: 20,
+        };
+        nats.request(receive.subject(), receive.body_bytes().into())
             .await?;
     }
 
