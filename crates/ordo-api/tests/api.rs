@@ -324,3 +324,49 @@ async fn while_postgresql_is_down_reads_are_503_and_readiness_says_why() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn hostile_query_parameters_are_400_with_the_json_error_shape() {
+    let setup = Setup::start().await;
+    let long = "x".repeat(5000);
+    let hostile = [
+        "/orders?limit=-1".to_owned(),
+        "/orders?limit=501".to_owned(),
+        "/orders?limit=1e3".to_owned(),
+        "/orders?limit=99999999999999999999999".to_owned(),
+        "/orders?limit=".to_owned(),
+        "/orders?cursor=-5".to_owned(),
+        "/orders?cursor=99999999999999999999999".to_owned(),
+        "/orders?cursor=%00".to_owned(),
+        "/orders?status=".to_owned(),
+        "/orders?status=CONFIRMED".to_owned(),
+        "/orders?status=pending&status=confirmed".to_owned(),
+        "/orders?customer_id=a.b".to_owned(),
+        "/orders?customer_id=%3E".to_owned(),
+        format!("/orders?customer_id={long}"),
+        "/orders?min_seq=abc".to_owned(),
+        "/orders?min_seq=18446744073709551616".to_owned(),
+        "/orders/o-1?min_seq=1.5".to_owned(),
+        "/orders/o-1?min_seq=-0".to_owned(),
+        "/orders/o-1?unknown=1".to_owned(),
+        "/stock/A1?min_seq=%FF".to_owned(),
+        "/stock/%2A".to_owned(),
+        format!("/stock/{long}"),
+        "/sagas/a%20b".to_owned(),
+        "/notifications?order_id=".to_owned(),
+        "/notifications?order_id=o-1&kind=x".to_owned(),
+    ];
+    for path in hostile {
+        let (status, body) = setup.get(&path).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path}"
+        );
+    }
+    // And the API still answers.
+    assert_eq!(setup.get("/healthz").await.0, StatusCode::OK);
+}

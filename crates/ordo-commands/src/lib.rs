@@ -12,6 +12,7 @@
 //! - [`trace`]: W3C trace context, so one trace follows a command into its event.
 
 pub mod handler;
+pub mod hostile;
 pub mod outcomes;
 pub mod service;
 pub mod trace;

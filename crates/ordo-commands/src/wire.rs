@@ -967,6 +967,93 @@ mod tests {
         assert!(Reply::parse(b"not json").is_err());
     }
 
+    mod properties {
+        use super::super::*;
+        use crate::hostile;
+        use proptest::prelude::*;
+        use rand::{SeedableRng, rngs::StdRng};
+
+        fn endpoint() -> impl Strategy<Value = Endpoint> {
+            (0..Endpoint::ALL.len()).prop_map(|i| Endpoint::ALL[i])
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(
+                    |f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)
+                ),
+                "[a-zA-Z0-9_.> -]{0,70}".prop_map(Value::from),
+                Just(Value::from("A1")),
+                Just(Value::from("o-1")),
+            ];
+            leaf.prop_recursive(3, 32, 6, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("order_id".to_owned()),
+                            Just("customer_id".to_owned()),
+                            Just("sku".to_owned()),
+                            Just("qty".to_owned()),
+                            Just("lines".to_owned()),
+                            Just("unit_price_cents".to_owned()),
+                            Just("reason".to_owned()),
+                            "[a-z_]{1,8}",
+                        ],
+                        inner,
+                        0..6,
+                    )
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn every_hostile_request_is_refused(seed in any::<u64>(), endpoint in endpoint()) {
+                let hostile = hostile::generate(endpoint, &mut StdRng::seed_from_u64(seed));
+                let parsed = parse(endpoint, &hostile.body, hostile.command_id.as_deref());
+                prop_assert!(parsed.is_err(), "{} was accepted: {}", hostile.kind, String::from_utf8_lossy(&hostile.body));
+            }
+
+            #[test]
+            fn any_bytes_are_parsed_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..512), endpoint in endpoint()) {
+                let _ = parse(endpoint, &bytes, None);
+            }
+
+            /// Whatever JSON arrives, what is accepted is a well-formed command: sending its typed
+            /// form again parses to the very same command.
+            #[test]
+            fn whatever_is_accepted_is_a_well_formed_command(value in json_value(), endpoint in endpoint()) {
+                let bytes = serde_json::to_vec(&value).unwrap();
+                if let Ok(parsed) = parse(endpoint, &bytes, Some("c-1")) {
+                    let again = match &parsed.command {
+                        Command::Order(OrderCommand::Place { order_id, customer_id, lines, currency }) => CommandRequest::PlaceOrder {
+                            order_id: Some(order_id.clone()), customer_id: customer_id.clone(),
+                            lines: lines.clone(), currency: Some(currency.clone()),
+                        },
+                        Command::Order(OrderCommand::Cancel { order_id, reason }) => CommandRequest::CancelOrder { order_id: order_id.clone(), reason: reason.clone() },
+                        Command::Order(OrderCommand::Ship { order_id }) => CommandRequest::ShipOrder { order_id: order_id.clone() },
+                        Command::Order(OrderCommand::Confirm { order_id }) => CommandRequest::ConfirmOrder { order_id: order_id.clone() },
+                        Command::Order(OrderCommand::Reject { order_id, reason }) => CommandRequest::RejectOrder { order_id: order_id.clone(), reason: reason.clone() },
+                        Command::Stock(StockCommand::Receive { sku, qty }) => CommandRequest::ReceiveStock { sku: sku.clone(), qty: *qty },
+                        Command::Stock(StockCommand::Reserve { sku, order_id, qty }) => CommandRequest::ReserveStock { sku: sku.clone(), order_id: order_id.clone(), qty: *qty },
+                        Command::Stock(StockCommand::Release { sku, order_id }) => CommandRequest::ReleaseStock { sku: sku.clone(), order_id: order_id.clone() },
+                        Command::Stock(StockCommand::Deduct { sku, order_id }) => CommandRequest::DeductStock { sku: sku.clone(), order_id: order_id.clone() },
+                    };
+                    prop_assert_eq!(again.endpoint(), endpoint);
+                    let reparsed = parse(endpoint, &again.body_bytes(), Some("c-1")).unwrap();
+                    prop_assert_eq!(reparsed.command, parsed.command);
+                }
+            }
+        }
+    }
+
     #[test]
     fn replies_put_ok_first() {
         assert_eq!(

@@ -366,3 +366,61 @@ async fn the_service_is_visible_to_nats_micro_tooling() {
         .unwrap();
     assert!(!ping.payload.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_hostile_requests_are_all_invalid_command_append_nothing_and_leave_it_healthy()
+{
+    use futures::StreamExt;
+    use ordo_commands::{hostile, wire::Endpoint};
+    use rand::{SeedableRng, rngs::StdRng};
+
+    let engine = Engine::start().await;
+    let mut rng = StdRng::seed_from_u64(0x0bad_cafe);
+    let requests: Vec<hostile::Hostile> = (0..10_000)
+        .map(|i| hostile::generate(Endpoint::ALL[i % Endpoint::ALL.len()], &mut rng))
+        .collect();
+    let engine = &engine;
+    let wrong: Vec<String> = futures::stream::iter(&requests)
+        .map(|hostile| async move {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(id) = &hostile.command_id {
+                headers.insert("Nats-Msg-Id", id.as_str());
+            }
+            let reply = engine
+                .try_request_with_headers(
+                    &hostile.endpoint.subject(),
+                    hostile.body.clone(),
+                    headers,
+                    std::time::Duration::from_secs(10),
+                )
+                .await;
+            match reply {
+                Ok(reply) if outcome(&reply) == "invalid_command" => None,
+                other => Some(format!(
+                    "{} on {}: {other:?} for {:?}",
+                    hostile.kind,
+                    hostile.endpoint.subject(),
+                    String::from_utf8_lossy(&hostile.body)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                )),
+            }
+        })
+        .buffer_unordered(64)
+        .filter_map(|wrong| async move { wrong })
+        .collect()
+        .await;
+    assert!(
+        wrong.is_empty(),
+        "{} not refused as invalid_command, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+    assert_eq!(engine.event_counts().await, (0, 0), "nothing appended");
+    // Still healthy: a good command goes through.
+    let reply = engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    assert_eq!(outcome(&reply), "ok");
+}
