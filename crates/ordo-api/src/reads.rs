@@ -101,8 +101,12 @@ where
     Ok(value)
 }
 
+/// `parked_events` counts the order's events the projector could not apply: when it is not 0,
+/// the row is behind its stream (and `ordo projections status` says why).
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, currency, total_cents, reason, version,
-     placed_seq, placed_at, updated_at, last_seq";
+     placed_seq, placed_at, updated_at, last_seq,
+     (SELECT count(*) FROM public.parked_events p
+      WHERE p.projection = 'orders' AND p.subject = 'ordo.order.events.' || order_id) AS parked_events";
 
 fn order_json(row: &PgRow, lines: Vec<Value>) -> Value {
     json!({
@@ -117,6 +121,7 @@ fn order_json(row: &PgRow, lines: Vec<Value>) -> Value {
         "placed_at": row.get::<chrono::DateTime<chrono::Utc>, _>("placed_at"),
         "updated_at": row.get::<chrono::DateTime<chrono::Utc>, _>("updated_at"),
         "last_seq": row.get::<i64, _>("last_seq"),
+        "parked_events": row.get::<i64, _>("parked_events"),
     })
 }
 
@@ -260,7 +265,9 @@ pub async fn get_stock(
         params.min_seq,
         async {
             let row = sqlx::query(
-                "SELECT sku, on_hand, reserved, available, version, updated_at, last_seq
+                "SELECT sku, on_hand, reserved, available, version, updated_at, last_seq,
+                    (SELECT count(*) FROM public.parked_events p
+                     WHERE p.projection = 'stock' AND p.subject = 'ordo.stock.events.' || sku) AS parked_events
              FROM view_stock.stock WHERE sku = $1",
             )
             .bind(sku.as_str())
@@ -275,6 +282,8 @@ pub async fn get_stock(
                 "version": row.get::<i64, _>("version"),
                 "updated_at": row.get::<chrono::DateTime<chrono::Utc>, _>("updated_at"),
                 "last_seq": row.get::<i64, _>("last_seq"),
+                // Not 0: events of this SKU could not be applied; the row is behind.
+                "parked_events": row.get::<i64, _>("parked_events"),
             }))
         },
     )

@@ -87,6 +87,10 @@ async fn a_client_reads_its_own_write_with_min_seq() {
         order["lines"],
         json!([{"sku": "A1", "qty": 2, "unit_price_cents": 500}])
     );
+    assert_eq!(
+        order["parked_events"], 0,
+        "a row that is not behind its stream"
+    );
 
     let received = setup
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))

@@ -398,7 +398,23 @@ impl<P: Projection> Projector<P> {
     ) -> Result<u64, ProjectorError> {
         let mut reason = first_reason;
         let mut pause = self.config.retry_base;
-        for attempt in 2..=self.config.max_attempts {
+        // Once an event of an aggregate is parked, its later events cannot apply either (their
+        // versions do not follow): park them at once rather than stall the view retrying.
+        let earlier_parked: bool = sqlx::query_scalar(
+            "SELECT exists(SELECT 1 FROM public.parked_events WHERE projection = $1 AND subject = $2 AND seq < $3)",
+        )
+        .bind(P::NAME)
+        .bind(&event.subject)
+        .bind(event.seq as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        let attempts = if earlier_parked {
+            reason = format!("an earlier event of {} is parked; {reason}", event.subject);
+            1
+        } else {
+            self.config.max_attempts
+        };
+        for attempt in 2..=attempts {
             tracing::warn!(projection = P::NAME, seq = event.seq, %reason, attempt, "event not applied; trying again");
             tokio::time::sleep(pause).await;
             pause *= 2;

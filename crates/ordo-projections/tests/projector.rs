@@ -249,6 +249,67 @@ async fn an_event_that_cannot_be_applied_is_parked_and_the_view_goes_on() {
     assert_eq!(on_hand, 6, "the event after the parked one was applied");
 }
 
+#[tokio::test]
+async fn once_an_event_of_an_aggregate_is_parked_its_later_events_are_parked_at_once_and_the_rest_goes_on()
+ {
+    let setup = Setup::start().await;
+    let _stock = setup.projector::<StockView>();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    let js = jetstream::new(setup.engine.client.clone());
+    let publish = |payload: Vec<u8>| {
+        let js = js.clone();
+        async move {
+            js.publish("ordo.stock.events.A1", payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .sequence
+        }
+    };
+    // Version 2 of A1 cannot be read; versions 3 and 4 are fine but cannot follow it.
+    let broken = publish(b"not an event".to_vec()).await;
+    for version in [3, 4] {
+        let metadata = ordo_eventstore::EventMetadata {
+            command_id: format!("later-{version}"),
+            ..Default::default()
+        };
+        let event = ordo_domain::stock::StockEvent::StockReceived { qty: 1 };
+        let envelope = ordo_eventstore::EventEnvelope::new(
+            "A1",
+            version,
+            &event,
+            &metadata,
+            chrono::Utc::now(),
+        );
+        publish(envelope.to_bytes()).await;
+    }
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 7}))
+        .await;
+    setup.caught_up::<StockView>().await;
+
+    let parked = setup.parked().await;
+    assert_eq!(parked.len(), 3, "{parked:?}");
+    assert_eq!(parked[0].1, broken as i64);
+    for later in &parked[1..] {
+        assert!(
+            later
+                .2
+                .starts_with("an earlier event of ordo.stock.events.A1 is parked"),
+            "{}",
+            later.2
+        );
+    }
+    let b2: i64 = sqlx::query_scalar("SELECT on_hand FROM view_stock.stock WHERE sku = 'B2'")
+        .fetch_one(setup.pool())
+        .await
+        .unwrap();
+    assert_eq!(b2, 7, "the rest of the view goes on");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice() {
     let setup = Setup::start().await;
