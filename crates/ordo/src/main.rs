@@ -5,6 +5,7 @@
 //! - `ordo sagas retry ORDER_ID`: an operator's retry of a saga stuck in a compensation.
 //! - `ordo streams apply`, `ordo projections status`: operating the streams and views.
 //! - `ordo order place|cancel|ship`, `ordo stock receive`: send the JSON `nats req` would.
+//! - `ordo chaos`: a drill of the whole system under faults, and a check of every invariant.
 
 mod chaos;
 mod client;
@@ -142,7 +143,8 @@ enum NotificationsAction {
 
 #[derive(Subcommand)]
 enum SagasAction {
-    /// Give a saga stuck in a compensation a fresh retry budget.
+    /// Retry a saga shown as compensation_stuck now, with a fresh count (it is also retried on
+    /// its own, with capped back-off).
     Retry { order_id: String },
 }
 
@@ -186,14 +188,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up => up(cli, shutdown).await,
         Command::Run { component } => {
-            let Some(nats) = shutdown
-                .unless_triggered(connect::connect_with_backoff(&nats_url))
-                .await
-                .transpose()?
-            else {
+            let Some(nats) = connect_nats(&shutdown, &nats_url).await? else {
                 return Ok(());
             };
-            components::apply_streams(&nats).await?;
             let Some(pool) = shutdown
                 .unless_triggered(connect_database(&component, &database_url))
                 .await
@@ -340,14 +337,9 @@ async fn main() -> anyhow::Result<()> {
 async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url, &cli.home).await?;
     let (database_url, _local_postgres) = database::url_for_up(cli.database_url, &cli.home).await?;
-    let Some(nats) = shutdown
-        .unless_triggered(connect::connect_with_backoff(&nats_url))
-        .await
-        .transpose()?
-    else {
+    let Some(nats) = connect_nats(&shutdown, &nats_url).await? else {
         return Ok(());
     };
-    components::apply_streams(&nats).await?;
     let Some(pool) = shutdown
         .unless_triggered(database::connect_and_prepare(&database_url))
         .await
@@ -391,6 +383,22 @@ async fn named(
     component: impl Future<Output = anyhow::Result<()>>,
 ) -> (String, anyhow::Result<()>) {
     (name.to_owned(), component.await)
+}
+
+/// NATS, waited for (unless a stop comes first: `None`), with the streams applied.
+async fn connect_nats(
+    shutdown: &Shutdown,
+    url: &str,
+) -> anyhow::Result<Option<async_nats::Client>> {
+    let Some(nats) = shutdown
+        .unless_triggered(connect::connect_with_backoff(url))
+        .await
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    components::apply_streams(&nats).await?;
+    Ok(Some(nats))
 }
 
 /// PostgreSQL for the components that use it (all but the command service).

@@ -56,6 +56,20 @@ pub async fn stream_events(
     Ok(events)
 }
 
+/// The views and the streams they follow.
+const PROJECTIONS: [(&str, &str); 2] = [("orders", "ORDO_ORDERS"), ("stock", "ORDO_STOCK")];
+
+/// The checkpoint of a projection's live view (0 before its first batch).
+async fn checkpoint(pool: &PgPool, projection: &str, stream: &str) -> anyhow::Result<i64> {
+    let checkpoint: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT seq FROM view_{projection}.checkpoints WHERE stream = $1"
+    )))
+    .bind(stream)
+    .fetch_optional(pool)
+    .await?;
+    Ok(checkpoint.unwrap_or(0))
+}
+
 /// The head (last sequence) of `stream`.
 pub async fn head(js: &jetstream::Context, name: &str) -> anyhow::Result<u64> {
     Ok(js.get_stream(name).await?.info().await?.state.last_sequence)
@@ -108,18 +122,9 @@ pub async fn observe(js: &jetstream::Context, pool: &PgPool) -> anyhow::Result<O
             })
             .collect();
     let mut checkpoints = Vec::new();
-    for (projection, stream) in [("orders", "ORDO_ORDERS"), ("stock", "ORDO_STOCK")] {
-        let checkpoint: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT seq FROM view_{projection}.checkpoints WHERE stream = $1"
-        )))
-        .bind(stream)
-        .fetch_optional(pool)
-        .await?;
-        checkpoints.push((
-            projection.to_owned(),
-            checkpoint.unwrap_or(0),
-            head(js, stream).await?,
-        ));
+    for (projection, stream) in PROJECTIONS {
+        let checkpoint = checkpoint(pool, projection, stream).await?;
+        checkpoints.push((projection.to_owned(), checkpoint, head(js, stream).await?));
     }
     let parked_events: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events")
         .fetch_one(pool)
@@ -160,18 +165,11 @@ pub async fn observe(js: &jetstream::Context, pool: &PgPool) -> anyhow::Result<O
 /// What is still moving: empty once the system is quiet.
 pub async fn still_moving(js: &jetstream::Context, pool: &PgPool) -> anyhow::Result<Vec<String>> {
     let mut moving = Vec::new();
-    for (projection, stream) in [("orders", "ORDO_ORDERS"), ("stock", "ORDO_STOCK")] {
-        let checkpoint: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT seq FROM view_{projection}.checkpoints WHERE stream = $1"
-        )))
-        .bind(stream)
-        .fetch_optional(pool)
-        .await?;
+    for (projection, stream) in PROJECTIONS {
+        let checkpoint = checkpoint(pool, projection, stream).await?;
         let head = head(js, stream).await?;
-        if checkpoint.unwrap_or(0) != head as i64 {
-            moving.push(format!(
-                "projection {projection} at {checkpoint:?} of {head}"
-            ));
+        if checkpoint != head as i64 {
+            moving.push(format!("projection {projection} at {checkpoint} of {head}"));
         }
     }
     let orders = js.get_stream("ORDO_ORDERS").await?;
