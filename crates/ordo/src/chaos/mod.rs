@@ -157,9 +157,7 @@ pub async fn run(
         None => Some(tokio::task::spawn_blocking(NatsServer::start).await?),
     };
     let nats_url = nats_url.unwrap_or_else(|| nats_server.as_ref().expect("started").url());
-    let admin_url = database_url
-        .or_else(|| std::env::var("ORDO_TEST_DATABASE_URL").ok())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let (admin_url, _private_postgres) = postgres_server(database_url).await?;
     let database = TestDatabase::create_on(&admin_url).await;
     let nats = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(2))
@@ -392,6 +390,29 @@ pub async fn run(
         violations,
         logs,
     })
+}
+
+/// The PostgreSQL server the drill creates its database on: the one given, else
+/// `ORDO_TEST_DATABASE_URL`, else a local one that accepts `postgres` without a password, else a
+/// private cluster of its own (stopped and deleted with the drill).
+async fn postgres_server(
+    given: Option<String>,
+) -> anyhow::Result<(String, Option<ordo_testkit::PostgresServer>)> {
+    if let Some(url) = given.or_else(|| std::env::var("ORDO_TEST_DATABASE_URL").ok()) {
+        return Ok((url, None));
+    }
+    let local = "postgres://postgres@127.0.0.1:5432/postgres";
+    let answers = tokio::time::timeout(
+        Duration::from_secs(2),
+        <sqlx::PgConnection as sqlx::Connection>::connect(local),
+    )
+    .await;
+    if matches!(answers, Ok(Ok(_))) {
+        return Ok((local.to_owned(), None));
+    }
+    eprintln!("ordo chaos: no PostgreSQL answers on 127.0.0.1:5432; starting a private one");
+    let server = tokio::task::spawn_blocking(ordo_testkit::PostgresServer::start).await?;
+    Ok((server.url("postgres"), Some(server)))
 }
 
 fn secs(secs: f64) -> Duration {
