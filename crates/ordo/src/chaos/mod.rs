@@ -256,7 +256,12 @@ pub async fn run(
         let elapsed = started.elapsed();
         {
             let mut fleet = fleet.lock().expect("not poisoned");
-            unexpected_exits.extend(fleet.exited());
+            let exited = fleet.exited();
+            if !exited.is_empty() {
+                // Reported, and started again at once, as a supervisor would.
+                down.push((now, None));
+                unexpected_exits.extend(exited);
+            }
             // Components whose outage is over, and killed workers, come back.
             down.retain(|(until, component)| {
                 if *until <= now {
