@@ -157,17 +157,26 @@ impl Fleet {
     }
 
     /// Processes that exited on their own (not killed by the drill): a crash worth reporting.
-    pub fn exited(&mut self) -> Vec<(Component, usize, String)> {
+    /// Each as (slot, component, instance, exit status).
+    pub fn exited(&mut self) -> Vec<(usize, Component, usize, String)> {
         let mut exited = Vec::new();
-        for process in &mut self.processes {
+        for (slot, process) in self.processes.iter_mut().enumerate() {
             if let Some(child) = &mut process.child
                 && let Ok(Some(status)) = child.try_wait()
             {
-                exited.push((process.component, process.index, status.to_string()));
+                exited.push((slot, process.component, process.index, status.to_string()));
                 process.child = None;
             }
         }
         exited
+    }
+
+    /// Starts the process of `slot` again if it is not running.
+    pub fn restart(&mut self, slot: usize) -> std::io::Result<()> {
+        if self.processes[slot].child.is_none() {
+            self.spawn(slot)?;
+        }
+        Ok(())
     }
 
     /// SIGTERM to every process, then SIGKILL to those still running after `grace`.

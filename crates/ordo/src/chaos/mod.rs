@@ -246,7 +246,8 @@ pub async fn run(
             )
         })
         .collect();
-    let mut down: Vec<(Instant, Option<Component>)> = Vec::new();
+    // What is down and when it comes back: one killed process, or a whole component.
+    let mut down: Vec<(Instant, Down)> = Vec::new();
     let mut next_kill = started + secs(options.kill_interval);
     let mut unexpected_exits = Vec::new();
     let (mut nats_next, mut outage_next) = (0, 0);
@@ -256,35 +257,44 @@ pub async fn run(
         let elapsed = started.elapsed();
         {
             let mut fleet = fleet.lock().expect("not poisoned");
-            let exited = fleet.exited();
-            if !exited.is_empty() {
+            for (slot, component, index, status) in fleet.exited() {
                 // Reported, and started again at once, as a supervisor would.
-                down.push((now, None));
-                unexpected_exits.extend(exited);
+                down.push((now, Down::Process(slot)));
+                unexpected_exits.push((component, index, status));
             }
-            // Components whose outage is over, and killed workers, come back.
-            down.retain(|(until, component)| {
-                if *until <= now {
-                    let _ = fleet.restart_stopped(*component);
-                    false
-                } else {
-                    true
+            let in_outage = |down: &[(Instant, Down)], component: Component| {
+                down.iter().any(|(_, d)| *d == Down::Component(component))
+            };
+            // Components whose outage is over, and killed processes, come back; a process of a
+            // component that is in an outage waits for the outage's end.
+            let due: Vec<Down> = down
+                .iter()
+                .filter(|(until, _)| *until <= now)
+                .map(|(_, what)| *what)
+                .collect();
+            down.retain(|(until, _)| *until > now);
+            for what in due {
+                match what {
+                    Down::Component(component) => {
+                        progress.note(format!("outage over: {} starts again", component.name()));
+                        fleet.restart_stopped(Some(component))?
+                    }
+                    Down::Process(slot) if !in_outage(&down, fleet.component_of(slot)) => {
+                        fleet.restart(slot)?
+                    }
+                    Down::Process(_) => {}
                 }
-            });
+            }
             if options.kill_interval > 0.0 && now >= next_kill {
                 let candidates: Vec<usize> = fleet
                     .running(None)
                     .into_iter()
-                    .filter(|slot| {
-                        !down
-                            .iter()
-                            .any(|(_, c)| *c == Some(fleet.component_of(*slot)))
-                    })
+                    .filter(|slot| !in_outage(&down, fleet.component_of(*slot)))
                     .collect();
                 if let Some(slot) = candidates.choose(&mut rng) {
                     fleet.kill(*slot);
                     let back_in = Duration::from_millis(rng.random_range(200..1500));
-                    down.push((now + back_in, None));
+                    down.push((now + back_in, Down::Process(*slot)));
                 }
                 next_kill = now + secs(options.kill_interval);
             }
@@ -293,7 +303,7 @@ pub async fn run(
                 for slot in fleet.running(Some(outage.component)) {
                     fleet.kill(slot);
                 }
-                down.push((now + secs(outage.secs), Some(outage.component)));
+                down.push((now + secs(outage.secs), Down::Component(outage.component)));
                 progress.note(format!(
                     "outage: every {} instance down for {} s",
                     outage.component.name(),
@@ -341,7 +351,14 @@ pub async fn run(
     let mut moving = Vec::new();
     while settling.elapsed() < secs(options.settle_timeout) && quiet_polls < 3 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        unexpected_exits.extend(fleet.lock().expect("not poisoned").exited());
+        unexpected_exits.extend(
+            fleet
+                .lock()
+                .expect("not poisoned")
+                .exited()
+                .into_iter()
+                .map(|(_, component, index, status)| (component, index, status)),
+        );
         fleet.lock().expect("not poisoned").restart_stopped(None)?;
         moving = observe::still_moving(&js, database.pool())
             .await
@@ -418,6 +435,15 @@ async fn postgres_server(
     eprintln!("ordo chaos: no PostgreSQL answers on 127.0.0.1:5432; starting a private one");
     let server = tokio::task::spawn_blocking(ordo_testkit::PostgresServer::start).await?;
     Ok((server.url("postgres"), Some(server)))
+}
+
+/// Something the drill took away, to be started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Down {
+    /// One killed (or crashed) process: its slot in the fleet.
+    Process(usize),
+    /// Every instance of a component (an outage).
+    Component(Component),
 }
 
 fn secs(secs: f64) -> Duration {
