@@ -67,4 +67,9 @@ fn a_short_drill_with_kills_a_server_restart_and_a_command_outage_breaks_no_inva
         report["orders"]["confirmed"].as_u64().unwrap_or(0) > 0,
         "{printed}"
     );
+    // Clients had to retry: the server restart and the command outage were felt.
+    assert!(
+        report["commands"]["retries"].as_u64().unwrap() > 0,
+        "{printed}"
+    );
 }
