@@ -43,6 +43,7 @@ impl Default for ServiceConfig {
 
 /// The command service of one instance: subscribed, not yet serving.
 pub struct CommandService {
+    client: async_nats::Client,
     service: async_nats::service::Service,
     requests: futures::stream::SelectAll<futures::stream::BoxStream<'static, (Endpoint, Request)>>,
     handler: Arc<CommandHandler>,
@@ -90,6 +91,7 @@ impl CommandService {
             "command service ready"
         );
         Ok(Self {
+            client,
             service,
             requests: futures::stream::select_all(endpoints),
             handler,
@@ -102,6 +104,7 @@ impl CommandService {
     /// finishes those in flight, and leaves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
         let Self {
+            client,
             service,
             mut requests,
             handler,
@@ -154,6 +157,10 @@ impl CommandService {
             );
         }
         while in_flight.join_next().await.is_some() {}
+        // The last replies may still sit in the connection's write buffer.
+        if let Err(err) = client.flush().await {
+            tracing::warn!(%err, "the last replies may not have been sent");
+        }
         tracing::info!("command service stopped");
         Ok(())
     }

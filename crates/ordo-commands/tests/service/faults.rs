@@ -109,3 +109,46 @@ async fn a_nats_server_killed_mid_run_loses_no_acknowledged_event() {
     let versions: Vec<u64> = stored.iter().map(|event| event.envelope.version).collect();
     assert_eq!(versions, (1..=COMMANDS as u64).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_stops_gracefully_answers_every_request_already_delivered_to_it() {
+    let mut engine = Engine::start_with(0, ordo_eventstore::StreamDefinition::built_in()).await;
+    // One request at a time: the others wait, delivered, in the instance's subscription.
+    engine
+        .add_instance_with(ordo_commands::ServiceConfig { max_in_flight: 1 })
+        .await;
+    let client = engine.client.clone();
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(format!("{inbox}.*")).await.unwrap();
+    for i in 0..300 {
+        let body = json!({"sku": format!("S{i}"), "qty": 1}).to_string();
+        client
+            .publish_with_reply(
+                "ordo.cmd.stock.receive",
+                format!("{inbox}.{i}"),
+                body.into(),
+            )
+            .await
+            .unwrap();
+    }
+    // Every request has reached the server, which delivers it to the instance at once; most
+    // still wait their turn there when the stop comes.
+    client.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    engine.stop_first_instance().await;
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < 300 {
+        match tokio::time::timeout(Duration::from_secs(10), replies.next()).await {
+            Ok(Some(reply)) => {
+                answered.insert(reply.subject.to_string());
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(
+        answered.len(),
+        300,
+        "requests delivered to the instance and never answered"
+    );
+    assert_eq!(engine.event_counts().await, (0, 300));
+}

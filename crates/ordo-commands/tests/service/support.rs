@@ -48,6 +48,10 @@ impl Engine {
     }
 
     pub async fn add_instance(&mut self) {
+        self.add_instance_with(Default::default()).await;
+    }
+
+    pub async fn add_instance_with(&mut self, config: ordo_commands::ServiceConfig) {
         let client = self.server.client().await;
         let store = EventStore::open(
             client.clone(),
@@ -55,13 +59,9 @@ impl Engine {
         )
         .await
         .expect("open the event store");
-        let service = CommandService::start(
-            client,
-            Arc::new(CommandHandler::new(store)),
-            Default::default(),
-        )
-        .await
-        .expect("start the command service");
+        let service = CommandService::start(client, Arc::new(CommandHandler::new(store)), config)
+            .await
+            .expect("start the command service");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             service
@@ -72,6 +72,13 @@ impl Engine {
                 .expect("the command service runs");
         });
         self.instances.push((stop, task));
+    }
+
+    /// Stops the first running instance gracefully and waits until it has left.
+    pub async fn stop_first_instance(&mut self) {
+        let (stop, task) = self.instances.remove(0);
+        let _ = stop.send(());
+        task.await.expect("the instance stops cleanly");
     }
 
     /// Sends `body` to `subject` and returns the JSON reply; panics if there is none in 10 s.
