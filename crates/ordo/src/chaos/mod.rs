@@ -13,6 +13,7 @@
 //! every interleaving.
 
 pub mod check;
+pub mod faults;
 pub mod fleet;
 pub mod load;
 pub mod observe;
@@ -31,7 +32,7 @@ use std::{
 use anyhow::Context;
 use fleet::{Component, Fleet, Launch};
 use ordo_testkit::{NatsServer, TestDatabase};
-use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+use rand::{SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
 /// `COMPONENT:SECS`: every instance of a component killed at once, back after SECS.
@@ -136,7 +137,7 @@ pub async fn run(
     database_url: Option<String>,
 ) -> anyhow::Result<Report> {
     let seed = options.seed.unwrap_or_else(rand::random);
-    let mut rng = StdRng::seed_from_u64(seed);
+    let rng = StdRng::seed_from_u64(seed);
     eprintln!("ordo chaos: seed {seed} (repeat with --seed {seed})");
     if nats_url.is_some() && options.nats_restarts > 0 {
         anyhow::bail!(
@@ -231,88 +232,12 @@ pub async fn run(
     let started = Instant::now();
     let duration = Duration::from_secs_f64(options.duration);
     let progress = Progress::new(duration);
-    let mut nats_restarts = 0;
-    let nats_at: Vec<Duration> = (1..=options.nats_restarts)
-        .map(|i| duration.mul_f64(f64::from(i) / f64::from(options.nats_restarts + 1)))
-        .collect();
-    let outage_at: Vec<(Duration, Outage)> = options
-        .outages
-        .iter()
-        .enumerate()
-        .map(|(i, outage)| {
-            (
-                duration.mul_f64((i as f64 + 0.5) / (options.outages.len() as f64 + 0.5) * 0.8),
-                *outage,
-            )
-        })
-        .collect();
-    // What is down and when it comes back: one killed process, or a whole component.
-    let mut down: Vec<(Instant, Down)> = Vec::new();
-    let mut next_kill = started + secs(options.kill_interval);
-    let mut unexpected_exits = Vec::new();
-    let (mut nats_next, mut outage_next) = (0, 0);
+    let mut faults = faults::Faults::new(&options, duration, rng, started);
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = Instant::now();
         let elapsed = started.elapsed();
-        {
-            let mut fleet = fleet.lock().expect("not poisoned");
-            for (slot, component, index, status) in fleet.exited() {
-                // Reported, and started again at once, as a supervisor would.
-                down.push((now, Down::Process(slot)));
-                unexpected_exits.push((component, index, status));
-            }
-            let in_outage = |down: &[(Instant, Down)], component: Component| {
-                down.iter().any(|(_, d)| *d == Down::Component(component))
-            };
-            // Components whose outage is over, and killed processes, come back; a process of a
-            // component that is in an outage waits for the outage's end.
-            let due: Vec<Down> = down
-                .iter()
-                .filter(|(until, _)| *until <= now)
-                .map(|(_, what)| *what)
-                .collect();
-            down.retain(|(until, _)| *until > now);
-            for what in due {
-                match what {
-                    Down::Component(component) => {
-                        progress.note(format!("outage over: {} starts again", component.name()));
-                        fleet.restart_stopped(Some(component))?
-                    }
-                    Down::Process(slot) if !in_outage(&down, fleet.component_of(slot)) => {
-                        fleet.restart(slot)?
-                    }
-                    Down::Process(_) => {}
-                }
-            }
-            if options.kill_interval > 0.0 && now >= next_kill {
-                let candidates: Vec<usize> = fleet
-                    .running(None)
-                    .into_iter()
-                    .filter(|slot| !in_outage(&down, fleet.component_of(*slot)))
-                    .collect();
-                if let Some(slot) = candidates.choose(&mut rng) {
-                    fleet.kill(*slot);
-                    let back_in = Duration::from_millis(rng.random_range(200..1500));
-                    down.push((now + back_in, Down::Process(*slot)));
-                }
-                next_kill = now + secs(options.kill_interval);
-            }
-            if outage_next < outage_at.len() && elapsed >= outage_at[outage_next].0 {
-                let outage = outage_at[outage_next].1;
-                for slot in fleet.running(Some(outage.component)) {
-                    fleet.kill(slot);
-                }
-                down.push((now + secs(outage.secs), Down::Component(outage.component)));
-                progress.note(format!(
-                    "outage: every {} instance down for {} s",
-                    outage.component.name(),
-                    outage.secs
-                ));
-                outage_next += 1;
-            }
-        }
-        if nats_next < nats_at.len() && elapsed >= nats_at[nats_next] {
+        faults.tick(&mut fleet.lock().expect("not poisoned"), elapsed, &progress)?;
+        if faults.nats_server_due(elapsed) {
             let server = nats_server.as_ref().expect("the drill's own server");
             progress.note(format!(
                 "nats-server SIGKILLed, down for {} s",
@@ -328,8 +253,7 @@ pub async fn run(
                     server.log_file().display()
                 )
             })?;
-            nats_restarts += 1;
-            nats_next += 1;
+            faults.nats_restarts += 1;
         }
         progress.tick(
             elapsed,
@@ -337,6 +261,7 @@ pub async fn run(
             &fleet.lock().expect("not poisoned").kills,
         );
     }
+    let (nats_restarts, mut unexpected_exits) = (faults.nats_restarts, faults.unexpected_exits);
     stop.store(true, Ordering::Relaxed);
     {
         let mut fleet = fleet.lock().expect("not poisoned");
@@ -437,16 +362,7 @@ async fn postgres_server(
     Ok((server.url("postgres"), Some(server)))
 }
 
-/// Something the drill took away, to be started again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Down {
-    /// One killed (or crashed) process: its slot in the fleet.
-    Process(usize),
-    /// Every instance of a component (an outage).
-    Component(Component),
-}
-
-fn secs(secs: f64) -> Duration {
+pub(crate) fn secs(secs: f64) -> Duration {
     Duration::from_secs_f64(secs.max(0.0))
 }
 
@@ -541,7 +457,7 @@ pub fn print(report: &Report) {
 }
 
 /// Progress while the drill runs: a bar on a terminal, a line every 5 s otherwise.
-struct Progress {
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     last_line: Mutex<Instant>,
 }
@@ -563,7 +479,7 @@ impl Progress {
         }
     }
 
-    fn note(&self, line: String) {
+    pub(crate) fn note(&self, line: String) {
         match &self.bar {
             Some(bar) => bar.println(format!("ordo chaos: {line}")),
             None => eprintln!("ordo chaos: {line}"),
