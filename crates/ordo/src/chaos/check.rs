@@ -524,13 +524,14 @@ fn check_orders(
                 }
             }
         }
-        // Invariant 5: one notification per state reached, delivered.
+        // Invariant 5: one notification recorded per state reached, and settled: sent, or
+        // dead-lettered after its attempts (visible, and retried by an operator), never pending.
         for kind in order.reached.iter().filter(|kind| *kind != "pending") {
             match observed
                 .notifications
                 .get(&(order_id.clone(), kind.clone()))
             {
-                Some(status) if status == "sent" => {}
+                Some(status) if status == "sent" || status == "dead_lettered" => {}
                 status => found.push(violation(
                     "one_notification_per_outcome",
                     format!("order {order_id} reached {kind}; its notification is {status:?}"),
@@ -847,6 +848,21 @@ mod tests {
         assert_eq!(
             invariants(&acknowledged, &observed),
             ["saga_order_stock_payment_agree"]
+        );
+    }
+
+    #[test]
+    fn a_dead_lettered_notification_is_recorded_but_a_pending_one_is_reported() {
+        let (acknowledged, mut observed) = clean();
+        let key = ("o-1".to_owned(), "confirmed".to_owned());
+        observed
+            .notifications
+            .insert(key.clone(), "dead_lettered".into());
+        assert_eq!(check(&acknowledged, &observed), vec![]);
+        observed.notifications.insert(key, "pending".into());
+        assert_eq!(
+            invariants(&acknowledged, &observed),
+            ["one_notification_per_outcome"]
         );
     }
 

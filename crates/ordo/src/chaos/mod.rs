@@ -124,6 +124,8 @@ pub struct Report {
     pub orders: BTreeMap<String, u64>,
     /// Why rejected orders were rejected.
     pub rejections: BTreeMap<String, u64>,
+    /// Notifications by status (sent, dead_lettered after their attempts).
+    pub notifications: BTreeMap<String, u64>,
     pub events: BTreeMap<String, usize>,
     pub still_moving: Vec<String>,
     pub violations: Vec<check::Violation>,
@@ -309,6 +311,10 @@ pub async fn run(
     for row in &observed.orders_view {
         *orders.entry(row.status.clone()).or_default() += 1;
     }
+    let mut notifications: BTreeMap<String, u64> = BTreeMap::new();
+    for status in observed.notifications.values() {
+        *notifications.entry(status.clone()).or_default() += 1;
+    }
     let kills = fleet.lock().expect("not poisoned").kills.clone();
     let rejections = observe::rejections(database.pool())
         .await
@@ -328,6 +334,7 @@ pub async fn run(
         unexpected_exits,
         orders,
         rejections,
+        notifications,
         events: [
             ("ORDO_ORDERS".to_owned(), observed.order_events.len()),
             ("ORDO_STOCK".to_owned(), observed.stock_events.len()),
@@ -428,6 +435,7 @@ pub fn print(report: &Report) {
     }
     println!("  orders      {:?}", report.orders);
     println!("  rejected    {:?}", report.rejections);
+    println!("  notified    {:?}", report.notifications);
     println!("  events      {:?}", report.events);
     println!(
         "  settled     {} after {:.1} s{}",
