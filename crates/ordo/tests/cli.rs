@@ -63,6 +63,16 @@ impl Drop for Running {
     }
 }
 
+/// A port nothing listens on yet, and its NATS URL.
+fn unused_nats_url() -> (u16, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (port, format!("nats://127.0.0.1:{port}"))
+}
+
 fn ordo(url: &str, args: &[&str]) -> Output {
     Command::new(ORDO)
         .args(args)
@@ -91,12 +101,7 @@ async fn request_when_up(client: &async_nats::Client, subject: &str, body: Value
 #[tokio::test]
 async fn the_command_service_waits_for_nats_then_serves_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("nats://127.0.0.1:{port}");
+    let (port, url) = unused_nats_url();
     let log = dir.path().join("ordo.log");
     let service = Running::start(&url, &log);
 
@@ -127,12 +132,7 @@ async fn the_command_service_waits_for_nats_then_serves_and_stops_on_sigterm() {
 #[test]
 fn ctrl_c_stops_a_component_that_is_still_waiting_for_its_servers() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("nats://127.0.0.1:{port}");
+    let (_, url) = unused_nats_url();
     for args in [&["run", "commands"][..], &["run", "saga"][..]] {
         let log = dir.path().join(format!("{}.log", args[1]));
         let waiting = Running::start_with(args, &[("ORDO_NATS_URL", &url)], &log);
