@@ -171,9 +171,9 @@ impl CommandHandler {
                             read = loaded.last_seq,
                             "a replica lags; reading again"
                         );
+                        // The next pass catches up again before it may refuse.
                         tokio::time::sleep(std::time::Duration::from_millis(5 << attempt.min(6)))
                             .await;
-                        loaded = repository.catch_up(aggregate_id, loaded).await?;
                         continue;
                     }
                     let reply = error_reply(ErrorCode::from(&rejection), &rejection);

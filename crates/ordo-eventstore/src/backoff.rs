@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
+/// A long-running task that ran this long before it ended was healthy.
+pub const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
 pub struct Backoff {
     builder: ExponentialBuilder,
     delays: ExponentialBackoff,
@@ -46,6 +49,16 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.delays = self.builder.build();
     }
+
+    /// The delay before restarting a long-running task (a consumer, a projector's term) that
+    /// ended after running for `ran`: one that ran for [`HEALTHY_RUN`] was healthy, so the
+    /// back-off starts over.
+    pub fn after_run(&mut self, ran: Duration) -> Duration {
+        if ran >= HEALTHY_RUN {
+            self.reset();
+        }
+        self.next_delay()
+    }
 }
 
 #[cfg(test)]
@@ -65,5 +78,10 @@ mod tests {
         );
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));
+        for _ in 0..20 {
+            backoff.next_delay();
+        }
+        assert!(backoff.after_run(HEALTHY_RUN) <= Duration::from_millis(100));
+        assert!(backoff.after_run(Duration::from_secs(1)) > Duration::from_millis(100));
     }
 }

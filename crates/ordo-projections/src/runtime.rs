@@ -8,15 +8,9 @@ use async_nats::jetstream::{
 };
 use futures::StreamExt;
 use ordo_eventstore::{EventEnvelope, RecordedEvent, backoff::Backoff};
-
-/// A term that lasted this long was healthy: its failure starts the back-off over.
-const HEALTHY_TERM: Duration = Duration::from_secs(30);
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
-use crate::{
-    ApplyError, Projection,
-    schema::{self, set_search_path},
-};
+use crate::{ApplyError, Projection, schema};
 
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
@@ -146,10 +140,7 @@ impl<P: Projection> Projector<P> {
                     let wait = match ended {
                         Ok(Term::Standby) => self.config.standby_poll,
                         Err(err) => {
-                            if term_began.elapsed() > HEALTHY_TERM {
-                                backoff.reset();
-                            }
-                            let wait = backoff.next_delay();
+                            let wait = backoff.after_run(term_began.elapsed());
                             tracing::warn!(projection = P::NAME, %err, retry_in = ?wait, "projector stopped; starting again");
                             wait
                         }
@@ -456,13 +447,13 @@ impl<P: Projection> Projector<P> {
         schema: &str,
     ) -> Result<(Transaction<'static, Postgres>, Generation), ProjectorError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query(set_search_path(schema))
-            .execute(&mut *tx)
-            .await?;
-        let oid: Option<i64> = sqlx::query_scalar("SELECT to_regnamespace($1)::oid::bigint")
-            .bind(schema)
-            .fetch_one(&mut *tx)
-            .await?;
+        // One round trip: `set_config(…, true)` is `SET LOCAL search_path`.
+        let (_, oid): (String, Option<i64>) = sqlx::query_as(
+            "SELECT set_config('search_path', $1 || ', public', true), to_regnamespace($1)::oid::bigint",
+        )
+        .bind(schema)
+        .fetch_one(&mut *tx)
+        .await?;
         let generation = Generation {
             schema: schema.to_owned(),
             oid: oid.unwrap_or(-1),

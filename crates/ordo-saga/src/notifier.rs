@@ -92,11 +92,7 @@ impl Notifier {
             tokio::select! {
                 () = &mut shutdown => return,
                 result = self.consume() => {
-                    // A consumer that ran for a while was healthy: start the back-off over.
-                    if began.elapsed() > Duration::from_secs(30) {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay();
+                    let delay = backoff.after_run(began.elapsed());
                     match result {
                         Err(err) => tracing::warn!(%err, retry_in = ?delay, "notifier stopped; starting again"),
                         Ok(()) => tracing::warn!(retry_in = ?delay, "the notifier's consumer ended; starting again"),
