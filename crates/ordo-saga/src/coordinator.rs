@@ -1,21 +1,28 @@
 //! [`Coordinator`]: starts, advances and persists order sagas.
 //!
-//! - Intake: a durable consumer (`ordo-saga`, shared by every coordinator) on `ORDO_ORDERS`.
-//!   `OrderPlaced` starts a saga, `OrderCancelled` and `OrderShipped` extend it. Each is applied
-//!   to the saga's row in one transaction, then acked; applying one twice changes nothing.
-//! - Driving: workers pick a due saga with `FOR UPDATE SKIP LOCKED` (so a saga is driven by one
-//!   coordinator at a time), run its next step as a command with the step's deterministic id (or
-//!   a call to the payment gateway), record the outcome and commit. A step whose outcome is
-//!   unknown (no answer, no responders, a transient error) is scheduled again with capped
-//!   exponential back-off and jitter, for as long as it takes: an outage is waited out, not
-//!   counted. The retry time and the saga's deadline are stored with it, so both survive
-//!   restarts. A deadline found after the saga moved on, or after the confirm may have been
-//!   sent, does nothing.
+//! - Intake: a durable consumer (`ordo-saga`, shared by every coordinator) on `ORDO_ORDERS`,
+//!   read in batches. The `OrderPlaced` of a batch start their sagas in one statement;
+//!   `OrderCancelled` and `OrderShipped` extend theirs one by one. Events are acked once applied;
+//!   applying one twice changes nothing.
+//! - Driving: a coordinator claims due sagas in batches (`FOR UPDATE SKIP LOCKED`), leasing each
+//!   (its `next_attempt_at` moves past the lease), and drives up to `in_flight` of them at once,
+//!   each in a task of its own that holds no lock and no connection while a step runs. A step is
+//!   a command with the step's deterministic id (or a call to the payment gateway); its outcome
+//!   is saved before the next step is sent, guarded by the saga's `version`: a saga that an order
+//!   event or another coordinator changed meanwhile is let go, and its step runs again
+//!   (harmlessly: the same command id gets the same answer). A coordinator that dies leaves its
+//!   sagas to whoever claims them once their lease ends.
+//! - A step whose outcome is unknown (no answer, no responders, a transient error) is scheduled
+//!   again with capped exponential back-off and jitter, for as long as it takes: an outage is
+//!   waited out, not counted.
+//! - The deadline bounds what can hang, not time spent queued inside ordo: it starts at the
+//!   first step before the confirm that has no answer, and once it passes, a saga that has not
+//!   reached the confirm compensates with reason `timeout`.
 //! - The confirm is the pivot: an answer other than `ok` is resolved by reading the order's
 //!   last event from the stream leader (not a replica that may lag): confirmed or shipped means
 //!   the confirm happened.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::{DateTime, Utc};
@@ -32,12 +39,14 @@ use ordo_domain::{
 use ordo_eventstore::{EventEnvelope, backoff::Backoff};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::payment::{PaymentError, PaymentGateway};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
-    /// How long an order may stay pending before its saga gives up with reason `timeout`.
+    /// How long a saga whose step before the confirm has no answer may keep trying before it
+    /// gives up with reason `timeout`, counted from that first unanswered step.
     pub saga_timeout: Duration,
     /// How long one command may take before its outcome counts as unknown.
     pub step_timeout: Duration,
@@ -46,9 +55,18 @@ pub struct CoordinatorConfig {
     /// The longest retry pause: how soon after an outage ends every saga is moving again.
     pub retry_cap: Duration,
     /// Sagas driven at once by this coordinator.
-    pub workers: usize,
-    /// How often an idle worker looks for due sagas.
+    pub in_flight: usize,
+    /// How often an idle coordinator looks for due sagas (new ones wake it at once).
     pub poll: Duration,
+}
+
+impl CoordinatorConfig {
+    /// How long a claimed saga stays with its coordinator without news: longer than one step
+    /// can take (a command, then the read that resolves a confirm), so that a live coordinator
+    /// keeps it, and short, so that the sagas of a dead one move again soon.
+    pub fn lease(&self) -> Duration {
+        self.step_timeout * 2 + Duration::from_secs(1)
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -58,7 +76,7 @@ impl Default for CoordinatorConfig {
             step_timeout: Duration::from_secs(5),
             retry_base: Duration::from_millis(200),
             retry_cap: Duration::from_secs(10),
-            workers: 8,
+            in_flight: 256,
             poll: Duration::from_millis(50),
         }
     }
@@ -92,6 +110,19 @@ impl<G: PaymentGateway> Clone for Coordinator<G> {
 
 const CONSUMER: &str = "ordo-saga";
 
+/// Order events taken in per statement, at most.
+const INTAKE_BATCH: usize = 256;
+
+/// Sagas claimed per statement, at most.
+const CLAIM_BATCH: usize = 64;
+
+/// A saga this coordinator has claimed: its state and the version it last read or wrote.
+struct Claimed {
+    saga: Saga,
+    version: i64,
+    deadline: Option<DateTime<Utc>>,
+}
+
 impl<G: PaymentGateway> Coordinator<G> {
     pub fn new(
         pool: PgPool,
@@ -107,25 +138,29 @@ impl<G: PaymentGateway> Coordinator<G> {
         }
     }
 
-    /// Runs the intake and the workers until `shutdown` completes. Failures are logged and
-    /// retried; nothing is lost, since events are acked only once applied.
+    /// Runs the intake and the driving until `shutdown` completes. Failures are logged and
+    /// retried; nothing is lost, since events are acked only once applied and a claimed saga's
+    /// lease ends by itself.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         let mut tasks = tokio::task::JoinSet::new();
+        // Sagas the intake started, handed to the driving already leased: no claim needed.
+        // When every slot is taken, the intake waits, and order events wait in the stream.
+        let (started, started_sagas) = mpsc::channel(self.config.in_flight);
+        let (saves, save_requests) = mpsc::channel(self.config.in_flight);
         let intake = self.clone();
-        tasks.spawn(async move { intake.intake_forever().await });
-        for worker in 0..self.config.workers {
-            let driver = self.clone();
-            tasks.spawn(async move { driver.drive_forever(worker).await });
-        }
+        tasks.spawn(async move { intake.intake_forever(started).await });
+        let driver = self.clone();
+        tasks.spawn(async move { driver.drive_forever(started_sagas, Saves(saves)).await });
+        tasks.spawn(save_batches(self.pool.clone(), save_requests));
         shutdown.await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn intake_forever(&self) {
+    async fn intake_forever(&self, started: mpsc::Sender<Claimed>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
-            if let Err(err) = self.intake(&mut backoff).await {
+            if let Err(err) = self.intake(&mut backoff, &started).await {
                 let delay = backoff.next_delay();
                 tracing::warn!(%err, retry_in = ?delay, "saga intake stopped; starting again");
                 tokio::time::sleep(delay).await;
@@ -133,8 +168,12 @@ impl<G: PaymentGateway> Coordinator<G> {
         }
     }
 
-    /// Takes order events in until the consumer fails; every event taken in resets `backoff`.
-    async fn intake(&self, backoff: &mut Backoff) -> Result<(), CoordinatorError> {
+    /// Takes order events in until the consumer fails; every batch taken in resets `backoff`.
+    async fn intake(
+        &self,
+        backoff: &mut Backoff,
+        started: &mpsc::Sender<Claimed>,
+    ) -> Result<(), CoordinatorError> {
         let js = jetstream::new(self.nats.clone());
         let js_err = |err: &dyn std::fmt::Display| CoordinatorError::JetStream(err.to_string());
         let stream = js
@@ -151,82 +190,126 @@ impl<G: PaymentGateway> Coordinator<G> {
                     ),
                     ack_wait: Duration::from_secs(30),
                     max_deliver: -1,
+                    max_ack_pending: 4 * INTAKE_BATCH as i64,
                     ..Default::default()
                 },
             )
             .await
             .map_err(|err| js_err(&err))?;
-        let mut messages = consumer.messages().await.map_err(|err| js_err(&err))?;
-        while let Some(message) = messages.next().await {
-            let message = message.map_err(|err| js_err(&err))?;
-            match self.take_in(&message.payload).await {
-                Ok(TakenIn::Done) => {
-                    backoff.reset();
-                    if let Err(err) = message.ack().await {
-                        // Redelivered after ack_wait; taking it in again changes nothing.
-                        tracing::debug!(%err, "ack not sent");
-                    }
-                }
-                Ok(TakenIn::TooEarly) => {
-                    // The saga's OrderPlaced is not in yet (another coordinator holds it).
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
-                        .await;
-                }
+        let messages = consumer.messages().await.map_err(|err| js_err(&err))?;
+        let mut batches = messages.ready_chunks(INTAKE_BATCH);
+        while let Some(batch) = batches.next().await {
+            let messages = batch
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| js_err(&err))?;
+            let (taken_in, new_sagas) = match self.take_in(&messages).await {
+                Ok(taken_in) => taken_in,
                 Err(err) => {
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
+                    for message in &messages {
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                    }
                     return Err(err);
+                }
+            };
+            backoff.reset();
+            for (message, taken_in) in messages.iter().zip(taken_in) {
+                let ack = match taken_in {
+                    TakenIn::Done => AckKind::Ack,
+                    // The saga's OrderPlaced is not in yet (another coordinator holds it).
+                    TakenIn::TooEarly => AckKind::Nak(Some(Duration::from_millis(200))),
+                };
+                if let Err(err) = message.ack_with(ack).await {
+                    // Redelivered after ack_wait; taking it in again changes nothing.
+                    tracing::debug!(%err, "ack not sent");
+                }
+            }
+            for saga in new_sagas {
+                if started.send(saga).await.is_err() {
+                    return Ok(()); // Stopping.
                 }
             }
         }
         Ok(())
     }
 
-    /// Applies one order event to its saga.
-    async fn take_in(&self, payload: &[u8]) -> Result<TakenIn, CoordinatorError> {
-        let Ok(envelope) = EventEnvelope::from_bytes(payload) else {
-            tracing::warn!("not an order event; the saga coordinator ignores it");
-            return Ok(TakenIn::Done);
-        };
-        let Ok(event) = envelope.decode::<OrderEvent>() else {
-            tracing::warn!(event_type = %envelope.event_type, "unreadable order event; ignored by the saga");
-            return Ok(TakenIn::Done);
-        };
-        let Ok(order_id) = OrderId::parse(envelope.aggregate_id.clone()) else {
-            return Ok(TakenIn::Done);
-        };
-        match event {
-            OrderEvent::OrderPlaced {
+    /// Applies a batch of order events to their sagas: the new sagas in one statement, then
+    /// the events that extend one, in stream order (an order's OrderPlaced always comes first).
+    /// Returns what to do with each message, and the sagas it started, leased to this
+    /// coordinator (not those an earlier delivery of the same events started).
+    async fn take_in(
+        &self,
+        messages: &[jetstream::Message],
+    ) -> Result<(Vec<TakenIn>, Vec<Claimed>), CoordinatorError> {
+        let events: Vec<Option<(OrderId, OrderEvent, DateTime<Utc>)>> = messages
+            .iter()
+            .map(|message| order_event(&message.payload))
+            .collect();
+        let mut starts: BTreeMap<String, (Saga, DateTime<Utc>)> = BTreeMap::new();
+        for (order_id, event, at) in events.iter().flatten() {
+            if let OrderEvent::OrderPlaced {
                 customer_id,
                 lines,
                 total_cents,
                 ..
-            } => {
-                let saga = Saga::start(order_id, customer_id, &lines, total_cents);
-                let deadline = envelope.at
-                    + chrono::Duration::from_std(self.config.saga_timeout).unwrap_or_default();
-                sqlx::query(
-                    "INSERT INTO sagas (order_id, state, steps, data, started_at, updated_at, deadline_at, next_attempt_at)
-                     VALUES ($1, $2, $3, $4, $5, now(), $6, now())
-                     ON CONFLICT (order_id) DO NOTHING",
-                )
-                .bind(saga.order_id.as_str())
-                .bind(saga.state.as_str())
-                .bind(steps_json(&saga))
-                .bind(serde_json::to_value(&saga).expect("sagas serialize"))
-                .bind(envelope.at)
-                .bind(deadline)
-                .execute(&self.pool)
-                .await?;
-                Ok(TakenIn::Done)
+            } = event
+            {
+                let saga = Saga::start(order_id.clone(), customer_id.clone(), lines, *total_cents);
+                starts.insert(order_id.to_string(), (saga, *at));
             }
-            OrderEvent::OrderCancelled { .. } => self.extend(&order_id, Saga::cancel).await,
-            OrderEvent::OrderShipped {} => self.extend(&order_id, Saga::ship).await,
-            // The saga's own doings.
-            OrderEvent::OrderConfirmed {} | OrderEvent::OrderRejected { .. } => Ok(TakenIn::Done),
         }
+        let mut new_sagas = Vec::new();
+        if !starts.is_empty() {
+            let rows: Vec<Value> = starts
+                .values()
+                .map(|(saga, at)| {
+                    json!({
+                        "order_id": saga.order_id.as_str(),
+                        "state": saga.state.as_str(),
+                        "steps": steps_json(saga),
+                        "data": saga,
+                        "started_at": at,
+                    })
+                })
+                .collect();
+            let inserted: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO sagas (order_id, state, steps, data, started_at, updated_at, next_attempt_at)
+                 SELECT order_id, state, steps, data, started_at, now(), now() + make_interval(secs => $2)
+                 FROM jsonb_to_recordset($1)
+                      AS s(order_id text, state text, steps jsonb, data jsonb, started_at timestamptz)
+                 ON CONFLICT (order_id) DO NOTHING
+                 RETURNING order_id",
+            )
+            .bind(Value::Array(rows))
+            .bind(self.config.lease().as_secs_f64())
+            .fetch_all(&self.pool)
+            .await?;
+            for order_id in inserted {
+                if let Some((saga, _)) = starts.remove(&order_id) {
+                    new_sagas.push(Claimed {
+                        saga,
+                        version: 0,
+                        deadline: None,
+                    });
+                }
+            }
+        }
+        let mut taken_in = Vec::with_capacity(events.len());
+        for event in events {
+            taken_in.push(match event {
+                Some((order_id, OrderEvent::OrderCancelled { .. }, _)) => {
+                    self.extend(&order_id, Saga::cancel).await?
+                }
+                Some((order_id, OrderEvent::OrderShipped {}, _)) => {
+                    self.extend(&order_id, Saga::ship).await?
+                }
+                // Started above; the saga's own doings; not an order event at all.
+                _ => TakenIn::Done,
+            });
+        }
+        Ok((taken_in, new_sagas))
     }
 
     async fn extend(
@@ -240,94 +323,166 @@ impl<G: PaymentGateway> Coordinator<G> {
         };
         let changed = change(saga.clone());
         if changed != saga {
-            save(&mut tx, &changed, Some(Utc::now())).await?;
+            // A coordinator driving the saga now finds its version moved and lets it go.
+            save(&mut *tx, &changed, None, Some(Utc::now()), None).await?;
         }
         tx.commit().await?;
         Ok(TakenIn::Done)
     }
 
-    async fn drive_forever(&self, worker: usize) {
+    /// Drives the sagas the intake started and claims due ones, up to `in_flight` at once,
+    /// until aborted.
+    async fn drive_forever(&self, mut started: mpsc::Receiver<Claimed>, saves: Saves) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut driving = tokio::task::JoinSet::new();
+        let spawn = |driving: &mut tokio::task::JoinSet<()>, claimed| {
+            let (driver, saves) = (self.clone(), saves.clone());
+            driving.spawn(async move { driver.drive(claimed, &saves).await });
+        };
         loop {
-            match self.drive_one().await {
-                Ok(true) => backoff.reset(),
-                Ok(false) => {
+            while driving.try_join_next().is_some() {}
+            metrics::gauge!("ordo_sagas_in_flight").set(driving.len() as f64);
+            let room = self.config.in_flight.saturating_sub(driving.len());
+            if room == 0 {
+                driving.join_next().await;
+                continue;
+            }
+            while driving.len() < self.config.in_flight
+                && let Ok(claimed) = started.try_recv()
+            {
+                spawn(&mut driving, claimed);
+            }
+            let room = self.config.in_flight.saturating_sub(driving.len());
+            if room == 0 {
+                continue;
+            }
+            match self.claim(room.min(CLAIM_BATCH)).await {
+                Ok(claimed) if claimed.is_empty() => {
                     backoff.reset();
-                    tokio::time::sleep(self.config.poll).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(self.config.poll) => {}
+                        Some(claimed) = started.recv() => spawn(&mut driving, claimed),
+                        Some(_) = driving.join_next(), if !driving.is_empty() => {}
+                    }
+                }
+                Ok(claimed) => {
+                    backoff.reset();
+                    for claimed in claimed {
+                        spawn(&mut driving, claimed);
+                    }
                 }
                 Err(err) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(worker, %err, retry_in = ?delay, "saga worker failed; pausing");
+                    tracing::warn!(%err, retry_in = ?delay, "claiming sagas failed; pausing");
                     tokio::time::sleep(delay).await;
                 }
             }
         }
     }
 
-    /// Runs one step of one due saga. Returns false when no saga was due.
-    pub async fn drive_one(&self) -> Result<bool, CoordinatorError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
+    /// Leases up to `limit` due sagas to this coordinator.
+    async fn claim(&self, limit: usize) -> Result<Vec<Claimed>, CoordinatorError> {
+        let rows = sqlx::query(
             // A running saga is never due later than its deadline (see `save`), so one range
             // scan of the `sagas_due` index finds both retries and deadlines.
-            "SELECT order_id, data, deadline_at FROM sagas
-             WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
-             ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+            "UPDATE sagas s
+             SET next_attempt_at = now() + make_interval(secs => $2), version = s.version + 1
+             FROM (SELECT order_id FROM sagas
+                   WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
+                   ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
+             WHERE s.order_id = due.order_id
+             RETURNING s.order_id, s.data, s.deadline_at, s.version",
         )
-        .fetch_optional(&mut *tx)
+        .bind(limit as i64)
+        .bind(self.config.lease().as_secs_f64())
+        .fetch_all(&self.pool)
         .await?;
-        let Some(row) = row else {
-            return Ok(false);
-        };
-        let mut saga: Saga = match serde_json::from_value(row.get("data")) {
-            Ok(saga) => saga,
-            Err(err) => {
-                // Claiming it again would fail the same way: set it aside, visibly.
-                let order_id: String = row.get("order_id");
-                tracing::error!(order_id, %err, "unreadable saga state; set aside for an operator");
-                metrics::counter!("ordo_sagas_unreadable_total").increment(1);
-                sqlx::query(
-                    "UPDATE sagas SET next_attempt_at = NULL, reason = $2, updated_at = now()
-                     WHERE order_id = $1",
-                )
-                .bind(&order_id)
-                .bind(format!("unreadable saga state: {err}"))
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                return Ok(true);
-            }
-        };
-        let deadline: Option<DateTime<Utc>> = row.get("deadline_at");
-        if saga.state == SagaState::Running
-            && deadline.is_some_and(|deadline| deadline <= Utc::now())
-        {
-            tracing::info!(order_id = %saga.order_id, "saga deadline passed; compensating");
-            saga = saga.time_out();
-        }
-        let next_attempt = match saga.next_step() {
-            None => None,
-            Some((index, planned)) => {
-                let step = planned.step.clone();
-                let outcome = self.run_step(&saga, index, &step).await;
-                tracing::debug!(order_id = %saga.order_id, step = step.kind(), ?outcome, "saga step");
-                let unknown = matches!(outcome, Outcome::Unknown(_));
-                saga = saga.record(index, outcome, Utc::now());
-                let attempts = saga.steps[index].attempts;
-                match saga.next_step() {
-                    None => None,
-                    Some(_) if unknown => Some(Utc::now() + self.backoff(attempts)),
-                    Some(_) => Some(Utc::now()),
+        let mut claimed = Vec::with_capacity(rows.len());
+        for row in rows {
+            match serde_json::from_value(row.get("data")) {
+                Ok(saga) => claimed.push(Claimed {
+                    saga,
+                    version: row.get("version"),
+                    deadline: row.get("deadline_at"),
+                }),
+                Err(err) => {
+                    // Claiming it again would fail the same way: set it aside, visibly.
+                    let order_id: String = row.get("order_id");
+                    tracing::error!(order_id, %err, "unreadable saga state; set aside for an operator");
+                    metrics::counter!("ordo_sagas_unreadable_total").increment(1);
+                    sqlx::query(
+                        "UPDATE sagas SET next_attempt_at = NULL, reason = $2, updated_at = now()
+                         WHERE order_id = $1",
+                    )
+                    .bind(&order_id)
+                    .bind(format!("unreadable saga state: {err}"))
+                    .execute(&self.pool)
+                    .await?;
                 }
             }
-        };
-        save(&mut tx, &saga, next_attempt).await?;
-        tx.commit().await?;
-        if !saga.state.is_active() {
-            metrics::counter!("ordo_sagas_finished_total", "state" => saga.state.as_str())
-                .increment(1);
         }
-        Ok(true)
+        Ok(claimed)
+    }
+
+    /// Runs the steps of a claimed saga one after the other, saving each outcome before the
+    /// next step is sent, until the saga finishes, waits for a retry, or is no longer ours.
+    async fn drive(&self, mut claimed: Claimed, saves: &Saves) {
+        loop {
+            let now = Utc::now();
+            if claimed.saga.state == SagaState::Running
+                && claimed.deadline.is_some_and(|deadline| deadline <= now)
+            {
+                tracing::info!(order_id = %claimed.saga.order_id, "saga deadline passed; compensating");
+                claimed.saga = claimed.saga.time_out();
+            }
+            let mut next_attempt = None;
+            let mut keep_driving = false;
+            if let Some((index, planned)) = claimed.saga.next_step() {
+                let step = planned.step.clone();
+                let outcome = self.run_step(&claimed.saga, index, &step).await;
+                tracing::debug!(order_id = %claimed.saga.order_id, step = step.kind(), ?outcome, "saga step");
+                let unknown = matches!(outcome, Outcome::Unknown(_));
+                let before_pivot =
+                    claimed.saga.state == SagaState::Running && !claimed.saga.reached_pivot();
+                if unknown && before_pivot && claimed.deadline.is_none() {
+                    claimed.deadline = Some(Utc::now() + chrono_duration(self.config.saga_timeout));
+                }
+                claimed.saga = claimed.saga.record(index, outcome, Utc::now());
+                let attempts = claimed.saga.steps[index].attempts;
+                if claimed.saga.next_step().is_some() {
+                    keep_driving = !unknown;
+                    next_attempt = Some(if unknown {
+                        Utc::now() + self.backoff(attempts)
+                    } else {
+                        // Still leased: this coordinator goes on with the next step.
+                        Utc::now() + chrono_duration(self.config.lease())
+                    });
+                }
+            }
+            match saves
+                .save(&claimed.saga, claimed.version, next_attempt, claimed.deadline)
+                .await
+            {
+                Ok(true) => claimed.version += 1,
+                Ok(false) => {
+                    // Changed meanwhile (cancelled, shipped, or claimed by another coordinator
+                    // after the lease ran out): whoever changed it made it due again.
+                    tracing::debug!(order_id = %claimed.saga.order_id, "saga changed meanwhile; let go");
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(order_id = %claimed.saga.order_id, %err, "saving a saga failed; it runs again once its lease ends");
+                    return;
+                }
+            }
+            if !claimed.saga.state.is_active() {
+                metrics::counter!("ordo_sagas_finished_total", "state" => claimed.saga.state.as_str())
+                    .increment(1);
+            }
+            if !keep_driving {
+                return;
+            }
+        }
     }
 
     fn backoff(&self, attempts: u32) -> chrono::Duration {
@@ -460,7 +615,7 @@ impl<G: PaymentGateway> Coordinator<G> {
             return Ok(None);
         };
         let saga = saga.retry_stuck();
-        save(&mut tx, &saga, Some(Utc::now())).await?;
+        save(&mut *tx, &saga, None, Some(Utc::now()), None).await?;
         tx.commit().await?;
         Ok(Some(saga.state))
     }
@@ -519,31 +674,133 @@ async fn load_for_update(
         .transpose()
 }
 
-/// Writes the saga; `next_attempt_at` is when a worker should run it next (none once finished).
-async fn save(
-    tx: &mut Transaction<'_, Postgres>,
+/// A saga's row as `save` and `save_batches` write it: `next_attempt_at` is when a coordinator
+/// should run it next (none once finished); the deadline bounds only the steps before the
+/// confirm, and is kept once set.
+fn saga_row(
     saga: &Saga,
+    expected: Option<i64>,
     next_attempt_at: Option<DateTime<Utc>>,
-) -> Result<(), sqlx::Error> {
-    let next_attempt_at = if saga.state.is_active() {
-        next_attempt_at
-    } else {
-        None
+    deadline: Option<DateTime<Utc>>,
+) -> Value {
+    json!({
+        "order_id": saga.order_id.as_str(),
+        "state": saga.state.as_str(),
+        "steps": steps_json(saga),
+        "reason": saga.shown_reason(),
+        "data": saga,
+        "next_attempt_at": if saga.state.is_active() { next_attempt_at } else { None },
+        "before_pivot": saga.state == SagaState::Running && !saga.reached_pivot(),
+        "expected": expected,
+        "deadline_at": deadline,
+    })
+}
+
+/// Writes the rows (of `saga_row`) whose version is still the one expected (any version when
+/// none is) and returns the order ids written.
+const SAVE_SAGAS: &str = "
+    UPDATE sagas s SET state = u.state, steps = u.steps, reason = u.reason, data = u.data,
+           updated_at = now(),
+           deadline_at = coalesce(s.deadline_at, u.deadline_at),
+           next_attempt_at = CASE WHEN u.before_pivot
+                                  THEN least(u.next_attempt_at, coalesce(s.deadline_at, u.deadline_at))
+                                  ELSE u.next_attempt_at END,
+           version = s.version + 1
+    FROM jsonb_to_recordset($1) AS u(order_id text, state text, steps jsonb, reason text,
+                                     data jsonb, next_attempt_at timestamptz,
+                                     before_pivot boolean, expected bigint, deadline_at timestamptz)
+    WHERE s.order_id = u.order_id AND (u.expected IS NULL OR s.version = u.expected)
+    RETURNING s.order_id";
+
+/// Writes one saga, if its version is still `expected` (any version when `None`), and says
+/// whether it did.
+async fn save(
+    executor: impl sqlx::PgExecutor<'_>,
+    saga: &Saga,
+    expected: Option<i64>,
+    next_attempt_at: Option<DateTime<Utc>>,
+    deadline: Option<DateTime<Utc>>,
+) -> Result<bool, sqlx::Error> {
+    let row = saga_row(saga, expected, next_attempt_at, deadline);
+    let saved: Vec<String> = sqlx::query_scalar(SAVE_SAGAS)
+        .bind(Value::Array(vec![row]))
+        .fetch_all(executor)
+        .await?;
+    Ok(!saved.is_empty())
+}
+
+/// The driving tasks' way to [`save_batches`].
+#[derive(Clone)]
+struct Saves(mpsc::Sender<SaveRequest>);
+
+struct SaveRequest {
+    order_id: String,
+    row: Value,
+    saved: oneshot::Sender<Result<bool, String>>,
+}
+
+impl Saves {
+    /// Saves `saga` if its version is still `expected`; says whether it did.
+    async fn save(
+        &self,
+        saga: &Saga,
+        expected: i64,
+        next_attempt_at: Option<DateTime<Utc>>,
+        deadline: Option<DateTime<Utc>>,
+    ) -> Result<bool, String> {
+        let (saved, answer) = oneshot::channel();
+        let request = SaveRequest {
+            order_id: saga.order_id.to_string(),
+            row: saga_row(saga, Some(expected), next_attempt_at, deadline),
+            saved,
+        };
+        self.0.send(request).await.map_err(|_| "stopping".to_owned())?;
+        answer.await.map_err(|_| "stopping".to_owned())?
+    }
+}
+
+/// Group commit: every save waiting is written in one statement, so that hundreds of sagas in
+/// flight cost a few statements a step, not hundreds.
+async fn save_batches(pool: PgPool, mut requests: mpsc::Receiver<SaveRequest>) {
+    let mut batch = Vec::new();
+    while requests.recv_many(&mut batch, SAVE_BATCH).await > 0 {
+        let rows = Value::Array(batch.iter().map(|request| request.row.clone()).collect());
+        let result: Result<Vec<String>, sqlx::Error> =
+            sqlx::query_scalar(SAVE_SAGAS).bind(rows).fetch_all(&pool).await;
+        metrics::histogram!("ordo_saga_save_batch_size").record(batch.len() as f64);
+        match result {
+            Ok(saved) => {
+                let saved: std::collections::HashSet<String> = saved.into_iter().collect();
+                for request in batch.drain(..) {
+                    let _ = request.saved.send(Ok(saved.contains(&request.order_id)));
+                }
+            }
+            Err(err) => {
+                for request in batch.drain(..) {
+                    let _ = request.saved.send(Err(err.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Saga saves written per statement, at most.
+const SAVE_BATCH: usize = 256;
+
+fn chrono_duration(duration: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
+}
+
+/// The order id, event and time of an order event, if it is one.
+fn order_event(payload: &[u8]) -> Option<(OrderId, OrderEvent, DateTime<Utc>)> {
+    let Ok(envelope) = EventEnvelope::from_bytes(payload) else {
+        tracing::warn!("not an order event; the saga coordinator ignores it");
+        return None;
     };
-    sqlx::query(
-        "UPDATE sagas SET state = $2, steps = $3, reason = $4, data = $5, updated_at = now(),
-                next_attempt_at = CASE WHEN $7 THEN least($6, deadline_at) ELSE $6 END
-         WHERE order_id = $1",
-    )
-    .bind(saga.order_id.as_str())
-    .bind(saga.state.as_str())
-    .bind(steps_json(saga))
-    .bind(saga.shown_reason())
-    .bind(serde_json::to_value(saga).expect("sagas serialize"))
-    .bind(next_attempt_at)
-    // The deadline bounds only the steps before the confirm.
-    .bind(saga.state == SagaState::Running && !saga.reached_pivot())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    let Ok(event) = envelope.decode::<OrderEvent>() else {
+        tracing::warn!(event_type = %envelope.event_type, "unreadable order event; ignored by the saga");
+        return None;
+    };
+    let order_id = OrderId::parse(envelope.aggregate_id.clone()).ok()?;
+    Some((order_id, event, envelope.at))
 }

@@ -384,6 +384,34 @@ async fn an_order_past_its_deadline_is_rejected_with_reason_timeout_after_compen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_an_order_spends_queued_inside_ordo_does_not_count_against_its_deadline() {
+    let setup = Setup::start().await;
+    let config = CoordinatorConfig {
+        saga_timeout: Duration::from_millis(300),
+        ..quick()
+    };
+    setup.receive("A1", 100).await;
+    // Orders placed while no coordinator runs wait in the stream for three deadlines' time,
+    // and more than one coordinator's worth (in_flight) of them.
+    let orders: Vec<String> = (0..40).map(|i| format!("q-{i}")).collect();
+    for order_id in &orders {
+        setup.place(order_id, &[("A1", 1)]).await;
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let _coordinator = setup.coordinator(
+        gateway(0.0, 0),
+        CoordinatorConfig {
+            in_flight: 8,
+            ..config
+        },
+    );
+    for order_id in &orders {
+        setup.saga_ends(order_id, "confirmed").await;
+    }
+    assert_eq!(setup.stock("A1").await, (100, 40));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_never_undoes_an_order_whose_confirm_may_have_been_sent() {
     let setup = Setup::start().await;
     let config = CoordinatorConfig {

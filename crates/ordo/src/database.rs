@@ -92,8 +92,9 @@ pub async fn connect_and_prepare(url: &str) -> PgPool {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         let attempt = async {
-            // Saga workers (8) and notifier deliveries (8) hold a connection while they wait on
-            // NATS, the payment gateway or a webhook; projectors and the API need theirs too.
+            // Notifier deliveries (8) hold a connection while they wait on NATS or a webhook;
+            // the saga coordinator (it holds none across a step), projectors and the API need
+            // theirs too.
             let pool = PgPoolOptions::new()
                 .max_connections(32)
                 .acquire_timeout(Duration::from_secs(3))
