@@ -11,6 +11,7 @@
 //!   graceful shutdown.
 //! - [`trace`]: W3C trace context, so one trace follows a command into its event.
 
+pub mod backpressure;
 pub mod handler;
 pub mod hostile;
 pub mod outcomes;

@@ -1,7 +1,13 @@
 //! The NATS micro service `ordo`: one endpoint per command subject, all in one queue group, so
 //! that any number of instances share the load and `nats micro ls|info|stats ordo` see them.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use async_nats::service::{Request, ServiceExt};
 use futures::StreamExt;
@@ -10,6 +16,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 use tracing::Instrument;
 
 use crate::{
+    backpressure::{BacklogLimits, Gate},
     handler::CommandHandler,
     trace,
     wire::{self, Endpoint, ErrorCode, SUBJECT_PREFIX, error_reply},
@@ -33,12 +40,25 @@ const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub struct ServiceConfig {
     /// Requests handled at once by this instance; more wait in NATS.
     pub max_in_flight: usize,
+    /// When `order.place` sheds load (none: never).
+    pub backlog_limits: Option<BacklogLimits>,
 }
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        Self { max_in_flight: 256 }
+        Self {
+            max_in_flight: 256,
+            backlog_limits: Some(BacklogLimits::default()),
+        }
     }
+}
+
+/// What every request of one instance shares.
+struct Serving {
+    handler: Arc<CommandHandler>,
+    gate: Gate,
+    /// `order.place` requests shed, shown by `nats micro stats ordo`.
+    shed: Arc<AtomicU64>,
 }
 
 /// The command service of one instance: subscribed, not yet serving.
@@ -48,6 +68,7 @@ pub struct CommandService {
     requests: futures::stream::SelectAll<futures::stream::BoxStream<'static, (Endpoint, Request)>>,
     handler: Arc<CommandHandler>,
     config: ServiceConfig,
+    shed: Arc<AtomicU64>,
 }
 
 impl CommandService {
@@ -58,9 +79,18 @@ impl CommandService {
         handler: Arc<CommandHandler>,
         config: ServiceConfig,
     ) -> Result<Self, ServiceError> {
+        let shed = Arc::new(AtomicU64::new(0));
+        let shed_seen = shed.clone();
         let service = client
             .service_builder()
             .description("ordo commands: orders and stock")
+            .stats_handler(move |endpoint, _| {
+                if endpoint == Endpoint::OrderPlace.name().replace('.', "-") {
+                    serde_json::json!({"shed": shed_seen.load(Ordering::Relaxed)})
+                } else {
+                    serde_json::Value::Null
+                }
+            })
             .queue_group(QUEUE_GROUP)
             .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
             .await
@@ -96,6 +126,7 @@ impl CommandService {
             requests: futures::stream::select_all(endpoints),
             handler,
             config,
+            shed,
         })
     }
 
@@ -109,13 +140,24 @@ impl CommandService {
             mut requests,
             handler,
             config,
+            shed,
         } = self;
+        let gate = Gate::default();
+        let _watch = config.backlog_limits.clone().map(|limits| {
+            let js = async_nats::jetstream::new(client.clone());
+            AbortOnDrop(tokio::spawn(gate.clone().watch(js, limits)))
+        });
+        let serving = Arc::new(Serving {
+            handler,
+            gate,
+            shed,
+        });
         let limit = Arc::new(Semaphore::new(config.max_in_flight));
         let mut in_flight = JoinSet::new();
         let serve = |in_flight: &mut JoinSet<()>, endpoint, request, permit| {
-            let handler = handler.clone();
+            let serving = serving.clone();
             in_flight.spawn(async move {
-                respond(&handler, endpoint, request).await;
+                respond(&serving, endpoint, request).await;
                 drop(permit);
             });
         };
@@ -166,7 +208,15 @@ impl CommandService {
     }
 }
 
-async fn respond(handler: &CommandHandler, endpoint: Endpoint, request: Request) {
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
     let header = |name: &str| {
         request
             .message
@@ -190,6 +240,17 @@ async fn respond(handler: &CommandHandler, endpoint: Endpoint, request: Request)
             header("Nats-Msg-Id").as_deref(),
         ) {
             Err(invalid) => error_reply(ErrorCode::InvalidCommand, invalid),
+            Ok(_)
+                if endpoint == Endpoint::OrderPlace
+                    && let Some(overload) = serving.gate.overload() =>
+            {
+                serving.shed.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("ordo_commands_shed_total", "endpoint" => endpoint.name())
+                    .increment(1);
+                let mut reply = error_reply(ErrorCode::Unavailable, overload.message());
+                reply["error"]["retry_after_ms"] = (overload.retry_after.as_millis() as u64).into();
+                reply
+            }
             Ok(parsed) => {
                 tracing::Span::current().record("command_id", parsed.command_id.as_str());
                 let metadata = EventMetadata {
@@ -199,7 +260,7 @@ async fn respond(handler: &CommandHandler, endpoint: Endpoint, request: Request)
                     traceparent: Some(traceparent),
                     command_id: parsed.command_id.clone(),
                 };
-                handler.execute(&parsed, &metadata).await
+                serving.handler.execute(&parsed, &metadata).await
             }
         }
     }

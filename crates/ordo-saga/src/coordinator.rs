@@ -460,7 +460,12 @@ impl<G: PaymentGateway> Coordinator<G> {
                 }
             }
             match saves
-                .save(&claimed.saga, claimed.version, next_attempt, claimed.deadline)
+                .save(
+                    &claimed.saga,
+                    claimed.version,
+                    next_attempt,
+                    claimed.deadline,
+                )
                 .await
             {
                 Ok(true) => claimed.version += 1,
@@ -754,7 +759,10 @@ impl Saves {
             row: saga_row(saga, Some(expected), next_attempt_at, deadline),
             saved,
         };
-        self.0.send(request).await.map_err(|_| "stopping".to_owned())?;
+        self.0
+            .send(request)
+            .await
+            .map_err(|_| "stopping".to_owned())?;
         answer.await.map_err(|_| "stopping".to_owned())?
     }
 }
@@ -765,8 +773,10 @@ async fn save_batches(pool: PgPool, mut requests: mpsc::Receiver<SaveRequest>) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, SAVE_BATCH).await > 0 {
         let rows = Value::Array(batch.iter().map(|request| request.row.clone()).collect());
-        let result: Result<Vec<String>, sqlx::Error> =
-            sqlx::query_scalar(SAVE_SAGAS).bind(rows).fetch_all(&pool).await;
+        let result: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(SAVE_SAGAS)
+            .bind(rows)
+            .fetch_all(&pool)
+            .await;
         metrics::histogram!("ordo_saga_save_batch_size").record(batch.len() as f64);
         match result {
             Ok(saved) => {

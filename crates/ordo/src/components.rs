@@ -52,8 +52,25 @@ pub async fn apply_streams(nats: &async_nats::Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// When `order.place` sheds load (see docs/commands.md, "Load shedding").
+#[derive(clap::Args, Clone, Debug)]
+pub struct LoadSheddingOptions {
+    /// Order events the saga coordinators may have not taken in yet before `order.place`
+    /// answers `unavailable`. Divided by the rate orders are confirmed at, it is how long an
+    /// order may wait for its saga to start.
+    #[arg(long, env = "ORDO_MAX_SAGA_BACKLOG", default_value_t = 5_000)]
+    pub max_saga_backlog: u64,
+    /// Events a projector may have not applied yet before `order.place` answers `unavailable`.
+    #[arg(long, env = "ORDO_MAX_PROJECTION_LAG", default_value_t = 50_000)]
+    pub max_projection_lag: u64,
+}
+
 /// Serves commands until shutdown.
-pub async fn commands(nats: async_nats::Client, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn commands(
+    nats: async_nats::Client,
+    load_shedding: LoadSheddingOptions,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let store = EventStore::open(
         nats.clone(),
         &[
@@ -64,7 +81,15 @@ pub async fn commands(nats: async_nats::Client, shutdown: Shutdown) -> anyhow::R
     )
     .await?;
     let handler = Arc::new(ordo_commands::CommandHandler::new(store));
-    ordo_commands::CommandService::start(nats, handler, Default::default())
+    let config = ordo_commands::ServiceConfig {
+        backlog_limits: Some(ordo_commands::backpressure::BacklogLimits {
+            saga: load_shedding.max_saga_backlog,
+            projection: load_shedding.max_projection_lag,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    ordo_commands::CommandService::start(nats, handler, config)
         .await?
         .run(shutdown.signal())
         .await?;

@@ -55,6 +55,9 @@ struct Cli {
     #[command(flatten)]
     saga: components::SagaOptions,
 
+    #[command(flatten)]
+    load_shedding: components::LoadSheddingOptions,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -202,7 +205,11 @@ async fn main() -> anyhow::Result<()> {
                 Component::Commands => {
                     components.spawn(named(
                         "commands",
-                        components::commands(nats.clone(), shutdown.clone()),
+                        components::commands(
+                            nats.clone(),
+                            cli.load_shedding.clone(),
+                            shutdown.clone(),
+                        ),
                     ));
                 }
                 Component::Projector { projection } => {
@@ -349,7 +356,7 @@ async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut components = JoinSet::new();
     components.spawn(named(
         "commands",
-        components::commands(nats.clone(), shutdown.clone()),
+        components::commands(nats.clone(), cli.load_shedding.clone(), shutdown.clone()),
     ));
     for name in components::PROJECTIONS {
         let task = components::projector(

@@ -115,7 +115,10 @@ async fn an_instance_that_stops_gracefully_answers_every_request_already_deliver
     let mut engine = Engine::start_with(0, ordo_eventstore::StreamDefinition::built_in()).await;
     // One request at a time: the others wait, delivered, in the instance's subscription.
     engine
-        .add_instance_with(ordo_commands::ServiceConfig { max_in_flight: 1 })
+        .add_instance_with(ordo_commands::ServiceConfig {
+            max_in_flight: 1,
+            ..Default::default()
+        })
         .await;
     let client = engine.client.clone();
     let inbox = client.new_inbox();

@@ -1,0 +1,152 @@
+//! The command path alone: `ordo run commands` instances against the benchmark's nats-server,
+//! driven with plain NATS requests, next to raw JetStream publishes of the same size and
+//! concurrency (the baseline).
+
+use std::time::Instant;
+
+use async_nats::jetstream::{self, stream};
+use futures::{StreamExt, stream as futures_stream};
+use serde_json::{Value, json};
+
+use crate::{
+    measure::{Figures, closed_loop},
+    system::{Ordo, Servers},
+};
+
+/// Starts `instances` command services and waits until they answer.
+pub async fn start_command_services(
+    servers: &Servers,
+    instances: usize,
+) -> anyhow::Result<Vec<Ordo>> {
+    let services = (0..instances)
+        .map(|i| servers.spawn(&format!("commands-{i}"), &["run", "commands"], &[]))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    servers
+        .received("WARMUP", 1, "the command services answering")
+        .await?;
+    Ok(services)
+}
+
+/// The size of a place-order request body, to publish raw messages of the same size.
+pub fn place_body(i: usize) -> Value {
+    let line = json!({"sku": format!("S{}", i % 1000), "qty": 1, "unit_price_cents": 100});
+    json!({"customer_id": format!("c{}", i % 1000), "lines": [line]})
+}
+
+/// Raw JetStream publishes with acks: `count` messages of `size` bytes, `concurrency` in flight,
+/// to a stream of their own with the same storage as ordo's.
+pub async fn raw_publish(
+    client: &async_nats::Client,
+    count: usize,
+    size: usize,
+    concurrency: usize,
+) -> anyhow::Result<Figures> {
+    let js = jetstream::new(client.clone());
+    let name = format!("BENCH_RAW_{concurrency}");
+    let _ = js.delete_stream(&name).await;
+    js.create_stream(stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("bench.raw.{concurrency}.>")],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let started = Instant::now();
+    let samples = futures_stream::iter(0..count)
+        .map(|i| {
+            let (js, payload) = (js.clone(), payload.clone());
+            let subject = format!("bench.raw.{concurrency}.{}", i % 1000);
+            async move {
+                let sent = Instant::now();
+                let outcome = match js.publish(subject, payload).await {
+                    Ok(ack) => match ack.await {
+                        Ok(_) => "ok".to_owned(),
+                        Err(_) => "no ack".to_owned(),
+                    },
+                    Err(_) => "not sent".to_owned(),
+                };
+                (sent.elapsed(), outcome)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    js.delete_stream(&name).await?;
+    Ok(Figures::new(
+        format!("raw JetStream publish + ack, {concurrency} in flight"),
+        started.elapsed(),
+        samples,
+    ))
+}
+
+/// One rung of the concurrency ladder: place-order and its baseline.
+pub struct Rung {
+    pub clients: usize,
+    pub place: Figures,
+    pub raw: Figures,
+}
+
+pub async fn ladder(
+    servers: &Servers,
+    rungs: &[usize],
+    commands: usize,
+) -> anyhow::Result<Vec<Rung>> {
+    let size = serde_json::to_vec(&place_body(0))?.len();
+    let mut ladder = Vec::new();
+    for &clients in rungs {
+        let raw = raw_publish(&servers.client, commands, size, clients).await?;
+        let places = (0..commands)
+            .map(|i| ("ordo.cmd.order.place".to_owned(), place_body(i)))
+            .collect();
+        let place = closed_loop(
+            &servers.client,
+            format!("place-order, {clients} clients"),
+            clients,
+            places,
+        )
+        .await;
+        ladder.push(Rung {
+            clients,
+            place,
+            raw,
+        });
+    }
+    Ok(ladder)
+}
+
+/// Reserves of one unit each on one SKU holding half as many units: exactly half must be ok.
+pub async fn hot_sku(
+    servers: &Servers,
+    reserves: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Figures, usize)> {
+    let units = reserves / 2;
+    let receive = json!({"sku": "HOT", "qty": units});
+    let received = closed_loop(
+        &servers.client,
+        "receive",
+        1,
+        vec![("ordo.cmd.stock.receive".into(), receive)],
+    )
+    .await;
+    anyhow::ensure!(
+        received.errors() == 0,
+        "receive: {}",
+        received.outcomes_text()
+    );
+    let requests = (0..reserves)
+        .map(|i| {
+            let body = json!({"sku": "HOT", "order_id": format!("h{i}"), "qty": 1});
+            ("ordo.cmd.stock.reserve".to_owned(), body)
+        })
+        .collect();
+    let figures = closed_loop(
+        &servers.client,
+        format!("reserve, one hot SKU, {concurrency} in flight"),
+        concurrency,
+        requests,
+    )
+    .await;
+    Ok((figures, units))
+}

@@ -1,0 +1,433 @@
+//! The whole order pipeline through `ordo up`: orders placed over NATS, taken through the saga
+//! (reserve, authorise, deduct, confirm) and into the views.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::{
+    measure::{Figures, closed_loop},
+    system::{Ordo, Servers, free_port, wait_until},
+};
+
+/// SKUs the orders draw on, each with far more stock than the orders need.
+const SKUS: usize = 50;
+
+/// `ordo up` on fresh servers, with stock received, ready for orders.
+pub async fn start_up(servers: &Servers, name: &str) -> anyhow::Result<(Ordo, u16)> {
+    let port = free_port();
+    let up = servers.spawn(
+        name,
+        &["up"],
+        &[("ORDO_HTTP_ADDR", format!("127.0.0.1:{port}"))],
+    )?;
+    servers
+        .received("S0", 1_000_000, "ordo up answering commands")
+        .await?;
+    let receives = (1..SKUS)
+        .map(|i| {
+            let body = json!({"sku": format!("S{i}"), "qty": 1_000_000});
+            ("ordo.cmd.stock.receive".to_owned(), body)
+        })
+        .collect();
+    let received = closed_loop(&servers.client, "receive", 16, receives).await;
+    anyhow::ensure!(
+        received.errors() == 0,
+        "receiving stock: {}",
+        received.outcomes_text()
+    );
+    Ok((up, port))
+}
+
+/// A one-line order of one of the SKUs, with an id of its own, so that it can be sent again.
+pub fn order(run: &str, i: usize) -> serde_json::Value {
+    let line = json!({"sku": format!("S{}", i % SKUS), "qty": 1, "unit_price_cents": 100});
+    json!({"order_id": format!("{run}-{i}"), "customer_id": format!("c{}", i % 1000), "lines": [line]})
+}
+
+/// Places an order as a well-behaved client does: a reply `unavailable` (ordo shedding load)
+/// is waited out for its `retry_after_ms` and the same order sent again. Returns the reply of
+/// the last try, and how many were shed.
+pub async fn place(
+    client: &async_nats::Client,
+    body: &serde_json::Value,
+) -> (Option<serde_json::Value>, u32) {
+    let mut shed = 0;
+    loop {
+        let reply = match client
+            .request("ordo.cmd.order.place", body.to_string().into())
+            .await
+        {
+            Ok(reply) => serde_json::from_slice::<serde_json::Value>(&reply.payload).ok(),
+            Err(_) => None,
+        };
+        match &reply {
+            Some(reply) if reply["error"]["code"] == "unavailable" && shed < 1000 => {
+                shed += 1;
+                let pause = reply["error"]["retry_after_ms"].as_u64().unwrap_or(1000);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            _ => return (reply, shed),
+        }
+    }
+}
+
+fn outcome_of(reply: &Option<serde_json::Value>) -> String {
+    match reply {
+        Some(reply) if reply["ok"] == true => "ok".into(),
+        Some(reply) => reply["error"]["code"]
+            .as_str()
+            .unwrap_or("unreadable reply")
+            .into(),
+        None => "no reply".into(),
+    }
+}
+
+pub struct Burst {
+    pub orders: usize,
+    /// The place requests: their replies and latencies (retries after `unavailable` included).
+    pub placed: Figures,
+    /// Place requests answered `unavailable` (and sent again after `retry_after_ms`).
+    pub shed: u64,
+    /// From the first place request until the last saga settled (or the wait ended).
+    pub to_settle: Duration,
+    /// Sagas by final state (`unsettled` for those still active when the wait ended).
+    pub by_state: BTreeMap<String, usize>,
+    /// Rejected orders by reason.
+    pub rejected: BTreeMap<String, usize>,
+    /// Placed → settled, per order, from the saga's own timestamps.
+    pub settle_latency: Figures,
+    pub resident_mib: Option<f64>,
+    /// `ordo up`, still running, and its HTTP port.
+    pub up: (Ordo, u16),
+}
+
+impl Burst {
+    pub fn confirmed(&self) -> usize {
+        self.by_state.get("confirmed").copied().unwrap_or(0)
+    }
+
+    pub fn confirmed_per_second(&self) -> f64 {
+        self.confirmed() as f64 / self.to_settle.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Places `orders` one-line orders, `concurrency` in flight, and waits up to `settle_timeout`
+/// for every saga to settle.
+pub async fn burst(
+    servers: &Servers,
+    orders: usize,
+    concurrency: usize,
+    settle_timeout: Duration,
+) -> anyhow::Result<Burst> {
+    let (up, port) = start_up(servers, "up-burst").await?;
+    let pool = servers.database.pool();
+    let started = Instant::now();
+    let client = &servers.client;
+    let results: Vec<(Duration, String, u32)> = futures::stream::iter(0..orders)
+        .map(|i| async move {
+            let sent = Instant::now();
+            let (reply, shed) = place(client, &order("burst", i)).await;
+            (sent.elapsed(), outcome_of(&reply), shed)
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let shed = results.iter().map(|(_, _, shed)| u64::from(*shed)).sum();
+    let placed = Figures::new(
+        "place (burst)",
+        started.elapsed(),
+        results
+            .into_iter()
+            .map(|(latency, outcome, _)| (latency, outcome))
+            .collect(),
+    );
+    let accepted = placed.outcomes.get("ok").copied().unwrap_or(0) as i64;
+    let settle_deadline = Instant::now() + settle_timeout;
+    loop {
+        let row = sqlx::query(
+            "SELECT count(*) AS taken_in,
+                    count(*) FILTER (WHERE state IN ('running', 'compensating', 'cancelling',
+                                                     'shipping', 'compensation_stuck')) AS active
+             FROM sagas",
+        )
+        .fetch_one(pool)
+        .await?;
+        let (taken_in, active): (i64, i64) = (row.get("taken_in"), row.get("active"));
+        if (taken_in >= accepted && active == 0) || Instant::now() > settle_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let to_settle = started.elapsed();
+    let resident_mib = up.resident_mib();
+    let rows = sqlx::query(
+        "SELECT state, coalesce(reason, '') AS reason,
+                extract(epoch FROM updated_at - started_at)::float8 AS seconds
+         FROM sagas",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut by_state = BTreeMap::new();
+    let mut rejected = BTreeMap::new();
+    let mut samples = Vec::new();
+    for row in &rows {
+        let state: String = row.get("state");
+        let settled = !matches!(
+            state.as_str(),
+            "running" | "compensating" | "cancelling" | "shipping" | "compensation_stuck"
+        );
+        if settled {
+            let seconds: f64 = row.get("seconds");
+            samples.push((Duration::from_secs_f64(seconds.max(0.0)), state.clone()));
+        }
+        if state == "rejected" {
+            let reason: String = row.get("reason");
+            let kind = reason.split(':').next().unwrap_or_default().to_owned();
+            *rejected.entry(kind).or_insert(0) += 1;
+        }
+        let key = if settled { state } else { "unsettled".into() };
+        *by_state.entry(key).or_insert(0) += 1;
+    }
+    let missing = accepted as usize - rows.len().min(accepted as usize);
+    if missing > 0 {
+        *by_state.entry("not taken in".into()).or_insert(0) += missing;
+    }
+    Ok(Burst {
+        orders,
+        placed,
+        shed,
+        to_settle,
+        by_state,
+        rejected,
+        settle_latency: Figures::new("placed → settled", to_settle, samples),
+        resident_mib,
+        up: (up, port),
+    })
+}
+
+/// One open-loop run: orders sent at a fixed rate whatever the answers, each followed by a read
+/// of the order at the sequence its reply gave (`GET /orders/{id}?min_seq=`).
+pub struct OpenLoop {
+    pub offered_per_second: u32,
+    /// Command sent → the order readable in the view at that sequence.
+    pub to_view: Figures,
+}
+
+/// Runs `rates` one after the other against one `ordo up`, each for `seconds`, and returns the
+/// figures and the resident memory of `ordo up` after each.
+pub async fn open_loop(
+    servers: &Servers,
+    rates: &[u32],
+    seconds: f64,
+) -> anyhow::Result<Vec<(OpenLoop, Option<f64>)>> {
+    let (up, port) = start_up(servers, "up-open-loop").await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let mut runs = Vec::new();
+    for &rate in rates {
+        let count = (f64::from(rate) * seconds).round() as usize;
+        let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..count {
+            // Sent on schedule, not after the previous answer: a slow system gets more work.
+            tokio::time::sleep_until((started + interval * i as u32).into()).await;
+            let (client, http) = (servers.client.clone(), http.clone());
+            let body = order(&format!("open{rate}"), i);
+            tasks.spawn(async move {
+                let sent = Instant::now();
+                let reply = client
+                    .request("ordo.cmd.order.place", body.to_string().into())
+                    .await
+                    .ok()
+                    .and_then(|reply| {
+                        serde_json::from_slice::<serde_json::Value>(&reply.payload).ok()
+                    });
+                let outcome = outcome_of(&reply);
+                if outcome != "ok" {
+                    return (sent.elapsed(), format!("place: {outcome}"));
+                }
+                let reply = reply.expect("ok");
+                let url = format!(
+                    "http://127.0.0.1:{port}/orders/{}?min_seq={}",
+                    reply["order_id"].as_str().unwrap_or_default(),
+                    reply["seq"]
+                );
+                let outcome = match http.get(url).send().await {
+                    Ok(response) if response.status().is_success() => "ok".to_owned(),
+                    Ok(response) => format!("read: HTTP {}", response.status().as_u16()),
+                    Err(_) => "read: no answer".to_owned(),
+                };
+                (sent.elapsed(), outcome)
+            });
+        }
+        let samples = tasks.join_all().await;
+        let to_view = Figures::new(
+            format!("open loop, {rate} orders/s"),
+            started.elapsed(),
+            samples,
+        );
+        runs.push((
+            OpenLoop {
+                offered_per_second: rate,
+                to_view,
+            },
+            up.resident_mib(),
+        ));
+        // Let the pipeline drain before the next rate.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    Ok(runs)
+}
+
+/// Waits until both views have applied their whole stream.
+pub async fn views_caught_up(servers: &Servers) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(servers.client.clone());
+    for (schema, stream) in [("view_orders", "ORDO_ORDERS"), ("view_stock", "ORDO_STOCK")] {
+        let last = js
+            .get_stream(stream)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence as i64;
+        let query = format!("SELECT coalesce(max(seq), 0) FROM {schema}.checkpoints");
+        let pool = servers.database.pool().clone();
+        wait_until(Duration::from_secs(300), "the views catching up", || {
+            let (pool, query) = (pool.clone(), query.clone());
+            async move {
+                sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(query))
+                    .fetch_one(&pool)
+                    .await
+                    .is_ok_and(|seq| seq >= last)
+            }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// `GET /orders/{id}` of orders in the view, `concurrency` at a time.
+pub async fn http_reads(
+    port: u16,
+    order_ids: &[String],
+    reads: usize,
+    concurrency: usize,
+) -> Figures {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .expect("an HTTP client");
+    let started = Instant::now();
+    let samples = futures::stream::iter(0..reads)
+        .map(|i| {
+            let url = format!(
+                "http://127.0.0.1:{port}/orders/{}",
+                order_ids[i % order_ids.len()]
+            );
+            let http = http.clone();
+            async move {
+                let sent = Instant::now();
+                let outcome = match http.get(url).send().await {
+                    Ok(response) if response.status().is_success() => "ok".to_owned(),
+                    Ok(response) => format!("HTTP {}", response.status().as_u16()),
+                    Err(_) => "no answer".to_owned(),
+                };
+                (sent.elapsed(), outcome)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    Figures::new(
+        format!("GET /orders/{{id}}, {concurrency} in flight"),
+        started.elapsed(),
+        samples,
+    )
+}
+
+/// A rebuild of the orders view (`ordo projections rebuild orders`) and its baseline: the same
+/// rows written by batched `INSERT … SELECT FROM unnest … ON CONFLICT DO UPDATE` into a table
+/// of the same shape.
+pub struct Rebuild {
+    pub events: u64,
+    pub rows: u64,
+    pub rebuild: Duration,
+    pub raw_upsert: Duration,
+}
+
+pub async fn rebuild(servers: &Servers) -> anyhow::Result<Rebuild> {
+    let pool = servers.database.pool();
+    let js = async_nats::jetstream::new(servers.client.clone());
+    let events = js
+        .get_stream("ORDO_ORDERS")
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    let started = Instant::now();
+    let status = std::process::Command::new(crate::system::ordo_binary()?)
+        .args(["projections", "rebuild", "orders"])
+        .env("ORDO_NATS_URL", servers.nats.url())
+        .env("ORDO_DATABASE_URL", servers.database.url())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "ordo projections rebuild orders: {status}"
+    );
+    let rebuild = started.elapsed();
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM view_orders.orders) + (SELECT count(*) FROM view_orders.order_lines)",
+    )
+    .fetch_one(pool)
+    .await?;
+
+    sqlx::query("CREATE TABLE bench_orders (LIKE view_orders.orders INCLUDING ALL)")
+        .execute(pool)
+        .await?;
+    sqlx::query("CREATE TABLE bench_order_lines (LIKE view_orders.order_lines INCLUDING ALL)")
+        .execute(pool)
+        .await?;
+    // The rows as a client holds them; the timed part sends them in batches of 1,000.
+    let orders: Vec<Value> = sqlx::query_scalar("SELECT to_jsonb(o) FROM view_orders.orders o")
+        .fetch_all(pool)
+        .await?;
+    let lines: Vec<Value> = sqlx::query_scalar("SELECT to_jsonb(l) FROM view_orders.order_lines l")
+        .fetch_all(pool)
+        .await?;
+    let started = Instant::now();
+    for (orders, lines) in orders.chunks(1000).zip(lines.chunks(1000)) {
+        sqlx::query(
+            "INSERT INTO bench_orders SELECT * FROM jsonb_populate_recordset(NULL::bench_orders, $1)
+             ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, version = excluded.version",
+        )
+        .bind(Value::Array(orders.to_vec()))
+        .execute(pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO bench_order_lines
+             SELECT * FROM jsonb_populate_recordset(NULL::bench_order_lines, $1)
+             ON CONFLICT (order_id, line_no) DO UPDATE SET qty = excluded.qty",
+        )
+        .bind(Value::Array(lines.to_vec()))
+        .execute(pool)
+        .await?;
+    }
+    let raw_upsert = started.elapsed();
+    Ok(Rebuild {
+        events,
+        rows: rows as u64,
+        rebuild,
+        raw_upsert,
+    })
+}

@@ -1,0 +1,83 @@
+//! `order.place` sheds load while the saga falls behind, and takes orders again once it catches
+//! up; nothing is appended for a shed request.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use futures::StreamExt;
+use ordo_commands::{ServiceConfig, backpressure::BacklogLimits};
+use serde_json::json;
+
+use crate::support::{Engine, line, outcome};
+
+fn order(i: usize) -> serde_json::Value {
+    json!({"order_id": format!("o-{i}"), "customer_id": "c1", "lines": [line("A1", 1, 100)]})
+}
+
+#[tokio::test]
+async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound() {
+    let mut engine = Engine::start_with(0, ordo_eventstore::StreamDefinition::built_in()).await;
+    engine
+        .add_instance_with(ServiceConfig {
+            backlog_limits: Some(BacklogLimits {
+                saga: 10,
+                projection: 1_000_000,
+                check_every: Duration::from_millis(50),
+            }),
+            ..Default::default()
+        })
+        .await;
+    // The saga's consumer exists (as once a coordinator has run), but nothing takes events in.
+    let js = jetstream::new(engine.client.clone());
+    let consumer = js
+        .get_stream("ORDO_ORDERS")
+        .await
+        .unwrap()
+        .get_or_create_consumer(
+            "ordo-saga",
+            pull::Config {
+                durable_name: Some("ordo-saga".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for i in 0..11 {
+        assert_eq!(
+            outcome(&engine.request("ordo.cmd.order.place", order(i)).await),
+            "ok"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let appended = engine.message_count("ORDO_ORDERS").await;
+    let reply = engine.request("ordo.cmd.order.place", order(100)).await;
+    assert_eq!(outcome(&reply), "unavailable", "{reply}");
+    let retry_after = reply["error"]["retry_after_ms"].as_u64().unwrap();
+    assert!((100..=10_000).contains(&retry_after), "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("11 order events not yet taken in by the saga"),
+        "{reply}"
+    );
+    assert_eq!(engine.message_count("ORDO_ORDERS").await, appended);
+    // Other commands are not shed: they are how the backlog drains.
+    let receive = json!({"sku": "A1", "qty": 5});
+    assert_eq!(
+        outcome(&engine.request("ordo.cmd.stock.receive", receive).await),
+        "ok"
+    );
+
+    // The saga catches up: orders are taken again.
+    let mut messages = consumer.fetch().max_messages(11).messages().await.unwrap();
+    while let Some(message) = messages.next().await {
+        message.unwrap().double_ack().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        outcome(&engine.request("ordo.cmd.order.place", order(100)).await),
+        "ok"
+    );
+}
