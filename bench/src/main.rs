@@ -42,6 +42,14 @@ struct Args {
     /// Seconds each open-loop rate runs.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// The groups of scenarios to run: `commands` (ladder, hot SKU), `pipeline` (burst, reads,
+    /// rebuild), `open-loop`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "commands,pipeline,open-loop"
+    )]
+    only: Vec<String>,
     /// Tiny sizes: checks that every scenario runs; the figures mean nothing.
     #[arg(long)]
     smoke: bool,
@@ -77,8 +85,9 @@ async fn main() -> anyhow::Result<()> {
         if args.smoke { " --smoke" } else { "" }
     )?;
 
-    eprintln!("command path: ladder, hot SKU");
-    {
+    let runs = |group: &str| args.only.iter().any(|only| only == group);
+    if runs("commands") {
+        eprintln!("command path: ladder, hot SKU");
         let servers = system::Servers::start().await?;
         let _services = commands::start_command_services(&servers, args.instances).await?;
         let ladder = commands::ladder(&servers, &args.ladder, args.commands).await?;
@@ -130,8 +139,8 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
 
-    eprintln!("whole pipeline: burst through ordo up, reads, rebuild");
-    {
+    if runs("pipeline") {
+        eprintln!("whole pipeline: burst through ordo up, reads, rebuild");
         let servers = system::Servers::start().await?;
         let burst = pipeline::burst(
             &servers,
@@ -202,8 +211,8 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
 
-    eprintln!("open loop: command → view latency at fixed rates");
-    {
+    if runs("open-loop") {
+        eprintln!("open loop: command → view latency at fixed rates");
         let servers = system::Servers::start().await?;
         let runs = pipeline::open_loop(&servers, &args.rates, args.seconds).await?;
         writeln!(

@@ -2,9 +2,16 @@
 
 use ordo_domain::order::{OrderEvent, OrderStatus};
 use ordo_eventstore::RecordedEvent;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Value, json};
 use sqlx::PgConnection;
 
-use crate::{ApplyError, Projection, projection::bigint};
+use crate::{
+    ApplyError, Projection,
+    projection::{bigint, timestamp},
+};
 
 pub struct OrdersView;
 
@@ -88,4 +95,174 @@ impl Projection for OrdersView {
         }
         Ok(())
     }
+
+    async fn apply_all(
+        connection: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> Result<bool, ApplyError> {
+        let Some(folded) = fold(events) else {
+            return Ok(false);
+        };
+        let (mut placed, mut lines, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+        for order in folded {
+            let row = json!({
+                "order_id": order.order_id,
+                "status": order.status.as_str(),
+                "reason": order.reason,
+                "first_version": order.first_version,
+                "version": order.version,
+                "updated_at": timestamp(&order.updated_at),
+                "last_seq": order.last_seq,
+            });
+            match order.placed {
+                Some(placed_row) => {
+                    let mut row = row;
+                    for (line_no, line) in placed_row.lines.iter().enumerate() {
+                        lines.push(json!({
+                            "order_id": order.order_id,
+                            "line_no": line_no,
+                            "sku": line.sku.as_str(),
+                            "qty": line.qty,
+                            "unit_price_cents": bigint(line.unit_price_cents, "unit_price_cents")?,
+                        }));
+                    }
+                    row["customer_id"] = json!(placed_row.customer_id);
+                    row["currency"] = json!(placed_row.currency);
+                    row["total_cents"] = json!(bigint(placed_row.total_cents, "total_cents")?);
+                    row["placed_seq"] = json!(placed_row.seq);
+                    row["placed_at"] = json!(timestamp(&placed_row.at));
+                    placed.push(row);
+                }
+                None => changed.push(row),
+            }
+        }
+        if !placed.is_empty() {
+            sqlx::query(
+                "INSERT INTO orders (order_id, customer_id, status, currency, total_cents, reason,
+                                     version, placed_seq, placed_at, updated_at, last_seq)
+                 SELECT order_id, customer_id, status, currency, total_cents, reason,
+                        version, placed_seq, placed_at, updated_at, last_seq
+                 FROM jsonb_to_recordset($1) AS r(order_id text, customer_id text, status text,
+                      currency text, total_cents bigint, reason text, version bigint,
+                      placed_seq bigint, placed_at timestamptz, updated_at timestamptz,
+                      last_seq bigint)",
+            )
+            .bind(Value::Array(placed))
+            .execute(&mut *connection)
+            .await?;
+            sqlx::query(
+                "INSERT INTO order_lines (order_id, line_no, sku, qty, unit_price_cents)
+                 SELECT order_id, line_no, sku, qty, unit_price_cents
+                 FROM jsonb_to_recordset($1) AS r(order_id text, line_no integer, sku text,
+                      qty bigint, unit_price_cents bigint)",
+            )
+            .bind(Value::Array(lines))
+            .execute(&mut *connection)
+            .await?;
+        }
+        if !changed.is_empty() {
+            let expected = changed.len() as u64;
+            let updated = sqlx::query(
+                "UPDATE orders o SET status = u.status, reason = COALESCE(u.reason, o.reason),
+                        version = u.version, updated_at = u.updated_at, last_seq = u.last_seq
+                 FROM jsonb_to_recordset($1) AS u(order_id text, status text, reason text,
+                      first_version bigint, version bigint, updated_at timestamptz,
+                      last_seq bigint)
+                 WHERE o.order_id = u.order_id AND o.version = u.first_version - 1",
+            )
+            .bind(Value::Array(changed))
+            .execute(&mut *connection)
+            .await?;
+            if updated.rows_affected() != expected {
+                // Some order's events do not follow its row: found and parked one by one.
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// An `OrderPlaced`, as its row needs it.
+struct Placed {
+    customer_id: String,
+    currency: String,
+    total_cents: u64,
+    lines: Vec<ordo_domain::order::OrderLine>,
+    seq: i64,
+    at: DateTime<Utc>,
+}
+
+/// What a batch's events come to for one order.
+struct FoldedOrder {
+    order_id: String,
+    placed: Option<Placed>,
+    first_version: i64,
+    version: i64,
+    status: OrderStatus,
+    reason: Option<String>,
+    updated_at: DateTime<Utc>,
+    last_seq: i64,
+}
+
+/// The batch's events folded per order, in order of first appearance; `None` when an event
+/// cannot be read or does not follow the order's previous event in the batch.
+fn fold(events: &[RecordedEvent]) -> Option<Vec<FoldedOrder>> {
+    let mut orders: Vec<FoldedOrder> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for recorded in events {
+        let envelope = &recorded.envelope;
+        let event: OrderEvent = envelope.decode().ok()?;
+        let version = i64::try_from(envelope.version).ok()?;
+        let seq = i64::try_from(recorded.seq).ok()?;
+        let (status, reason) = match &event {
+            OrderEvent::OrderPlaced { .. } => (OrderStatus::Pending, None),
+            OrderEvent::OrderConfirmed {} => (OrderStatus::Confirmed, None),
+            OrderEvent::OrderShipped {} => (OrderStatus::Shipped, None),
+            OrderEvent::OrderRejected { reason } => (OrderStatus::Rejected, Some(reason.clone())),
+            OrderEvent::OrderCancelled { reason } => (OrderStatus::Cancelled, reason.clone()),
+        };
+        match index.get(envelope.aggregate_id.as_str()) {
+            Some(&at) => {
+                let order = &mut orders[at];
+                if version != order.version + 1 || matches!(event, OrderEvent::OrderPlaced { .. }) {
+                    return None;
+                }
+                order.version = version;
+                order.status = status;
+                order.reason = reason.or(order.reason.take());
+                order.updated_at = envelope.at;
+                order.last_seq = seq;
+            }
+            None => {
+                let placed = match event {
+                    OrderEvent::OrderPlaced {
+                        customer_id,
+                        lines,
+                        currency,
+                        total_cents,
+                    } => Some(Placed {
+                        customer_id: customer_id.as_str().to_owned(),
+                        currency: currency.as_str().to_owned(),
+                        total_cents,
+                        lines,
+                        seq,
+                        at: envelope.at,
+                    }),
+                    _ => None,
+                };
+                index.insert(&envelope.aggregate_id, orders.len());
+                orders.push(FoldedOrder {
+                    order_id: envelope.aggregate_id.clone(),
+                    placed,
+                    first_version: version,
+                    version,
+                    status,
+                    reason,
+                    updated_at: envelope.at,
+                    last_seq: seq,
+                });
+            }
+        }
+    }
+    Some(orders)
 }

@@ -62,6 +62,24 @@ pub trait Projection: Send + Sync + 'static {
         connection: &mut PgConnection,
         event: &RecordedEvent,
     ) -> impl std::future::Future<Output = Result<(), ApplyError>> + Send;
+
+    /// Applies a whole batch (contiguous, in stream order) set-wise, in a few statements, when
+    /// every event fits: `Ok(false)` or `Rejected` when one does not, and the runtime then
+    /// applies the batch event by event (with `apply`) to find and park it. The result must be
+    /// the same as applying the events one by one.
+    fn apply_all(
+        connection: &mut PgConnection,
+        events: &[RecordedEvent],
+    ) -> impl std::future::Future<Output = Result<bool, ApplyError>> + Send {
+        let _ = (connection, events);
+        async { Ok(false) }
+    }
+}
+
+/// A timestamp as PostgreSQL stores it (microseconds, truncated as sqlx binds them), for rows
+/// sent as JSON.
+pub fn timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 #[cfg(test)]

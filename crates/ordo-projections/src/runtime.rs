@@ -29,7 +29,7 @@ pub struct ProjectorConfig {
 impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
-            batch_size: 256,
+            batch_size: 1000,
             fetch_wait: Duration::from_millis(500),
             max_attempts: 5,
             retry_base: Duration::from_millis(100),
@@ -347,6 +347,29 @@ impl<P: Projection> Projector<P> {
         events: &[Fetched],
     ) -> Result<(usize, Option<String>), ProjectorError> {
         let (mut tx, generation) = self.begin(schema).await?;
+        if events.len() > 1
+            && let Some(recorded) = events
+                .iter()
+                .map(|fetched| fetched.recorded().ok())
+                .collect::<Option<Vec<_>>>()
+        {
+            // Set-wise first: a few statements for the whole batch. If an event does not fit,
+            // the batch is applied event by event below, which finds it and parks it.
+            let mut savepoint = tx.begin().await?;
+            match P::apply_all(&mut savepoint, &recorded).await {
+                Ok(true) => {
+                    savepoint.commit().await?;
+                    let to = checkpoint + events.len() as u64;
+                    advance_checkpoint::<P>(&mut tx, &generation, checkpoint, to).await?;
+                    tx.commit().await?;
+                    return Ok((events.len(), None));
+                }
+                Ok(false) | Err(ApplyError::Rejected(_)) => savepoint.rollback().await?,
+                Err(ApplyError::Unavailable(reason)) => {
+                    return Err(ProjectorError::Unavailable(reason));
+                }
+            }
+        }
         let mut applied = 0;
         let mut failure = None;
         for fetched in events {

@@ -555,6 +555,46 @@ async fn a_rebuild_gives_the_same_rows_as_the_incremental_view() {
     assert_eq!(leftovers, 0);
 }
 
+#[tokio::test]
+async fn a_batch_applied_set_wise_gives_the_same_rows_as_its_events_applied_one_by_one() {
+    let setup = Setup::start().await;
+    busy_day(&setup, 0, 30).await;
+    let js = jetstream::new(setup.engine.client.clone());
+    let views = || async {
+        (
+            rows(setup.pool(), "view_stock.stock", "sku").await,
+            rows(setup.pool(), "view_orders.orders", "order_id").await,
+            rows(setup.pool(), "view_orders.order_lines", "order_id, line_no").await,
+        )
+    };
+    // Batches of one event: each applied alone, with the statements of `apply`.
+    let one_by_one = ProjectorConfig {
+        batch_size: 1,
+        ..Default::default()
+    };
+    rebuild::<StockView>(setup.pool(), &js, one_by_one.clone(), |_| {})
+        .await
+        .unwrap();
+    rebuild::<OrdersView>(setup.pool(), &js, one_by_one, |_| {})
+        .await
+        .unwrap();
+    let event_by_event = views().await;
+    assert_eq!(event_by_event.1.len(), 30);
+
+    // One batch of everything: applied set-wise by `apply_all`.
+    rebuild::<StockView>(setup.pool(), &js, ProjectorConfig::default(), |_| {})
+        .await
+        .unwrap();
+    rebuild::<OrdersView>(setup.pool(), &js, ProjectorConfig::default(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        views().await,
+        event_by_event,
+        "row for row, timestamps included"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_during_live_writes_ends_equal_to_the_stream() {
     let setup = Setup::start().await;
