@@ -12,7 +12,9 @@ use moka::future::Cache;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::{ops, reads};
+use ordo_projections::Projection;
+
+use crate::{checkpoints::CheckpointSignals, ops, reads};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -24,12 +26,20 @@ pub struct ApiState {
     /// Hot rows by key, with the checkpoint their view had when they were read.
     pub cache: Cache<String, (Value, u64)>,
     pub metrics: PrometheusHandle,
+    /// Wakes reads waiting for `min_seq` when a projector commits a batch.
+    pub checkpoints: CheckpointSignals,
 }
 
 impl ApiState {
-    /// `pool` must already be prepared (`ordo_projections::schema::prepare`).
+    /// `pool` must already be prepared (`ordo_projections::schema::prepare`). Call it inside a
+    /// Tokio runtime: it starts listening for checkpoint announcements.
     pub fn new(pool: PgPool, nats: async_nats::Client) -> Self {
+        let views = [
+            ordo_projections::orders::OrdersView::NAME,
+            ordo_projections::stock::StockView::NAME,
+        ];
         Self {
+            checkpoints: CheckpointSignals::listen(pool.clone(), &views),
             pool,
             nats,
             min_seq_wait: Duration::from_secs(5),

@@ -8,6 +8,7 @@
 //! - [`app`]: [`router`] and [`serve`]: the routes, the shared state, the listener.
 
 pub mod app;
+pub mod checkpoints;
 pub mod error;
 pub mod ops;
 pub mod reads;

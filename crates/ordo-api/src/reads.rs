@@ -1,7 +1,10 @@
 //! The view endpoints. Path and query parameters are validated before any read; a read with
 //! `min_seq` waits (up to 5 s) until the view's checkpoint reaches it, else answers 504.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use axum::{
     Json,
@@ -13,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::{Row, postgres::PgRow};
 
-use crate::{ApiState, error::ApiError};
+use crate::{ApiState, checkpoints::RECHECK, error::ApiError};
 
 type Shared = State<Arc<ApiState>>;
 
@@ -63,17 +66,34 @@ async fn caught_up(
     min_seq: Option<u64>,
 ) -> Result<u64, ApiError> {
     let deadline = Instant::now() + state.min_seq_wait;
+    let mut announced = state.checkpoints.subscribe(view.name);
     loop {
         let checkpoint = checkpoint_of(&state.pool, &view.schema(), view.stream).await?;
         match min_seq {
             Some(wanted) if checkpoint < wanted => {
-                if Instant::now() >= deadline {
+                let now = Instant::now();
+                if now >= deadline {
                     return Err(ApiError::NotCaughtUp {
                         min_seq: wanted,
                         checkpoint,
                     });
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let wait = RECHECK.min(deadline - now);
+                match &mut announced {
+                    // Announced already, yet not in the view's table: a rebuild's new view, not
+                    // swapped in yet. Poll.
+                    Some(announced) if *announced.borrow() >= wanted => {
+                        tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
+                    }
+                    Some(announced) => {
+                        let _ = tokio::time::timeout(
+                            wait,
+                            announced.wait_for(|announced| *announced >= wanted),
+                        )
+                        .await;
+                    }
+                    None => tokio::time::sleep(wait.min(Duration::from_millis(20))).await,
+                }
             }
             _ => return Ok(checkpoint),
         }

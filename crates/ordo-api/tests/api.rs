@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 struct Setup {
     engine: Engine,
-    _database: TestDatabase,
+    database: TestDatabase,
     base: String,
     http: reqwest::Client,
 }
@@ -41,7 +41,7 @@ impl Setup {
         tokio::spawn(ordo_api::serve(listener, state, std::future::pending()));
         Self {
             engine,
-            _database: database,
+            database,
             base,
             http: reqwest::Client::new(),
         }
@@ -70,6 +70,35 @@ impl Setup {
         let status = response.status();
         (status, response.json().await.unwrap_or(Value::Null))
     }
+}
+
+#[tokio::test]
+async fn each_committed_projector_batch_announces_its_views_checkpoint() {
+    let setup = Setup::start().await;
+    let signals = ordo_api::checkpoints::CheckpointSignals::listen(
+        setup.database.pool().clone(),
+        &["orders", "stock"],
+    );
+    let mut orders = signals.subscribe("orders").unwrap();
+    // The listener is up once it hears an announcement; keep placing until one arrives.
+    let mut seq = 0;
+    let announced = tokio::time::timeout(Duration::from_secs(20), async {
+        for i in 0.. {
+            seq = setup.place(&format!("o-{i}"), "c1").await["seq"]
+                .as_u64()
+                .unwrap();
+            if tokio::time::timeout(Duration::from_millis(200), orders.wait_for(|s| *s >= seq))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(announced.is_ok(), "no announcement of the orders view");
+    assert!(*orders.borrow() >= seq);
+    assert!(signals.subscribe("nonexistent").is_none());
 }
 
 #[tokio::test]

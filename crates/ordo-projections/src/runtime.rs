@@ -12,6 +12,9 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::{ApplyError, Projection, schema};
 
+/// The PostgreSQL channel on which every batch announces its view's new checkpoint.
+pub const CHECKPOINT_CHANNEL: &str = "ordo_checkpoints";
+
 #[derive(Debug, Clone)]
 pub struct ProjectorConfig {
     /// Events fetched, and applied in one transaction, at most.
@@ -517,15 +520,22 @@ async fn advance_checkpoint<P: Projection>(
     expected: u64,
     to: u64,
 ) -> Result<(), ProjectorError> {
+    // The announcement (`<projection>:<checkpoint>`) is delivered when the batch commits, so
+    // that reads waiting for `min_seq` wake at once (ordo-api's `checkpoints`).
     let updated = sqlx::query(
-        "UPDATE checkpoints SET seq = $2, updated_at = now()
-         WHERE stream = $1 AND seq = $3 AND to_regnamespace($4)::oid::bigint = $5",
+        "WITH advanced AS (
+             UPDATE checkpoints SET seq = $2, updated_at = now()
+             WHERE stream = $1 AND seq = $3 AND to_regnamespace($4)::oid::bigint = $5
+             RETURNING seq)
+         SELECT pg_notify($6, $7 || ':' || seq) FROM advanced",
     )
     .bind(P::STREAM)
     .bind(to as i64)
     .bind(expected as i64)
     .bind(&generation.schema)
     .bind(generation.oid)
+    .bind(CHECKPOINT_CHANNEL)
+    .bind(P::NAME)
     .execute(connection)
     .await?;
     if updated.rows_affected() != 1 {
