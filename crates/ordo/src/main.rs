@@ -14,6 +14,10 @@ mod connect;
 mod database;
 mod telemetry;
 
+/// glibc's allocator took a fifth of ordo's CPU time under load (see bench/reports/profiles.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{net::SocketAddr, path::PathBuf};
 
 use anyhow::Context;
