@@ -8,7 +8,7 @@
 //! was never made, because the reserve step's outcome was unknown), a late reserve for that order
 //! is refused. So a compensation never leaves stock held by an order that gave up.
 
-use std::collections::{BTreeMap, BTreeSet};
+use imbl::{OrdMap, OrdSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,9 +19,11 @@ pub struct Stock {
     pub on_hand: u64,
     pub reserved: u64,
     /// Quantity held per order that reserved and has not released or shipped yet.
-    pub reservations: BTreeMap<OrderId, u64>,
+    /// Persistent maps: a hot SKU's state is cloned with every command (the cache hands out
+    /// copies), and a clone of these shares the tree instead of copying it.
+    pub reservations: OrdMap<OrderId, u64>,
     /// Orders whose reservation ended (released or deducted): they cannot reserve again.
-    pub settled: BTreeSet<OrderId>,
+    pub settled: OrdSet<OrderId>,
 }
 
 impl Stock {
