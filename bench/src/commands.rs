@@ -2,14 +2,14 @@
 //! driven with plain NATS requests, next to raw JetStream publishes of the same size and
 //! concurrency (the baseline).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use futures::{StreamExt, stream as futures_stream};
 use serde_json::{Value, json};
 
 use crate::{
-    measure::{Figures, closed_loop},
+    measure::{Figures, closed_loop, reply_outcome},
     system::{Ordo, Servers},
 };
 
@@ -149,4 +149,90 @@ pub async fn hot_sku(
     )
     .await;
     Ok((figures, units))
+}
+
+/// A SKU with a long history and no snapshot: its first command (which replays it all and
+/// leaves a snapshot), the first command after the command services restart (snapshot and the
+/// events after it), and one more (cached).
+pub struct LongHistory {
+    pub events: usize,
+    pub written: Duration,
+    pub full_replay: Duration,
+    pub after_restart: Duration,
+    pub cached: Duration,
+}
+
+/// Writes `events` StockReceived events of one SKU straight into `ORDO_STOCK` (as years of
+/// receipts would have), then sends it a command.
+pub async fn long_history(
+    servers: &Servers,
+    events: usize,
+    services: &mut Vec<Ordo>,
+) -> anyhow::Result<LongHistory> {
+    let js = jetstream::new(servers.client.clone());
+    let started = Instant::now();
+    // Sent one after the other (a subject's versions must follow each other in the stream),
+    // acknowledged up to 1,000 at a time.
+    let mut acks = Vec::with_capacity(1000);
+    for version in 1..=events as u64 {
+        let metadata = ordo_eventstore::EventMetadata {
+            command_id: format!("long-{version}"),
+            correlation_id: format!("long-{version}"),
+            causation_id: None,
+            traceparent: None,
+        };
+        let event = ordo_domain::stock::StockEvent::StockReceived { qty: 1 };
+        let envelope = ordo_eventstore::EventEnvelope::new(
+            "LONG",
+            version,
+            &event,
+            &metadata,
+            chrono::Utc::now(),
+        );
+        acks.push(
+            js.publish("ordo.stock.events.LONG", envelope.to_bytes().into())
+                .await?,
+        );
+        if acks.len() == 1000 || version == events as u64 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    let written = started.elapsed();
+    let command = |i: usize| async move {
+        let body = json!({"sku": "LONG", "qty": 1}).to_string();
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .headers({
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("long-command-{i}").as_str());
+                headers
+            })
+            .timeout(Some(Duration::from_secs(300)));
+        let sent = Instant::now();
+        let reply = servers
+            .client
+            .send_request("ordo.cmd.stock.receive", request)
+            .await?;
+        anyhow::ensure!(
+            reply_outcome(&reply.payload) == "ok",
+            "a command on the long SKU: {}",
+            String::from_utf8_lossy(&reply.payload)
+        );
+        anyhow::Ok(sent.elapsed())
+    };
+    let full_replay = command(0).await?;
+    let instances = services.len();
+    services.clear();
+    *services = start_command_services(servers, instances).await?;
+    let after_restart = command(1).await?;
+    let cached = command(2).await?;
+    Ok(LongHistory {
+        events,
+        written,
+        full_replay,
+        after_restart,
+        cached,
+    })
 }

@@ -36,6 +36,9 @@ struct Args {
     /// Requests in flight of the burst and the hot SKU.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Events of the SKU with a long history.
+    #[arg(long, default_value_t = 1_000_000)]
+    long_history: usize,
     /// Offered loads of the open-loop runs, orders per second.
     #[arg(long, value_delimiter = ',', default_value = "250,1000,2000")]
     rates: Vec<u32>,
@@ -64,6 +67,7 @@ impl Args {
             self.commands = 200;
             self.ladder = vec![4, 16];
             self.burst = 200;
+            self.long_history = 1_000;
             self.concurrency = 8;
             self.rates = vec![20, 50];
             self.seconds = 1.0;
@@ -86,10 +90,11 @@ async fn main() -> anyhow::Result<()> {
     )?;
 
     let runs = |group: &str| args.only.iter().any(|only| only == group);
+    let mut targets = Targets::default();
     if runs("commands") {
         eprintln!("command path: ladder, hot SKU");
         let servers = system::Servers::start().await?;
-        let _services = commands::start_command_services(&servers, args.instances).await?;
+        let mut services = commands::start_command_services(&servers, args.instances).await?;
         let ladder = commands::ladder(&servers, &args.ladder, args.commands).await?;
         let (hot, units) = commands::hot_sku(&servers, args.commands, args.concurrency).await?;
         let hot_raw =
@@ -137,6 +142,28 @@ async fn main() -> anyhow::Result<()> {
                 "NOT the stock"
             }
         )?;
+        targets.place_ratio = ladder
+            .iter()
+            .map(|rung| rung.place.per_second() / rung.raw.per_second())
+            .reduce(f64::min);
+        targets.hot = Some((hot.per_second(), reserved == units));
+
+        let long = commands::long_history(&servers, args.long_history, &mut services).await?;
+        writeln!(
+            md,
+            "### A SKU with a long history\n\n{} events of one SKU, written straight into \
+             `ORDO_STOCK` ({:.1} s) with no snapshot, then commands on it.\n\n\
+             | command | ms |\n| --- | --- |\n\
+             | first: replays the whole history, leaves a snapshot | {} |\n\
+             | first after the command services restart: the snapshot and the events after it | {} |\n\
+             | next: cached | {} |\n",
+            long.events,
+            long.written.as_secs_f64(),
+            ms(long.full_replay),
+            ms(long.after_restart),
+            ms(long.cached),
+        )?;
+        targets.long_history = Some((long.events, long.after_restart));
     }
 
     if runs("pipeline") {
@@ -176,6 +203,12 @@ async fn main() -> anyhow::Result<()> {
             burst.shed,
             burst.resident_mib.unwrap_or(0.0)
         )?;
+        targets.burst = Some((
+            burst.confirmed_per_second(),
+            burst.confirmed(),
+            burst.orders,
+        ));
+        targets.resident(burst.resident_mib);
         let order_ids: Vec<String> = (0..burst.orders.min(1000))
             .map(|i| format!("burst-{i}"))
             .collect();
@@ -209,6 +242,8 @@ async fn main() -> anyhow::Result<()> {
                 rebuild.rebuild.as_secs_f64()
             ),
         )?;
+        targets.rebuild_ratio =
+            Some(rebuild.raw_upsert.as_secs_f64() / rebuild.rebuild.as_secs_f64());
     }
 
     if runs("open-loop") {
@@ -237,6 +272,14 @@ async fn main() -> anyhow::Result<()> {
                 rss.unwrap_or(0.0)
             )?;
         }
+        for (run, rss) in &runs {
+            targets.resident(*rss);
+            targets.open_loop = Some((
+                run.offered_per_second,
+                run.to_view.percentile(0.99),
+                run.to_view.errors(),
+            ));
+        }
         let points: Vec<(f64, &measure::Figures)> = runs
             .iter()
             .map(|(run, _)| (f64::from(run.offered_per_second), &run.to_view))
@@ -249,12 +292,99 @@ async fn main() -> anyhow::Result<()> {
         md += "\n![latency against offered load](latency.svg)\n";
     }
 
+    md += &targets.table();
     print!("{md}");
     std::fs::create_dir_all(&args.report_dir)?;
     let path = args.report_dir.join("latest.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("report written to {}", path.display());
     Ok(())
+}
+
+/// The issue's targets, against this run's figures.
+#[derive(Default)]
+struct Targets {
+    /// (confirmed per second, confirmed, orders)
+    burst: Option<(f64, usize, usize)>,
+    /// The lowest place-order rate of the ladder as a share of its raw baseline.
+    place_ratio: Option<f64>,
+    /// (reserves per second, exactly the stock)
+    hot: Option<(f64, bool)>,
+    rebuild_ratio: Option<f64>,
+    /// (offered orders/s, p99, errors) of the highest open-loop rate.
+    open_loop: Option<(u32, Duration, usize)>,
+    /// (events, first command)
+    long_history: Option<(usize, Duration)>,
+    /// The largest resident memory of `ordo up` seen.
+    resident_mib: Option<f64>,
+}
+
+impl Targets {
+    fn resident(&mut self, mib: Option<f64>) {
+        if let Some(mib) = mib {
+            self.resident_mib = Some(self.resident_mib.map_or(mib, |seen| seen.max(mib)));
+        }
+    }
+
+    fn table(&self) -> String {
+        let verdict = |met: bool| if met { "met" } else { "**not met**" };
+        let mut rows = Vec::new();
+        if let Some((rate, confirmed, orders)) = self.burst {
+            rows.push(format!(
+                "| burst through `ordo up`: ≥ 3,000 orders/s, all confirmed | {rate:.0}/s, {confirmed} of {orders} confirmed | {} |",
+                verdict(rate >= 3000.0 && confirmed == orders)
+            ));
+        }
+        if let Some(share) = self.place_ratio {
+            rows.push(format!(
+                "| place-order ≥ 35 % of raw publish (lowest rung) | {:.1} % | {} |",
+                share * 100.0,
+                verdict(share >= 0.35)
+            ));
+        }
+        if let Some((rate, exact)) = self.hot {
+            rows.push(format!(
+                "| one hot SKU ≥ 15,000 reserves/s, exactly the stock | {rate:.0}/s, {} | {} |",
+                if exact {
+                    "exactly the stock"
+                } else {
+                    "NOT the stock"
+                },
+                verdict(rate >= 15_000.0 && exact)
+            ));
+        }
+        if let Some(share) = self.rebuild_ratio {
+            rows.push(format!(
+                "| rebuild ≥ 80 % of a raw batched upsert | {:.1} % | {} |",
+                share * 100.0,
+                verdict(share >= 0.8)
+            ));
+        }
+        if let Some((rate, p99, errors)) = self.open_loop {
+            rows.push(format!(
+                "| command → view at {rate} orders/s: p99 < 20 ms | p99 {} ms, {errors} not ok | {} |",
+                ms(p99),
+                verdict(p99 < Duration::from_millis(20) && errors == 0)
+            ));
+        }
+        if let Some((events, first)) = self.long_history {
+            rows.push(format!(
+                "| first command on a SKU of {events} events after a restart < 1 s | {} ms | {} |",
+                ms(first),
+                verdict(first < Duration::from_secs(1))
+            ));
+        }
+        if let Some(mib) = self.resident_mib {
+            rows.push(format!(
+                "| `ordo up` resident memory < 150 MiB | at most {mib:.0} MiB | {} |",
+                verdict(mib < 150.0)
+            ));
+        }
+        format!(
+            "\n## Targets\n\nThe targets of the throughput issue, against this run. Why those not met are not, and what would close them: [profiles.md](profiles.md).\n\n| target | this run | |\n| --- | --- | --- |\n{}\n",
+            rows.join("\n")
+        )
+    }
 }
 
 /// The date, cores, memory and server versions the figures come from.

@@ -20,11 +20,13 @@ fn every_scenario_runs_and_is_reported() {
         "raw JetStream publish + ack",
         "place-order, 16 clients",
         "reserve, one hot SKU",
+        "A SKU with a long history",
         "place (burst)",
         "placed → settled",
         "GET /orders/{id}",
         "rebuild speed against the baseline",
         "open loop, 50 orders/s",
+        "## Targets",
     ] {
         assert!(
             report.contains(scenario),

@@ -31,8 +31,15 @@ use serde::{Serialize, de::DeserializeOwned};
 pub trait Aggregate: Send + Sync + 'static {
     /// The aggregate family, used to name its subjects (`ordo.<CATEGORY>.events.<id>`).
     const CATEGORY: &'static str;
-    /// The state before any event is `Default::default()`.
-    type State: Default + Clone + std::fmt::Debug + Send + Sync + 'static;
+    /// The state before any event is `Default::default()`. Serializable for snapshots.
+    type State: Default
+        + Clone
+        + std::fmt::Debug
+        + Serialize
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static;
     type Command: std::fmt::Debug + Send + Sync;
     type Event: DomainEvent;
 

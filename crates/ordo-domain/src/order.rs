@@ -46,7 +46,7 @@ impl OrderStatus {
 }
 
 /// A placed order. Before `OrderPlaced` there is no order: the state is `None`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     pub customer_id: CustomerId,
     pub lines: Vec<OrderLine>,

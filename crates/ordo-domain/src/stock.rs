@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Aggregate, DomainEvent, OrderId, Rejection, Sku};
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stock {
     pub on_hand: u64,
     pub reserved: u64,

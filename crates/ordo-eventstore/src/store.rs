@@ -24,6 +24,27 @@ use crate::{
 /// Aggregates with at most this many events are read by direct gets; longer histories through
 /// an ordered consumer, which streams them in one go.
 const DIRECT_GET_MAX_EVENTS: u64 = 16;
+
+/// The stream of aggregate snapshots (streams/snapshots.json).
+pub const SNAPSHOTS_STREAM: &str = "ORDO_SNAPSHOTS";
+/// An aggregate gets a snapshot every this many events.
+pub const SNAPSHOT_EVERY: u64 = 1_000;
+/// Bumped when a state's shape or its `evolve` changes: older snapshots are then ignored.
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// A snapshot as stored: the state after event `version` (stream sequence `last_seq`).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot<S> {
+    format: u32,
+    version: u64,
+    last_seq: u64,
+    state: S,
+}
+
+fn snapshot_subject(category: &str, aggregate_id: &str) -> String {
+    format!("ordo.snapshots.{category}.{aggregate_id}")
+}
+
 /// Aggregates kept in memory per aggregate type.
 const CACHE_CAPACITY: u64 = 100_000;
 
@@ -46,6 +67,8 @@ pub struct Loaded<A: Aggregate> {
     pub version: u64,
     /// The stream sequence of its last event (0 for a new one): the next append's expectation.
     pub last_seq: u64,
+    /// The version of the newest snapshot known to exist (0: none).
+    snapshot_version: u64,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -65,6 +88,7 @@ impl<A: Aggregate> Clone for Loaded<A> {
             state: self.state.clone(),
             version: self.version,
             last_seq: self.last_seq,
+            snapshot_version: self.snapshot_version,
             _aggregate: PhantomData,
         }
     }
@@ -76,6 +100,7 @@ impl<A: Aggregate> Loaded<A> {
             state: A::State::default(),
             version: 0,
             last_seq: 0,
+            snapshot_version: 0,
             _aggregate: PhantomData,
         }
     }
@@ -85,6 +110,7 @@ impl<A: Aggregate> Loaded<A> {
             state: A::evolve(self.state, event),
             version: self.version + 1,
             last_seq: seq,
+            snapshot_version: self.snapshot_version,
             _aggregate: PhantomData,
         }
     }
@@ -95,6 +121,7 @@ pub struct EventStore {
     client: async_nats::Client,
     js: jetstream::Context,
     streams: Arc<HashMap<String, Stream>>,
+    snapshots: Option<Stream>,
     request_timeout: Duration,
 }
 
@@ -113,10 +140,13 @@ impl EventStore {
                 .map_err(|err| LoadError::Unavailable(format!("stream {name}: {err}")))?;
             streams.insert((*name).to_owned(), stream);
         }
+        // Optional: without it, every cold load replays the whole history.
+        let snapshots = js.get_stream(SNAPSHOTS_STREAM).await.ok();
         Ok(Self {
             client,
             js,
             streams: Arc::new(streams),
+            snapshots,
             request_timeout: Duration::from_secs(2),
         })
     }
@@ -187,34 +217,125 @@ impl EventStore {
         recorded(self.stream(stream).direct_get(seq).await)
     }
 
-    /// Folds every event of an aggregate, reading only its subject.
+    /// The aggregate's state: its latest snapshot (if any, and if it agrees with the stream)
+    /// with the events after it folded in, else every event of its subject folded.
     pub async fn load<A: Aggregate>(&self, aggregate_id: &str) -> Result<Loaded<A>, LoadError> {
         let stream = stream_of::<A>();
         let subject = aggregate_subject(A::CATEGORY, aggregate_id);
         let Some(last) = self.last_event(stream, &subject).await? else {
             return Ok(Loaded::new_aggregate());
         };
-        let events = if last.envelope.version <= DIRECT_GET_MAX_EVENTS {
-            self.read_by_direct_get(stream, &subject, &last).await?
-        } else {
-            self.read_by_ordered_consumer(stream, &subject, last.seq)
+        let snapshot = self.snapshot::<A>(aggregate_id).await.filter(|snapshot| {
+            snapshot.version <= last.envelope.version && snapshot.last_seq <= last.seq
+        });
+        let loaded = match snapshot {
+            Some(snapshot) => match self.fold_after(stream, &subject, snapshot, &last).await? {
+                Some(loaded) => loaded,
+                // The snapshot does not line up with the stream: trust the stream alone.
+                None => self
+                    .fold_after(stream, &subject, Loaded::new_aggregate(), &last)
+                    .await?
+                    .ok_or_else(|| LoadError::Unavailable(format!("{subject}: version gap")))?,
+            },
+            None => self
+                .fold_after(stream, &subject, Loaded::new_aggregate(), &last)
                 .await?
+                .ok_or_else(|| LoadError::Unavailable(format!("{subject}: version gap")))?,
         };
-        let mut loaded = Loaded::<A>::new_aggregate();
-        for recorded in events {
-            loaded = loaded.then(&decode::<A::Event>(&recorded)?, recorded.seq);
+        let mut loaded = loaded;
+        if loaded.version - loaded.snapshot_version >= SNAPSHOT_EVERY {
+            // A long replay: the next cold load should not repeat it.
+            self.save_snapshot(aggregate_id, &loaded).await;
+            loaded.snapshot_version = loaded.version;
         }
         Ok(loaded)
+    }
+
+    /// `from` with the events after it up to `last` folded in; `None` when an event's version
+    /// does not follow.
+    async fn fold_after<A: Aggregate>(
+        &self,
+        stream: &str,
+        subject: &str,
+        from: Loaded<A>,
+        last: &RecordedEvent,
+    ) -> Result<Option<Loaded<A>>, LoadError> {
+        let remaining = last.envelope.version.saturating_sub(from.version);
+        let events = if remaining == 0 {
+            Vec::new()
+        } else if remaining <= DIRECT_GET_MAX_EVENTS {
+            self.read_by_direct_get(stream, subject, from.last_seq, last)
+                .await?
+        } else {
+            self.read_by_ordered_consumer(stream, subject, from.last_seq + 1, last.seq)
+                .await?
+        };
+        let mut loaded = from;
+        for recorded in events {
+            if recorded.envelope.version != loaded.version + 1 {
+                return Ok(None);
+            }
+            loaded = loaded.then(&decode::<A::Event>(&recorded)?, recorded.seq);
+        }
+        Ok((loaded.last_seq == last.seq).then_some(loaded))
+    }
+
+    /// The aggregate's latest snapshot, if there is one that this build can read.
+    async fn snapshot<A: Aggregate>(&self, aggregate_id: &str) -> Option<Loaded<A>> {
+        let snapshots = self.snapshots.as_ref()?;
+        let message = snapshots
+            .direct_get_last_for_subject(snapshot_subject(A::CATEGORY, aggregate_id))
+            .await
+            .ok()?;
+        let snapshot: Snapshot<A::State> = serde_json::from_slice(&message.payload).ok()?;
+        (snapshot.format == SNAPSHOT_FORMAT).then_some(Loaded {
+            state: snapshot.state,
+            version: snapshot.version,
+            last_seq: snapshot.last_seq,
+            snapshot_version: snapshot.version,
+            _aggregate: PhantomData,
+        })
+    }
+
+    /// Writes `loaded` as the aggregate's latest snapshot. A snapshot that cannot be written
+    /// (too large, NATS busy) only means a longer replay later.
+    pub async fn save_snapshot<A: Aggregate>(&self, aggregate_id: &str, loaded: &Loaded<A>) {
+        if self.snapshots.is_none() {
+            return;
+        }
+        let snapshot = Snapshot {
+            format: SNAPSHOT_FORMAT,
+            version: loaded.version,
+            last_seq: loaded.last_seq,
+            state: &loaded.state,
+        };
+        let Ok(payload) = serde_json::to_vec(&snapshot) else {
+            return;
+        };
+        let subject = snapshot_subject(A::CATEGORY, aggregate_id);
+        let saved = async {
+            self.js
+                .publish(subject.clone(), payload.into())
+                .await?
+                .await
+                .map_err(async_nats::Error::from)
+        };
+        match tokio::time::timeout(self.request_timeout, saved).await {
+            Ok(Ok(_)) => tracing::debug!(subject, version = loaded.version, "snapshot saved"),
+            Ok(Err(err)) => tracing::debug!(subject, %err, "snapshot not saved"),
+            Err(_) => tracing::debug!(subject, "snapshot not saved in time"),
+        }
     }
 
     async fn read_by_direct_get(
         &self,
         stream: &str,
         subject: &str,
+        after: u64,
         last: &RecordedEvent,
     ) -> Result<Vec<RecordedEvent>, LoadError> {
-        let mut events = Vec::with_capacity(last.envelope.version as usize);
-        let mut after = 0;
+        let mut events = Vec::new();
+        let mut after = after;
         while after < last.seq {
             match self.event_after(stream, subject, after).await? {
                 Some(event) if event.seq < last.seq => {
@@ -232,6 +353,7 @@ impl EventStore {
         &self,
         stream: &str,
         subject: &str,
+        start_seq: u64,
         last_seq: u64,
     ) -> Result<Vec<RecordedEvent>, LoadError> {
         let unavailable = |err: &dyn std::fmt::Display| LoadError::Unavailable(err.to_string());
@@ -239,7 +361,9 @@ impl EventStore {
             .stream(stream)
             .create_consumer(OrderedConfig {
                 filter_subject: subject.to_owned(),
-                deliver_policy: DeliverPolicy::All,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: start_seq,
+                },
                 ..Default::default()
             })
             .await
@@ -463,9 +587,16 @@ impl<A: Aggregate> Repository<A> {
             .await;
         match &result {
             Ok(appended) if !appended.duplicate => {
-                self.cache
-                    .insert(aggregate_id.to_owned(), loaded.then(event, appended.seq))
-                    .await;
+                let mut next = loaded.then(event, appended.seq);
+                if next.version - next.snapshot_version >= SNAPSHOT_EVERY {
+                    // Off the command's path: a lost or late snapshot only means a longer
+                    // replay, and an older one overwriting a newer one is still a true state.
+                    next.snapshot_version = next.version;
+                    let (store, id, snapshot) =
+                        (self.store.clone(), aggregate_id.to_owned(), next.clone());
+                    tokio::spawn(async move { store.save_snapshot(&id, &snapshot).await });
+                }
+                self.cache.insert(aggregate_id.to_owned(), next).await;
             }
             Err(PublishError::Conflict { .. }) => {}
             _ => self.cache.invalidate(aggregate_id).await,

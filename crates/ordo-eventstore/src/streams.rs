@@ -7,12 +7,16 @@ use async_nats::jetstream::{self, stream};
 use serde_json::Value;
 
 /// The definitions compiled into the binary, in the order they are applied.
-const BUILT_IN: [(&str, &str); 3] = [
+const BUILT_IN: [(&str, &str); 4] = [
     ("orders.json", include_str!("../../../streams/orders.json")),
     ("stock.json", include_str!("../../../streams/stock.json")),
     (
         "command-outcomes.json",
         include_str!("../../../streams/command-outcomes.json"),
+    ),
+    (
+        "snapshots.json",
+        include_str!("../../../streams/snapshots.json"),
     ),
 ];
 
@@ -177,6 +181,13 @@ mod tests {
     fn built_in_definitions_are_durable_append_only_logs() {
         for definition in StreamDefinition::built_in() {
             let config = &definition.config;
+            if config.name == crate::store::SNAPSHOTS_STREAM {
+                // A cache, not a log: the latest snapshot per aggregate, deletable.
+                assert_eq!(config.max_messages_per_subject, 1);
+                assert_eq!(config.discard, stream::DiscardPolicy::Old);
+                assert!(config.allow_direct);
+                continue;
+            }
             assert_eq!(config.storage, stream::StorageType::File, "{}", config.name);
             assert_eq!(config.retention, stream::RetentionPolicy::Limits);
             assert!(config.allow_direct && config.deny_delete, "{}", config.name);

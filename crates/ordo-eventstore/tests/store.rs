@@ -226,7 +226,8 @@ async fn apply_updates_a_stream_whose_definition_changed_and_leaves_the_rest() {
         [
             ("ORDO_ORDERS", Applied::Unchanged),
             ("ORDO_STOCK", Applied::Updated),
-            ("ORDO_COMMAND_OUTCOMES", Applied::Unchanged)
+            ("ORDO_COMMAND_OUTCOMES", Applied::Unchanged),
+            ("ORDO_SNAPSHOTS", Applied::Unchanged)
         ]
     );
     let mut stock = js.get_stream("ORDO_STOCK").await.unwrap();
@@ -260,4 +261,79 @@ async fn the_leader_says_which_event_is_an_aggregates_last() {
             .unwrap(),
         loaded.last_seq
     );
+}
+
+/// Writes `count` StockReceived events of one unit to `sku`, pipelined (as a long past would have
+/// left them), without any snapshot.
+async fn long_past(client: &async_nats::Client, sku: &str, from_version: u64, count: u64) {
+    let js = jetstream::new(client.clone());
+    let mut acks = Vec::new();
+    for version in from_version..from_version + count {
+        let envelope = ordo_eventstore::EventEnvelope::new(
+            sku,
+            version,
+            &StockEvent::StockReceived { qty: 1 },
+            &metadata(&format!("{sku}-{version}")),
+            chrono::Utc::now(),
+        );
+        acks.push(
+            js.publish(
+                format!("ordo.stock.events.{sku}"),
+                envelope.to_bytes().into(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_long_history_is_loaded_from_its_snapshot_and_the_events_after_it() {
+    let (_server, store) = open().await;
+    let client = store.client().clone();
+    long_past(&client, "LONG", 1, 2_500).await;
+
+    // The first cold load replays everything, and leaves a snapshot behind.
+    let replayed = store.load::<StockAggregate>("LONG").await.unwrap();
+    assert_eq!(
+        (replayed.version, replayed.state.unwrap().on_hand),
+        (2_500, 2_500)
+    );
+    let snapshots = jetstream::new(client.clone())
+        .get_stream("ORDO_SNAPSHOTS")
+        .await
+        .unwrap();
+    let snapshot = snapshots
+        .direct_get_last_for_subject("ordo.snapshots.stock.LONG")
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&snapshot.payload).contains("\"version\":2500"));
+
+    // Later events are folded onto the snapshot: the same state as a full replay.
+    long_past(&client, "LONG", 2_501, 20).await;
+    let loaded = store.load::<StockAggregate>("LONG").await.unwrap();
+    assert_eq!(
+        (loaded.version, loaded.state.unwrap().on_hand),
+        (2_520, 2_520)
+    );
+
+    // A snapshot this build cannot read, or one that does not line up with the stream, is
+    // ignored: the stream is the truth.
+    for garbage in [
+        "not json".to_owned(),
+        r#"{"format":1,"version":9999999,"last_seq":9999999,"state":{"on_hand":1,"reserved":0,"reservations":{},"settled":[]}}"#.to_owned(),
+        r#"{"format":1,"version":2000,"last_seq":1,"state":{"on_hand":7,"reserved":0,"reservations":{},"settled":[]}}"#.to_owned(),
+    ] {
+        jetstream::new(client.clone())
+            .publish("ordo.snapshots.stock.LONG", garbage.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let loaded = store.load::<StockAggregate>("LONG").await.unwrap();
+        assert_eq!((loaded.version, loaded.state.unwrap().on_hand), (2_520, 2_520));
+    }
 }

@@ -5,12 +5,12 @@ use ordo_eventstore::RecordedEvent;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgConnection;
 
 use crate::{
     ApplyError, Projection,
-    projection::{bigint, timestamp},
+    projection::{bigint, timestamp, write_all},
 };
 
 pub struct OrdersView;
@@ -136,51 +136,35 @@ impl Projection for OrdersView {
                 None => changed.push(row),
             }
         }
-        if !placed.is_empty() {
-            sqlx::query(
-                "INSERT INTO orders (order_id, customer_id, status, currency, total_cents, reason,
-                                     version, placed_seq, placed_at, updated_at, last_seq)
-                 SELECT order_id, customer_id, status, currency, total_cents, reason,
-                        version, placed_seq, placed_at, updated_at, last_seq
-                 FROM jsonb_to_recordset($1) AS r(order_id text, customer_id text, status text,
-                      currency text, total_cents bigint, reason text, version bigint,
-                      placed_seq bigint, placed_at timestamptz, updated_at timestamptz,
-                      last_seq bigint)",
-            )
-            .bind(Value::Array(placed))
-            .execute(&mut *connection)
-            .await?;
-            sqlx::query(
-                "INSERT INTO order_lines (order_id, line_no, sku, qty, unit_price_cents)
-                 SELECT order_id, line_no, sku, qty, unit_price_cents
-                 FROM jsonb_to_recordset($1) AS r(order_id text, line_no integer, sku text,
-                      qty bigint, unit_price_cents bigint)",
-            )
-            .bind(Value::Array(lines))
-            .execute(&mut *connection)
-            .await?;
-        }
-        if !changed.is_empty() {
-            let expected = changed.len() as u64;
-            let updated = sqlx::query(
-                "UPDATE orders o SET status = u.status, reason = COALESCE(u.reason, o.reason),
-                        version = u.version, updated_at = u.updated_at, last_seq = u.last_seq
-                 FROM jsonb_to_recordset($1) AS u(order_id text, status text, reason text,
-                      first_version bigint, version bigint, updated_at timestamptz,
-                      last_seq bigint)
-                 WHERE o.order_id = u.order_id AND o.version = u.first_version - 1",
-            )
-            .bind(Value::Array(changed))
-            .execute(&mut *connection)
-            .await?;
-            if updated.rows_affected() != expected {
-                // Some order's events do not follow its row: found and parked one by one.
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        // Any row not written (an order already there, a version that does not follow): the
+        // batch goes event by event, which finds the event and parks it.
+        Ok(write_all(connection, INSERT_ORDERS, placed).await?
+            && write_all(connection, INSERT_LINES, lines).await?
+            && write_all(connection, UPDATE_ORDERS, changed).await?)
     }
 }
+
+const INSERT_ORDERS: &str = "
+    INSERT INTO orders (order_id, customer_id, status, currency, total_cents, reason, version,
+                        placed_seq, placed_at, updated_at, last_seq)
+    SELECT order_id, customer_id, status, currency, total_cents, reason, version,
+           placed_seq, placed_at, updated_at, last_seq
+    FROM jsonb_to_recordset($1) AS r(order_id text, customer_id text, status text, currency text,
+         total_cents bigint, reason text, version bigint, placed_seq bigint,
+         placed_at timestamptz, updated_at timestamptz, last_seq bigint)";
+
+const INSERT_LINES: &str = "
+    INSERT INTO order_lines (order_id, line_no, sku, qty, unit_price_cents)
+    SELECT order_id, line_no, sku, qty, unit_price_cents
+    FROM jsonb_to_recordset($1) AS r(order_id text, line_no integer, sku text, qty bigint,
+         unit_price_cents bigint)";
+
+const UPDATE_ORDERS: &str = "
+    UPDATE orders o SET status = u.status, reason = COALESCE(u.reason, o.reason),
+           version = u.version, updated_at = u.updated_at, last_seq = u.last_seq
+    FROM jsonb_to_recordset($1) AS u(order_id text, status text, reason text,
+         first_version bigint, version bigint, updated_at timestamptz, last_seq bigint)
+    WHERE o.order_id = u.order_id AND o.version = u.first_version - 1";
 
 /// An `OrderPlaced`, as its row needs it.
 struct Placed {

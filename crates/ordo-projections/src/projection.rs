@@ -76,6 +76,24 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
+/// Runs `sql` with `rows` as its `$1` (a JSON array, read with `jsonb_to_recordset`) and says
+/// whether it wrote every row. Set-wise `apply_all`s are built of these.
+pub async fn write_all(
+    connection: &mut PgConnection,
+    sql: &'static str,
+    rows: Vec<serde_json::Value>,
+) -> Result<bool, ApplyError> {
+    if rows.is_empty() {
+        return Ok(true);
+    }
+    let expected = rows.len() as u64;
+    let written = sqlx::query(sql)
+        .bind(serde_json::Value::Array(rows))
+        .execute(connection)
+        .await?;
+    Ok(written.rows_affected() == expected)
+}
+
 /// A timestamp as PostgreSQL stores it (microseconds, truncated as sqlx binds them), for rows
 /// sent as JSON.
 pub fn timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {

@@ -5,12 +5,12 @@ use ordo_eventstore::RecordedEvent;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgConnection;
 
 use crate::{
     ApplyError, Projection,
-    projection::{bigint, timestamp},
+    projection::{bigint, timestamp, write_all},
 };
 
 pub struct StockView;
@@ -96,39 +96,25 @@ impl Projection for StockView {
                 changed.push(row);
             }
         }
-        if !new.is_empty() {
-            sqlx::query(
-                "INSERT INTO stock (sku, on_hand, reserved, version, updated_at, last_seq)
-                 SELECT sku, on_hand, reserved, version, updated_at, last_seq
-                 FROM jsonb_to_recordset($1) AS r(sku text, on_hand bigint, reserved bigint,
-                      version bigint, updated_at timestamptz, last_seq bigint)",
-            )
-            .bind(Value::Array(new))
-            .execute(&mut *connection)
-            .await?;
-        }
-        if !changed.is_empty() {
-            let expected = changed.len() as u64;
-            let updated = sqlx::query(
-                "UPDATE stock s SET on_hand = s.on_hand + u.on_hand,
-                        reserved = s.reserved + u.reserved, version = u.version,
-                        updated_at = u.updated_at, last_seq = u.last_seq
-                 FROM jsonb_to_recordset($1) AS u(sku text, on_hand bigint, reserved bigint,
-                      first_version bigint, version bigint, updated_at timestamptz,
-                      last_seq bigint)
-                 WHERE s.sku = u.sku AND s.version = u.first_version - 1",
-            )
-            .bind(Value::Array(changed))
-            .execute(&mut *connection)
-            .await?;
-            if updated.rows_affected() != expected {
-                // Some SKU's events do not follow its row: found and parked one by one.
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        // Any row not written (a SKU already there, a version that does not follow, a count
+        // out of bounds): the batch goes event by event, which finds the event and parks it.
+        Ok(write_all(connection, INSERT_STOCK, new).await?
+            && write_all(connection, UPDATE_STOCK, changed).await?)
     }
 }
+
+const INSERT_STOCK: &str = "
+    INSERT INTO stock (sku, on_hand, reserved, version, updated_at, last_seq)
+    SELECT sku, on_hand, reserved, version, updated_at, last_seq
+    FROM jsonb_to_recordset($1) AS r(sku text, on_hand bigint, reserved bigint, version bigint,
+         updated_at timestamptz, last_seq bigint)";
+
+const UPDATE_STOCK: &str = "
+    UPDATE stock s SET on_hand = s.on_hand + u.on_hand, reserved = s.reserved + u.reserved,
+           version = u.version, updated_at = u.updated_at, last_seq = u.last_seq
+    FROM jsonb_to_recordset($1) AS u(sku text, on_hand bigint, reserved bigint,
+         first_version bigint, version bigint, updated_at timestamptz, last_seq bigint)
+    WHERE s.sku = u.sku AND s.version = u.first_version - 1";
 
 /// What a batch's events come to for one SKU: the changes of its counts, summed.
 struct FoldedSku {

@@ -244,12 +244,12 @@ async fn streams_apply_creates_then_leaves_the_streams_alone() {
     );
     assert_eq!(
         String::from_utf8_lossy(&first.stdout),
-        "ORDO_ORDERS: created\nORDO_STOCK: created\nORDO_COMMAND_OUTCOMES: created\n"
+        "ORDO_ORDERS: created\nORDO_STOCK: created\nORDO_COMMAND_OUTCOMES: created\nORDO_SNAPSHOTS: created\n"
     );
     let again = ordo(&server.url(), &["streams", "apply"]);
     assert_eq!(
         String::from_utf8_lossy(&again.stdout),
-        "ORDO_ORDERS: unchanged\nORDO_STOCK: unchanged\nORDO_COMMAND_OUTCOMES: unchanged\n"
+        "ORDO_ORDERS: unchanged\nORDO_STOCK: unchanged\nORDO_COMMAND_OUTCOMES: unchanged\nORDO_SNAPSHOTS: unchanged\n"
     );
 }
 
