@@ -28,6 +28,8 @@ pub struct ApiState {
     pub metrics: PrometheusHandle,
     /// Wakes reads waiting for `min_seq` when a projector commits a batch.
     pub checkpoints: CheckpointSignals,
+    /// The stream definitions of this deployment: `/readyz` says how running streams differ.
+    pub streams: Vec<ordo_eventstore::StreamDefinition>,
 }
 
 impl ApiState {
@@ -48,6 +50,7 @@ impl ApiState {
                 .time_to_live(Duration::from_secs(1))
                 .build(),
             metrics: prometheus(),
+            streams: ordo_eventstore::StreamDefinition::built_in(),
         }
     }
 }

@@ -91,9 +91,28 @@ pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // A stream that differs from its definition does not make ordo unready; it is shown, for an
+    // operator to decide whether to run `ordo streams apply`.
+    let js = async_nats::jetstream::new(state.nats.clone());
+    let mut streams = serde_json::Map::new();
+    if nats == "ok" {
+        for definition in &state.streams {
+            let shown = match definition.drift(&js).await {
+                Ok(Some(fields)) if fields.is_empty() => "ok".to_owned(),
+                Ok(Some(fields)) => format!("differs from its definition: {}", fields.join(", ")),
+                Ok(None) => "missing".to_owned(),
+                Err(err) => err.to_string(),
+            };
+            streams.insert(definition.config.name.clone(), shown.into());
+        }
+    }
     (
         status,
-        Json(json!({"ready": ready, "checks": {"postgres": postgres, "nats": nats}})),
+        Json(json!({
+            "ready": ready,
+            "checks": {"postgres": postgres, "nats": nats},
+            "streams": streams,
+        })),
     )
 }
 

@@ -39,6 +39,15 @@ pub struct StreamDefinition {
     fields: serde_json::Map<String, Value>,
 }
 
+/// What `ensure` found of one stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    Created,
+    Matches,
+    /// The running stream differs from its definition in these fields; it was left as it is.
+    Differs(Vec<String>),
+}
+
 /// What `apply` did to one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -122,6 +131,54 @@ impl StreamDefinition {
             .collect()
     }
 
+    /// The same definition with `replicas` replicas (a cluster's setting, not the file's).
+    pub fn with_replicas(mut self, replicas: usize) -> Self {
+        self.config.num_replicas = replicas;
+        self.fields
+            .insert("num_replicas".into(), Value::from(replicas as u64));
+        self
+    }
+
+    /// How the running stream differs from this definition: `None` when it does not exist.
+    pub async fn drift(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<Option<Vec<String>>, StreamsError> {
+        let failed = |reason: String| StreamsError::JetStream {
+            stream: self.config.name.clone(),
+            reason,
+        };
+        match js.get_stream(&self.config.name).await {
+            Ok(mut live) => {
+                let info = live.info().await.map_err(|err| failed(err.to_string()))?;
+                Ok(Some(self.differences(&info.config)))
+            }
+            Err(err) if is_stream_not_found(&err) => Ok(None),
+            Err(err) => Err(failed(err.to_string())),
+        }
+    }
+
+    /// Creates the stream if it is missing; never changes a running one, only says how it
+    /// differs. What every component does at start-up: a stream's settings change only through
+    /// `ordo streams apply`, so that one component cannot undo an operator's choice (a stream at
+    /// 3 replicas reset to 1 by a process started with the defaults).
+    pub async fn ensure(&self, js: &jetstream::Context) -> Result<Ensured, StreamsError> {
+        match self.drift(js).await? {
+            Some(differences) if differences.is_empty() => Ok(Ensured::Matches),
+            Some(differences) => Ok(Ensured::Differs(differences)),
+            None => {
+                js.create_stream(self.config.clone()).await.map_err(|err| {
+                    StreamsError::JetStream {
+                        stream: self.config.name.clone(),
+                        reason: err.to_string(),
+                    }
+                })?;
+                tracing::info!(stream = %self.config.name, "created stream");
+                Ok(Ensured::Created)
+            }
+        }
+    }
+
     /// Creates the stream if it is missing, updates it if a field of the file differs.
     pub async fn apply(&self, js: &jetstream::Context) -> Result<Applied, StreamsError> {
         let failed = |reason: String| StreamsError::JetStream {
@@ -159,6 +216,18 @@ fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
         jetstream::context::GetStreamErrorKind::JetStream(js_err)
             if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
     )
+}
+
+/// Ensures every definition in order and reports what it found of each stream.
+pub async fn ensure_all(
+    js: &jetstream::Context,
+    definitions: &[StreamDefinition],
+) -> Result<Vec<(String, Ensured)>, StreamsError> {
+    let mut ensured = Vec::with_capacity(definitions.len());
+    for definition in definitions {
+        ensured.push((definition.config.name.clone(), definition.ensure(js).await?));
+    }
+    Ok(ensured)
 }
 
 /// Applies every definition in order and reports what happened to each stream.

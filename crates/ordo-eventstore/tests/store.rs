@@ -9,7 +9,7 @@ use ordo_domain::{
 };
 use ordo_eventstore::{
     EventMetadata, EventStore, LoadError, Loaded, PublishError, Repository, StreamDefinition,
-    streams::{Applied, apply_all},
+    streams::{Applied, Ensured, apply_all, ensure_all},
 };
 use ordo_testkit::NatsServer;
 
@@ -336,4 +336,59 @@ async fn a_long_history_is_loaded_from_its_snapshot_and_the_events_after_it() {
         let loaded = store.load::<StockAggregate>("LONG").await.unwrap();
         assert_eq!((loaded.version, loaded.state.unwrap().on_hand), (2_520, 2_520));
     }
+}
+
+#[tokio::test]
+async fn ensure_creates_missing_streams_and_never_changes_a_running_one() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    // An operator set ORDO_STOCK up differently (here: a shorter duplicate window).
+    let mut operators = StreamDefinition::built_in();
+    operators[1].config.duplicate_window = Duration::from_secs(30);
+    apply_all(&js, &operators[1..2]).await.unwrap();
+
+    // A component started with the defaults creates the missing streams, and only reports ORDO_STOCK.
+    let ensured = ensure_all(&js, &StreamDefinition::built_in())
+        .await
+        .unwrap();
+    let ensured: Vec<(&str, &Ensured)> = ensured
+        .iter()
+        .map(|(name, what)| (name.as_str(), what))
+        .collect();
+    assert_eq!(
+        ensured,
+        [
+            ("ORDO_ORDERS", &Ensured::Created),
+            (
+                "ORDO_STOCK",
+                &Ensured::Differs(vec!["duplicate_window".into()])
+            ),
+            ("ORDO_COMMAND_OUTCOMES", &Ensured::Created),
+            ("ORDO_SNAPSHOTS", &Ensured::Created),
+        ]
+    );
+    let live = js
+        .get_stream("ORDO_STOCK")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert_eq!(
+        live.duplicate_window,
+        Duration::from_secs(30),
+        "left as the operator set it"
+    );
+
+    // Replicas come from configuration, for every definition alike.
+    let three = StreamDefinition::built_in()
+        .into_iter()
+        .map(|definition| definition.with_replicas(3));
+    assert!(
+        three
+            .into_iter()
+            .all(|definition| definition.config.num_replicas == 3)
+    );
 }

@@ -4,7 +4,10 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use anyhow::Context;
-use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
+use ordo_eventstore::{
+    EventStore, StreamDefinition,
+    streams::{Ensured, ensure_all},
+};
 use ordo_projections::{Projector, ProjectorConfig, orders::OrdersView, stock::StockView};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -39,15 +42,63 @@ impl Shutdown {
     }
 }
 
-/// Creates or updates the streams. Every long-running command does it first (it is idempotent),
-/// so that no component finds a stream missing.
-pub async fn apply_streams(nats: &async_nats::Client) -> anyhow::Result<()> {
+/// Which stream definitions this deployment uses: every component must be given the same.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct StreamSettings {
+    /// Replicas of every stream (3 on a 3-node cluster). Unset: as the definitions say (1).
+    #[arg(long, env = "ORDO_STREAM_REPLICAS", global = true)]
+    pub stream_replicas: Option<usize>,
+    /// A directory of stream definitions (*.json, as in streams/) to use instead of the
+    /// built-in ones.
+    #[arg(long, env = "ORDO_STREAMS_DIR", global = true)]
+    pub streams_dir: Option<std::path::PathBuf>,
+}
+
+impl StreamSettings {
+    pub fn definitions(&self) -> anyhow::Result<Vec<StreamDefinition>> {
+        let definitions = match &self.streams_dir {
+            Some(dir) => StreamDefinition::from_dir(dir)?,
+            None => StreamDefinition::built_in(),
+        };
+        Ok(match self.stream_replicas {
+            Some(replicas) => definitions
+                .into_iter()
+                .map(|definition| definition.with_replicas(replicas))
+                .collect(),
+            None => definitions,
+        })
+    }
+}
+
+/// Creates the streams that are missing. Every long-running command does it first, so that no
+/// component finds a stream missing; none changes a running stream (only `ordo streams apply`
+/// does): one that differs from the definitions is reported, in the log and in the gauge
+/// `ordo_stream_config_drift{stream}`, and left as it is.
+pub async fn ensure_streams(
+    nats: &async_nats::Client,
+    settings: &StreamSettings,
+) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats.clone());
-    let applied = apply_all(&js, &StreamDefinition::built_in())
+    let ensured = ensure_all(&js, &settings.definitions()?)
         .await
-        .context("applying the JetStream streams (is JetStream enabled on the server?)")?;
-    for (stream, applied) in applied {
-        tracing::info!(%stream, %applied, "stream");
+        .context("creating the JetStream streams (is JetStream enabled on the server?)")?;
+    for (stream, ensured) in ensured {
+        let drift = match &ensured {
+            Ensured::Differs(fields) => {
+                tracing::warn!(
+                    %stream,
+                    ?fields,
+                    "the stream's configuration differs from ordo's definition; left as it is \
+                     (`ordo streams apply` changes it)"
+                );
+                1.0
+            }
+            Ensured::Created | Ensured::Matches => {
+                tracing::info!(%stream, ?ensured, "stream");
+                0.0
+            }
+        };
+        metrics::gauge!("ordo_stream_config_drift", "stream" => stream).set(drift);
     }
     Ok(())
 }
@@ -227,17 +278,15 @@ pub async fn api(
     addr: SocketAddr,
     pool: PgPool,
     nats: async_nats::Client,
+    streams: StreamSettings,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let mut state = ordo_api::ApiState::new(pool, nats);
+    state.streams = streams.definitions()?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening on {addr} (set ORDO_HTTP_ADDR to use another address)")
     })?;
-    ordo_api::serve(
-        listener,
-        ordo_api::ApiState::new(pool, nats),
-        shutdown.signal(),
-    )
-    .await?;
+    ordo_api::serve(listener, state, shutdown.signal()).await?;
     Ok(())
 }
 

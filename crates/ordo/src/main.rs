@@ -23,7 +23,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use components::Shutdown;
-use ordo_eventstore::{StreamDefinition, streams::apply_all};
+use ordo_eventstore::streams::apply_all;
 use tokio::task::JoinSet;
 
 #[derive(Parser)]
@@ -61,6 +61,9 @@ struct Cli {
 
     #[command(flatten)]
     load_shedding: components::LoadSheddingOptions,
+
+    #[command(flatten)]
+    streams: components::StreamSettings,
 
     #[command(subcommand)]
     command: Command,
@@ -130,9 +133,10 @@ enum Component {
 
 #[derive(Subcommand)]
 enum StreamsAction {
-    /// Create missing streams and update those whose definition changed.
+    /// Create missing streams and update those whose definition changed: the only command that
+    /// changes a running stream (the components only create missing ones).
     Apply {
-        /// Apply the *.json definitions of this directory instead of the built-in ones.
+        /// Apply the *.json definitions of this directory (the same as --streams-dir).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
@@ -195,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up => up(cli, shutdown).await,
         Command::Run { component } => {
-            let Some(nats) = connect_nats(&shutdown, &nats_url).await? else {
+            let Some(nats) = connect_nats(&shutdown, &nats_url, &cli.streams).await? else {
                 return Ok(());
             };
             let Some(pool) = shutdown
@@ -240,7 +244,13 @@ async fn main() -> anyhow::Result<()> {
                     let pool = pool.expect("a pool for the API");
                     components.spawn(named(
                         "api",
-                        components::api(cli.http_addr, pool, nats.clone(), shutdown.clone()),
+                        components::api(
+                            cli.http_addr,
+                            pool,
+                            nats.clone(),
+                            cli.streams.clone(),
+                            shutdown.clone(),
+                        ),
                     ));
                 }
                 Component::Saga => {
@@ -261,10 +271,11 @@ async fn main() -> anyhow::Result<()> {
             action: StreamsAction::Apply { dir },
         } => {
             let nats = connect::connect_once(&nats_url).await?;
-            let definitions = match dir {
-                Some(dir) => StreamDefinition::from_dir(&dir)?,
-                None => StreamDefinition::built_in(),
+            let settings = components::StreamSettings {
+                streams_dir: dir.or(cli.streams.streams_dir.clone()),
+                ..cli.streams.clone()
             };
+            let definitions = settings.definitions()?;
             let js = async_nats::jetstream::new(nats);
             for (stream, applied) in apply_all(&js, &definitions).await? {
                 println!("{stream}: {applied}");
@@ -348,7 +359,7 @@ async fn main() -> anyhow::Result<()> {
 async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url, &cli.home).await?;
     let (database_url, _local_postgres) = database::url_for_up(cli.database_url, &cli.home).await?;
-    let Some(nats) = connect_nats(&shutdown, &nats_url).await? else {
+    let Some(nats) = connect_nats(&shutdown, &nats_url, &cli.streams).await? else {
         return Ok(());
     };
     let Some(pool) = shutdown
@@ -382,7 +393,13 @@ async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     components.spawn(named("notifier", notifier));
     components.spawn(named(
         "api",
-        components::api(cli.http_addr, pool, nats.clone(), shutdown.clone()),
+        components::api(
+            cli.http_addr,
+            pool,
+            nats.clone(),
+            cli.streams.clone(),
+            shutdown.clone(),
+        ),
     ));
     tracing::info!(api = %format!("http://{}", cli.http_addr), "ordo is up");
     supervise(components, shutdown, nats).await
@@ -400,6 +417,7 @@ async fn named(
 async fn connect_nats(
     shutdown: &Shutdown,
     url: &str,
+    streams: &components::StreamSettings,
 ) -> anyhow::Result<Option<async_nats::Client>> {
     let Some(nats) = shutdown
         .unless_triggered(connect::connect_with_backoff(url))
@@ -408,7 +426,7 @@ async fn connect_nats(
     else {
         return Ok(None);
     };
-    components::apply_streams(&nats).await?;
+    components::ensure_streams(&nats, streams).await?;
     Ok(Some(nats))
 }
 

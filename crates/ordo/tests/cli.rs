@@ -375,3 +375,66 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
 
     assert!(up.terminate().success());
 }
+
+#[tokio::test]
+async fn a_component_never_changes_a_running_stream_it_reports_the_difference() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The operator's definitions: ORDO_STOCK with a shorter duplicate window, applied.
+    let definitions = dir.path().join("streams");
+    std::fs::create_dir(&definitions).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../streams");
+    for file in [
+        "orders.json",
+        "stock.json",
+        "command-outcomes.json",
+        "snapshots.json",
+    ] {
+        let json = std::fs::read_to_string(root.join(file)).unwrap();
+        let json = if file == "stock.json" {
+            json.replace(
+                "\"duplicate_window\": 120000000000",
+                "\"duplicate_window\": 30000000000",
+            )
+        } else {
+            json
+        };
+        std::fs::write(definitions.join(file), json).unwrap();
+    }
+    let applied = ordo(
+        &server.url(),
+        &["streams", "apply", "--dir", definitions.to_str().unwrap()],
+    );
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // A command service started with the built-in definitions serves, and leaves it alone.
+    let log = dir.path().join("ordo.log");
+    let _service = Running::start(&server.url(), &log);
+    let client = server.client().await;
+    let reply = request_when_up(
+        &client,
+        "ordo.cmd.stock.receive",
+        json!({"sku": "A1", "qty": 1}),
+    )
+    .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let live = async_nats::jetstream::new(client)
+        .get_stream("ORDO_STOCK")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .duplicate_window;
+    assert_eq!(live, Duration::from_secs(30));
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("ORDO_STOCK") && logged.contains("differs from ordo's definition"),
+        "{logged}"
+    );
+}

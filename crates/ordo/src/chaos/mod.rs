@@ -168,7 +168,7 @@ pub async fn run(
         .connect(&nats_url)
         .await
         .with_context(|| format!("connecting to {nats_url}"))?;
-    crate::components::apply_streams(&nats).await?;
+    crate::components::ensure_streams(&nats, &Default::default()).await?;
     ordo_projections::schema::prepare(database.pool()).await?;
     let js = async_nats::jetstream::new(nats.clone());
 
