@@ -10,6 +10,6 @@ mod nats;
 mod postgres;
 mod postgres_server;
 
-pub use nats::{MINIMUM_VERSION, NatsServer, find_nats_server, parse_version};
+pub use nats::{MINIMUM_VERSION, NatsCluster, NatsServer, find_nats_server, parse_version};
 pub use postgres::TestDatabase;
 pub use postgres_server::{PostgresServer, find_postgres_bin};

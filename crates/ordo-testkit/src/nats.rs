@@ -14,8 +14,18 @@ pub struct NatsServer {
     binary: PathBuf,
     port: u16,
     store: Store,
+    /// Set for a node of a [`NatsCluster`].
+    cluster: Option<ClusterNode>,
     /// Behind a lock so that a test can kill and restart the server while others use it.
     child: std::sync::Mutex<Option<Child>>,
+}
+
+/// How a node joins its cluster.
+struct ClusterNode {
+    cluster_name: String,
+    server_name: String,
+    route_port: u16,
+    routes: Vec<u16>,
 }
 
 /// Where the server keeps its data: a temporary directory deleted on drop (tests), or a
@@ -46,10 +56,16 @@ impl NatsServer {
             binary,
             port: free_port(),
             store: Store::Temporary(store),
+            cluster: None,
             child: Default::default(),
         };
         server.spawn();
         server
+    }
+
+    /// This node's name in its cluster (`n1`, `n2`…), if it is in one.
+    pub fn server_name(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|node| node.server_name.as_str())
     }
 
     /// Starts a nats-server whose data stays in `dir` after it stops, on `port` if that is free,
@@ -66,6 +82,7 @@ impl NatsServer {
             binary,
             port,
             store: Store::Kept(dir.to_owned()),
+            cluster: None,
             child: Default::default(),
         };
         server.spawn();
@@ -138,7 +155,8 @@ impl NatsServer {
             .append(true)
             .open(self.log_file())
             .expect("open the nats-server log");
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args([
                 "-a",
                 "127.0.0.1",
@@ -147,7 +165,23 @@ impl NatsServer {
                 "-js",
                 "-sd",
             ])
-            .arg(self.store.path().join("jetstream"))
+            .arg(self.store.path().join("jetstream"));
+        if let Some(node) = &self.cluster {
+            let routes: Vec<String> = node
+                .routes
+                .iter()
+                .map(|port| format!("nats://127.0.0.1:{port}"))
+                .collect();
+            command
+                .args(["--server_name", &node.server_name])
+                .args(["--cluster_name", &node.cluster_name])
+                .args([
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{}", node.route_port),
+                ])
+                .args(["--routes", &routes.join(",")]);
+        }
+        let child = command
             .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -163,6 +197,79 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// A nats-server cluster with JetStream on loopback, owned by one test: `size` processes with
+/// their own client and route ports and stores, any of which can be killed and restarted.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> Self {
+        let binary = find_nats_server().unwrap_or_else(|problem| panic!("{problem}"));
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let nodes: Vec<NatsServer> = (0..size)
+            .map(|index| NatsServer {
+                binary: binary.clone(),
+                port: free_port(),
+                store: Store::Temporary(
+                    tempfile::Builder::new()
+                        .prefix("ordo-nats-cluster-")
+                        .tempdir()
+                        .expect("create a temporary store for nats-server"),
+                ),
+                cluster: Some(ClusterNode {
+                    cluster_name: "ordo-test".into(),
+                    server_name: format!("n{}", index + 1),
+                    route_port: route_ports[index],
+                    routes: route_ports.clone(),
+                }),
+                child: Default::default(),
+            })
+            .collect();
+        for node in &nodes {
+            node.spawn();
+        }
+        Self { nodes }
+    }
+
+    /// Every node's client URL, comma-separated, as NATS clients take a server list.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn nodes(&self) -> &[NatsServer] {
+        &self.nodes
+    }
+
+    /// The node named `server_name` (as a stream's `cluster.leader` names it).
+    pub fn node(&self, server_name: &str) -> Option<&NatsServer> {
+        self.nodes
+            .iter()
+            .find(|node| node.server_name() == Some(server_name))
+    }
+
+    /// Connects a client to any node, reconnecting quickly to the others.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 50).min(500))
+            })
+            .connect(
+                self.nodes
+                    .iter()
+                    .map(|node| node.url().parse().expect("a server address"))
+                    .collect::<Vec<async_nats::ServerAddr>>(),
+            )
+            .await
+            .expect("connect to the test nats cluster")
     }
 }
 

@@ -76,10 +76,10 @@ impl StreamSettings {
 /// `ordo_stream_config_drift{stream}`, and left as it is.
 pub async fn ensure_streams(
     nats: &async_nats::Client,
-    settings: &StreamSettings,
+    definitions: &[StreamDefinition],
 ) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats.clone());
-    let ensured = ensure_all(&js, &settings.definitions()?)
+    let ensured = ensure_all(&js, definitions)
         .await
         .context("creating the JetStream streams (is JetStream enabled on the server?)")?;
     for (stream, ensured) in ensured {

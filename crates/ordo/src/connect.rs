@@ -109,7 +109,7 @@ async fn probe(url: &str) -> Result<(), String> {
 }
 
 /// The servers of a URL list: `nats://a:4222,nats://b:4222` names a cluster.
-fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+pub(crate) fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     url.split(',')
         .map(|one| {
             one.trim()

@@ -426,8 +426,33 @@ async fn connect_nats(
     else {
         return Ok(None);
     };
-    components::ensure_streams(&nats, streams).await?;
-    Ok(Some(nats))
+    // Bad definition files are an error now; a JetStream that does not answer yet (a cluster
+    // electing its leaders, a node down) is waited for.
+    let definitions = streams.definitions()?;
+    let mut backoff = ordo_eventstore::backoff::Backoff::new(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(10),
+    );
+    loop {
+        match shutdown
+            .unless_triggered(components::ensure_streams(&nats, &definitions))
+            .await
+        {
+            None => return Ok(None),
+            Some(Ok(())) => return Ok(Some(nats)),
+            Some(Err(err)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(err = %format!("{err:#}"), retry_in = ?delay, "the streams cannot be created or checked yet; retrying");
+                if shutdown
+                    .unless_triggered(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+            }
+        }
+    }
 }
 
 /// PostgreSQL for the components that use it (all but the command service).

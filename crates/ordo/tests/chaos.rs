@@ -1,18 +1,90 @@
-//! The short chaos drill of the test suite: the whole system as processes, two of each worker,
-//! random SIGKILLs every second, nats-server SIGKILLed and kept down, and every command service
-//! taken away for longer than the saga's step timeout (5 s). Every invariant must hold.
+//! The short chaos drills of the test suite: the whole system as processes, two of each worker,
+//! random SIGKILLs every second, and either one nats-server SIGKILLed and kept down with every
+//! command service taken away for longer than the saga's step timeout (5 s), or a 3-node cluster
+//! whose stream leaders are SIGKILLed. Every invariant must hold.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use serde_json::Value;
+
+/// Runs `ordo chaos` with `args` and returns its report and what it printed.
+fn drill(dir: &Path, args: &[&str]) -> (Value, String) {
+    let report_file = dir.join("report.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_ordo"))
+        .arg("chaos")
+        .args(args)
+        .arg("--report")
+        .arg(&report_file)
+        .arg("--logs")
+        .arg(dir.join("logs"))
+        .env_remove("ORDO_NATS_URL")
+        .env_remove("ORDO_DATABASE_URL")
+        .output()
+        .expect("run ordo chaos");
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    let report: Value = serde_json::from_slice(&std::fs::read(&report_file).unwrap_or_default())
+        .unwrap_or_else(|err| {
+            panic!(
+                "no report ({err}); stdout:\n{printed}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert!(output.status.success(), "the drill failed:\n{printed}");
+    assert_eq!(report["violations"], Value::Array(vec![]), "{printed}");
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["settled"], true, "{printed}");
+    (report, printed)
+}
+
+#[test]
+fn a_short_drill_on_a_cluster_whose_stream_leaders_are_killed_breaks_no_invariant() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, printed) = drill(
+        dir.path(),
+        &[
+            "--cluster",
+            "3",
+            "--kill-nodes",
+            "2",
+            "--node-down",
+            "4",
+            "--duration",
+            "30",
+            "--kill-interval",
+            "1",
+            "--clients",
+            "8",
+            "--seed",
+            "20261128",
+            "--settle-timeout",
+            "120",
+        ],
+    );
+    let killed = report["node_kills"].as_array().unwrap();
+    assert_eq!(killed.len(), 2, "{printed}");
+    assert!(
+        killed[0]
+            .as_str()
+            .unwrap()
+            .contains("leader of ORDO_ORDERS")
+    );
+    assert!(killed[1].as_str().unwrap().contains("leader of ORDO_STOCK"));
+    assert!(
+        report["commands"]["acknowledged"].as_u64().unwrap() > 500,
+        "{printed}"
+    );
+    assert!(
+        report["orders"]["confirmed"].as_u64().unwrap_or(0) > 0,
+        "{printed}"
+    );
+}
 
 #[test]
 fn a_short_drill_with_kills_a_server_restart_and_a_command_outage_breaks_no_invariant() {
     let dir = tempfile::tempdir().unwrap();
-    let report_file = dir.path().join("report.json");
-    let output = Command::new(env!("CARGO_BIN_EXE_ordo"))
-        .args([
-            "chaos",
+    let (report, printed) = drill(
+        dir.path(),
+        &[
             "--duration",
             "30",
             "--kill-interval",
@@ -29,27 +101,8 @@ fn a_short_drill_with_kills_a_server_restart_and_a_command_outage_breaks_no_inva
             "20261127",
             "--settle-timeout",
             "120",
-            "--report",
-        ])
-        .arg(&report_file)
-        .arg("--logs")
-        .arg(dir.path().join("logs"))
-        .env_remove("ORDO_NATS_URL")
-        .env_remove("ORDO_DATABASE_URL")
-        .output()
-        .expect("run ordo chaos");
-    let printed = String::from_utf8_lossy(&output.stdout);
-    let report: Value = serde_json::from_slice(&std::fs::read(&report_file).unwrap_or_default())
-        .unwrap_or_else(|err| {
-            panic!(
-                "no report ({err}); stdout:\n{printed}\nstderr:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
-    assert!(output.status.success(), "the drill failed:\n{printed}");
-    assert_eq!(report["violations"], Value::Array(vec![]), "{printed}");
-    assert_eq!(report["passed"], true);
-    assert_eq!(report["settled"], true, "{printed}");
+        ],
+    );
     // The drill did what it says: faults happened and load got through.
     let kills: u64 = report["kills"]
         .as_object()

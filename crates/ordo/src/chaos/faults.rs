@@ -31,6 +31,10 @@ pub struct Faults {
     /// When nats-server goes down, in order.
     nats_server_at: Vec<Duration>,
     next_nats_server: usize,
+    /// When a cluster node (the leader of a stream) is killed, in order.
+    node_kill_at: Vec<Duration>,
+    next_node_kill: usize,
+    pub node_kills: Vec<String>,
     /// What is down, and when it comes back.
     down: Vec<(Instant, Down)>,
     pub nats_restarts: u32,
@@ -63,6 +67,11 @@ impl Faults {
                 .map(|i| duration.mul_f64(f64::from(i) / f64::from(restarts + 1)))
                 .collect(),
             next_nats_server: 0,
+            node_kill_at: (1..=options.kill_nodes)
+                .map(|i| duration.mul_f64(f64::from(i) / f64::from(options.kill_nodes + 1)))
+                .collect(),
+            next_node_kill: 0,
+            node_kills: Vec::new(),
             down: Vec::new(),
             nats_restarts: 0,
             unexpected_exits: Vec::new(),
@@ -146,6 +155,24 @@ impl Faults {
             self.next_nats_server += 1;
         }
         due
+    }
+
+    /// The stream whose leader is due to be killed now: `ORDO_ORDERS`, then `ORDO_STOCK`, in
+    /// turn.
+    pub fn node_kill_due(&mut self, elapsed: Duration) -> Option<&'static str> {
+        let due = self
+            .node_kill_at
+            .get(self.next_node_kill)
+            .is_some_and(|at| elapsed >= *at);
+        if !due {
+            return None;
+        }
+        self.next_node_kill += 1;
+        Some(if self.next_node_kill % 2 == 1 {
+            "ORDO_ORDERS"
+        } else {
+            "ORDO_STOCK"
+        })
     }
 
     fn in_outage(&self, component: Component) -> bool {

@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::Context;
 use fleet::{Component, Fleet, Launch};
-use ordo_testkit::{NatsServer, TestDatabase};
+use ordo_testkit::{NatsCluster, NatsServer, TestDatabase};
 use rand::{SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
@@ -75,6 +75,17 @@ pub struct ChaosOptions {
     /// How long nats-server stays down each time, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub nats_down: f64,
+    /// Run against a cluster of this many nats-servers (3, 5…), every stream with as many
+    /// replicas. 0: one nats-server.
+    #[arg(long, default_value_t = 0)]
+    pub cluster: usize,
+    /// How often the node leading ORDO_ORDERS, then the one leading ORDO_STOCK (in turn), is
+    /// SIGKILLed and kept down during the load (needs --cluster).
+    #[arg(long, default_value_t = 0)]
+    pub kill_nodes: u32,
+    /// How long a killed node stays down, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub node_down: f64,
     /// Take every instance of a component away at once for SECS (repeatable), e.g. commands:15.
     #[arg(long = "outage", value_parser = outage)]
     pub outages: Vec<Outage>,
@@ -118,6 +129,8 @@ pub struct Report {
     pub commands: load::CommandCounts,
     pub kills: BTreeMap<Component, u32>,
     pub nats_restarts: u32,
+    /// Cluster nodes killed, as "n2 (leader of ORDO_ORDERS)".
+    pub node_kills: Vec<String>,
     pub outages: Vec<Outage>,
     /// Processes that exited without being killed: (component, instance, status).
     pub unexpected_exits: Vec<(Component, usize, String)>,
@@ -154,21 +167,54 @@ pub async fn run(
             .keep(),
     };
 
-    // The servers: a nats-server of the drill's own (or the one given), a fresh database.
-    let nats_server = match nats_url {
-        Some(_) => None,
-        None => Some(tokio::task::spawn_blocking(NatsServer::start).await?),
+    if options.kill_nodes > 0 && options.cluster < 3 {
+        anyhow::bail!("--kill-nodes needs a cluster of at least 3 nodes: add --cluster 3");
+    }
+    if options.cluster > 0 && (nats_url.is_some() || options.nats_restarts > 0) {
+        anyhow::bail!(
+            "--cluster starts a cluster of the drill's own: leave --nats-url and --nats-restarts unset"
+        );
+    }
+
+    // The servers: a nats-server (or cluster) of the drill's own, or the one given; a fresh
+    // database.
+    let cluster = if options.cluster > 0 {
+        let size = options.cluster;
+        Some(tokio::task::spawn_blocking(move || NatsCluster::start(size)).await?)
+    } else {
+        None
     };
-    let nats_url = nats_url.unwrap_or_else(|| nats_server.as_ref().expect("started").url());
+    let nats_server = match (&nats_url, &cluster) {
+        (None, None) => Some(tokio::task::spawn_blocking(NatsServer::start).await?),
+        _ => None,
+    };
+    let nats_url = match (&cluster, &nats_server) {
+        (Some(cluster), _) => cluster.url(),
+        (None, Some(server)) => server.url(),
+        (None, None) => nats_url.expect("given"),
+    };
+    let streams = crate::components::StreamSettings {
+        stream_replicas: (options.cluster > 1).then_some(options.cluster),
+        ..Default::default()
+    };
     let (admin_url, _private_postgres) = postgres_server(database_url).await?;
     let database = TestDatabase::create_on(&admin_url).await;
     let nats = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
-        .connect(&nats_url)
+        .connect(crate::connect::server_addrs(&nats_url)?)
         .await
         .with_context(|| format!("connecting to {nats_url}"))?;
-    crate::components::ensure_streams(&nats, &Default::default()).await?;
+    ordo_testkit::NatsServer::wait_for_jetstream(&nats).await;
+    // A new cluster may still be electing its leaders: try for a while.
+    let definitions = streams.definitions()?;
+    let mut ensured = crate::components::ensure_streams(&nats, &definitions).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ensured.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        ensured = crate::components::ensure_streams(&nats, &definitions).await;
+    }
+    ensured?;
     ordo_projections::schema::prepare(database.pool()).await?;
     let js = async_nats::jetstream::new(nats.clone());
 
@@ -181,6 +227,10 @@ pub async fn run(
             ("ORDO_NATS_URL".into(), nats_url.clone()),
             ("ORDO_DATABASE_URL".into(), database.url().to_owned()),
             ("ORDO_HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+            (
+                "ORDO_STREAM_REPLICAS".into(),
+                streams.stream_replicas.unwrap_or(1).to_string(),
+            ),
             ("ORDO_HOME".into(), logs.join("home").display().to_string()),
             (
                 "ORDO_PAYMENT_DECLINE_RATE".into(),
@@ -257,13 +307,49 @@ pub async fn run(
             })?;
             faults.nats_restarts += 1;
         }
+        if let Some(stream) = faults.node_kill_due(elapsed) {
+            let cluster = cluster.as_ref().expect("--kill-nodes needs --cluster");
+            let leader = match js.get_stream(stream).await {
+                Ok(mut live) => live
+                    .info()
+                    .await
+                    .ok()
+                    .and_then(|info| info.cluster.clone())
+                    .and_then(|cluster| cluster.leader),
+                Err(_) => None,
+            };
+            if let Some(node) = leader.as_deref().and_then(|name| cluster.node(name)) {
+                let name = leader.clone().unwrap_or_default();
+                progress.note(format!(
+                    "nats node {name} (leader of {stream}) SIGKILLed, down for {} s",
+                    options.node_down
+                ));
+                node.kill();
+                tokio::time::sleep(secs(options.node_down)).await;
+                let restarted =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.restart()));
+                restarted.map_err(|_| {
+                    anyhow::anyhow!(
+                        "nats node {name} did not start again; see {}",
+                        node.log_file().display()
+                    )
+                })?;
+                faults
+                    .node_kills
+                    .push(format!("{name} (leader of {stream})"));
+            }
+        }
         progress.tick(
             elapsed,
             &history,
             &fleet.lock().expect("not poisoned").kills,
         );
     }
-    let (nats_restarts, mut unexpected_exits) = (faults.nats_restarts, faults.unexpected_exits);
+    let (nats_restarts, node_kills, mut unexpected_exits) = (
+        faults.nats_restarts,
+        faults.node_kills,
+        faults.unexpected_exits,
+    );
     stop.store(true, Ordering::Relaxed);
     {
         let mut fleet = fleet.lock().expect("not poisoned");
@@ -330,6 +416,7 @@ pub async fn run(
         commands: history.counts(),
         kills,
         nats_restarts,
+        node_kills,
         outages: options.outages.clone(),
         unexpected_exits,
         orders,
@@ -420,6 +507,13 @@ pub fn print(report: &Report) {
         }
     );
     println!("  nats-server {} restarts", report.nats_restarts);
+    if !report.node_kills.is_empty() {
+        println!(
+            "  nats nodes  {} killed: {}",
+            report.node_kills.len(),
+            report.node_kills.join(", ")
+        );
+    }
     for outage in &report.outages {
         println!(
             "  outage      every {} for {} s",
