@@ -87,6 +87,26 @@ pub fn router(state: ApiState) -> Router {
         .with_state(Arc::new(state))
 }
 
+/// Serves only `GET /metrics` (Prometheus text of this process) on `listener` until `shutdown`
+/// completes: the metrics port of a worker that has no HTTP API (`--metrics-addr`).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = prometheus();
+    let router = Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tracing::info!(addr = %listener.local_addr()?, "metrics ready");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// Serves on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,

@@ -13,4 +13,4 @@ pub mod error;
 pub mod ops;
 pub mod reads;
 
-pub use app::{ApiState, router, serve};
+pub use app::{ApiState, prometheus, router, serve, serve_metrics};

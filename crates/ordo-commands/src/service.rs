@@ -217,6 +217,7 @@ impl Drop for AbortOnDrop {
 }
 
 async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
+    let started = std::time::Instant::now();
     let header = |name: &str| {
         request
             .message
@@ -266,6 +267,17 @@ async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
     }
     .instrument(span)
     .await;
+    let outcome = match reply["ok"].as_bool() {
+        Some(true) => "ok".to_owned(),
+        _ => reply["error"]["code"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_owned(),
+    };
+    metrics::counter!("ordo_commands_total", "endpoint" => endpoint.name(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("ordo_command_duration_seconds", "endpoint" => endpoint.name())
+        .record(started.elapsed().as_secs_f64());
     let body = serde_json::to_vec(&reply).expect("replies serialize");
     if let Err(err) = request.respond(Ok(body.into())).await {
         tracing::warn!(endpoint = endpoint.name(), %err, "could not send the reply");

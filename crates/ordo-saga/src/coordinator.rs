@@ -702,7 +702,9 @@ fn saga_row(
 }
 
 /// Writes the rows (of `saga_row`) whose version is still the one expected (any version when
-/// none is) and returns the order ids written.
+/// none is) and returns the (order id, expected version) of each row written. The version tells
+/// apart two rows of one saga in one batch (two drivers of it in one coordinator, after a lease
+/// ran out): only the one whose version matches is written, and only it may be told so.
 const SAVE_SAGAS: &str = "
     UPDATE sagas s SET state = u.state, steps = u.steps, reason = u.reason, data = u.data,
            updated_at = now(),
@@ -715,7 +717,7 @@ const SAVE_SAGAS: &str = "
                                      data jsonb, next_attempt_at timestamptz,
                                      before_pivot boolean, expected bigint, deadline_at timestamptz)
     WHERE s.order_id = u.order_id AND (u.expected IS NULL OR s.version = u.expected)
-    RETURNING s.order_id";
+    RETURNING s.order_id, u.expected";
 
 /// Writes one saga, if its version is still `expected` (any version when `None`), and says
 /// whether it did.
@@ -727,7 +729,7 @@ async fn save(
     deadline: Option<DateTime<Utc>>,
 ) -> Result<bool, sqlx::Error> {
     let row = saga_row(saga, expected, next_attempt_at, deadline);
-    let saved: Vec<String> = sqlx::query_scalar(SAVE_SAGAS)
+    let saved: Vec<(String, Option<i64>)> = sqlx::query_as(SAVE_SAGAS)
         .bind(Value::Array(vec![row]))
         .fetch_all(executor)
         .await?;
@@ -740,6 +742,7 @@ struct Saves(mpsc::Sender<SaveRequest>);
 
 struct SaveRequest {
     order_id: String,
+    expected: i64,
     row: Value,
     saved: oneshot::Sender<Result<bool, String>>,
 }
@@ -756,6 +759,7 @@ impl Saves {
         let (saved, answer) = oneshot::channel();
         let request = SaveRequest {
             order_id: saga.order_id.to_string(),
+            expected,
             row: saga_row(saga, Some(expected), next_attempt_at, deadline),
             saved,
         };
@@ -773,16 +777,16 @@ async fn save_batches(pool: PgPool, mut requests: mpsc::Receiver<SaveRequest>) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, SAVE_BATCH).await > 0 {
         let rows = Value::Array(batch.iter().map(|request| request.row.clone()).collect());
-        let result: Result<Vec<String>, sqlx::Error> = sqlx::query_scalar(SAVE_SAGAS)
-            .bind(rows)
-            .fetch_all(&pool)
-            .await;
+        let result: Result<Vec<(String, Option<i64>)>, sqlx::Error> =
+            sqlx::query_as(SAVE_SAGAS).bind(rows).fetch_all(&pool).await;
         metrics::histogram!("ordo_saga_save_batch_size").record(batch.len() as f64);
         match result {
             Ok(saved) => {
-                let saved: std::collections::HashSet<String> = saved.into_iter().collect();
+                let saved: std::collections::HashSet<(String, Option<i64>)> =
+                    saved.into_iter().collect();
                 for request in batch.drain(..) {
-                    let _ = request.saved.send(Ok(saved.contains(&request.order_id)));
+                    let written = saved.contains(&(request.order_id, Some(request.expected)));
+                    let _ = request.saved.send(Ok(written));
                 }
             }
             Err(err) => {
@@ -813,4 +817,65 @@ fn order_event(payload: &[u8]) -> Option<(OrderId, OrderEvent, DateTime<Utc>)> {
     };
     let order_id = OrderId::parse(envelope.aggregate_id.clone()).ok()?;
     Some((order_id, event, envelope.at))
+}
+
+#[cfg(test)]
+mod tests {
+    use ordo_domain::{CustomerId, Sku, order::OrderLine};
+    use ordo_testkit::TestDatabase;
+
+    use super::*;
+
+    fn saga(order_id: &str) -> Saga {
+        let line = OrderLine {
+            sku: Sku::parse("A1").unwrap(),
+            qty: 1,
+            unit_price_cents: 100,
+        };
+        Saga::start(
+            OrderId::parse(order_id).unwrap(),
+            CustomerId::parse("c1").unwrap(),
+            &[line],
+            100,
+        )
+    }
+
+    /// Two drivers of one saga in one coordinator (the first one's lease ran out and the saga
+    /// was claimed again) can have their saves in one batch: only the one holding the saga's
+    /// version is written and told so; the stale one must stop, not go on as if saved.
+    #[tokio::test]
+    async fn in_one_batch_only_the_save_at_the_sagas_version_is_told_it_was_written() {
+        let database = TestDatabase::create().await;
+        ordo_projections::schema::prepare(database.pool())
+            .await
+            .unwrap();
+        let pool = database.pool().clone();
+        let stale = saga("o-1");
+        sqlx::query(
+            "INSERT INTO sagas (order_id, state, steps, data, version, next_attempt_at)
+             VALUES ('o-1', 'running', '[]', $1, 7, now())",
+        )
+        .bind(serde_json::to_value(&stale).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+        let current = stale.clone().record(0, Outcome::Succeeded, Utc::now());
+
+        let (sender, receiver) = mpsc::channel(8);
+        let saver = tokio::spawn(save_batches(pool.clone(), receiver));
+        let saves = Saves(sender);
+        // Queued before the saver looks, so that both go in one statement.
+        let (first, second) = tokio::join!(
+            saves.save(&current, 6, Some(Utc::now()), None),
+            saves.save(&current, 7, Some(Utc::now()), None),
+        );
+        assert_eq!((first, second), (Ok(false), Ok(true)));
+        let version: i64 = sqlx::query_scalar("SELECT version FROM sagas WHERE order_id = 'o-1'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(version, 8);
+        drop(saves);
+        saver.await.unwrap();
+    }
 }

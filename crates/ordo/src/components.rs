@@ -290,6 +290,15 @@ pub async fn api(
     Ok(())
 }
 
+/// Serves this process's metrics on `addr` until shutdown.
+pub async fn metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("listening for metrics on {addr} (set ORDO_METRICS_ADDR to use another address)")
+    })?;
+    ordo_api::serve_metrics(listener, shutdown.signal()).await?;
+    Ok(())
+}
+
 /// Rebuilds the view `name` with a progress bar (events/s, ETA) on a terminal, plain lines
 /// otherwise.
 pub async fn rebuild(name: &str, pool: &PgPool, nats: &async_nats::Client) -> anyhow::Result<()> {

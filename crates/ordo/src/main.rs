@@ -52,6 +52,11 @@ struct Cli {
     )]
     http_addr: SocketAddr,
 
+    /// Serve this process's metrics (Prometheus text, `GET /metrics`) on this address. `ordo up`
+    /// and `ordo run api` also serve them on the API's address.
+    #[arg(long, env = "ORDO_METRICS_ADDR", global = true)]
+    metrics_addr: Option<SocketAddr>,
+
     /// Where `ordo up` keeps the data of servers it starts itself.
     #[arg(long, env = "ORDO_HOME", default_value = ".ordo", global = true)]
     home: PathBuf,
@@ -183,6 +188,10 @@ async fn main() -> anyhow::Result<()> {
             | Command::Chaos(..)
     );
     let _telemetry = telemetry::init(client_only)?;
+    if matches!(cli.command, Command::Up | Command::Run { .. }) {
+        // The process-wide metrics recorder, before anything records a metric.
+        ordo_api::prometheus();
+    }
     let nats_url = connect::configured_url(cli.nats_url.clone(), &cli.home);
     let database_url = database::configured_url(cli.database_url.clone(), &cli.home);
     // Ctrl-C and SIGTERM stop a long-running command at any moment, also while it still waits
@@ -209,6 +218,12 @@ async fn main() -> anyhow::Result<()> {
                 return Ok(());
             };
             let mut components = JoinSet::new();
+            if let Some(addr) = cli.metrics_addr {
+                components.spawn(named(
+                    "metrics",
+                    components::metrics(addr, shutdown.clone()),
+                ));
+            }
             match component {
                 Component::Commands => {
                     components.spawn(named(

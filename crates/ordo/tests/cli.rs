@@ -438,3 +438,44 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
         "{logged}"
     );
 }
+
+#[tokio::test]
+async fn a_worker_serves_its_metrics_on_its_metrics_address() {
+    let server = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let url = server.url();
+    let _service = Running::start_with(
+        &["run", "commands"],
+        &[
+            ("ORDO_NATS_URL", url.as_str()),
+            ("ORDO_METRICS_ADDR", addr.as_str()),
+        ],
+        &dir.path().join("ordo.log"),
+    );
+    let client = server.client().await;
+    // A malformed order, so that a command counter moves.
+    request_when_up(&client, "ordo.cmd.order.place", json!({"nonsense": true})).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        match reqwest::get(format!("http://{addr}/metrics")).await {
+            Ok(response) if response.status().is_success() => {
+                break response.text().await.unwrap();
+            }
+            other => {
+                assert!(Instant::now() < deadline, "no metrics: {other:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert!(
+        metrics
+            .contains(r#"ordo_commands_total{endpoint="order.place",outcome="invalid_command"} 1"#),
+        "{metrics}"
+    );
+}
