@@ -145,6 +145,18 @@ pub struct Report {
     pub logs: PathBuf,
 }
 
+/// SIGKILLs `server`, keeps it down for `down` seconds, then starts it again on its store.
+async fn down_for(server: &NatsServer, down: f64, what: &str) -> anyhow::Result<()> {
+    server.kill();
+    tokio::time::sleep(secs(down)).await;
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.restart())).map_err(|_| {
+        anyhow::anyhow!(
+            "{what} did not start again; see {}",
+            server.log_file().display()
+        )
+    })
+}
+
 /// Runs the drill; returns its report (`passed` is true only with no violation).
 pub async fn run(
     options: ChaosOptions,
@@ -295,16 +307,7 @@ pub async fn run(
                 "nats-server SIGKILLed, down for {} s",
                 options.nats_down
             ));
-            server.kill();
-            tokio::time::sleep(secs(options.nats_down)).await;
-            let restarted =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.restart()));
-            restarted.map_err(|_| {
-                anyhow::anyhow!(
-                    "nats-server did not start again; see {}",
-                    server.log_file().display()
-                )
-            })?;
+            down_for(server, options.nats_down, "nats-server").await?;
             faults.nats_restarts += 1;
         }
         if let Some(stream) = faults.node_kill_due(elapsed) {
@@ -324,16 +327,7 @@ pub async fn run(
                     "nats node {name} (leader of {stream}) SIGKILLed, down for {} s",
                     options.node_down
                 ));
-                node.kill();
-                tokio::time::sleep(secs(options.node_down)).await;
-                let restarted =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.restart()));
-                restarted.map_err(|_| {
-                    anyhow::anyhow!(
-                        "nats node {name} did not start again; see {}",
-                        node.log_file().display()
-                    )
-                })?;
+                down_for(node, options.node_down, &format!("nats node {name}")).await?;
                 faults
                     .node_kills
                     .push(format!("{name} (leader of {stream})"));
