@@ -81,11 +81,12 @@ impl CommandService {
     ) -> Result<Self, ServiceError> {
         let shed = Arc::new(AtomicU64::new(0));
         let shed_seen = shed.clone();
+        let place = micro_name(Endpoint::OrderPlace);
         let service = client
             .service_builder()
             .description("ordo commands: orders and stock")
             .stats_handler(move |endpoint, _| {
-                if endpoint == Endpoint::OrderPlace.name().replace('.', "-") {
+                if endpoint == place {
                     serde_json::json!({"shed": shed_seen.load(Ordering::Relaxed)})
                 } else {
                     serde_json::Value::Null
@@ -100,7 +101,7 @@ impl CommandService {
         for endpoint in Endpoint::ALL {
             let requests = group
                 .endpoint_builder()
-                .name(endpoint.name().replace('.', "-"))
+                .name(micro_name(endpoint))
                 .add(endpoint.name())
                 .await
                 .map_err(|err| ServiceError(format!("{}: {err}", endpoint.subject())))?;
@@ -206,6 +207,11 @@ impl CommandService {
         tracing::info!("command service stopped");
         Ok(())
     }
+}
+
+/// An endpoint's name in the micro service (`order-place`): names there may not hold dots.
+fn micro_name(endpoint: Endpoint) -> String {
+    endpoint.name().replace('.', "-")
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -228,21 +228,18 @@ impl EventStore {
         let snapshot = self.snapshot::<A>(aggregate_id).await.filter(|snapshot| {
             snapshot.version <= last.envelope.version && snapshot.last_seq <= last.seq
         });
-        let loaded = match snapshot {
-            Some(snapshot) => match self.fold_after(stream, &subject, snapshot, &last).await? {
-                Some(loaded) => loaded,
-                // The snapshot does not line up with the stream: trust the stream alone.
-                None => self
-                    .fold_after(stream, &subject, Loaded::new_aggregate(), &last)
-                    .await?
-                    .ok_or_else(|| LoadError::Unavailable(format!("{subject}: version gap")))?,
-            },
+        let from_snapshot = match snapshot {
+            Some(snapshot) => self.fold_after(stream, &subject, snapshot, &last).await?,
+            None => None,
+        };
+        // Without a snapshot, or with one that does not line up with the stream: the stream alone.
+        let mut loaded = match from_snapshot {
+            Some(loaded) => loaded,
             None => self
                 .fold_after(stream, &subject, Loaded::new_aggregate(), &last)
                 .await?
                 .ok_or_else(|| LoadError::Unavailable(format!("{subject}: version gap")))?,
         };
-        let mut loaded = loaded;
         if loaded.version - loaded.snapshot_version >= SNAPSHOT_EVERY {
             // A long replay: the next cold load should not repeat it.
             self.save_snapshot(aggregate_id, &loaded).await;

@@ -144,17 +144,13 @@ impl StreamDefinition {
         &self,
         js: &jetstream::Context,
     ) -> Result<Option<Vec<String>>, StreamsError> {
-        let failed = |reason: String| StreamsError::JetStream {
-            stream: self.config.name.clone(),
-            reason,
-        };
         match js.get_stream(&self.config.name).await {
             Ok(mut live) => {
-                let info = live.info().await.map_err(|err| failed(err.to_string()))?;
+                let info = live.info().await.map_err(|err| self.failed(err))?;
                 Ok(Some(self.differences(&info.config)))
             }
             Err(err) if is_stream_not_found(&err) => Ok(None),
-            Err(err) => Err(failed(err.to_string())),
+            Err(err) => Err(self.failed(err)),
         }
     }
 
@@ -167,13 +163,7 @@ impl StreamDefinition {
             Some(differences) if differences.is_empty() => Ok(Ensured::Matches),
             Some(differences) => Ok(Ensured::Differs(differences)),
             None => {
-                js.create_stream(self.config.clone()).await.map_err(|err| {
-                    StreamsError::JetStream {
-                        stream: self.config.name.clone(),
-                        reason: err.to_string(),
-                    }
-                })?;
-                tracing::info!(stream = %self.config.name, "created stream");
+                self.create(js).await?;
                 Ok(Ensured::Created)
             }
         }
@@ -181,31 +171,34 @@ impl StreamDefinition {
 
     /// Creates the stream if it is missing, updates it if a field of the file differs.
     pub async fn apply(&self, js: &jetstream::Context) -> Result<Applied, StreamsError> {
-        let failed = |reason: String| StreamsError::JetStream {
-            stream: self.config.name.clone(),
-            reason,
-        };
-        match js.get_stream(&self.config.name).await {
-            Ok(mut live) => {
-                let info = live.info().await.map_err(|err| failed(err.to_string()))?;
-                let differences = self.differences(&info.config);
-                if differences.is_empty() {
-                    return Ok(Applied::Unchanged);
-                }
+        match self.drift(js).await? {
+            Some(differences) if differences.is_empty() => Ok(Applied::Unchanged),
+            Some(differences) => {
                 tracing::info!(stream = %self.config.name, ?differences, "updating stream");
                 js.update_stream(&self.config)
                     .await
-                    .map_err(|err| failed(err.to_string()))?;
+                    .map_err(|err| self.failed(err))?;
                 Ok(Applied::Updated)
             }
-            Err(err) if is_stream_not_found(&err) => {
-                js.create_stream(self.config.clone())
-                    .await
-                    .map_err(|err| failed(err.to_string()))?;
-                tracing::info!(stream = %self.config.name, "created stream");
+            None => {
+                self.create(js).await?;
                 Ok(Applied::Created)
             }
-            Err(err) => Err(failed(err.to_string())),
+        }
+    }
+
+    async fn create(&self, js: &jetstream::Context) -> Result<(), StreamsError> {
+        js.create_stream(self.config.clone())
+            .await
+            .map_err(|err| self.failed(err))?;
+        tracing::info!(stream = %self.config.name, "created stream");
+        Ok(())
+    }
+
+    fn failed(&self, err: impl std::fmt::Display) -> StreamsError {
+        StreamsError::JetStream {
+            stream: self.config.name.clone(),
+            reason: err.to_string(),
         }
     }
 }
