@@ -9,14 +9,12 @@
 //!   with optimistic concurrency, retry on conflict.
 //! - [`service`]: [`CommandService`], the micro service with its queue group, concurrency limit and
 //!   graceful shutdown.
-//! - [`trace`]: W3C trace context, so one trace follows a command into its event.
 
 pub mod backpressure;
 pub mod handler;
 pub mod hostile;
 pub mod outcomes;
 pub mod service;
-pub mod trace;
 pub mod wire;
 
 pub use handler::CommandHandler;

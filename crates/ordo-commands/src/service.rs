@@ -11,14 +11,13 @@ use std::{
 
 use async_nats::service::{Request, ServiceExt};
 use futures::StreamExt;
-use ordo_eventstore::EventMetadata;
+use ordo_eventstore::{EventMetadata, trace};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tracing::Instrument;
 
 use crate::{
     backpressure::{BacklogLimits, Gate},
     handler::CommandHandler,
-    trace,
     wire::{self, Endpoint, ErrorCode, SUBJECT_PREFIX, error_reply},
 };
 
@@ -232,14 +231,17 @@ async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
             .and_then(|headers| headers.get(name))
             .map(|value| value.as_str().to_owned())
     };
-    let caller_trace = header("traceparent");
     let span = tracing::info_span!(
         "command",
+        otel.name = %endpoint.subject(),
         endpoint = endpoint.name(),
-        command_id = tracing::field::Empty
+        command_id = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
-    trace::continue_trace(&span, caller_trace.as_deref());
-    let traceparent = trace::event_traceparent(&span, caller_trace.as_deref());
+    // The event keeps the command's context: what reacts to it continues this trace.
+    let passed_on = trace::follow(&span, trace::extract(request.message.headers.as_ref()));
+    let traceparent = trace::traceparent(&passed_on);
     let reply = async {
         match wire::parse(
             endpoint,
@@ -264,14 +266,14 @@ async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
                     correlation_id: header(HEADER_CORRELATION_ID)
                         .unwrap_or_else(|| parsed.command_id.clone()),
                     causation_id: header(HEADER_CAUSATION_ID),
-                    traceparent: Some(traceparent),
+                    traceparent,
                     command_id: parsed.command_id.clone(),
                 };
                 serving.handler.execute(&parsed, &metadata).await
             }
         }
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await;
     let outcome = match reply["ok"].as_bool() {
         Some(true) => "ok".to_owned(),
@@ -280,6 +282,7 @@ async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
             .unwrap_or("unknown")
             .to_owned(),
     };
+    span.record("outcome", outcome.as_str());
     metrics::counter!("ordo_commands_total", "endpoint" => endpoint.name(), "outcome" => outcome)
         .increment(1);
     metrics::histogram!("ordo_command_duration_seconds", "endpoint" => endpoint.name())

@@ -67,7 +67,7 @@ impl Step {
     }
 
     /// Compensations undo; their business failures mean there was nothing (left) to undo.
-    fn is_compensation(&self) -> bool {
+    pub fn is_compensation(&self) -> bool {
         matches!(
             self,
             Self::Release { .. } | Self::Refund { .. } | Self::Reject { .. }

@@ -8,6 +8,7 @@
 //!   map to typed outcomes (conflict, duplicate, unavailable).
 //! - [`store`]: [`EventStore`], which loads an aggregate from its subject and appends one event
 //!   with optimistic concurrency, with a moka cache of `(state, last sequence)` per aggregate.
+//! - [`trace`]: W3C trace context in NATS headers, so that one trace follows an order.
 //!
 //! Subjects are `ordo.<category>.events.<aggregate id>`; the stream sequence of an aggregate's last
 //! event is the expected sequence of its next append (0 for a new aggregate).
@@ -17,6 +18,7 @@ pub mod envelope;
 pub mod publish;
 pub mod store;
 pub mod streams;
+pub mod trace;
 
 pub use envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent};
 pub use publish::{Appended, PublishError};

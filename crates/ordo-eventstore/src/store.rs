@@ -11,6 +11,7 @@ use async_nats::jetstream::{
 };
 use chrono::Utc;
 use futures::StreamExt;
+use tracing::Instrument;
 use moka::future::Cache;
 use ordo_domain::Aggregate;
 
@@ -408,7 +409,8 @@ impl EventStore {
             metadata,
             Utc::now(),
         );
-        conditional_publish(
+        let started = std::time::Instant::now();
+        let appended = conditional_publish(
             &self.client,
             &subject,
             envelope.headers(metadata),
@@ -417,7 +419,25 @@ impl EventStore {
             loaded.last_seq,
             self.request_timeout,
         )
-        .await
+        .instrument(tracing::info_span!(
+            "append",
+            otel.name = %format_args!("append {}", envelope.event_type),
+            %subject,
+            expected_seq = loaded.last_seq,
+        ))
+        .await;
+        let category = A::CATEGORY;
+        metrics::histogram!("ordo_append_duration_seconds", "category" => category)
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match &appended {
+            Ok(appended) if appended.duplicate => "duplicate",
+            Ok(_) => "appended",
+            Err(PublishError::Conflict { .. }) => "conflict",
+            Err(_) => "failed",
+        };
+        metrics::counter!("ordo_appends_total", "category" => category, "outcome" => outcome)
+            .increment(1);
+        appended
     }
 
     /// A raw conditional publish on any stream of this store (used for command outcomes).

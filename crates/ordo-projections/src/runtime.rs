@@ -7,7 +7,7 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, pull},
 };
 use futures::StreamExt;
-use ordo_eventstore::{EventEnvelope, RecordedEvent, backoff::Backoff};
+use ordo_eventstore::{EventEnvelope, RecordedEvent, backoff::Backoff, trace};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::{ApplyError, Projection, schema};
@@ -203,13 +203,18 @@ impl<P: Projection> Projector<P> {
                 .await
                 .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
             let mut batch = Vec::new();
+            // A span per event, under the command that wrote it, only for a trace viewer.
+            let mut spans = Vec::new();
             let mut last_message = None;
+            let mut pending = 0;
             while let Some(message) = messages.next().await {
                 let message = message.map_err(|err| ProjectorError::JetStream(err.to_string()))?;
-                let seq = message
+                let info = message
                     .info()
-                    .map_err(|err| ProjectorError::JetStream(err.to_string()))?
-                    .stream_sequence;
+                    .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+                let seq = info.stream_sequence;
+                // Events in the stream after this one that the projector has not fetched.
+                pending = info.pending;
                 if seq > checkpoint + batch.len() as u64 + 1 {
                     return Err(ProjectorError::Gap {
                         expected: checkpoint + batch.len() as u64 + 1,
@@ -217,6 +222,17 @@ impl<P: Projection> Projector<P> {
                     });
                 }
                 if seq > checkpoint {
+                    if trace::exporting() {
+                        let span = tracing::info_span!(
+                            "project",
+                            otel.name = %format_args!("project {}", P::NAME),
+                            projection = P::NAME,
+                            seq,
+                            trace_id = tracing::field::Empty,
+                        );
+                        trace::follow(&span, trace::extract(message.headers.as_ref()));
+                        spans.push(span);
+                    }
                     batch.push(Fetched::new(
                         seq,
                         message.subject.to_string(),
@@ -235,7 +251,11 @@ impl<P: Projection> Projector<P> {
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("ordo_projection_events_total", &labels)
                     .increment(batch.len() as u64);
+                // Each event's span ends with the transaction that applied it.
+                drop(spans);
             }
+            metrics::gauge!("ordo_projection_lag_events", "projection" => P::NAME)
+                .set(pending as f64);
             if let Some(message) = last_message {
                 // Acks everything up to it (ack policy "all"); a lost ack only means a redelivery
                 // that the checkpoint skips.

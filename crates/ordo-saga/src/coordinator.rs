@@ -36,10 +36,12 @@ use ordo_domain::{
     order::OrderEvent,
     saga::{Outcome, Saga, SagaState, Step},
 };
-use ordo_eventstore::{EventEnvelope, backoff::Backoff};
+use opentelemetry::Context;
+use ordo_eventstore::{EventEnvelope, backoff::Backoff, trace};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use crate::payment::{PaymentError, PaymentGateway};
 
@@ -121,6 +123,8 @@ struct Claimed {
     saga: Saga,
     version: i64,
     deadline: Option<DateTime<Utc>>,
+    /// The order's trace (its OrderPlaced event's `traceparent`): every step continues it.
+    traceparent: Option<String>,
 }
 
 impl<G: PaymentGateway> Coordinator<G> {
@@ -247,38 +251,41 @@ impl<G: PaymentGateway> Coordinator<G> {
             .iter()
             .map(|message| order_event(&message.payload))
             .collect();
-        let mut starts: BTreeMap<String, (Saga, DateTime<Utc>)> = BTreeMap::new();
-        for (order_id, event, at) in events.iter().flatten() {
-            if let OrderEvent::OrderPlaced {
+        let mut starts: BTreeMap<String, (Saga, DateTime<Utc>, Option<String>)> = BTreeMap::new();
+        for (message, event) in messages.iter().zip(&events) {
+            if let Some((order_id, OrderEvent::OrderPlaced {
                 customer_id,
                 lines,
                 total_cents,
                 ..
-            } = event
+            }, at)) = event
             {
                 let saga = Saga::start(order_id.clone(), customer_id.clone(), lines, *total_cents);
-                starts.insert(order_id.to_string(), (saga, *at));
+                let traceparent = trace::traceparent(&trace::extract(message.headers.as_ref()));
+                starts.insert(order_id.to_string(), (saga, *at, traceparent));
             }
         }
         let mut new_sagas = Vec::new();
         if !starts.is_empty() {
             let rows: Vec<Value> = starts
                 .values()
-                .map(|(saga, at)| {
+                .map(|(saga, at, traceparent)| {
                     json!({
                         "order_id": saga.order_id.as_str(),
                         "state": saga.state.as_str(),
                         "steps": steps_json(saga),
                         "data": saga,
                         "started_at": at,
+                        "traceparent": traceparent,
                     })
                 })
                 .collect();
             let inserted: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO sagas (order_id, state, steps, data, started_at, updated_at, next_attempt_at)
-                 SELECT order_id, state, steps, data, started_at, now(), now() + make_interval(secs => $2)
+                "INSERT INTO sagas (order_id, state, steps, data, started_at, updated_at, next_attempt_at, traceparent)
+                 SELECT order_id, state, steps, data, started_at, now(), now() + make_interval(secs => $2), traceparent
                  FROM jsonb_to_recordset($1)
-                      AS s(order_id text, state text, steps jsonb, data jsonb, started_at timestamptz)
+                      AS s(order_id text, state text, steps jsonb, data jsonb, started_at timestamptz,
+                           traceparent text)
                  ON CONFLICT (order_id) DO NOTHING
                  RETURNING order_id",
             )
@@ -287,11 +294,12 @@ impl<G: PaymentGateway> Coordinator<G> {
             .fetch_all(&self.pool)
             .await?;
             for order_id in inserted {
-                if let Some((saga, _)) = starts.remove(&order_id) {
+                if let Some((saga, _, traceparent)) = starts.remove(&order_id) {
                     new_sagas.push(Claimed {
                         saga,
                         version: 0,
                         deadline: None,
+                        traceparent,
                     });
                 }
             }
@@ -391,7 +399,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                    WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
                    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
              WHERE s.order_id = due.order_id
-             RETURNING s.order_id, s.data, s.deadline_at, s.version",
+             RETURNING s.order_id, s.data, s.deadline_at, s.version, s.traceparent",
         )
         .bind(limit as i64)
         .bind(self.config.lease().as_secs_f64())
@@ -404,6 +412,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                     saga,
                     version: row.get("version"),
                     deadline: row.get("deadline_at"),
+                    traceparent: row.get("traceparent"),
                 }),
                 Err(err) => {
                     // Claiming it again would fail the same way: set it aside, visibly.
@@ -439,8 +448,38 @@ impl<G: PaymentGateway> Coordinator<G> {
             let mut keep_driving = false;
             if let Some((index, planned)) = claimed.saga.next_step() {
                 let step = planned.step.clone();
-                let outcome = self.run_step(&claimed.saga, index, &step).await;
-                tracing::debug!(order_id = %claimed.saga.order_id, step = step.kind(), ?outcome, "saga step");
+                let span = tracing::info_span!(
+                    "saga_step",
+                    otel.name = %format_args!("saga {}", step.kind()),
+                    order_id = %claimed.saga.order_id,
+                    step = step.kind(),
+                    index,
+                    attempt = planned.attempts + 1,
+                    outcome = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
+                );
+                let passed_on = trace::follow(
+                    &span,
+                    trace::from_traceparent(claimed.traceparent.as_deref()),
+                );
+                let started = std::time::Instant::now();
+                let outcome = self
+                    .run_step(&claimed.saga, index, &step, &passed_on)
+                    .instrument(span.clone())
+                    .await;
+                let outcome_name = outcome_name(&outcome);
+                span.record("outcome", outcome_name);
+                metrics::histogram!(
+                    "ordo_saga_step_duration_seconds",
+                    "step" => step.kind(),
+                    "outcome" => outcome_name,
+                )
+                .record(started.elapsed().as_secs_f64());
+                if step.is_compensation() && outcome_name == "succeeded" {
+                    metrics::counter!("ordo_saga_compensations_total", "step" => step.kind())
+                        .increment(1);
+                }
+                tracing::debug!(parent: &span, ?outcome, "saga step");
                 let unknown = matches!(outcome, Outcome::Unknown(_));
                 let before_pivot =
                     claimed.saga.state == SagaState::Running && !claimed.saga.reached_pivot();
@@ -498,7 +537,8 @@ impl<G: PaymentGateway> Coordinator<G> {
         chrono::Duration::from_std(jittered).unwrap_or_default()
     }
 
-    async fn run_step(&self, saga: &Saga, index: usize, step: &Step) -> Outcome {
+    /// Runs one step; `trace` is the step span's context, passed on to the command it sends.
+    async fn run_step(&self, saga: &Saga, index: usize, step: &Step, trace: &Context) -> Outcome {
         let order_id = saga.order_id.clone();
         let request = match step {
             Step::Reserve { sku, qty } => CommandRequest::ReserveStock {
@@ -520,27 +560,40 @@ impl<G: PaymentGateway> Coordinator<G> {
             },
             Step::Confirm => {
                 let request = CommandRequest::ConfirmOrder { order_id };
-                return match self.send_command(saga, index, &request).await {
+                return match self.send_command(saga, index, &request, trace).await {
                     Outcome::Succeeded => Outcome::Succeeded,
                     not_ok => self.resolve_confirm(&saga.order_id, not_ok).await,
                 };
             }
             Step::Authorize { amount_cents } => {
                 let call = self.gateway.authorize(&saga.order_id, *amount_cents);
-                return payment_outcome(tokio::time::timeout(self.config.step_timeout, call).await);
+                let span = tracing::info_span!("payment", otel.name = "payment authorize", amount_cents);
+                return payment_outcome(
+                    tokio::time::timeout(self.config.step_timeout, call.instrument(span)).await,
+                );
             }
             Step::Refund { amount_cents } => {
                 let call = self.gateway.refund(&saga.order_id, *amount_cents);
-                return payment_outcome(tokio::time::timeout(self.config.step_timeout, call).await);
+                let span = tracing::info_span!("payment", otel.name = "payment refund", amount_cents);
+                return payment_outcome(
+                    tokio::time::timeout(self.config.step_timeout, call.instrument(span)).await,
+                );
             }
         };
-        self.send_command(saga, index, &request).await
+        self.send_command(saga, index, &request, trace).await
     }
 
     /// Sends step `index` of `saga` as a command and says what its reply means.
-    async fn send_command(&self, saga: &Saga, index: usize, command: &CommandRequest) -> Outcome {
+    async fn send_command(
+        &self,
+        saga: &Saga,
+        index: usize,
+        command: &CommandRequest,
+        trace: &Context,
+    ) -> Outcome {
         let subject = command.subject();
         let mut headers = async_nats::HeaderMap::new();
+        trace::inject(trace, &mut headers);
         headers.insert("Nats-Msg-Id", saga.command_id(index).as_str());
         headers.insert(
             HEADER_CORRELATION_ID,
@@ -636,6 +689,15 @@ fn outcome_text(outcome: &Outcome) -> &str {
 enum TakenIn {
     Done,
     TooEarly,
+}
+
+/// An outcome's name in metrics and spans.
+fn outcome_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Succeeded => "succeeded",
+        Outcome::Failed(_) => "failed",
+        Outcome::Unknown(_) => "unknown",
+    }
 }
 
 fn payment_outcome(

@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use ordo_domain::order::{OrderAggregate, OrderEvent};
-use ordo_eventstore::{EventEnvelope, EventStore, backoff::Backoff};
+use ordo_eventstore::{EventEnvelope, EventStore, backoff::Backoff, trace};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -137,7 +139,15 @@ impl Notifier {
                         return;
                     }
                 };
-                match self.handle(&message.payload).await {
+                let span = tracing::info_span!(
+                    "notify",
+                    otel.name = "notify",
+                    order_id = tracing::field::Empty,
+                    kind = tracing::field::Empty,
+                    trace_id = tracing::field::Empty,
+                );
+                trace::follow(&span, trace::extract(message.headers.as_ref()));
+                match self.handle(&message.payload).instrument(span).await {
                     Ok(()) => {
                         let _ = message.ack().await;
                     }
@@ -168,6 +178,9 @@ impl Notifier {
             OrderEvent::OrderPlaced { .. } => return Ok(()),
         };
         let order_id = envelope.aggregate_id.clone();
+        tracing::Span::current()
+            .record("order_id", order_id.as_str())
+            .record("kind", kind);
         // The customer comes from the order's own events, not from a view that may lag.
         let loaded = self
             .store
@@ -290,6 +303,7 @@ impl Notifier {
         }
         let body = serde_json::to_vec(payload).expect("payloads serialize");
         let mut headers = async_nats::HeaderMap::new();
+        trace::inject(&tracing::Span::current().context(), &mut headers);
         headers.insert(
             "Nats-Msg-Id",
             format!("notification:{order_id}:{kind}").as_str(),

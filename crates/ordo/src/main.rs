@@ -57,6 +57,10 @@ struct Cli {
     #[arg(long, env = "ORDO_METRICS_ADDR", global = true)]
     metrics_addr: Option<SocketAddr>,
 
+    /// How log lines are written to stderr: readable text, or one JSON object per line.
+    #[arg(long, env = "ORDO_LOG_FORMAT", value_enum, default_value_t, global = true)]
+    log_format: telemetry::LogFormat,
+
     /// Where `ordo up` keeps the data of servers it starts itself.
     #[arg(long, env = "ORDO_HOME", default_value = ".ordo", global = true)]
     home: PathBuf,
@@ -187,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
             | Command::Notifications { .. }
             | Command::Chaos(..)
     );
-    let _telemetry = telemetry::init(client_only)?;
+    let _telemetry = telemetry::init(client_only, cli.log_format)?;
     if matches!(cli.command, Command::Up | Command::Run { .. }) {
         // The process-wide metrics recorder, before anything records a metric.
         ordo_api::prometheus();
