@@ -9,10 +9,13 @@
 //!   with optimistic concurrency, retry on conflict.
 //! - [`service`]: [`CommandService`], the micro service with its queue group, concurrency limit and
 //!   graceful shutdown.
+//! - [`micro`]: the NATS micro service protocol (discovery and per-endpoint stats that count
+//!   error replies).
 
 pub mod backpressure;
 pub mod handler;
 pub mod hostile;
+pub mod micro;
 pub mod outcomes;
 pub mod service;
 pub mod wire;

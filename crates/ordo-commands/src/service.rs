@@ -9,7 +9,6 @@ use std::{
     },
 };
 
-use async_nats::service::{Request, ServiceExt};
 use futures::StreamExt;
 use ordo_eventstore::{EventMetadata, trace};
 use tokio::{sync::Semaphore, task::JoinSet};
@@ -18,6 +17,7 @@ use tracing::Instrument;
 use crate::{
     backpressure::{BacklogLimits, Gate},
     handler::CommandHandler,
+    micro::{self, EndpointInfo, Micro},
     wire::{self, Endpoint, ErrorCode, SUBJECT_PREFIX, error_reply},
 };
 
@@ -54,8 +54,10 @@ impl Default for ServiceConfig {
 
 /// What every request of one instance shares.
 struct Serving {
+    client: async_nats::Client,
     handler: Arc<CommandHandler>,
     gate: Gate,
+    micro: Arc<Micro>,
     /// `order.place` requests shed, shown by `nats micro stats ordo`.
     shed: Arc<AtomicU64>,
 }
@@ -63,16 +65,17 @@ struct Serving {
 /// The command service of one instance: subscribed, not yet serving.
 pub struct CommandService {
     client: async_nats::Client,
-    service: async_nats::service::Service,
-    requests: futures::stream::SelectAll<futures::stream::BoxStream<'static, (Endpoint, Request)>>,
+    micro: Arc<Micro>,
+    discovery: AbortOnDrop,
+    subscriptions: Vec<(Endpoint, async_nats::Subscriber)>,
     handler: Arc<CommandHandler>,
     config: ServiceConfig,
     shed: Arc<AtomicU64>,
 }
 
 impl CommandService {
-    /// Registers the micro service and subscribes every command subject. Once this returns (and
-    /// the client is flushed), requests reach this instance.
+    /// Subscribes every command subject in the queue group and answers the micro service's
+    /// discovery subjects. Once this returns, requests reach this instance.
     pub async fn start(
         client: async_nats::Client,
         handler: Arc<CommandHandler>,
@@ -81,36 +84,47 @@ impl CommandService {
         let shed = Arc::new(AtomicU64::new(0));
         let shed_seen = shed.clone();
         let place = micro_name(Endpoint::OrderPlace);
-        let service = client
-            .service_builder()
-            .description("ordo commands: orders and stock")
-            .stats_handler(move |endpoint, _| {
+        let endpoints = Endpoint::ALL
+            .iter()
+            .map(|endpoint| EndpointInfo {
+                name: micro_name(*endpoint),
+                subject: endpoint.subject(),
+            })
+            .collect();
+        let micro = Arc::new(Micro::new(
+            SERVICE_NAME,
+            env!("CARGO_PKG_VERSION"),
+            "ordo commands: orders and stock",
+            QUEUE_GROUP,
+            endpoints,
+            move |endpoint| {
                 if endpoint == place {
                     serde_json::json!({"shed": shed_seen.load(Ordering::Relaxed)})
                 } else {
                     serde_json::Value::Null
                 }
-            })
-            .queue_group(QUEUE_GROUP)
-            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-            .await
-            .map_err(|err| ServiceError(err.to_string()))?;
-        let group = service.group(SUBJECT_PREFIX);
-        let mut endpoints = Vec::with_capacity(Endpoint::ALL.len());
+            },
+        ));
+        let mut subscriptions = Vec::with_capacity(Endpoint::ALL.len());
         for endpoint in Endpoint::ALL {
-            let requests = group
-                .endpoint_builder()
-                .name(micro_name(endpoint))
-                .add(endpoint.name())
+            let subscriber = client
+                .queue_subscribe(endpoint.subject(), QUEUE_GROUP.into())
                 .await
                 .map_err(|err| ServiceError(format!("{}: {err}", endpoint.subject())))?;
-            endpoints.push(requests.map(move |request| (endpoint, request)).boxed());
+            subscriptions.push((endpoint, subscriber));
         }
+        let discovery = micro
+            .clone()
+            .answer_discovery(client.clone())
+            .await
+            .map_err(|err| ServiceError(format!("the discovery subjects: {err}")))?;
         // A round trip on this connection after the subscriptions: once the service answers its
         // own PING, the server has registered every endpoint before it.
-        let id = service.info().await.id;
         client
-            .request(format!("$SRV.PING.{SERVICE_NAME}.{id}"), "".into())
+            .request(
+                format!("$SRV.PING.{SERVICE_NAME}.{}", micro.id()),
+                "".into(),
+            )
             .await
             .map_err(|err| {
                 ServiceError(format!("the service does not answer its own PING: {err}"))
@@ -122,8 +136,9 @@ impl CommandService {
         );
         Ok(Self {
             client,
-            service,
-            requests: futures::stream::select_all(endpoints),
+            micro,
+            discovery: AbortOnDrop(discovery),
+            subscriptions,
             handler,
             config,
             shed,
@@ -136,8 +151,9 @@ impl CommandService {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServiceError> {
         let Self {
             client,
-            service,
-            mut requests,
+            micro,
+            discovery,
+            mut subscriptions,
             handler,
             config,
             shed,
@@ -148,8 +164,10 @@ impl CommandService {
             AbortOnDrop(tokio::spawn(gate.clone().watch(js, limits)))
         });
         let serving = Arc::new(Serving {
+            client: client.clone(),
             handler,
             gate,
+            micro,
             shed,
         });
         let limit = Arc::new(Semaphore::new(config.max_in_flight));
@@ -162,14 +180,17 @@ impl CommandService {
             });
         };
         tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-                next = requests.next() => {
-                    let Some((endpoint, request)) = next else { break };
-                    let permit = limit.clone().acquire_owned().await.expect("the limit is never closed");
-                    serve(&mut in_flight, endpoint, request, permit);
+        {
+            let mut requests = merged(&mut subscriptions);
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                    next = requests.next() => {
+                        let Some((endpoint, request)) = next else { break };
+                        let permit = limit.clone().acquire_owned().await.expect("the limit is never closed");
+                        serve(&mut in_flight, endpoint, request, permit);
+                    }
                 }
             }
         }
@@ -177,13 +198,16 @@ impl CommandService {
             in_flight = in_flight.len(),
             "command service stopping: no new requests"
         );
-        // Unsubscribes every endpoint; each stream then yields what was already delivered, and
-        // ends.
-        service
-            .stop()
-            .await
-            .map_err(|err| ServiceError(err.to_string()))?;
+        // Unsubscribes every endpoint; each subscription then yields what was already
+        // delivered, and ends.
+        drop(discovery);
+        for (endpoint, subscriber) in &mut subscriptions {
+            if let Err(err) = subscriber.unsubscribe().await {
+                tracing::warn!(endpoint = endpoint.name(), %err, "unsubscribe not sent");
+            }
+        }
         let delivered = async {
+            let mut requests = merged(&mut subscriptions);
             while let Some((endpoint, request)) = requests.next().await {
                 let permit = limit
                     .clone()
@@ -208,6 +232,17 @@ impl CommandService {
     }
 }
 
+/// The requests of every endpoint, as they arrive.
+fn merged(
+    subscriptions: &mut [(Endpoint, async_nats::Subscriber)],
+) -> impl futures::Stream<Item = (Endpoint, async_nats::Message)> + '_ {
+    futures::stream::select_all(
+        subscriptions
+            .iter_mut()
+            .map(|(endpoint, subscriber)| subscriber.map(|message| (*endpoint, message))),
+    )
+}
+
 /// An endpoint's name in the micro service (`order-place`): names there may not hold dots.
 fn micro_name(endpoint: Endpoint) -> String {
     endpoint.name().replace('.', "-")
@@ -221,11 +256,10 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
+async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Message) {
     let started = std::time::Instant::now();
     let header = |name: &str| {
-        request
-            .message
+        message
             .headers
             .as_ref()
             .and_then(|headers| headers.get(name))
@@ -240,14 +274,10 @@ async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
         trace_id = tracing::field::Empty,
     );
     // The event keeps the command's context: what reacts to it continues this trace.
-    let passed_on = trace::follow(&span, trace::extract(request.message.headers.as_ref()));
+    let passed_on = trace::follow(&span, trace::extract(message.headers.as_ref()));
     let traceparent = trace::traceparent(&passed_on);
     let reply = async {
-        match wire::parse(
-            endpoint,
-            &request.message.payload,
-            header("Nats-Msg-Id").as_deref(),
-        ) {
+        match wire::parse(endpoint, &message.payload, header("Nats-Msg-Id").as_deref()) {
             Err(invalid) => error_reply(ErrorCode::InvalidCommand, invalid),
             Ok(_)
                 if endpoint == Endpoint::OrderPlace
@@ -275,20 +305,46 @@ async fn respond(serving: &Serving, endpoint: Endpoint, request: Request) {
     }
     .instrument(span.clone())
     .await;
-    let outcome = match reply["ok"].as_bool() {
-        Some(true) => "ok".to_owned(),
-        _ => reply["error"]["code"]
-            .as_str()
-            .unwrap_or("unknown")
-            .to_owned(),
-    };
-    span.record("outcome", outcome.as_str());
-    metrics::counter!("ordo_commands_total", "endpoint" => endpoint.name(), "outcome" => outcome)
+    let error = (reply["ok"] != true).then(|| {
+        let code = reply["error"]["code"].as_str().unwrap_or("unknown");
+        let text = reply["error"]["message"].as_str().unwrap_or("");
+        // One line: a header value may not hold a line break.
+        (
+            code.to_owned(),
+            format!("{code}: {text}").replace(['\r', '\n'], " "),
+        )
+    });
+    let outcome = error.as_ref().map_or("ok", |(code, _)| code.as_str());
+    span.record("outcome", outcome);
+    metrics::counter!("ordo_commands_total", "endpoint" => endpoint.name(), "outcome" => outcome.to_owned())
         .increment(1);
+    let took = started.elapsed();
     metrics::histogram!("ordo_command_duration_seconds", "endpoint" => endpoint.name())
-        .record(started.elapsed().as_secs_f64());
+        .record(took.as_secs_f64());
+    serving.micro.record(
+        endpoint.index(),
+        took,
+        error.as_ref().map(|(_, line)| line.as_str()),
+    );
+    let Some(reply_to) = message.reply else {
+        return; // Published, not requested: nobody to answer.
+    };
     let body = serde_json::to_vec(&reply).expect("replies serialize");
-    if let Err(err) = request.respond(Ok(body.into())).await {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some((code, line)) = &error {
+        // The micro service convention, so that tools can tell an error without the body.
+        headers.insert(micro::HEADER_SERVICE_ERROR, line.as_str());
+        let status = ErrorCode::parse(code).map_or(500, ErrorCode::status);
+        headers.insert(
+            micro::HEADER_SERVICE_ERROR_CODE,
+            status.to_string().as_str(),
+        );
+    }
+    if let Err(err) = serving
+        .client
+        .publish_with_headers(reply_to, headers, body.into())
+        .await
+    {
         tracing::warn!(endpoint = endpoint.name(), %err, "could not send the reply");
     }
 }

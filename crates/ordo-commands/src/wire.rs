@@ -70,6 +70,14 @@ impl Endpoint {
         format!("{SUBJECT_PREFIX}.{}", self.name())
     }
 
+    /// Its place in [`Self::ALL`].
+    pub fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|endpoint| *endpoint == self)
+            .expect("every endpoint is in ALL")
+    }
+
     /// `order` or `stock`: the aggregate the subject's commands act on.
     pub fn category(self) -> &'static str {
         self.name()
@@ -428,6 +436,18 @@ impl ErrorCode {
         Self::Conflict,
         Self::Unavailable,
     ];
+
+    /// The status a reply with this code carries in `Nats-Service-Error-Code`, as HTTP would
+    /// say it: the caller's mistake (400, 404), a refusal of the current state (409), or try
+    /// again later (503).
+    pub fn status(self) -> u16 {
+        match self {
+            Self::InvalidCommand => 400,
+            Self::NotFound => 404,
+            Self::InvalidState | Self::InsufficientStock | Self::Conflict => 409,
+            Self::Unavailable => 503,
+        }
+    }
 
     /// The code a reply names, if it is one of the contract's.
     pub fn parse(code: &str) -> Option<Self> {

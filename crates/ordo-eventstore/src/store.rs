@@ -11,9 +11,9 @@ use async_nats::jetstream::{
 };
 use chrono::Utc;
 use futures::StreamExt;
-use tracing::Instrument;
 use moka::future::Cache;
 use ordo_domain::Aggregate;
+use tracing::Instrument;
 
 use crate::{
     aggregate_subject,

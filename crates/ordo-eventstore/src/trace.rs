@@ -162,7 +162,11 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
         ] {
-            assert_eq!(traceparent(&extract(Some(&headers_with(bad)))), None, "{bad}");
+            assert_eq!(
+                traceparent(&extract(Some(&headers_with(bad)))),
+                None,
+                "{bad}"
+            );
         }
         assert_eq!(traceparent(&extract(None)), None);
     }

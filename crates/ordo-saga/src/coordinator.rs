@@ -27,6 +27,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use opentelemetry::Context;
 use ordo_commands::{
     service::HEADER_CORRELATION_ID,
     wire::{CommandRequest, ErrorCode, Reply},
@@ -36,7 +37,6 @@ use ordo_domain::{
     order::OrderEvent,
     saga::{Outcome, Saga, SagaState, Step},
 };
-use opentelemetry::Context;
 use ordo_eventstore::{EventEnvelope, backoff::Backoff, trace};
 use serde_json::{Value, json};
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -253,12 +253,16 @@ impl<G: PaymentGateway> Coordinator<G> {
             .collect();
         let mut starts: BTreeMap<String, (Saga, DateTime<Utc>, Option<String>)> = BTreeMap::new();
         for (message, event) in messages.iter().zip(&events) {
-            if let Some((order_id, OrderEvent::OrderPlaced {
-                customer_id,
-                lines,
-                total_cents,
-                ..
-            }, at)) = event
+            if let Some((
+                order_id,
+                OrderEvent::OrderPlaced {
+                    customer_id,
+                    lines,
+                    total_cents,
+                    ..
+                },
+                at,
+            )) = event
             {
                 let saga = Saga::start(order_id.clone(), customer_id.clone(), lines, *total_cents);
                 let traceparent = trace::traceparent(&trace::extract(message.headers.as_ref()));
@@ -567,14 +571,16 @@ impl<G: PaymentGateway> Coordinator<G> {
             }
             Step::Authorize { amount_cents } => {
                 let call = self.gateway.authorize(&saga.order_id, *amount_cents);
-                let span = tracing::info_span!("payment", otel.name = "payment authorize", amount_cents);
+                let span =
+                    tracing::info_span!("payment", otel.name = "payment authorize", amount_cents);
                 return payment_outcome(
                     tokio::time::timeout(self.config.step_timeout, call.instrument(span)).await,
                 );
             }
             Step::Refund { amount_cents } => {
                 let call = self.gateway.refund(&saga.order_id, *amount_cents);
-                let span = tracing::info_span!("payment", otel.name = "payment refund", amount_cents);
+                let span =
+                    tracing::info_span!("payment", otel.name = "payment refund", amount_cents);
                 return payment_outcome(
                     tokio::time::timeout(self.config.step_timeout, call.instrument(span)).await,
                 );

@@ -13,10 +13,10 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use ordo_domain::order::{OrderAggregate, OrderEvent};
 use ordo_eventstore::{EventEnvelope, EventStore, backoff::Backoff, trace};
-use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 #[derive(Debug, Clone)]
 pub struct NotifierConfig {

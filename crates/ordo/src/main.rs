@@ -58,7 +58,13 @@ struct Cli {
     metrics_addr: Option<SocketAddr>,
 
     /// How log lines are written to stderr: readable text, or one JSON object per line.
-    #[arg(long, env = "ORDO_LOG_FORMAT", value_enum, default_value_t, global = true)]
+    #[arg(
+        long,
+        env = "ORDO_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
     log_format: telemetry::LogFormat,
 
     /// Where `ordo up` keeps the data of servers it starts itself.

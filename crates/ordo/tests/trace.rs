@@ -178,7 +178,12 @@ fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
 
 fn attribute(span: &Span, key: &str) -> Option<String> {
     use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
-    let value = span.attributes.iter().find(|kv| kv.key == key)?.value.as_ref()?;
+    let value = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)?
+        .value
+        .as_ref()?;
     match value.value.as_ref()? {
         Any::StringValue(text) => Some(text.clone()),
         Any::IntValue(number) => Some(number.to_string()),
@@ -195,7 +200,9 @@ fn assert_parent(spans: &[Span], child: &str, parent: &str) {
     let children = named(spans, child);
     assert!(!children.is_empty(), "no span {child}");
     for span in children {
-        let found = by_id.get(&span.parent_span_id).map(|parent| parent.name.as_str());
+        let found = by_id
+            .get(&span.parent_span_id)
+            .map(|parent| parent.name.as_str());
         assert_eq!(
             found,
             Some(parent),
@@ -290,7 +297,9 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         .find(|span| attribute(span, "kind").as_deref() == Some("confirmed"))
         .expect("a notify span of kind confirmed");
     assert_eq!(
-        by_id.get(&notified.parent_span_id).map(|span| span.name.as_str()),
+        by_id
+            .get(&notified.parent_span_id)
+            .map(|span| span.name.as_str()),
         Some("ordo.cmd.order.confirm")
     );
     // A projector's apply hangs under the command whose event it applied.
@@ -354,5 +363,8 @@ async fn spans_go_over_http_protobuf_when_the_protocol_says_so() {
     let log = std::fs::read_to_string(&log).unwrap();
     let first = log.lines().next().expect("a log line");
     let line: Value = serde_json::from_str(first).unwrap_or_else(|err| panic!("{err}: {first}"));
-    assert!(line["level"].is_string() && line["fields"].is_object(), "{line}");
+    assert!(
+        line["level"].is_string() && line["fields"].is_object(),
+        "{line}"
+    );
 }

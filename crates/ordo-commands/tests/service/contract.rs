@@ -367,6 +367,84 @@ async fn the_service_is_visible_to_nats_micro_tooling() {
     assert!(!ping.payload.is_empty());
 }
 
+#[tokio::test]
+async fn error_replies_keep_their_json_body_carry_the_service_error_headers_and_count_as_errors() {
+    let engine = Engine::start().await;
+    for _ in 0..5 {
+        let reply = engine
+            .client
+            .request("ordo.cmd.order.place", "{not json".into())
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(body["ok"], false);
+        assert_eq!(body["error"]["code"], "invalid_command");
+        let headers = reply.headers.expect("error headers");
+        assert_eq!(
+            headers.get("Nats-Service-Error-Code").unwrap().as_str(),
+            "400"
+        );
+        assert!(
+            headers
+                .get("Nats-Service-Error")
+                .unwrap()
+                .as_str()
+                .starts_with("invalid_command: "),
+            "{headers:?}"
+        );
+    }
+    let accepted = engine
+        .client
+        .request(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 5}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        accepted
+            .headers
+            .is_none_or(|headers| headers.get("Nats-Service-Error").is_none()),
+        "a success carries no error header"
+    );
+
+    let stats = engine
+        .client
+        .request("$SRV.STATS.ordo", "".into())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(stats["type"], "io.nats.micro.v1.stats_response");
+    let endpoint = |name: &str| {
+        stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|endpoint| endpoint["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let place = endpoint("order-place");
+    assert_eq!(
+        (place["num_requests"].as_u64(), place["num_errors"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert!(
+        place["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid_command: ")
+    );
+    let receive = endpoint("stock-receive");
+    assert_eq!(
+        (
+            receive["num_requests"].as_u64(),
+            receive["num_errors"].as_u64()
+        ),
+        (Some(1), Some(0))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_hostile_requests_are_all_invalid_command_append_nothing_and_leave_it_healthy()
 {
