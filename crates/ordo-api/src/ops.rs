@@ -129,7 +129,7 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
                 };
                 gauge("ordo_projection_checkpoint", "checkpoint");
                 gauge("ordo_projection_stream_head", "stream_head");
-                gauge("ordo_projection_lag", "lag");
+                gauge("ordo_projection_lag_events", "lag");
                 gauge("ordo_projection_parked_events", "parked");
             }
             metrics::gauge!("ordo_read_model_up").set(1.0);

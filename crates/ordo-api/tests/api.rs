@@ -308,7 +308,7 @@ async fn operators_see_projections_readiness_and_metrics() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"ordo_projection_lag{projection="stock"} 0"#),
+        metrics.contains(r#"ordo_projection_lag_events{projection="stock"} 0"#),
         "{metrics}"
     );
 }

@@ -206,15 +206,12 @@ impl<P: Projection> Projector<P> {
             // A span per event, under the command that wrote it, only for a trace viewer.
             let mut spans = Vec::new();
             let mut last_message = None;
-            let mut pending = 0;
             while let Some(message) = messages.next().await {
                 let message = message.map_err(|err| ProjectorError::JetStream(err.to_string()))?;
-                let info = message
+                let seq = message
                     .info()
-                    .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
-                let seq = info.stream_sequence;
-                // Events in the stream after this one that the projector has not fetched.
-                pending = info.pending;
+                    .map_err(|err| ProjectorError::JetStream(err.to_string()))?
+                    .stream_sequence;
                 if seq > checkpoint + batch.len() as u64 + 1 {
                     return Err(ProjectorError::Gap {
                         expected: checkpoint + batch.len() as u64 + 1,
@@ -254,8 +251,6 @@ impl<P: Projection> Projector<P> {
                 // Each event's span ends with the transaction that applied it.
                 drop(spans);
             }
-            metrics::gauge!("ordo_projection_lag_events", "projection" => P::NAME)
-                .set(pending as f64);
             if let Some(message) = last_message {
                 // Acks everything up to it (ack policy "all"); a lost ack only means a redelivery
                 // that the checkpoint skips.

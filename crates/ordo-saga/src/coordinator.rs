@@ -125,6 +125,8 @@ struct Claimed {
     deadline: Option<DateTime<Utc>>,
     /// The order's trace (its OrderPlaced event's `traceparent`): every step continues it.
     traceparent: Option<String>,
+    /// When the order was placed: the time to settle it is counted from there.
+    placed_at: DateTime<Utc>,
 }
 
 impl<G: PaymentGateway> Coordinator<G> {
@@ -298,12 +300,13 @@ impl<G: PaymentGateway> Coordinator<G> {
             .fetch_all(&self.pool)
             .await?;
             for order_id in inserted {
-                if let Some((saga, _, traceparent)) = starts.remove(&order_id) {
+                if let Some((saga, placed_at, traceparent)) = starts.remove(&order_id) {
                     new_sagas.push(Claimed {
                         saga,
                         version: 0,
                         deadline: None,
                         traceparent,
+                        placed_at,
                     });
                 }
             }
@@ -403,7 +406,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                    WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
                    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
              WHERE s.order_id = due.order_id
-             RETURNING s.order_id, s.data, s.deadline_at, s.version, s.traceparent",
+             RETURNING s.order_id, s.data, s.deadline_at, s.version, s.traceparent, s.started_at",
         )
         .bind(limit as i64)
         .bind(self.config.lease().as_secs_f64())
@@ -417,6 +420,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                     version: row.get("version"),
                     deadline: row.get("deadline_at"),
                     traceparent: row.get("traceparent"),
+                    placed_at: row.get("started_at"),
                 }),
                 Err(err) => {
                     // Claiming it again would fail the same way: set it aside, visibly.
@@ -448,6 +452,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                 tracing::info!(order_id = %claimed.saga.order_id, "saga deadline passed; compensating");
                 claimed.saga = claimed.saga.time_out();
             }
+            let state_before = claimed.saga.state;
             let mut next_attempt = None;
             let mut keep_driving = false;
             if let Some((index, planned)) = claimed.saga.next_step() {
@@ -526,6 +531,17 @@ impl<G: PaymentGateway> Coordinator<G> {
             if !claimed.saga.state.is_active() {
                 metrics::counter!("ordo_sagas_finished_total", "state" => claimed.saga.state.as_str())
                     .increment(1);
+            }
+            let settled = matches!(
+                claimed.saga.state,
+                SagaState::Confirmed | SagaState::Rejected
+            );
+            if settled && state_before != claimed.saga.state {
+                let took = (Utc::now() - claimed.placed_at)
+                    .to_std()
+                    .unwrap_or_default();
+                metrics::histogram!("ordo_order_settle_seconds", "state" => claimed.saga.state.as_str())
+                    .record(took.as_secs_f64());
             }
             if !keep_driving {
                 return;

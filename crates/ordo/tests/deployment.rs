@@ -1,0 +1,401 @@
+//! `docker/` as a specification, checked without a Docker engine: the compose file runs every
+//! component with settings ordo understands, the alert rules and the dashboard are valid
+//! PromQL over metrics ordo exports, and those metrics are the ones docs/operations.md lists.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use promql_parser::{
+    parser::{self, Expr},
+    util::{ExprVisitor, walk_expr},
+};
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
+
+fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repository().join(path)).unwrap_or_else(|err| panic!("{path}: {err}"))
+}
+
+fn yaml(path: &str) -> Value {
+    let mut value: Value =
+        serde_yaml_ng::from_str(&read(path)).unwrap_or_else(|err| panic!("{path}: {err}"));
+    // `<<: *anchor` merges, as Docker Compose applies them.
+    value.apply_merge().unwrap();
+    value
+}
+
+/// The compose file's services, their merges applied.
+fn services() -> serde_yaml_ng::Mapping {
+    let compose = yaml("docker/compose.yaml");
+    let mut services = compose["services"].as_mapping().unwrap().clone();
+    for (_, service) in services.iter_mut() {
+        service.apply_merge().unwrap();
+        if let Some(environment) = service.get_mut("environment") {
+            environment.apply_merge().unwrap();
+        }
+    }
+    services
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        Value::Number(number) => number.to_string(),
+        other => panic!("not a scalar: {other:?}"),
+    }
+}
+
+#[test]
+fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
+    let services = services();
+    let names: BTreeSet<String> = services.keys().map(text).collect();
+    for expected in [
+        "nats-1",
+        "nats-2",
+        "nats-3",
+        "postgres",
+        "streams",
+        "commands",
+        "projectors",
+        "sagas",
+        "notifier",
+        "api",
+        "otel-collector",
+        "jaeger",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(names.contains(expected), "no service {expected}: {names:?}");
+    }
+    let replicas = |name: &str| services[name]["deploy"]["replicas"].as_u64().unwrap_or(1);
+    for worker in ["commands", "projectors", "sagas"] {
+        assert_eq!(replicas(worker), 2, "{worker} runs twice");
+    }
+    for (name, command) in [
+        ("streams", "streams apply"),
+        ("commands", "run commands"),
+        ("projectors", "run projector"),
+        ("sagas", "run saga"),
+        ("notifier", "run notifier"),
+        ("api", "run api"),
+    ] {
+        let args: Vec<String> = services[name]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect();
+        assert_eq!(args.join(" "), command, "{name}");
+    }
+}
+
+#[test]
+fn every_ordo_service_agrees_on_the_cluster_and_three_replicas_in_settings_ordo_knows() {
+    let services = services();
+    for name in [
+        "streams",
+        "commands",
+        "projectors",
+        "sagas",
+        "notifier",
+        "api",
+    ] {
+        let service = &services[name];
+        let environment = service["environment"].as_mapping().unwrap();
+        let env: BTreeMap<String, String> = environment
+            .iter()
+            .map(|(key, value)| (text(key), text(value)))
+            .collect();
+        assert_eq!(env["ORDO_STREAM_REPLICAS"], "3", "{name}");
+        assert_eq!(
+            env["ORDO_NATS_URL"], "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222",
+            "{name}"
+        );
+        assert_eq!(
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"],
+            "http://otel-collector:4317"
+        );
+        // Every ORDO_ setting is one the command it runs reads (clap shows them in --help).
+        let args: Vec<String> = service["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect();
+        let help = Command::new(ORDO)
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "ordo {args:?} --help");
+        let help = String::from_utf8_lossy(&help.stdout);
+        for key in env.keys().filter(|key| key.starts_with("ORDO_")) {
+            assert!(
+                help.contains(&format!("env: {key}")),
+                "{name}: `ordo {}` does not read {key}",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_port_the_workers_serve_metrics_on_and_loads_the_rules() {
+    let prometheus = yaml("docker/prometheus/prometheus.yml");
+    let services = services();
+    let metrics_port = text(&services["commands"]["environment"]["ORDO_METRICS_ADDR"])
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let workers = &prometheus["scrape_configs"][0]["dns_sd_configs"][0];
+    assert_eq!(text(&workers["port"]), metrics_port);
+    let scraped: BTreeSet<String> = workers["names"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    for worker in ["commands", "projectors", "sagas", "notifier"] {
+        assert!(scraped.contains(worker), "{worker} is not scraped");
+        assert_eq!(
+            text(&services[worker]["environment"]["ORDO_METRICS_ADDR"]),
+            format!("0.0.0.0:{metrics_port}")
+        );
+    }
+    assert_eq!(
+        text(&prometheus["rule_files"][0]),
+        "/etc/prometheus/alerts.yml"
+    );
+}
+
+/// Prometheus's rule file format; unknown keys are errors, as they are to Prometheus.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    groups: Vec<RuleGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleGroup {
+    name: String,
+    rules: Vec<Rule>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    alert: String,
+    expr: String,
+    #[serde(rename = "for")]
+    for_: Option<String>,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
+fn alert_rules() -> Vec<Rule> {
+    let file: RuleFile = serde_yaml_ng::from_str(&read("docker/prometheus/alerts.yml")).unwrap();
+    assert!(file.groups.iter().all(|group| !group.name.is_empty()));
+    file.groups
+        .into_iter()
+        .flat_map(|group| group.rules)
+        .collect()
+}
+
+/// The metric names an expression reads.
+fn metrics_read_by(expr: &str) -> BTreeSet<String> {
+    struct Names(BTreeSet<String>);
+    impl ExprVisitor for Names {
+        type Error = ();
+        fn pre_visit(&mut self, expr: &Expr) -> Result<bool, ()> {
+            let selector = match expr {
+                Expr::VectorSelector(selector) => Some(selector),
+                Expr::MatrixSelector(matrix) => Some(&matrix.vs),
+                _ => None,
+            };
+            if let Some(name) = selector.and_then(|selector| selector.name.clone()) {
+                self.0.insert(name);
+            }
+            Ok(true)
+        }
+    }
+    let parsed = parser::parse(expr).unwrap_or_else(|err| panic!("invalid PromQL {expr:?}: {err}"));
+    let mut names = Names(BTreeSet::new());
+    walk_expr(&mut names, &parsed).unwrap();
+    names.0
+}
+
+#[test]
+fn the_alert_rules_are_valid_and_cover_the_service_level_objectives() {
+    let rules = alert_rules();
+    let operations = read("docs/operations.md");
+    let mut read = BTreeSet::new();
+    for rule in &rules {
+        read.extend(metrics_read_by(&rule.expr));
+        if let Some(duration) = &rule.for_ {
+            promql_parser::util::parse_duration(duration)
+                .unwrap_or_else(|err| panic!("{}: for {duration:?}: {err}", rule.alert));
+        }
+        assert!(
+            ["page", "ticket"].contains(&rule.labels["severity"].as_str()),
+            "{}",
+            rule.alert
+        );
+        assert!(rule.annotations.contains_key("summary"), "{}", rule.alert);
+        // Every alert has its runbook.
+        let anchor = format!("docs/operations.md#{}", rule.alert.to_lowercase());
+        assert_eq!(rule.annotations["runbook"], anchor);
+        assert!(
+            operations.contains(&format!("\n### {}\n", rule.alert)),
+            "docs/operations.md has no runbook section for {}",
+            rule.alert
+        );
+    }
+    for objective in [
+        "ordo_command_duration_seconds_bucket",
+        "ordo_order_settle_seconds_bucket",
+        "ordo_projection_lag_events",
+        "ordo_sagas",
+        "ordo_notifications_total",
+        "ordo_commands_shed_total",
+    ] {
+        assert!(read.contains(objective), "no alert reads {objective}");
+    }
+}
+
+/// The metrics docs/operations.md lists: name → type.
+fn documented_metrics() -> BTreeMap<String, String> {
+    read("docs/operations.md")
+        .lines()
+        .filter_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix("`ordo_")?.strip_suffix('`')?;
+            Some((format!("ordo_{name}"), cells.get(2)?.to_string()))
+        })
+        .collect()
+}
+
+/// The series names a documented metric appears as in Prometheus.
+fn series_names(metrics: &BTreeMap<String, String>) -> BTreeSet<String> {
+    metrics
+        .iter()
+        .flat_map(|(name, kind)| match kind.as_str() {
+            "histogram" => ["_bucket", "_sum", "_count"]
+                .iter()
+                .map(|suffix| format!("{name}{suffix}"))
+                .collect::<Vec<_>>(),
+            _ => vec![name.clone()],
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_and_the_rules_read_only_metrics_ordo_exports() {
+    let exported = series_names(&documented_metrics());
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("docker/grafana/dashboards/ordo.json")).unwrap();
+    let mut expressions: Vec<(String, String)> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap().to_owned();
+            panel["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |target| (title.clone(), target["expr"].as_str().unwrap().to_owned()))
+        })
+        .collect();
+    assert!(expressions.len() >= 10, "the dashboard shows too little");
+    expressions.extend(
+        alert_rules()
+            .into_iter()
+            .map(|rule| (rule.alert, rule.expr)),
+    );
+    for (source, expr) in expressions {
+        for metric in metrics_read_by(&expr) {
+            assert!(
+                exported.contains(&metric),
+                "{source} reads {metric}, which ordo does not export"
+            );
+        }
+    }
+}
+
+/// Every metric the code records: the name after `counter!(`, `gauge!(` or `histogram!(` (or a
+/// helper named so), with the kind.
+fn recorded_metrics() -> BTreeMap<String, String> {
+    let pattern = regex::Regex::new(r#"(counter|gauge|histogram)!?\(\s*"(ordo_[a-z_]+)""#).unwrap();
+    let mut recorded = BTreeMap::new();
+    let crates = repository().join("crates");
+    let mut files = Vec::new();
+    let mut dirs = vec![crates];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                // Sources only: tests and the bench may name metrics to check them.
+                if path.file_name().is_some_and(|name| name != "tests") {
+                    dirs.push(path);
+                }
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    for file in files {
+        let source = std::fs::read_to_string(&file).unwrap();
+        for found in pattern.captures_iter(&source) {
+            recorded.insert(found[2].to_owned(), found[1].to_owned());
+        }
+    }
+    recorded
+}
+
+#[test]
+fn every_metric_ordo_records_is_documented_and_named_by_prometheus_conventions() {
+    let recorded = recorded_metrics();
+    let documented = documented_metrics();
+    assert_eq!(
+        recorded.keys().collect::<Vec<_>>(),
+        documented.keys().collect::<Vec<_>>(),
+        "docs/operations.md lists exactly the metrics the code records"
+    );
+    for (name, kind) in &recorded {
+        assert_eq!(
+            &documented[name], kind,
+            "{name} is documented as another type"
+        );
+        match kind.as_str() {
+            "counter" => assert!(
+                name.ends_with("_total"),
+                "counter {name} must end in _total"
+            ),
+            "histogram" => assert!(
+                name.ends_with("_seconds") || name.ends_with("_size"),
+                "histogram {name} must name its unit (_seconds) or be a _size"
+            ),
+            _ => assert!(
+                !name.ends_with("_total"),
+                "gauge {name} must not end in _total"
+            ),
+        }
+        for unit in ["_ms", "_millis", "_milliseconds", "_bytes_total_"] {
+            assert!(
+                !name.contains(unit),
+                "{name}: use base units (seconds, bytes)"
+            );
+        }
+    }
+}
