@@ -2,6 +2,7 @@
 //! driven with plain NATS requests, next to raw JetStream publishes of the same size and
 //! concurrency (the baseline).
 
+use ordo_commands::wire::Endpoint;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
@@ -97,7 +98,7 @@ pub async fn ladder(
     for &clients in rungs {
         let raw = raw_publish(&servers.client, commands, size, clients).await?;
         let places = (0..commands)
-            .map(|i| ("ordo.cmd.order.place".to_owned(), place_body(i)))
+            .map(|i| (Endpoint::OrderPlace.subject(), place_body(i)))
             .collect();
         let place = closed_loop(
             &servers.client,
@@ -127,7 +128,7 @@ pub async fn hot_sku(
         &servers.client,
         "receive",
         1,
-        vec![("ordo.cmd.stock.receive".into(), receive)],
+        vec![(Endpoint::StockReceive.subject(), receive)],
     )
     .await;
     anyhow::ensure!(
@@ -138,7 +139,7 @@ pub async fn hot_sku(
     let requests = (0..reserves)
         .map(|i| {
             let body = json!({"sku": "HOT", "order_id": format!("h{i}"), "qty": 1});
-            ("ordo.cmd.stock.reserve".to_owned(), body)
+            (Endpoint::StockReserve.subject(), body)
         })
         .collect();
     let figures = closed_loop(
@@ -213,7 +214,7 @@ pub async fn long_history(
         let sent = Instant::now();
         let reply = servers
             .client
-            .send_request("ordo.cmd.stock.receive", request)
+            .send_request(Endpoint::StockReceive.subject(), request)
             .await?;
         anyhow::ensure!(
             reply_outcome(&reply.payload) == "ok",

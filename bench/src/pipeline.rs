@@ -1,6 +1,7 @@
 //! The whole order pipeline through `ordo up`: orders placed over NATS, taken through the saga
 //! (reserve, authorise, deduct, confirm) and into the views.
 
+use ordo_commands::wire::Endpoint;
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -32,7 +33,7 @@ pub async fn start_up(servers: &Servers, name: &str) -> anyhow::Result<(Ordo, u1
     let receives = (1..SKUS)
         .map(|i| {
             let body = json!({"sku": format!("S{i}"), "qty": 1_000_000});
-            ("ordo.cmd.stock.receive".to_owned(), body)
+            (Endpoint::StockReceive.subject(), body)
         })
         .collect();
     let received = closed_loop(&servers.client, "receive", 16, receives).await;
@@ -60,7 +61,7 @@ pub async fn place(
     let mut shed = 0;
     loop {
         let reply = match client
-            .request("ordo.cmd.order.place", body.to_string().into())
+            .request(Endpoint::OrderPlace.subject(), body.to_string().into())
             .await
         {
             Ok(reply) => serde_json::from_slice::<serde_json::Value>(&reply.payload).ok(),
@@ -244,7 +245,7 @@ pub async fn open_loop(
             tasks.spawn(async move {
                 let sent = Instant::now();
                 let reply = client
-                    .request("ordo.cmd.order.place", body.to_string().into())
+                    .request(Endpoint::OrderPlace.subject(), body.to_string().into())
                     .await
                     .ok()
                     .and_then(|reply| {
@@ -290,7 +291,10 @@ pub async fn open_loop(
 /// Waits until both views have applied their whole stream.
 pub async fn views_caught_up(servers: &Servers) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(servers.client.clone());
-    for (schema, stream) in [("view_orders", "ORDO_ORDERS"), ("view_stock", "ORDO_STOCK")] {
+    for (schema, stream) in [
+        ("view_orders", ordo_eventstore::StreamId::Orders.name()),
+        ("view_stock", ordo_eventstore::StreamId::Stock.name()),
+    ] {
         let last = js
             .get_stream(stream)
             .await?
@@ -367,7 +371,7 @@ pub async fn rebuild(servers: &Servers) -> anyhow::Result<Rebuild> {
     let pool = servers.database.pool();
     let js = async_nats::jetstream::new(servers.client.clone());
     let events = js
-        .get_stream("ORDO_ORDERS")
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
         .await?
         .info()
         .await?

@@ -1,6 +1,7 @@
 //! The system under test: a nats-server and a database of the benchmark's own, and `ordo`
 //! processes (the release binary built next to this one) against them.
 
+use ordo_commands::wire::Endpoint;
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -38,7 +39,7 @@ impl Servers {
             let (client, body) = (self.client.clone(), body.clone());
             async move {
                 client
-                    .request("ordo.cmd.stock.receive", body.into())
+                    .request(Endpoint::StockReceive.subject(), body.into())
                     .await
                     .is_ok_and(|reply| crate::measure::reply_outcome(&reply.payload) == "ok")
             }

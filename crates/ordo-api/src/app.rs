@@ -12,8 +12,6 @@ use moka::future::Cache;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use ordo_projections::Projection;
-
 use crate::{checkpoints::CheckpointSignals, ops, reads};
 
 #[derive(Clone)]
@@ -36,10 +34,7 @@ impl ApiState {
     /// `pool` must already be prepared (`ordo_projections::schema::prepare`). Call it inside a
     /// Tokio runtime: it starts listening for checkpoint announcements.
     pub fn new(pool: PgPool, nats: async_nats::Client) -> Self {
-        let views = [
-            ordo_projections::orders::OrdersView::NAME,
-            ordo_projections::stock::StockView::NAME,
-        ];
+        let views = ordo_projections::View::ALL.map(ordo_projections::View::name);
         Self {
             checkpoints: CheckpointSignals::listen(pool.clone(), &views),
             pool,

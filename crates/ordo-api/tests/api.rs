@@ -292,7 +292,11 @@ async fn operators_see_projections_readiness_and_metrics() {
     );
     let (status, ready) = setup.get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
-    assert_eq!(ready["streams"]["ORDO_ORDERS"], "ok", "{ready}");
+    assert_eq!(
+        ready["streams"][ordo_eventstore::StreamId::Orders.name()],
+        "ok",
+        "{ready}"
+    );
     assert_eq!(ready["streams"]["ORDO_SNAPSHOTS"], "ok", "{ready}");
     let metrics = setup
         .http

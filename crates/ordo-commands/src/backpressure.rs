@@ -47,17 +47,17 @@ struct Watched {
 const WATCHED: [Watched; 3] = [
     Watched {
         what: "order events not yet taken in by the saga",
-        stream: "ORDO_ORDERS",
+        stream: ordo_eventstore::StreamId::Orders.name(),
         consumer: "ordo-saga",
     },
     Watched {
         what: "order events not yet in the orders view",
-        stream: "ORDO_ORDERS",
+        stream: ordo_eventstore::StreamId::Orders.name(),
         consumer: "ordo-projection-orders",
     },
     Watched {
         what: "stock events not yet in the stock view",
-        stream: "ORDO_STOCK",
+        stream: ordo_eventstore::StreamId::Stock.name(),
         consumer: "ordo-projection-stock",
     },
 ];

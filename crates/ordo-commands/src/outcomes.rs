@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::wire::hex_digest;
 
-pub const OUTCOMES_STREAM: &str = "ORDO_COMMAND_OUTCOMES";
+pub const OUTCOMES_STREAM: &str = ordo_eventstore::StreamId::CommandOutcomes.name();
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutcomeRecord {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use ordo_eventstore::{EventMetadata, trace};
+use ordo_eventstore::{EventMetadata, EventStore, StreamId, trace};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tracing::Instrument;
 
@@ -74,6 +74,23 @@ pub struct CommandService {
 }
 
 impl CommandService {
+    /// The streams the command service loads from and appends to.
+    pub const STREAMS: [StreamId; 3] =
+        [StreamId::Orders, StreamId::Stock, StreamId::CommandOutcomes];
+
+    /// The command service as every process runs it (`ordo up`, `ordo run commands`, the chaos
+    /// drill through them, the benchmark and the tests): an event store over [`Self::STREAMS`]
+    /// on `client`, a handler, and [`Self::start`].
+    pub async fn assemble(
+        client: async_nats::Client,
+        config: ServiceConfig,
+    ) -> Result<Self, ServiceError> {
+        let store = EventStore::open(client.clone(), &Self::STREAMS)
+            .await
+            .map_err(|err| ServiceError(format!("opening the event store: {err}")))?;
+        Self::start(client, Arc::new(CommandHandler::new(store)), config).await
+    }
+
     /// Subscribes every command subject in the queue group and answers the micro service's
     /// discovery subjects. Once this returns, requests reach this instance.
     pub async fn start(

@@ -23,7 +23,7 @@ pub mod trace;
 pub use envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent};
 pub use publish::{Appended, PublishError};
 pub use store::{EventStore, LoadError, Loaded, Repository};
-pub use streams::{StreamDefinition, StreamsError};
+pub use streams::{StreamDefinition, StreamId, StreamsError};
 
 /// The subject an aggregate's events are stored under.
 pub fn aggregate_subject(category: &str, aggregate_id: &str) -> String {
@@ -32,11 +32,7 @@ pub fn aggregate_subject(category: &str, aggregate_id: &str) -> String {
 
 /// The stream holding a category's events, if the category is known.
 pub fn stream_for_category(category: &str) -> Option<&'static str> {
-    match category {
-        "order" => Some("ORDO_ORDERS"),
-        "stock" => Some("ORDO_STOCK"),
-        _ => None,
-    }
+    StreamId::of_category(category).map(StreamId::name)
 }
 
 /// The stream of an aggregate type; every aggregate of the domain has one.

@@ -27,7 +27,7 @@ use crate::{
 const DIRECT_GET_MAX_EVENTS: u64 = 16;
 
 /// The stream of aggregate snapshots (streams/snapshots.json).
-pub const SNAPSHOTS_STREAM: &str = "ORDO_SNAPSHOTS";
+pub const SNAPSHOTS_STREAM: &str = crate::StreamId::Snapshots.name();
 /// An aggregate gets a snapshot every this many events.
 pub const SNAPSHOT_EVERY: u64 = 1_000;
 /// Bumped when a state's shape or its `evolve` changes: older snapshots are then ignored.
@@ -130,16 +130,17 @@ impl EventStore {
     /// Opens the event store on streams that already exist (see [`crate::streams::apply_all`]).
     pub async fn open(
         client: async_nats::Client,
-        stream_names: &[&str],
+        streams_used: &[crate::StreamId],
     ) -> Result<Self, LoadError> {
         let js = jetstream::new(client.clone());
         let mut streams = HashMap::new();
-        for name in stream_names {
+        for id in streams_used {
+            let name = id.name();
             let stream = js
-                .get_stream(*name)
+                .get_stream(name)
                 .await
                 .map_err(|err| LoadError::Unavailable(format!("stream {name}: {err}")))?;
-            streams.insert((*name).to_owned(), stream);
+            streams.insert(name.to_owned(), stream);
         }
         // Optional: without it, every cold load replays the whole history.
         let snapshots = js.get_stream(SNAPSHOTS_STREAM).await.ok();

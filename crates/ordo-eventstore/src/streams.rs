@@ -6,19 +6,70 @@ use std::path::Path;
 use async_nats::jetstream::{self, stream};
 use serde_json::Value;
 
-/// The definitions compiled into the binary, in the order they are applied.
-const BUILT_IN: [(&str, &str); 4] = [
-    ("orders.json", include_str!("../../../streams/orders.json")),
-    ("stock.json", include_str!("../../../streams/stock.json")),
-    (
-        "command-outcomes.json",
-        include_str!("../../../streams/command-outcomes.json"),
-    ),
-    (
-        "snapshots.json",
-        include_str!("../../../streams/snapshots.json"),
-    ),
-];
+/// Every JetStream stream of ordo: the one list that the definitions, the event store, the
+/// projections and the tools take stream names from. A new stream is a new variant here (and its
+/// definition in streams/); the compiler then asks for the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamId {
+    /// Order events, `ordo.order.events.<order id>`.
+    Orders,
+    /// Stock events, `ordo.stock.events.<sku>`.
+    Stock,
+    /// The first outcome of each command id (see ordo-commands' `outcomes`).
+    CommandOutcomes,
+    /// The latest state snapshot of each aggregate: a cache, not a log.
+    Snapshots,
+}
+
+impl StreamId {
+    /// In the order they are applied.
+    pub const ALL: [StreamId; 4] = [
+        Self::Orders,
+        Self::Stock,
+        Self::CommandOutcomes,
+        Self::Snapshots,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Orders => "ORDO_ORDERS",
+            Self::Stock => "ORDO_STOCK",
+            Self::CommandOutcomes => "ORDO_COMMAND_OUTCOMES",
+            Self::Snapshots => "ORDO_SNAPSHOTS",
+        }
+    }
+
+    /// The stream of an aggregate category's events (`order`, `stock`), if it is one.
+    pub fn of_category(category: &str) -> Option<StreamId> {
+        match category {
+            "order" => Some(Self::Orders),
+            "stock" => Some(Self::Stock),
+            _ => None,
+        }
+    }
+
+    /// The built-in definition, compiled in from streams/: its file name and JSON.
+    fn built_in(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Orders => ("orders.json", include_str!("../../../streams/orders.json")),
+            Self::Stock => ("stock.json", include_str!("../../../streams/stock.json")),
+            Self::CommandOutcomes => (
+                "command-outcomes.json",
+                include_str!("../../../streams/command-outcomes.json"),
+            ),
+            Self::Snapshots => (
+                "snapshots.json",
+                include_str!("../../../streams/snapshots.json"),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamsError {
@@ -91,9 +142,15 @@ impl StreamDefinition {
 
     /// The definitions of `streams/`, as compiled into this binary.
     pub fn built_in() -> Vec<Self> {
-        BUILT_IN
+        StreamId::ALL
             .iter()
-            .map(|(file, json)| Self::parse(file, json).expect("built-in stream definitions parse"))
+            .map(|stream| {
+                let (file, json) = stream.built_in();
+                let definition =
+                    Self::parse(file, json).expect("built-in stream definitions parse");
+                assert_eq!(definition.config.name, stream.name(), "streams/{file}");
+                definition
+            })
             .collect()
     }
 
@@ -240,10 +297,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_catalogue_holds_every_definition_in_streams_and_nothing_else() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../streams");
+        let mut in_dir: Vec<String> = StreamDefinition::from_dir(&dir)
+            .unwrap()
+            .into_iter()
+            .map(|definition| definition.config.name)
+            .collect();
+        in_dir.sort();
+        let mut catalogued: Vec<&str> = StreamId::ALL.iter().map(|id| id.name()).collect();
+        catalogued.sort();
+        assert_eq!(in_dir, catalogued, "streams/*.json and StreamId::ALL");
+    }
+
+    #[test]
     fn built_in_definitions_are_durable_append_only_logs() {
         for definition in StreamDefinition::built_in() {
             let config = &definition.config;
-            if config.name == crate::store::SNAPSHOTS_STREAM {
+            if config.name == StreamId::Snapshots.name() {
                 // A cache, not a log: the latest snapshot per aggregate, deletable.
                 assert_eq!(config.max_messages_per_subject, 1);
                 assert_eq!(config.discard, stream::DiscardPolicy::Old);

@@ -22,9 +22,15 @@ async fn open() -> (NatsServer, EventStore) {
     )
     .await
     .unwrap();
-    let store = EventStore::open(client, &["ORDO_ORDERS", "ORDO_STOCK"])
-        .await
-        .unwrap();
+    let store = EventStore::open(
+        client,
+        &[
+            ordo_eventstore::StreamId::Orders,
+            ordo_eventstore::StreamId::Stock,
+        ],
+    )
+    .await
+    .unwrap();
     (server, store)
 }
 
@@ -224,13 +230,16 @@ async fn apply_updates_a_stream_whose_definition_changed_and_leaves_the_rest() {
     assert_eq!(
         applied,
         [
-            ("ORDO_ORDERS", Applied::Unchanged),
-            ("ORDO_STOCK", Applied::Updated),
+            (ordo_eventstore::StreamId::Orders.name(), Applied::Unchanged),
+            (ordo_eventstore::StreamId::Stock.name(), Applied::Updated),
             ("ORDO_COMMAND_OUTCOMES", Applied::Unchanged),
             ("ORDO_SNAPSHOTS", Applied::Unchanged)
         ]
     );
-    let mut stock = js.get_stream("ORDO_STOCK").await.unwrap();
+    let mut stock = js
+        .get_stream(ordo_eventstore::StreamId::Stock.name())
+        .await
+        .unwrap();
     assert_eq!(
         stock.info().await.unwrap().config.duplicate_window,
         Duration::from_secs(30)
@@ -242,7 +251,10 @@ async fn the_leader_says_which_event_is_an_aggregates_last() {
     let (_server, store) = open().await;
     assert_eq!(
         store
-            .last_seq_from_leader("ORDO_STOCK", "ordo.stock.events.A1")
+            .last_seq_from_leader(
+                ordo_eventstore::StreamId::Stock.name(),
+                "ordo.stock.events.A1"
+            )
             .await
             .unwrap(),
         0
@@ -256,7 +268,10 @@ async fn the_leader_says_which_event_is_an_aggregates_last() {
     .await;
     assert_eq!(
         store
-            .last_seq_from_leader("ORDO_STOCK", "ordo.stock.events.A1")
+            .last_seq_from_leader(
+                ordo_eventstore::StreamId::Stock.name(),
+                "ordo.stock.events.A1"
+            )
             .await
             .unwrap(),
         loaded.last_seq
@@ -358,9 +373,9 @@ async fn ensure_creates_missing_streams_and_never_changes_a_running_one() {
     assert_eq!(
         ensured,
         [
-            ("ORDO_ORDERS", &Ensured::Created),
+            (ordo_eventstore::StreamId::Orders.name(), &Ensured::Created),
             (
-                "ORDO_STOCK",
+                ordo_eventstore::StreamId::Stock.name(),
                 &Ensured::Differs(vec!["duplicate_window".into()])
             ),
             ("ORDO_COMMAND_OUTCOMES", &Ensured::Created),
@@ -368,7 +383,7 @@ async fn ensure_creates_missing_streams_and_never_changes_a_running_one() {
         ]
     );
     let live = js
-        .get_stream("ORDO_STOCK")
+        .get_stream(ordo_eventstore::StreamId::Stock.name())
         .await
         .unwrap()
         .info()

@@ -2,12 +2,9 @@
 //! nats-server of the test's own, the streams applied, and command service instances in the
 //! test's process. (The command service's own tests cannot use it: it depends on them.)
 
-use std::sync::Arc;
-
 use async_nats::jetstream;
 use ordo_commands::{
-    CommandHandler, CommandService,
-    outcomes::OUTCOMES_STREAM,
+    CommandService,
     wire::{CommandRequest, Reply},
 };
 use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
@@ -36,16 +33,11 @@ impl Engine {
         )
         .await
         .expect("apply the streams");
-        let store = EventStore::open(
-            client.clone(),
-            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
-        )
-        .await
-        .expect("open the event store");
+        let store = EventStore::open(client.clone(), &CommandService::STREAMS)
+            .await
+            .expect("open the event store");
         for _ in 0..instances {
-            let connection = server.client().await;
-            let handler = Arc::new(CommandHandler::new(store.clone()));
-            let service = CommandService::start(connection, handler, Default::default())
+            let service = CommandService::assemble(server.client().await, Default::default())
                 .await
                 .expect("start the command service");
             tokio::spawn(service.run(std::future::pending()));

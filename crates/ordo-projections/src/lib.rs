@@ -8,6 +8,7 @@
 //!   its checkpoint, plus the shared tables of `projections/migrations`.
 //! - [`runtime`]: [`Projector`], which applies batches exactly once in effect.
 //! - [`rebuild`]: replays a stream into a new schema and swaps it in without downtime.
+//! - [`views`]: [`View`], the list of every projection that everything else iterates.
 //!
 //! # How an event reaches a view exactly once
 //! The checkpoint is the stream sequence of the last event applied, stored in the view's own
@@ -24,6 +25,8 @@ pub mod rebuild;
 pub mod runtime;
 pub mod schema;
 pub mod stock;
+pub mod views;
 
 pub use projection::{ApplyError, Projection};
 pub use runtime::{Projector, ProjectorConfig};
+pub use views::View;

@@ -17,7 +17,7 @@ pub struct OrdersView;
 
 impl Projection for OrdersView {
     const NAME: &'static str = "orders";
-    const STREAM: &'static str = "ORDO_ORDERS";
+    const STREAM: &'static str = ordo_eventstore::StreamId::Orders.name();
     const DDL: &'static str = include_str!("../../../projections/orders.sql");
 
     async fn apply(

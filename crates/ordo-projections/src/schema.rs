@@ -135,18 +135,15 @@ impl ProjectionInfo {
 }
 
 /// Every projection of ordo.
-pub fn catalog() -> [ProjectionInfo; 2] {
-    [
-        ProjectionInfo::of::<crate::orders::OrdersView>(),
-        ProjectionInfo::of::<crate::stock::StockView>(),
-    ]
+pub fn catalog() -> Vec<ProjectionInfo> {
+    crate::View::ALL.iter().map(|view| view.info()).collect()
 }
 
 /// Runs the migrations and creates every view that is missing: what a reader needs first.
 pub async fn prepare(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     migrate(pool).await?;
-    ensure_view::<crate::orders::OrdersView>(pool, &live_schema::<crate::orders::OrdersView>())
-        .await?;
-    ensure_view::<crate::stock::StockView>(pool, &live_schema::<crate::stock::StockView>()).await?;
+    for view in crate::View::ALL {
+        view.ensure_live(pool).await?;
+    }
     Ok(())
 }

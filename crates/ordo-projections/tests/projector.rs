@@ -99,9 +99,12 @@ impl Setup {
 
     /// Every SKU row of the view next to the SKU folded from its events by the domain.
     async fn stock_view_matches_the_stream(&self) {
-        let store = EventStore::open(self.engine.client.clone(), &["ORDO_STOCK"])
-            .await
-            .unwrap();
+        let store = EventStore::open(
+            self.engine.client.clone(),
+            &[ordo_eventstore::StreamId::Stock],
+        )
+        .await
+        .unwrap();
         let rows = sqlx::query(
             "SELECT sku, on_hand, reserved, available, version FROM view_stock.stock ORDER BY sku",
         )
@@ -130,9 +133,12 @@ impl Setup {
     }
 
     async fn orders_view_matches_the_stream(&self) {
-        let store = EventStore::open(self.engine.client.clone(), &["ORDO_ORDERS"])
-            .await
-            .unwrap();
+        let store = EventStore::open(
+            self.engine.client.clone(),
+            &[ordo_eventstore::StreamId::Orders],
+        )
+        .await
+        .unwrap();
         let rows =
             sqlx::query("SELECT order_id, status, version, total_cents FROM view_orders.orders")
                 .fetch_all(self.pool())
@@ -363,7 +369,7 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
     };
     let ((), killed_at) = tokio::join!(load(50..150), chaos);
     let head = jetstream::new(setup.engine.client.clone())
-        .get_stream("ORDO_STOCK")
+        .get_stream(ordo_eventstore::StreamId::Stock.name())
         .await
         .unwrap()
         .info()
@@ -449,7 +455,9 @@ async fn a_view_never_follows_another_stream_of_the_same_name() {
 
     // The stream is deleted and created again: its sequences start at 1, below the checkpoint.
     let js = jetstream::new(setup.engine.client.clone());
-    js.delete_stream("ORDO_STOCK").await.unwrap();
+    js.delete_stream(ordo_eventstore::StreamId::Stock.name())
+        .await
+        .unwrap();
     apply_all(&js, &StreamDefinition::built_in()).await.unwrap();
     let reply = setup
         .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
@@ -633,7 +641,7 @@ async fn redelivered_events_are_skipped_not_applied_again() {
 
     // The consumer forgets what was acked and delivers everything again, from the first event.
     let stream = jetstream::new(setup.engine.client.clone())
-        .get_stream("ORDO_STOCK")
+        .get_stream(ordo_eventstore::StreamId::Stock.name())
         .await
         .unwrap();
     stream

@@ -183,7 +183,7 @@ impl<G: PaymentGateway> Coordinator<G> {
         let js = jetstream::new(self.nats.clone());
         let js_err = |err: &dyn std::fmt::Display| CoordinatorError::JetStream(err.to_string());
         let stream = js
-            .get_stream("ORDO_ORDERS")
+            .get_stream(ordo_eventstore::StreamId::Orders.name())
             .await
             .map_err(|err| js_err(&err))?;
         let consumer = stream
@@ -654,7 +654,7 @@ impl<G: PaymentGateway> Coordinator<G> {
         let subject = format!("ordo.order.events.{order_id}");
         let last = async {
             let stream = js
-                .get_stream("ORDO_ORDERS")
+                .get_stream(ordo_eventstore::StreamId::Orders.name())
                 .await
                 .map_err(|e| e.to_string())?;
             let message = stream

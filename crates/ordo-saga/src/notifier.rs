@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use ordo_domain::order::{OrderAggregate, OrderEvent};
-use ordo_eventstore::{EventEnvelope, EventStore, backoff::Backoff, trace};
+use ordo_eventstore::{EventEnvelope, EventStore, StreamId, backoff::Backoff, trace};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -66,7 +66,23 @@ pub struct Notifier {
 const CONSUMER: &str = "ordo-notifier";
 
 impl Notifier {
-    pub fn new(
+    /// The streams the notifier reads: order events, and each order's customer from them.
+    pub const STREAMS: [StreamId; 1] = [StreamId::Orders];
+
+    /// The notifier as every process runs it (`ordo up`, `ordo run notifier`, `ordo
+    /// notifications retry` and the tests): an event store over [`Self::STREAMS`] on `nats`.
+    pub async fn connect(
+        pool: PgPool,
+        nats: async_nats::Client,
+        config: NotifierConfig,
+    ) -> Result<Self, NotifierError> {
+        let store = EventStore::open(nats.clone(), &Self::STREAMS)
+            .await
+            .map_err(|err| NotifierError::JetStream(err.to_string()))?;
+        Ok(Self::new(pool, nats, store, config))
+    }
+
+    fn new(
         pool: PgPool,
         nats: async_nats::Client,
         store: EventStore,
@@ -112,7 +128,7 @@ impl Notifier {
         let js = jetstream::new(self.nats.clone());
         let js_err = |err: &dyn std::fmt::Display| NotifierError::JetStream(err.to_string());
         let stream = js
-            .get_stream("ORDO_ORDERS")
+            .get_stream(ordo_eventstore::StreamId::Orders.name())
             .await
             .map_err(|err| js_err(&err))?;
         let consumer = stream

@@ -74,17 +74,14 @@ impl Setup {
         tokio::spawn(async move { coordinator.run(std::future::pending()).await })
     }
 
-    fn notifier(&self) -> JoinHandle<()> {
-        self.notifier_with(NotifierConfig::default())
+    async fn notifier(&self) -> JoinHandle<()> {
+        self.notifier_with(NotifierConfig::default()).await
     }
 
-    fn notifier_with(&self, config: NotifierConfig) -> JoinHandle<()> {
-        let notifier = Notifier::new(
-            self.pool().clone(),
-            self.client.clone(),
-            self.store.clone(),
-            config,
-        );
+    async fn notifier_with(&self, config: NotifierConfig) -> JoinHandle<()> {
+        let notifier = Notifier::connect(self.pool().clone(), self.client.clone(), config)
+            .await
+            .unwrap();
         tokio::spawn(async move { notifier.run(std::future::pending()).await })
     }
 
@@ -167,7 +164,7 @@ impl Setup {
     /// How many events of `event_type` the stock stream holds.
     async fn stock_events(&self, event_type: &str) -> usize {
         let mut stream = jetstream::new(self.client.clone())
-            .get_stream("ORDO_STOCK")
+            .get_stream(ordo_eventstore::StreamId::Stock.name())
             .await
             .unwrap();
         let last = stream.info().await.unwrap().state.last_sequence;
@@ -210,7 +207,7 @@ async fn a_placed_order_is_reserved_paid_confirmed_and_notified() {
         .await
         .unwrap();
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
-    let _notifier = setup.notifier();
+    let _notifier = setup.notifier().await;
     setup.receive("A1", 5).await;
     setup.receive("B2", 5).await;
     setup.place("o-1", &[("A1", 2), ("B2", 1)]).await;
@@ -267,7 +264,7 @@ async fn a_placed_order_is_reserved_paid_confirmed_and_notified() {
 async fn a_line_out_of_stock_releases_the_others_and_rejects_the_order() {
     let setup = Setup::start().await;
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
-    let _notifier = setup.notifier();
+    let _notifier = setup.notifier().await;
     setup.receive("A1", 5).await;
     setup.receive("B2", 1).await;
     setup.place("o-1", &[("A1", 2), ("B2", 3)]).await;
@@ -310,7 +307,7 @@ async fn a_declined_payment_releases_every_reservation_and_rejects_the_order() {
 async fn cancelling_a_confirmed_order_releases_its_stock_and_shipping_deducts_it() {
     let setup = Setup::start().await;
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
-    let _notifier = setup.notifier();
+    let _notifier = setup.notifier().await;
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
     setup.place("o-2", &[("A1", 1)]).await;
@@ -469,7 +466,7 @@ async fn redelivered_events_and_two_coordinators_never_reserve_twice() {
     }
     // Every order event is delivered again.
     let stream = jetstream::new(setup.client.clone())
-        .get_stream("ORDO_ORDERS")
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
         .await
         .unwrap();
     stream.delete_consumer("ordo-saga").await.unwrap();
@@ -486,7 +483,7 @@ async fn five_hundred_concurrent_orders_over_scarce_stock_oversell_nothing() {
     let setup = Setup::start().await;
     let _one = setup.coordinator(gateway(0.1, 1), quick());
     let _two = setup.coordinator(gateway(0.1, 1), quick());
-    let _notifier = setup.notifier();
+    let _notifier = setup.notifier().await;
     let skus: Vec<String> = (0..20).map(|i| format!("S{i:02}")).collect();
     for sku in &skus {
         setup.receive(sku, 25).await;
@@ -621,11 +618,13 @@ async fn the_webhook_gets_one_post_per_order_and_kind_after_retries_and_redelive
     let setup = Setup::start().await;
     let (url, received) = webhook(1).await;
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
-    let _notifier = setup.notifier_with(NotifierConfig {
-        webhook_url: Some(url),
-        retry_base: Duration::from_millis(20),
-        ..Default::default()
-    });
+    let _notifier = setup
+        .notifier_with(NotifierConfig {
+            webhook_url: Some(url),
+            retry_base: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .await;
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 1)]).await;
     setup.saga_ends("o-1", "confirmed").await;
@@ -645,7 +644,7 @@ async fn the_webhook_gets_one_post_per_order_and_kind_after_retries_and_redelive
 
     // Every order event is delivered to the notifier again.
     let stream = jetstream::new(setup.client.clone())
-        .get_stream("ORDO_ORDERS")
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
         .await
         .unwrap();
     stream.delete_consumer("ordo-notifier").await.unwrap();
@@ -665,12 +664,14 @@ async fn the_webhook_gets_one_post_per_order_and_kind_after_retries_and_redelive
 async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() {
     let setup = Setup::start().await;
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
-    let _notifier = setup.notifier_with(NotifierConfig {
-        failure_rate: 1.0,
-        attempts: 3,
-        retry_base: Duration::from_millis(10),
-        ..Default::default()
-    });
+    let _notifier = setup
+        .notifier_with(NotifierConfig {
+            failure_rate: 1.0,
+            attempts: 3,
+            retry_base: Duration::from_millis(10),
+            ..Default::default()
+        })
+        .await;
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 1)]).await;
     setup.saga_ends("o-1", "confirmed").await;
@@ -687,12 +688,13 @@ async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() 
     assert!(last_error.unwrap().contains("simulated delivery failure"));
 
     // Once the channel works again, an operator retries it.
-    let working = Notifier::new(
+    let working = Notifier::connect(
         setup.pool().clone(),
         setup.client.clone(),
-        setup.store.clone(),
         NotifierConfig::default(),
-    );
+    )
+    .await
+    .unwrap();
     assert_eq!(
         working.retry("o-1", "confirmed").await.unwrap().as_deref(),
         Some("sent")

@@ -1,14 +1,14 @@
 //! The long-running components, each a task that stops when told: `ordo up` runs them all,
 //! `ordo run …` one of them.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
 use anyhow::Context;
 use ordo_eventstore::{
-    EventStore, StreamDefinition,
+    StreamDefinition,
     streams::{Ensured, ensure_all},
 };
-use ordo_projections::{Projector, ProjectorConfig, orders::OrdersView, stock::StockView};
+use ordo_projections::{ProjectorConfig, View};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
@@ -122,16 +122,6 @@ pub async fn commands(
     load_shedding: LoadSheddingOptions,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let store = EventStore::open(
-        nats.clone(),
-        &[
-            "ORDO_ORDERS",
-            "ORDO_STOCK",
-            ordo_commands::outcomes::OUTCOMES_STREAM,
-        ],
-    )
-    .await?;
-    let handler = Arc::new(ordo_commands::CommandHandler::new(store));
     let config = ordo_commands::ServiceConfig {
         backlog_limits: Some(ordo_commands::backpressure::BacklogLimits {
             saga: load_shedding.max_saga_backlog,
@@ -140,41 +130,23 @@ pub async fn commands(
         }),
         ..Default::default()
     };
-    ordo_commands::CommandService::start(nats, handler, config)
+    ordo_commands::CommandService::assemble(nats, config)
         .await?
         .run(shutdown.signal())
         .await?;
     Ok(())
 }
 
-/// The projections a `run projector` runs: all, or the one named.
-pub const PROJECTIONS: [&str; 2] = ["orders", "stock"];
-
-/// Runs the projector of `name` until shutdown.
+/// Runs the projector of `view` until shutdown.
 pub async fn projector(
-    name: String,
+    view: View,
     pool: PgPool,
     nats: async_nats::Client,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats);
-    let config = ProjectorConfig::default();
-    match name.as_str() {
-        "orders" => {
-            Projector::<OrdersView>::new(pool, js, config)
-                .run(shutdown.signal())
-                .await
-        }
-        "stock" => {
-            Projector::<StockView>::new(pool, js, config)
-                .run(shutdown.signal())
-                .await
-        }
-        other => anyhow::bail!(
-            "no projection named {other:?} (there are: {})",
-            PROJECTIONS.join(", ")
-        ),
-    }
+    view.run_projector(pool, js, ProjectorConfig::default(), shutdown.signal())
+        .await;
     Ok(())
 }
 
@@ -250,13 +222,12 @@ pub async fn notifier_of(
     pool: PgPool,
     nats: async_nats::Client,
 ) -> anyhow::Result<ordo_saga::Notifier> {
-    let store = EventStore::open(nats.clone(), &["ORDO_ORDERS"]).await?;
     let config = ordo_saga::NotifierConfig {
         webhook_url: options.webhook_url.clone(),
         failure_rate: options.notify_failure_rate,
         ..Default::default()
     };
-    Ok(ordo_saga::Notifier::new(pool, nats, store, config))
+    Ok(ordo_saga::Notifier::connect(pool, nats, config).await?)
 }
 
 /// Runs the notifier until shutdown.
@@ -301,8 +272,8 @@ pub async fn metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()>
 
 /// Rebuilds the view `name` with a progress bar (events/s, ETA) on a terminal, plain lines
 /// otherwise.
-pub async fn rebuild(name: &str, pool: &PgPool, nats: &async_nats::Client) -> anyhow::Result<()> {
-    use ordo_projections::rebuild::{Progress, rebuild};
+pub async fn rebuild(view: View, pool: &PgPool, nats: &async_nats::Client) -> anyhow::Result<()> {
+    use ordo_projections::rebuild::Progress;
     use std::io::IsTerminal;
 
     let js = async_nats::jetstream::new(nats.clone());
@@ -315,7 +286,7 @@ pub async fn rebuild(name: &str, pool: &PgPool, nats: &async_nats::Client) -> an
             )?
             .progress_chars("=> "),
         );
-        bar.set_message(format!("rebuilding {name}"));
+        bar.set_message(format!("rebuilding {view}"));
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -328,24 +299,18 @@ pub async fn rebuild(name: &str, pool: &PgPool, nats: &async_nats::Client) -> an
         {
             let rate = progress.applied as f64 / started.elapsed().as_secs_f64().max(0.001);
             eprintln!(
-                "rebuilding {name}: {}/{} events, {rate:.0} events/s",
+                "rebuilding {view}: {}/{} events, {rate:.0} events/s",
                 progress.applied, progress.target
             );
             last_line = std::time::Instant::now();
         }
     };
-    let config = ProjectorConfig::default();
-    let rebuilt = match name {
-        "orders" => rebuild::<OrdersView>(pool, &js, config, &mut report).await?,
-        "stock" => rebuild::<StockView>(pool, &js, config, &mut report).await?,
-        other => anyhow::bail!(
-            "no projection named {other:?} (there are: {})",
-            PROJECTIONS.join(", ")
-        ),
-    };
+    let rebuilt = view
+        .rebuild(pool, &js, ProjectorConfig::default(), &mut report)
+        .await?;
     bar.finish_and_clear();
     println!(
-        "{name}: rebuilt up to sequence {} in {:.1?} and swapped in",
+        "{view}: rebuilt up to sequence {} in {:.1?} and swapped in",
         rebuilt.checkpoint, rebuilt.took
     );
     Ok(())

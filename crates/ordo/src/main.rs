@@ -136,7 +136,7 @@ enum Component {
     Projector {
         /// Only this projection (orders or stock); all when absent.
         #[arg(long)]
-        projection: Option<String>,
+        projection: Option<ordo_projections::View>,
     },
     /// The HTTP read API.
     Api,
@@ -181,7 +181,7 @@ enum ProjectionsAction {
     /// Replay a projection's stream into a new view and swap it in; the live view keeps serving.
     Rebuild {
         /// orders or stock
-        name: String,
+        view: ordo_projections::View,
     },
 }
 
@@ -247,17 +247,14 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Component::Projector { projection } => {
                     let pool = pool.expect("a pool for the projector");
-                    let names: Vec<String> = match projection {
-                        Some(name) => vec![name],
-                        None => components::PROJECTIONS
-                            .iter()
-                            .map(|name| name.to_string())
-                            .collect(),
+                    let views = match projection {
+                        Some(view) => vec![view],
+                        None => ordo_projections::View::ALL.to_vec(),
                     };
-                    for name in names {
-                        let label = format!("projector {name}");
+                    for view in views {
+                        let label = format!("projector {view}");
                         let task = components::projector(
-                            name,
+                            view,
                             pool.clone(),
                             nats.clone(),
                             shutdown.clone(),
@@ -319,11 +316,11 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Projections {
-            action: ProjectionsAction::Rebuild { name },
+            action: ProjectionsAction::Rebuild { view },
         } => {
             let nats = connect::connect_once(&nats_url).await?;
             let pool = database::connect_and_prepare(&database_url).await;
-            components::rebuild(&name, &pool, &nats).await
+            components::rebuild(view, &pool, &nats).await
         }
         Command::Sagas {
             action: SagasAction::Retry { order_id },
@@ -398,14 +395,9 @@ async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
         "commands",
         components::commands(nats.clone(), cli.load_shedding.clone(), shutdown.clone()),
     ));
-    for name in components::PROJECTIONS {
-        let task = components::projector(
-            name.to_owned(),
-            pool.clone(),
-            nats.clone(),
-            shutdown.clone(),
-        );
-        components.spawn(async move { (format!("projector {name}"), task.await) });
+    for view in ordo_projections::View::ALL {
+        let task = components::projector(view, pool.clone(), nats.clone(), shutdown.clone());
+        components.spawn(async move { (format!("projector {view}"), task.await) });
     }
     let saga = components::saga(
         cli.saga.clone(),

@@ -423,7 +423,7 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
     .await;
     assert_eq!(reply["ok"], true, "{reply}");
     let live = async_nats::jetstream::new(client)
-        .get_stream("ORDO_STOCK")
+        .get_stream(ordo_eventstore::StreamId::Stock.name())
         .await
         .unwrap()
         .info()
@@ -434,7 +434,8 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
     assert_eq!(live, Duration::from_secs(30));
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
-        logged.contains("ORDO_STOCK") && logged.contains("differs from ordo's definition"),
+        logged.contains(ordo_eventstore::StreamId::Stock.name())
+            && logged.contains("differs from ordo's definition"),
         "{logged}"
     );
 }

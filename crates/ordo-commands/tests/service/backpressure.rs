@@ -30,7 +30,7 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     // The saga's consumer exists (as once a coordinator has run), but nothing takes events in.
     let js = jetstream::new(engine.client.clone());
     let consumer = js
-        .get_stream("ORDO_ORDERS")
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
         .await
         .unwrap()
         .get_or_create_consumer(
@@ -50,7 +50,9 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let appended = engine.message_count("ORDO_ORDERS").await;
+    let appended = engine
+        .message_count(ordo_eventstore::StreamId::Orders.name())
+        .await;
     let reply = engine.request("ordo.cmd.order.place", order(100)).await;
     assert_eq!(outcome(&reply), "unavailable", "{reply}");
     let retry_after = reply["error"]["retry_after_ms"].as_u64().unwrap();
@@ -62,7 +64,12 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
             .contains("11 order events not yet taken in by the saga"),
         "{reply}"
     );
-    assert_eq!(engine.message_count("ORDO_ORDERS").await, appended);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Orders.name())
+            .await,
+        appended
+    );
     // Other commands are not shed: they are how the backlog drains.
     let receive = json!({"sku": "A1", "qty": 5});
     assert_eq!(

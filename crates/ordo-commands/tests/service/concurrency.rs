@@ -31,7 +31,7 @@ async fn two_instances_and_200_concurrent_reserves_of_100_units_reserve_exactly_
     let count = |code: &str| replies.iter().filter(|reply| *reply == code).count();
     assert_eq!(count("ok"), 100, "{replies:?}");
     assert_eq!(count("insufficient_stock"), 100, "{replies:?}");
-    let stored = engine.stored("ORDO_STOCK").await;
+    let stored = engine.stored(ordo_eventstore::StreamId::Stock.name()).await;
     let reserved: Vec<_> = stored
         .iter()
         .filter(|event| event.envelope.event_type == "StockReserved")
@@ -62,5 +62,10 @@ async fn concurrent_receives_through_two_instances_lose_no_update() {
         .collect()
         .await;
     assert!(replies.iter().all(|reply| reply == "ok"), "{replies:?}");
-    assert_eq!(engine.message_count("ORDO_STOCK").await, 100);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        100
+    );
 }

@@ -35,7 +35,9 @@ async fn placing_an_order_without_an_id_returns_the_generated_id() {
     assert_eq!(outcome(&reply), "ok", "{reply}");
     let order_id = reply["order_id"].as_str().unwrap();
     assert!(ordo_domain::OrderId::parse(order_id).is_ok(), "{order_id}");
-    let stored = engine.stored("ORDO_ORDERS").await;
+    let stored = engine
+        .stored(ordo_eventstore::StreamId::Orders.name())
+        .await;
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].subject, format!("ordo.order.events.{order_id}"));
 }
@@ -55,7 +57,9 @@ async fn an_event_is_stored_in_the_envelope_with_its_headers() {
         json!({"ok": true, "order_id": "o-1", "version": 1, "seq": 1})
     );
 
-    let stored = engine.stored("ORDO_ORDERS").await;
+    let stored = engine
+        .stored(ordo_eventstore::StreamId::Orders.name())
+        .await;
     let event = &stored[0];
     assert_eq!(event.subject, "ordo.order.events.o-1");
     assert_eq!(event.headers.get("Nats-Msg-Id").unwrap().as_str(), "cmd-42");
@@ -123,7 +127,7 @@ async fn the_event_carries_the_causation_the_caller_sent_and_continues_its_trace
         .await
         .unwrap();
     assert_eq!(outcome(&reply), "ok");
-    let stored = engine.stored("ORDO_STOCK").await;
+    let stored = engine.stored(ordo_eventstore::StreamId::Stock.name()).await;
     let event = &stored[0];
     let traceparent = event.headers.get("traceparent").unwrap().as_str();
     assert!(
@@ -179,7 +183,7 @@ async fn an_order_moves_through_its_states_by_subject() {
         .await;
     assert_eq!(outcome(&rejected), "ok");
     let types: Vec<String> = engine
-        .stored("ORDO_ORDERS")
+        .stored(ordo_eventstore::StreamId::Orders.name())
         .await
         .into_iter()
         .map(|event| {
@@ -267,7 +271,7 @@ async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
         .await;
     assert_eq!(outcome(&deduct), "ok");
     let data: Vec<String> = engine
-        .stored("ORDO_STOCK")
+        .stored(ordo_eventstore::StreamId::Stock.name())
         .await
         .into_iter()
         .map(|event| format!("{} {}", event.envelope.event_type, event.envelope.data))

@@ -89,7 +89,7 @@ async fn a_nats_server_killed_mid_run_loses_no_acknowledged_event() {
         }
     }
 
-    let stored = engine.stored("ORDO_STOCK").await;
+    let stored = engine.stored(ordo_eventstore::StreamId::Stock.name()).await;
     for (i, seq) in &acknowledged {
         let event = stored.iter().find(|event| event.seq == *seq);
         assert_eq!(

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use ordo_commands::{
-    outcomes::{OUTCOMES_STREAM, OutcomeRecord, OutcomeState, Outcomes},
+    outcomes::{OutcomeRecord, OutcomeState, Outcomes},
     wire::{self, Endpoint},
 };
 use ordo_domain::stock::{StockAggregate, StockEvent};
@@ -60,7 +60,12 @@ async fn a_repeated_msg_id_header_returns_the_first_outcome_and_appends_nothing(
         json!({"ok": true, "sku": "A1", "version": 1, "seq": 1})
     );
     assert_eq!(again, first);
-    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -70,7 +75,12 @@ async fn a_command_id_field_works_like_the_header() {
     let first = engine.request("ordo.cmd.stock.receive", body.clone()).await;
     let again = engine.request("ordo.cmd.stock.receive", body).await;
     assert_eq!(again, first);
-    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -89,7 +99,12 @@ async fn without_a_command_id_the_natural_key_makes_retries_safe() {
         cancelled,
         "a retried cancel is not refused as 'already cancelled'"
     );
-    assert_eq!(engine.message_count("ORDO_ORDERS").await, 2);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Orders.name())
+            .await,
+        2
+    );
 }
 
 #[tokio::test]
@@ -114,7 +129,12 @@ async fn a_command_id_reused_for_a_different_command_is_refused() {
         json!({"ok": false, "error": {"code": "invalid_command",
             "message": "command id same-id was already used for a different command"}})
     );
-    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -144,7 +164,7 @@ async fn a_refusal_is_the_first_outcome_of_a_command_id() {
         .await;
     assert_eq!(repeated, refused);
     let reserved = engine
-        .stored("ORDO_STOCK")
+        .stored(ordo_eventstore::StreamId::Stock.name())
         .await
         .iter()
         .filter(|event| event.envelope.event_type == "StockReserved")
@@ -185,7 +205,12 @@ async fn a_repeat_after_the_duplicate_window_still_returns_the_first_outcome() {
         .request_with_id("ordo.cmd.stock.receive", body, "late-retry")
         .await;
     assert_eq!(again, first);
-    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -200,9 +225,15 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
         .await;
 
     // Given a run of "crashed" that recorded its intent and appended, then died before replying…
-    let store = EventStore::open(engine.client.clone(), &["ORDO_STOCK", OUTCOMES_STREAM])
-        .await
-        .unwrap();
+    let store = EventStore::open(
+        engine.client.clone(),
+        &[
+            ordo_eventstore::StreamId::Stock,
+            ordo_eventstore::StreamId::CommandOutcomes,
+        ],
+    )
+    .await
+    .unwrap();
     let loaded = store.load::<StockAggregate>("A1").await.unwrap();
     record_receive_intent(
         &store,
@@ -247,16 +278,27 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
         retried,
         json!({"ok": true, "sku": "A1", "version": 2, "seq": appended.seq})
     );
-    assert_eq!(engine.message_count("ORDO_STOCK").await, 3);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        3
+    );
 }
 
 #[tokio::test]
 async fn a_run_that_died_before_appending_is_run_again() {
     let engine = Engine::start().await;
     let body = br#"{"sku":"A1","qty":4}"#;
-    let store = EventStore::open(engine.client.clone(), &["ORDO_STOCK", OUTCOMES_STREAM])
-        .await
-        .unwrap();
+    let store = EventStore::open(
+        engine.client.clone(),
+        &[
+            ordo_eventstore::StreamId::Stock,
+            ordo_eventstore::StreamId::CommandOutcomes,
+        ],
+    )
+    .await
+    .unwrap();
     record_receive_intent(&store, "died-early", body, 0).await;
 
     let reply = engine
@@ -266,7 +308,12 @@ async fn a_run_that_died_before_appending_is_run_again() {
         reply,
         json!({"ok": true, "sku": "A1", "version": 1, "seq": 1})
     );
-    assert_eq!(engine.message_count("ORDO_STOCK").await, 1);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,7 +365,7 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
         assert_eq!(&again, first, "{command_id} after the window");
     }
     assert_eq!(place().await, placed[0]);
-    let stock = engine.stored("ORDO_STOCK").await;
+    let stock = engine.stored(ordo_eventstore::StreamId::Stock.name()).await;
     for (command_id, _) in &first_replies {
         let appended = stock
             .iter()
@@ -326,5 +373,10 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
             .count();
         assert_eq!(appended, 1, "{command_id} appended {appended} times");
     }
-    assert_eq!(engine.message_count("ORDO_ORDERS").await, 1);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Orders.name())
+            .await,
+        1
+    );
 }

@@ -1,11 +1,11 @@
 //! An engine for one test: its own nats-server, the streams applied, and command service
 //! instances running in this process, each with its own connection and cache.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use async_nats::{HeaderMap, jetstream};
-use ordo_commands::{CommandHandler, CommandService, outcomes::OUTCOMES_STREAM};
-use ordo_eventstore::{EventEnvelope, EventStore, StreamDefinition, streams::apply_all};
+use ordo_commands::CommandService;
+use ordo_eventstore::{EventEnvelope, StreamDefinition, streams::apply_all};
 use ordo_testkit::NatsServer;
 use serde_json::Value;
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -52,14 +52,7 @@ impl Engine {
     }
 
     pub async fn add_instance_with(&mut self, config: ordo_commands::ServiceConfig) {
-        let client = self.server.client().await;
-        let store = EventStore::open(
-            client.clone(),
-            &["ORDO_ORDERS", "ORDO_STOCK", OUTCOMES_STREAM],
-        )
-        .await
-        .expect("open the event store");
-        let service = CommandService::start(client, Arc::new(CommandHandler::new(store)), config)
+        let service = CommandService::assemble(self.server.client().await, config)
             .await
             .expect("start the command service");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -177,8 +170,10 @@ impl Engine {
     /// The counts of the event streams, to show a refused command appended nothing.
     pub async fn event_counts(&self) -> (u64, u64) {
         (
-            self.message_count("ORDO_ORDERS").await,
-            self.message_count("ORDO_STOCK").await,
+            self.message_count(ordo_eventstore::StreamId::Orders.name())
+                .await,
+            self.message_count(ordo_eventstore::StreamId::Stock.name())
+                .await,
         )
     }
 }

@@ -593,7 +593,7 @@ mod tests {
     fn clean() -> (Vec<Acknowledged>, Observed) {
         let stock_events = vec![
             event(
-                "ORDO_STOCK",
+                ordo_eventstore::StreamId::Stock.name(),
                 1,
                 "StockReceived",
                 "A1",
@@ -602,7 +602,7 @@ mod tests {
                 json!({"qty": 5}),
             ),
             event(
-                "ORDO_STOCK",
+                ordo_eventstore::StreamId::Stock.name(),
                 2,
                 "StockReserved",
                 "A1",
@@ -611,7 +611,7 @@ mod tests {
                 json!({"order_id": "o-1", "qty": 2}),
             ),
             event(
-                "ORDO_STOCK",
+                ordo_eventstore::StreamId::Stock.name(),
                 3,
                 "StockReleased",
                 "A1",
@@ -622,7 +622,7 @@ mod tests {
         ];
         let order_events = vec![
             event(
-                "ORDO_ORDERS",
+                ordo_eventstore::StreamId::Orders.name(),
                 1,
                 "OrderPlaced",
                 "o-1",
@@ -631,7 +631,7 @@ mod tests {
                 json!({"customer_id": "c1", "total_cents": 200, "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 100}]}),
             ),
             event(
-                "ORDO_ORDERS",
+                ordo_eventstore::StreamId::Orders.name(),
                 2,
                 "OrderPlaced",
                 "o-2",
@@ -640,7 +640,7 @@ mod tests {
                 json!({"customer_id": "c1", "total_cents": 900, "lines": [{"sku": "A1", "qty": 9, "unit_price_cents": 100}]}),
             ),
             event(
-                "ORDO_ORDERS",
+                ordo_eventstore::StreamId::Orders.name(),
                 3,
                 "OrderConfirmed",
                 "o-1",
@@ -649,7 +649,7 @@ mod tests {
                 json!({}),
             ),
             event(
-                "ORDO_ORDERS",
+                ordo_eventstore::StreamId::Orders.name(),
                 4,
                 "OrderRejected",
                 "o-2",
@@ -695,13 +695,13 @@ mod tests {
         let acknowledged = vec![
             Acknowledged {
                 command_id: "r-1".into(),
-                stream: "ORDO_STOCK",
+                stream: ordo_eventstore::StreamId::Stock.name(),
                 aggregate_id: "A1".into(),
                 seq: 1,
             },
             Acknowledged {
                 command_id: "p-1".into(),
-                stream: "ORDO_ORDERS",
+                stream: ordo_eventstore::StreamId::Orders.name(),
                 aggregate_id: "o-1".into(),
                 seq: 1,
             },
@@ -729,7 +729,7 @@ mod tests {
         let (mut acknowledged, observed) = clean();
         acknowledged.push(Acknowledged {
             command_id: "r-2".into(),
-            stream: "ORDO_STOCK",
+            stream: ordo_eventstore::StreamId::Stock.name(),
             aggregate_id: "A1".into(),
             seq: 9,
         });
@@ -743,7 +743,7 @@ mod tests {
     fn a_command_appended_twice_is_reported() {
         let (acknowledged, mut observed) = clean();
         observed.stock_events.push(event(
-            "ORDO_STOCK",
+            ordo_eventstore::StreamId::Stock.name(),
             4,
             "StockReceived",
             "A1",
@@ -814,7 +814,7 @@ mod tests {
         // The bug the first drills found: the saga compensated past its pivot.
         let (acknowledged, mut observed) = clean();
         observed.stock_events.push(event(
-            "ORDO_STOCK",
+            ordo_eventstore::StreamId::Stock.name(),
             4,
             "StockReleased",
             "A1",

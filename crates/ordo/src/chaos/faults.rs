@@ -169,9 +169,9 @@ impl Faults {
         }
         self.next_node_kill += 1;
         Some(if self.next_node_kill % 2 == 1 {
-            "ORDO_ORDERS"
+            ordo_eventstore::StreamId::Orders.name()
         } else {
-            "ORDO_STOCK"
+            ordo_eventstore::StreamId::Stock.name()
         })
     }
 

@@ -128,10 +128,8 @@ pub async fn client(
                 aggregate_id, seq, ..
             }) => {
                 history.answered_ok.fetch_add(1, Ordering::Relaxed);
-                let stream = match request.endpoint().category() {
-                    "order" => "ORDO_ORDERS",
-                    _ => "ORDO_STOCK",
-                };
+                let stream = ordo_eventstore::stream_for_category(request.endpoint().category())
+                    .expect("every endpoint acts on a category with a stream");
                 if let CommandRequest::PlaceOrder { .. } = request {
                     history
                         .orders

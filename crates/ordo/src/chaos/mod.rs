@@ -417,8 +417,14 @@ pub async fn run(
         rejections,
         notifications,
         events: [
-            ("ORDO_ORDERS".to_owned(), observed.order_events.len()),
-            ("ORDO_STOCK".to_owned(), observed.stock_events.len()),
+            (
+                ordo_eventstore::StreamId::Orders.name().to_owned(),
+                observed.order_events.len(),
+            ),
+            (
+                ordo_eventstore::StreamId::Stock.name().to_owned(),
+                observed.stock_events.len(),
+            ),
         ]
         .into(),
         still_moving: moving,

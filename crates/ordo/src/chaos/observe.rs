@@ -56,9 +56,6 @@ pub async fn stream_events(
     Ok(events)
 }
 
-/// The views and the streams they follow.
-const PROJECTIONS: [(&str, &str); 2] = [("orders", "ORDO_ORDERS"), ("stock", "ORDO_STOCK")];
-
 /// The checkpoint of a projection's live view (0 before its first batch).
 async fn checkpoint(pool: &PgPool, projection: &str, stream: &str) -> anyhow::Result<i64> {
     let checkpoint: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -77,8 +74,8 @@ pub async fn head(js: &jetstream::Context, name: &str) -> anyhow::Result<u64> {
 
 /// Everything the checker needs.
 pub async fn observe(js: &jetstream::Context, pool: &PgPool) -> anyhow::Result<Observed> {
-    let order_events = stream_events(js, "ORDO_ORDERS").await?;
-    let stock_events = stream_events(js, "ORDO_STOCK").await?;
+    let order_events = stream_events(js, ordo_eventstore::StreamId::Orders.name()).await?;
+    let stock_events = stream_events(js, ordo_eventstore::StreamId::Stock.name()).await?;
     let mut lines: BTreeMap<String, Vec<(String, i64, i64)>> = BTreeMap::new();
     for row in sqlx::query("SELECT order_id, sku, qty, unit_price_cents FROM view_orders.order_lines ORDER BY order_id, line_no")
         .fetch_all(pool)
@@ -122,7 +119,8 @@ pub async fn observe(js: &jetstream::Context, pool: &PgPool) -> anyhow::Result<O
             })
             .collect();
     let mut checkpoints = Vec::new();
-    for (projection, stream) in PROJECTIONS {
+    for view in ordo_projections::View::ALL {
+        let (projection, stream) = (view.name(), view.info().stream);
         let checkpoint = checkpoint(pool, projection, stream).await?;
         checkpoints.push((projection.to_owned(), checkpoint, head(js, stream).await?));
     }
@@ -165,14 +163,17 @@ pub async fn observe(js: &jetstream::Context, pool: &PgPool) -> anyhow::Result<O
 /// What is still moving: empty once the system is quiet.
 pub async fn still_moving(js: &jetstream::Context, pool: &PgPool) -> anyhow::Result<Vec<String>> {
     let mut moving = Vec::new();
-    for (projection, stream) in PROJECTIONS {
+    for view in ordo_projections::View::ALL {
+        let (projection, stream) = (view.name(), view.info().stream);
         let checkpoint = checkpoint(pool, projection, stream).await?;
         let head = head(js, stream).await?;
         if checkpoint != head as i64 {
             moving.push(format!("projection {projection} at {checkpoint} of {head}"));
         }
     }
-    let orders = js.get_stream("ORDO_ORDERS").await?;
+    let orders = js
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
+        .await?;
     for consumer in ["ordo-saga", "ordo-notifier"] {
         let info = orders.consumer_info(consumer).await?;
         if info.num_pending > 0 || info.num_ack_pending > 0 {
