@@ -227,10 +227,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
     // Given a run of "crashed" that recorded its intent and appended, then died before replying…
     let store = EventStore::open(
         engine.client.clone(),
-        &[
-            ordo_eventstore::StreamId::Stock,
-            ordo_eventstore::StreamId::CommandOutcomes,
-        ],
+        &ordo_commands::CommandService::STREAMS,
     )
     .await
     .unwrap();
@@ -292,10 +289,7 @@ async fn a_run_that_died_before_appending_is_run_again() {
     let body = br#"{"sku":"A1","qty":4}"#;
     let store = EventStore::open(
         engine.client.clone(),
-        &[
-            ordo_eventstore::StreamId::Stock,
-            ordo_eventstore::StreamId::CommandOutcomes,
-        ],
+        &ordo_commands::CommandService::STREAMS,
     )
     .await
     .unwrap();
