@@ -16,6 +16,9 @@ pub struct NatsServer {
     store: Store,
     /// Set for a node of a [`NatsCluster`].
     cluster: Option<ClusterNode>,
+    /// A configuration file (TLS, users, permissions); the port, JetStream and store still come
+    /// from the command line.
+    config: Option<PathBuf>,
     /// Behind a lock so that a test can kill and restart the server while others use it.
     child: std::sync::Mutex<Option<Child>>,
 }
@@ -47,16 +50,32 @@ impl Store {
 impl NatsServer {
     /// Starts a nats-server with JetStream on a free port and an empty temporary store.
     pub fn start() -> Self {
+        Self::start_configured(None)
+    }
+
+    /// Starts a nats-server like [`Self::start`] with `config` (nats-server's configuration
+    /// format: `tls { … }`, `authorization { … }`) as its configuration file.
+    pub fn start_with_config(config: &str) -> Self {
+        Self::start_configured(Some(config))
+    }
+
+    fn start_configured(config: Option<&str>) -> Self {
         let binary = find_nats_server().unwrap_or_else(|problem| panic!("{problem}"));
         let store = tempfile::Builder::new()
             .prefix("ordo-nats-")
             .tempdir()
             .expect("create a temporary store for nats-server");
+        let config = config.map(|config| {
+            let path = store.path().join("nats-server.conf");
+            std::fs::write(&path, config).expect("write the nats-server configuration");
+            path
+        });
         let server = Self {
             binary,
             port: free_port(),
             store: Store::Temporary(store),
             cluster: None,
+            config,
             child: Default::default(),
         };
         server.spawn();
@@ -83,6 +102,7 @@ impl NatsServer {
             port,
             store: Store::Kept(dir.to_owned()),
             cluster: None,
+            config: None,
             child: Default::default(),
         };
         server.spawn();
@@ -156,6 +176,9 @@ impl NatsServer {
             .open(self.log_file())
             .expect("open the nats-server log");
         let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
         command
             .args([
                 "-a",
@@ -226,6 +249,7 @@ impl NatsCluster {
                     route_port: route_ports[index],
                     routes: route_ports.clone(),
                 }),
+                config: None,
                 child: Default::default(),
             })
             .collect();

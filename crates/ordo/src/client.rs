@@ -135,8 +135,8 @@ fn parse_line(text: &str) -> anyhow::Result<OrderLine> {
     })
 }
 
-pub async fn send(url: &str, request: Request) -> anyhow::Result<()> {
-    let nats = connect::connect_once(url).await?;
+pub async fn send(url: &str, auth: &connect::NatsAuth, request: Request) -> anyhow::Result<()> {
+    let nats = connect::connect_once(url, auth).await?;
     let mut headers = async_nats::HeaderMap::new();
     if let Some(command_id) = &request.command_id {
         headers.insert("Nats-Msg-Id", command_id.as_str());

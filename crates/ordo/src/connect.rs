@@ -1,7 +1,10 @@
 //! Finding and connecting to NATS: the configured URL, the local defaults of `ordo up`, and a
 //! first connection that waits for the server with backoff instead of failing.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use ordo_eventstore::backoff::Backoff;
@@ -119,7 +122,218 @@ pub(crate) fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAd
         .collect()
 }
 
-fn options() -> async_nats::ConnectOptions {
+/// A password, token or other secret: never printed, not even by `{:?}`.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(Self(text.to_owned()))
+    }
+}
+
+/// How every ordo process authenticates to NATS and secures the connection. A user and
+/// password (`nats://user:password@host`) or a token (`nats://token@host`) in the URL work too.
+/// Secrets are read from the environment or files, never logged, and hidden from `--help`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct NatsAuth {
+    /// NATS user name (with --nats-password).
+    #[arg(
+        long,
+        env = "ORDO_NATS_USER",
+        global = true,
+        requires = "nats_password"
+    )]
+    pub nats_user: Option<String>,
+    /// NATS password (with --nats-user).
+    #[arg(
+        long,
+        env = "ORDO_NATS_PASSWORD",
+        hide_env_values = true,
+        global = true
+    )]
+    pub nats_password: Option<Secret>,
+    /// NATS token.
+    #[arg(long, env = "ORDO_NATS_TOKEN", hide_env_values = true, global = true)]
+    pub nats_token: Option<Secret>,
+    /// A file holding an nkey seed (`SU…`), for a server that knows the user by its public key.
+    #[arg(long, env = "ORDO_NATS_NKEY_FILE", global = true)]
+    pub nats_nkey_file: Option<PathBuf>,
+    /// A credentials file (a user JWT and its nkey seed, as `nsc` writes them).
+    #[arg(long, env = "ORDO_NATS_CREDS", global = true)]
+    pub nats_creds: Option<PathBuf>,
+    /// The CA certificate (PEM) that signed the server's: turns TLS on and trusts only it.
+    #[arg(long, env = "ORDO_NATS_CA", global = true)]
+    pub nats_ca: Option<PathBuf>,
+    /// A client certificate (PEM), for a server that verifies its clients (with --nats-key).
+    #[arg(long, env = "ORDO_NATS_CERT", global = true, requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "ORDO_NATS_KEY", global = true, requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
+}
+
+/// Credentials written into a URL: `user:password@` or `token@`.
+#[derive(Debug, PartialEq, Eq)]
+enum UrlCredentials {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The credentials of the first server in `url` that names some (percent-decoded).
+fn url_credentials(url: &str) -> Option<UrlCredentials> {
+    url.split(',').find_map(|one| {
+        let addr: async_nats::ServerAddr = one.trim().parse().ok()?;
+        let user = addr.username()?;
+        let decode = |text: &str| percent_decode(text);
+        Some(match addr.password() {
+            Some(password) => UrlCredentials::UserPassword(decode(user), decode(password)),
+            None => UrlCredentials::Token(decode(user)),
+        })
+    })
+}
+
+/// `%XX` escapes decoded, as URLs carry reserved characters of passwords.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(byte) = text
+                .get(i + 1..i + 3)
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            decoded.push(byte);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+impl NatsAuth {
+    /// The connect options for `url`: ordo's own settings plus the one way to authenticate
+    /// that is configured (more than one is an error), and TLS when asked for.
+    pub async fn options(&self, url: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+        let mut options = base_options();
+        let from_url = url_credentials(url);
+        let configured = [
+            self.nats_user.is_some(),
+            self.nats_token.is_some(),
+            self.nats_nkey_file.is_some(),
+            self.nats_creds.is_some(),
+            from_url.is_some(),
+        ]
+        .into_iter()
+        .filter(|set| *set)
+        .count();
+        if configured > 1 {
+            bail!(
+                "more than one way to authenticate to NATS is configured (a user and password, a \
+                 token, an nkey, a credentials file, or credentials in the URL): keep one"
+            );
+        }
+        if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        } else if let Some(token) = &self.nats_token {
+            options = options.token(token.expose().to_owned());
+        } else if let Some(file) = &self.nats_nkey_file {
+            let seed = std::fs::read_to_string(file)
+                .with_context(|| format!("reading the nkey seed file {}", file.display()))?;
+            options = options.nkey(seed.trim().to_owned());
+        } else if let Some(file) = &self.nats_creds {
+            options = options
+                .credentials_file(file)
+                .await
+                .with_context(|| format!("reading the NATS credentials file {}", file.display()))?;
+        } else if let Some(credentials) = from_url {
+            options = match credentials {
+                UrlCredentials::UserPassword(user, password) => {
+                    options.user_and_password(user, password)
+                }
+                UrlCredentials::Token(token) => options.token(token),
+            };
+        }
+        let tls_url = url.split(',').any(|one| one.trim().starts_with("tls://"));
+        if let Some(ca) = &self.nats_ca {
+            ensure_readable(ca, "--nats-ca")?;
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        } else if tls_url {
+            options = options.require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.nats_cert, &self.nats_key) {
+            ensure_readable(cert, "--nats-cert")?;
+            ensure_readable(key, "--nats-key")?;
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        Ok(options)
+    }
+}
+
+/// A clear error now rather than a TLS failure later.
+fn ensure_readable(path: &Path, flag: &str) -> anyhow::Result<()> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .with_context(|| format!("{flag} {}: cannot read it", path.display()))
+}
+
+/// Whether connecting again could help: not when the server refused who we are or the TLS
+/// handshake failed, which only a change of configuration fixes.
+fn worth_retrying(err: &async_nats::ConnectError) -> bool {
+    use async_nats::ConnectErrorKind::*;
+    match err.kind() {
+        Authentication | AuthorizationViolation | Tls | ServerParse => false,
+        Io => !tls_refused(err),
+        _ => true,
+    }
+}
+
+/// A handshake that TLS itself ended: the server sent an alert (it wants a client certificate,
+/// or rejects ours) or ours rejected the server's certificate. async-nats reports both as I/O.
+fn tls_refused(err: &async_nats::ConnectError) -> bool {
+    let text = err.to_string();
+    text.contains("fatal alert") || text.contains("invalid peer certificate")
+}
+
+/// What to tell the operator about a connection the server will not accept.
+fn refused(url: &str, err: &async_nats::ConnectError) -> anyhow::Error {
+    let tls = matches!(err.kind(), async_nats::ConnectErrorKind::Tls) || tls_refused(err);
+    let hint = if tls {
+        "the TLS handshake failed: check --nats-ca (the CA that signed the server's \
+         certificate), --nats-cert and --nats-key (a server that verifies clients needs them), \
+         and that the URL names the host the certificate was issued for"
+    } else if matches!(err.kind(), async_nats::ConnectErrorKind::ServerParse) {
+        "the URL is not a NATS URL"
+    } else {
+        "the server refused the credentials: check ORDO_NATS_USER and ORDO_NATS_PASSWORD, \
+         ORDO_NATS_TOKEN, ORDO_NATS_NKEY_FILE or ORDO_NATS_CREDS (or the credentials in the URL)"
+    };
+    anyhow::anyhow!(
+        "NATS at {} does not accept this connection ({err}): {hint}. Not retrying.",
+        redacted(url)
+    )
+}
+
+fn base_options() -> async_nats::ConnectOptions {
     async_nats::ConnectOptions::new()
         .name(concat!("ordo ", env!("CARGO_PKG_VERSION")))
         .connection_timeout(Duration::from_secs(2))
@@ -135,16 +349,22 @@ fn options() -> async_nats::ConnectOptions {
 }
 
 /// Connects, waiting for the server with exponential backoff (capped at 30 s) and saying so.
-/// Once connected, the client reconnects by itself whenever the connection drops.
-pub async fn connect_with_backoff(url: &str) -> anyhow::Result<async_nats::Client> {
+/// Once connected, the client reconnects by itself whenever the connection drops. A server
+/// that refuses the credentials or the TLS handshake is an error at once: retrying would only
+/// repeat the refusal (and lock an account that counts failures).
+pub async fn connect_with_backoff(
+    url: &str,
+    auth: &NatsAuth,
+) -> anyhow::Result<async_nats::Client> {
     let servers = server_addrs(url)?;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
-        match options().connect(servers.as_slice()).await {
+        match auth.options(url).await?.connect(servers.as_slice()).await {
             Ok(client) => {
                 tracing::info!(url = %redacted(url), "connected to NATS");
                 return Ok(client);
             }
+            Err(err) if !worth_retrying(&err) => return Err(refused(url, &err)),
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(url = %redacted(url), %err, retry_in = ?delay, "NATS is unreachable; retrying");
@@ -169,11 +389,18 @@ pub fn redacted(url: &str) -> String {
 }
 
 /// One attempt, for commands a person runs and waits for.
-pub async fn connect_once(url: &str) -> anyhow::Result<async_nats::Client> {
-    match options().connect(server_addrs(url)?.as_slice()).await {
+pub async fn connect_once(url: &str, auth: &NatsAuth) -> anyhow::Result<async_nats::Client> {
+    match auth
+        .options(url)
+        .await?
+        .connect(server_addrs(url)?.as_slice())
+        .await
+    {
         Ok(client) => Ok(client),
+        Err(err) if !worth_retrying(&err) => Err(refused(url, &err)),
         Err(err) => bail!(
-            "NATS at {url} is unreachable: {err}. Is `ordo up` running? (or set ORDO_NATS_URL)"
+            "NATS at {} is unreachable: {err}. Is `ordo up` running? (or set ORDO_NATS_URL)",
+            redacted(url)
         ),
     }
 }
@@ -181,6 +408,44 @@ pub async fn connect_once(url: &str) -> anyhow::Result<async_nats::Client> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_url_are_found_and_decoded() {
+        assert_eq!(
+            url_credentials("nats://a:4222,nats://ordo:p%40ss@b:4222"),
+            Some(UrlCredentials::UserPassword("ordo".into(), "p@ss".into()))
+        );
+        assert_eq!(
+            url_credentials("nats://s3cr3t@a:4222"),
+            Some(UrlCredentials::Token("s3cr3t".into()))
+        );
+        assert_eq!(url_credentials("nats://a:4222"), None);
+    }
+
+    #[tokio::test]
+    async fn two_ways_to_authenticate_are_refused_before_connecting() {
+        let auth = NatsAuth {
+            nats_token: Some("t".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = auth.options("nats://u:p@a:4222").await.unwrap_err();
+        assert!(err.to_string().contains("keep one"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let auth = NatsAuth {
+            nats_user: Some("ordo".into()),
+            nats_password: Some("hunter2".parse().unwrap()),
+            nats_token: Some("tok3n".parse().unwrap()),
+            ..Default::default()
+        };
+        let printed = format!("{auth:?}");
+        assert!(
+            !printed.contains("hunter2") && !printed.contains("tok3n"),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn logged_urls_carry_no_password() {

@@ -72,6 +72,9 @@ struct Cli {
     home: PathBuf,
 
     #[command(flatten)]
+    nats_auth: connect::NatsAuth,
+
+    #[command(flatten)]
     saga: components::SagaOptions,
 
     #[command(flatten)]
@@ -218,7 +221,9 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up => up(cli, shutdown).await,
         Command::Run { component } => {
-            let Some(nats) = connect_nats(&shutdown, &nats_url, &cli.streams).await? else {
+            let Some(nats) =
+                connect_nats(&shutdown, &nats_url, &cli.nats_auth, &cli.streams).await?
+            else {
                 return Ok(());
             };
             let Some(pool) = shutdown
@@ -292,7 +297,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Streams {
             action: StreamsAction::Apply { dir },
         } => {
-            let nats = connect::connect_once(&nats_url).await?;
+            let nats = connect::connect_once(&nats_url, &cli.nats_auth).await?;
             let settings = components::StreamSettings {
                 streams_dir: dir.or(cli.streams.streams_dir.clone()),
                 ..cli.streams.clone()
@@ -307,7 +312,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Projections {
             action: ProjectionsAction::Status,
         } => {
-            let nats = connect::connect_once(&nats_url).await?;
+            let nats = connect::connect_once(&nats_url, &cli.nats_auth).await?;
             let pool = sqlx::PgPool::connect(&database_url).await?;
             let status = ordo_api::ops::projection_status(&pool, &nats)
                 .await
@@ -318,7 +323,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Projections {
             action: ProjectionsAction::Rebuild { view },
         } => {
-            let nats = connect::connect_once(&nats_url).await?;
+            let nats = connect::connect_once(&nats_url, &cli.nats_auth).await?;
             let pool = database::connect_and_prepare(&database_url).await;
             components::rebuild(view, &pool, &nats).await
         }
@@ -326,7 +331,7 @@ async fn main() -> anyhow::Result<()> {
             action: SagasAction::Retry { order_id },
         } => {
             let order_id = ordo_domain::OrderId::parse(order_id)?;
-            let nats = connect::connect_once(&nats_url).await?;
+            let nats = connect::connect_once(&nats_url, &cli.nats_auth).await?;
             let pool = sqlx::PgPool::connect(&database_url).await?;
             match cli
                 .saga
@@ -342,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Notifications {
             action: NotificationsAction::Retry { order_id, kind },
         } => {
-            let nats = connect::connect_once(&nats_url).await?;
+            let nats = connect::connect_once(&nats_url, &cli.nats_auth).await?;
             let pool = sqlx::PgPool::connect(&database_url).await?;
             match components::notifier_of(&cli.saga, pool, nats)
                 .await?
@@ -354,8 +359,12 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Order { action } => client::send(&nats_url, action.into_request()?).await,
-        Command::Stock { action } => client::send(&nats_url, action.into_request()?).await,
+        Command::Order { action } => {
+            client::send(&nats_url, &cli.nats_auth, action.into_request()?).await
+        }
+        Command::Stock { action } => {
+            client::send(&nats_url, &cli.nats_auth, action.into_request()?).await
+        }
         Command::Chaos(options) => {
             let report_file = options.report.clone();
             // Ctrl-C ends the drill and, as its processes and servers are dropped, kills them.
@@ -381,7 +390,7 @@ async fn main() -> anyhow::Result<()> {
 async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url, &cli.home).await?;
     let (database_url, _local_postgres) = database::url_for_up(cli.database_url, &cli.home).await?;
-    let Some(nats) = connect_nats(&shutdown, &nats_url, &cli.streams).await? else {
+    let Some(nats) = connect_nats(&shutdown, &nats_url, &cli.nats_auth, &cli.streams).await? else {
         return Ok(());
     };
     let Some(pool) = shutdown
@@ -434,10 +443,11 @@ async fn named(
 async fn connect_nats(
     shutdown: &Shutdown,
     url: &str,
+    auth: &connect::NatsAuth,
     streams: &components::StreamSettings,
 ) -> anyhow::Result<Option<async_nats::Client>> {
     let Some(nats) = shutdown
-        .unless_triggered(connect::connect_with_backoff(url))
+        .unless_triggered(connect::connect_with_backoff(url, auth))
         .await
         .transpose()?
     else {

@@ -1,0 +1,370 @@
+//! ordo against a nats-server that requires TLS with client certificates and a password per
+//! user, each user allowed only its own subjects: ordo works end to end; a user without
+//! permission for `ordo.cmd.>` is not answered and changes nothing; wrong credentials fail at
+//! once with a clear message; no secret reaches a log.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use ordo_testkit::{NatsServer, TestDatabase};
+use serde_json::{Value, json};
+
+const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
+const ORDO_PASSWORD: &str = "ordo-pw-7c1e9f";
+const CLIENT_PASSWORD: &str = "client-pw-52ab0d";
+const READER_PASSWORD: &str = "reader-pw-e44d13";
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+struct Certificates {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+impl Certificates {
+    fn issue(dir: &Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>| {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+        let (client_cert, client_key) = leaf(vec!["ordo-client".into()]);
+        let write = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).unwrap();
+            path
+        };
+        Self {
+            ca: write("ca.pem", &ca_cert.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server-key.pem", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client-key.pem", &client_key),
+        }
+    }
+}
+
+/// The users and permissions `docker/nats.conf` ships: its `authorization { … }` block.
+fn shipped_authorization() -> String {
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docker/nats.conf"),
+    )
+    .unwrap();
+    let start = shipped
+        .find("\nauthorization {")
+        .expect("docker/nats.conf has an authorization block");
+    let end = start + shipped[start..].find("\n}\n").expect("its end") + 3;
+    shipped[start..end].to_owned()
+}
+
+/// nats-server's configuration: TLS that verifies client certificates, and the users of
+/// `docker/nats.conf` (`ordo`, allowed exactly ordo's subjects; `client`, allowed to send
+/// commands and read notifications) plus `reader`, who may only receive replies.
+fn server_config(certificates: &Certificates) -> String {
+    let reader = format!(
+        r#"users = [
+    {{
+      user: reader
+      password: "{READER_PASSWORD}"
+      permissions: {{ publish: ["_INBOX.>"], subscribe: ["_INBOX.>"] }}
+    }}"#
+    );
+    let authorization = shipped_authorization().replacen("users = [", &reader, 1);
+    format!(
+        r#"
+ORDO_NATS_PASSWORD: "{ORDO_PASSWORD}"
+CLIENT_NATS_PASSWORD: "{CLIENT_PASSWORD}"
+tls {{
+  cert_file: "{server_cert}"
+  key_file: "{server_key}"
+  ca_file: "{ca}"
+  verify: true
+}}
+{authorization}
+"#,
+        server_cert = certificates.server_cert.display(),
+        server_key = certificates.server_key.display(),
+        ca = certificates.ca.display(),
+    )
+}
+
+/// A client of the test's own, as a user of the server.
+async fn connect_as(
+    server: &NatsServer,
+    certificates: &Certificates,
+    user: &str,
+    password: &str,
+) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .add_root_certificates(certificates.ca.clone())
+        .add_client_certificate(
+            certificates.client_cert.clone(),
+            certificates.client_key.clone(),
+        )
+        .require_tls(true)
+        .connect(server.url())
+        .await
+        .unwrap_or_else(|err| panic!("connect as {user}: {err}"))
+}
+
+/// The settings every ordo process of the test gets: the server, TLS, and ordo's user.
+fn ordo_env(server: &NatsServer, certificates: &Certificates) -> Vec<(&'static str, String)> {
+    vec![
+        ("ORDO_NATS_URL", server.url()),
+        ("ORDO_NATS_USER", "ordo".into()),
+        ("ORDO_NATS_PASSWORD", ORDO_PASSWORD.into()),
+        ("ORDO_NATS_CA", certificates.ca.display().to_string()),
+        (
+            "ORDO_NATS_CERT",
+            certificates.client_cert.display().to_string(),
+        ),
+        (
+            "ORDO_NATS_KEY",
+            certificates.client_key.display().to_string(),
+        ),
+        ("NO_COLOR", "1".into()),
+    ]
+}
+
+struct Ordo(Child);
+
+impl Drop for Ordo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `ordo args` to its end (at most `limit`), with `env`.
+fn run_to_end(args: &[&str], env: &[(&str, String)], limit: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    let mut child = Command::new(ORDO)
+        .args(args)
+        .envs(env.iter().map(|(key, value)| (key, value)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child.wait_with_output().unwrap(), started.elapsed())
+}
+
+async fn request(client: &async_nats::Client, subject: &str, body: Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let request = async_nats::Request::new()
+            .payload(body.to_string().into())
+            .timeout(Some(Duration::from_secs(2)));
+        match client.send_request(subject.to_owned(), request).await {
+            Ok(reply) => return serde_json::from_slice(&reply.payload).unwrap(),
+            Err(err) => {
+                assert!(Instant::now() < deadline, "no reply on {subject}: {err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificates = Certificates::issue(dir.path());
+    let server = NatsServer::start_with_config(&server_config(&certificates));
+    let database = TestDatabase::create().await;
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let http = format!("127.0.0.1:{http_port}");
+    let mut env = ordo_env(&server, &certificates);
+    env.push(("ORDO_DATABASE_URL", database.url().to_owned()));
+    env.push(("ORDO_HTTP_ADDR", http.clone()));
+    env.push(("ORDO_HOME", dir.path().display().to_string()));
+    let log = dir.path().join("up.log");
+    let _up = Ordo(
+        Command::new(ORDO)
+            .arg("up")
+            .envs(env.iter().map(|(key, value)| (key, value)))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // The client user sends commands; ordo's user does everything else.
+    let client = connect_as(&server, &certificates, "client", CLIENT_PASSWORD).await;
+    let received = request(
+        &client,
+        "ordo.cmd.stock.receive",
+        json!({"sku": "A1", "qty": 5}),
+    )
+    .await;
+    assert_eq!(received["ok"], true, "{received}; see {}", log.display());
+    let placed = request(
+        &client,
+        "ordo.cmd.order.place",
+        json!({"order_id": "o-1", "customer_id": "c1",
+               "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
+    )
+    .await;
+    assert_eq!(placed["ok"], true, "{placed}");
+    let saga = async {
+        let http_client = reqwest::Client::new();
+        loop {
+            if let Ok(response) = http_client
+                .get(format!("http://{http}/sagas/o-1"))
+                .send()
+                .await
+                && let Ok(saga) = response.json::<Value>().await
+                && saga["state"] == "confirmed"
+            {
+                return saga;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), saga)
+        .await
+        .unwrap_or_else(|_| panic!("o-1 was not confirmed; see {}", log.display()));
+
+    // A user without permission for ordo.cmd.> is not answered, and nothing is appended.
+    let reader = connect_as(&server, &certificates, "reader", READER_PASSWORD).await;
+    let refused = reader
+        .send_request(
+            "ordo.cmd.stock.receive",
+            async_nats::Request::new()
+                .payload(json!({"sku": "B2", "qty": 1}).to_string().into())
+                .timeout(Some(Duration::from_secs(2))),
+        )
+        .await;
+    assert!(refused.is_err(), "the reader was answered: {refused:?}");
+    let after = request(
+        &client,
+        "ordo.cmd.stock.receive",
+        json!({"sku": "B2", "qty": 1}),
+    )
+    .await;
+    assert_eq!(
+        after["version"], 1,
+        "B2's first event is the client's, not the reader's: {after}"
+    );
+
+    // No secret in the log of the whole run.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("connected to NATS"), "{logged}");
+    for secret in [ORDO_PASSWORD, CLIENT_PASSWORD, READER_PASSWORD] {
+        assert!(!logged.contains(secret), "a secret in the log: {logged}");
+    }
+}
+
+#[test]
+fn a_wrong_password_or_a_missing_certificate_fails_at_once_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificates = Certificates::issue(dir.path());
+    let server = NatsServer::start_with_config(&server_config(&certificates));
+
+    let mut wrong_password = ordo_env(&server, &certificates);
+    wrong_password.retain(|(key, _)| *key != "ORDO_NATS_PASSWORD");
+    wrong_password.push(("ORDO_NATS_PASSWORD", "not-the-password-1f3".into()));
+    let (output, took) = run_to_end(
+        &["run", "commands"],
+        &wrong_password,
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {stderr}");
+    assert!(
+        stderr.contains("does not accept this connection")
+            && stderr.contains("refused the credentials"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("unreachable; retrying"),
+        "a retry storm: {stderr}"
+    );
+    assert!(
+        !stderr.contains("not-the-password-1f3"),
+        "the password was logged: {stderr}"
+    );
+
+    let mut no_certificate = ordo_env(&server, &certificates);
+    no_certificate.retain(|(key, _)| !["ORDO_NATS_CERT", "ORDO_NATS_KEY"].contains(key));
+    let (output, took) = run_to_end(
+        &["run", "commands"],
+        &no_certificate,
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {stderr}");
+    assert!(
+        stderr.contains("does not accept this connection"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("unreachable; retrying"),
+        "a retry storm: {stderr}"
+    );
+    assert!(
+        !stderr.contains(ORDO_PASSWORD),
+        "the password was logged: {stderr}"
+    );
+}
+
+#[test]
+fn credentials_in_the_url_are_used_and_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let certificates = Certificates::issue(dir.path());
+    let server = NatsServer::start_with_config(&server_config(&certificates));
+    let mut env = ordo_env(&server, &certificates);
+    env.retain(|(key, _)| !["ORDO_NATS_USER", "ORDO_NATS_PASSWORD", "ORDO_NATS_URL"].contains(key));
+    env.push((
+        "ORDO_NATS_URL",
+        format!(
+            "nats://client:{CLIENT_PASSWORD}@127.0.0.1:{}",
+            server.port()
+        ),
+    ));
+    // The client user may send a command (nobody serves it here: "no responders").
+    let (output, _) = run_to_end(
+        &["stock", "receive", "A1", "1"],
+        &env,
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no answer on ordo.cmd.stock.receive"),
+        "the command got past the server's authentication: {stderr}"
+    );
+    assert!(!stderr.contains(CLIENT_PASSWORD), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains(CLIENT_PASSWORD), "{stdout}");
+}
