@@ -124,6 +124,13 @@ fn every_ordo_service_agrees_on_the_cluster_and_three_replicas_in_settings_ordo_
             env["OTEL_EXPORTER_OTLP_ENDPOINT"],
             "http://otel-collector:4317"
         );
+        // Authenticated as the user docker/nats.conf allows ordo's subjects, with a password
+        // the operator sets (never one written here).
+        assert_eq!(env["ORDO_NATS_USER"], "ordo", "{name}");
+        assert!(
+            env["ORDO_NATS_PASSWORD"].starts_with("${ORDO_NATS_PASSWORD:?"),
+            "{name}"
+        );
         // Every ORDO_ setting is one the command it runs reads (clap shows them in --help).
         let args: Vec<String> = service["command"]
             .as_sequence()
