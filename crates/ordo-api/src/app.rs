@@ -6,13 +6,17 @@ use std::{
     time::Duration,
 };
 
-use axum::{Router, routing::get};
+use axum::{Router, middleware, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use moka::future::Cache;
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::{checkpoints::CheckpointSignals, ops, reads};
+use crate::{
+    auth::{self, AccessTokens, Token},
+    checkpoints::CheckpointSignals,
+    ops, reads,
+};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -28,6 +32,8 @@ pub struct ApiState {
     pub checkpoints: CheckpointSignals,
     /// The stream definitions of this deployment: `/readyz` says how running streams differ.
     pub streams: Vec<ordo_eventstore::StreamDefinition>,
+    /// The bearer tokens the API asks for (none by default).
+    pub tokens: AccessTokens,
 }
 
 impl ApiState {
@@ -46,6 +52,7 @@ impl ApiState {
                 .build(),
             metrics: prometheus(),
             streams: ordo_eventstore::StreamDefinition::built_in(),
+            tokens: AccessTokens::default(),
         }
     }
 }
@@ -94,6 +101,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .fallback(ops::not_found)
+        .layer(middleware::from_fn_with_state(
+            state.tokens.clone(),
+            auth::require_token,
+        ))
         .with_state(Arc::new(state))
 }
 
@@ -101,16 +112,23 @@ pub fn router(state: ApiState) -> Router {
 /// completes: the metrics port of a worker that has no HTTP API (`--metrics-addr`).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
+    token: Option<Token>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let handle = prometheus();
-    let router = Router::new().route(
-        "/metrics",
-        get(move || {
-            let handle = handle.clone();
-            async move { handle.render() }
-        }),
-    );
+    let tokens = AccessTokens {
+        api: None,
+        metrics: token,
+    };
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move { handle.render() }
+            }),
+        )
+        .layer(middleware::from_fn_with_state(tokens, auth::require_token));
     tracing::info!(addr = %listener.local_addr()?, "metrics ready");
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)

@@ -17,6 +17,8 @@ pub enum ApiError {
     NotCaughtUp { min_seq: u64, checkpoint: u64 },
     /// 503: PostgreSQL (or NATS) does not answer.
     Unavailable(String),
+    /// 401: a bearer token is required and was missing or wrong.
+    Unauthorized(String),
 }
 
 impl From<sqlx::Error> for ApiError {
@@ -52,6 +54,15 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": {"code": "unavailable", "message": message}}),
             ),
+            Self::Unauthorized(message) => {
+                let body = json!({"error": {"code": "unauthorized", "message": message}});
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                    Json(body),
+                )
+                    .into_response();
+            }
         };
         (status, Json(body)).into_response()
     }

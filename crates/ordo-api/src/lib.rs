@@ -6,11 +6,14 @@
 //! - [`reads`]: the view endpoints (`/orders`, `/stock`, `/sagas`, `/notifications`).
 //! - [`ops`]: `/projections`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: [`router`] and [`serve`]: the routes, the shared state, the listener.
+//! - [`auth`]: the optional bearer tokens of the API and of `/metrics`.
 
 pub mod app;
+pub mod auth;
 pub mod checkpoints;
 pub mod error;
 pub mod ops;
 pub mod reads;
 
 pub use app::{ApiState, prometheus, router, serve, serve_metrics};
+pub use auth::{AccessTokens, Token};

@@ -20,6 +20,10 @@ struct Setup {
 
 impl Setup {
     async fn start() -> Self {
+        Self::start_with(ordo_api::AccessTokens::default()).await
+    }
+
+    async fn start_with(tokens: ordo_api::AccessTokens) -> Self {
         let engine = Engine::start().await;
         let database = TestDatabase::create().await;
         schema::prepare(database.pool()).await.unwrap();
@@ -36,6 +40,7 @@ impl Setup {
 
         let mut state = ApiState::new(database.pool().clone(), engine.client.clone());
         state.min_seq_wait = Duration::from_millis(500);
+        state.tokens = tokens;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(ordo_api::serve(listener, state, std::future::pending()));
@@ -408,4 +413,68 @@ async fn hostile_query_parameters_are_400_with_the_json_error_shape() {
     }
     // And the API still answers.
     assert_eq!(setup.get("/healthz").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn with_a_token_every_endpoint_but_healthz_answers_401_with_the_json_error_shape() {
+    let setup = Setup::start_with(ordo_api::AccessTokens {
+        api: Some(ordo_api::Token::new("api-token")),
+        metrics: Some(ordo_api::Token::new("metrics-token")),
+    })
+    .await;
+    let get = |path: &str, token: Option<&str>| {
+        let mut request = setup.http.get(format!("{}{path}", setup.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            let challenge = response
+                .headers()
+                .get("www-authenticate")
+                .map(|value| value.to_str().unwrap().to_owned());
+            (
+                status,
+                challenge,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    for path in [
+        "/orders",
+        "/orders/o-1",
+        "/stock/A1",
+        "/sagas/o-1",
+        "/notifications",
+        "/projections",
+        "/readyz",
+        "/metrics",
+        "/no-such-path",
+    ] {
+        for token in [None, Some("wrong-token")] {
+            let (status, challenge, body) = get(path, token).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} with {token:?}");
+            assert_eq!(challenge.as_deref(), Some("Bearer"), "{path}");
+            assert_eq!(body["error"]["code"], "unauthorized", "{path}: {body}");
+            assert!(body["error"]["message"].is_string(), "{path}: {body}");
+        }
+    }
+    // A liveness probe needs no token.
+    assert_eq!(get("/healthz", None).await.0, StatusCode::OK);
+    // With the token, reads answer as ever.
+    assert_eq!(get("/orders", Some("api-token")).await.0, StatusCode::OK);
+    assert_eq!(
+        get("/stock/A1", Some("api-token")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    // /metrics takes its own token, not the API's.
+    assert_eq!(
+        get("/metrics", Some("metrics-token")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get("/metrics", Some("api-token")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
 }

@@ -244,16 +244,55 @@ pub async fn notifier(
     Ok(())
 }
 
+/// Who may read over HTTP: optional bearer tokens for the API and for `/metrics`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct HttpAccess {
+    /// A bearer token every HTTP endpoint but /healthz then requires
+    /// (`Authorization: Bearer <token>`). Unset: the API answers whoever reaches its address.
+    #[arg(long, env = "ORDO_HTTP_TOKEN", hide_env_values = true, global = true)]
+    pub http_token: Option<crate::connect::Secret>,
+    /// A bearer token for `/metrics` alone (for Prometheus); unset, /metrics takes the API's.
+    #[arg(
+        long,
+        env = "ORDO_METRICS_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub metrics_token: Option<crate::connect::Secret>,
+}
+
+impl HttpAccess {
+    pub fn tokens(&self) -> ordo_api::AccessTokens {
+        let token = |secret: &Option<crate::connect::Secret>| {
+            secret
+                .as_ref()
+                .map(|secret| ordo_api::Token::new(secret.expose()))
+        };
+        ordo_api::AccessTokens {
+            api: token(&self.http_token),
+            metrics: token(&self.metrics_token),
+        }
+    }
+
+    /// The token a worker's metrics port asks for.
+    fn metrics_port_token(&self) -> Option<ordo_api::Token> {
+        let tokens = self.tokens();
+        tokens.metrics.or(tokens.api)
+    }
+}
+
 /// Serves the HTTP read API on `addr` until shutdown.
 pub async fn api(
     addr: SocketAddr,
     pool: PgPool,
     nats: async_nats::Client,
     streams: StreamSettings,
+    access: HttpAccess,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut state = ordo_api::ApiState::new(pool, nats);
     state.streams = streams.definitions()?;
+    state.tokens = access.tokens();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening on {addr} (set ORDO_HTTP_ADDR to use another address)")
     })?;
@@ -262,11 +301,15 @@ pub async fn api(
 }
 
 /// Serves this process's metrics on `addr` until shutdown.
-pub async fn metrics(addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn metrics(
+    addr: SocketAddr,
+    access: HttpAccess,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening for metrics on {addr} (set ORDO_METRICS_ADDR to use another address)")
     })?;
-    ordo_api::serve_metrics(listener, shutdown.signal()).await?;
+    ordo_api::serve_metrics(listener, access.metrics_port_token(), shutdown.signal()).await?;
     Ok(())
 }
 

@@ -75,6 +75,9 @@ struct Cli {
     nats_auth: connect::NatsAuth,
 
     #[command(flatten)]
+    http_access: components::HttpAccess,
+
+    #[command(flatten)]
     saga: components::SagaOptions,
 
     #[command(flatten)]
@@ -236,7 +239,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(addr) = cli.metrics_addr {
                 components.spawn(named(
                     "metrics",
-                    components::metrics(addr, shutdown.clone()),
+                    components::metrics(addr, cli.http_access.clone(), shutdown.clone()),
                 ));
             }
             match component {
@@ -276,6 +279,7 @@ async fn main() -> anyhow::Result<()> {
                             pool,
                             nats.clone(),
                             cli.streams.clone(),
+                            cli.http_access.clone(),
                             shutdown.clone(),
                         ),
                     ));
@@ -424,6 +428,7 @@ async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
             pool,
             nats.clone(),
             cli.streams.clone(),
+            cli.http_access.clone(),
             shutdown.clone(),
         ),
     ));

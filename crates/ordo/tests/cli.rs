@@ -441,7 +441,7 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
 }
 
 #[tokio::test]
-async fn a_worker_serves_its_metrics_on_its_metrics_address() {
+async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its_token() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -456,6 +456,7 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address() {
         &[
             ("ORDO_NATS_URL", url.as_str()),
             ("ORDO_METRICS_ADDR", addr.as_str()),
+            ("ORDO_METRICS_TOKEN", "prometheus-only"),
         ],
         &dir.path().join("ordo.log"),
     );
@@ -463,8 +464,14 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address() {
     // A malformed order, so that a command counter moves.
     request_when_up(&client, "ordo.cmd.order.place", json!({"nonsense": true})).await;
     let deadline = Instant::now() + Duration::from_secs(10);
+    let http = reqwest::Client::new();
     let metrics = loop {
-        match reqwest::get(format!("http://{addr}/metrics")).await {
+        let scrape = http
+            .get(format!("http://{addr}/metrics"))
+            .bearer_auth("prometheus-only")
+            .send()
+            .await;
+        match scrape {
             Ok(response) if response.status().is_success() => {
                 break response.text().await.unwrap();
             }
@@ -479,4 +486,8 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address() {
             .contains(r#"ordo_commands_total{endpoint="order.place",outcome="invalid_command"} 1"#),
         "{metrics}"
     );
+    let without_token = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(without_token.status(), reqwest::StatusCode::UNAUTHORIZED);
 }
