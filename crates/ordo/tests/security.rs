@@ -16,6 +16,8 @@ const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
 const ORDO_PASSWORD: &str = "ordo-pw-7c1e9f";
 const CLIENT_PASSWORD: &str = "client-pw-52ab0d";
 const READER_PASSWORD: &str = "reader-pw-e44d13";
+const HTTP_TOKEN: &str = "http-token-9d02aa";
+const METRICS_TOKEN: &str = "metrics-token-61f0c8";
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
 struct Certificates {
@@ -207,6 +209,8 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
     env.push(("ORDO_DATABASE_URL", database.url().to_owned()));
     env.push(("ORDO_HTTP_ADDR", http.clone()));
     env.push(("ORDO_HOME", dir.path().display().to_string()));
+    env.push(("ORDO_HTTP_TOKEN", HTTP_TOKEN.into()));
+    env.push(("ORDO_METRICS_TOKEN", METRICS_TOKEN.into()));
     let log = dir.path().join("up.log");
     let _up = Ordo(
         Command::new(ORDO)
@@ -240,6 +244,7 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
         loop {
             if let Ok(response) = http_client
                 .get(format!("http://{http}/sagas/o-1"))
+                .bearer_auth(HTTP_TOKEN)
                 .send()
                 .await
                 && let Ok(saga) = response.json::<Value>().await
@@ -276,11 +281,40 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
         "B2's first event is the client's, not the reader's: {after}"
     );
 
-    // No secret in the log of the whole run.
+    // No secret in the log of the whole run, nor in what the API says about itself.
+    let http_client = reqwest::Client::new();
+    let readyz = http_client
+        .get(format!("http://{http}/readyz"))
+        .bearer_auth(HTTP_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(readyz.contains("\"ready\":true"), "{readyz}");
+    let unauthorized = http_client
+        .get(format!("http://{http}/metrics"))
+        .bearer_auth(HTTP_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("connected to NATS"), "{logged}");
-    for secret in [ORDO_PASSWORD, CLIENT_PASSWORD, READER_PASSWORD] {
+    let secrets = [
+        ORDO_PASSWORD,
+        CLIENT_PASSWORD,
+        READER_PASSWORD,
+        HTTP_TOKEN,
+        METRICS_TOKEN,
+    ];
+    for secret in secrets {
         assert!(!logged.contains(secret), "a secret in the log: {logged}");
+        assert!(!readyz.contains(secret), "a secret in /readyz: {readyz}");
+        assert!(!unauthorized.contains(secret), "{unauthorized}");
     }
 }
 
