@@ -9,6 +9,7 @@
 //!   with optimistic concurrency, retry on conflict.
 //! - [`service`]: [`CommandService`], the micro service with its queue group, concurrency limit and
 //!   graceful shutdown.
+//! - [`ratelimit`]: per-customer token buckets on `order.place`, shared by every instance.
 //! - [`micro`]: the NATS micro service protocol (discovery and per-endpoint stats that count
 //!   error replies).
 
@@ -17,6 +18,7 @@ pub mod handler;
 pub mod hostile;
 pub mod micro;
 pub mod outcomes;
+pub mod ratelimit;
 pub mod service;
 pub mod wire;
 

@@ -18,6 +18,7 @@ use crate::{
     backpressure::{BacklogLimits, Gate},
     handler::CommandHandler,
     micro::{self, EndpointInfo, Micro},
+    ratelimit::{Admission, CustomerLimiter, CustomerRate},
     wire::{self, Endpoint, ErrorCode, SUBJECT_PREFIX, error_reply},
 };
 
@@ -41,6 +42,10 @@ pub struct ServiceConfig {
     pub max_in_flight: usize,
     /// When `order.place` sheds load (none: never).
     pub backlog_limits: Option<BacklogLimits>,
+    /// How fast one customer may place orders (none: no limit).
+    pub customer_rate: Option<CustomerRate>,
+    /// Replicas of the state the service keeps in JetStream (the rate-limit bucket).
+    pub replicas: usize,
 }
 
 impl Default for ServiceConfig {
@@ -48,6 +53,8 @@ impl Default for ServiceConfig {
         Self {
             max_in_flight: 256,
             backlog_limits: Some(BacklogLimits::default()),
+            customer_rate: None,
+            replicas: 1,
         }
     }
 }
@@ -60,6 +67,32 @@ struct Serving {
     micro: Arc<Micro>,
     /// `order.place` requests shed, shown by `nats micro stats ordo`.
     shed: Arc<AtomicU64>,
+    limiter: Option<CustomerLimiter>,
+}
+
+impl Serving {
+    /// The refusal of a placing over its customer's rate, if it is one.
+    async fn over_rate(&self, parsed: &wire::ParsedRequest) -> Option<serde_json::Value> {
+        let limiter = self.limiter.as_ref()?;
+        let wire::Command::Order(ordo_domain::order::OrderCommand::Place { customer_id, .. }) =
+            &parsed.command
+        else {
+            return None;
+        };
+        match limiter.take(customer_id.as_str()).await {
+            Ok(Admission::Admitted) => None,
+            Ok(Admission::Limited { retry_after }) => {
+                metrics::counter!("ordo_commands_rate_limited_total").increment(1);
+                let mut reply = error_reply(
+                    ErrorCode::RateLimited,
+                    format!("customer {customer_id} places orders faster than its limit"),
+                );
+                reply["error"]["retry_after_ms"] = (retry_after.as_millis() as u64).into();
+                Some(reply)
+            }
+            Err(err) => Some(error_reply(ErrorCode::Unavailable, err)),
+        }
+    }
 }
 
 /// The command service of one instance: subscribed, not yet serving.
@@ -71,6 +104,7 @@ pub struct CommandService {
     handler: Arc<CommandHandler>,
     config: ServiceConfig,
     shed: Arc<AtomicU64>,
+    limiter: Option<CustomerLimiter>,
 }
 
 impl CommandService {
@@ -122,6 +156,18 @@ impl CommandService {
                 }
             },
         ));
+        let limiter = match config.customer_rate {
+            Some(rate) => Some(
+                CustomerLimiter::open(
+                    &async_nats::jetstream::new(client.clone()),
+                    rate,
+                    config.replicas,
+                )
+                .await
+                .map_err(|err| ServiceError(err.to_string()))?,
+            ),
+            None => None,
+        };
         let mut subscriptions = Vec::with_capacity(Endpoint::ALL.len());
         for endpoint in Endpoint::ALL {
             let subscriber = client
@@ -159,6 +205,7 @@ impl CommandService {
             handler,
             config,
             shed,
+            limiter,
         })
     }
 
@@ -174,6 +221,7 @@ impl CommandService {
             handler,
             config,
             shed,
+            limiter,
         } = self;
         let gate = Gate::default();
         let _watch = config.backlog_limits.clone().map(|limits| {
@@ -186,6 +234,7 @@ impl CommandService {
             gate,
             micro,
             shed,
+            limiter,
         });
         let limit = Arc::new(Semaphore::new(config.max_in_flight));
         let mut in_flight = JoinSet::new();
@@ -308,6 +357,9 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
                 reply
             }
             Ok(parsed) => {
+                if let Some(refusal) = serving.over_rate(&parsed).await {
+                    return refusal;
+                }
                 tracing::Span::current().record("command_id", parsed.command_id.as_str());
                 let metadata = EventMetadata {
                     correlation_id: header(HEADER_CORRELATION_ID)

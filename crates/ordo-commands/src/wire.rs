@@ -425,16 +425,19 @@ pub enum ErrorCode {
     InsufficientStock,
     Conflict,
     Unavailable,
+    /// The customer placed orders faster than its limit allows (`retry_after_ms` says when).
+    RateLimited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 7] = [
         Self::InvalidCommand,
         Self::NotFound,
         Self::InvalidState,
         Self::InsufficientStock,
         Self::Conflict,
         Self::Unavailable,
+        Self::RateLimited,
     ];
 
     /// The status a reply with this code carries in `Nats-Service-Error-Code`, as HTTP would
@@ -446,6 +449,7 @@ impl ErrorCode {
             Self::NotFound => 404,
             Self::InvalidState | Self::InsufficientStock | Self::Conflict => 409,
             Self::Unavailable => 503,
+            Self::RateLimited => 429,
         }
     }
 
@@ -462,6 +466,7 @@ impl ErrorCode {
             Self::InsufficientStock => "insufficient_stock",
             Self::Conflict => "conflict",
             Self::Unavailable => "unavailable",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

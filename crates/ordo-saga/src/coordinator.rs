@@ -638,7 +638,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                 | ErrorCode::InvalidState
                 | ErrorCode::InvalidCommand => Outcome::Failed(message),
                 // Of the moment: it may work when sent again.
-                ErrorCode::Conflict | ErrorCode::Unavailable => {
+                ErrorCode::Conflict | ErrorCode::Unavailable | ErrorCode::RateLimited => {
                     Outcome::Unknown(format!("{}: {message}", code.as_str()))
                 }
             },

@@ -114,12 +114,29 @@ pub struct LoadSheddingOptions {
     /// Events a projector may have not applied yet before `order.place` answers `unavailable`.
     #[arg(long, env = "ORDO_MAX_PROJECTION_LAG", default_value_t = 50_000)]
     pub max_projection_lag: u64,
+    /// Orders per second one customer may place, sustained (shared by every command service);
+    /// over it, `order.place` answers `rate_limited` with `retry_after_ms`. Unset: no limit.
+    #[arg(long, env = "ORDO_CUSTOMER_ORDER_RATE", value_parser = positive_rate)]
+    pub customer_order_rate: Option<f64>,
+    /// Orders one customer may place at once after a pause (with --customer-order-rate).
+    #[arg(long, env = "ORDO_CUSTOMER_ORDER_BURST", default_value_t = 10)]
+    pub customer_order_burst: u32,
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate > 0.0 && rate.is_finite() => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a positive number of orders per second"
+        )),
+    }
 }
 
 /// Serves commands until shutdown.
 pub async fn commands(
     nats: async_nats::Client,
     load_shedding: LoadSheddingOptions,
+    streams: StreamSettings,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let config = ordo_commands::ServiceConfig {
@@ -128,6 +145,13 @@ pub async fn commands(
             projection: load_shedding.max_projection_lag,
             ..Default::default()
         }),
+        customer_rate: load_shedding.customer_order_rate.map(|per_second| {
+            ordo_commands::ratelimit::CustomerRate {
+                per_second,
+                burst: load_shedding.customer_order_burst,
+            }
+        }),
+        replicas: streams.stream_replicas.unwrap_or(1),
         ..Default::default()
     };
     ordo_commands::CommandService::assemble(nats, config)

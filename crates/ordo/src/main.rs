@@ -249,6 +249,7 @@ async fn main() -> anyhow::Result<()> {
                         components::commands(
                             nats.clone(),
                             cli.load_shedding.clone(),
+                            cli.streams.clone(),
                             shutdown.clone(),
                         ),
                     ));
@@ -406,7 +407,12 @@ async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut components = JoinSet::new();
     components.spawn(named(
         "commands",
-        components::commands(nats.clone(), cli.load_shedding.clone(), shutdown.clone()),
+        components::commands(
+            nats.clone(),
+            cli.load_shedding.clone(),
+            cli.streams.clone(),
+            shutdown.clone(),
+        ),
     ));
     for view in ordo_projections::View::ALL {
         let task = components::projector(view, pool.clone(), nats.clone(), shutdown.clone());

@@ -211,6 +211,9 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
     env.push(("ORDO_HOME", dir.path().display().to_string()));
     env.push(("ORDO_HTTP_TOKEN", HTTP_TOKEN.into()));
     env.push(("ORDO_METRICS_TOKEN", METRICS_TOKEN.into()));
+    // Placing goes through the per-customer rate limit, so its bucket is used under the
+    // shipped permissions too.
+    env.push(("ORDO_CUSTOMER_ORDER_RATE", "100".into()));
     let log = dir.path().join("up.log");
     let _up = Ordo(
         Command::new(ORDO)

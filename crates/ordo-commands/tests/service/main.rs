@@ -6,4 +6,5 @@ mod concurrency;
 mod contract;
 mod faults;
 mod idempotency;
+mod ratelimit;
 mod support;

@@ -1,0 +1,82 @@
+//! Per-customer rate limits on `order.place`, shared by every command-service instance.
+
+use std::time::Duration;
+
+use ordo_commands::{ServiceConfig, ratelimit::CustomerRate};
+use ordo_eventstore::StreamDefinition;
+use serde_json::{Value, json};
+
+use crate::support::Engine;
+
+fn place(order_id: &str, customer_id: &str) -> Value {
+    json!({"order_id": order_id, "customer_id": customer_id,
+           "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 100}]})
+}
+
+#[tokio::test]
+async fn a_customer_over_its_rate_is_refused_by_every_instance_and_nothing_is_appended() {
+    let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
+    let limited = ServiceConfig {
+        // A burst of 3, then one order every 100 s: nothing refills during the test.
+        customer_rate: Some(CustomerRate {
+            per_second: 0.01,
+            burst: 3,
+        }),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        engine.add_instance_with(limited.clone()).await;
+    }
+
+    // Six orders of one customer, spread over both instances by the queue group.
+    let mut replies = Vec::new();
+    for i in 0..6 {
+        replies.push(
+            engine
+                .request("ordo.cmd.order.place", place(&format!("o-{i}"), "c1"))
+                .await,
+        );
+    }
+    let accepted = replies.iter().filter(|reply| reply["ok"] == true).count();
+    assert_eq!(accepted, 3, "exactly the burst: {replies:?}");
+    for refused in replies.iter().filter(|reply| reply["ok"] != true) {
+        assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
+        let retry_after = refused["error"]["retry_after_ms"].as_u64().unwrap();
+        assert!(retry_after > 0 && retry_after <= 100_000, "{refused}");
+    }
+    // Another customer has a bucket of its own.
+    let other = engine
+        .request("ordo.cmd.order.place", place("o-other", "c2"))
+        .await;
+    assert_eq!(other["ok"], true, "{other}");
+    // Only what was accepted was appended.
+    assert_eq!(engine.event_counts().await, (4, 0));
+}
+
+#[tokio::test]
+async fn tokens_come_back_at_the_configured_rate() {
+    let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
+    engine
+        .add_instance_with(ServiceConfig {
+            customer_rate: Some(CustomerRate {
+                per_second: 5.0,
+                burst: 1,
+            }),
+            ..Default::default()
+        })
+        .await;
+    let first = engine
+        .request("ordo.cmd.order.place", place("o-1", "c1"))
+        .await;
+    assert_eq!(first["ok"], true, "{first}");
+    let second = engine
+        .request("ordo.cmd.order.place", place("o-2", "c1"))
+        .await;
+    assert_eq!(second["error"]["code"], "rate_limited", "{second}");
+    let wait = second["error"]["retry_after_ms"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(wait + 50)).await;
+    let third = engine
+        .request("ordo.cmd.order.place", place("o-3", "c1"))
+        .await;
+    assert_eq!(third["ok"], true, "after retry_after_ms: {third}");
+}
