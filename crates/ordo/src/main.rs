@@ -223,14 +223,14 @@ async fn main() -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Up => up(cli, shutdown).await,
-        Command::Run { component } => {
+        Command::Run { ref component } => {
             let Some(nats) =
                 connect_nats(&shutdown, &nats_url, &cli.nats_auth, &cli.streams).await?
             else {
                 return Ok(());
             };
             let Some(pool) = shutdown
-                .unless_triggered(connect_database(&component, &database_url))
+                .unless_triggered(connect_database(component, &database_url))
                 .await
             else {
                 return Ok(());
@@ -242,61 +242,14 @@ async fn main() -> anyhow::Result<()> {
                     components::metrics(addr, cli.http_access.clone(), shutdown.clone()),
                 ));
             }
-            match component {
-                Component::Commands => {
-                    components.spawn(named(
-                        "commands",
-                        components::commands(
-                            nats.clone(),
-                            cli.load_shedding.clone(),
-                            cli.streams.clone(),
-                            shutdown.clone(),
-                        ),
-                    ));
-                }
-                Component::Projector { projection } => {
-                    let pool = pool.expect("a pool for the projector");
-                    let views = match projection {
-                        Some(view) => vec![view],
-                        None => ordo_projections::View::ALL.to_vec(),
-                    };
-                    for view in views {
-                        let label = format!("projector {view}");
-                        let task = components::projector(
-                            view,
-                            pool.clone(),
-                            nats.clone(),
-                            shutdown.clone(),
-                        );
-                        components.spawn(async move { (label, task.await) });
-                    }
-                }
-                Component::Api => {
-                    let pool = pool.expect("a pool for the API");
-                    components.spawn(named(
-                        "api",
-                        components::api(
-                            cli.http_addr,
-                            pool,
-                            nats.clone(),
-                            cli.streams.clone(),
-                            cli.http_access.clone(),
-                            shutdown.clone(),
-                        ),
-                    ));
-                }
-                Component::Saga => {
-                    let pool = pool.expect("a pool for the saga coordinator");
-                    let saga = components::saga(cli.saga, pool, nats.clone(), shutdown.clone());
-                    components.spawn(named("saga", saga));
-                }
-                Component::Notifier => {
-                    let pool = pool.expect("a pool for the notifier");
-                    let notifier =
-                        components::notifier(cli.saga, pool, nats.clone(), shutdown.clone());
-                    components.spawn(named("notifier", notifier));
-                }
-            }
+            spawn_component(
+                &mut components,
+                component,
+                &cli,
+                &nats,
+                pool.as_ref(),
+                &shutdown,
+            );
             supervise(components, shutdown, nats).await
         }
         Command::Streams {
@@ -393,8 +346,9 @@ async fn main() -> anyhow::Result<()> {
 /// Every component in one process: the command service, the projectors, the saga coordinator,
 /// the notifier and the HTTP API.
 async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
-    let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url, &cli.home).await?;
-    let (database_url, _local_postgres) = database::url_for_up(cli.database_url, &cli.home).await?;
+    let (nats_url, _local_nats) = connect::url_for_up(cli.nats_url.clone(), &cli.home).await?;
+    let (database_url, _local_postgres) =
+        database::url_for_up(cli.database_url.clone(), &cli.home).await?;
     let Some(nats) = connect_nats(&shutdown, &nats_url, &cli.nats_auth, &cli.streams).await? else {
         return Ok(());
     };
@@ -405,42 +359,87 @@ async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
         return Ok(());
     };
     let mut components = JoinSet::new();
-    components.spawn(named(
-        "commands",
-        components::commands(
-            nats.clone(),
-            cli.load_shedding.clone(),
-            cli.streams.clone(),
-            shutdown.clone(),
-        ),
-    ));
-    for view in ordo_projections::View::ALL {
-        let task = components::projector(view, pool.clone(), nats.clone(), shutdown.clone());
-        components.spawn(async move { (format!("projector {view}"), task.await) });
+    for component in [
+        Component::Commands,
+        Component::Projector { projection: None },
+        Component::Saga,
+        Component::Notifier,
+        Component::Api,
+    ] {
+        spawn_component(
+            &mut components,
+            &component,
+            &cli,
+            &nats,
+            Some(&pool),
+            &shutdown,
+        );
     }
-    let saga = components::saga(
-        cli.saga.clone(),
-        pool.clone(),
-        nats.clone(),
-        shutdown.clone(),
-    );
-    components.spawn(named("saga", saga));
-    let notifier = components::notifier(cli.saga, pool.clone(), nats.clone(), shutdown.clone());
-    components.spawn(named("notifier", notifier));
-    components.spawn(named(
-        "api",
-        components::api(
-            cli.http_addr,
-            pool,
-            nats.clone(),
-            cli.streams.clone(),
-            cli.http_access.clone(),
-            shutdown.clone(),
-        ),
-    ));
     tracing::info!(api = %format!("http://{}", cli.http_addr), "ordo is up");
     supervise(components, shutdown, nats).await
     // The servers `ordo up` started stop here, after every component.
+}
+
+/// Starts `component` in `components`, configured from `cli`: `ordo run` starts the one it
+/// names, `ordo up` every one, both through here. `pool` is there for every component but the
+/// command service.
+fn spawn_component(
+    components: &mut JoinSet<(String, anyhow::Result<()>)>,
+    component: &Component,
+    cli: &Cli,
+    nats: &async_nats::Client,
+    pool: Option<&sqlx::PgPool>,
+    shutdown: &Shutdown,
+) {
+    let pool = || {
+        pool.cloned()
+            .expect("a database pool: connect_database gives one to every component but commands")
+    };
+    match component {
+        Component::Commands => {
+            components.spawn(named(
+                "commands",
+                components::commands(
+                    nats.clone(),
+                    cli.load_shedding.clone(),
+                    cli.streams.clone(),
+                    shutdown.clone(),
+                ),
+            ));
+        }
+        Component::Projector { projection } => {
+            let views = match projection {
+                Some(view) => vec![*view],
+                None => ordo_projections::View::ALL.to_vec(),
+            };
+            for view in views {
+                let task = components::projector(view, pool(), nats.clone(), shutdown.clone());
+                components.spawn(async move { (format!("projector {view}"), task.await) });
+            }
+        }
+        Component::Api => {
+            components.spawn(named(
+                "api",
+                components::api(
+                    cli.http_addr,
+                    pool(),
+                    nats.clone(),
+                    cli.streams.clone(),
+                    cli.http_access.clone(),
+                    shutdown.clone(),
+                ),
+            ));
+        }
+        Component::Saga => {
+            let saga = components::saga(cli.saga.clone(), pool(), nats.clone(), shutdown.clone());
+            components.spawn(named("saga", saga));
+        }
+        Component::Notifier => {
+            let notifier =
+                components::notifier(cli.saga.clone(), pool(), nats.clone(), shutdown.clone());
+            components.spawn(named("notifier", notifier));
+        }
+    }
 }
 
 async fn named(
