@@ -199,33 +199,17 @@ fn url_credentials(url: &str) -> Option<UrlCredentials> {
     url.split(',').find_map(|one| {
         let addr: async_nats::ServerAddr = one.trim().parse().ok()?;
         let user = addr.username()?;
-        let decode = |text: &str| percent_decode(text);
+        // URLs carry a password's reserved characters as `%XX` escapes.
+        let decode = |text: &str| {
+            percent_encoding::percent_decode_str(text)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
         Some(match addr.password() {
             Some(password) => UrlCredentials::UserPassword(decode(user), decode(password)),
             None => UrlCredentials::Token(decode(user)),
         })
     })
-}
-
-/// `%XX` escapes decoded, as URLs carry reserved characters of passwords.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(byte) = text
-                .get(i + 1..i + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-        {
-            decoded.push(byte);
-            i += 3;
-        } else {
-            decoded.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 impl NatsAuth {
