@@ -10,6 +10,7 @@ use ordo_commands::{
 use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
 use ordo_testkit::NatsServer;
 use serde_json::Value;
+use std::time::Duration;
 
 pub struct Engine {
     pub server: NatsServer,
@@ -46,6 +47,24 @@ impl Engine {
             server,
             client,
             store,
+        }
+    }
+
+    /// Waits, after a start or a restart of the server, until JetStream answers and a command
+    /// service instance has subscribed again: a command sent before then gets "no responders".
+    pub async fn wait_until_serving(&self) {
+        NatsServer::wait_for_jetstream(&self.client).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ping = async_nats::Request::new().timeout(Some(Duration::from_millis(500)));
+            match self.client.send_request("$SRV.PING.ordo", ping).await {
+                Ok(_) => return,
+                Err(err) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "no command service answered within 30 s: {err}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

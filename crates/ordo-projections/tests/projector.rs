@@ -13,7 +13,7 @@ use ordo_projections::{
     schema::{self, live_schema},
     stock::StockView,
 };
-use ordo_testkit::{NatsServer, TestDatabase};
+use ordo_testkit::TestDatabase;
 use serde_json::{Value, json};
 use sqlx::{PgPool, Row};
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -401,7 +401,7 @@ async fn a_restarted_nats_server_does_not_stop_the_projector() {
     setup.engine.server.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     setup.engine.server.restart();
-    NatsServer::wait_for_jetstream(&setup.engine.client).await;
+    setup.engine.wait_until_serving().await;
     setup
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 2}))
         .await;
