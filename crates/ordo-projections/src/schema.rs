@@ -47,9 +47,9 @@ pub async fn definition_of(pool: &PgPool, schema: &str) -> Result<Option<String>
     Ok(mark.flatten())
 }
 
-/// Creates the projection's schema, tables and checkpoint row if they are missing. A schema it
-/// creates is marked with the projection's definition; an existing one keeps its mark (a view
-/// built from another definition must be rebuilt, not altered).
+/// Creates the projection's schema, tables and checkpoint row if the schema is missing, marked
+/// with the projection's definition. An existing schema is left as it is (a view built from
+/// another definition must be rebuilt, not altered).
 pub async fn ensure_view<P: Projection>(pool: &PgPool, schema: &str) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Instances start together: one at a time creates the tables.
@@ -61,17 +61,19 @@ pub async fn ensure_view<P: Projection>(pool: &PgPool, schema: &str) -> Result<(
             .bind(schema)
             .fetch_one(&mut *tx)
             .await?;
-    if !exists {
-        sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "COMMENT ON SCHEMA {schema} IS '{}'",
-            definition::<P>()
-        )))
+    if exists {
+        // Nothing to create, and no DDL: the workers' role may not run any.
+        return tx.commit().await;
+    }
+    sqlx::query(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
         .execute(&mut *tx)
         .await?;
-    }
+    sqlx::query(AssertSqlSafe(format!(
+        "COMMENT ON SCHEMA {schema} IS '{}'",
+        definition::<P>()
+    )))
+    .execute(&mut *tx)
+    .await?;
     sqlx::query(set_search_path(schema))
         .execute(&mut *tx)
         .await?;
@@ -139,11 +141,186 @@ pub fn catalog() -> Vec<ProjectionInfo> {
     crate::View::ALL.iter().map(|view| view.info()).collect()
 }
 
-/// Runs the migrations and creates every view that is missing: what a reader needs first.
-pub async fn prepare(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    migrate(pool).await?;
-    for view in crate::View::ALL {
-        view.ensure_live(pool).await?;
+/// What a database lacks before ordo can use it: migrations not applied (or applied from another
+/// text) and live views that do not exist.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Missing {
+    pub migrations: Vec<i64>,
+    pub views: Vec<String>,
+}
+
+impl Missing {
+    pub fn is_empty(&self) -> bool {
+        self.migrations.is_empty() && self.views.is_empty()
     }
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.migrations.is_empty() {
+            let versions: Vec<String> = self.migrations.iter().map(i64::to_string).collect();
+            parts.push(format!("migrations {} not applied", versions.join(", ")));
+        }
+        if !self.views.is_empty() {
+            parts.push(format!("views {} missing", self.views.join(", ")));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Why a database could not be made ready for ordo.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(
+        "the database is not set up ({missing}) and this role may not create tables: run \
+         `ordo migrate` as the database owner"
+    )]
+    NotSetUp { missing: Missing },
+    #[error(
+        "this role may not read ordo's tables: run `ordo migrate --grant-to <this role>` as the \
+         database owner"
+    )]
+    NotGranted,
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// What `prepare` would create, found by reading only: a role that may not create tables can
+/// ask.
+pub async fn missing(pool: &PgPool) -> Result<Missing, sqlx::Error> {
+    // Unqualified, as sqlx's migrator names it: the first schema of the search path.
+    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    let applied: Vec<(i64, Vec<u8>)> = if has_table {
+        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?
+    } else {
+        Vec::new()
+    };
+    let migrations = MIGRATOR
+        .iter()
+        .filter(|migration| !migration.migration_type.is_down_migration())
+        .filter(|migration| {
+            !applied.iter().any(|(version, checksum)| {
+                *version == migration.version && **checksum == *migration.checksum
+            })
+        })
+        .map(|migration| migration.version)
+        .collect();
+    let schemas: Vec<String> = catalog().iter().map(ProjectionInfo::schema).collect();
+    let existing: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname = ANY($1)")
+            .bind(&schemas)
+            .fetch_all(pool)
+            .await?;
+    let views = catalog()
+        .iter()
+        .filter(|view| !existing.contains(&view.schema()))
+        .map(|view| view.name.to_owned())
+        .collect();
+    Ok(Missing { migrations, views })
+}
+
+/// Makes the database ready for every component: runs the migrations and creates the views that
+/// are missing. When nothing is missing it runs no DDL at all, so workers connected as a role
+/// that may only read and write rows (`ordo migrate --grant-to`) start on a database the owner
+/// set up; on one that is not set up they get [`PrepareError::NotSetUp`].
+pub async fn prepare(pool: &PgPool) -> Result<(), PrepareError> {
+    let missing = match missing(pool).await {
+        Err(err) if is_insufficient_privilege(&err) => return Err(PrepareError::NotGranted),
+        found => found?,
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let created = async {
+        migrate(pool).await?;
+        for view in crate::View::ALL {
+            view.ensure_live(pool).await?;
+        }
+        Ok::<_, PrepareError>(())
+    };
+    match created.await {
+        Err(err) if err.is_insufficient_privilege() => Err(PrepareError::NotSetUp { missing }),
+        other => other,
+    }
+}
+
+impl PrepareError {
+    fn is_insufficient_privilege(&self) -> bool {
+        use sqlx::migrate::MigrateError;
+        let sql = match self {
+            Self::Sql(err)
+            | Self::Migrate(MigrateError::Execute(err))
+            | Self::Migrate(MigrateError::ExecuteMigration(err, _)) => err,
+            _ => return false,
+        };
+        is_insufficient_privilege(sql)
+    }
+}
+
+fn is_insufficient_privilege(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|err| err.code())
+        .is_some_and(|code| code == "42501")
+}
+
+/// Lets `role` read and write the rows of every ordo table, those that exist and those that
+/// later migrations and rebuilds create (run as the owner, which creates them), and nothing more:
+/// no DDL, no write to the migration history. The role must exist.
+pub async fn grant_rows_to(pool: &PgPool, role: &str) -> Result<(), GrantError> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT exists(SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        return Err(GrantError::NoSuchRole(role.to_owned()));
+    }
+    let role = quote_identifier(role);
+    let schemas: Vec<String> = std::iter::once("public".to_owned())
+        .chain(catalog().iter().map(ProjectionInfo::schema))
+        .collect();
+    let schemas = schemas.join(", ");
+    let mut tx = pool.begin().await?;
+    for statement in [
+        format!("GRANT USAGE ON SCHEMA {schemas} TO {role}"),
+        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schemas} TO {role}"),
+        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schemas} TO {role}"),
+        // The workers read which migrations ran (to know the database is set up), never write it.
+        format!("REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM {role}"),
+        // What the owner creates later: the schemas and tables of a rebuild, new migrations.
+        format!("ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {role}"),
+        format!(
+            "ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}"
+        ),
+        format!("ALTER DEFAULT PRIVILEGES GRANT USAGE, SELECT ON SEQUENCES TO {role}"),
+    ] {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error(
+        "role {0:?} does not exist: create it first (CREATE ROLE {0} LOGIN PASSWORD '…'), then \
+         run this again"
+    )]
+    NoSuchRole(String),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// `name` as a quoted SQL identifier, whatever it contains.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }

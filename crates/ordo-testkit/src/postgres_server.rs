@@ -100,6 +100,28 @@ impl PostgresServer {
             .args(["-w", "-o", &options, "start"]))
     }
 
+    /// From now on every role but `postgres` (the tests' administrator) must give its password
+    /// over TCP (SCRAM), as in production.
+    pub fn require_passwords(&self) -> Result<(), String> {
+        let rules = "host all postgres 127.0.0.1/32 trust\n\
+                     host all all 127.0.0.1/32 scram-sha-256\n";
+        std::fs::write(self.data.join("pg_hba.conf"), rules)
+            .map_err(|err| format!("write pg_hba.conf: {err}"))?;
+        run(self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .arg("reload"))
+    }
+
+    /// The URL of `database` on this server as `user` with `password`.
+    pub fn url_as(&self, user: &str, password: &str, database: &str) -> String {
+        format!(
+            "postgres://{user}:{password}@127.0.0.1:{}/{database}",
+            self.port
+        )
+    }
+
     /// Stops the server at once, as an outage would (connections are cut).
     pub fn stop(&self) {
         let _ = run(self.command("pg_ctl").arg("-D").arg(&self.data).args([

@@ -5,6 +5,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::Context;
 use ordo_eventstore::backoff::Backoff;
+use ordo_projections::schema;
 use ordo_testkit::PostgresServer;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 
@@ -86,9 +87,34 @@ async fn create_database_if_missing(server: &str) -> anyhow::Result<String> {
     Ok(format!("{server}/{DATABASE}"))
 }
 
+/// `ordo migrate`: sets up the database at `url` (connected as its owner) and, given a role,
+/// lets that role read and write rows. Says what it did.
+pub async fn migrate(url: &str, grant_to: Option<&str>) -> anyhow::Result<()> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    let missing = schema::missing(&pool).await?;
+    schema::prepare(&pool).await?;
+    if missing.is_empty() {
+        println!("the database was already set up");
+    } else {
+        println!("created what was missing ({missing})");
+    }
+    if let Some(role) = grant_to {
+        schema::grant_rows_to(&pool, role).await?;
+        println!("role {role} may read and write ordo's rows, and nothing more");
+    }
+    Ok(())
+}
+
 /// A pool on `url` with the migrations run and the views created, waiting for the database with
-/// exponential backoff (capped at 30 s) and saying so.
-pub async fn connect_and_prepare(url: &str) -> PgPool {
+/// exponential backoff (capped at 30 s) and saying so; also while the database is not set up
+/// yet (`ordo migrate` may be running). A server that refuses the credentials ends it at once:
+/// retrying cannot help.
+pub async fn connect_and_prepare(url: &str) -> anyhow::Result<PgPool> {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         let attempt = async {
@@ -100,11 +126,18 @@ pub async fn connect_and_prepare(url: &str) -> PgPool {
                 .acquire_timeout(Duration::from_secs(3))
                 .connect(url)
                 .await?;
-            ordo_projections::schema::prepare(&pool).await?;
-            anyhow::Ok(pool)
+            schema::prepare(&pool).await?;
+            Ok::<_, schema::PrepareError>(pool)
         };
         match attempt.await {
-            Ok(pool) => return pool,
+            Ok(pool) => return Ok(pool),
+            Err(schema::PrepareError::Sql(err)) if credentials_refused(&err) => {
+                anyhow::bail!(
+                    "PostgreSQL at {} does not accept this connection ({err}): check the user and \
+                     password in ORDO_DATABASE_URL. Not retrying.",
+                    crate::connect::redacted(url)
+                )
+            }
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%err, retry_in = ?delay, "PostgreSQL is unreachable or not ready; retrying");
@@ -112,4 +145,11 @@ pub async fn connect_and_prepare(url: &str) -> PgPool {
             }
         }
     }
+}
+
+/// Class 28 (invalid authorization): a wrong password, an unknown role, no pg_hba.conf entry.
+fn credentials_refused(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|err| err.code())
+        .is_some_and(|code| code.starts_with("28"))
 }

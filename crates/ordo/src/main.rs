@@ -99,6 +99,14 @@ enum Command {
         #[command(subcommand)]
         component: Component,
     },
+    /// Set up the database as its owner: run the migrations and create the views. With
+    /// --grant-to, let the role the workers connect as read and write rows and nothing more.
+    Migrate {
+        /// The workers' role (it must exist): SELECT, INSERT, UPDATE and DELETE on ordo's
+        /// tables, now and on those later migrations and rebuilds create; no DDL.
+        #[arg(long, env = "ORDO_DATABASE_WORKER_ROLE")]
+        grant_to: Option<String>,
+    },
     /// Manage the JetStream streams.
     Streams {
         #[command(subcommand)]
@@ -201,6 +209,7 @@ async fn main() -> anyhow::Result<()> {
             | Command::Projections { .. }
             | Command::Sagas { .. }
             | Command::Notifications { .. }
+            | Command::Migrate { .. }
             | Command::Chaos(..)
     );
     let _telemetry = telemetry::init(client_only, cli.log_format)?;
@@ -232,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
             let Some(pool) = shutdown
                 .unless_triggered(connect_database(component, &database_url))
                 .await
+                .transpose()?
             else {
                 return Ok(());
             };
@@ -251,6 +261,9 @@ async fn main() -> anyhow::Result<()> {
                 &shutdown,
             );
             supervise(components, shutdown, nats).await
+        }
+        Command::Migrate { ref grant_to } => {
+            database::migrate(&database_url, grant_to.as_deref()).await
         }
         Command::Streams {
             action: StreamsAction::Apply { dir },
@@ -282,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
             action: ProjectionsAction::Rebuild { view },
         } => {
             let nats = connect::connect_once(&nats_url, &cli.nats_auth).await?;
-            let pool = database::connect_and_prepare(&database_url).await;
+            let pool = database::connect_and_prepare(&database_url).await?;
             components::rebuild(view, &pool, &nats).await
         }
         Command::Sagas {
@@ -355,6 +368,7 @@ async fn up(cli: Cli, shutdown: Shutdown) -> anyhow::Result<()> {
     let Some(pool) = shutdown
         .unless_triggered(database::connect_and_prepare(&database_url))
         .await
+        .transpose()?
     else {
         return Ok(());
     };
@@ -493,10 +507,13 @@ async fn connect_nats(
 }
 
 /// PostgreSQL for the components that use it (all but the command service).
-async fn connect_database(component: &Component, url: &str) -> Option<sqlx::PgPool> {
+async fn connect_database(
+    component: &Component,
+    url: &str,
+) -> anyhow::Result<Option<sqlx::PgPool>> {
     match component {
-        Component::Commands => None,
-        _ => Some(database::connect_and_prepare(url).await),
+        Component::Commands => Ok(None),
+        _ => database::connect_and_prepare(url).await.map(Some),
     }
 }
 

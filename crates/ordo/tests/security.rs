@@ -1,7 +1,9 @@
 //! ordo against a nats-server that requires TLS with client certificates and a password per
-//! user, each user allowed only its own subjects: ordo works end to end; a user without
-//! permission for `ordo.cmd.>` is not answered and changes nothing; wrong credentials fail at
-//! once with a clear message; no secret reaches a log.
+//! user, each user allowed only its own subjects, and a PostgreSQL that asks every role for its
+//! password, where the workers' role may only read and write rows: ordo works end to end; a user
+//! without permission for `ordo.cmd.>` is not answered and changes nothing; the workers' role
+//! cannot change a table; wrong credentials fail at once with a clear message; no secret reaches
+//! a log.
 
 use std::{
     path::{Path, PathBuf},
@@ -9,8 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ordo_testkit::{NatsServer, TestDatabase};
+use ordo_testkit::{NatsServer, PostgresServer};
 use serde_json::{Value, json};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
 const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
 const ORDO_PASSWORD: &str = "ordo-pw-7c1e9f";
@@ -18,6 +21,67 @@ const CLIENT_PASSWORD: &str = "client-pw-52ab0d";
 const READER_PASSWORD: &str = "reader-pw-e44d13";
 const HTTP_TOKEN: &str = "http-token-9d02aa";
 const METRICS_TOKEN: &str = "metrics-token-61f0c8";
+const OWNER_PASSWORD: &str = "owner-pw-0b7d35";
+const WORKER_PASSWORD: &str = "worker-pw-a93c21";
+
+/// A PostgreSQL set up as the README's Security section says: role `ordo_owner` owns database
+/// `ordo`, role `ordo_worker` may log in and nothing more until `ordo migrate --grant-to`, and
+/// both must give their passwords (only `postgres`, the test's administrator, need not).
+struct Database {
+    server: PostgresServer,
+}
+
+impl Database {
+    async fn start() -> Self {
+        let server = PostgresServer::start();
+        let mut admin = PgConnection::connect(&server.url("postgres"))
+            .await
+            .unwrap();
+        for statement in [
+            format!("CREATE ROLE ordo_owner LOGIN PASSWORD '{OWNER_PASSWORD}'"),
+            "CREATE DATABASE ordo OWNER ordo_owner".to_owned(),
+            format!("CREATE ROLE ordo_worker LOGIN PASSWORD '{WORKER_PASSWORD}'"),
+        ] {
+            admin.execute(AssertSqlSafe(statement)).await.unwrap();
+        }
+        server.require_passwords().unwrap();
+        // The server reads pg_hba.conf again a moment after the reload.
+        let without_password = server.url_as("ordo_worker", "", "ordo");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while PgConnection::connect(&without_password).await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL still lets roles in without a password"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { server }
+    }
+
+    fn owner_url(&self) -> String {
+        self.server.url_as("ordo_owner", OWNER_PASSWORD, "ordo")
+    }
+
+    fn worker_url(&self) -> String {
+        self.server.url_as("ordo_worker", WORKER_PASSWORD, "ordo")
+    }
+
+    /// `ordo migrate --grant-to ordo_worker` as the owner; returns what it printed.
+    fn migrate(&self) -> String {
+        let (output, _) = run_to_end(
+            &["migrate", "--grant-to", "ordo_worker"],
+            &[("ORDO_DATABASE_URL", self.owner_url())],
+            Duration::from_secs(60),
+        );
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "ordo migrate failed: {printed}");
+        printed
+    }
+}
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
 struct Certificates {
@@ -198,7 +262,9 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
     let dir = tempfile::tempdir().unwrap();
     let certificates = Certificates::issue(dir.path());
     let server = NatsServer::start_with_config(&server_config(&certificates));
-    let database = TestDatabase::create().await;
+    let database = Database::start().await;
+    let migrated = database.migrate();
+    assert!(migrated.contains("created what was missing"), "{migrated}");
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -206,7 +272,8 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
         .port();
     let http = format!("127.0.0.1:{http_port}");
     let mut env = ordo_env(&server, &certificates);
-    env.push(("ORDO_DATABASE_URL", database.url().to_owned()));
+    // The workers connect as the role that may only read and write rows.
+    env.push(("ORDO_DATABASE_URL", database.worker_url()));
     env.push(("ORDO_HTTP_ADDR", http.clone()));
     env.push(("ORDO_HOME", dir.path().display().to_string()));
     env.push(("ORDO_HTTP_TOKEN", HTTP_TOKEN.into()));
@@ -304,6 +371,7 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
         READER_PASSWORD,
         HTTP_TOKEN,
         METRICS_TOKEN,
+        WORKER_PASSWORD,
     ];
     for secret in secrets {
         assert!(!logged.contains(secret), "a secret in the log: {logged}");
@@ -395,4 +463,127 @@ fn credentials_in_the_url_are_used_and_never_printed() {
     assert!(!stderr.contains(CLIENT_PASSWORD), "{stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!stdout.contains(CLIENT_PASSWORD), "{stdout}");
+}
+
+/// Waits until `log` contains `text`.
+async fn logged(log: &Path, text: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let so_far = std::fs::read_to_string(log).unwrap_or_default();
+        if so_far.contains(text) {
+            return so_far;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in the log: {so_far}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start();
+    let database = Database::start().await;
+    let env = [
+        ("ORDO_NATS_URL", nats.url()),
+        ("ORDO_DATABASE_URL", database.worker_url()),
+        ("NO_COLOR", "1".to_owned()),
+    ];
+    let log = dir.path().join("projector.log");
+    let _projector = Ordo(
+        Command::new(ORDO)
+            .args(["run", "projector"])
+            .envs(env.iter().map(|(key, value)| (key, value)))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Before the owner has run `ordo migrate`, the worker says what to do, and waits.
+    logged(
+        &log,
+        "run `ordo migrate` as the database owner",
+        Duration::from_secs(30),
+    )
+    .await;
+    let migrated = database.migrate();
+    assert!(migrated.contains("created what was missing"), "{migrated}");
+    logged(&log, "projector leads", Duration::from_secs(60)).await;
+    let again = database.migrate();
+    assert!(again.contains("already set up"), "{again}");
+
+    // The workers' role reads and writes rows, and changes no table.
+    let mut worker = PgConnection::connect(&database.worker_url()).await.unwrap();
+    let allowed = [
+        "SELECT count(*) FROM view_orders.orders",
+        "UPDATE view_stock.checkpoints SET seq = seq",
+        "SELECT count(*) FROM sagas",
+        "SELECT count(*) FROM _sqlx_migrations",
+    ];
+    for statement in allowed {
+        worker
+            .execute(statement)
+            .await
+            .unwrap_or_else(|err| panic!("{statement}: {err}"));
+    }
+    let refused = [
+        "CREATE TABLE extra (id int)",
+        "CREATE SCHEMA extra",
+        "DROP TABLE sagas",
+        "ALTER TABLE view_stock.stock ADD COLUMN extra int",
+        "TRUNCATE notifications",
+        "DELETE FROM _sqlx_migrations",
+    ];
+    for statement in refused {
+        let err = worker.execute(statement).await.expect_err(statement);
+        let code = err.as_database_error().and_then(|err| err.code());
+        assert_eq!(code.as_deref(), Some("42501"), "{statement}: {err}");
+    }
+
+    // A rebuild, run by the owner, creates new tables: the workers may use them too.
+    let (rebuilt, _) = run_to_end(
+        &["projections", "rebuild", "stock"],
+        &[
+            ("ORDO_NATS_URL", nats.url()),
+            ("ORDO_DATABASE_URL", database.owner_url()),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    worker
+        .execute("UPDATE view_stock.checkpoints SET seq = seq")
+        .await
+        .expect("the rebuilt view is the workers' too");
+
+    // A wrong password ends the process at once, without printing it.
+    let wrong = database
+        .worker_url()
+        .replace(WORKER_PASSWORD, "not-the-password");
+    let (output, took) = run_to_end(
+        &["run", "projector"],
+        &[
+            ("ORDO_NATS_URL", nats.url()),
+            ("ORDO_DATABASE_URL", wrong),
+            ("NO_COLOR", "1".into()),
+        ],
+        Duration::from_secs(30),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {stderr}");
+    assert!(
+        stderr.contains("does not accept this connection"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Not retrying"), "{stderr}");
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
+    let projector_log = std::fs::read_to_string(&log).unwrap();
+    assert!(!projector_log.contains(WORKER_PASSWORD), "{projector_log}");
 }
