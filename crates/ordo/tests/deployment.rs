@@ -64,6 +64,7 @@ fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
         "nats-3",
         "postgres",
         "streams",
+        "migrate",
         "commands",
         "projectors",
         "sagas",
@@ -82,6 +83,7 @@ fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
     }
     for (name, command) in [
         ("streams", "streams apply"),
+        ("migrate", "migrate --grant-to ordo_worker"),
         ("commands", "run commands"),
         ("projectors", "run projector"),
         ("sagas", "run saga"),
@@ -110,11 +112,7 @@ fn every_ordo_service_agrees_on_the_cluster_and_three_replicas_in_settings_ordo_
         "api",
     ] {
         let service = &services[name];
-        let environment = service["environment"].as_mapping().unwrap();
-        let env: BTreeMap<String, String> = environment
-            .iter()
-            .map(|(key, value)| (text(key), text(value)))
-            .collect();
+        let env = environment(service);
         assert_eq!(env["ORDO_STREAM_REPLICAS"], "3", "{name}");
         assert_eq!(
             env["ORDO_NATS_URL"], "nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222",
@@ -131,28 +129,141 @@ fn every_ordo_service_agrees_on_the_cluster_and_three_replicas_in_settings_ordo_
             env["ORDO_NATS_PASSWORD"].starts_with("${ORDO_NATS_PASSWORD:?"),
             "{name}"
         );
-        // Every ORDO_ setting is one the command it runs reads (clap shows them in --help).
-        let args: Vec<String> = service["command"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(text)
-            .collect();
-        let help = Command::new(ORDO)
-            .args(&args)
-            .arg("--help")
-            .output()
-            .unwrap();
-        assert!(help.status.success(), "ordo {args:?} --help");
-        let help = String::from_utf8_lossy(&help.stdout);
-        for key in env.keys().filter(|key| key.starts_with("ORDO_")) {
-            assert!(
-                help.contains(&format!("env: {key}")),
-                "{name}: `ordo {}` does not read {key}",
-                args.join(" ")
-            );
+        reads_every_setting(name, service);
+    }
+}
+
+/// Every ORDO_ setting of `service` is one the command it runs reads (clap shows them in --help).
+fn reads_every_setting(name: &str, service: &Value) {
+    let args: Vec<String> = service["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    let help = Command::new(ORDO)
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "ordo {args:?} --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for key in environment(service)
+        .keys()
+        .filter(|key| key.starts_with("ORDO_"))
+    {
+        assert!(
+            help.contains(&format!("env: {key}")),
+            "{name}: `ordo {}` does not read {key}",
+            args.join(" ")
+        );
+    }
+}
+
+/// A service's environment as text.
+fn environment(service: &Value) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .map(|(key, value)| (text(key), text(value)))
+        .collect()
+}
+
+#[test]
+fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_operators() {
+    let services = services();
+    let roles_script = read("docker/postgres-roles.sh");
+    let postgres = environment(&services["postgres"]);
+    let mounted: Vec<String> = services["postgres"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    assert!(
+        mounted.contains(
+            &"./postgres-roles.sh:/docker-entrypoint-initdb.d/postgres-roles.sh:ro".to_owned()
+        ),
+        "{mounted:?}"
+    );
+    // The script creates both roles with the passwords compose hands the container.
+    for (role, password) in [
+        ("ordo_owner", "ORDO_DB_OWNER_PASSWORD"),
+        ("ordo_worker", "ORDO_DB_WORKER_PASSWORD"),
+    ] {
+        assert!(
+            roles_script.contains(&format!("CREATE ROLE {role} LOGIN")),
+            "{role}"
+        );
+        assert!(
+            roles_script.contains(&format!("\"${password}\"")),
+            "{password}"
+        );
+        assert!(
+            postgres[password].starts_with(&format!("${{{password}:?")),
+            "{password}"
+        );
+    }
+    assert!(roles_script.contains("CREATE DATABASE ordo OWNER ordo_owner"));
+    assert!(postgres["POSTGRES_PASSWORD"].starts_with("${POSTGRES_PASSWORD:?"));
+
+    reads_every_setting("migrate", &services["migrate"]);
+    let migrate = environment(&services["migrate"]);
+    assert!(
+        migrate["ORDO_DATABASE_URL"]
+            .starts_with("postgres://ordo_owner:${ORDO_DB_OWNER_PASSWORD:?"),
+        "{migrate:?}"
+    );
+    for name in [
+        "streams",
+        "commands",
+        "projectors",
+        "sagas",
+        "notifier",
+        "api",
+    ] {
+        let env = environment(&services[name]);
+        assert!(
+            env["ORDO_DATABASE_URL"]
+                .starts_with("postgres://ordo_worker:${ORDO_DB_WORKER_PASSWORD:?"),
+            "{name}: {}",
+            env["ORDO_DATABASE_URL"]
+        );
+        assert!(
+            env["ORDO_METRICS_TOKEN"].starts_with("${ORDO_METRICS_TOKEN:?"),
+            "{name}"
+        );
+        let depends = &services[name]["depends_on"]["migrate"]["condition"];
+        if name != "streams" {
+            assert_eq!(text(depends), "service_completed_successfully", "{name}");
         }
     }
+    let api = environment(&services["api"]);
+    assert!(api["ORDO_HTTP_TOKEN"].starts_with("${ORDO_HTTP_TOKEN:?"));
+
+    // Prometheus sends the metrics token on every scrape, from the secret compose mounts.
+    let prometheus = yaml("docker/prometheus/prometheus.yml");
+    for job in prometheus["scrape_configs"].as_sequence().unwrap() {
+        assert_eq!(
+            text(&job["authorization"]["credentials_file"]),
+            "/run/secrets/metrics_token",
+            "{}",
+            text(&job["job_name"])
+        );
+    }
+    let secrets: Vec<String> = services["prometheus"]["secrets"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    assert_eq!(secrets, ["metrics_token"]);
+    let compose = yaml("docker/compose.yaml");
+    assert_eq!(
+        text(&compose["secrets"]["metrics_token"]["environment"]),
+        "ORDO_METRICS_TOKEN"
+    );
 }
 
 #[test]
