@@ -103,6 +103,13 @@ impl CommandHandler {
         })
     }
 
+    /// Whether a command with this id already has an outcome: a repeat, which gets that
+    /// outcome again rather than counting as a new request.
+    pub async fn has_outcome(&self, command_id: &str) -> Result<bool, LoadError> {
+        let (_, record) = self.outcomes.get(command_id).await?;
+        Ok(record.is_some())
+    }
+
     async fn lock(&self, category: &str, aggregate_id: &str) -> MutexGuard<'_, ()> {
         let mut hasher = DefaultHasher::new();
         (category, aggregate_id).hash(&mut hasher);

@@ -79,6 +79,11 @@ impl Serving {
         else {
             return None;
         };
+        // A repeat of a placing that already has its outcome is answered with it and costs no
+        // token: a client retrying after a lost reply must not be refused an order it has.
+        if let Ok(true) = self.handler.has_outcome(&parsed.command_id).await {
+            return None;
+        }
         match limiter.take(customer_id.as_str()).await {
             Ok(Admission::Admitted) => None,
             Ok(Admission::Limited { retry_after }) => {

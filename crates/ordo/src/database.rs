@@ -95,7 +95,12 @@ pub async fn migrate(url: &str, grant_to: Option<&str>) -> anyhow::Result<()> {
         .acquire_timeout(Duration::from_secs(10))
         .connect(url)
         .await
-        .context("connecting to PostgreSQL")?;
+        .with_context(|| {
+            format!(
+                "connecting to PostgreSQL at {}",
+                crate::connect::redacted(url)
+            )
+        })?;
     let missing = schema::missing(&pool).await?;
     schema::prepare(&pool).await?;
     if missing.is_empty() {
@@ -131,6 +136,11 @@ pub async fn connect_and_prepare(url: &str) -> anyhow::Result<PgPool> {
         };
         match attempt.await {
             Ok(pool) => return Ok(pool),
+            Err(schema::PrepareError::Sql(sqlx::Error::Configuration(err))) => {
+                anyhow::bail!(
+                    "ORDO_DATABASE_URL is not a usable PostgreSQL URL ({err}). Not retrying."
+                )
+            }
             Err(schema::PrepareError::Sql(err)) if credentials_refused(&err) => {
                 anyhow::bail!(
                     "PostgreSQL at {} does not accept this connection ({err}): check the user and \

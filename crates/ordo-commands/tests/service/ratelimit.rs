@@ -54,6 +54,34 @@ async fn a_customer_over_its_rate_is_refused_by_every_instance_and_nothing_is_ap
 }
 
 #[tokio::test]
+async fn a_repeat_of_an_accepted_order_gets_its_reply_while_its_customer_is_over_the_limit() {
+    let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
+    engine
+        .add_instance_with(ServiceConfig {
+            customer_rate: Some(CustomerRate {
+                per_second: 0.01,
+                burst: 1,
+            }),
+            ..Default::default()
+        })
+        .await;
+    let first = engine
+        .request("ordo.cmd.order.place", place("o-1", "c1"))
+        .await;
+    assert_eq!(first["ok"], true, "{first}");
+    let new_order = engine
+        .request("ordo.cmd.order.place", place("o-2", "c1"))
+        .await;
+    assert_eq!(new_order["error"]["code"], "rate_limited", "{new_order}");
+    // The client lost the first reply and sends the same command again.
+    let repeat = engine
+        .request("ordo.cmd.order.place", place("o-1", "c1"))
+        .await;
+    assert_eq!(repeat, first, "the original reply");
+    assert_eq!(engine.event_counts().await, (1, 0));
+}
+
+#[tokio::test]
 async fn tokens_come_back_at_the_configured_rate() {
     let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
     engine
