@@ -54,6 +54,16 @@ fn text(value: &Value) -> String {
     }
 }
 
+/// The services that run ordo against NATS (all but `migrate`, which only sets up PostgreSQL).
+const ORDO_SERVICES: [&str; 6] = [
+    "streams",
+    "commands",
+    "projectors",
+    "sagas",
+    "notifier",
+    "api",
+];
+
 #[test]
 fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
     let services = services();
@@ -103,14 +113,7 @@ fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
 #[test]
 fn every_ordo_service_agrees_on_the_cluster_and_three_replicas_in_settings_ordo_knows() {
     let services = services();
-    for name in [
-        "streams",
-        "commands",
-        "projectors",
-        "sagas",
-        "notifier",
-        "api",
-    ] {
+    for name in ORDO_SERVICES {
         let service = &services[name];
         let env = environment(service);
         assert_eq!(env["ORDO_STREAM_REPLICAS"], "3", "{name}");
@@ -215,14 +218,7 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
             .starts_with("postgres://ordo_owner:${ORDO_DB_OWNER_PASSWORD:?"),
         "{migrate:?}"
     );
-    for name in [
-        "streams",
-        "commands",
-        "projectors",
-        "sagas",
-        "notifier",
-        "api",
-    ] {
+    for name in ORDO_SERVICES {
         let env = environment(&services[name]);
         assert!(
             env["ORDO_DATABASE_URL"]

@@ -13,6 +13,18 @@ fn place(order_id: &str, customer_id: &str) -> Value {
            "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 100}]})
 }
 
+/// A command service instance that lets each customer place `per_second` orders, `burst` at once.
+async fn one_limited_instance(per_second: f64, burst: u32) -> Engine {
+    let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
+    engine
+        .add_instance_with(ServiceConfig {
+            customer_rate: Some(CustomerRate { per_second, burst }),
+            ..Default::default()
+        })
+        .await;
+    engine
+}
+
 #[tokio::test]
 async fn a_customer_over_its_rate_is_refused_by_every_instance_and_nothing_is_appended() {
     let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
@@ -55,16 +67,8 @@ async fn a_customer_over_its_rate_is_refused_by_every_instance_and_nothing_is_ap
 
 #[tokio::test]
 async fn a_repeat_of_an_accepted_order_gets_its_reply_while_its_customer_is_over_the_limit() {
-    let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
-    engine
-        .add_instance_with(ServiceConfig {
-            customer_rate: Some(CustomerRate {
-                per_second: 0.01,
-                burst: 1,
-            }),
-            ..Default::default()
-        })
-        .await;
+    // One order, then one every 100 s: nothing refills during the test.
+    let engine = one_limited_instance(0.01, 1).await;
     let first = engine
         .request("ordo.cmd.order.place", place("o-1", "c1"))
         .await;
@@ -83,16 +87,7 @@ async fn a_repeat_of_an_accepted_order_gets_its_reply_while_its_customer_is_over
 
 #[tokio::test]
 async fn tokens_come_back_at_the_configured_rate() {
-    let mut engine = Engine::start_with(0, StreamDefinition::built_in()).await;
-    engine
-        .add_instance_with(ServiceConfig {
-            customer_rate: Some(CustomerRate {
-                per_second: 5.0,
-                burst: 1,
-            }),
-            ..Default::default()
-        })
-        .await;
+    let engine = one_limited_instance(5.0, 1).await;
     let first = engine
         .request("ordo.cmd.order.place", place("o-1", "c1"))
         .await;
