@@ -79,6 +79,7 @@ impl Database {
             String::from_utf8_lossy(&output.stderr)
         );
         assert!(output.status.success(), "ordo migrate failed: {printed}");
+        assert!(!printed.contains(OWNER_PASSWORD), "{printed}");
         printed
     }
 }

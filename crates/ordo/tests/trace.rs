@@ -52,6 +52,26 @@ impl Received {
             .collect()
     }
 
+    /// Waits until trace `trace_id` holds a span named `name` whose `kind` is `kind` (the
+    /// notifier also opens a `notify` span, with no kind, for the OrderPlaced it skips).
+    async fn wait_for_kind(&self, trace_id: &str, name: &str, kind: &str) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let spans = self.of_trace(trace_id);
+            if spans
+                .iter()
+                .any(|span| span.name == name && attribute(span, "kind").as_deref() == Some(kind))
+            {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {name} span of kind {kind} in trace {trace_id}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until trace `trace_id` holds a span of every name in `names`.
     async fn wait_for(&self, trace_id: &str, names: &[&str]) -> Vec<Span> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -265,9 +285,11 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
                 "saga confirm",
                 "ordo.cmd.order.confirm",
                 "append OrderConfirmed",
-                "notify",
             ],
         )
+        .await;
+    let spans = received
+        .wait_for_kind(CALLER_TRACE_ID, "notify", "confirmed")
         .await;
 
     // The command continues the caller's span; its append and its event's readers follow it.
