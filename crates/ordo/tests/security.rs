@@ -131,21 +131,21 @@ impl Certificates {
     }
 }
 
-/// The users and permissions `docker/nats.conf` ships: its `authorization { … }` block.
-fn shipped_authorization() -> String {
+/// The account, users and permissions `docker/nats.conf` ships: its `accounts { … }` block.
+fn shipped_accounts() -> String {
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docker/nats.conf"),
     )
     .unwrap();
     let start = shipped
-        .find("\nauthorization {")
-        .expect("docker/nats.conf has an authorization block");
+        .find("\naccounts {")
+        .expect("docker/nats.conf has an accounts block");
     let end = start + shipped[start..].find("\n}\n").expect("its end") + 3;
     shipped[start..end].to_owned()
 }
 
-/// nats-server's configuration: TLS that verifies client certificates, and the users of
-/// `docker/nats.conf` (`ordo`, allowed exactly ordo's subjects; `client`, allowed to send
+/// nats-server's configuration: TLS that verifies client certificates, and the account and users
+/// of `docker/nats.conf` (`ordo`, allowed exactly ordo's subjects; `client`, allowed to send
 /// commands and read notifications) plus `reader`, who may only receive replies.
 fn server_config(certificates: &Certificates) -> String {
     let reader = format!(
@@ -156,7 +156,7 @@ fn server_config(certificates: &Certificates) -> String {
       permissions: {{ publish: ["_INBOX.>"], subscribe: ["_INBOX.>"] }}
     }}"#
     );
-    let authorization = shipped_authorization().replacen("users = [", &reader, 1);
+    let accounts = shipped_accounts().replacen("users = [", &reader, 1);
     format!(
         r#"
 ORDO_NATS_PASSWORD: "{ORDO_PASSWORD}"
@@ -167,7 +167,7 @@ tls {{
   ca_file: "{ca}"
   verify: true
 }}
-{authorization}
+{accounts}
 "#,
         server_cert = certificates.server_cert.display(),
         server_key = certificates.server_key.display(),
