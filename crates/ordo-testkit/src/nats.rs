@@ -155,6 +155,37 @@ impl NatsServer {
         }
     }
 
+    /// Sends `body` (with `headers`) to `subject` until something answers, each try waiting
+    /// up to 2 s, for at most `limit`: for a service that is still starting, or reconnecting
+    /// after a restart. Returns the reply as JSON.
+    pub async fn request_until_answered(
+        client: &async_nats::Client,
+        subject: &str,
+        body: &serde_json::Value,
+        headers: Option<async_nats::HeaderMap>,
+        limit: Duration,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut request = async_nats::Request::new()
+                .payload(body.to_string().into())
+                .timeout(Some(Duration::from_secs(2)));
+            if let Some(headers) = &headers {
+                request = request.headers(headers.clone());
+            }
+            match client.send_request(subject.to_owned(), request).await {
+                Ok(reply) => {
+                    return serde_json::from_slice(&reply.payload)
+                        .unwrap_or_else(|err| panic!("{subject} answered with no JSON: {err}"));
+                }
+                Err(err) => {
+                    assert!(Instant::now() < deadline, "no answer on {subject}: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
     /// SIGKILL, as a crash would: no flush, no goodbye to clients.
     pub fn kill(&self) {
         if let Some(mut child) = self.child.lock().expect("not poisoned").take() {

@@ -83,19 +83,7 @@ fn ordo(url: &str, args: &[&str]) -> Output {
 
 /// Sends a request until the service answers (it may still be starting), for up to 30 s.
 async fn request_when_up(client: &async_nats::Client, subject: &str, body: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let request = async_nats::Request::new()
-            .payload(serde_json::to_vec(&body).unwrap().into())
-            .timeout(Some(Duration::from_secs(2)));
-        match client.send_request(subject.to_owned(), request).await {
-            Ok(reply) => return serde_json::from_slice(&reply.payload).unwrap(),
-            Err(err) => {
-                assert!(Instant::now() < deadline, "no answer on {subject}: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    NatsServer::request_until_answered(client, subject, &body, None, Duration::from_secs(30)).await
 }
 
 #[tokio::test]

@@ -262,19 +262,7 @@ fn refused_at_once(args: &[&str], env: &[(&str, String)], secret: &str) -> Strin
 }
 
 async fn request(client: &async_nats::Client, subject: &str, body: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let request = async_nats::Request::new()
-            .payload(body.to_string().into())
-            .timeout(Some(Duration::from_secs(2)));
-        match client.send_request(subject.to_owned(), request).await {
-            Ok(reply) => return serde_json::from_slice(&reply.payload).unwrap(),
-            Err(err) => {
-                assert!(Instant::now() < deadline, "no reply on {subject}: {err}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    NatsServer::request_until_answered(client, subject, &body, None, Duration::from_secs(60)).await
 }
 
 #[tokio::test]
