@@ -173,22 +173,16 @@ impl Drop for Ordo {
 
 /// Sends `body` to `subject` as a caller in trace [`CALLER`], until the command service answers.
 async fn request_in_trace(client: &async_nats::Client, subject: &str, body: Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("traceparent", CALLER);
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(body.to_string().into())
-            .timeout(Some(Duration::from_secs(2)));
-        match client.send_request(subject.to_owned(), request).await {
-            Ok(reply) => return serde_json::from_slice(&reply.payload).unwrap(),
-            Err(err) => {
-                assert!(Instant::now() < deadline, "no reply from {subject}: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("traceparent", CALLER);
+    NatsServer::request_until_answered(
+        client,
+        subject,
+        &body,
+        Some(headers),
+        Duration::from_secs(60),
+    )
+    .await
 }
 
 /// The spans named `name`.
@@ -270,7 +264,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
     .await;
     assert_eq!(placed["ok"], true, "{placed}");
 
-    let spans = received
+    received
         .wait_for(
             CALLER_TRACE_ID,
             &[
