@@ -265,9 +265,12 @@ impl PrepareError {
 }
 
 fn is_insufficient_privilege(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .and_then(|err| err.code())
-        .is_some_and(|code| code == "42501")
+    sqlstate(err).as_deref() == Some("42501")
+}
+
+/// The SQLSTATE of an error the server returned (none for I/O and client-side errors).
+pub fn sqlstate(err: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    err.as_database_error().and_then(|err| err.code())
 }
 
 /// Lets `role` read and write the rows of every ordo table, those that exist and those that

@@ -159,7 +159,5 @@ pub async fn connect_and_prepare(url: &str) -> anyhow::Result<PgPool> {
 
 /// Class 28 (invalid authorization): a wrong password, an unknown role, no pg_hba.conf entry.
 fn credentials_refused(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .and_then(|err| err.code())
-        .is_some_and(|code| code.starts_with("28"))
+    schema::sqlstate(err).is_some_and(|code| code.starts_with("28"))
 }
