@@ -13,7 +13,7 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::{
-    auth::{self, AccessTokens, Token},
+    auth::{self, AccessTokens},
     checkpoints::CheckpointSignals,
     ops, reads,
 };
@@ -112,13 +112,14 @@ pub fn router(state: ApiState) -> Router {
 /// completes: the metrics port of a worker that has no HTTP API (`--metrics-addr`).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
-    token: Option<Token>,
+    tokens: &AccessTokens,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let handle = prometheus();
+    // Only /metrics is served here, and it asks for what it asks for on the API.
     let tokens = AccessTokens {
         api: None,
-        metrics: token,
+        metrics: tokens.metrics_token().cloned(),
     };
     let router = Router::new()
         .route(

@@ -53,9 +53,14 @@ impl AccessTokens {
     fn required_for(&self, path: &str) -> Option<&Token> {
         match path {
             "/healthz" => None,
-            "/metrics" => self.metrics.as_ref().or(self.api.as_ref()),
+            "/metrics" => self.metrics_token(),
             _ => self.api.as_ref(),
         }
+    }
+
+    /// The token `/metrics` requires: its own, else the API's.
+    pub fn metrics_token(&self) -> Option<&Token> {
+        self.metrics.as_ref().or(self.api.as_ref())
     }
 }
 

@@ -297,12 +297,6 @@ impl HttpAccess {
             metrics: token(&self.metrics_token),
         }
     }
-
-    /// The token a worker's metrics port asks for.
-    fn metrics_port_token(&self) -> Option<ordo_api::Token> {
-        let tokens = self.tokens();
-        tokens.metrics.or(tokens.api)
-    }
 }
 
 /// Serves the HTTP read API on `addr` until shutdown.
@@ -333,7 +327,7 @@ pub async fn metrics(
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening for metrics on {addr} (set ORDO_METRICS_ADDR to use another address)")
     })?;
-    ordo_api::serve_metrics(listener, access.metrics_port_token(), shutdown.signal()).await?;
+    ordo_api::serve_metrics(listener, &access.tokens(), shutdown.signal()).await?;
     Ok(())
 }
 
