@@ -144,7 +144,7 @@ async fn a_client_reads_its_own_write_with_min_seq() {
 
     // A later write is seen by a read that asks for it, even right after a cached read.
     let confirmed = setup
-        .command("ordo.cmd.order.confirm", json!({"order_id": "o-1"}))
+        .command("ordo.internal.order.confirm", json!({"order_id": "o-1"}))
         .await;
     let (_, order) = setup
         .get(&format!("/orders/o-1?min_seq={}", confirmed["seq"]))

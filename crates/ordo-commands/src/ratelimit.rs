@@ -87,6 +87,8 @@ impl CustomerLimiter {
                     description: "ordo: per-customer token buckets of order.place".into(),
                     history: 1,
                     max_age: Duration::from_secs(3600),
+                    // One small entry per customer who placed an order in the last hour.
+                    max_bytes: 64 * 1024 * 1024,
                     num_replicas: replicas.max(1),
                     ..Default::default()
                 })

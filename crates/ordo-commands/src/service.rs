@@ -19,7 +19,10 @@ use crate::{
     handler::CommandHandler,
     micro::{self, EndpointInfo, Micro},
     ratelimit::{Admission, CustomerLimiter, CustomerRate},
-    wire::{self, Endpoint, ErrorCode, SUBJECT_PREFIX, error_reply},
+    wire::{
+        self, Caller, Endpoint, ErrorCode, INTERNAL_SUBJECT_PREFIX, SUBJECT_PREFIX, bounded_header,
+        error_reply,
+    },
 };
 
 pub const SERVICE_NAME: &str = "ordo";
@@ -199,7 +202,7 @@ impl CommandService {
             })?;
         tracing::info!(
             service = SERVICE_NAME,
-            subjects = %format!("{SUBJECT_PREFIX}.>"),
+            subjects = %format!("{SUBJECT_PREFIX}.> {INTERNAL_SUBJECT_PREFIX}.>"),
             "command service ready"
         );
         Ok(Self {
@@ -327,8 +330,29 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Whether ordo may answer on `reply_to`: only a requester's inbox (`_INBOX…`, whatever prefix
+/// the requester's user was given) or the server's mapping of a reply across accounts (`_R_`).
+/// Any other reply subject would make ordo publish, with its own permissions, where the caller
+/// chose: into an event stream, a rate-limit key, the JetStream API.
+pub fn answerable(reply_to: &str) -> bool {
+    let first = reply_to.split('.').next().unwrap_or_default();
+    reply_to.contains('.') && (first == "_R_" || first.starts_with("_INBOX"))
+}
+
 async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Message) {
     let started = std::time::Instant::now();
+    if let Some(reply_to) = &message.reply
+        && !answerable(reply_to)
+    {
+        // Neither decided nor answered: the request was crafted to turn the reply into a write.
+        metrics::counter!("ordo_commands_dropped_total", "reason" => "reply_subject").increment(1);
+        tracing::warn!(
+            endpoint = endpoint.name(),
+            reply_to = %reply_to.chars().take(80).collect::<String>(),
+            "dropped a request whose reply subject is not an inbox"
+        );
+        return;
+    }
     let header = |name: &str| {
         message
             .headers
@@ -348,7 +372,24 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
     let passed_on = trace::follow(&span, trace::extract(message.headers.as_ref()));
     let traceparent = trace::traceparent(&passed_on);
     let reply = async {
-        match wire::parse(endpoint, &message.payload, header("Nats-Msg-Id").as_deref()) {
+        let parsed = Caller::from_request_info(header(Caller::HEADER_REQUEST_INFO).as_deref())
+            .and_then(|caller| {
+                wire::parse(
+                    endpoint,
+                    &message.payload,
+                    header("Nats-Msg-Id").as_deref(),
+                    &caller,
+                )
+            });
+        let references = || -> Result<_, wire::InvalidCommand> {
+            let bounded = |name: &str| header(name).map(|value| bounded_header(name, &value));
+            Ok((
+                bounded(HEADER_CORRELATION_ID).transpose()?,
+                bounded(HEADER_CAUSATION_ID).transpose()?,
+            ))
+        };
+        let parsed = parsed.and_then(|parsed| Ok((parsed, references()?)));
+        match parsed {
             Err(invalid) => error_reply(ErrorCode::InvalidCommand, invalid),
             Ok(_)
                 if endpoint == Endpoint::OrderPlace
@@ -361,15 +402,14 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
                 reply["error"]["retry_after_ms"] = (overload.retry_after.as_millis() as u64).into();
                 reply
             }
-            Ok(parsed) => {
+            Ok((parsed, (correlation_id, causation_id))) => {
                 if let Some(refusal) = serving.over_rate(&parsed).await {
                     return refusal;
                 }
                 tracing::Span::current().record("command_id", parsed.command_id.as_str());
                 let metadata = EventMetadata {
-                    correlation_id: header(HEADER_CORRELATION_ID)
-                        .unwrap_or_else(|| parsed.command_id.clone()),
-                    causation_id: header(HEADER_CAUSATION_ID),
+                    correlation_id: correlation_id.unwrap_or_else(|| parsed.command_id.clone()),
+                    causation_id,
                     traceparent,
                     command_id: parsed.command_id.clone(),
                 };
@@ -420,5 +460,35 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
         .await
     {
         tracing::warn!(endpoint = endpoint.name(), %err, "could not send the reply");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::answerable;
+
+    #[test]
+    fn only_inboxes_and_cross_account_replies_are_answered() {
+        for inbox in [
+            "_INBOX.abc.1",
+            "_INBOX_shop.abc.1",
+            "_INBOX_ordo_saga.x",
+            "_R_.a1.b2",
+        ] {
+            assert!(answerable(inbox), "{inbox}");
+        }
+        for crafted in [
+            "ordo.stock.events.A1",
+            "ordo.order.events.o-1",
+            "ordo.outcomes.ab12",
+            "$JS.API.STREAM.PURGE.ORDO_COMMAND_OUTCOMES",
+            "$KV.ordo_rate_limits.c1",
+            "ordo.notifications.c1",
+            "_INBOX",
+            "_R_",
+            "inbox._INBOX.x",
+        ] {
+            assert!(!answerable(crafted), "{crafted}");
+        }
     }
 }

@@ -21,10 +21,14 @@ use sha2::{Digest, Sha256};
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// The longest command id accepted.
 pub const MAX_COMMAND_ID_LEN: usize = 128;
-/// Every command subject starts with this.
+/// Every public command subject starts with this: the commands applications may send.
 pub const SUBJECT_PREFIX: &str = "ordo.cmd";
+/// Every internal command subject starts with this: the saga's commands, a subject space of
+/// their own so that no grant of `ordo.cmd.>` to an application reaches them.
+pub const INTERNAL_SUBJECT_PREFIX: &str = "ordo.internal";
 
-/// One command subject: `ordo.cmd.<category>.<action>`.
+/// One command subject: `ordo.cmd.<category>.<action>`, or `ordo.internal.<category>.<action>`
+/// for the saga's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     OrderPlace,
@@ -67,7 +71,12 @@ impl Endpoint {
     }
 
     pub fn subject(self) -> String {
-        format!("{SUBJECT_PREFIX}.{}", self.name())
+        let prefix = if self.is_internal() {
+            INTERNAL_SUBJECT_PREFIX
+        } else {
+            SUBJECT_PREFIX
+        };
+        format!("{prefix}.{}", self.name())
     }
 
     /// Its place in [`Self::ALL`].
@@ -103,6 +112,53 @@ impl Endpoint {
 pub enum Command {
     Order(OrderCommand),
     Stock(StockCommand),
+}
+
+/// Who sent a request, as far as the NATS server vouches for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A process of the service's own NATS account: the saga, the CLI, or any client when the
+    /// server has no accounts configured.
+    OwnAccount,
+    /// An application in another account, whose request reached the service through a service
+    /// import. The server itself names the account, in the `Nats-Request-Info` header it sets
+    /// (replacing any the sender wrote), so it cannot be forged from there.
+    Account(String),
+}
+
+impl Caller {
+    /// The header a NATS server sets on a request that crossed into this account.
+    pub const HEADER_REQUEST_INFO: &str = "Nats-Request-Info";
+
+    /// The caller of a request with `Nats-Request-Info` set to `request_info`, if any.
+    pub fn from_request_info(request_info: Option<&str>) -> Result<Self, InvalidCommand> {
+        #[derive(Deserialize)]
+        struct RequestInfo {
+            acc: String,
+        }
+        let Some(text) = request_info else {
+            return Ok(Self::OwnAccount);
+        };
+        match serde_json::from_str::<RequestInfo>(text) {
+            Ok(info) if !info.acc.is_empty() && info.acc.bytes().all(|b| b.is_ascii_graphic()) => {
+                Ok(Self::Account(info.acc))
+            }
+            _ => Err(InvalidCommand(format!(
+                "the {} header does not name an account",
+                Self::HEADER_REQUEST_INFO
+            ))),
+        }
+    }
+
+    /// A command id in this caller's own space: an application's ids are prefixed with its
+    /// account, so that no application can read or pre-empt another's outcome, or derive the
+    /// same order id from the same command id.
+    fn scoped(&self, command_id: String) -> String {
+        match self {
+            Self::OwnAccount => command_id,
+            Self::Account(account) => format!("{account}/{command_id}"),
+        }
+    }
 }
 
 /// A request that passed validation.
@@ -197,12 +253,20 @@ const ORDER_ID_NAMESPACE: uuid::Uuid =
 /// The longest free-text reason kept on an order.
 const MAX_REASON_LEN: usize = 1024;
 
-/// Parses a request body for `endpoint`. `header_command_id` is the `Nats-Msg-Id` header.
+/// Parses a request body for `endpoint` from `caller`. `header_command_id` is the `Nats-Msg-Id`
+/// header. The command id that comes out is in the caller's own space ([`Caller::scoped`]).
 pub fn parse(
     endpoint: Endpoint,
     body: &[u8],
     header_command_id: Option<&str>,
+    caller: &Caller,
 ) -> Result<ParsedRequest, InvalidCommand> {
+    if endpoint.is_internal() && *caller != Caller::OwnAccount {
+        return Err(InvalidCommand(format!(
+            "{} is an internal command: only ordo's own processes may send it",
+            endpoint.subject()
+        )));
+    }
     if body.len() > MAX_BODY_BYTES {
         return Err(InvalidCommand(format!(
             "the body is {} bytes; the limit is {MAX_BODY_BYTES}",
@@ -225,6 +289,16 @@ pub fn parse(
         .or(body_command_id)
         .map(validate_command_id)
         .transpose()?;
+    if let Some(id) = &explicit_id
+        && !endpoint.is_internal()
+        && id.starts_with(ordo_domain::saga::COMMAND_ID_PREFIX)
+    {
+        return Err(InvalidCommand(format!(
+            "command id {id:?}: ids that begin with {:?} are the saga's",
+            ordo_domain::saga::COMMAND_ID_PREFIX
+        )));
+    }
+    let explicit_id = explicit_id.map(|id| caller.scoped(id));
 
     let (command, natural_key) = match endpoint {
         Endpoint::OrderPlace => {
@@ -337,10 +411,10 @@ pub fn parse(
         Some(id) => id.clone(),
         // The natural key includes what is asked, so that a different request on the same
         // aggregate is a different command (and meets the domain's rules, not a dedup refusal).
-        None => match natural_key {
+        None => caller.scoped(match natural_key {
             Some(key) => format!("{key}:{}", &fingerprint[..16]),
             None => format!("{}:{}", endpoint.name(), uuid::Uuid::now_v7()),
-        },
+        }),
     };
     Ok(ParsedRequest {
         endpoint,
@@ -396,7 +470,31 @@ fn bounded_reason(reason: String) -> Result<String, InvalidCommand> {
             reason.len()
         )));
     }
+    // PostgreSQL's text and jsonb cannot hold U+0000: a view could not store the reason.
+    if reason.contains('\0') {
+        return Err(InvalidCommand(
+            "reason holds the character U+0000, which no view can store".into(),
+        ));
+    }
     Ok(reason)
+}
+
+/// The longest value of a header that ordo copies into the event it appends.
+pub const MAX_HEADER_VALUE_LEN: usize = 128;
+
+/// The value of header `name` if ordo may copy it into an event: 1 to
+/// [`MAX_HEADER_VALUE_LEN`] printable ASCII characters. Anything else is refused, so that a
+/// caller cannot fill the streams with what it sends beside the body.
+pub fn bounded_header(name: &str, value: &str) -> Result<String, InvalidCommand> {
+    let printable = value.bytes().all(|b| b.is_ascii_graphic());
+    if value.is_empty() || value.len() > MAX_HEADER_VALUE_LEN || !printable {
+        return Err(InvalidCommand(format!(
+            "header {name} must be 1 to {MAX_HEADER_VALUE_LEN} printable ASCII characters \
+             without spaces (got {} bytes)",
+            value.len()
+        )));
+    }
+    Ok(value.to_owned())
 }
 
 fn validate_command_id(id: String) -> Result<String, InvalidCommand> {
@@ -672,6 +770,15 @@ impl CommandRequest {
 mod tests {
     use super::*;
 
+    /// A request from ordo's own account, as every test here but the caller's own sends it.
+    pub(super) fn parse(
+        endpoint: Endpoint,
+        body: &[u8],
+        header_command_id: Option<&str>,
+    ) -> Result<ParsedRequest, InvalidCommand> {
+        super::parse(endpoint, body, header_command_id, &Caller::OwnAccount)
+    }
+
     fn invalid(endpoint: Endpoint, body: &str) -> String {
         parse(endpoint, body.as_bytes(), None).unwrap_err().0
     }
@@ -737,6 +844,95 @@ mod tests {
             invalid(Endpoint::OrderShip, &body),
             format!("the body is {} bytes; the limit is 65536", body.len())
         );
+    }
+
+    #[test]
+    fn an_application_s_command_ids_live_in_its_own_account_s_space() {
+        let shop = Caller::from_request_info(Some(r#"{"acc":"SHOP","rtt":1000}"#)).unwrap();
+        let body = br#"{"customer_id":"c1","lines":[{"sku":"A1","qty":1,"unit_price_cents":5}]}"#;
+        let own = parse(Endpoint::OrderPlace, body, Some("delivery-7")).unwrap();
+        let shops = super::parse(Endpoint::OrderPlace, body, Some("delivery-7"), &shop).unwrap();
+        assert_eq!(own.command_id, "delivery-7");
+        assert_eq!(shops.command_id, "SHOP/delivery-7");
+        // The order id derived from the command id differs too: no one can place it first.
+        let order_id = |parsed: &ParsedRequest| match &parsed.command {
+            Command::Order(OrderCommand::Place { order_id, .. }) => order_id.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(order_id(&own), order_id(&shops));
+        let natural = super::parse(Endpoint::OrderShip, br#"{"order_id":"o-1"}"#, None, &shop);
+        assert!(
+            natural
+                .unwrap()
+                .command_id
+                .starts_with("SHOP/order.ship:o-1:")
+        );
+        assert_eq!(Caller::from_request_info(None).unwrap(), Caller::OwnAccount);
+        assert!(Caller::from_request_info(Some("not json")).is_err());
+        assert!(Caller::from_request_info(Some(r#"{"acc":""}"#)).is_err());
+    }
+
+    #[test]
+    fn the_saga_s_command_ids_and_internal_commands_are_refused_from_anyone_else() {
+        let stolen = parse(
+            Endpoint::OrderCancel,
+            br#"{"order_id":"nope"}"#,
+            Some("saga:victim-1:0:reserve"),
+        )
+        .unwrap_err();
+        assert!(stolen.0.contains("are the saga's"), "{stolen}");
+        let in_body = invalid(
+            Endpoint::OrderShip,
+            r#"{"order_id":"o-1","command_id":"saga:o-1:2:confirm"}"#,
+        );
+        assert!(in_body.contains("are the saga's"), "{in_body}");
+        // The saga itself sends them, on internal subjects, from ordo's own account.
+        let step = br#"{"sku":"A1","order_id":"o-1","qty":1}"#;
+        let reserve = parse(Endpoint::StockReserve, step, Some("saga:o-1:0:reserve")).unwrap();
+        assert_eq!(reserve.command_id, "saga:o-1:0:reserve");
+        let shop = Caller::Account("SHOP".into());
+        let from_shop = super::parse(Endpoint::StockReserve, step, None, &shop).unwrap_err();
+        assert!(from_shop.0.contains("internal command"), "{from_shop}");
+        for endpoint in Endpoint::ALL {
+            let prefix = if endpoint.is_internal() {
+                "ordo.internal."
+            } else {
+                "ordo.cmd."
+            };
+            assert!(
+                endpoint.subject().starts_with(prefix),
+                "{}",
+                endpoint.subject()
+            );
+        }
+    }
+
+    #[test]
+    fn a_reason_no_view_can_store_is_refused() {
+        let message = invalid(
+            Endpoint::OrderCancel,
+            r#"{"order_id":"o-1","reason":"x\u0000y"}"#,
+        );
+        assert!(message.contains("U+0000"), "{message}");
+    }
+
+    #[test]
+    fn headers_copied_into_events_are_bounded() {
+        assert_eq!(
+            bounded_header("Ordo-Correlation-Id", "order:o-1").unwrap(),
+            "order:o-1"
+        );
+        for hostile in [
+            "",
+            "has space",
+            "tab\there",
+            &"x".repeat(MAX_HEADER_VALUE_LEN + 1),
+        ] {
+            assert!(
+                bounded_header("Ordo-Correlation-Id", hostile).is_err(),
+                "{hostile:?}"
+            );
+        }
     }
 
     #[test]
@@ -993,7 +1189,7 @@ mod tests {
     }
 
     mod properties {
-        use super::super::*;
+        use super::{super::*, parse};
         use crate::hostile;
         use proptest::prelude::*;
         use rand::{SeedableRng, rngs::StdRng};

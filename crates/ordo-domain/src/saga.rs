@@ -37,6 +37,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{CustomerId, OrderId, Sku, order::OrderLine};
 
+/// The start of every command id a saga sends: reserved for the saga, so that no caller can
+/// store an outcome under a step's id before the step runs.
+pub const COMMAND_ID_PREFIX: &str = "saga:";
+
 /// Unknown outcomes of a compensation (or a step after the confirm) after which the saga shows
 /// `compensation_stuck`. It keeps being retried; the state is there to be seen.
 pub const STUCK_AFTER_ATTEMPTS: u32 = 6;
@@ -262,10 +266,11 @@ impl Saga {
             .position(|planned| matches!(planned.state, StepState::Pending | StepState::Unknown))
     }
 
-    /// The command id of step `index`: the same every time the step runs.
+    /// The command id of step `index`: the same every time the step runs. It begins with
+    /// [`COMMAND_ID_PREFIX`], which the command service refuses from anyone but the saga.
     pub fn command_id(&self, index: usize) -> String {
         format!(
-            "saga:{}:{index}:{}",
+            "{COMMAND_ID_PREFIX}{}:{index}:{}",
             self.order_id,
             self.steps[index].step.kind()
         )

@@ -185,12 +185,12 @@ async fn the_views_follow_the_commands() {
         .await;
     setup
         .command(
-            "ordo.cmd.stock.reserve",
+            "ordo.internal.stock.reserve",
             json!({"sku": "A1", "order_id": "o-1", "qty": 2}),
         )
         .await;
     setup
-        .command("ordo.cmd.order.confirm", json!({"order_id": "o-1"}))
+        .command("ordo.internal.order.confirm", json!({"order_id": "o-1"}))
         .await;
     setup.caught_up::<OrdersView>().await;
     setup.caught_up::<StockView>().await;
@@ -333,14 +333,14 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
                     .await;
                 setup
                     .command(
-                        "ordo.cmd.stock.reserve",
+                        "ordo.internal.stock.reserve",
                         json!({"sku": sku, "order_id": order, "qty": 1}),
                     )
                     .await;
                 if i % 3 == 0 {
                     setup
                         .command(
-                            "ordo.cmd.stock.release",
+                            "ordo.internal.stock.release",
                             json!({"sku": sku, "order_id": order}),
                         )
                         .await;
@@ -425,7 +425,7 @@ async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after(
     for i in 0..5 {
         setup
             .command(
-                "ordo.cmd.stock.reserve",
+                "ordo.internal.stock.reserve",
                 json!({"sku": "A1", "order_id": format!("o-{i}"), "qty": 1}),
             )
             .await;
@@ -512,13 +512,13 @@ async fn busy_day(setup: &Setup, from: usize, to: usize) {
             .await;
         setup
             .command(
-                "ordo.cmd.stock.reserve",
+                "ordo.internal.stock.reserve",
                 json!({"sku": sku, "order_id": order, "qty": 1}),
             )
             .await;
         if i % 2 == 0 {
             setup
-                .command("ordo.cmd.order.confirm", json!({"order_id": order}))
+                .command("ordo.internal.order.confirm", json!({"order_id": order}))
                 .await;
         }
     }

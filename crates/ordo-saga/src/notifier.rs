@@ -344,11 +344,25 @@ impl Notifier {
                 .body(body)
                 .send()
                 .await
-                .map_err(|err| format!("webhook: {err}"))?;
+                // Without the URL: it may carry a token, and this text reaches `last_error`, the
+                // log and the trace.
+                .map_err(|err| format!("webhook: {}", with_causes(&err.without_url())))?;
             if !response.status().is_success() {
                 return Err(format!("webhook answered {}", response.status()));
             }
         }
         Ok(())
     }
+}
+
+/// An error and what caused it, on one line.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }

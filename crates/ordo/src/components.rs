@@ -187,7 +187,7 @@ pub struct SagaOptions {
     #[arg(long, env = "ORDO_SAGA_TIMEOUT_SECS", default_value_t = 30)]
     pub saga_timeout_secs: u64,
     /// Also POST every notification to this URL.
-    #[arg(long, env = "ORDO_WEBHOOK_URL")]
+    #[arg(long, env = "ORDO_WEBHOOK_URL", hide_env_values = true)]
     pub webhook_url: Option<String>,
     /// Share of notification deliveries that fail on purpose, to exercise retries (0 to 1).
     #[arg(long, env = "ORDO_NOTIFY_FAILURE_RATE", default_value_t = 0.0, value_parser = share)]

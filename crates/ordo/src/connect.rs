@@ -111,13 +111,21 @@ async fn probe(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The servers of a URL list: `nats://a:4222,nats://b:4222` names a cluster.
+/// The servers of a URL list: `nats://a:4222,nats://b:4222` names a cluster. Credentials in
+/// the URL are left out: [`NatsAuth::options`] passes them, and the client logs the addresses it
+/// is given (at debug level, password included).
 pub(crate) fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     url.split(',')
         .map(|one| {
-            one.trim()
+            let addr = one
+                .trim()
                 .parse::<async_nats::ServerAddr>()
-                .with_context(|| format!("{one:?} is not a NATS URL"))
+                .with_context(|| format!("{:?} is not a NATS URL", redacted(one)))?;
+            let mut without_credentials = addr.into_inner();
+            let _ = without_credentials.set_password(None);
+            let _ = without_credentials.set_username("");
+            async_nats::ServerAddr::from_url(without_credentials)
+                .with_context(|| format!("{:?} is not a NATS URL", redacted(one)))
         })
         .collect()
 }
@@ -185,6 +193,29 @@ pub struct NatsAuth {
     /// The client certificate's private key (PEM).
     #[arg(long, env = "ORDO_NATS_KEY", global = true, requires = "nats_cert")]
     pub nats_key: Option<PathBuf>,
+    /// The prefix of this process's reply subjects (its inbox): replies, pull-consumer
+    /// deliveries and direct gets come back under it. Unset: `_INBOX_<user>` when a NATS user
+    /// is configured, so that a server can let each user read its own inbox only
+    /// (docker/nats.conf), else `_INBOX`.
+    #[arg(long, env = "ORDO_NATS_INBOX_PREFIX", global = true, value_parser = inbox_prefix)]
+    pub nats_inbox_prefix: Option<String>,
+}
+
+/// An inbox prefix: subject tokens without wildcards or spaces.
+fn inbox_prefix(text: &str) -> Result<String, String> {
+    let valid_token = |token: &str| {
+        !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'*' && b != b'>' && b != b'.')
+    };
+    if text.split('.').all(valid_token) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{text:?} is not an inbox prefix: use subject tokens without wildcards or spaces"
+        ))
+    }
 }
 
 /// Credentials written into a URL: `user:password@` or `token@`.
@@ -234,6 +265,18 @@ impl NatsAuth {
                  token, an nkey, a credentials file, or credentials in the URL): keep one"
             );
         }
+        let user = match (&self.nats_user, &from_url) {
+            (Some(user), _) => Some(user.clone()),
+            (None, Some(UrlCredentials::UserPassword(user, _))) => Some(user.clone()),
+            _ => None,
+        };
+        let prefix = match (&self.nats_inbox_prefix, user) {
+            (Some(prefix), _) => prefix.clone(),
+            (None, Some(user)) => format!("_INBOX_{user}"),
+            (None, None) => "_INBOX".to_owned(),
+        };
+        inbox_prefix(&prefix).map_err(anyhow::Error::msg)?;
+        options = options.custom_inbox_prefix(prefix);
         if let (Some(user), Some(password)) = (&self.nats_user, &self.nats_password) {
             options = options.user_and_password(user.clone(), password.expose().to_owned());
         } else if let Some(token) = &self.nats_token {
@@ -327,6 +370,11 @@ fn base_options() -> async_nats::ConnectOptions {
                     tracing::warn!("lost the NATS connection; reconnecting")
                 }
                 async_nats::Event::Connected => tracing::info!("NATS connection up"),
+                // A permissions violation among them: the server's configuration does not let
+                // this user do what this process needs (or a caller tried what it may not).
+                async_nats::Event::ServerError(err) => {
+                    tracing::warn!(%err, "the NATS server refused something this process sent")
+                }
                 other => tracing::info!(event = %other, "NATS"),
             }
         })
@@ -429,6 +477,23 @@ mod tests {
             !printed.contains("hunter2") && !printed.contains("tok3n"),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn the_client_is_given_addresses_without_credentials() {
+        let addrs = server_addrs("nats://a:4222,nats://ordo:s3cret@b:4222").unwrap();
+        let printed = format!("{addrs:?}");
+        assert!(
+            !printed.contains("s3cret") && !printed.contains("ordo"),
+            "{printed}"
+        );
+        assert_eq!(addrs[1].host(), "b");
+    }
+
+    #[test]
+    fn an_inbox_prefix_is_subject_tokens_without_wildcards() {
+        assert!(inbox_prefix("_INBOX_ordo-saga").is_ok());
+        assert!(inbox_prefix("_INBOX.>").is_err() && inbox_prefix("a b").is_err());
     }
 
     #[test]

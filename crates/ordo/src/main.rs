@@ -35,12 +35,14 @@ use tokio::task::JoinSet;
 struct Cli {
     /// NATS server URL (a comma-separated list for a cluster). Unset, `ordo up` uses
     /// 127.0.0.1:4222 if a nats-server >= 2.10 with JetStream answers there, else starts one.
-    #[arg(long, env = "ORDO_NATS_URL", global = true)]
+    /// (Its value is never shown by --help: a URL may carry a password.)
+    #[arg(long, env = "ORDO_NATS_URL", hide_env_values = true, global = true)]
     nats_url: Option<String>,
 
     /// PostgreSQL URL of the read views. Unset, `ordo up` uses database `ordo` on a local server
     /// that accepts `postgres` without a password, else starts a private one under .ordo/pg.
-    #[arg(long, env = "ORDO_DATABASE_URL", global = true)]
+    /// (Its value is never shown by --help: a URL may carry a password.)
+    #[arg(long, env = "ORDO_DATABASE_URL", hide_env_values = true, global = true)]
     database_url: Option<String>,
 
     /// Address of the HTTP read API.

@@ -125,15 +125,100 @@ fn every_ordo_service_agrees_on_the_cluster_and_three_replicas_in_settings_ordo_
             env["OTEL_EXPORTER_OTLP_ENDPOINT"],
             "http://otel-collector:4317"
         );
-        // Authenticated as the user docker/nats.conf allows ordo's subjects, with a password
-        // the operator sets (never one written here).
-        assert_eq!(env["ORDO_NATS_USER"], "ordo", "{name}");
+        // Authenticated as its own user of docker/nats.conf, with the password the nats
+        // containers give that user, which the operator sets (never one written here).
+        let (user, variable) = nats_user_of(name);
+        assert_eq!(env["ORDO_NATS_USER"], user, "{name}");
         assert!(
-            env["ORDO_NATS_PASSWORD"].starts_with("${ORDO_NATS_PASSWORD:?"),
-            "{name}"
+            env["ORDO_NATS_PASSWORD"].starts_with(&format!("${{{variable}:?")),
+            "{name}: {}",
+            env["ORDO_NATS_PASSWORD"]
         );
         reads_every_setting(name, service);
     }
+}
+
+/// The NATS user each ordo service of compose.yaml connects as, and its password variable.
+fn nats_user_of(service: &str) -> (&'static str, &'static str) {
+    match service {
+        "streams" => ("ordo-admin", "ORDO_ADMIN_NATS_PASSWORD"),
+        "commands" => ("ordo-commands", "ORDO_COMMANDS_NATS_PASSWORD"),
+        "projectors" => ("ordo-projector", "ORDO_PROJECTOR_NATS_PASSWORD"),
+        "sagas" => ("ordo-saga", "ORDO_SAGA_NATS_PASSWORD"),
+        "notifier" => ("ordo-notifier", "ORDO_NOTIFIER_NATS_PASSWORD"),
+        "api" => ("ordo-api", "ORDO_API_NATS_PASSWORD"),
+        other => panic!("{other} is not an ordo service"),
+    }
+}
+
+#[test]
+fn every_nats_user_is_defined_with_the_password_compose_gives_the_servers() {
+    let conf = read("docker/nats.conf");
+    let services = services();
+    let nats = environment(&services["nats-1"]);
+    let mut users: Vec<(&str, &str)> = ORDO_SERVICES
+        .iter()
+        .map(|name| nats_user_of(name))
+        .collect();
+    users.extend([
+        ("shop", "SHOP_NATS_PASSWORD"),
+        ("warehouse", "WAREHOUSE_NATS_PASSWORD"),
+    ]);
+    for (user, variable) in users {
+        let defined = format!("user: {user}\n        password: ${variable}\n");
+        assert!(conf.contains(&defined), "docker/nats.conf: no {defined:?}");
+        assert!(
+            nats[variable].starts_with(&format!("${{{variable}:?")),
+            "the nats servers are not given {variable}"
+        );
+        // Each of ordo's users reads replies only under its own inbox prefix, the one ordo
+        // uses for it by default.
+        if user.starts_with("ordo-") {
+            assert!(
+                conf.contains(&format!("\"_INBOX_{user}.>\"")),
+                "{user}'s inbox"
+            );
+        }
+    }
+    assert!(
+        !conf.contains("password: \""),
+        "a password written in docker/nats.conf"
+    );
+}
+
+#[test]
+fn monitoring_answers_on_this_host_only_and_grafana_asks_for_a_password() {
+    let services = services();
+    for name in ["jaeger", "prometheus", "grafana"] {
+        for port in services[name]["ports"].as_sequence().unwrap() {
+            assert!(
+                text(port).starts_with("127.0.0.1:"),
+                "{name} publishes {}",
+                text(port)
+            );
+        }
+    }
+    assert!(
+        services["nats-1"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .all(|port| !text(port).contains("8222"))
+    );
+    let grafana = environment(&services["grafana"]);
+    assert_eq!(grafana["GF_AUTH_ANONYMOUS_ENABLED"], "false");
+    assert_eq!(
+        grafana["GF_SECURITY_ADMIN_PASSWORD__FILE"],
+        "/run/secrets/grafana_admin_password"
+    );
+    let compose = yaml("docker/compose.yaml");
+    assert_eq!(
+        text(&compose["secrets"]["grafana_admin_password"]["environment"]),
+        "GRAFANA_ADMIN_PASSWORD"
+    );
+    // ordo's image runs as a user without privileges.
+    let dockerfile = read("docker/Dockerfile");
+    assert!(dockerfile.contains("\nUSER 65532:65532\n"), "{dockerfile}");
 }
 
 /// Every ORDO_ setting of `service` is one the command it runs reads (clap shows them in --help).

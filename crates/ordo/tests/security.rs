@@ -1,9 +1,9 @@
-//! ordo against a nats-server that requires TLS with client certificates and a password per
-//! user, each user allowed only its own subjects, and a PostgreSQL that asks every role for its
-//! password, where the workers' role may only read and write rows: ordo works end to end; a user
-//! without permission for `ordo.cmd.>` is not answered and changes nothing; the workers' role
-//! cannot change a table; wrong credentials fail at once with a clear message; no secret reaches
-//! a log.
+//! ordo against a nats-server that requires TLS with client certificates and the accounts,
+//! users and permissions docker/nats.conf ships, and a PostgreSQL that asks every role for its
+//! password, where the workers' role may only read and write rows: ordo works end to end with
+//! each component as its own user; the workers' role cannot change a table; wrong credentials
+//! fail at once with a clear message; no secret reaches a log. (crates/ordo/tests/redteam.rs
+//! attacks the same configuration.)
 
 use std::{
     path::{Path, PathBuf},
@@ -11,14 +11,15 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
 use ordo_testkit::{NatsServer, PostgresServer};
 use serde_json::{Value, json};
+use shipped::{COMPONENTS, USERS, accounts_config, inbox_prefix, password};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
+mod shipped;
+
 const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
-const ORDO_PASSWORD: &str = "ordo-pw-7c1e9f";
-const CLIENT_PASSWORD: &str = "client-pw-52ab0d";
-const READER_PASSWORD: &str = "reader-pw-e44d13";
 const HTTP_TOKEN: &str = "http-token-9d02aa";
 const METRICS_TOKEN: &str = "metrics-token-61f0c8";
 const OWNER_PASSWORD: &str = "owner-pw-0b7d35";
@@ -131,36 +132,11 @@ impl Certificates {
     }
 }
 
-/// The account, users and permissions `docker/nats.conf` ships: its `accounts { … }` block.
-fn shipped_accounts() -> String {
-    let shipped = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docker/nats.conf"),
-    )
-    .unwrap();
-    let start = shipped
-        .find("\naccounts {")
-        .expect("docker/nats.conf has an accounts block");
-    let end = start + shipped[start..].find("\n}\n").expect("its end") + 3;
-    shipped[start..end].to_owned()
-}
-
-/// nats-server's configuration: TLS that verifies client certificates, and the account and users
-/// of `docker/nats.conf` (`ordo`, allowed exactly ordo's subjects; `client`, allowed to send
-/// commands and read notifications) plus `reader`, who may only receive replies.
+/// nats-server's configuration: TLS that verifies client certificates, and the accounts and
+/// users of `docker/nats.conf`.
 fn server_config(certificates: &Certificates) -> String {
-    let reader = format!(
-        r#"users = [
-    {{
-      user: reader
-      password: "{READER_PASSWORD}"
-      permissions: {{ publish: ["_INBOX.>"], subscribe: ["_INBOX.>"] }}
-    }}"#
-    );
-    let accounts = shipped_accounts().replacen("users = [", &reader, 1);
     format!(
         r#"
-ORDO_NATS_PASSWORD: "{ORDO_PASSWORD}"
-CLIENT_NATS_PASSWORD: "{CLIENT_PASSWORD}"
 tls {{
   cert_file: "{server_cert}"
   key_file: "{server_key}"
@@ -172,6 +148,7 @@ tls {{
         server_cert = certificates.server_cert.display(),
         server_key = certificates.server_key.display(),
         ca = certificates.ca.display(),
+        accounts = accounts_config(),
     )
 }
 
@@ -180,9 +157,9 @@ async fn connect_as(
     server: &NatsServer,
     certificates: &Certificates,
     user: &str,
-    password: &str,
 ) -> async_nats::Client {
-    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
+        .custom_inbox_prefix(inbox_prefix(user))
         .add_root_certificates(certificates.ca.clone())
         .add_client_certificate(
             certificates.client_cert.clone(),
@@ -194,12 +171,16 @@ async fn connect_as(
         .unwrap_or_else(|err| panic!("connect as {user}: {err}"))
 }
 
-/// The settings every ordo process of the test gets: the server, TLS, and ordo's user.
-fn ordo_env(server: &NatsServer, certificates: &Certificates) -> Vec<(&'static str, String)> {
+/// The settings an ordo process of the test gets: the server, TLS, and `user`.
+fn ordo_env(
+    server: &NatsServer,
+    certificates: &Certificates,
+    user: &str,
+) -> Vec<(&'static str, String)> {
     vec![
         ("ORDO_NATS_URL", server.url()),
-        ("ORDO_NATS_USER", "ordo".into()),
-        ("ORDO_NATS_PASSWORD", ORDO_PASSWORD.into()),
+        ("ORDO_NATS_USER", user.into()),
+        ("ORDO_NATS_PASSWORD", password(user)),
         ("ORDO_NATS_CA", certificates.ca.display().to_string()),
         (
             "ORDO_NATS_CERT",
@@ -266,7 +247,7 @@ async fn request(client: &async_nats::Client, subject: &str, body: Value) -> Val
 }
 
 #[tokio::test]
-async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() {
+async fn ordo_works_end_to_end_over_tls_with_each_component_as_its_own_user() {
     let dir = tempfile::tempdir().unwrap();
     let certificates = Certificates::issue(dir.path());
     let server = NatsServer::start_with_config(&server_config(&certificates));
@@ -279,38 +260,69 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
         .unwrap()
         .port();
     let http = format!("127.0.0.1:{http_port}");
-    let mut env = ordo_env(&server, &certificates);
-    // The workers connect as the role that may only read and write rows.
-    env.push(("ORDO_DATABASE_URL", database.worker_url()));
-    env.push(("ORDO_HTTP_ADDR", http.clone()));
-    env.push(("ORDO_HOME", dir.path().display().to_string()));
-    env.push(("ORDO_HTTP_TOKEN", HTTP_TOKEN.into()));
-    env.push(("ORDO_METRICS_TOKEN", METRICS_TOKEN.into()));
-    // Placing goes through the per-customer rate limit, so its bucket is used under the
-    // shipped permissions too.
-    env.push(("ORDO_CUSTOMER_ORDER_RATE", "100".into()));
-    let log = dir.path().join("up.log");
-    let _up = Ordo(
-        Command::new(ORDO)
-            .arg("up")
-            .envs(env.iter().map(|(key, value)| (key, value)))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let env = |user: &str| {
+        let mut env = ordo_env(&server, &certificates, user);
+        // The workers connect as the role that may only read and write rows.
+        env.push(("ORDO_DATABASE_URL", database.worker_url()));
+        env.push(("ORDO_HTTP_ADDR", http.clone()));
+        env.push(("ORDO_HOME", dir.path().display().to_string()));
+        env.push(("ORDO_HTTP_TOKEN", HTTP_TOKEN.into()));
+        env.push(("ORDO_METRICS_TOKEN", METRICS_TOKEN.into()));
+        // Placing goes through the per-customer rate limit, so its bucket is used under the
+        // shipped permissions too.
+        env.push(("ORDO_CUSTOMER_ORDER_RATE", "100".into()));
+        env
+    };
+    // The operator creates the streams, as compose's one-shot service does.
+    let (applied, _) = run_to_end(
+        &["streams", "apply"],
+        &env("ordo-admin"),
+        Duration::from_secs(60),
     );
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let logs: Vec<PathBuf> = COMPONENTS
+        .iter()
+        .map(|(component, _)| dir.path().join(format!("{component}.log")))
+        .collect();
+    let _components: Vec<Ordo> = COMPONENTS
+        .iter()
+        .zip(&logs)
+        .map(|((component, user), log)| {
+            Ordo(
+                Command::new(ORDO)
+                    .args(["run", component])
+                    .envs(env(user).iter().map(|(key, value)| (key, value)))
+                    .stdout(Stdio::null())
+                    .stderr(std::fs::File::create(log).unwrap())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
 
-    // The client user sends commands; ordo's user does everything else.
-    let client = connect_as(&server, &certificates, "client", CLIENT_PASSWORD).await;
+    // The applications send their commands; each component does its part as its own user.
+    let warehouse = connect_as(&server, &certificates, "warehouse").await;
     let received = request(
-        &client,
+        &warehouse,
         "ordo.cmd.stock.receive",
         json!({"sku": "A1", "qty": 5}),
     )
     .await;
-    assert_eq!(received["ok"], true, "{received}; see {}", log.display());
+    assert_eq!(
+        received["ok"],
+        true,
+        "{received}; see {}",
+        dir.path().display()
+    );
+    let shop = connect_as(&server, &certificates, "shop").await;
+    let mut notifications = shop.subscribe("ordo.notifications.c1").await.unwrap();
+    shop.flush().await.unwrap();
     let placed = request(
-        &client,
+        &shop,
         "ordo.cmd.order.place",
         json!({"order_id": "o-1", "customer_id": "c1",
                "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
@@ -335,56 +347,62 @@ async fn ordo_works_end_to_end_over_tls_with_a_user_allowed_only_its_subjects() 
     };
     tokio::time::timeout(Duration::from_secs(30), saga)
         .await
-        .unwrap_or_else(|_| panic!("o-1 was not confirmed; see {}", log.display()));
+        .unwrap_or_else(|_| {
+            panic!(
+                "o-1 was not confirmed; see the logs in {}",
+                dir.path().display()
+            )
+        });
+    // The notifier's user published the notification, and the shop reads it.
+    let notification = tokio::time::timeout(Duration::from_secs(30), notifications.next())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "the shop was not notified; the notifier's log: {}",
+                std::fs::read_to_string(dir.path().join("notifier.log")).unwrap_or_default()
+            )
+        })
+        .unwrap();
+    let notification: Value = serde_json::from_slice(&notification.payload).unwrap();
+    assert_eq!(notification["kind"], "confirmed", "{notification}");
 
-    // A user without permission for ordo.cmd.> is not answered, and nothing is appended.
-    let reader = connect_as(&server, &certificates, "reader", READER_PASSWORD).await;
-    let refused = reader
-        .send_request(
-            "ordo.cmd.stock.receive",
-            async_nats::Request::new()
-                .payload(json!({"sku": "B2", "qty": 1}).to_string().into())
-                .timeout(Some(Duration::from_secs(2))),
-        )
-        .await;
-    assert!(refused.is_err(), "the reader was answered: {refused:?}");
-    let after = request(
-        &client,
-        "ordo.cmd.stock.receive",
-        json!({"sku": "B2", "qty": 1}),
-    )
-    .await;
-    assert_eq!(
-        after["version"], 1,
-        "B2's first event is the client's, not the reader's: {after}"
-    );
-
-    // No secret in the log of the whole run, nor in what the API says about itself.
+    // No secret in the logs of the whole run, nor in what the API says about itself.
     let http_client = reqwest::Client::new();
-    let body_with_api_token = |path: &str| {
+    let with_api_token = |path: &str| {
         let request = http_client
             .get(format!("http://{http}{path}"))
             .bearer_auth(HTTP_TOKEN);
-        async move { request.send().await.unwrap().text().await.unwrap() }
+        async move { request.send().await.unwrap() }
     };
-    let readyz = body_with_api_token("/readyz").await;
+    let readyz = with_api_token("/readyz").await.text().await.unwrap();
     assert!(readyz.contains("\"ready\":true"), "{readyz}");
     // /metrics takes its own token: the API's gets a 401.
-    let unauthorized = body_with_api_token("/metrics").await;
-    let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(logged.contains("connected to NATS"), "{logged}");
-    let secrets = [
-        ORDO_PASSWORD,
-        CLIENT_PASSWORD,
-        READER_PASSWORD,
-        HTTP_TOKEN,
-        METRICS_TOKEN,
-        WORKER_PASSWORD,
-    ];
-    for secret in secrets {
-        assert!(!logged.contains(secret), "a secret in the log: {logged}");
-        assert!(!readyz.contains(secret), "a secret in /readyz: {readyz}");
-        assert!(!unauthorized.contains(secret), "{unauthorized}");
+    let unauthorized = with_api_token("/metrics").await;
+    assert_eq!(unauthorized.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let unauthorized = unauthorized.text().await.unwrap();
+    let mut secrets: Vec<String> = USERS.iter().map(|(user, _)| password(user)).collect();
+    secrets.extend([HTTP_TOKEN, METRICS_TOKEN, WORKER_PASSWORD].map(String::from));
+    for log in &logs {
+        let logged = std::fs::read_to_string(log).unwrap();
+        assert!(
+            logged.contains("connected to NATS"),
+            "{}: {logged}",
+            log.display()
+        );
+        for secret in &secrets {
+            assert!(
+                !logged.contains(secret.as_str()),
+                "a secret in {}: {logged}",
+                log.display()
+            );
+        }
+    }
+    for secret in &secrets {
+        assert!(
+            !readyz.contains(secret.as_str()),
+            "a secret in /readyz: {readyz}"
+        );
+        assert!(!unauthorized.contains(secret.as_str()), "{unauthorized}");
     }
 }
 
@@ -394,7 +412,7 @@ fn a_wrong_password_or_a_missing_certificate_fails_at_once_with_a_clear_message(
     let certificates = Certificates::issue(dir.path());
     let server = NatsServer::start_with_config(&server_config(&certificates));
 
-    let mut wrong_password = ordo_env(&server, &certificates);
+    let mut wrong_password = ordo_env(&server, &certificates, "ordo-commands");
     wrong_password.retain(|(key, _)| *key != "ORDO_NATS_PASSWORD");
     wrong_password.push(("ORDO_NATS_PASSWORD", "not-the-password-1f3".into()));
     let stderr = refused_at_once(
@@ -404,9 +422,13 @@ fn a_wrong_password_or_a_missing_certificate_fails_at_once_with_a_clear_message(
     );
     assert!(stderr.contains("refused the credentials"), "{stderr}");
 
-    let mut no_certificate = ordo_env(&server, &certificates);
+    let mut no_certificate = ordo_env(&server, &certificates, "ordo-commands");
     no_certificate.retain(|(key, _)| !["ORDO_NATS_CERT", "ORDO_NATS_KEY"].contains(key));
-    let stderr = refused_at_once(&["run", "commands"], &no_certificate, ORDO_PASSWORD);
+    let stderr = refused_at_once(
+        &["run", "commands"],
+        &no_certificate,
+        &password("ordo-commands"),
+    );
     assert!(stderr.contains("TLS handshake"), "{stderr}");
 }
 
@@ -415,16 +437,17 @@ fn credentials_in_the_url_are_used_and_never_printed() {
     let dir = tempfile::tempdir().unwrap();
     let certificates = Certificates::issue(dir.path());
     let server = NatsServer::start_with_config(&server_config(&certificates));
-    let mut env = ordo_env(&server, &certificates);
+    let mut env = ordo_env(&server, &certificates, "warehouse");
     env.retain(|(key, _)| !["ORDO_NATS_USER", "ORDO_NATS_PASSWORD", "ORDO_NATS_URL"].contains(key));
     env.push((
         "ORDO_NATS_URL",
         format!(
-            "nats://client:{CLIENT_PASSWORD}@127.0.0.1:{}",
+            "nats://warehouse:{}@127.0.0.1:{}",
+            password("warehouse"),
             server.port()
         ),
     ));
-    // The client user may send a command (nobody serves it here: "no responders").
+    // The warehouse may send a command (nobody serves it here: "no responders").
     let (output, _) = run_to_end(
         &["stock", "receive", "A1", "1"],
         &env,
@@ -435,9 +458,9 @@ fn credentials_in_the_url_are_used_and_never_printed() {
         stderr.contains("no answer on ordo.cmd.stock.receive"),
         "the command got past the server's authentication: {stderr}"
     );
-    assert!(!stderr.contains(CLIENT_PASSWORD), "{stderr}");
+    assert!(!stderr.contains(&password("warehouse")), "{stderr}");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(!stdout.contains(CLIENT_PASSWORD), "{stdout}");
+    assert!(!stdout.contains(&password("warehouse")), "{stdout}");
 }
 
 /// Waits until `log` contains `text`.

@@ -272,12 +272,12 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
                 "append OrderPlaced",
                 "project orders",
                 "saga reserve",
-                "ordo.cmd.stock.reserve",
+                "ordo.internal.stock.reserve",
                 "project stock",
                 "saga authorize",
                 "payment authorize",
                 "saga confirm",
-                "ordo.cmd.order.confirm",
+                "ordo.internal.order.confirm",
                 "append OrderConfirmed",
             ],
         )
@@ -299,10 +299,14 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         assert_parent(&spans, step, "ordo.cmd.order.place");
     }
     // …and each command a step sends, under that step.
-    assert_parent(&spans, "ordo.cmd.stock.reserve", "saga reserve");
+    assert_parent(&spans, "ordo.internal.stock.reserve", "saga reserve");
     assert_parent(&spans, "payment authorize", "saga authorize");
-    assert_parent(&spans, "ordo.cmd.order.confirm", "saga confirm");
-    assert_parent(&spans, "append OrderConfirmed", "ordo.cmd.order.confirm");
+    assert_parent(&spans, "ordo.internal.order.confirm", "saga confirm");
+    assert_parent(
+        &spans,
+        "append OrderConfirmed",
+        "ordo.internal.order.confirm",
+    );
     // The notification follows the event of the confirm.
     let by_id: HashMap<Vec<u8>, &Span> = spans
         .iter()
@@ -316,7 +320,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         by_id
             .get(&notified.parent_span_id)
             .map(|span| span.name.as_str()),
-        Some("ordo.cmd.order.confirm")
+        Some("ordo.internal.order.confirm")
     );
     // A projector's apply hangs under the command whose event it applied.
     for project in named(&spans, "project orders")
@@ -328,7 +332,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
             .map(|span| span.name.as_str())
             .unwrap_or("none");
         assert!(
-            parent.starts_with("ordo.cmd."),
+            parent.starts_with("ordo.cmd.") || parent.starts_with("ordo.internal."),
             "{} should follow a command, not {parent}",
             project.name
         );
@@ -340,7 +344,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         .collect::<Vec<_>>();
     assert!(
         order_projected_under.contains(&"ordo.cmd.order.place")
-            && order_projected_under.contains(&"ordo.cmd.order.confirm"),
+            && order_projected_under.contains(&"ordo.internal.order.confirm"),
         "{order_projected_under:?}"
     );
 }

@@ -22,7 +22,7 @@ async fn two_instances_and_200_concurrent_reserves_of_100_units_reserve_exactly_
     let replies: Vec<String> = stream::iter(0..200)
         .map(|i| async move {
             let reserve = json!({"sku": "HOT", "order_id": format!("o-{i}"), "qty": 1});
-            outcome(&engine.request("ordo.cmd.stock.reserve", reserve).await)
+            outcome(&engine.request("ordo.internal.stock.reserve", reserve).await)
         })
         .buffer_unordered(200)
         .collect()

@@ -158,7 +158,7 @@ async fn an_order_moves_through_its_states_by_subject() {
         json!({"ok": false, "error": {"code": "invalid_state", "message": "order o-1 is pending and cannot be shipped"}})
     );
     let confirmed = engine
-        .request("ordo.cmd.order.confirm", json!({"order_id": "o-1"}))
+        .request("ordo.internal.order.confirm", json!({"order_id": "o-1"}))
         .await;
     assert_eq!(
         confirmed,
@@ -177,7 +177,7 @@ async fn an_order_moves_through_its_states_by_subject() {
     engine.request("ordo.cmd.order.place", place).await;
     let rejected = engine
         .request(
-            "ordo.cmd.order.reject",
+            "ordo.internal.order.reject",
             json!({"order_id": "o-2", "reason": "insufficient_stock"}),
         )
         .await;
@@ -217,7 +217,7 @@ async fn commands_on_unknown_aggregates_are_not_found() {
     );
     let reserve = engine
         .request(
-            "ordo.cmd.stock.reserve",
+            "ordo.internal.stock.reserve",
             json!({"sku": "nope", "order_id": "o-1", "qty": 1}),
         )
         .await;
@@ -235,7 +235,7 @@ async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
     assert_eq!(
         outcome(
             &engine
-                .request("ordo.cmd.stock.reserve", reserve("o-1", 2))
+                .request("ordo.internal.stock.reserve", reserve("o-1", 2))
                 .await
         ),
         "ok"
@@ -243,13 +243,13 @@ async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
     assert_eq!(
         outcome(
             &engine
-                .request("ordo.cmd.stock.reserve", reserve("o-2", 3))
+                .request("ordo.internal.stock.reserve", reserve("o-2", 3))
                 .await
         ),
         "ok"
     );
     let too_much = engine
-        .request("ordo.cmd.stock.reserve", reserve("o-3", 1))
+        .request("ordo.internal.stock.reserve", reserve("o-3", 1))
         .await;
     assert_eq!(
         too_much,
@@ -258,14 +258,14 @@ async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
     );
     let release = engine
         .request(
-            "ordo.cmd.stock.release",
+            "ordo.internal.stock.release",
             json!({"sku": "A1", "order_id": "o-1"}),
         )
         .await;
     assert_eq!(outcome(&release), "ok");
     let deduct = engine
         .request(
-            "ordo.cmd.stock.deduct",
+            "ordo.internal.stock.deduct",
             json!({"sku": "A1", "order_id": "o-2"}),
         )
         .await;
@@ -353,14 +353,14 @@ async fn the_service_is_visible_to_nats_micro_tooling() {
         subjects,
         [
             "ordo.cmd.order.cancel",
-            "ordo.cmd.order.confirm",
             "ordo.cmd.order.place",
-            "ordo.cmd.order.reject",
             "ordo.cmd.order.ship",
-            "ordo.cmd.stock.deduct",
             "ordo.cmd.stock.receive",
-            "ordo.cmd.stock.release",
-            "ordo.cmd.stock.reserve",
+            "ordo.internal.order.confirm",
+            "ordo.internal.order.reject",
+            "ordo.internal.stock.deduct",
+            "ordo.internal.stock.release",
+            "ordo.internal.stock.reserve",
         ]
     );
     let ping = engine

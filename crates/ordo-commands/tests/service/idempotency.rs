@@ -21,7 +21,13 @@ async fn record_receive_intent(
     body: &[u8],
     expected_last_seq: u64,
 ) {
-    let parsed = wire::parse(Endpoint::StockReceive, body, Some(command_id)).unwrap();
+    let parsed = wire::parse(
+        Endpoint::StockReceive,
+        body,
+        Some(command_id),
+        &wire::Caller::OwnAccount,
+    )
+    .unwrap();
     let intent = OutcomeRecord {
         command_id: command_id.into(),
         fingerprint: parsed.fingerprint,
@@ -146,7 +152,7 @@ async fn a_refusal_is_the_first_outcome_of_a_command_id() {
     let reserve = json!({"sku": "A1", "order_id": "o-1", "qty": 5});
     let refused = engine
         .request_with_id(
-            "ordo.cmd.stock.reserve",
+            "ordo.internal.stock.reserve",
             reserve.clone(),
             "saga-o-1-reserve-A1",
         )
@@ -157,7 +163,7 @@ async fn a_refusal_is_the_first_outcome_of_a_command_id() {
         .await;
     let repeated = engine
         .request_with_id(
-            "ordo.cmd.stock.reserve",
+            "ordo.internal.stock.reserve",
             reserve.clone(),
             "saga-o-1-reserve-A1",
         )
@@ -180,13 +186,13 @@ async fn without_a_command_id_a_refused_command_is_decided_again_later() {
         .await;
     let reserve = json!({"sku": "A1", "order_id": "o-1", "qty": 5});
     let refused = engine
-        .request("ordo.cmd.stock.reserve", reserve.clone())
+        .request("ordo.internal.stock.reserve", reserve.clone())
         .await;
     assert_eq!(outcome(&refused), "insufficient_stock");
     engine
         .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 10}))
         .await;
-    let reserved = engine.request("ordo.cmd.stock.reserve", reserve).await;
+    let reserved = engine.request("ordo.internal.stock.reserve", reserve).await;
     assert_eq!(
         reserved,
         json!({"ok": true, "sku": "A1", "version": 3, "seq": 3})

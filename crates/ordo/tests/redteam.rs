@@ -1,0 +1,680 @@
+//! The red team: the attacks of docs/security.md, sent as an application would send them, against
+//! ordo deployed as docker/ deploys it. The nats-server runs the accounts, users and permissions
+//! of docker/nats.conf exactly as shipped; every component is its own process, connected as its
+//! own user (`ordo-commands`, `ordo-saga`, …). The attackers are the shipped applications, `shop`
+//! and `warehouse`, and a component whose password leaked.
+//!
+//! Each test names what the attacker tries, then asserts that nothing was written, read,
+//! reserved, confirmed or leaked, and that the system still serves its honest callers.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use async_nats::{HeaderMap, jetstream};
+use futures::{FutureExt, StreamExt};
+use ordo_testkit::{NatsServer, TestDatabase};
+use serde_json::{Value, json};
+use shipped::{COMPONENTS, accounts_config, inbox_prefix, password};
+
+mod shipped;
+
+const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// ordo as docker/compose.yaml runs it, on a server with the shipped accounts.
+struct System {
+    server: NatsServer,
+    _database: TestDatabase,
+    dir: tempfile::TempDir,
+    http: String,
+    _processes: Vec<Process>,
+}
+
+impl System {
+    async fn start() -> Self {
+        let server = NatsServer::start_with_config(&accounts_config());
+        let database = TestDatabase::create().await;
+        let dir = tempfile::tempdir().unwrap();
+        let http = format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        );
+        let env = |user: &str| -> Vec<(String, String)> {
+            vec![
+                ("ORDO_NATS_URL".into(), server.url()),
+                ("ORDO_NATS_USER".into(), user.into()),
+                ("ORDO_NATS_PASSWORD".into(), password(user)),
+                ("ORDO_DATABASE_URL".into(), database.url().into()),
+                ("ORDO_HTTP_ADDR".into(), http.clone()),
+                ("ORDO_HOME".into(), dir.path().display().to_string()),
+                ("NO_COLOR".into(), "1".into()),
+            ]
+        };
+        // Set-up, as compose's one-shot services: the streams as the operator, then the database.
+        for (args, user) in [
+            (&["streams", "apply"][..], "ordo-admin"),
+            (&["migrate"][..], "ordo-admin"),
+        ] {
+            let output = Command::new(ORDO)
+                .args(args)
+                .envs(env(user))
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "ordo {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let processes = COMPONENTS
+            .into_iter()
+            .map(|(component, user)| {
+                let log =
+                    std::fs::File::create(dir.path().join(format!("{component}.log"))).unwrap();
+                Process(
+                    Command::new(ORDO)
+                        .args(["run", component])
+                        .envs(env(user))
+                        .stdout(Stdio::null())
+                        .stderr(log)
+                        .spawn()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        let system = Self {
+            server,
+            _database: database,
+            dir,
+            http,
+            _processes: processes,
+        };
+        // Ready once the warehouse is answered and an order goes all the way through, to the
+        // shop's notification.
+        let warehouse = system.connect("warehouse").await;
+        let received = system
+            .answered(
+                &warehouse,
+                "ordo.cmd.stock.receive",
+                json!({"sku": "READY", "qty": 1}),
+            )
+            .await;
+        assert_eq!(received["ok"], true, "{received}");
+        let shop = system.connect("shop").await;
+        let mut notifications = shop.subscribe("ordo.notifications.c0").await.unwrap();
+        shop.flush().await.unwrap();
+        let placed = system
+            .answered(
+                &shop,
+                "ordo.cmd.order.place",
+                json!({"order_id": "ready", "customer_id": "c0",
+                       "lines": [{"sku": "READY", "qty": 1, "unit_price_cents": 1}]}),
+            )
+            .await;
+        assert_eq!(placed["ok"], true, "{placed}");
+        system.settled("ready", "confirmed").await;
+        let notified = tokio::time::timeout(Duration::from_secs(30), notifications.next()).await;
+        assert!(
+            matches!(notified, Ok(Some(_))),
+            "the shop was not notified; see the logs in {}",
+            system.logs().display()
+        );
+        system
+    }
+
+    /// No component was refused anything by the server: the shipped permissions are enough for
+    /// ordo itself.
+    fn components_were_refused_nothing(&self) {
+        for (component, _) in COMPONENTS {
+            let log = self.dir.path().join(format!("{component}.log"));
+            let logged = std::fs::read_to_string(&log).unwrap();
+            assert!(
+                !logged.contains("Permissions Violation"),
+                "{component} was refused: {logged}"
+            );
+        }
+    }
+
+    /// A connection as `user`, with the inbox the server lets that user read.
+    async fn connect(&self, user: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
+            .custom_inbox_prefix(inbox_prefix(user))
+            .connect(self.server.url())
+            .await
+            .unwrap_or_else(|err| panic!("connect as {user}: {err}"))
+    }
+
+    /// The operator's view of the streams (it may read everything).
+    async fn admin(&self) -> jetstream::Context {
+        jetstream::new(self.connect("ordo-admin").await)
+    }
+
+    /// Where the components log; named in every failure.
+    fn logs(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    async fn answered(&self, client: &async_nats::Client, subject: &str, body: Value) -> Value {
+        NatsServer::request_until_answered(client, subject, &body, None, Duration::from_secs(60))
+            .await
+    }
+
+    /// The reply to one request with `headers`, or the error that came instead.
+    async fn request(
+        client: &async_nats::Client,
+        subject: &str,
+        body: &Value,
+        headers: HeaderMap,
+    ) -> Result<Value, String> {
+        let request = async_nats::Request::new()
+            .payload(body.to_string().into())
+            .headers(headers)
+            .timeout(Some(Duration::from_secs(3)));
+        let reply = client
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|err| err.to_string())?;
+        serde_json::from_slice(&reply.payload).map_err(|err| err.to_string())
+    }
+
+    async fn read(&self, path: &str) -> Value {
+        reqwest::get(format!("http://{}{path}", self.http))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the saga of `order_id` is in `state`.
+    async fn settled(&self, order_id: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) =
+                reqwest::get(format!("http://{}/sagas/{order_id}", self.http)).await
+                && let Ok(saga) = response.json::<Value>().await
+                && saga["state"] == state
+            {
+                return saga;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the saga of {order_id} did not reach {state}; see the logs in {}",
+                self.logs().display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The messages of `stream` on `subject`, as the operator reads them.
+    async fn stored(&self, stream: &str, subject: &str) -> Vec<Value> {
+        let admin = self.admin().await;
+        let stream = admin.get_stream(stream).await.unwrap();
+        let mut messages = Vec::new();
+        let mut seq = 1;
+        while let Ok(message) = stream.direct_get_next_for_subject(subject, Some(seq)).await {
+            seq = message.sequence + 1;
+            messages.push(serde_json::from_slice(&message.payload).unwrap_or_else(
+                |_| json!({"not json": String::from_utf8_lossy(&message.payload)}),
+            ));
+        }
+        messages
+    }
+
+    async fn message_count(&self, stream: &str) -> u64 {
+        let admin = self.admin().await;
+        let mut stream = admin.get_stream(stream).await.unwrap();
+        stream.info().await.unwrap().state.messages
+    }
+}
+
+fn with_id(command_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", command_id);
+    headers
+}
+
+#[tokio::test]
+async fn no_reply_subject_or_header_makes_ordo_write_anywhere_but_where_the_command_decides() {
+    let system = System::start().await;
+    let (shop, warehouse) = (
+        system.connect("shop").await,
+        system.connect("warehouse").await,
+    );
+    let received = system
+        .answered(
+            &warehouse,
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 10}),
+        )
+        .await;
+    assert_eq!(received["version"], 1, "{received}");
+    let outcomes = system.message_count("ORDO_COMMAND_OUTCOMES").await;
+
+    // Attack: a request whose reply subject is an event subject, an outcome record, a
+    // rate-limit key or the JetStream API, hoping ordo's reply lands there.
+    for crafted in [
+        "ordo.stock.events.A1",
+        "ordo.order.events.ready",
+        "$JS.API.STREAM.PURGE.ORDO_COMMAND_OUTCOMES",
+        "$KV.ordo_rate_limits.customer.c0",
+    ] {
+        shop.publish_with_reply(
+            "ordo.cmd.order.cancel",
+            crafted,
+            json!({"order_id": "nope"}).to_string().into(),
+        )
+        .await
+        .unwrap();
+        warehouse
+            .publish_with_reply("ordo.cmd.order.ship", crafted, "{}".into())
+            .await
+            .unwrap();
+    }
+    shop.flush().await.unwrap();
+    warehouse.flush().await.unwrap();
+
+    // Attack: headers ordo copies into the event, far beyond any id, to fill the stream.
+    let place = json!({"order_id": "o-big", "customer_id": "c1",
+                       "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 1}]});
+    for header in ["Ordo-Correlation-Id", "Ordo-Causation-Id"] {
+        let mut headers = HeaderMap::new();
+        headers.insert(header, "x".repeat(60 * 1024).as_str());
+        let refused = System::request(&shop, "ordo.cmd.order.place", &place, headers)
+            .await
+            .unwrap();
+        assert_eq!(refused["error"]["code"], "invalid_command", "{refused}");
+    }
+    // Attack: a string no view can hold.
+    let nul = System::request(
+        &shop,
+        "ordo.cmd.order.cancel",
+        &json!({"order_id": "ready", "reason": "x\u{0}y"}),
+        HeaderMap::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(nul["error"]["code"], "invalid_command", "{nul}");
+
+    // Nothing but A1's receipt is stored on A1, and ready's events are its own.
+    let a1 = system.stored("ORDO_STOCK", "ordo.stock.events.A1").await;
+    assert_eq!(a1.len(), 1, "{a1:?}");
+    assert_eq!(a1[0]["type"], "StockReceived");
+    for event in system
+        .stored("ORDO_ORDERS", "ordo.order.events.ready")
+        .await
+    {
+        assert!(event["type"].is_string(), "not an event: {event}");
+    }
+    assert!(
+        system
+            .stored("ORDO_ORDERS", "ordo.order.events.o-big")
+            .await
+            .is_empty(),
+        "the oversized order was not placed"
+    );
+    assert!(
+        system.message_count("ORDO_COMMAND_OUTCOMES").await >= outcomes,
+        "the outcome records were not purged"
+    );
+    // A1 still serves its honest callers.
+    let again = system
+        .answered(
+            &warehouse,
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 1}),
+        )
+        .await;
+    assert_eq!(again["version"], 2, "{again}");
+
+    // Every stream and the account have byte limits, so no flood fills the server.
+    let admin = system.admin().await;
+    for stream in [
+        "ORDO_ORDERS",
+        "ORDO_STOCK",
+        "ORDO_COMMAND_OUTCOMES",
+        "ORDO_SNAPSHOTS",
+    ] {
+        let info = admin
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert!(info.config.max_bytes > 0, "{stream} has no byte limit");
+    }
+    let account = admin.query_account().await.unwrap();
+    assert!(
+        account.limits.max_storage.is_some_and(|bytes| bytes > 0),
+        "the account has no byte limit"
+    );
+    system.components_were_refused_nothing();
+}
+
+#[tokio::test]
+async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_only_its_job() {
+    let system = System::start().await;
+    let (shop, warehouse) = (
+        system.connect("shop").await,
+        system.connect("warehouse").await,
+    );
+    system
+        .answered(
+            &warehouse,
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 10}),
+        )
+        .await;
+
+    // Attack: the saga's commands, on their subjects and on the old ones, and the other
+    // application's commands. None is answered; none is decided.
+    let reserve = json!({"sku": "A1", "order_id": "fake", "qty": 10});
+    let attempts = [
+        (&shop, "ordo.internal.stock.reserve", reserve.clone()),
+        (&shop, "ordo.cmd.stock.reserve", reserve.clone()),
+        (&warehouse, "ordo.internal.stock.reserve", reserve.clone()),
+        (
+            &shop,
+            "ordo.internal.order.confirm",
+            json!({"order_id": "unpaid"}),
+        ),
+        (
+            &shop,
+            "ordo.cmd.order.confirm",
+            json!({"order_id": "unpaid"}),
+        ),
+        (
+            &shop,
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 1000}),
+        ),
+        (&shop, "ordo.cmd.order.ship", json!({"order_id": "ready"})),
+        (
+            &warehouse,
+            "ordo.cmd.order.place",
+            json!({"order_id": "w-1", "customer_id": "c9", "lines": [{"sku": "A1", "qty": 10, "unit_price_cents": 0}]}),
+        ),
+        (
+            &warehouse,
+            "ordo.cmd.order.cancel",
+            json!({"order_id": "ready"}),
+        ),
+    ];
+    let answers =
+        futures::future::join_all(attempts.iter().map(|(client, subject, body)| {
+            System::request(client, subject, body, HeaderMap::new())
+        }))
+        .await;
+    for ((_, subject, _), answered) in attempts.iter().zip(answers) {
+        assert!(answered.is_err(), "{subject} was answered: {answered:?}");
+    }
+    let a1 = system.stored("ORDO_STOCK", "ordo.stock.events.A1").await;
+    assert_eq!(a1.len(), 1, "only the receipt: {a1:?}");
+
+    // An order with no stock is rejected, and nobody can confirm it.
+    let unpaid = system
+        .answered(
+            &shop,
+            "ordo.cmd.order.place",
+            json!({"order_id": "unpaid", "customer_id": "c1",
+                         "lines": [{"sku": "NONE", "qty": 1, "unit_price_cents": 100}]}),
+        )
+        .await;
+    assert_eq!(unpaid["ok"], true, "{unpaid}");
+    system.settled("unpaid", "rejected").await;
+    let confirm = System::request(
+        &shop,
+        "ordo.internal.order.confirm",
+        &json!({"order_id": "unpaid"}),
+        HeaderMap::new(),
+    )
+    .await;
+    assert!(confirm.is_err(), "{confirm:?}");
+    // A real customer gets all 10 units: no fake order holds any.
+    system
+        .answered(
+            &shop,
+            "ordo.cmd.order.place",
+            json!({"order_id": "real", "customer_id": "c2",
+                         "lines": [{"sku": "A1", "qty": 10, "unit_price_cents": 100}]}),
+        )
+        .await;
+    system.settled("real", "confirmed").await;
+    let unpaid_events = system
+        .stored("ORDO_ORDERS", "ordo.order.events.unpaid")
+        .await;
+    assert!(
+        unpaid_events
+            .iter()
+            .all(|event| event["type"] != "OrderConfirmed"),
+        "{unpaid_events:?}"
+    );
+
+    // Attack with a component's leaked password: the read API's user cannot append, command,
+    // or manage streams; the command service's user cannot purge or delete one.
+    let api = system.connect("ordo-api").await;
+    let appended = System::request(
+        &api,
+        "ordo.internal.stock.release",
+        &json!({"sku": "A1", "order_id": "real"}),
+        HeaderMap::new(),
+    )
+    .await;
+    assert!(appended.is_err(), "{appended:?}");
+    let commands = jetstream::new(system.connect("ordo-commands").await);
+    assert!(commands.delete_stream("ORDO_STOCK").await.is_err());
+    assert!(
+        commands
+            .get_stream("ORDO_COMMAND_OUTCOMES")
+            .await
+            .unwrap()
+            .purge()
+            .await
+            .is_err()
+    );
+    let projector = jetstream::new(system.connect("ordo-projector").await);
+    assert!(
+        projector
+            .delete_consumer_from_stream("ordo-saga", "ORDO_ORDERS")
+            .await
+            .is_err()
+    );
+    assert!(
+        System::request(
+            &system.connect("ordo-projector").await,
+            "ordo.cmd.order.cancel",
+            &json!({"order_id": "real"}),
+            HeaderMap::new()
+        )
+        .await
+        .is_err()
+    );
+    assert_eq!(
+        system
+            .stored("ORDO_STOCK", "ordo.stock.events.A1")
+            .await
+            .len(),
+        2,
+        "receipt and real's reservation"
+    );
+    system.components_were_refused_nothing();
+}
+
+#[tokio::test]
+async fn an_application_reads_only_its_own_replies_and_notifications() {
+    let system = System::start().await;
+    let (shop, warehouse) = (
+        system.connect("shop").await,
+        system.connect("warehouse").await,
+    );
+
+    // Attack: subscribe to everything a user may name, while the system works.
+    let spy = system.connect("shop").await;
+    let mut seen_by_shop = spy.subscribe("_INBOX.>").await.unwrap();
+    let mut everything = spy.subscribe(">").await.unwrap();
+    let mut deliveries = spy.subscribe("_INBOX_ordo-saga.>").await.unwrap();
+    let warehouse_spy = system.connect("warehouse").await;
+    let mut seen_by_warehouse = warehouse_spy.subscribe("_INBOX.>").await.unwrap();
+    let mut notifications_to_warehouse = warehouse_spy
+        .subscribe("ordo.notifications.*")
+        .await
+        .unwrap();
+    spy.flush().await.unwrap();
+    warehouse_spy.flush().await.unwrap();
+
+    system
+        .answered(
+            &warehouse,
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 5}),
+        )
+        .await;
+    let placed = system
+        .answered(
+            &shop,
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-1", "customer_id": "c1",
+                         "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
+        )
+        .await;
+    assert_eq!(placed["ok"], true);
+    system.settled("o-1", "confirmed").await;
+    // Attack: the JetStream API of ordo's account, from an application.
+    let js = jetstream::new(shop.clone());
+    assert!(js.get_stream("ORDO_ORDERS").await.is_err());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let drain = |subscriber: &mut async_nats::Subscriber| {
+        let mut payloads = Vec::new();
+        while let Some(Some(message)) = subscriber.next().now_or_never() {
+            payloads.push(String::from_utf8_lossy(&message.payload).into_owned());
+        }
+        payloads
+    };
+    // The shop's inbox holds the shop's replies: an order's, none of the warehouse's (which
+    // name a sku), no event, outcome record or consumer delivery.
+    let shop_saw = drain(&mut seen_by_shop);
+    assert!(!shop_saw.is_empty(), "the shop's own reply is there");
+    for payload in &shop_saw {
+        assert!(
+            payload.contains("\"order_id\""),
+            "not the shop's: {payload}"
+        );
+        assert!(!payload.contains("\"type\""), "an event: {payload}");
+    }
+    assert!(
+        drain(&mut everything)
+            .iter()
+            .all(|payload| shop_saw.contains(payload) || payload.contains("\"kind\"")),
+        "`>` gave the shop more than its own replies and notifications"
+    );
+    assert!(
+        drain(&mut deliveries).is_empty(),
+        "the saga's deliveries reached the shop"
+    );
+    let warehouse_saw = drain(&mut seen_by_warehouse);
+    for payload in &warehouse_saw {
+        assert!(
+            payload.contains("\"sku\""),
+            "not the warehouse's: {payload}"
+        );
+    }
+    assert!(
+        drain(&mut notifications_to_warehouse).is_empty(),
+        "notifications are the shop's"
+    );
+    system.components_were_refused_nothing();
+}
+
+#[tokio::test]
+async fn no_application_can_take_or_predict_another_s_command_ids() {
+    let system = System::start().await;
+    let (shop, warehouse) = (
+        system.connect("shop").await,
+        system.connect("warehouse").await,
+    );
+    system
+        .answered(
+            &warehouse,
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 10}),
+        )
+        .await;
+
+    // Attack: a refusal stored under the id the saga will give victim-1's reservation.
+    let predicted = System::request(
+        &shop,
+        "ordo.cmd.order.cancel",
+        &json!({"order_id": "nope"}),
+        with_id("saga:victim-1:0:reserve"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(predicted["error"]["code"], "invalid_command", "{predicted}");
+    // Attack: a refusal stored under an id the warehouse will use.
+    let taken = System::request(
+        &shop,
+        "ordo.cmd.order.cancel",
+        &json!({"order_id": "nope"}),
+        with_id("delivery-7"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(taken["error"]["code"], "not_found", "{taken}");
+
+    let victim = System::request(&shop, "ordo.cmd.order.place",
+                                 &json!({"order_id": "victim-1", "customer_id": "c1",
+                                         "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
+                                 HeaderMap::new()).await.unwrap();
+    assert_eq!(victim["ok"], true, "{victim}");
+    system.settled("victim-1", "confirmed").await;
+    let delivery = System::request(
+        &warehouse,
+        "ordo.cmd.stock.receive",
+        &json!({"sku": "A1", "qty": 3}),
+        with_id("delivery-7"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        delivery["ok"], true,
+        "the warehouse's id is its own: {delivery}"
+    );
+    // Its repeat still gets its first outcome, and the event says whose command it was.
+    let repeat = System::request(
+        &warehouse,
+        "ordo.cmd.stock.receive",
+        &json!({"sku": "A1", "qty": 3}),
+        with_id("delivery-7"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(repeat, delivery);
+    let a1 = system.stored("ORDO_STOCK", "ordo.stock.events.A1").await;
+    let received: Vec<&Value> = a1
+        .iter()
+        .filter(|event| event["type"] == "StockReceived")
+        .collect();
+    assert_eq!(received.len(), 2, "{a1:?}");
+    assert_eq!(received[1]["command_id"], "WAREHOUSE/delivery-7");
+    let stock = system.read("/stock/A1").await;
+    assert_eq!(stock["on_hand"], 13, "{stock}");
+    system.components_were_refused_nothing();
+}
