@@ -262,26 +262,42 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     pub fn start(size: usize) -> Self {
+        Self::start_configured(size, None)
+    }
+
+    /// Starts a cluster like [`Self::start`] with `config` (accounts, users, permissions) as
+    /// every node's configuration file.
+    pub fn start_with_config(size: usize, config: &str) -> Self {
+        Self::start_configured(size, Some(config))
+    }
+
+    fn start_configured(size: usize, config: Option<&str>) -> Self {
         let binary = find_nats_server().unwrap_or_else(|problem| panic!("{problem}"));
         let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let nodes: Vec<NatsServer> = (0..size)
-            .map(|index| NatsServer {
-                binary: binary.clone(),
-                port: free_port(),
-                store: Store::Temporary(
-                    tempfile::Builder::new()
-                        .prefix("ordo-nats-cluster-")
-                        .tempdir()
-                        .expect("create a temporary store for nats-server"),
-                ),
-                cluster: Some(ClusterNode {
-                    cluster_name: "ordo-test".into(),
-                    server_name: format!("n{}", index + 1),
-                    route_port: route_ports[index],
-                    routes: route_ports.clone(),
-                }),
-                config: None,
-                child: Default::default(),
+            .map(|index| {
+                let store = tempfile::Builder::new()
+                    .prefix("ordo-nats-cluster-")
+                    .tempdir()
+                    .expect("create a temporary store for nats-server");
+                let config = config.map(|config| {
+                    let path = store.path().join("nats-server.conf");
+                    std::fs::write(&path, config).expect("write the nats-server configuration");
+                    path
+                });
+                NatsServer {
+                    binary: binary.clone(),
+                    port: free_port(),
+                    store: Store::Temporary(store),
+                    cluster: Some(ClusterNode {
+                        cluster_name: "ordo-test".into(),
+                        server_name: format!("n{}", index + 1),
+                        route_port: route_ports[index],
+                        routes: route_ports.clone(),
+                    }),
+                    config,
+                    child: Default::default(),
+                }
             })
             .collect();
         for node in &nodes {

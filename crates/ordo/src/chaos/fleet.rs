@@ -50,6 +50,8 @@ impl Component {
 pub struct Launch {
     pub binary: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The NATS user and password each component connects as (none: the server has no users).
+    pub users: BTreeMap<Component, (String, String)>,
     pub logs: PathBuf,
 }
 
@@ -109,6 +111,15 @@ impl Fleet {
         let child = Command::new(&self.launch.binary)
             .args(["run", process.component.name()])
             .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
+            .envs(
+                self.launch
+                    .users
+                    .get(&process.component)
+                    .into_iter()
+                    .flat_map(|(user, password)| {
+                        [("ORDO_NATS_USER", user), ("ORDO_NATS_PASSWORD", password)]
+                    }),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

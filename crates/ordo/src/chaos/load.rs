@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ordo_commands::wire::{CommandRequest, ErrorCode, Reply};
+use ordo_commands::wire::{CommandRequest, Endpoint, ErrorCode, Reply};
 use ordo_domain::{CustomerId, OrderId, Sku, order::OrderLine};
 use rand::{
     Rng, SeedableRng,
@@ -62,6 +62,54 @@ impl History {
     }
 }
 
+/// One application the load sends as, and the account the server names it by (its command
+/// ids live in that account's space: `SHOP/<id>`). Without accounts, no account.
+#[derive(Clone)]
+pub struct Caller {
+    pub client: async_nats::Client,
+    pub account: Option<&'static str>,
+    /// Starts the command ids it sends, so that each application's ids are told apart.
+    pub tag: &'static str,
+}
+
+impl Caller {
+    /// `command_id` as the command service records it for this caller.
+    pub fn scoped(&self, command_id: &str) -> String {
+        match self.account {
+            Some(account) => format!("{account}/{command_id}"),
+            None => command_id.to_owned(),
+        }
+    }
+}
+
+/// The applications of the load: the shop places and cancels, the warehouse receives and ships,
+/// as docker/nats.conf allows them.
+#[derive(Clone)]
+pub struct Callers {
+    pub shop: Caller,
+    pub warehouse: Caller,
+}
+
+impl Callers {
+    pub fn for_endpoint(&self, endpoint: Endpoint) -> &Caller {
+        match endpoint {
+            Endpoint::OrderPlace | Endpoint::OrderCancel => &self.shop,
+            _ => &self.warehouse,
+        }
+    }
+}
+
+impl History {
+    /// An order the load placed, if any yet.
+    pub fn known_order(&self, rng: &mut impl Rng) -> Option<String> {
+        self.orders
+            .lock()
+            .expect("not poisoned")
+            .choose(rng)
+            .cloned()
+    }
+}
+
 pub fn sku(index: usize) -> Sku {
     Sku::parse(format!("sku-{index}")).expect("a valid SKU")
 }
@@ -69,7 +117,7 @@ pub fn sku(index: usize) -> Sku {
 /// One client: sends a command every `every` (or as fast as they are answered, if slower) until
 /// `stop` is set, then finishes the one in hand.
 pub async fn client(
-    nats: async_nats::Client,
+    callers: Callers,
     seed: u64,
     client: usize,
     every: Duration,
@@ -83,7 +131,6 @@ pub async fn client(
     while !stop.load(Ordering::Relaxed) {
         pace.tick().await;
         n += 1;
-        let command_id = format!("chaos-{seed:x}-{client}-{n}");
         let roll: f64 = rng.random();
         let known_order = {
             let orders = history.orders.lock().expect("not poisoned");
@@ -122,8 +169,10 @@ pub async fn client(
                 }
             }
         };
+        let caller = callers.for_endpoint(request.endpoint());
+        let command_id = format!("{}-{seed:x}-{client}-{n}", caller.tag);
         history.sent.fetch_add(1, Ordering::Relaxed);
-        match send_until_answered(&nats, &request, &command_id, &history).await {
+        match send_until_answered(&caller.client, &request, &command_id, &history).await {
             Some(Reply::Accepted {
                 aggregate_id, seq, ..
             }) => {
@@ -142,7 +191,7 @@ pub async fn client(
                     .lock()
                     .expect("not poisoned")
                     .push(Acknowledged {
-                        command_id,
+                        command_id: caller.scoped(&command_id),
                         stream,
                         aggregate_id,
                         seq,

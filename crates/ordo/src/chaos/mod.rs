@@ -3,8 +3,11 @@
 //! whole components taken away), waits for the system to settle and checks every invariant of
 //! DESIGN.md against what the streams and the views hold.
 //!
+//! - [`accounts`]: the NATS accounts and users docker/nats.conf ships, which servers of the
+//!   drill's own run, with a user per component and the load sent as the applications.
 //! - [`fleet`]: the processes, started, killed and started again.
 //! - [`load`]: the clients and the history of what they were told.
+//! - [`hostile`]: an attacker among the applications, whose attacks must all fail.
 //! - [`observe`]: reading the streams, views, sagas, notifications and payments back.
 //! - [`check`]: the checker, a pure function with its own fold of the streams.
 //!
@@ -12,9 +15,11 @@
 //! faults come from it. Timing on a real machine still varies, so a seed repeats the drill, not
 //! every interleaving.
 
+pub mod accounts;
 pub mod check;
 pub mod faults;
 pub mod fleet;
+pub mod hostile;
 pub mod load;
 pub mod observe;
 
@@ -29,6 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use accounts::Accounts;
 use anyhow::Context;
 use fleet::{Component, Fleet, Launch};
 use ordo_testkit::{NatsCluster, NatsServer, TestDatabase};
@@ -127,6 +133,8 @@ pub struct Report {
     pub instances: usize,
     pub rate: f64,
     pub commands: load::CommandCounts,
+    /// Attacks the hostile client sent, by kind (none without accounts of the drill's own).
+    pub attacks: BTreeMap<&'static str, u64>,
     pub kills: BTreeMap<Component, u32>,
     pub nats_restarts: u32,
     /// Cluster nodes killed, as "n2 (leader of ORDO_ORDERS)".
@@ -190,14 +198,32 @@ pub async fn run(
 
     // The servers: a nats-server (or cluster) of the drill's own, or the one given; a fresh
     // database.
+    // Servers of the drill's own run the accounts and users docker/nats.conf ships.
+    let accounts = nats_url.is_none().then(Accounts::generate);
+    let server_config = accounts.as_ref().map(Accounts::server_config).transpose()?;
     let cluster = if options.cluster > 0 {
-        let size = options.cluster;
-        Some(tokio::task::spawn_blocking(move || NatsCluster::start(size)).await?)
+        let (size, config) = (options.cluster, server_config.clone());
+        Some(
+            tokio::task::spawn_blocking(move || match config {
+                Some(config) => NatsCluster::start_with_config(size, &config),
+                None => NatsCluster::start(size),
+            })
+            .await?,
+        )
     } else {
         None
     };
     let nats_server = match (&nats_url, &cluster) {
-        (None, None) => Some(tokio::task::spawn_blocking(NatsServer::start).await?),
+        (None, None) => {
+            let config = server_config.clone();
+            Some(
+                tokio::task::spawn_blocking(move || match config {
+                    Some(config) => NatsServer::start_with_config(&config),
+                    None => NatsServer::start(),
+                })
+                .await?,
+            )
+        }
         _ => None,
     };
     let nats_url = match (&cluster, &nats_server) {
@@ -211,12 +237,18 @@ pub async fn run(
     };
     let (admin_url, _private_postgres) = postgres_server(database_url).await?;
     let database = TestDatabase::create_on(&admin_url).await;
-    let nats = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(2))
-        .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
-        .connect(crate::connect::server_addrs(&nats_url)?)
-        .await
-        .with_context(|| format!("connecting to {nats_url}"))?;
+    // The drill's own connection is the operator's: it creates the streams and reads them all.
+    let nats = match &accounts {
+        Some(accounts) => accounts.connect(&nats_url, accounts::ADMIN).await?,
+        None => async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 50).min(500))
+            })
+            .connect(crate::connect::server_addrs(&nats_url)?)
+            .await
+            .with_context(|| format!("connecting to {nats_url}"))?,
+    };
     ordo_testkit::NatsServer::wait_for_jetstream(&nats).await;
     // A new cluster may still be electing its leaders: try for a while.
     let definitions = streams.definitions()?;
@@ -257,6 +289,21 @@ pub async fn run(
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             ),
         ],
+        users: accounts
+            .iter()
+            .flat_map(|accounts| {
+                [Component::Api]
+                    .into_iter()
+                    .chain(Component::WORKERS)
+                    .map(|component| {
+                        let user = Accounts::user_of(component);
+                        (
+                            component,
+                            (user.to_owned(), accounts.password(user).to_owned()),
+                        )
+                    })
+            })
+            .collect(),
         logs: logs.clone(),
     };
     let fleet = Arc::new(Mutex::new(Fleet::start(launch, options.instances)?));
@@ -276,14 +323,54 @@ pub async fn run(
             .await?;
     }
 
-    // The load.
+    // The load, sent as the applications; and the attacks, sent as them too.
+    let callers = match &accounts {
+        Some(accounts) => load::Callers {
+            shop: load::Caller {
+                client: accounts.connect(&nats_url, accounts::SHOP.0).await?,
+                account: Some(accounts::SHOP.1),
+                tag: "shop",
+            },
+            warehouse: load::Caller {
+                client: accounts.connect(&nats_url, accounts::WAREHOUSE.0).await?,
+                account: Some(accounts::WAREHOUSE.1),
+                tag: "warehouse",
+            },
+        },
+        None => load::Callers {
+            shop: load::Caller {
+                client: nats.clone(),
+                account: None,
+                tag: "shop",
+            },
+            warehouse: load::Caller {
+                client: nats.clone(),
+                account: None,
+                tag: "warehouse",
+            },
+        },
+    };
     let history = Arc::new(load::History::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let attacks = Arc::new(hostile::Attacks::default());
     let mut clients = tokio::task::JoinSet::new();
+    if accounts.is_some() {
+        clients.spawn(hostile::attack(
+            callers.clone(),
+            seed,
+            history.clone(),
+            attacks.clone(),
+            stop.clone(),
+        ));
+    } else {
+        eprintln!(
+            "ordo chaos: no hostile client: the server given has no accounts of the drill's own"
+        );
+    }
     for client in 0..options.clients {
         let every = Duration::from_secs_f64(options.clients as f64 / options.rate.max(0.1));
         clients.spawn(load::client(
-            nats.clone(),
+            callers.clone(),
             seed,
             client,
             every,
@@ -381,7 +468,19 @@ pub async fn run(
     progress.finish();
     let observed = observe::observe(&js, database.pool()).await?;
     let acknowledged = history.acknowledged.lock().expect("not poisoned").clone();
-    let violations = check::check(&acknowledged, &observed);
+    let mut violations = check::check(&acknowledged, &observed);
+    // The load sends only well-formed commands: refused as invalid, one lost its command id to
+    // someone else.
+    if let Some(refused) = history.counts().refused.get("invalid_command") {
+        violations.push(check::Violation {
+            invariant: "caller_acts_only_on_its_own_behalf",
+            detail: format!("{refused} well-formed commands of the load were refused as invalid"),
+        });
+    }
+    violations.extend(attacks.succeeded.lock().expect("not poisoned").drain(..));
+    if accounts.is_some() {
+        violations.extend(refused_by_the_server(&logs));
+    }
     fleet
         .lock()
         .expect("not poisoned")
@@ -408,6 +507,7 @@ pub async fn run(
         instances: options.instances,
         rate: options.rate,
         commands: history.counts(),
+        attacks: attacks.sent.lock().expect("not poisoned").clone(),
         kills,
         nats_restarts,
         node_kills,
@@ -431,6 +531,40 @@ pub async fn run(
         violations,
         logs,
     })
+}
+
+/// What the server refused ordo's own processes, from their logs: the shipped permissions must
+/// be enough for everything ordo does, or some of it silently stops working.
+fn refused_by_the_server(logs: &std::path::Path) -> Vec<check::Violation> {
+    let Ok(entries) = std::fs::read_dir(logs) else {
+        return Vec::new();
+    };
+    let mut refused = BTreeMap::<String, u64>::new();
+    for entry in entries.flatten() {
+        let Ok(log) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in log
+            .lines()
+            .filter(|line| line.contains("Permissions Violation"))
+        {
+            let what = line
+                .split("Permissions Violation")
+                .nth(1)
+                .unwrap_or_default()
+                .trim_end_matches('"');
+            *refused
+                .entry(format!("{}: {what}", entry.file_name().to_string_lossy()))
+                .or_default() += 1;
+        }
+    }
+    refused
+        .into_iter()
+        .map(|(what, times)| check::Violation {
+            invariant: "shipped_permissions_suffice",
+            detail: format!("{what} ({times} times)"),
+        })
+        .collect()
 }
 
 /// The PostgreSQL server the drill creates its database on: the one given, else
@@ -493,6 +627,15 @@ pub fn print(report: &Report) {
         c.unanswered,
         c.retries
     );
+    if report.attacks.is_empty() {
+        println!("  attacks     none (no accounts of the drill's own)");
+    } else {
+        println!(
+            "  attacks     {} sent as shop and warehouse {:?}",
+            report.attacks.values().sum::<u64>(),
+            report.attacks
+        );
+    }
     let kills: Vec<String> = report
         .kills
         .iter()

@@ -1,0 +1,284 @@
+//! The drill's hostile client: while the load runs, the applications' own users (`shop`,
+//! `warehouse`) send what an attacker would: reply subjects that point into ordo's streams, the
+//! saga's predicted command ids and the other application's, the saga's internal commands,
+//! headers far over their bound, and strings no view can store.
+//!
+//! An attack that ordo accepts is a violation at once. Those that are refused or go unanswered
+//! are counted; whatever they could have broken (an event stream, a view, an order, a command
+//! id of the load) is then checked by the drill's checker like everything else.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use ordo_commands::wire::{ErrorCode, Reply};
+use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
+use serde_json::{Value, json};
+
+use super::{
+    check::Violation,
+    load::{Callers, History, SKUS},
+};
+
+/// How often an attack is sent.
+const EVERY: Duration = Duration::from_millis(100);
+/// How long an attack waits for an answer it should not get.
+const WAIT: Duration = Duration::from_millis(500);
+
+/// What the hostile client sent and what got through.
+#[derive(Default)]
+pub struct Attacks {
+    pub sent: Mutex<BTreeMap<&'static str, u64>>,
+    pub succeeded: Mutex<Vec<Violation>>,
+}
+
+impl Attacks {
+    fn count(&self, kind: &'static str) {
+        *self
+            .sent
+            .lock()
+            .expect("not poisoned")
+            .entry(kind)
+            .or_default() += 1;
+    }
+
+    fn got_through(&self, kind: &'static str, detail: String) {
+        self.succeeded
+            .lock()
+            .expect("not poisoned")
+            .push(Violation {
+                invariant: "caller_acts_only_on_its_own_behalf",
+                detail: format!("{kind}: {detail}"),
+            });
+    }
+}
+
+/// Attacks until `stop` is set.
+pub async fn attack(
+    callers: Callers,
+    seed: u64,
+    history: Arc<History>,
+    attacks: Arc<Attacks>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x6a09_e667_f3bc_c908);
+    let (shop, warehouse) = (&callers.shop.client, &callers.warehouse.client);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(EVERY).await;
+        n += 1;
+        let known = history
+            .known_order(&mut rng)
+            .unwrap_or_else(|| format!("o-{seed:x}-0-1"));
+        match rng.random_range(0..6) {
+            0 => {
+                // The reply would be written where the reply subject says.
+                let crafted = [
+                    format!("ordo.stock.events.sku-{}", rng.random_range(0..SKUS)),
+                    format!("ordo.order.events.{known}"),
+                    "ordo.outcomes.0000".to_owned(),
+                    "$JS.API.STREAM.PURGE.ORDO_COMMAND_OUTCOMES".to_owned(),
+                    "$JS.API.STREAM.DELETE.ORDO_STOCK".to_owned(),
+                    "$KV.ordo_rate_limits.customer.c-0".to_owned(),
+                ]
+                .choose(&mut rng)
+                .cloned()
+                .expect("not empty");
+                let body = json!({"order_id": "hostile-nope"}).to_string();
+                let _ = shop
+                    .publish_with_reply(
+                        "ordo.cmd.order.cancel",
+                        crafted.clone(),
+                        body.clone().into(),
+                    )
+                    .await;
+                let _ = warehouse
+                    .publish_with_reply("ordo.cmd.order.ship", crafted, body.into())
+                    .await;
+                attacks.count("reply_subject");
+            }
+            1 => {
+                // A refusal stored under a step id the saga has yet to use.
+                let kind = [
+                    "reserve",
+                    "authorize",
+                    "confirm",
+                    "release",
+                    "refund",
+                    "reject",
+                ]
+                .choose(&mut rng)
+                .expect("not empty");
+                let order = if rng.random_bool(0.5) {
+                    known
+                } else {
+                    format!("o-{seed:x}-{}-{}", rng.random_range(0..16), n)
+                };
+                let id = format!("saga:{order}:{}:{kind}", rng.random_range(0..4));
+                let reply = request(
+                    shop,
+                    "ordo.cmd.order.cancel",
+                    &json!({"order_id": "hostile-nope"}),
+                    &[("Nats-Msg-Id", &id)],
+                )
+                .await;
+                expect_refused(
+                    &attacks,
+                    "predicted_saga_id",
+                    &reply,
+                    &[ErrorCode::InvalidCommand],
+                );
+            }
+            2 => {
+                // An id the other application will send: stored first under this one's name.
+                let victim_client = rng.random_range(0..16);
+                let victim_n = n + rng.random_range(0..20);
+                let (thief, subject, victim_tag) = if rng.random_bool(0.5) {
+                    (shop, "ordo.cmd.order.cancel", callers.warehouse.tag)
+                } else {
+                    (warehouse, "ordo.cmd.order.ship", callers.shop.tag)
+                };
+                let id = format!("{victim_tag}-{seed:x}-{victim_client}-{victim_n}");
+                let reply = request(
+                    thief,
+                    subject,
+                    &json!({"order_id": "hostile-nope"}),
+                    &[("Nats-Msg-Id", &id)],
+                )
+                .await;
+                expect_refused(
+                    &attacks,
+                    "stolen_command_id",
+                    &reply,
+                    &[ErrorCode::NotFound],
+                );
+            }
+            3 => {
+                // The saga's commands, on their subjects and on the ones they had before, and
+                // the other application's commands. None may be answered.
+                let sku = format!("sku-{}", rng.random_range(0..SKUS));
+                let either = if rng.random_bool(0.5) {
+                    shop
+                } else {
+                    warehouse
+                };
+                let (client, subject, body) = [
+                    (
+                        either,
+                        "ordo.internal.stock.reserve",
+                        json!({"sku": sku, "order_id": known, "qty": 50}),
+                    ),
+                    (
+                        either,
+                        "ordo.internal.order.confirm",
+                        json!({"order_id": known}),
+                    ),
+                    (
+                        either,
+                        "ordo.internal.stock.release",
+                        json!({"sku": sku, "order_id": known}),
+                    ),
+                    (
+                        either,
+                        "ordo.cmd.stock.reserve",
+                        json!({"sku": sku, "order_id": known, "qty": 50}),
+                    ),
+                    (either, "ordo.cmd.order.confirm", json!({"order_id": known})),
+                    (
+                        shop,
+                        "ordo.cmd.stock.receive",
+                        json!({"sku": sku, "qty": 1000}),
+                    ),
+                    (
+                        warehouse,
+                        "ordo.cmd.order.cancel",
+                        json!({"order_id": known}),
+                    ),
+                ]
+                .choose(&mut rng)
+                .cloned()
+                .expect("not empty");
+                attacks.count("internal_or_foreign_command");
+                if let Some(reply) = request(client, subject, &body, &[]).await {
+                    attacks.got_through(
+                        "internal_or_foreign_command",
+                        format!("{subject} {body} was answered {reply}"),
+                    );
+                }
+            }
+            4 => {
+                // A header ordo copies into the event, far over its bound.
+                let huge = "h".repeat(60 * 1024);
+                let header = if rng.random_bool(0.5) {
+                    "Ordo-Correlation-Id"
+                } else {
+                    "Ordo-Causation-Id"
+                };
+                let body = json!({"order_id": format!("hostile-{seed:x}-{n}"), "customer_id": "c-hostile",
+                                  "lines": [{"sku": "sku-0", "qty": 1, "unit_price_cents": 1}]});
+                let reply = request(shop, "ordo.cmd.order.place", &body, &[(header, &huge)]).await;
+                expect_refused(
+                    &attacks,
+                    "oversized_header",
+                    &reply,
+                    &[ErrorCode::InvalidCommand],
+                );
+            }
+            _ => {
+                // A reason PostgreSQL cannot store, on a real order.
+                let body = json!({"order_id": known, "reason": "hostile\u{0}reason"});
+                let reply = request(shop, "ordo.cmd.order.cancel", &body, &[]).await;
+                expect_refused(
+                    &attacks,
+                    "unstorable_string",
+                    &reply,
+                    &[ErrorCode::InvalidCommand],
+                );
+            }
+        }
+    }
+}
+
+/// The reply to one request, if one came within [`WAIT`].
+async fn request(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> Option<Value> {
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(*name, *value);
+    }
+    let request = async_nats::Request::new()
+        .payload(body.to_string().into())
+        .headers(map)
+        .timeout(Some(WAIT));
+    let reply = client
+        .send_request(subject.to_owned(), request)
+        .await
+        .ok()?;
+    serde_json::from_slice(&reply.payload).ok()
+}
+
+/// Counts the attack; it got through unless it went unanswered, was shed, or was refused with
+/// one of `expected`.
+fn expect_refused(
+    attacks: &Attacks,
+    kind: &'static str,
+    reply: &Option<Value>,
+    expected: &[ErrorCode],
+) {
+    attacks.count(kind);
+    let Some(reply) = reply else { return };
+    match Reply::from_json(reply) {
+        Ok(Reply::Refused { code, .. })
+            if expected.contains(&code) || code == ErrorCode::Unavailable => {}
+        _ => attacks.got_through(kind, format!("answered {reply}")),
+    }
+}
