@@ -273,10 +273,20 @@ pub fn sqlstate(err: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
     err.as_database_error().and_then(|err| err.code())
 }
 
-/// Lets `role` read and write the rows of every ordo table, those that exist and those that
-/// later migrations and rebuilds create (run as the owner, which creates them), and nothing more:
-/// no DDL, no write to the migration history. The role must exist.
-pub async fn grant_rows_to(pool: &PgPool, role: &str) -> Result<(), GrantError> {
+/// What a role may do with ordo's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowAccess {
+    /// Read and write rows: the workers.
+    ReadWrite,
+    /// Read rows: the read API.
+    ReadOnly,
+}
+
+/// Lets `role` read (and, with [`RowAccess::ReadWrite`], write) the rows of every ordo table,
+/// those that exist and those that later migrations and rebuilds create (run as the owner,
+/// which creates them), and nothing more: no DDL, no write to the migration history. The role
+/// must exist.
+pub async fn grant_rows_to(pool: &PgPool, role: &str, access: RowAccess) -> Result<(), GrantError> {
     let exists: bool =
         sqlx::query_scalar("SELECT exists(SELECT 1 FROM pg_roles WHERE rolname = $1)")
             .bind(role)
@@ -290,18 +300,20 @@ pub async fn grant_rows_to(pool: &PgPool, role: &str) -> Result<(), GrantError> 
         .chain(catalog().iter().map(ProjectionInfo::schema))
         .collect();
     let schemas = schemas.join(", ");
+    let rows = match access {
+        RowAccess::ReadWrite => "SELECT, INSERT, UPDATE, DELETE",
+        RowAccess::ReadOnly => "SELECT",
+    };
     let mut tx = pool.begin().await?;
     for statement in [
         format!("GRANT USAGE ON SCHEMA {schemas} TO {role}"),
-        format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schemas} TO {role}"),
+        format!("GRANT {rows} ON ALL TABLES IN SCHEMA {schemas} TO {role}"),
         format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schemas} TO {role}"),
         // The workers read which migrations ran (to know the database is set up), never write it.
         format!("REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM {role}"),
         // What the owner creates later: the schemas and tables of a rebuild, new migrations.
         format!("ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {role}"),
-        format!(
-            "ALTER DEFAULT PRIVILEGES GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role}"
-        ),
+        format!("ALTER DEFAULT PRIVILEGES GRANT {rows} ON TABLES TO {role}"),
         format!("ALTER DEFAULT PRIVILEGES GRANT USAGE, SELECT ON SEQUENCES TO {role}"),
     ] {
         sqlx::query(AssertSqlSafe(statement))

@@ -114,6 +114,43 @@ impl PostgresServer {
             .arg("reload"))
     }
 
+    /// From now on the server offers TLS with `certificate` and `key` (PEM), and accepts TCP
+    /// connections only over TLS, as a server on another machine should.
+    pub fn require_tls(&self, certificate: &str, key: &str) -> Result<(), String> {
+        let write = |name: &str, pem: &str| {
+            let path = self.data.join(name);
+            std::fs::write(&path, pem).map_err(|err| format!("write {name}: {err}"))?;
+            // PostgreSQL reads them as the data directory's owner, and refuses a key that
+            // others may read.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::{MetadataExt, PermissionsExt};
+                let owner = std::fs::metadata(&self.data)
+                    .map_err(|err| format!("stat the data directory: {err}"))?;
+                std::os::unix::fs::chown(&path, Some(owner.uid()), Some(owner.gid()))
+                    .map_err(|err| format!("chown {name}: {err}"))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|err| format!("chmod {name}: {err}"))?;
+            }
+            Ok::<_, String>(())
+        };
+        write("server.crt", certificate)?;
+        write("server.key", key)?;
+        let mut conf = std::fs::read_to_string(self.data.join("postgresql.conf"))
+            .map_err(|err| format!("read postgresql.conf: {err}"))?;
+        conf.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(self.data.join("postgresql.conf"), conf)
+            .map_err(|err| format!("write postgresql.conf: {err}"))?;
+        std::fs::write(
+            self.data.join("pg_hba.conf"),
+            "hostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .map_err(|err| format!("write pg_hba.conf: {err}"))?;
+        // A restart rather than a reload: the server then answers only once TLS is on.
+        self.stop();
+        self.start_again()
+    }
+
     /// The URL of `database` on this server as `user` with `password`.
     pub fn url_as(&self, user: &str, password: &str, database: &str) -> String {
         format!(

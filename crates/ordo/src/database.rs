@@ -87,9 +87,13 @@ async fn create_database_if_missing(server: &str) -> anyhow::Result<String> {
     Ok(format!("{server}/{DATABASE}"))
 }
 
-/// `ordo migrate`: sets up the database at `url` (connected as its owner) and, given a role,
-/// lets that role read and write rows. Says what it did.
-pub async fn migrate(url: &str, grant_to: Option<&str>) -> anyhow::Result<()> {
+/// `ordo migrate`: sets up the database at `url` (connected as its owner) and, given roles, lets
+/// the workers' role read and write rows and the read API's role read them. Says what it did.
+pub async fn migrate(
+    url: &str,
+    grant_to: Option<&str>,
+    grant_read_to: Option<&str>,
+) -> anyhow::Result<()> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
@@ -109,8 +113,12 @@ pub async fn migrate(url: &str, grant_to: Option<&str>) -> anyhow::Result<()> {
         println!("created what was missing ({missing})");
     }
     if let Some(role) = grant_to {
-        schema::grant_rows_to(&pool, role).await?;
+        schema::grant_rows_to(&pool, role, schema::RowAccess::ReadWrite).await?;
         println!("role {role} may read and write ordo's rows, and nothing more");
+    }
+    if let Some(role) = grant_read_to {
+        schema::grant_rows_to(&pool, role, schema::RowAccess::ReadOnly).await?;
+        println!("role {role} may read ordo's rows, and nothing more");
     }
     Ok(())
 }

@@ -102,12 +102,17 @@ enum Command {
         component: Component,
     },
     /// Set up the database as its owner: run the migrations and create the views. With
-    /// --grant-to, let the role the workers connect as read and write rows and nothing more.
+    /// --grant-to, let the role the workers connect as read and write rows and nothing more;
+    /// with --grant-read-to, let the read API's role read them.
     Migrate {
         /// The workers' role (it must exist): SELECT, INSERT, UPDATE and DELETE on ordo's
         /// tables, now and on those later migrations and rebuilds create; no DDL.
         #[arg(long, env = "ORDO_DATABASE_WORKER_ROLE")]
         grant_to: Option<String>,
+        /// The read API's role (it must exist): SELECT on ordo's tables, now and later; nothing
+        /// else.
+        #[arg(long, env = "ORDO_DATABASE_READER_ROLE")]
+        grant_read_to: Option<String>,
     },
     /// Manage the JetStream streams.
     Streams {
@@ -203,6 +208,9 @@ enum ProjectionsAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // One TLS implementation for every client that asks rustls for the process's provider (the
+    // OTLP/HTTP exporter's): ring, as async-nats, sqlx and the webhook client use.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let client_only = matches!(
         cli.command,
@@ -264,9 +272,10 @@ async fn main() -> anyhow::Result<()> {
             );
             supervise(components, shutdown, nats).await
         }
-        Command::Migrate { ref grant_to } => {
-            database::migrate(&database_url, grant_to.as_deref()).await
-        }
+        Command::Migrate {
+            ref grant_to,
+            ref grant_read_to,
+        } => database::migrate(&database_url, grant_to.as_deref(), grant_read_to.as_deref()).await,
         Command::Streams {
             action: StreamsAction::Apply { dir },
         } => {

@@ -93,7 +93,10 @@ fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
     }
     for (name, command) in [
         ("streams", "streams apply"),
-        ("migrate", "migrate --grant-to ordo_worker"),
+        (
+            "migrate",
+            "migrate --grant-to ordo_worker --grant-read-to ordo_reader",
+        ),
         ("commands", "run commands"),
         ("projectors", "run projector"),
         ("sagas", "run saga"),
@@ -279,6 +282,7 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
     for (role, password) in [
         ("ordo_owner", "ORDO_DB_OWNER_PASSWORD"),
         ("ordo_worker", "ORDO_DB_WORKER_PASSWORD"),
+        ("ordo_reader", "ORDO_DB_READER_PASSWORD"),
     ] {
         assert!(
             roles_script.contains(&format!("CREATE ROLE {role} LOGIN")),
@@ -305,9 +309,14 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
     );
     for name in ORDO_SERVICES {
         let env = environment(&services[name]);
+        // The read API only reads, as a role that may only SELECT.
+        let role = if name == "api" {
+            "postgres://ordo_reader:${ORDO_DB_READER_PASSWORD:?"
+        } else {
+            "postgres://ordo_worker:${ORDO_DB_WORKER_PASSWORD:?"
+        };
         assert!(
-            env["ORDO_DATABASE_URL"]
-                .starts_with("postgres://ordo_worker:${ORDO_DB_WORKER_PASSWORD:?"),
+            env["ORDO_DATABASE_URL"].starts_with(role),
             "{name}: {}",
             env["ORDO_DATABASE_URL"]
         );

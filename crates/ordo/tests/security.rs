@@ -17,13 +17,17 @@ use serde_json::{Value, json};
 use shipped::{COMPONENTS, USERS, accounts_config, inbox_prefix, password};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
+mod certificates;
 mod shipped;
+
+use certificates::Certificates;
 
 const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
 const HTTP_TOKEN: &str = "http-token-9d02aa";
 const METRICS_TOKEN: &str = "metrics-token-61f0c8";
 const OWNER_PASSWORD: &str = "owner-pw-0b7d35";
 const WORKER_PASSWORD: &str = "worker-pw-a93c21";
+const READER_PASSWORD: &str = "reader-pw-17b3e0";
 
 /// A PostgreSQL set up as the README's Security section says: role `ordo_owner` owns database
 /// `ordo`, role `ordo_worker` may log in and nothing more until `ordo migrate --grant-to`, and
@@ -42,6 +46,7 @@ impl Database {
             format!("CREATE ROLE ordo_owner LOGIN PASSWORD '{OWNER_PASSWORD}'"),
             "CREATE DATABASE ordo OWNER ordo_owner".to_owned(),
             format!("CREATE ROLE ordo_worker LOGIN PASSWORD '{WORKER_PASSWORD}'"),
+            format!("CREATE ROLE ordo_reader LOGIN PASSWORD '{READER_PASSWORD}'"),
         ] {
             admin.execute(AssertSqlSafe(statement)).await.unwrap();
         }
@@ -67,10 +72,22 @@ impl Database {
         self.server.url_as("ordo_worker", WORKER_PASSWORD, "ordo")
     }
 
-    /// `ordo migrate --grant-to ordo_worker` as the owner; returns what it printed.
+    /// The read API's role: it may read rows, nothing more.
+    fn reader_url(&self) -> String {
+        self.server.url_as("ordo_reader", READER_PASSWORD, "ordo")
+    }
+
+    /// `ordo migrate --grant-to ordo_worker --grant-read-to ordo_reader` as the owner; returns
+    /// what it printed.
     fn migrate(&self) -> String {
         let (output, _) = run_to_end(
-            &["migrate", "--grant-to", "ordo_worker"],
+            &[
+                "migrate",
+                "--grant-to",
+                "ordo_worker",
+                "--grant-read-to",
+                "ordo_reader",
+            ],
             &[("ORDO_DATABASE_URL", self.owner_url())],
             Duration::from_secs(60),
         );
@@ -82,53 +99,6 @@ impl Database {
         assert!(output.status.success(), "ordo migrate failed: {printed}");
         assert!(!printed.contains(OWNER_PASSWORD), "{printed}");
         printed
-    }
-}
-
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
-struct Certificates {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
-
-impl Certificates {
-    fn issue(dir: &Path) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |names: Vec<String>| {
-            let key = KeyPair::generate().unwrap();
-            let cert = CertificateParams::new(names)
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
-        let (client_cert, client_key) = leaf(vec!["ordo-client".into()]);
-        let write = |name: &str, pem: &str| {
-            let path = dir.join(name);
-            std::fs::write(&path, pem).unwrap();
-            path
-        };
-        Self {
-            ca: write("ca.pem", &ca_cert.pem()),
-            server_cert: write("server.pem", &server_cert),
-            server_key: write("server-key.pem", &server_key),
-            client_cert: write("client.pem", &client_cert),
-            client_key: write("client-key.pem", &client_key),
-        }
     }
 }
 
@@ -262,8 +232,16 @@ async fn ordo_works_end_to_end_over_tls_with_each_component_as_its_own_user() {
     let http = format!("127.0.0.1:{http_port}");
     let env = |user: &str| {
         let mut env = ordo_env(&server, &certificates, user);
-        // The workers connect as the role that may only read and write rows.
-        env.push(("ORDO_DATABASE_URL", database.worker_url()));
+        // The workers connect as the role that may only read and write rows, the read API as
+        // the one that may only read them.
+        env.push((
+            "ORDO_DATABASE_URL",
+            if user == "ordo-api" {
+                database.reader_url()
+            } else {
+                database.worker_url()
+            },
+        ));
         env.push(("ORDO_HTTP_ADDR", http.clone()));
         env.push(("ORDO_HOME", dir.path().display().to_string()));
         env.push(("ORDO_HTTP_TOKEN", HTTP_TOKEN.into()));
@@ -381,7 +359,7 @@ async fn ordo_works_end_to_end_over_tls_with_each_component_as_its_own_user() {
     assert_eq!(unauthorized.status(), reqwest::StatusCode::UNAUTHORIZED);
     let unauthorized = unauthorized.text().await.unwrap();
     let mut secrets: Vec<String> = USERS.iter().map(|(user, _)| password(user)).collect();
-    secrets.extend([HTTP_TOKEN, METRICS_TOKEN, WORKER_PASSWORD].map(String::from));
+    secrets.extend([HTTP_TOKEN, METRICS_TOKEN, WORKER_PASSWORD, READER_PASSWORD].map(String::from));
     for log in &logs {
         let logged = std::fs::read_to_string(log).unwrap();
         assert!(
@@ -537,6 +515,23 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
     ];
     for statement in refused {
         let err = worker.execute(statement).await.expect_err(statement);
+        let code = err.as_database_error().and_then(|err| err.code());
+        assert_eq!(code.as_deref(), Some("42501"), "{statement}: {err}");
+    }
+
+    // The read API's role reads rows and writes none.
+    let mut reader = PgConnection::connect(&database.reader_url()).await.unwrap();
+    reader
+        .execute("SELECT count(*) FROM view_orders.orders")
+        .await
+        .expect("the reader reads the views");
+    for statement in [
+        "UPDATE view_stock.checkpoints SET seq = seq",
+        "DELETE FROM sagas",
+        "INSERT INTO notifications (order_id, kind) VALUES ('x', 'y')",
+        "CREATE TABLE extra (id int)",
+    ] {
+        let err = reader.execute(statement).await.expect_err(statement);
         let code = err.as_database_error().and_then(|err| err.code());
         assert_eq!(code.as_deref(), Some("42501"), "{statement}: {err}");
     }
