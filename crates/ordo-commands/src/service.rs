@@ -345,7 +345,13 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
         && !answerable(reply_to)
     {
         // Neither decided nor answered: the request was crafted to turn the reply into a write.
+        // Counted, and shown by `nats micro stats ordo` as an error of its endpoint.
         metrics::counter!("ordo_commands_dropped_total", "reason" => "reply_subject").increment(1);
+        serving.micro.record(
+            endpoint.index(),
+            started.elapsed(),
+            Some("dropped: the reply subject is not an inbox"),
+        );
         tracing::warn!(
             endpoint = endpoint.name(),
             reply_to = %reply_to.chars().take(80).collect::<String>(),

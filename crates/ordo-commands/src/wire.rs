@@ -498,10 +498,12 @@ pub fn bounded_header(name: &str, value: &str) -> Result<String, InvalidCommand>
 }
 
 fn validate_command_id(id: String) -> Result<String, InvalidCommand> {
-    let printable = id.bytes().all(|b| b.is_ascii_graphic());
+    // No '/': it separates an account from its ids ([`Caller::scoped`]), so no id of one space
+    // can be written as an id of another.
+    let printable = id.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
     if id.is_empty() || id.len() > MAX_COMMAND_ID_LEN || !printable {
         return Err(InvalidCommand(format!(
-            "command id {id:?} must be 1 to {MAX_COMMAND_ID_LEN} printable ASCII characters without spaces"
+            "command id {id:?} must be 1 to {MAX_COMMAND_ID_LEN} printable ASCII characters without spaces or '/'"
         )));
     }
     Ok(id)
@@ -854,7 +856,8 @@ mod tests {
         let shops = super::parse(Endpoint::OrderPlace, body, Some("delivery-7"), &shop).unwrap();
         assert_eq!(own.command_id, "delivery-7");
         assert_eq!(shops.command_id, "SHOP/delivery-7");
-        // The order id derived from the command id differs too: no one can place it first.
+        // The order id derived from the command id differs too: another account's command of
+        // the same id places another order.
         let order_id = |parsed: &ParsedRequest| match &parsed.command {
             Command::Order(OrderCommand::Place { order_id, .. }) => order_id.clone(),
             other => panic!("{other:?}"),
@@ -870,6 +873,15 @@ mod tests {
         assert_eq!(Caller::from_request_info(None).unwrap(), Caller::OwnAccount);
         assert!(Caller::from_request_info(Some("not json")).is_err());
         assert!(Caller::from_request_info(Some(r#"{"acc":""}"#)).is_err());
+        // Nobody writes an id of another account's space.
+        assert!(
+            parse(
+                Endpoint::OrderShip,
+                br#"{"order_id":"o-1"}"#,
+                Some("SHOP/delivery-7")
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -300,21 +300,22 @@ pub async fn grant_rows_to(pool: &PgPool, role: &str, access: RowAccess) -> Resu
         .chain(catalog().iter().map(ProjectionInfo::schema))
         .collect();
     let schemas = schemas.join(", ");
-    let rows = match access {
-        RowAccess::ReadWrite => "SELECT, INSERT, UPDATE, DELETE",
-        RowAccess::ReadOnly => "SELECT",
+    // A reader may not draw from a sequence either (`nextval` needs USAGE).
+    let (rows, sequences) = match access {
+        RowAccess::ReadWrite => ("SELECT, INSERT, UPDATE, DELETE", "USAGE, SELECT"),
+        RowAccess::ReadOnly => ("SELECT", "SELECT"),
     };
     let mut tx = pool.begin().await?;
     for statement in [
         format!("GRANT USAGE ON SCHEMA {schemas} TO {role}"),
         format!("GRANT {rows} ON ALL TABLES IN SCHEMA {schemas} TO {role}"),
-        format!("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {schemas} TO {role}"),
+        format!("GRANT {sequences} ON ALL SEQUENCES IN SCHEMA {schemas} TO {role}"),
         // The workers read which migrations ran (to know the database is set up), never write it.
         format!("REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM {role}"),
         // What the owner creates later: the schemas and tables of a rebuild, new migrations.
         format!("ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {role}"),
         format!("ALTER DEFAULT PRIVILEGES GRANT {rows} ON TABLES TO {role}"),
-        format!("ALTER DEFAULT PRIVILEGES GRANT USAGE, SELECT ON SEQUENCES TO {role}"),
+        format!("ALTER DEFAULT PRIVILEGES GRANT {sequences} ON SEQUENCES TO {role}"),
     ] {
         sqlx::query(AssertSqlSafe(statement))
             .execute(&mut *tx)

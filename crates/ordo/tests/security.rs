@@ -576,13 +576,22 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
 fn help_never_shows_a_secret_from_the_environment() {
     let secret = "pw-in-env-5d1c";
     let environment = [
-        ("ORDO_NATS_URL", format!("nats://ordo:{secret}@127.0.0.1:4222")),
-        ("ORDO_DATABASE_URL", format!("postgres://ordo:{secret}@127.0.0.1/ordo")),
+        (
+            "ORDO_NATS_URL",
+            format!("nats://ordo:{secret}@127.0.0.1:4222"),
+        ),
+        (
+            "ORDO_DATABASE_URL",
+            format!("postgres://ordo:{secret}@127.0.0.1/ordo"),
+        ),
         ("ORDO_NATS_PASSWORD", secret.to_owned()),
         ("ORDO_NATS_TOKEN", secret.to_owned()),
         ("ORDO_HTTP_TOKEN", secret.to_owned()),
         ("ORDO_METRICS_TOKEN", secret.to_owned()),
-        ("ORDO_WEBHOOK_URL", format!("https://hooks.example/{secret}")),
+        (
+            "ORDO_WEBHOOK_URL",
+            format!("https://hooks.example/{secret}"),
+        ),
     ];
     let screens: [&[&str]; 9] = [
         &[],
@@ -604,7 +613,13 @@ fn help_never_shows_a_secret_from_the_environment() {
             .unwrap();
         let help = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "ordo {args:?} --help");
-        assert!(help.contains("env: ORDO_"), "ordo {args:?} --help names its variables");
-        assert!(!help.contains(secret), "ordo {args:?} --help shows a secret: {help}");
+        assert!(
+            help.contains("env: ORDO_"),
+            "ordo {args:?} --help names its variables"
+        );
+        assert!(
+            !help.contains(secret),
+            "ordo {args:?} --help shows a secret: {help}"
+        );
     }
 }

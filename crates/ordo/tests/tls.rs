@@ -1,7 +1,8 @@
 //! TLS to everything ordo talks to besides NATS (security.rs covers NATS): PostgreSQL with
 //! `sslmode=verify-full`, an `https://` webhook and an `https://` trace collector, each a server
 //! of the test's own whose certificate a CA of the test's own signed. A client that did not
-//! verify that certificate, or could not speak TLS at all, fails these tests.
+//! verify that certificate, or could not speak TLS at all, fails these tests; a server that no
+//! trusted CA vouches for gets nothing.
 
 use std::{
     path::Path,
@@ -237,12 +238,15 @@ async fn webhooks_and_traces_go_over_tls_to_servers_the_configured_ca_vouches_fo
     https.received("POST /v1/traces", dir.path()).await;
 
     // Over gRPC too: a command service exporting to the same server speaks HTTP/2 to it once
-    // the handshake has verified its certificate.
+    // the handshake has verified its certificate. It has a nats-server of its own, so that
+    // it, not `ordo up`, answers the commands that make its spans.
+    let grpc_nats = NatsServer::start();
+    let client = grpc_nats.client().await;
     let grpc_log = dir.path().join("grpc.log");
     let _commands = Ordo(
         Command::new(ORDO)
             .args(["run", "commands"])
-            .env("ORDO_NATS_URL", nats.url())
+            .env("ORDO_NATS_URL", grpc_nats.url())
             .env(
                 "OTEL_EXPORTER_OTLP_ENDPOINT",
                 format!("https://127.0.0.1:{}", https.port),
@@ -265,6 +269,84 @@ async fn webhooks_and_traces_go_over_tls_to_servers_the_configured_ca_vouches_fo
         .await;
     }
     https.received("h2", dir.path()).await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("s3cret"),
+        "the webhook's token in the log: {logged}"
+    );
+}
+
+#[tokio::test]
+async fn a_webhook_whose_certificate_no_trusted_ca_signed_gets_nothing_and_its_url_stays_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = Certificates::issue(dir.path());
+    let other = tempfile::tempdir().unwrap();
+    let stranger = HttpsRecorder::start(&Certificates::issue(other.path())).await;
+    let nats = NatsServer::start();
+    let database = TestDatabase::create().await;
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = dir.path().join("up.log");
+    let _up = Ordo(
+        Command::new(ORDO)
+            .arg("up")
+            .env("ORDO_NATS_URL", nats.url())
+            .env("ORDO_DATABASE_URL", database.url())
+            .env("ORDO_HTTP_ADDR", http.to_string())
+            .env("ORDO_HOME", dir.path())
+            .env(
+                "ORDO_WEBHOOK_URL",
+                format!("https://127.0.0.1:{}/hook?token=s3cret", stranger.port),
+            )
+            .env("SSL_CERT_FILE", &trusted.ca)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let client = nats.client().await;
+    for (subject, body) in [
+        ("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5})),
+        (
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-1", "customer_id": "c1",
+                   "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 500}]}),
+        ),
+    ] {
+        let reply = NatsServer::request_until_answered(
+            &client,
+            subject,
+            &body,
+            None,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(reply["ok"], true, "{reply}; see {}", log.display());
+    }
+    // The delivery fails at the handshake, and says so without the URL.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failed = loop {
+        let logged = std::fs::read_to_string(&log).unwrap();
+        if let Some(line) = logged
+            .lines()
+            .find(|line| line.contains("notification not delivered"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed delivery in the log: {logged}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(failed.contains("webhook"), "{failed}");
+    assert!(
+        stranger.seen.lock().unwrap().is_empty(),
+        "the webhook got the notification"
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         !logged.contains("s3cret"),

@@ -10,6 +10,26 @@ use serde_json::json;
 
 use crate::support::{Engine, line, outcome};
 
+/// How many requests of each endpoint the service has taken in (`nats micro stats ordo`).
+async fn requests_seen(engine: &Engine) -> (u64, u64) {
+    let stats = engine
+        .client
+        .request("$SRV.STATS.ordo", "".into())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    let count = |name: &str| {
+        stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|endpoint| endpoint["name"] == name)
+            .and_then(|endpoint| endpoint["num_requests"].as_u64())
+            .unwrap_or(0)
+    };
+    (count("stock-receive"), count("order-ship"))
+}
+
 #[tokio::test]
 async fn a_reply_subject_that_is_not_an_inbox_is_neither_decided_nor_answered() {
     let engine = Engine::start().await;
@@ -17,31 +37,47 @@ async fn a_reply_subject_that_is_not_an_inbox_is_neither_decided_nor_answered() 
         .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
         .await;
     assert_eq!(outcome(&received), "ok", "{received}");
-    let outcomes_before = engine.message_count("ORDO_COMMAND_OUTCOMES").await;
+    let before = requests_seen(&engine).await;
 
-    // Each crafted reply subject names something ordo's own user may write to.
-    for crafted in [
+    // Each crafted reply subject names something the service's user may write to: an event
+    // subject, a snapshot (read before the events), an outcome record, a stream it may not
+    // keep (snapshots may be deleted).
+    let crafted = [
         "ordo.stock.events.A1",
         "ordo.order.events.o-1",
-        "$JS.API.STREAM.PURGE.ORDO_COMMAND_OUTCOMES",
-        "$KV.ordo_rate_limits.customer.c1",
-    ] {
+        "ordo.snapshots.stock.A1",
+        "ordo.outcomes.0000",
+        "$JS.API.STREAM.DELETE.ORDO_SNAPSHOTS",
+    ];
+    for reply_to in crafted {
         let body = json!({"sku": "A1", "qty": 1}).to_string();
         engine
             .client
-            .publish_with_reply("ordo.cmd.stock.receive", crafted, body.into())
+            .publish_with_reply("ordo.cmd.stock.receive", reply_to, body.into())
             .await
             .unwrap();
         // An invalid command too: its refusal would be the reply written there.
         engine
             .client
-            .publish_with_reply("ordo.cmd.order.ship", crafted, "{}".into())
+            .publish_with_reply("ordo.cmd.order.ship", reply_to, "{}".into())
             .await
             .unwrap();
     }
     engine.client.flush().await.unwrap();
+    // Wait until the service has taken every one of them in (and dropped it).
+    let expected = (
+        before.0 + crafted.len() as u64,
+        before.1 + crafted.len() as u64,
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while requests_seen(&engine).await != expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the crafted requests never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
-    // A request after them is answered, so they were all handled before it.
     let after = engine
         .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 2}))
         .await;
@@ -52,9 +88,11 @@ async fn a_reply_subject_that_is_not_an_inbox_is_neither_decided_nor_answered() 
     let stored = engine.stored("ORDO_STOCK").await; // Panics on anything but an event.
     assert_eq!(stored.len(), 2);
     assert_eq!(engine.message_count("ORDO_ORDERS").await, 0);
-    assert!(
-        engine.message_count("ORDO_COMMAND_OUTCOMES").await > outcomes_before,
-        "the outcome records are all there (and one more)"
+    assert_eq!(engine.message_count("ORDO_SNAPSHOTS").await, 0);
+    assert_eq!(
+        engine.message_count("ORDO_COMMAND_OUTCOMES").await,
+        2,
+        "the records of the two receives that were answered, and no reply written as one"
     );
 }
 

@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::{Value, json};
 
 use super::{
-    check::Violation,
+    check::{Observed, Violation},
     load::{Callers, History, SKUS},
 };
 
@@ -242,6 +242,28 @@ pub async fn attack(
             }
         }
     }
+}
+
+/// What an attack that got through would have left in the streams, whether or not its reply
+/// came in time: an order the oversized headers placed, a reason no view can store.
+pub fn traces(observed: &Observed) -> Vec<Violation> {
+    observed
+        .order_events
+        .iter()
+        .filter(|event| {
+            event.aggregate_id.starts_with("hostile-")
+                || event.data["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.contains('\0'))
+        })
+        .map(|event| Violation {
+            invariant: "caller_acts_only_on_its_own_behalf",
+            detail: format!(
+                "an attack's {} is stored at {} seq {} (command {})",
+                event.event_type, event.stream, event.seq, event.command_id
+            ),
+        })
+        .collect()
 }
 
 /// The reply to one request, if one came within [`WAIT`].

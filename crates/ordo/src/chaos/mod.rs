@@ -478,6 +478,7 @@ pub async fn run(
         });
     }
     violations.extend(attacks.succeeded.lock().expect("not poisoned").drain(..));
+    violations.extend(hostile::traces(&observed));
     if accounts.is_some() {
         violations.extend(refused_by_the_server(&logs));
     }
