@@ -129,6 +129,52 @@ impl HttpsRecorder {
     }
 }
 
+/// `ordo up` on servers of its own with `env` added, its log in `dir`, after it placed order o-1
+/// for customer c1 (every component running).
+async fn up_with_an_order(dir: &Path, env: &[(&str, String)]) -> (Ordo, NatsServer, TestDatabase) {
+    let nats = NatsServer::start();
+    let database = TestDatabase::create().await;
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let log = dir.join("up.log");
+    let up = Ordo(
+        Command::new(ORDO)
+            .arg("up")
+            .env("ORDO_NATS_URL", nats.url())
+            .env("ORDO_DATABASE_URL", database.url())
+            .env("ORDO_HTTP_ADDR", http.to_string())
+            .env("ORDO_HOME", dir)
+            .envs(env.iter().map(|(key, value)| (key, value)))
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let client = nats.client().await;
+    for (subject, body) in [
+        ("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5})),
+        (
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-1", "customer_id": "c1",
+                   "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 500}]}),
+        ),
+    ] {
+        let reply = NatsServer::request_until_answered(
+            &client,
+            subject,
+            &body,
+            None,
+            Duration::from_secs(60),
+        )
+        .await;
+        assert_eq!(reply["ok"], true, "{reply}; see {}", log.display());
+    }
+    (up, nats, database)
+}
+
 #[test]
 fn postgresql_is_reached_over_tls_with_its_certificate_verified() {
     let dir = tempfile::tempdir().unwrap();
@@ -181,58 +227,21 @@ async fn webhooks_and_traces_go_over_tls_to_servers_the_configured_ca_vouches_fo
     let dir = tempfile::tempdir().unwrap();
     let certificates = Certificates::issue(dir.path());
     let https = HttpsRecorder::start(&certificates).await;
-    let nats = NatsServer::start();
-    let database = TestDatabase::create().await;
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let log = dir.path().join("up.log");
     let ca = certificates.ca.display().to_string();
-    let _up = Ordo(
-        Command::new(ORDO)
-            .arg("up")
-            .env("ORDO_NATS_URL", nats.url())
-            .env("ORDO_DATABASE_URL", database.url())
-            .env("ORDO_HTTP_ADDR", http.to_string())
-            .env("ORDO_HOME", dir.path())
-            .env(
-                "ORDO_WEBHOOK_URL",
-                format!("https://127.0.0.1:{}/hook?token=s3cret", https.port),
-            )
+    let log = dir.path().join("up.log");
+    let endpoint = format!("https://127.0.0.1:{}", https.port);
+    let _up = up_with_an_order(
+        dir.path(),
+        &[
+            ("ORDO_WEBHOOK_URL", format!("{endpoint}/hook?token=s3cret")),
             // Webhooks trust the system's CAs; SSL_CERT_FILE names another bundle.
-            .env("SSL_CERT_FILE", &ca)
-            .env(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                format!("https://127.0.0.1:{}", https.port),
-            )
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-            .env("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let client = nats.client().await;
-    for (subject, body) in [
-        ("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5})),
-        (
-            "ordo.cmd.order.place",
-            json!({"order_id": "o-1", "customer_id": "c1",
-                   "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 500}]}),
-        ),
-    ] {
-        let reply = NatsServer::request_until_answered(
-            &client,
-            subject,
-            &body,
-            None,
-            Duration::from_secs(60),
-        )
-        .await;
-        assert_eq!(reply["ok"], true, "{reply}; see {}", log.display());
-    }
+            ("SSL_CERT_FILE", ca.clone()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.clone()),
+        ],
+    )
+    .await;
     let hook = https.received("POST /hook", dir.path()).await;
     assert!(hook.contains("\"order_id\":\"o-1\""), "{hook}");
     https.received("POST /v1/traces", dir.path()).await;
@@ -247,10 +256,7 @@ async fn webhooks_and_traces_go_over_tls_to_servers_the_configured_ca_vouches_fo
         Command::new(ORDO)
             .args(["run", "commands"])
             .env("ORDO_NATS_URL", grpc_nats.url())
-            .env(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                format!("https://127.0.0.1:{}", https.port),
-            )
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
             .env("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -282,50 +288,18 @@ async fn a_webhook_whose_certificate_no_trusted_ca_signed_gets_nothing_and_its_u
     let trusted = Certificates::issue(dir.path());
     let other = tempfile::tempdir().unwrap();
     let stranger = HttpsRecorder::start(&Certificates::issue(other.path())).await;
-    let nats = NatsServer::start();
-    let database = TestDatabase::create().await;
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let log = dir.path().join("up.log");
-    let _up = Ordo(
-        Command::new(ORDO)
-            .arg("up")
-            .env("ORDO_NATS_URL", nats.url())
-            .env("ORDO_DATABASE_URL", database.url())
-            .env("ORDO_HTTP_ADDR", http.to_string())
-            .env("ORDO_HOME", dir.path())
-            .env(
+    let _up = up_with_an_order(
+        dir.path(),
+        &[
+            (
                 "ORDO_WEBHOOK_URL",
                 format!("https://127.0.0.1:{}/hook?token=s3cret", stranger.port),
-            )
-            .env("SSL_CERT_FILE", &trusted.ca)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let client = nats.client().await;
-    for (subject, body) in [
-        ("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5})),
-        (
-            "ordo.cmd.order.place",
-            json!({"order_id": "o-1", "customer_id": "c1",
-                   "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 500}]}),
-        ),
-    ] {
-        let reply = NatsServer::request_until_answered(
-            &client,
-            subject,
-            &body,
-            None,
-            Duration::from_secs(60),
-        )
-        .await;
-        assert_eq!(reply["ok"], true, "{reply}; see {}", log.display());
-    }
+            ),
+            ("SSL_CERT_FILE", trusted.ca.display().to_string()),
+        ],
+    )
+    .await;
     // The delivery fails at the handshake, and says so without the URL.
     let deadline = Instant::now() + Duration::from_secs(60);
     let failed = loop {
