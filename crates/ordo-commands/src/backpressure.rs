@@ -101,9 +101,9 @@ pub struct Reading {
 }
 
 /// A backlog sheds from its bound on, and until it is back under 90 % of it, so that the gate
-/// does not flap around the bound.
+/// does not flap around the bound. A bound of 0 sheds while anything is pending, and no longer.
 pub fn overloaded(reading: Reading, shedding: bool) -> Option<Duration> {
-    let resume_below = reading.limit - reading.limit / 10;
+    let resume_below = (reading.limit - reading.limit / 10).max(1);
     let over = if shedding {
         reading.pending >= resume_below
     } else {
@@ -203,6 +203,22 @@ async fn backlog(js: &jetstream::Context, watched: &Watched) -> Option<(u64, u64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bound_of_zero_sheds_while_anything_is_pending_and_stops_when_nothing_is() {
+        let at = |pending| Reading {
+            pending,
+            limit: 0,
+            drained_per_second: None,
+        };
+        assert!(overloaded(at(0), false).is_none());
+        assert!(overloaded(at(1), false).is_some());
+        assert!(overloaded(at(1), true).is_some());
+        assert!(
+            overloaded(at(0), true).is_none(),
+            "an empty backlog ends the shedding"
+        );
+    }
 
     fn reading(pending: u64, drained_per_second: Option<f64>) -> Reading {
         Reading {

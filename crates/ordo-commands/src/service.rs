@@ -74,6 +74,29 @@ struct Serving {
 }
 
 impl Serving {
+    /// The refusal of a placing while ordo sheds load, if it is one. A repeat of a command that
+    /// already has its outcome is not shed: it gets that outcome whatever the load, since the
+    /// client most likely to repeat an order is the one whose reply was lost in the overload,
+    /// and the order it placed goes through.
+    async fn shed(
+        &self,
+        endpoint: Endpoint,
+        parsed: &wire::ParsedRequest,
+    ) -> Option<serde_json::Value> {
+        if endpoint != Endpoint::OrderPlace {
+            return None;
+        }
+        let overload = self.gate.overload()?;
+        if let Ok(true) = self.handler.has_outcome(&parsed.command_id).await {
+            return None;
+        }
+        self.shed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("ordo_commands_shed_total", "endpoint" => endpoint.name()).increment(1);
+        let mut reply = error_reply(ErrorCode::Unavailable, overload.message());
+        reply["error"]["retry_after_ms"] = (overload.retry_after.as_millis() as u64).into();
+        Some(reply)
+    }
+
     /// The refusal of a placing over its customer's rate, if it is one.
     async fn over_rate(&self, parsed: &wire::ParsedRequest) -> Option<serde_json::Value> {
         let limiter = self.limiter.as_ref()?;
@@ -397,18 +420,10 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
         let parsed = parsed.and_then(|parsed| Ok((parsed, references()?)));
         match parsed {
             Err(invalid) => error_reply(ErrorCode::InvalidCommand, invalid),
-            Ok(_)
-                if endpoint == Endpoint::OrderPlace
-                    && let Some(overload) = serving.gate.overload() =>
-            {
-                serving.shed.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("ordo_commands_shed_total", "endpoint" => endpoint.name())
-                    .increment(1);
-                let mut reply = error_reply(ErrorCode::Unavailable, overload.message());
-                reply["error"]["retry_after_ms"] = (overload.retry_after.as_millis() as u64).into();
-                reply
-            }
             Ok((parsed, (correlation_id, causation_id))) => {
+                if let Some(shed) = serving.shed(endpoint, &parsed).await {
+                    return shed;
+                }
                 if let Some(refusal) = serving.over_rate(&parsed).await {
                     return refusal;
                 }

@@ -42,11 +42,17 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
         )
         .await
         .unwrap();
-    for i in 0..11 {
-        assert_eq!(
-            outcome(&engine.request("ordo.cmd.order.place", order(i)).await),
-            "ok"
-        );
+    let first = engine
+        .request_with_id("ordo.cmd.order.place", order(0), "place-0")
+        .await;
+    assert_eq!(outcome(&first), "ok", "{first}");
+    let mut second = serde_json::Value::Null;
+    for i in 1..11 {
+        let reply = engine.request("ordo.cmd.order.place", order(i)).await;
+        assert_eq!(outcome(&reply), "ok");
+        if i == 1 {
+            second = reply;
+        }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -69,6 +75,25 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
             .message_count(ordo_eventstore::StreamId::Orders.name())
             .await,
         appended
+    );
+    // A repeat of an order that was accepted is not shed: it gets its first outcome, under
+    // the client's command id and under the natural key alike.
+    assert_eq!(
+        engine
+            .request_with_id("ordo.cmd.order.place", order(0), "place-0")
+            .await,
+        first
+    );
+    assert_eq!(
+        engine.request("ordo.cmd.order.place", order(1)).await,
+        second
+    );
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Orders.name())
+            .await,
+        appended,
+        "the repeats appended nothing"
     );
     // Other commands are not shed: they are how the backlog drains.
     let receive = json!({"sku": "A1", "qty": 5});
