@@ -359,6 +359,25 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// The nats-server to test with: `ORDO_NATS_SERVER`, else the first on `PATH` that is new enough.
+/// Where a nats-server may be, in order: on `PATH`, then where ordo's scripts install one
+/// (`.ordo/tools/venv`): under `home` (`ORDO_HOME`), and beside the checkout the running binary
+/// was built in (`…/target/release/ordo` → `…/.ordo/tools/venv/bin`).
+fn candidates(path: &std::ffi::OsStr, home: &Path, exe: Option<&Path>) -> Vec<PathBuf> {
+    let installed = |root: &Path| root.join("tools/venv/bin/nats-server");
+    let mut candidates: Vec<PathBuf> = std::env::split_paths(path)
+        .map(|dir| dir.join("nats-server"))
+        .collect();
+    candidates.push(installed(home));
+    if let Some(exe) = exe {
+        candidates.extend(
+            exe.ancestors()
+                .skip(1)
+                .map(|dir| installed(&dir.join(".ordo"))),
+        );
+    }
+    candidates
+}
+
 pub fn find_nats_server() -> Result<PathBuf, String> {
     if let Some(binary) = std::env::var_os("ORDO_NATS_SERVER") {
         let binary = PathBuf::from(binary);
@@ -371,9 +390,10 @@ pub fn find_nats_server() -> Result<PathBuf, String> {
         };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let home = std::env::var_os("ORDO_HOME").map_or_else(|| PathBuf::from(".ordo"), PathBuf::from);
+    let exe = std::env::current_exe().ok();
     let mut seen = Vec::new();
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join("nats-server");
+    for candidate in candidates(&path, &home, exe.as_deref()) {
         if let Some(version) = version_of(&candidate) {
             if version >= MINIMUM_VERSION {
                 return Ok(candidate);
@@ -413,6 +433,18 @@ pub fn parse_version(text: &str) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_ordo_s_scripts_install_is_found_beside_the_checkout_and_under_ordo_home() {
+        let found = candidates(
+            std::ffi::OsStr::new("/usr/local/bin:/usr/sbin"),
+            Path::new("/data/ordo-home"),
+            Some(Path::new("/src/ordo/target/release/ordo")),
+        );
+        assert_eq!(found[0], Path::new("/usr/local/bin/nats-server"));
+        assert!(found.contains(&PathBuf::from("/data/ordo-home/tools/venv/bin/nats-server")));
+        assert!(found.contains(&PathBuf::from("/src/ordo/.ordo/tools/venv/bin/nats-server")));
+    }
 
     #[test]
     fn reads_the_version_nats_server_prints() {

@@ -198,7 +198,11 @@ pub async fn run(
 
     // The servers: a nats-server (or cluster) of the drill's own, or the one given; a fresh
     // database.
-    // Servers of the drill's own run the accounts and users docker/nats.conf ships.
+    // Servers of the drill's own run the accounts and users docker/nats.conf ships. A missing
+    // nats-server is said plainly, before anything starts.
+    if nats_url.is_none() {
+        ordo_testkit::find_nats_server().map_err(anyhow::Error::msg)?;
+    }
     let accounts = nats_url.is_none().then(Accounts::generate);
     let server_config = accounts.as_ref().map(Accounts::server_config).transpose()?;
     let cluster = if options.cluster > 0 {
