@@ -1,7 +1,7 @@
 //! Property: whatever the participants answer, whatever replies are lost, however often the
 //! coordinator times out, and whenever the customer cancels or ships, a saga that is driven
 //! until the outage ends leaves the saga, the order, the stock it holds and the payment in
-//! agreement (DESIGN.md, invariant 7).
+//! agreement (the chaos checker's `saga_order_stock_payment_agree`).
 //!
 //! The world is a small model of the participants with their real rules: the stock's release
 //! barrier, the payment's refund barrier, the order's state machine, and deduplication by

@@ -3,7 +3,7 @@
 //! ledger). It folds the streams with its own code, written for the checker and not shared with
 //! the projectors or the domain, so that a bug there cannot hide itself here.
 //!
-//! Each finding names the invariant of DESIGN.md it breaks.
+//! Each finding names the invariant it breaks (the README lists them, under "Chaos drills").
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

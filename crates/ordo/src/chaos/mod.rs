@@ -1,7 +1,7 @@
 //! `ordo chaos`: a drill that runs the whole system as separate processes, drives a mixed load
 //! through NATS, injects faults (SIGKILLs of random workers, nats-server killed and kept down,
 //! whole components taken away), waits for the system to settle and checks every invariant of
-//! DESIGN.md against what the streams and the views hold.
+//! the README's "Chaos drills" against what the streams and the views hold.
 //!
 //! - [`accounts`]: the NATS accounts and users docker/nats.conf ships, which servers of the
 //!   drill's own run, with a user per component and the load sent as the applications.
