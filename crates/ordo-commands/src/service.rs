@@ -74,43 +74,33 @@ struct Serving {
 }
 
 impl Serving {
-    /// The refusal of a placing while ordo sheds load, if it is one. A repeat of a command that
-    /// already has its outcome is not shed: it gets that outcome whatever the load, since the
-    /// client most likely to repeat an order is the one whose reply was lost in the overload,
-    /// and the order it placed goes through.
-    async fn shed(
-        &self,
-        endpoint: Endpoint,
-        parsed: &wire::ParsedRequest,
-    ) -> Option<serde_json::Value> {
-        if endpoint != Endpoint::OrderPlace {
-            return None;
-        }
-        let overload = self.gate.overload()?;
-        if let Ok(true) = self.handler.has_outcome(&parsed.command_id).await {
-            return None;
-        }
-        self.shed.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("ordo_commands_shed_total", "endpoint" => endpoint.name()).increment(1);
-        let mut reply = error_reply(ErrorCode::Unavailable, overload.message());
-        reply["error"]["retry_after_ms"] = (overload.retry_after.as_millis() as u64).into();
-        Some(reply)
-    }
-
-    /// The refusal of a placing over its customer's rate, if it is one.
-    async fn over_rate(&self, parsed: &wire::ParsedRequest) -> Option<serde_json::Value> {
-        let limiter = self.limiter.as_ref()?;
+    /// The refusal of a placing that ordo will not take now, if it is one: while it sheds load,
+    /// or over its customer's rate. A repeat of a placing that already has its outcome is
+    /// neither shed nor charged a token: it gets that outcome whatever the load or the rate,
+    /// since the client most likely to repeat an order is the one whose reply was lost, and the
+    /// order it placed goes through.
+    async fn admission(&self, parsed: &wire::ParsedRequest) -> Option<serde_json::Value> {
         let wire::Command::Order(ordo_domain::order::OrderCommand::Place { customer_id, .. }) =
             &parsed.command
         else {
             return None;
         };
-        // A repeat of a placing that already has its outcome is answered with it and costs no
-        // token: a client retrying after a lost reply must not be refused an order it has.
+        let overload = self.gate.overload();
+        if overload.is_none() && self.limiter.is_none() {
+            return None;
+        }
         if let Ok(true) = self.handler.has_outcome(&parsed.command_id).await {
             return None;
         }
-        match limiter.take(customer_id.as_str()).await {
+        if let Some(overload) = overload {
+            self.shed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("ordo_commands_shed_total", "endpoint" => parsed.endpoint.name())
+                .increment(1);
+            let mut reply = error_reply(ErrorCode::Unavailable, overload.message());
+            reply["error"]["retry_after_ms"] = (overload.retry_after.as_millis() as u64).into();
+            return Some(reply);
+        }
+        match self.limiter.as_ref()?.take(customer_id.as_str()).await {
             Ok(Admission::Admitted) => None,
             Ok(Admission::Limited { retry_after }) => {
                 metrics::counter!("ordo_commands_rate_limited_total").increment(1);
@@ -421,10 +411,7 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
         match parsed {
             Err(invalid) => error_reply(ErrorCode::InvalidCommand, invalid),
             Ok((parsed, (correlation_id, causation_id))) => {
-                if let Some(shed) = serving.shed(endpoint, &parsed).await {
-                    return shed;
-                }
-                if let Some(refusal) = serving.over_rate(&parsed).await {
+                if let Some(refusal) = serving.admission(&parsed).await {
                     return refusal;
                 }
                 tracing::Span::current().record("command_id", parsed.command_id.as_str());

@@ -140,9 +140,7 @@ impl Caller {
             return Ok(Self::OwnAccount);
         };
         match serde_json::from_str::<RequestInfo>(text) {
-            Ok(info) if !info.acc.is_empty() && info.acc.bytes().all(|b| b.is_ascii_graphic()) => {
-                Ok(Self::Account(info.acc))
-            }
+            Ok(info) if printable_ascii(&info.acc, usize::MAX, b"") => Ok(Self::Account(info.acc)),
             _ => Err(InvalidCommand(format!(
                 "the {} header does not name an account",
                 Self::HEADER_REQUEST_INFO
@@ -486,8 +484,7 @@ pub const MAX_HEADER_VALUE_LEN: usize = 128;
 /// [`MAX_HEADER_VALUE_LEN`] printable ASCII characters. Anything else is refused, so that a
 /// caller cannot fill the streams with what it sends beside the body.
 pub fn bounded_header(name: &str, value: &str) -> Result<String, InvalidCommand> {
-    let printable = value.bytes().all(|b| b.is_ascii_graphic());
-    if value.is_empty() || value.len() > MAX_HEADER_VALUE_LEN || !printable {
+    if !printable_ascii(value, MAX_HEADER_VALUE_LEN, b"") {
         return Err(InvalidCommand(format!(
             "header {name} must be 1 to {MAX_HEADER_VALUE_LEN} printable ASCII characters \
              without spaces (got {} bytes)",
@@ -497,11 +494,18 @@ pub fn bounded_header(name: &str, value: &str) -> Result<String, InvalidCommand>
     Ok(value.to_owned())
 }
 
+/// Whether `text` is 1 to `max` printable ASCII characters (no spaces), none of them in `except`.
+fn printable_ascii(text: &str, max: usize, except: &[u8]) -> bool {
+    (1..=max).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !except.contains(&b))
+}
+
 fn validate_command_id(id: String) -> Result<String, InvalidCommand> {
     // No '/': it separates an account from its ids ([`Caller::scoped`]), so no id of one space
     // can be written as an id of another.
-    let printable = id.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
-    if id.is_empty() || id.len() > MAX_COMMAND_ID_LEN || !printable {
+    if !printable_ascii(&id, MAX_COMMAND_ID_LEN, b"/") {
         return Err(InvalidCommand(format!(
             "command id {id:?} must be 1 to {MAX_COMMAND_ID_LEN} printable ASCII characters without spaces or '/'"
         )));

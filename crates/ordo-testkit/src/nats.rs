@@ -65,11 +65,7 @@ impl NatsServer {
             .prefix("ordo-nats-")
             .tempdir()
             .expect("create a temporary store for nats-server");
-        let config = config.map(|config| {
-            let path = store.path().join("nats-server.conf");
-            std::fs::write(&path, config).expect("write the nats-server configuration");
-            path
-        });
+        let config = config.map(|config| write_config(store.path(), config));
         let server = Self {
             binary,
             port: free_port(),
@@ -280,11 +276,7 @@ impl NatsCluster {
                     .prefix("ordo-nats-cluster-")
                     .tempdir()
                     .expect("create a temporary store for nats-server");
-                let config = config.map(|config| {
-                    let path = store.path().join("nats-server.conf");
-                    std::fs::write(&path, config).expect("write the nats-server configuration");
-                    path
-                });
+                let config = config.map(|config| write_config(store.path(), config));
                 NatsServer {
                     binary: binary.clone(),
                     port: free_port(),
@@ -359,6 +351,13 @@ pub(crate) fn free_port() -> u16 {
 }
 
 /// The nats-server to test with: `ORDO_NATS_SERVER`, else the first on `PATH` that is new enough.
+/// Writes `config` as the configuration file of a server whose store is `dir`.
+fn write_config(dir: &Path, config: &str) -> PathBuf {
+    let path = dir.join("nats-server.conf");
+    std::fs::write(&path, config).expect("write the nats-server configuration");
+    path
+}
+
 /// Where a nats-server may be, in order: on `PATH`, then where ordo's scripts install one
 /// (`.ordo/tools/venv`): under `home` (`ORDO_HOME`), and beside the checkout the running binary
 /// was built in (`…/target/release/ordo` → `…/.ordo/tools/venv/bin`).

@@ -39,6 +39,8 @@ struct System {
     dir: tempfile::TempDir,
     http: String,
     _processes: Vec<Process>,
+    /// The operator's connection: it reads the streams and the service's stats.
+    operator: async_nats::Client,
 }
 
 impl System {
@@ -97,12 +99,14 @@ impl System {
                 )
             })
             .collect();
+        let operator = connect_as(&server.url(), "ordo-admin").await;
         let system = Self {
             server,
             _database: database,
             dir,
             http,
             _processes: processes,
+            operator,
         };
         // Ready once the warehouse is answered and an order goes all the way through, to the
         // shop's notification.
@@ -152,16 +156,12 @@ impl System {
 
     /// A connection as `user`, with the inbox the server lets that user read.
     async fn connect(&self, user: &str) -> async_nats::Client {
-        async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
-            .custom_inbox_prefix(inbox_prefix(user))
-            .connect(self.server.url())
-            .await
-            .unwrap_or_else(|err| panic!("connect as {user}: {err}"))
+        connect_as(&self.server.url(), user).await
     }
 
     /// The operator's view of the streams (it may read everything).
-    async fn admin(&self) -> jetstream::Context {
-        jetstream::new(self.connect("ordo-admin").await)
+    fn admin(&self) -> jetstream::Context {
+        jetstream::new(self.operator.clone())
     }
 
     /// Where the components log; named in every failure.
@@ -223,7 +223,7 @@ impl System {
 
     /// The messages of `stream` on `subject`, as the operator reads them.
     async fn stored(&self, stream: &str, subject: &str) -> Vec<Value> {
-        let admin = self.admin().await;
+        let admin = self.admin();
         let stream = admin.get_stream(stream).await.unwrap();
         let mut messages = Vec::new();
         let mut seq = 1;
@@ -239,8 +239,11 @@ impl System {
     /// How many requests the command service has taken in on `endpoint` (`order-cancel`), as
     /// `nats micro stats ordo` says to the operator.
     async fn requests_seen(&self, endpoint: &str) -> u64 {
-        let admin = self.connect("ordo-admin").await;
-        let stats = admin.request("$SRV.STATS.ordo", "".into()).await.unwrap();
+        let stats = self
+            .operator
+            .request("$SRV.STATS.ordo", "".into())
+            .await
+            .unwrap();
         let stats: Value = serde_json::from_slice(&stats.payload).unwrap();
         stats["endpoints"]
             .as_array()
@@ -264,10 +267,19 @@ impl System {
     }
 
     async fn message_count(&self, stream: &str) -> u64 {
-        let admin = self.admin().await;
+        let admin = self.admin();
         let mut stream = admin.get_stream(stream).await.unwrap();
         stream.info().await.unwrap().state.messages
     }
+}
+
+/// A connection to `url` as `user`, with the inbox the server lets that user read.
+async fn connect_as(url: &str, user: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
+        .custom_inbox_prefix(inbox_prefix(user))
+        .connect(url)
+        .await
+        .unwrap_or_else(|err| panic!("connect as {user}: {err}"))
 }
 
 fn with_id(command_id: &str) -> HeaderMap {
@@ -390,7 +402,7 @@ async fn no_reply_subject_or_header_makes_ordo_write_anywhere_but_where_the_comm
     assert_eq!(again["version"], 2, "{again}");
 
     // Every stream and the account have byte limits, so no flood fills the server.
-    let admin = system.admin().await;
+    let admin = system.admin();
     for stream in [
         "ORDO_ORDERS",
         "ORDO_STOCK",
