@@ -25,6 +25,10 @@ pub struct ApiState {
     pub nats: async_nats::Client,
     /// How long a read with `min_seq` waits for its view.
     pub min_seq_wait: Duration,
+    /// Reads that may wait for their view at once (`min_seq` ahead of its checkpoint). Each one
+    /// holds a connection and memory for up to `min_seq_wait`; past this bound a read that
+    /// would wait is answered 503 with `Retry-After`, as `order.place` sheds load.
+    pub waiting_reads: Arc<tokio::sync::Semaphore>,
     /// Hot rows by key, with the checkpoint their view had when they were read.
     pub cache: Cache<String, (Value, u64)>,
     pub metrics: PrometheusHandle,
@@ -46,6 +50,7 @@ impl ApiState {
             pool,
             nats,
             min_seq_wait: Duration::from_secs(5),
+            waiting_reads: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_WAITING_READS)),
             cache: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(1))
@@ -56,6 +61,9 @@ impl ApiState {
         }
     }
 }
+
+/// Reads that may wait for their view at once, by default.
+pub const DEFAULT_MAX_WAITING_READS: usize = 1024;
 
 /// Bucket bounds of every `*_seconds` histogram: 1 ms to a minute.
 const SECONDS_BUCKETS: &[f64] = &[

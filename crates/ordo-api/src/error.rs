@@ -7,6 +7,9 @@ use axum::{
 };
 use serde_json::json;
 
+/// How long a shed read is asked to wait before it tries again.
+const RETRY_OVERLOADED_AFTER_SECS: u64 = 1;
+
 #[derive(Debug)]
 pub enum ApiError {
     /// 400: a path or query parameter is not valid; the message says which and why.
@@ -17,6 +20,9 @@ pub enum ApiError {
     NotCaughtUp { min_seq: u64, checkpoint: u64 },
     /// 503: PostgreSQL (or NATS) does not answer.
     Unavailable(String),
+    /// 503 with `Retry-After`: too many reads wait for their views already; nothing is wrong
+    /// with this one, it is shed.
+    Overloaded(String),
     /// 401: a bearer token is required and was missing or wrong.
     Unauthorized(String),
 }
@@ -54,6 +60,22 @@ impl IntoResponse for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 json!({"error": {"code": "unavailable", "message": message}}),
             ),
+            Self::Overloaded(message) => {
+                let body = json!({"error": {
+                    "code": "unavailable",
+                    "message": message,
+                    "retry_after_ms": RETRY_OVERLOADED_AFTER_SECS * 1000
+                }});
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(
+                        axum::http::header::RETRY_AFTER,
+                        RETRY_OVERLOADED_AFTER_SECS.to_string(),
+                    )],
+                    Json(body),
+                )
+                    .into_response();
+            }
             Self::Unauthorized(message) => {
                 let body = json!({"error": {"code": "unauthorized", "message": message}});
                 return (

@@ -32,10 +32,13 @@ pub async fn projection_status(
             Err(_) => None,
         };
         let parked = sqlx::query(
+            // Those of the view that serves (a rebuild's new view parks its own, shown once
+            // it is swapped in).
             "SELECT seq, subject, event_type, reason, attempts, parked_at FROM parked_events
-             WHERE projection = $1 ORDER BY seq",
+             WHERE projection = $1 AND parked_in = $2 ORDER BY seq",
         )
         .bind(projection.name)
+        .bind(projection.schema())
         .fetch_all(pool)
         .await?;
         let parked: Vec<Value> = parked
@@ -106,15 +109,33 @@ pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
             streams.insert(definition.config.name.clone(), shown.into());
         }
     }
+    // Events a worker holds back because it cannot read them (a newer schema during a rolling
+    // upgrade) do not make the read API unready either: it serves reads. They are shown, per
+    // consumer, for an operator to finish the upgrade.
+    let mut unreadable = serde_json::Map::new();
+    if postgres == "ok"
+        && let Ok(counts) = count_by(&state.pool, UNREADABLE_BY_CONSUMER).await
+    {
+        for (consumer, count) in counts {
+            unreadable.insert(consumer, count.into());
+        }
+    }
     (
         status,
         Json(json!({
             "ready": ready,
             "checks": {"postgres": postgres, "nats": nats},
             "streams": streams,
+            "unreadable_events": unreadable,
         })),
     )
 }
+
+const UNREADABLE_BY_CONSUMER: &str =
+    "SELECT consumer, count(*) FROM unreadable_events GROUP BY consumer";
+
+/// The consumers that hold back events they cannot read (see `ordo_saga::unreadable`).
+const HOLDING_CONSUMERS: [&str; 2] = ["ordo-saga", "ordo-notifier"];
 
 /// Prometheus text: the gauges of every projection, read now, and what this process recorded.
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
@@ -144,6 +165,14 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
                     let count = sagas.iter().find(|(state, _)| state == saga_state.as_str());
                     let count = count.map_or(0, |(_, count)| *count);
                     metrics::gauge!("ordo_sagas", "state" => saga_state.as_str()).set(count as f64);
+                }
+            }
+            if let Ok(unreadable) = count_by(&state.pool, UNREADABLE_BY_CONSUMER).await {
+                for consumer in HOLDING_CONSUMERS {
+                    let count = unreadable.iter().find(|(known, _)| known == consumer);
+                    let count = count.map_or(0, |(_, count)| *count);
+                    metrics::gauge!("ordo_unreadable_events", "consumer" => consumer)
+                        .set(count as f64);
                 }
             }
             if let Ok(notifications) = count_by(

@@ -67,10 +67,27 @@ async fn caught_up(
 ) -> Result<u64, ApiError> {
     let deadline = Instant::now() + state.min_seq_wait;
     let mut announced = state.checkpoints.subscribe(view.name);
+    // Taken when the read must wait, held while it waits.
+    let mut waiting = None;
     loop {
         let checkpoint = checkpoint_of(&state.pool, &view.schema(), view.stream).await?;
         match min_seq {
             Some(wanted) if checkpoint < wanted => {
+                if waiting.is_none() {
+                    let permit = state
+                        .waiting_reads
+                        .clone()
+                        .try_acquire_owned()
+                        .map_err(|_| {
+                            metrics::counter!("ordo_api_reads_shed_total").increment(1);
+                            ApiError::Overloaded(format!(
+                                "too many reads are waiting for their views; the {} view is at \
+                             {checkpoint}, not yet at {wanted}: try again",
+                                view.name
+                            ))
+                        })?;
+                    waiting = Some(permit);
+                }
                 let now = Instant::now();
                 if now >= deadline {
                     return Err(ApiError::NotCaughtUp {
@@ -126,7 +143,7 @@ where
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, currency, total_cents, reason, version,
      placed_seq, placed_at, updated_at, last_seq,
      (SELECT count(*) FROM public.parked_events p
-      WHERE p.projection = 'orders' AND p.subject = 'ordo.order.events.' || order_id) AS parked_events";
+      WHERE p.projection = 'orders' AND p.parked_in = 'view_orders' AND p.subject = 'ordo.order.events.' || order_id) AS parked_events";
 
 fn order_json(row: &PgRow, lines: Vec<Value>) -> Value {
     json!({
@@ -287,7 +304,7 @@ pub async fn get_stock(
             let row = sqlx::query(
                 "SELECT sku, on_hand, reserved, available, version, updated_at, last_seq,
                     (SELECT count(*) FROM public.parked_events p
-                     WHERE p.projection = 'stock' AND p.subject = 'ordo.stock.events.' || sku) AS parked_events
+                     WHERE p.projection = 'stock' AND p.parked_in = 'view_stock' AND p.subject = 'ordo.stock.events.' || sku) AS parked_events
              FROM view_stock.stock WHERE sku = $1",
             )
             .bind(sku.as_str())

@@ -24,6 +24,10 @@ impl Setup {
     }
 
     async fn start_with(tokens: ordo_api::AccessTokens) -> Self {
+        Self::start_configured(tokens, ordo_api::DEFAULT_MAX_WAITING_READS).await
+    }
+
+    async fn start_configured(tokens: ordo_api::AccessTokens, max_waiting_reads: usize) -> Self {
         let engine = Engine::start().await;
         let database = TestDatabase::create().await;
         schema::prepare(database.pool()).await.unwrap();
@@ -41,6 +45,7 @@ impl Setup {
         let mut state = ApiState::new(database.pool().clone(), engine.client.clone());
         state.min_seq_wait = Duration::from_millis(500);
         state.tokens = tokens;
+        state.waiting_reads = std::sync::Arc::new(tokio::sync::Semaphore::new(max_waiting_reads));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(ordo_api::serve(listener, state, std::future::pending()));
@@ -161,6 +166,45 @@ async fn a_view_that_does_not_catch_up_in_time_answers_504_with_its_checkpoint()
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(body["error"]["code"], "not_caught_up");
     assert!(body["error"]["checkpoint"].as_u64().unwrap() < ahead);
+}
+
+/// Each read waiting for its view holds a connection and memory; past the bound, a read that
+/// would wait is shed at once (503, `Retry-After`), and reads that need not wait are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_its_bound_a_read_that_would_wait_is_shed_with_503_and_retry_after() {
+    let setup = Setup::start_configured(ordo_api::AccessTokens::default(), 2).await;
+    let reply = setup.place("o-1", "c1").await;
+    let seq = reply["seq"].as_u64().unwrap();
+    let (status, _) = setup.get(&format!("/orders/o-1?min_seq={seq}")).await;
+    assert_eq!(status, StatusCode::OK, "the view has the order");
+    let path = format!("/orders/o-1?min_seq={}", seq + 100);
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let (http, url) = (setup.http.clone(), format!("{}{path}", setup.base));
+            tokio::spawn(async move { http.get(url).send().await.unwrap().status() })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let shed = setup
+        .http
+        .get(format!("{}{path}", setup.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: Value = shed.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    assert_eq!(body["error"]["retry_after_ms"], 1000, "{body}");
+    // A read that does not wait is served meanwhile.
+    let (status, _) = setup.get(&format!("/orders/o-1?min_seq={seq}")).await;
+    assert_eq!(status, StatusCode::OK);
+    for read in waiting {
+        assert_eq!(read.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
+    }
+    // The waiting reads gave their places back.
+    let (status, _) = setup.get(&path).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
 }
 
 #[tokio::test]

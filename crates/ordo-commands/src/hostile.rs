@@ -102,7 +102,7 @@ pub fn generate(endpoint: Endpoint, rng: &mut impl Rng) -> Hostile {
         kind,
     };
     let json = |value: &Value| serde_json::to_vec(value).expect("JSON");
-    match rng.random_range(0..9) {
+    match rng.random_range(0..10) {
         0 => {
             // Not JSON: random bytes, or valid JSON cut short.
             let text = json(&body);
@@ -189,6 +189,30 @@ pub fn generate(endpoint: Endpoint, rng: &mut impl Rng) -> Hostile {
                 .expect("not empty")
                 .to_owned()] = json!("surprise");
             hostile(json(&body), "an unknown field")
+        }
+        9 => {
+            // A string PostgreSQL's text and jsonb cannot hold (U+0000), among any other text,
+            // in the free-text field where there is one, else in an id.
+            let around: String = (0..rng.random_range(0..8))
+                .map(|_| rng.random::<char>())
+                .collect();
+            let at = around
+                .char_indices()
+                .map(|(i, _)| i)
+                .chain([around.len()])
+                .collect::<Vec<_>>();
+            let at = *at.choose(rng).expect("not empty");
+            let text = format!("{}\u{0}{}", &around[..at], &around[at..]);
+            let field = if body.get("reason").is_some() {
+                "reason"
+            } else {
+                id_fields
+                    .choose(rng)
+                    .expect("every subject has an id")
+                    .as_str()
+            };
+            body[field] = json!(text);
+            hostile(json(&body), "a string PostgreSQL cannot hold")
         }
         _ => {
             let bad = ["has space", "", &"x".repeat(200), "tab\there", "ünï"];

@@ -19,8 +19,7 @@ use sha2::{Digest, Sha256};
 
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// The longest command id accepted.
-pub const MAX_COMMAND_ID_LEN: usize = 128;
+pub use ordo_domain::ids::MAX_COMMAND_ID_LEN;
 /// Every public command subject starts with this: the commands applications may send.
 pub const SUBJECT_PREFIX: &str = "ordo.cmd";
 /// Every internal command subject starts with this: the saga's commands, a subject space of
@@ -893,19 +892,19 @@ mod tests {
         let stolen = parse(
             Endpoint::OrderCancel,
             br#"{"order_id":"nope"}"#,
-            Some("saga:victim-1:0:reserve"),
+            Some("saga:victim-1:reserve:A1"),
         )
         .unwrap_err();
         assert!(stolen.0.contains("are the saga's"), "{stolen}");
         let in_body = invalid(
             Endpoint::OrderShip,
-            r#"{"order_id":"o-1","command_id":"saga:o-1:2:confirm"}"#,
+            r#"{"order_id":"o-1","command_id":"saga:o-1:confirm"}"#,
         );
         assert!(in_body.contains("are the saga's"), "{in_body}");
         // The saga itself sends them, on internal subjects, from ordo's own account.
         let step = br#"{"sku":"A1","order_id":"o-1","qty":1}"#;
-        let reserve = parse(Endpoint::StockReserve, step, Some("saga:o-1:0:reserve")).unwrap();
-        assert_eq!(reserve.command_id, "saga:o-1:0:reserve");
+        let reserve = parse(Endpoint::StockReserve, step, Some("saga:o-1:reserve:A1")).unwrap();
+        assert_eq!(reserve.command_id, "saga:o-1:reserve:A1");
         let shop = Caller::Account("SHOP".into());
         let from_shop = super::parse(Endpoint::StockReserve, step, None, &shop).unwrap_err();
         assert!(from_shop.0.contains("internal command"), "{from_shop}");

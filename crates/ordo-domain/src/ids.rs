@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 /// The longest id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 64;
 
+/// The longest command id (`Nats-Msg-Id`) the command service takes, in bytes: room for a
+/// caller's scope and the saga's step ids.
+pub const MAX_COMMAND_ID_LEN: usize = 128;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{what} {value:?} is not a valid id: use 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'")]
 pub struct IdError {

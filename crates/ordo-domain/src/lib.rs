@@ -48,6 +48,10 @@ pub trait Aggregate: Send + Sync + 'static {
 
     /// Folds one event into the state. Events are facts: this never fails.
     fn evolve(state: Self::State, event: &Self::Event) -> Self::State;
+
+    /// Roughly how many bytes `state` takes in memory: what a cache of states weighs it at, so
+    /// that a cache bounded in bytes holds many small states or few large ones.
+    fn weight(state: &Self::State) -> usize;
 }
 
 /// What every domain event can say about itself.

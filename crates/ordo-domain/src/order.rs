@@ -131,6 +131,13 @@ impl Aggregate for OrderAggregate {
     type Command = OrderCommand;
     type Event = OrderEvent;
 
+    fn weight(state: &Option<Order>) -> usize {
+        // The struct and its ids, then each line with its SKU.
+        state
+            .as_ref()
+            .map_or(64, |order| 160 + order.lines.len() * 96)
+    }
+
     fn decide(state: &Option<Order>, command: &OrderCommand) -> Result<OrderEvent, Rejection> {
         use OrderStatus::*;
         let Some(order) = state else {

@@ -21,25 +21,40 @@
 //!
 //! A step that is about to run may have run already: a coordinator can die after sending it and
 //! before recording it. So when the saga is interrupted from outside (deadline, cancellation),
-//! its current step counts as possibly done and is undone too (a release or refund of something
-//! that never happened is a no-op, by the participants' barriers).
+//! its current step counts as possibly done and is undone too. A refund of a payment that never
+//! happened is a no-op (and bars a late authorisation, by the payment ledger). A reservation
+//! whose reserve has no answer is resolved before it is released: the reserve is sent again
+//! under its own command id, so that it is answered once and for all (it ran, or it runs now,
+//! or it is refused), and a late copy of it, run after the release, finds that answer recorded
+//! and holds nothing. The stock keeps no history of settled orders for that.
 //!
 //! Later events extend a plan: a cancelled order releases its stock and refunds; a shipped order
 //! deducts its reservations, also when the shipping arrives while the saga is still confirming.
 //! Notification is not a step: it cannot be undone, so the notifier reacts to the order's final
 //! events instead.
 //!
-//! Every step has a deterministic command id (`saga:<order>:<index>:<kind>`), so running a step
-//! again, after a crash or a lost reply, never acts twice.
+//! Every step has a deterministic command id that names what it does (`saga:<order>:release:<sku>`),
+//! so running a step again, after a crash or a lost reply, never acts twice, and one id is never
+//! two different commands: two coordinators that raced over a plan change may have planned
+//! different steps at one index, never different commands under one id.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{CustomerId, OrderId, Sku, order::OrderLine};
+use crate::{CustomerId, OrderId, Sku, ids::MAX_COMMAND_ID_LEN, order::OrderLine};
 
 /// The start of every command id a saga sends: reserved for the saga, so that no caller can
 /// store an outcome under a step's id before the step runs.
 pub const COMMAND_ID_PREFIX: &str = "saga:";
+
+/// The first 16 bytes of SHA-256 of `text`, in hex: names a text that cannot be an id token.
+fn short_digest(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(text.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// Unknown outcomes of a compensation (or a step after the confirm) after which the saga shows
 /// `compensation_stuck`. It keeps being retried; the state is there to be seen.
@@ -48,19 +63,40 @@ pub const STUCK_AFTER_ATTEMPTS: u32 = 6;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Step {
-    Reserve { sku: Sku, qty: u64 },
-    Authorize { amount_cents: u64 },
+    Reserve {
+        sku: Sku,
+        qty: u64,
+    },
+    /// The reserve of `sku` again, under its own command id, to learn whether it happened before
+    /// its reservation is released: the reserve is then answered, so a late copy of it (sent
+    /// before, run after the release) finds that answer and cannot hold stock for this order.
+    ResolveReserve {
+        sku: Sku,
+        qty: u64,
+    },
+    Authorize {
+        amount_cents: u64,
+    },
     Confirm,
-    Release { sku: Sku },
-    Refund { amount_cents: u64 },
-    Reject { reason: String },
-    Deduct { sku: Sku },
+    Release {
+        sku: Sku,
+    },
+    Refund {
+        amount_cents: u64,
+    },
+    Reject {
+        reason: String,
+    },
+    Deduct {
+        sku: Sku,
+    },
 }
 
 impl Step {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Reserve { .. } => "reserve",
+            Self::ResolveReserve { .. } => "resolve_reserve",
             Self::Authorize { .. } => "authorize",
             Self::Confirm => "confirm",
             Self::Release { .. } => "release",
@@ -70,11 +106,48 @@ impl Step {
         }
     }
 
+    /// The step's command id for `order`: it begins with [`COMMAND_ID_PREFIX`] (which the command
+    /// service refuses from anyone but the saga) and names the step by everything that makes it
+    /// the command it is, never by its place in a plan, so that one id is never two commands.
+    /// Within one order a SKU is reserved once, released or deducted once, and the amount is
+    /// always the order's total, so kind and SKU say it; a reject also carries its reason,
+    /// named by a digest. A SKU that would make the id too long is named by a digest too
+    /// (`#` never appears in a SKU, so the two forms cannot meet).
+    pub fn command_id(&self, order: &OrderId) -> String {
+        let kind = match self {
+            // The same command as the reserve it resolves.
+            Self::ResolveReserve { .. } => "reserve",
+            step => step.kind(),
+        };
+        let base = format!("{COMMAND_ID_PREFIX}{order}:{kind}");
+        match self {
+            Self::Reserve { sku, .. }
+            | Self::ResolveReserve { sku, .. }
+            | Self::Release { sku }
+            | Self::Deduct { sku } => {
+                let readable = format!("{base}:{sku}");
+                if readable.len() <= MAX_COMMAND_ID_LEN {
+                    readable
+                } else {
+                    format!("{base}#{}", short_digest(sku.as_str()))
+                }
+            }
+            Self::Authorize { amount_cents } | Self::Refund { amount_cents } => {
+                format!("{base}:{amount_cents}")
+            }
+            Self::Confirm => base,
+            Self::Reject { reason } => format!("{base}#{}", short_digest(reason)),
+        }
+    }
+
     /// Compensations undo; their business failures mean there was nothing (left) to undo.
     pub fn is_compensation(&self) -> bool {
         matches!(
             self,
-            Self::Release { .. } | Self::Refund { .. } | Self::Reject { .. }
+            Self::ResolveReserve { .. }
+                | Self::Release { .. }
+                | Self::Refund { .. }
+                | Self::Reject { .. }
         )
     }
 
@@ -266,14 +339,10 @@ impl Saga {
             .position(|planned| matches!(planned.state, StepState::Pending | StepState::Unknown))
     }
 
-    /// The command id of step `index`: the same every time the step runs. It begins with
-    /// [`COMMAND_ID_PREFIX`], which the command service refuses from anyone but the saga.
+    /// The command id of step `index`: the same every time the step runs, and the same for
+    /// the same step in any plan (see [`Step::command_id`]).
     pub fn command_id(&self, index: usize) -> String {
-        format!(
-            "{COMMAND_ID_PREFIX}{}:{index}:{}",
-            self.order_id,
-            self.steps[index].step.kind()
-        )
+        self.steps[index].step.command_id(&self.order_id)
     }
 
     /// True once a confirm may have been sent: from then on the saga only goes forward.
@@ -388,6 +457,27 @@ impl Saga {
         }
     }
 
+    /// The order was rejected by someone other than this saga (an operator's `order.reject`)
+    /// while the saga was still running, at the confirm or before it: the confirm can no longer
+    /// happen, so what was done is undone (releases, refund) and the saga ends rejected. A
+    /// reject the saga sent itself arrives while it compensates, and changes nothing.
+    pub fn order_rejected(mut self, reason: &str) -> Self {
+        let state = match self.state {
+            SagaState::CompensationStuck => self.stuck_from.unwrap_or(SagaState::Compensating),
+            state => state,
+        };
+        if state != SagaState::Running {
+            return self;
+        }
+        self.drop_pending(true);
+        self.steps.extend(self.undo_steps());
+        self.state = SagaState::Compensating;
+        self.reason = Some(format!("the order was rejected: {reason}"));
+        self.stuck_from = None;
+        self.stuck_on = None;
+        self.finish_if_done()
+    }
+
     /// The order shipped: its reservations leave the warehouse. A shipping that arrives while
     /// the confirm is still unanswered is kept and applied once the saga is confirmed.
     pub fn ship(mut self) -> Self {
@@ -396,7 +486,7 @@ impl Saga {
                 let deductions: Vec<PlannedStep> = self
                     .reserved_skus()
                     .into_iter()
-                    .map(|sku| PlannedStep::new(Step::Deduct { sku }))
+                    .map(|(sku, _)| PlannedStep::new(Step::Deduct { sku }))
                     .collect();
                 self.steps.extend(deductions);
                 self.state = SagaState::Shipping;
@@ -463,17 +553,19 @@ impl Saga {
         })
     }
 
-    /// SKUs whose reservation happened or may have happened, and that no later step of the plan
-    /// is known to have released or deducted.
-    fn reserved_skus(&self) -> Vec<Sku> {
-        let mut held: Vec<Sku> = Vec::new();
+    /// SKUs (with the quantity reserved) whose reservation happened or may have happened, and
+    /// that no later step of the plan is known to have released or deducted.
+    fn reserved_skus(&self) -> Vec<(Sku, u64)> {
+        let mut held: Vec<(Sku, u64)> = Vec::new();
         for planned in &self.steps {
             match &planned.step {
-                Step::Reserve { sku, .. } if planned.may_have_happened() => held.push(sku.clone()),
+                Step::Reserve { sku, qty } if planned.may_have_happened() => {
+                    held.push((sku.clone(), *qty))
+                }
                 Step::Release { sku } | Step::Deduct { sku }
                     if planned.state == StepState::Succeeded =>
                 {
-                    held.retain(|held| held != sku)
+                    held.retain(|(held, _)| held != sku)
                 }
                 _ => {}
             }
@@ -481,15 +573,28 @@ impl Saga {
         held
     }
 
+    /// Whether the reserve of `sku` has had its answer (from its first run or a resolve).
+    fn reserve_answered(&self, sku: &Sku) -> bool {
+        self.steps.iter().any(|planned| {
+            matches!(&planned.step, Step::Reserve { sku: reserved, .. } | Step::ResolveReserve { sku: reserved, .. } if reserved == sku)
+                && matches!(planned.state, StepState::Succeeded | StepState::Failed)
+        })
+    }
+
     /// Releases (in reverse order) and a refund for what happened or may have happened and is
-    /// not undone already.
+    /// not undone already. A reservation whose reserve has no answer is resolved first (the
+    /// reserve is sent again under its id) and then released.
     fn undo_steps(&self) -> Vec<PlannedStep> {
-        let mut undo: Vec<PlannedStep> = self
-            .reserved_skus()
-            .into_iter()
-            .rev()
-            .map(|sku| PlannedStep::new(Step::Release { sku }))
-            .collect();
+        let mut undo: Vec<PlannedStep> = Vec::new();
+        for (sku, qty) in self.reserved_skus().into_iter().rev() {
+            if !self.reserve_answered(&sku) {
+                undo.push(PlannedStep::new(Step::ResolveReserve {
+                    sku: sku.clone(),
+                    qty,
+                }));
+            }
+            undo.push(PlannedStep::new(Step::Release { sku }));
+        }
         let authorised = self.steps.iter().any(|planned| {
             matches!(planned.step, Step::Authorize { .. }) && planned.may_have_happened()
         });
@@ -655,8 +760,19 @@ mod specification {
         }
         let saga = saga.time_out();
         assert_eq!(saga.state, SagaState::Compensating);
-        // The reserve may have happened: it is released (a no-op if it never ran).
-        assert_eq!(next(&saga), Some(Step::Release { sku: sku("A1") }));
+        // The reserve may have happened: it is sent again under its id to learn whether it
+        // did (so that no copy of it can run later), then released.
+        assert_eq!(
+            next(&saga),
+            Some(Step::ResolveReserve {
+                sku: sku("A1"),
+                qty: 2
+            })
+        );
+        assert_eq!(
+            saga.command_id(saga.next_step().unwrap().0),
+            saga.command_id(0)
+        );
         assert_eq!(saga.reason.as_deref(), Some("timeout"));
     }
 
@@ -699,6 +815,10 @@ mod specification {
         assert_eq!(
             undo,
             [
+                Step::ResolveReserve {
+                    sku: sku("B2"),
+                    qty: 1
+                },
                 Step::Release { sku: sku("B2") },
                 Step::Release { sku: sku("A1") },
                 Step::Reject {
@@ -770,7 +890,13 @@ mod specification {
     #[test]
     fn the_deadline_rejects_a_running_saga_with_reason_timeout_after_compensating() {
         let saga = run(placed(), Outcome::Succeeded).time_out();
-        assert_eq!(next(&saga), Some(Step::Release { sku: sku("B2") }));
+        assert_eq!(
+            next(&saga),
+            Some(Step::ResolveReserve {
+                sku: sku("B2"),
+                qty: 1
+            })
+        );
         let saga = run_all_ok(saga);
         assert_eq!(
             (saga.state, saga.reason.as_deref()),
@@ -805,8 +931,14 @@ mod specification {
     #[test]
     fn cancelling_while_reserving_drops_the_rest_and_releases_what_was_reserved() {
         let saga = run(placed(), Outcome::Succeeded).cancel();
-        // B2's reserve was about to run, so it may have: released too (a no-op if not).
-        assert_eq!(next(&saga), Some(Step::Release { sku: sku("B2") }));
+        // B2's reserve was about to run, so it may have: resolved, then released.
+        assert_eq!(
+            next(&saga),
+            Some(Step::ResolveReserve {
+                sku: sku("B2"),
+                qty: 1
+            })
+        );
         assert_eq!(run_all_ok(saga).state, SagaState::Cancelled);
     }
 
@@ -862,6 +994,40 @@ mod specification {
     }
 
     #[test]
+    fn an_operators_reject_while_the_saga_stands_at_the_confirm_undoes_it_and_ends_rejected() {
+        let saga = run(
+            run(run(placed(), Outcome::Succeeded), Outcome::Succeeded),
+            Outcome::Succeeded,
+        );
+        // The confirm is refused: the order was rejected meanwhile.
+        let saga = run(saga, Outcome::Failed("order o-1 is rejected".into()));
+        assert_eq!(next(&saga), Some(Step::Confirm));
+        let mut saga = saga.order_rejected("fraud suspected");
+        let mut undo = Vec::new();
+        while let Some(step) = next(&saga) {
+            undo.push(step);
+            saga = run(saga, Outcome::Succeeded);
+        }
+        assert_eq!(
+            undo,
+            [
+                Step::Release { sku: sku("B2") },
+                Step::Release { sku: sku("A1") },
+                Step::Refund { amount_cents: 300 },
+            ],
+            "the stock and the charge are given back; no reject is sent again"
+        );
+        assert_eq!(saga.state, SagaState::Rejected);
+        assert_eq!(
+            saga.reason.as_deref(),
+            Some("the order was rejected: fraud suspected")
+        );
+        // The saga's own reject, arriving while it compensates or after, changes nothing.
+        let own = run(placed(), Outcome::Failed("out of stock".into()));
+        assert_eq!(own.clone().order_rejected("out of stock"), own);
+    }
+
+    #[test]
     fn a_cancellation_that_beat_the_reject_ends_the_saga_cancelled() {
         let saga = run(
             run(placed(), Outcome::Succeeded),
@@ -889,15 +1055,64 @@ mod specification {
     }
 
     #[test]
-    fn every_step_has_its_own_command_id_that_never_changes() {
+    fn a_steps_command_id_names_what_it_does_not_where_it_stands_in_the_plan() {
         let saga = run(placed(), Outcome::Failed("x".into()));
         let ids: Vec<String> = (0..saga.steps.len()).map(|i| saga.command_id(i)).collect();
-        assert_eq!(ids[0], "saga:o-1:0:reserve");
         assert_eq!(
-            ids.last().unwrap(),
-            &format!("saga:o-1:{}:reject", saga.steps.len() - 1)
+            ids[..4],
+            [
+                "saga:o-1:reserve:A1",
+                "saga:o-1:reserve:B2",
+                "saga:o-1:authorize:300",
+                "saga:o-1:confirm"
+            ]
         );
+        assert!(ids.last().unwrap().starts_with("saga:o-1:reject#"));
         let unique: std::collections::HashSet<&String> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
+        // The same release, wherever a plan puts it, is one command id.
+        let release = Step::Release { sku: sku("A1") };
+        assert_eq!(release.command_id(&saga.order_id), "saga:o-1:release:A1");
+        // Two rejects for different reasons are two commands.
+        let reject = |reason: &str| {
+            Step::Reject {
+                reason: reason.into(),
+            }
+            .command_id(&saga.order_id)
+        };
+        assert_ne!(reject("timeout"), reject("out of stock"));
+    }
+
+    #[test]
+    fn a_command_id_fits_the_command_service_whatever_the_ids_lengths() {
+        let long = "x".repeat(crate::ids::MAX_ID_LEN);
+        let order = OrderId::parse(long.clone()).unwrap();
+        let steps = [
+            Step::Reserve {
+                sku: Sku::parse(long.clone()).unwrap(),
+                qty: 1,
+            },
+            Step::Release {
+                sku: Sku::parse(long.clone()).unwrap(),
+            },
+            Step::Deduct {
+                sku: Sku::parse(long).unwrap(),
+            },
+            Step::Reject {
+                reason: "r".repeat(10_000),
+            },
+            Step::Authorize {
+                amount_cents: u64::MAX,
+            },
+            Step::Confirm,
+        ];
+        for step in steps {
+            let id = step.command_id(&order);
+            assert!(id.len() <= MAX_COMMAND_ID_LEN, "{id} is {} bytes", id.len());
+            assert!(
+                id.bytes().all(|b| b.is_ascii_graphic() && b != b'/'),
+                "{id}"
+            );
+        }
     }
 }

@@ -3,11 +3,13 @@
 //! until the outage ends leaves the saga, the order, the stock it holds and the payment in
 //! agreement (the chaos checker's `saga_order_stock_payment_agree`).
 //!
-//! The world is a small model of the participants with their real rules: the stock's release
-//! barrier, the payment's refund barrier, the order's state machine, and deduplication by
-//! command id (a step sent again returns its first answer).
+//! The world is a small model of the participants with their real rules: the stock (which
+//! keeps no history of settled orders), the payment's refund barrier, the order's state
+//! machine, and deduplication by command id (a step sent again returns its first answer). A
+//! step can also be delayed: sent, then run at some later point (a request that waited in a
+//! stalled command service), after whatever the saga did meanwhile.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use chrono::Utc;
 use ordo_domain::{
@@ -37,6 +39,11 @@ enum Fault {
     NotDelivered,
     /// The step runs, and the coordinator dies before it records anything.
     CoordinatorDies,
+    /// The step is sent and waits somewhere; it runs later (see `DelayedStepRuns`), and its
+    /// answer never reaches the coordinator.
+    Delayed,
+    /// The oldest delayed step runs now.
+    DelayedStepRuns,
     /// The step reaches the participant, who has no stock / declines (if it can).
     Refused,
     /// The saga's deadline fires.
@@ -55,6 +62,8 @@ fn fault() -> impl Strategy<Value = Fault> {
         2 => Just(Fault::ReplyLost),
         2 => Just(Fault::NotDelivered),
         1 => Just(Fault::CoordinatorDies),
+        1 => Just(Fault::Delayed),
+        1 => Just(Fault::DelayedStepRuns),
         1 => Just(Fault::Refused),
         1 => Just(Fault::Deadline),
         1 => Just(Fault::CustomerCancels),
@@ -68,13 +77,14 @@ struct World {
     order: Option<OrderStatus>,
     held: BTreeMap<Sku, u64>,
     deducted: BTreeMap<Sku, u64>,
-    settled: BTreeSet<Sku>,
     charged: bool,
     refunded: bool,
     /// Answers already given per command id: a repeat returns the first.
     answered: HashMap<String, Outcome>,
     /// Order events the saga has not taken in yet.
     undelivered: VecDeque<OrderStatus>,
+    /// Steps sent that have not run yet.
+    delayed: VecDeque<(String, Step)>,
 }
 
 impl World {
@@ -84,9 +94,9 @@ impl World {
             return first.clone();
         }
         let outcome = match step {
-            Step::Reserve { sku, qty } => {
-                if self.settled.contains(sku) || self.held.contains_key(sku) {
-                    Outcome::Failed("already released or reserved".into())
+            Step::Reserve { sku, qty } | Step::ResolveReserve { sku, qty } => {
+                if self.held.contains_key(sku) {
+                    Outcome::Failed("already reserved".into())
                 } else if refuse {
                     Outcome::Failed("insufficient stock".into())
                 } else {
@@ -94,19 +104,13 @@ impl World {
                     Outcome::Succeeded
                 }
             }
-            Step::Release { sku } => {
-                if self.settled.contains(sku) {
-                    Outcome::Failed("already released".into())
-                } else {
-                    self.held.remove(sku);
-                    self.settled.insert(sku.clone());
-                    Outcome::Succeeded
-                }
-            }
+            Step::Release { sku } => match self.held.remove(sku) {
+                Some(_) => Outcome::Succeeded,
+                None => Outcome::Failed("holds nothing to release".into()),
+            },
             Step::Deduct { sku } => match self.held.remove(sku) {
                 Some(qty) => {
                     self.deducted.insert(sku.clone(), qty);
-                    self.settled.insert(sku.clone());
                     Outcome::Succeeded
                 }
                 None => Outcome::Failed("nothing to deduct".into()),
@@ -197,6 +201,11 @@ fn drive(mut saga: Saga, world: &mut World, faults: &[Fault]) -> Saga {
                     saga = World::deliver(saga, event);
                 }
             }
+            Fault::DelayedStepRuns => {
+                if let Some((command_id, step)) = world.delayed.pop_front() {
+                    world.handle(&command_id, &step, false);
+                }
+            }
             step_fault => {
                 let Some((index, planned)) = saga.next_step() else {
                     continue;
@@ -204,6 +213,11 @@ fn drive(mut saga: Saga, world: &mut World, faults: &[Fault]) -> Saga {
                 let (step, command_id) = (planned.step.clone(), saga.command_id(index));
                 if let Fault::CoordinatorDies = step_fault {
                     world.handle(&command_id, &step, false);
+                    continue;
+                }
+                if let Fault::Delayed = step_fault {
+                    world.delayed.push_back((command_id, step));
+                    saga = saga.record(index, Outcome::Unknown("no answer yet".into()), Utc::now());
                     continue;
                 }
                 let outcome = match step_fault {
@@ -220,7 +234,8 @@ fn drive(mut saga: Saga, world: &mut World, faults: &[Fault]) -> Saga {
             }
         }
     }
-    // The outage ends: every event is taken in and every step answered.
+    // The outage ends: every event is taken in and every step answered; the steps still delayed
+    // run at the worst moment, after the saga settled.
     for _ in 0..200 {
         if let Some(event) = world.undelivered.pop_front() {
             saga = World::deliver(saga, event);
@@ -233,6 +248,9 @@ fn drive(mut saga: Saga, world: &mut World, faults: &[Fault]) -> Saga {
         let answer = world.handle(&command_id, &step, false);
         let outcome = world.resolve(&step, answer);
         saga = saga.record(index, outcome, Utc::now());
+    }
+    while let Some((command_id, step)) = world.delayed.pop_front() {
+        world.handle(&command_id, &step, false);
     }
     saga
 }
@@ -280,6 +298,97 @@ proptest! {
                 prop_assert!(world.held.is_empty(), "a {:?} order holds nothing: {:?}", order, world.held);
                 prop_assert!(world.deducted.is_empty());
                 prop_assert!(!world.charged || world.refunded, "and was refunded if charged");
+            }
+        }
+    }
+}
+
+/// One change to a saga's plan or one outcome of its current step.
+#[derive(Debug, Clone)]
+enum Change {
+    Outcome(u8),
+    TimeOut,
+    Cancel,
+    Ship,
+    RetryStuck,
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        6 => (0u8..3).prop_map(Change::Outcome),
+        1 => Just(Change::TimeOut),
+        1 => Just(Change::Cancel),
+        1 => Just(Change::Ship),
+        1 => Just(Change::RetryStuck),
+    ]
+}
+
+/// The command a step sends: a resolve sends the reserve it resolves.
+fn command_of(step: &Step) -> Step {
+    match step {
+        Step::ResolveReserve { sku, qty } => Step::Reserve {
+            sku: sku.clone(),
+            qty: *qty,
+        },
+        step => step.clone(),
+    }
+}
+
+/// Applies `changes` to `saga`, noting every step of every plan it passes through.
+fn apply(mut saga: Saga, changes: &[Change], seen: &mut Vec<(String, Step)>) -> Saga {
+    for change in changes {
+        saga = match change {
+            Change::Outcome(outcome) => match saga.next_step() {
+                Some((index, _)) => {
+                    let outcome = match outcome {
+                        0 => Outcome::Succeeded,
+                        1 => Outcome::Failed("refused".into()),
+                        _ => Outcome::Unknown("no answer".into()),
+                    };
+                    saga.record(index, outcome, Utc::now())
+                }
+                None => saga,
+            },
+            Change::TimeOut => saga.time_out(),
+            Change::Cancel => saga.cancel(),
+            Change::Ship => saga.ship(),
+            Change::RetryStuck => saga.retry_stuck(),
+        };
+        for index in 0..saga.steps.len() {
+            seen.push((saga.command_id(index), command_of(&saga.steps[index].step)));
+        }
+    }
+    saga
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Coordinators that raced from one stored version (one acting on a plan the other's save
+    /// replaced) may send the steps of different plans: whatever plans they came to, a command id
+    /// means one command, so that no step is refused (and counted done) as another's repeat.
+    #[test]
+    fn one_command_id_is_one_command_in_every_plan_a_saga_can_come_to(
+        shared in proptest::collection::vec(change(), 0..20),
+        forks in proptest::collection::vec(proptest::collection::vec(change(), 0..30), 2..4),
+        lines in 1usize..=3,
+    ) {
+        let lines: Vec<OrderLine> = ["A1", "B2", "C3"][..lines].iter().map(|sku| line(sku, 2)).collect();
+        let start = Saga::start(
+            OrderId::parse("o-1").unwrap(),
+            CustomerId::parse("c-1").unwrap(),
+            &lines,
+            600,
+        );
+        let mut seen = Vec::new();
+        let stored = apply(start, &shared, &mut seen);
+        for fork in &forks {
+            apply(stored.clone(), fork, &mut seen);
+        }
+        let mut commands: HashMap<String, Step> = HashMap::new();
+        for (id, step) in seen {
+            if let Some(earlier) = commands.insert(id.clone(), step.clone()) {
+                prop_assert_eq!(&earlier, &step, "command id {} named two commands", id);
             }
         }
     }

@@ -31,12 +31,18 @@ pub const SNAPSHOTS_STREAM: &str = crate::StreamId::Snapshots.name();
 /// An aggregate gets a snapshot every this many events.
 pub const SNAPSHOT_EVERY: u64 = 1_000;
 /// Bumped when a state's shape or its `evolve` changes: older snapshots are then ignored.
-const SNAPSHOT_FORMAT: u32 = 1;
+/// (2: snapshots name their stream's creation; a SKU's state keeps no settled orders.)
+const SNAPSHOT_FORMAT: u32 = 2;
 
-/// A snapshot as stored: the state after event `version` (stream sequence `last_seq`).
+/// A snapshot as stored: the state after event `version` (stream sequence `last_seq`) of the
+/// stream created at `stream_created`. A stream deleted and created again under the same name
+/// starts its sequences and versions over, so (version, sequence) alone could match an old
+/// snapshot to a new history; the creation time tells the two streams apart, as it does for the
+/// projectors' checkpoints.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Snapshot<S> {
     format: u32,
+    stream_created: chrono::DateTime<Utc>,
     version: u64,
     last_seq: u64,
     state: S,
@@ -46,8 +52,9 @@ fn snapshot_subject(category: &str, aggregate_id: &str) -> String {
     format!("ordo.snapshots.{category}.{aggregate_id}")
 }
 
-/// Aggregates kept in memory per aggregate type.
-const CACHE_CAPACITY: u64 = 100_000;
+/// Bytes of aggregate state kept in memory per aggregate type (each weighed by
+/// `Aggregate::weight`): many small states or a few large ones, never more than this.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LoadError {
@@ -122,6 +129,8 @@ pub struct EventStore {
     client: async_nats::Client,
     js: jetstream::Context,
     streams: Arc<HashMap<String, Stream>>,
+    /// When each opened stream was created: its identity, which snapshots must name.
+    created: Arc<HashMap<String, chrono::DateTime<Utc>>>,
     snapshots: Option<Stream>,
     request_timeout: Duration,
 }
@@ -134,12 +143,18 @@ impl EventStore {
     ) -> Result<Self, LoadError> {
         let js = jetstream::new(client.clone());
         let mut streams = HashMap::new();
+        let mut created = HashMap::new();
         for id in streams_used {
             let name = id.name();
             let stream = js
                 .get_stream(name)
                 .await
                 .map_err(|err| LoadError::Unavailable(format!("stream {name}: {err}")))?;
+            let nanos = stream.cached_info().created.unix_timestamp_nanos();
+            created.insert(
+                name.to_owned(),
+                chrono::DateTime::from_timestamp_nanos(nanos as i64),
+            );
             streams.insert(name.to_owned(), stream);
         }
         // Optional: without it, every cold load replays the whole history.
@@ -148,6 +163,7 @@ impl EventStore {
             client,
             js,
             streams: Arc::new(streams),
+            created: Arc::new(created),
             snapshots,
             request_timeout: Duration::from_secs(2),
         })
@@ -251,7 +267,7 @@ impl EventStore {
     }
 
     /// `from` with the events after it up to `last` folded in; `None` when an event's version
-    /// does not follow.
+    /// does not follow. A long history is folded as it is read, never held whole in memory.
     async fn fold_after<A: Aggregate>(
         &self,
         stream: &str,
@@ -260,13 +276,15 @@ impl EventStore {
         last: &RecordedEvent,
     ) -> Result<Option<Loaded<A>>, LoadError> {
         let remaining = last.envelope.version.saturating_sub(from.version);
+        if remaining > DIRECT_GET_MAX_EVENTS {
+            return self
+                .fold_by_ordered_consumer(stream, subject, from, last.seq)
+                .await;
+        }
         let events = if remaining == 0 {
             Vec::new()
-        } else if remaining <= DIRECT_GET_MAX_EVENTS {
-            self.read_by_direct_get(stream, subject, from.last_seq, last)
-                .await?
         } else {
-            self.read_by_ordered_consumer(stream, subject, from.last_seq + 1, last.seq)
+            self.read_by_direct_get(stream, subject, from.last_seq, last)
                 .await?
         };
         let mut loaded = from;
@@ -279,7 +297,8 @@ impl EventStore {
         Ok((loaded.last_seq == last.seq).then_some(loaded))
     }
 
-    /// The aggregate's latest snapshot, if there is one that this build can read.
+    /// The aggregate's latest snapshot, if there is one that this build can read and that was
+    /// taken of the stream as it is now (not of one deleted and created again since).
     async fn snapshot<A: Aggregate>(&self, aggregate_id: &str) -> Option<Loaded<A>> {
         let snapshots = self.snapshots.as_ref()?;
         let message = snapshots
@@ -287,7 +306,10 @@ impl EventStore {
             .await
             .ok()?;
         let snapshot: Snapshot<A::State> = serde_json::from_slice(&message.payload).ok()?;
-        (snapshot.format == SNAPSHOT_FORMAT).then_some(Loaded {
+        let stream_created = *self.created.get(stream_of::<A>())?;
+        let usable =
+            snapshot.format == SNAPSHOT_FORMAT && snapshot.stream_created == stream_created;
+        usable.then_some(Loaded {
             state: snapshot.state,
             version: snapshot.version,
             last_seq: snapshot.last_seq,
@@ -297,13 +319,18 @@ impl EventStore {
     }
 
     /// Writes `loaded` as the aggregate's latest snapshot. A snapshot that cannot be written
-    /// (too large, NATS busy) only means a longer replay later.
+    /// (too large, NATS busy) means a longer replay later: a warning and
+    /// `ordo_snapshots_not_saved_total`, not an error of the command that triggered it.
     pub async fn save_snapshot<A: Aggregate>(&self, aggregate_id: &str, loaded: &Loaded<A>) {
         if self.snapshots.is_none() {
             return;
         }
+        let Some(&stream_created) = self.created.get(stream_of::<A>()) else {
+            return;
+        };
         let snapshot = Snapshot {
             format: SNAPSHOT_FORMAT,
+            stream_created,
             version: loaded.version,
             last_seq: loaded.last_seq,
             state: &loaded.state,
@@ -311,6 +338,7 @@ impl EventStore {
         let Ok(payload) = serde_json::to_vec(&snapshot) else {
             return;
         };
+        let payload_len = payload.len();
         let subject = snapshot_subject(A::CATEGORY, aggregate_id);
         let saved = async {
             self.js
@@ -319,10 +347,26 @@ impl EventStore {
                 .await
                 .map_err(async_nats::Error::from)
         };
+        let size = payload_len;
+        let not_saved = |reason: &'static str, error: String| {
+            tracing::warn!(
+                subject,
+                version = loaded.version,
+                bytes = size,
+                error,
+                "snapshot not saved; the next cold load of this aggregate replays its events"
+            );
+            metrics::counter!(
+                "ordo_snapshots_not_saved_total",
+                "category" => A::CATEGORY,
+                "reason" => reason,
+            )
+            .increment(1);
+        };
         match tokio::time::timeout(self.request_timeout, saved).await {
             Ok(Ok(_)) => tracing::debug!(subject, version = loaded.version, "snapshot saved"),
-            Ok(Err(err)) => tracing::debug!(subject, %err, "snapshot not saved"),
-            Err(_) => tracing::debug!(subject, "snapshot not saved in time"),
+            Ok(Err(err)) => not_saved("refused", err.to_string()),
+            Err(_) => not_saved("timeout", "no acknowledgement in time".into()),
         }
     }
 
@@ -348,27 +392,29 @@ impl EventStore {
         Ok(events)
     }
 
-    async fn read_by_ordered_consumer(
+    /// `from` with the events of `subject` from sequence `from.last_seq + 1` up to `last_seq`
+    /// folded in as an ordered consumer streams them; `None` when a version does not follow.
+    async fn fold_by_ordered_consumer<A: Aggregate>(
         &self,
         stream: &str,
         subject: &str,
-        start_seq: u64,
+        from: Loaded<A>,
         last_seq: u64,
-    ) -> Result<Vec<RecordedEvent>, LoadError> {
+    ) -> Result<Option<Loaded<A>>, LoadError> {
         let unavailable = |err: &dyn std::fmt::Display| LoadError::Unavailable(err.to_string());
         let consumer = self
             .stream(stream)
             .create_consumer(OrderedConfig {
                 filter_subject: subject.to_owned(),
                 deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start_seq,
+                    start_sequence: from.last_seq + 1,
                 },
                 ..Default::default()
             })
             .await
             .map_err(|err| unavailable(&err))?;
         let mut messages = consumer.messages().await.map_err(|err| unavailable(&err))?;
-        let mut events = Vec::new();
+        let mut loaded = from;
         while let Some(message) = messages.next().await {
             let message = message.map_err(|err| unavailable(&err))?;
             let seq = message
@@ -382,16 +428,20 @@ impl EventStore {
                     source,
                 }
             })?;
-            events.push(RecordedEvent {
+            if envelope.version != loaded.version + 1 {
+                return Ok(None);
+            }
+            let recorded = RecordedEvent {
                 subject: subject.to_owned(),
                 seq,
                 envelope,
-            });
+            };
+            loaded = loaded.then(&decode::<A::Event>(&recorded)?, seq);
             if seq >= last_seq {
                 break;
             }
         }
-        Ok(events)
+        Ok((loaded.last_seq == last_seq).then_some(loaded))
     }
 
     /// Appends `event` as the aggregate's next event, if nothing was appended since `loaded`.
@@ -537,7 +587,13 @@ impl<A: Aggregate> Repository<A> {
     pub fn new(store: EventStore) -> Self {
         Self {
             store,
-            cache: Cache::new(CACHE_CAPACITY),
+            cache: Cache::builder()
+                .max_capacity(CACHE_BYTES)
+                .weigher(|aggregate_id: &String, loaded: &Loaded<A>| {
+                    let bytes = aggregate_id.len() + A::weight(&loaded.state);
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .build(),
         }
     }
 

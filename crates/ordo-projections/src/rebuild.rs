@@ -3,12 +3,16 @@
 //! 1. A fresh schema `view_<name>_next` gets the view's tables; every event of the stream, from
 //!    the first, is applied to it (same batches, retries and parking as the live projector),
 //!    while the live view keeps serving and updating.
-//! 2. The swap locks the live `checkpoints` table, which pauses the live projector between
-//!    batches; the new view catches up to at least the live checkpoint (a view never goes back),
-//!    and the two schemas are renamed in one transaction. The old schema is dropped afterwards.
-//! 3. Parked events of the projection that applied this time are no longer parked (a rebuild is
+//! 2. The new view catches up with the live one without any lock, round after round, until it
+//!    is within a batch of the live checkpoint (events keep coming while it replays).
+//! 3. The swap locks the live `checkpoints` table against writes (`EXCLUSIVE`: reads go on, so
+//!    the API keeps answering), which pauses the live projector between batches; the new view
+//!    applies the last few events to reach at least the live checkpoint (a view never goes
+//!    back), and the two schemas are renamed in one transaction. The old schema is dropped
+//!    afterwards.
+//! 4. Parked events of the projection that applied this time are no longer parked (a rebuild is
 //!    how a parked event is retried once its cause is fixed).
-//! 4. A live projector caught in the middle of a batch finds its checkpoint fenced, starts a new
+//! 5. A live projector caught in the middle of a batch finds its checkpoint fenced, starts a new
 //!    term and goes on from the new view's checkpoint. The fence is on the view's generation
 //!    (its schema's object id, new with every rebuild) as well as on the checkpoint value, which
 //!    the new view may share with the old one: a batch whose rows went to the old view rolls
@@ -28,6 +32,10 @@ use crate::{
     runtime::{Fetched, ProjectorError, stream_identity},
     schema::{self, checkpoint, ensure_view, live_schema},
 };
+
+/// Rounds of catching up with the live view before the swap locks it: enough for any stream
+/// whose replay is faster than its writes, and a bound for one whose is not.
+const MAX_CATCH_UP_ROUNDS: usize = 20;
 
 /// Where a rebuild is: events applied to the new view, and the stream's head when it started.
 #[derive(Debug, Clone, Copy)]
@@ -52,8 +60,6 @@ pub async fn rebuild<P: Projection>(
     mut progress: impl FnMut(Progress),
 ) -> Result<Rebuilt, ProjectorError> {
     let started = Instant::now();
-    let rebuild_began: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let live = live_schema::<P>();
     let next = format!("{live}_next");
     ensure_view::<P>(pool, &live).await?;
@@ -63,6 +69,12 @@ pub async fn rebuild<P: Projection>(
     .execute(pool)
     .await?;
     ensure_view::<P>(pool, &next).await?;
+    // What an earlier rebuild that did not finish parked in its new view.
+    sqlx::query("DELETE FROM parked_events WHERE projection = $1 AND parked_in = $2")
+        .bind(P::NAME)
+        .bind(&next)
+        .execute(pool)
+        .await?;
     let (created, target) = stream_identity(js, P::STREAM).await?;
     sqlx::query(AssertSqlSafe(format!(
         "UPDATE {next}.checkpoints SET stream_created = $2 WHERE stream = $1"
@@ -83,10 +95,28 @@ pub async fn rebuild<P: Projection>(
         progress(Progress { applied, target });
     }
 
-    // The swap: the live projector waits at its next checkpoint update while this holds the lock.
+    // Near the live view before the lock, so that the lock is held for a few events only.
+    for _ in 0..MAX_CATCH_UP_ROUNDS {
+        let live_checkpoint = checkpoint::<P>(pool, &live).await?;
+        if live_checkpoint <= applied + batch_size as u64 {
+            break;
+        }
+        while applied < live_checkpoint {
+            applied = replay
+                .apply_next_batch(&projector, &next, applied, batch_size)
+                .await?;
+            progress(Progress {
+                applied,
+                target: target.max(live_checkpoint),
+            });
+        }
+    }
+
+    // The swap: the live projector waits at its next checkpoint update while this holds the
+    // lock; readers of the checkpoint do not wait.
     let mut swap = pool.begin().await?;
     sqlx::query(AssertSqlSafe(format!(
-        "LOCK TABLE {live}.checkpoints IN ACCESS EXCLUSIVE MODE"
+        "LOCK TABLE {live}.checkpoints IN EXCLUSIVE MODE"
     )))
     .execute(&mut *swap)
     .await?;
@@ -116,11 +146,17 @@ pub async fn rebuild<P: Projection>(
     )))
     .execute(&mut *swap)
     .await?;
-    // A rebuild is the retry of parked events: those that failed again were parked anew
-    // during it; the others now apply and are no longer parked.
-    sqlx::query("DELETE FROM parked_events WHERE projection = $1 AND parked_at < $2")
+    // A rebuild is the retry of parked events: the new view parked those that failed again;
+    // every other (parked in the old view, before or while the rebuild ran) it applied.
+    sqlx::query("DELETE FROM parked_events WHERE projection = $1 AND parked_in <> $2")
         .bind(P::NAME)
-        .bind(rebuild_began)
+        .bind(&next)
+        .execute(&mut *swap)
+        .await?;
+    sqlx::query("UPDATE parked_events SET parked_in = $3 WHERE projection = $1 AND parked_in = $2")
+        .bind(P::NAME)
+        .bind(&next)
+        .bind(&live)
         .execute(&mut *swap)
         .await?;
     swap.commit().await?;

@@ -433,11 +433,13 @@ impl<P: Projection> Projector<P> {
         // Once an event of an aggregate is parked, its later events cannot apply either (their
         // versions do not follow): park them at once rather than stall the view retrying.
         let earlier_parked: bool = sqlx::query_scalar(
-            "SELECT exists(SELECT 1 FROM public.parked_events WHERE projection = $1 AND subject = $2 AND seq < $3)",
+            "SELECT exists(SELECT 1 FROM public.parked_events
+                           WHERE projection = $1 AND subject = $2 AND seq < $3 AND parked_in = $4)",
         )
         .bind(P::NAME)
         .bind(&event.subject)
         .bind(event.seq as i64)
+        .bind(schema)
         .fetch_one(&self.pool)
         .await?;
         let attempts = if earlier_parked {
@@ -462,9 +464,9 @@ impl<P: Projection> Projector<P> {
         metrics::counter!("ordo_projection_parked_total", "projection" => P::NAME).increment(1);
         let (mut tx, generation) = self.begin(schema).await?;
         sqlx::query(
-            "INSERT INTO public.parked_events (projection, stream, seq, subject, event_type, reason, attempts, payload)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (projection, stream, seq) DO UPDATE
+            "INSERT INTO public.parked_events (projection, stream, seq, subject, event_type, reason, attempts, payload, parked_in)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (projection, stream, seq, parked_in) DO UPDATE
              SET reason = excluded.reason, attempts = excluded.attempts, parked_at = now()",
         )
         .bind(P::NAME)
@@ -475,6 +477,7 @@ impl<P: Projection> Projector<P> {
         .bind(&reason)
         .bind(self.config.max_attempts as i32)
         .bind(String::from_utf8_lossy(&event.payload).into_owned())
+        .bind(schema)
         .execute(&mut *tx)
         .await?;
         advance_checkpoint::<P>(&mut tx, &generation, checkpoint, checkpoint + 1).await?;

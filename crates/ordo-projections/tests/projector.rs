@@ -746,3 +746,74 @@ async fn a_rebuild_retries_parked_events_and_clears_those_that_now_apply() {
     assert!(setup.parked().await.is_empty());
     setup.stock_view_matches_the_stream().await;
 }
+
+/// An event the live projector parks while a rebuild runs is applied by the rebuild (whose new
+/// view does not have the cause): once the new view serves, it is no longer parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_live_view_parked_during_a_rebuild_that_applied_it_is_no_longer_parked() {
+    let setup = Setup::start().await;
+    let _stock = setup.projector::<StockView>();
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .await;
+    setup.caught_up::<StockView>().await;
+
+    let (rebuild_began, began) = tokio::sync::oneshot::channel::<()>();
+    let (live_parked, parked) = std::sync::mpsc::channel::<()>();
+    let (pool, client) = (setup.pool().clone(), setup.engine.client.clone());
+    let live = tokio::spawn(async move {
+        began.await.unwrap();
+        // A row that should not be there makes B2's first event fail in the live view only.
+        sqlx::query(
+            "INSERT INTO view_stock.stock (sku, on_hand, reserved, version, updated_at, last_seq)
+             VALUES ('B2', 0, 0, 1, now(), 0)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        client
+            .request(
+                "ordo.cmd.stock.receive",
+                json!({"sku": "B2", "qty": 4}).to_string().into(),
+            )
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_events")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            if parked == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the live view never parked it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        live_parked.send(()).unwrap();
+    });
+
+    let js = jetstream::new(setup.engine.client.clone());
+    let mut rebuild_began = Some(rebuild_began);
+    rebuild::<StockView>(setup.pool(), &js, ProjectorConfig::default(), |_| {
+        // After the first batch of the replay, the rebuild waits until the live view parked.
+        if let Some(began) = rebuild_began.take() {
+            began.send(()).unwrap();
+            parked
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the live view parked the event");
+        }
+    })
+    .await
+    .unwrap();
+    live.await.unwrap();
+    let parked = setup.parked().await;
+    assert!(
+        parked.is_empty(),
+        "still parked after the rebuild applied it: {parked:?}"
+    );
+    setup.stock_view_matches_the_stream().await;
+}

@@ -18,11 +18,18 @@
 //! - The deadline bounds what can hang, not time spent queued inside ordo: it starts at the
 //!   first step before the confirm that has no answer, and once it passes, a saga that has not
 //!   reached the confirm compensates with reason `timeout`.
+//! - One clock decides: leases, retries and the deadline are written and compared in PostgreSQL's
+//!   `now()`, never a coordinator's clock, and a plan the deadline changed is saved (version-fenced)
+//!   before its first compensation is sent.
 //! - The confirm is the pivot: an answer other than `ok` is resolved by reading the order's
 //!   last event from the stream leader (not a replica that may lag): confirmed or shipped means
 //!   the confirm happened.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::{DateTime, Utc};
@@ -43,7 +50,10 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use crate::payment::{PaymentError, PaymentGateway};
+use crate::{
+    payment::{PaymentError, PaymentGateway},
+    unreadable::{self, ReadEvent, Unreadable},
+};
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -60,6 +70,28 @@ pub struct CoordinatorConfig {
     pub in_flight: usize,
     /// How often an idle coordinator looks for due sagas (new ones wake it at once).
     pub poll: Duration,
+    /// The time this coordinator stamps on what it only shows (a step's last attempt). Leases,
+    /// retries and the deadline are never read from it: they are PostgreSQL's `now()`, the one
+    /// clock every coordinator shares, so that a coordinator whose clock is off cannot end
+    /// another's lease early or see a deadline pass that has not.
+    pub clock: Clock,
+}
+
+/// A coordinator's own clock: the system's, or one set off from it (to test that a coordinator
+/// whose clock is wrong still decides by PostgreSQL's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Clock {
+    offset: chrono::TimeDelta,
+}
+
+impl Clock {
+    pub fn skewed(offset: chrono::TimeDelta) -> Self {
+        Self { offset }
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        Utc::now() + self.offset
+    }
 }
 
 impl CoordinatorConfig {
@@ -80,6 +112,7 @@ impl Default for CoordinatorConfig {
             retry_cap: Duration::from_secs(10),
             in_flight: 256,
             poll: Duration::from_millis(50),
+            clock: Clock::default(),
         }
     }
 }
@@ -122,7 +155,9 @@ const CLAIM_BATCH: usize = 64;
 struct Claimed {
     saga: Saga,
     version: i64,
-    deadline: Option<DateTime<Utc>>,
+    /// Whether the saga's deadline had passed, by PostgreSQL's clock, when it was last read or
+    /// written.
+    deadline_passed: bool,
     /// The order's trace (its OrderPlaced event's `traceparent`): every step continues it.
     traceparent: Option<String>,
     /// When the order was placed: the time to settle it is counted from there.
@@ -223,9 +258,23 @@ impl<G: PaymentGateway> Coordinator<G> {
             backoff.reset();
             for (message, taken_in) in messages.iter().zip(taken_in) {
                 let ack = match taken_in {
-                    TakenIn::Done => AckKind::Ack,
-                    // The saga's OrderPlaced is not in yet (another coordinator holds it).
-                    TakenIn::TooEarly => AckKind::Nak(Some(Duration::from_millis(200))),
+                    TakenIn::Done => {
+                        unreadable::handled(&self.pool, CONSUMER, message).await;
+                        AckKind::Ack
+                    }
+                    // The saga's OrderPlaced is not in yet (another coordinator holds it, or
+                    // it is held back unreadable): asked again less and less often.
+                    TakenIn::TooEarly => {
+                        let deliveries = message.info().map_or(1, |info| info.delivered);
+                        AckKind::Nak(Some(unreadable::redelivery_delay(
+                            Duration::from_millis(200),
+                            deliveries,
+                        )))
+                    }
+                    TakenIn::Unreadable(why) => {
+                        unreadable::hold_back(&self.pool, CONSUMER, message, &why).await;
+                        continue;
+                    }
                 };
                 if let Err(err) = message.ack_with(ack).await {
                     // Redelivered after ack_wait; taking it in again changes nothing.
@@ -249,26 +298,27 @@ impl<G: PaymentGateway> Coordinator<G> {
         &self,
         messages: &[jetstream::Message],
     ) -> Result<(Vec<TakenIn>, Vec<Claimed>), CoordinatorError> {
-        let events: Vec<Option<(OrderId, OrderEvent, DateTime<Utc>)>> = messages
+        let events: Vec<Result<ReadEvent, Unreadable>> = messages
             .iter()
-            .map(|message| order_event(&message.payload))
+            .map(|message| unreadable::read_order_event(&message.payload))
             .collect();
         let mut starts: BTreeMap<String, (Saga, DateTime<Utc>, Option<String>)> = BTreeMap::new();
         for (message, event) in messages.iter().zip(&events) {
-            if let Some((
+            if let Ok(ReadEvent {
                 order_id,
-                OrderEvent::OrderPlaced {
-                    customer_id,
-                    lines,
-                    total_cents,
-                    ..
-                },
-                at,
-            )) = event
+                envelope,
+                event:
+                    OrderEvent::OrderPlaced {
+                        customer_id,
+                        lines,
+                        total_cents,
+                        ..
+                    },
+            }) = event
             {
                 let saga = Saga::start(order_id.clone(), customer_id.clone(), lines, *total_cents);
                 let traceparent = trace::traceparent(&trace::extract(message.headers.as_ref()));
-                starts.insert(order_id.to_string(), (saga, *at, traceparent));
+                starts.insert(order_id.to_string(), (saga, envelope.at, traceparent));
             }
         }
         let mut new_sagas = Vec::new();
@@ -304,7 +354,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                     new_sagas.push(Claimed {
                         saga,
                         version: 0,
-                        deadline: None,
+                        deadline_passed: false,
                         traceparent,
                         placed_at,
                     });
@@ -314,14 +364,28 @@ impl<G: PaymentGateway> Coordinator<G> {
         let mut taken_in = Vec::with_capacity(events.len());
         for event in events {
             taken_in.push(match event {
-                Some((order_id, OrderEvent::OrderCancelled { .. }, _)) => {
-                    self.extend(&order_id, Saga::cancel).await?
+                Ok(ReadEvent {
+                    order_id,
+                    event: OrderEvent::OrderCancelled { .. },
+                    ..
+                }) => self.extend(&order_id, Saga::cancel).await?,
+                Ok(ReadEvent {
+                    order_id,
+                    event: OrderEvent::OrderShipped {},
+                    ..
+                }) => self.extend(&order_id, Saga::ship).await?,
+                Ok(ReadEvent {
+                    order_id,
+                    event: OrderEvent::OrderRejected { reason },
+                    ..
+                }) => {
+                    self.extend(&order_id, |saga| saga.order_rejected(&reason))
+                        .await?
                 }
-                Some((order_id, OrderEvent::OrderShipped {}, _)) => {
-                    self.extend(&order_id, Saga::ship).await?
-                }
-                // Started above; the saga's own doings; not an order event at all.
-                _ => TakenIn::Done,
+                // Not acknowledged: acking would lose a saga's start or its cancellation.
+                Err(why) => TakenIn::Unreadable(why),
+                // Started above; the saga's own doings.
+                Ok(_) => TakenIn::Done,
             });
         }
         Ok((taken_in, new_sagas))
@@ -330,7 +394,7 @@ impl<G: PaymentGateway> Coordinator<G> {
     async fn extend(
         &self,
         order_id: &OrderId,
-        change: fn(Saga) -> Saga,
+        change: impl FnOnce(Saga) -> Saga,
     ) -> Result<TakenIn, CoordinatorError> {
         let mut tx = self.pool.begin().await?;
         let Some(saga) = load_for_update(&mut tx, order_id.as_str()).await? else {
@@ -339,7 +403,7 @@ impl<G: PaymentGateway> Coordinator<G> {
         let changed = change(saga.clone());
         if changed != saga {
             // A coordinator driving the saga now finds its version moved and lets it go.
-            save(&mut *tx, &changed, None, Some(Utc::now()), None).await?;
+            save(&mut *tx, &changed, None, Some(Duration::ZERO), None).await?;
         }
         tx.commit().await?;
         Ok(TakenIn::Done)
@@ -406,7 +470,8 @@ impl<G: PaymentGateway> Coordinator<G> {
                    WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= now()
                    ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) due
              WHERE s.order_id = due.order_id
-             RETURNING s.order_id, s.data, s.deadline_at, s.version, s.traceparent, s.started_at",
+             RETURNING s.order_id, s.data, coalesce(s.deadline_at <= now(), false) AS deadline_passed,
+                       s.version, s.traceparent, s.started_at",
         )
         .bind(limit as i64)
         .bind(self.config.lease().as_secs_f64())
@@ -418,7 +483,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                 Ok(saga) => claimed.push(Claimed {
                     saga,
                     version: row.get("version"),
-                    deadline: row.get("deadline_at"),
+                    deadline_passed: row.get("deadline_passed"),
                     traceparent: row.get("traceparent"),
                     placed_at: row.get("started_at"),
                 }),
@@ -445,17 +510,21 @@ impl<G: PaymentGateway> Coordinator<G> {
     /// next step is sent, until the saga finishes, waits for a retry, or is no longer ours.
     async fn drive(&self, mut claimed: Claimed, saves: &Saves) {
         loop {
-            let now = Utc::now();
-            if claimed.saga.state == SagaState::Running
-                && claimed.deadline.is_some_and(|deadline| deadline <= now)
-            {
-                tracing::info!(order_id = %claimed.saga.order_id, "saga deadline passed; compensating");
+            let state_before = claimed.saga.state;
+            let mut next_attempt_in = None;
+            let mut start_deadline_in = None;
+            let mut keep_driving = false;
+            if claimed.saga.state == SagaState::Running && claimed.deadline_passed {
                 claimed.saga = claimed.saga.time_out();
             }
-            let state_before = claimed.saga.state;
-            let mut next_attempt = None;
-            let mut keep_driving = false;
-            if let Some((index, planned)) = claimed.saga.next_step() {
+            if claimed.saga.state != state_before {
+                // Timed out: the compensation plan is saved before any of it is sent, as every
+                // plan change is. A coordinator that lost the saga meanwhile (its save is
+                // refused) must not act on a plan that no one saved.
+                tracing::info!(order_id = %claimed.saga.order_id, "saga deadline passed; compensating");
+                keep_driving = true;
+                next_attempt_in = Some(self.config.lease());
+            } else if let Some((index, planned)) = claimed.saga.next_step() {
                 let step = planned.step.clone();
                 let span = tracing::info_span!(
                     "saga_step",
@@ -492,18 +561,19 @@ impl<G: PaymentGateway> Coordinator<G> {
                 let unknown = matches!(outcome, Outcome::Unknown(_));
                 let before_pivot =
                     claimed.saga.state == SagaState::Running && !claimed.saga.reached_pivot();
-                if unknown && before_pivot && claimed.deadline.is_none() {
-                    claimed.deadline = Some(Utc::now() + chrono_duration(self.config.saga_timeout));
+                if unknown && before_pivot {
+                    // The deadline starts at the first unanswered step; a later one keeps it.
+                    start_deadline_in = Some(self.config.saga_timeout);
                 }
-                claimed.saga = claimed.saga.record(index, outcome, Utc::now());
+                claimed.saga = claimed.saga.record(index, outcome, self.config.clock.now());
                 let attempts = claimed.saga.steps[index].attempts;
                 if claimed.saga.next_step().is_some() {
                     keep_driving = !unknown;
-                    next_attempt = Some(if unknown {
-                        Utc::now() + self.backoff(attempts)
+                    next_attempt_in = Some(if unknown {
+                        self.backoff(attempts)
                     } else {
                         // Still leased: this coordinator goes on with the next step.
-                        Utc::now() + chrono_duration(self.config.lease())
+                        self.config.lease()
                     });
                 }
             }
@@ -511,13 +581,16 @@ impl<G: PaymentGateway> Coordinator<G> {
                 .save(
                     &claimed.saga,
                     claimed.version,
-                    next_attempt,
-                    claimed.deadline,
+                    next_attempt_in,
+                    start_deadline_in,
                 )
                 .await
             {
-                Ok(true) => claimed.version += 1,
-                Ok(false) => {
+                Ok(Some(Written { deadline_passed })) => {
+                    claimed.version += 1;
+                    claimed.deadline_passed = deadline_passed;
+                }
+                Ok(None) => {
                     // Changed meanwhile (cancelled, shipped, or claimed by another coordinator
                     // after the lease ran out): whoever changed it made it due again.
                     tracing::debug!(order_id = %claimed.saga.order_id, "saga changed meanwhile; let go");
@@ -549,23 +622,24 @@ impl<G: PaymentGateway> Coordinator<G> {
         }
     }
 
-    fn backoff(&self, attempts: u32) -> chrono::Duration {
+    fn backoff(&self, attempts: u32) -> Duration {
         let exponential = self.config.retry_base.saturating_mul(1 << attempts.min(16));
         let capped = exponential.min(self.config.retry_cap);
         // Full jitter: anywhere between half and all of it, so retries do not move in step.
-        let jittered = capped.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-        chrono::Duration::from_std(jittered).unwrap_or_default()
+        capped.mul_f64(0.5 + rand::random::<f64>() * 0.5)
     }
 
     /// Runs one step; `trace` is the step span's context, passed on to the command it sends.
     async fn run_step(&self, saga: &Saga, index: usize, step: &Step, trace: &Context) -> Outcome {
         let order_id = saga.order_id.clone();
         let request = match step {
-            Step::Reserve { sku, qty } => CommandRequest::ReserveStock {
-                sku: sku.clone(),
-                order_id,
-                qty: *qty,
-            },
+            Step::Reserve { sku, qty } | Step::ResolveReserve { sku, qty } => {
+                CommandRequest::ReserveStock {
+                    sku: sku.clone(),
+                    order_id,
+                    qty: *qty,
+                }
+            }
             Step::Release { sku } => CommandRequest::ReleaseStock {
                 sku: sku.clone(),
                 order_id,
@@ -695,7 +769,7 @@ impl<G: PaymentGateway> Coordinator<G> {
             return Ok(None);
         };
         let saga = saga.retry_stuck();
-        save(&mut *tx, &saga, None, Some(Utc::now()), None).await?;
+        save(&mut *tx, &saga, None, Some(Duration::ZERO), None).await?;
         tx.commit().await?;
         Ok(Some(saga.state))
     }
@@ -711,6 +785,7 @@ fn outcome_text(outcome: &Outcome) -> &str {
 enum TakenIn {
     Done,
     TooEarly,
+    Unreadable(Unreadable),
 }
 
 /// An outcome's name in metrics and spans.
@@ -763,45 +838,51 @@ async fn load_for_update(
         .transpose()
 }
 
-/// A saga's row as `save` and `save_batches` write it: `next_attempt_at` is when a coordinator
-/// should run it next (none once finished); the deadline bounds only the steps before the
-/// confirm, and is kept once set.
+/// A saga's row as `save` and `save_batches` write it: `next_attempt_in` is how long from now
+/// a coordinator should run it next (never, once finished); `start_deadline_in` starts the
+/// deadline that bounds the steps before the confirm, if none has started. Every time is counted
+/// from PostgreSQL's `now()`, never from a coordinator's clock.
 fn saga_row(
     saga: &Saga,
     expected: Option<i64>,
-    next_attempt_at: Option<DateTime<Utc>>,
-    deadline: Option<DateTime<Utc>>,
+    next_attempt_in: Option<Duration>,
+    start_deadline_in: Option<Duration>,
 ) -> Value {
+    let next_attempt_in = next_attempt_in.filter(|_| saga.state.is_active());
     json!({
         "order_id": saga.order_id.as_str(),
         "state": saga.state.as_str(),
         "steps": steps_json(saga),
         "reason": saga.shown_reason(),
         "data": saga,
-        "next_attempt_at": if saga.state.is_active() { next_attempt_at } else { None },
+        "next_attempt_in": next_attempt_in.map(|d| d.as_secs_f64()),
         "before_pivot": saga.state == SagaState::Running && !saga.reached_pivot(),
         "expected": expected,
-        "deadline_at": deadline,
+        "deadline_in": start_deadline_in.map(|d| d.as_secs_f64()),
     })
 }
 
 /// Writes the rows (of `saga_row`) whose version is still the one expected (any version when
-/// none is) and returns the (order id, expected version) of each row written. The version tells
-/// apart two rows of one saga in one batch (two drivers of it in one coordinator, after a lease
-/// ran out): only the one whose version matches is written, and only it may be told so.
+/// none is) and returns, for each row written, its order id, the version expected and whether
+/// its deadline has passed. The version tells apart two rows of one saga in one batch (two
+/// drivers of it in one coordinator, after a lease ran out): only the one whose version matches
+/// is written, and only it may be told so. A running saga is never due later than its deadline,
+/// so that the claim's one range scan finds both retries and deadlines.
 const SAVE_SAGAS: &str = "
     UPDATE sagas s SET state = u.state, steps = u.steps, reason = u.reason, data = u.data,
            updated_at = now(),
-           deadline_at = coalesce(s.deadline_at, u.deadline_at),
-           next_attempt_at = CASE WHEN u.before_pivot
-                                  THEN least(u.next_attempt_at, coalesce(s.deadline_at, u.deadline_at))
-                                  ELSE u.next_attempt_at END,
+           deadline_at = coalesce(s.deadline_at, now() + make_interval(secs => u.deadline_in)),
+           next_attempt_at = CASE
+               WHEN u.before_pivot
+               THEN least(now() + make_interval(secs => u.next_attempt_in),
+                          coalesce(s.deadline_at, now() + make_interval(secs => u.deadline_in)))
+               ELSE now() + make_interval(secs => u.next_attempt_in) END,
            version = s.version + 1
     FROM jsonb_to_recordset($1) AS u(order_id text, state text, steps jsonb, reason text,
-                                     data jsonb, next_attempt_at timestamptz,
-                                     before_pivot boolean, expected bigint, deadline_at timestamptz)
+                                     data jsonb, next_attempt_in float8, before_pivot boolean,
+                                     expected bigint, deadline_in float8)
     WHERE s.order_id = u.order_id AND (u.expected IS NULL OR s.version = u.expected)
-    RETURNING s.order_id, u.expected";
+    RETURNING s.order_id, u.expected, coalesce(s.deadline_at <= now(), false)";
 
 /// Writes one saga, if its version is still `expected` (any version when `None`), and says
 /// whether it did.
@@ -809,15 +890,22 @@ async fn save(
     executor: impl sqlx::PgExecutor<'_>,
     saga: &Saga,
     expected: Option<i64>,
-    next_attempt_at: Option<DateTime<Utc>>,
-    deadline: Option<DateTime<Utc>>,
+    next_attempt_in: Option<Duration>,
+    start_deadline_in: Option<Duration>,
 ) -> Result<bool, sqlx::Error> {
-    let row = saga_row(saga, expected, next_attempt_at, deadline);
-    let saved: Vec<(String, Option<i64>)> = sqlx::query_as(SAVE_SAGAS)
+    let row = saga_row(saga, expected, next_attempt_in, start_deadline_in);
+    let saved: Vec<(String, Option<i64>, bool)> = sqlx::query_as(SAVE_SAGAS)
         .bind(Value::Array(vec![row]))
         .fetch_all(executor)
         .await?;
     Ok(!saved.is_empty())
+}
+
+/// A saga's save went in.
+#[derive(Debug, PartialEq, Eq)]
+struct Written {
+    /// Its deadline has passed, by PostgreSQL's clock.
+    deadline_passed: bool,
 }
 
 /// The driving tasks' way to [`save_batches`].
@@ -828,23 +916,23 @@ struct SaveRequest {
     order_id: String,
     expected: i64,
     row: Value,
-    saved: oneshot::Sender<Result<bool, String>>,
+    saved: oneshot::Sender<Result<Option<Written>, String>>,
 }
 
 impl Saves {
-    /// Saves `saga` if its version is still `expected`; says whether it did.
+    /// Saves `saga` if its version is still `expected`; says whether it did (`None`: it moved).
     async fn save(
         &self,
         saga: &Saga,
         expected: i64,
-        next_attempt_at: Option<DateTime<Utc>>,
-        deadline: Option<DateTime<Utc>>,
-    ) -> Result<bool, String> {
+        next_attempt_in: Option<Duration>,
+        start_deadline_in: Option<Duration>,
+    ) -> Result<Option<Written>, String> {
         let (saved, answer) = oneshot::channel();
         let request = SaveRequest {
             order_id: saga.order_id.to_string(),
             expected,
-            row: saga_row(saga, Some(expected), next_attempt_at, deadline),
+            row: saga_row(saga, Some(expected), next_attempt_in, start_deadline_in),
             saved,
         };
         self.0
@@ -861,15 +949,21 @@ async fn save_batches(pool: PgPool, mut requests: mpsc::Receiver<SaveRequest>) {
     let mut batch = Vec::new();
     while requests.recv_many(&mut batch, SAVE_BATCH).await > 0 {
         let rows = Value::Array(batch.iter().map(|request| request.row.clone()).collect());
-        let result: Result<Vec<(String, Option<i64>)>, sqlx::Error> =
+        let result: Result<Vec<(String, Option<i64>, bool)>, sqlx::Error> =
             sqlx::query_as(SAVE_SAGAS).bind(rows).fetch_all(&pool).await;
         metrics::histogram!("ordo_saga_save_batch_size").record(batch.len() as f64);
         match result {
             Ok(saved) => {
-                let saved: std::collections::HashSet<(String, Option<i64>)> =
-                    saved.into_iter().collect();
+                let saved: HashMap<(String, Option<i64>), bool> = saved
+                    .into_iter()
+                    .map(|(order_id, expected, deadline_passed)| {
+                        ((order_id, expected), deadline_passed)
+                    })
+                    .collect();
                 for request in batch.drain(..) {
-                    let written = saved.contains(&(request.order_id, Some(request.expected)));
+                    let written = saved
+                        .get(&(request.order_id, Some(request.expected)))
+                        .map(|&deadline_passed| Written { deadline_passed });
                     let _ = request.saved.send(Ok(written));
                 }
             }
@@ -884,24 +978,6 @@ async fn save_batches(pool: PgPool, mut requests: mpsc::Receiver<SaveRequest>) {
 
 /// Saga saves written per statement, at most.
 const SAVE_BATCH: usize = 256;
-
-fn chrono_duration(duration: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(duration).unwrap_or(chrono::Duration::MAX)
-}
-
-/// The order id, event and time of an order event, if it is one.
-fn order_event(payload: &[u8]) -> Option<(OrderId, OrderEvent, DateTime<Utc>)> {
-    let Ok(envelope) = EventEnvelope::from_bytes(payload) else {
-        tracing::warn!("not an order event; the saga coordinator ignores it");
-        return None;
-    };
-    let Ok(event) = envelope.decode::<OrderEvent>() else {
-        tracing::warn!(event_type = %envelope.event_type, "unreadable order event; ignored by the saga");
-        return None;
-    };
-    let order_id = OrderId::parse(envelope.aggregate_id.clone()).ok()?;
-    Some((order_id, event, envelope.at))
-}
 
 #[cfg(test)]
 mod tests {
@@ -922,6 +998,48 @@ mod tests {
             &[line],
             100,
         )
+    }
+
+    /// A coordinator whose saga's deadline passed saves the compensation plan before it sends
+    /// any of it: if the save is refused (another coordinator moved the saga meanwhile), it
+    /// sends nothing, so that no compensation runs from a plan that no one saved.
+    #[tokio::test]
+    async fn a_plan_the_deadline_changed_is_saved_before_any_of_it_is_sent() {
+        let server = ordo_testkit::NatsServer::start();
+        let nats = server.client().await;
+        let mut sent = nats.subscribe("ordo.>").await.unwrap();
+        nats.flush().await.unwrap();
+        let nowhere = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .unwrap();
+        let coordinator = Coordinator::new(
+            nowhere,
+            nats.clone(),
+            crate::SimulatedGateway::default(),
+            CoordinatorConfig::default(),
+        );
+        // Its reserve of A1 went unanswered, and the deadline has passed.
+        let saga = saga("o-1").record(0, Outcome::Unknown("no answer".into()), Utc::now());
+        let claimed = Claimed {
+            saga,
+            version: 3,
+            deadline_passed: true,
+            traceparent: None,
+            placed_at: Utc::now(),
+        };
+        let (sender, mut requests) = mpsc::channel(8);
+        let driving = tokio::spawn(async move { coordinator.drive(claimed, &Saves(sender)).await });
+        let first = requests.recv().await.expect("a save");
+        assert_eq!(first.row["state"], "compensating", "{}", first.row);
+        assert_eq!(first.expected, 3);
+        first.saved.send(Ok(None)).unwrap();
+        driving.await.unwrap();
+        let anything = tokio::time::timeout(Duration::from_millis(300), sent.next()).await;
+        assert!(
+            anything.is_err(),
+            "sent before the plan was saved: {:?}",
+            anything.unwrap().map(|m| m.subject)
+        );
     }
 
     /// Two drivers of one saga in one coordinator (the first one's lease ran out and the saga
@@ -950,10 +1068,18 @@ mod tests {
         let saves = Saves(sender);
         // Queued before the saver looks, so that both go in one statement.
         let (first, second) = tokio::join!(
-            saves.save(&current, 6, Some(Utc::now()), None),
-            saves.save(&current, 7, Some(Utc::now()), None),
+            saves.save(&current, 6, Some(Duration::ZERO), None),
+            saves.save(&current, 7, Some(Duration::ZERO), None),
         );
-        assert_eq!((first, second), (Ok(false), Ok(true)));
+        assert_eq!(
+            (first, second),
+            (
+                Ok(None),
+                Ok(Some(Written {
+                    deadline_passed: false
+                }))
+            )
+        );
         let version: i64 = sqlx::query_scalar("SELECT version FROM sagas WHERE order_id = 'o-1'")
             .fetch_one(&pool)
             .await

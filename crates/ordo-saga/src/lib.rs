@@ -6,6 +6,8 @@
 //! - [`payment`]: the pluggable payment gateway and its simulation.
 //! - [`notifier`]: [`Notifier`], one notification per (order, kind), published on NATS and to an
 //!   optional webhook.
+//! - [`unreadable`]: order events this build cannot read (a newer schema) are held back, not
+//!   acknowledged, and shown.
 //!
 //! The rules themselves (which step comes next, what an outcome means) are pure, in
 //! `ordo_domain::saga`.
@@ -13,7 +15,8 @@
 pub mod coordinator;
 pub mod notifier;
 pub mod payment;
+pub mod unreadable;
 
-pub use coordinator::{Coordinator, CoordinatorConfig};
+pub use coordinator::{Clock, Coordinator, CoordinatorConfig};
 pub use notifier::{Notifier, NotifierConfig};
 pub use payment::{PaymentGateway, SimulatedGateway};

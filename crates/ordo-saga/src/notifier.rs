@@ -12,11 +12,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use ordo_domain::order::{OrderAggregate, OrderEvent};
-use ordo_eventstore::{EventEnvelope, EventStore, StreamId, backoff::Backoff, trace};
+use ordo_eventstore::{EventStore, StreamId, backoff::Backoff, trace};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::unreadable::{self, ReadEvent};
 
 #[derive(Debug, Clone)]
 pub struct NotifierConfig {
@@ -163,8 +165,17 @@ impl Notifier {
                     trace_id = tracing::field::Empty,
                 );
                 trace::follow(&span, trace::extract(message.headers.as_ref()));
-                match self.handle(&message.payload).instrument(span).await {
+                let read = match unreadable::read_order_event(&message.payload) {
+                    Ok(read) => read,
+                    Err(why) => {
+                        // Not acknowledged: acking would mean a customer never told.
+                        unreadable::hold_back(&self.pool, CONSUMER, &message, &why).await;
+                        return;
+                    }
+                };
+                match self.handle(read).instrument(span).await {
                     Ok(()) => {
+                        unreadable::handled(&self.pool, CONSUMER, &message).await;
                         let _ = message.ack().await;
                     }
                     Err(err) => {
@@ -179,13 +190,10 @@ impl Notifier {
         Ok(())
     }
 
-    async fn handle(&self, payload: &[u8]) -> Result<(), NotifierError> {
-        let Ok(envelope) = EventEnvelope::from_bytes(payload) else {
-            return Ok(());
-        };
-        let Ok(event) = envelope.decode::<OrderEvent>() else {
-            return Ok(());
-        };
+    async fn handle(&self, read: ReadEvent) -> Result<(), NotifierError> {
+        let ReadEvent {
+            envelope, event, ..
+        } = read;
         let (kind, reason) = match event {
             OrderEvent::OrderConfirmed {} => ("confirmed", None),
             OrderEvent::OrderRejected { reason } => ("rejected", Some(reason)),

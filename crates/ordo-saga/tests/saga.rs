@@ -14,8 +14,8 @@ use ordo_domain::{
 use ordo_eventstore::EventStore;
 use ordo_harness::Engine;
 use ordo_saga::{
-    Coordinator, CoordinatorConfig, Notifier, NotifierConfig, PaymentGateway, SimulatedGateway,
-    payment::PaymentError,
+    Clock, Coordinator, CoordinatorConfig, Notifier, NotifierConfig, PaymentGateway,
+    SimulatedGateway, payment::PaymentError,
 };
 use ordo_testkit::TestDatabase;
 use serde_json::Value;
@@ -426,6 +426,90 @@ async fn the_deadline_never_undoes_an_order_whose_confirm_may_have_been_sent() {
     assert_eq!(setup.stock("A1").await, (5, 2));
 }
 
+/// A payment gateway whose first authorisation of each order goes unanswered (the saga's
+/// deadline starts) and whose calls take a while; it counts the calls in flight per order.
+#[derive(Clone, Default)]
+struct SlowFirstUnanswered {
+    calls: Arc<std::sync::Mutex<HashMap<String, (u32, u32)>>>,
+    most_at_once: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl PaymentGateway for SlowFirstUnanswered {
+    async fn authorize(&self, order_id: &OrderId, _: u64) -> Result<(), PaymentError> {
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            let (made, in_flight) = calls.entry(order_id.to_string()).or_default();
+            *made += 1;
+            *in_flight += 1;
+            self.most_at_once
+                .fetch_max(*in_flight, std::sync::atomic::Ordering::SeqCst);
+            *made == 1
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        self.calls
+            .lock()
+            .unwrap()
+            .get_mut(order_id.as_str())
+            .unwrap()
+            .1 -= 1;
+        if first {
+            Err(PaymentError::Unavailable("no answer".into()))
+        } else {
+            Ok(())
+        }
+    }
+    async fn refund(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+        Ok(())
+    }
+}
+
+/// Two coordinators whose clocks are an hour off either way decide by PostgreSQL's clock: no
+/// deadline passes early (every order confirms, none is compensated), and no lease ends early
+/// (no saga is driven by both at once, which would let one compensate while the other confirms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_with_skewed_clocks_decide_by_one_clock() {
+    let setup = Setup::start().await;
+    let gateway = SlowFirstUnanswered::default();
+    let skewed = |hours: i64| CoordinatorConfig {
+        saga_timeout: Duration::from_secs(20),
+        clock: Clock::skewed(chrono::TimeDelta::hours(hours)),
+        ..quick()
+    };
+    let _behind = setup.coordinator(gateway.clone(), skewed(-1));
+    let _ahead = setup.coordinator(gateway.clone(), skewed(1));
+    setup.receive("A1", 100).await;
+    let orders: Vec<String> = (0..12).map(|i| format!("skew-{i}")).collect();
+    for order_id in &orders {
+        setup.place(order_id, &[("A1", 1)]).await;
+    }
+    for order_id in &orders {
+        setup.saga_ends(order_id, "confirmed").await;
+        assert_eq!(setup.order_status(order_id).await, OrderStatus::Confirmed);
+    }
+    assert_eq!(
+        setup.stock("A1").await,
+        (100, 12),
+        "every order holds its stock"
+    );
+    assert_eq!(
+        setup.stock_events("StockReleased").await,
+        0,
+        "nothing was compensated"
+    );
+    assert_eq!(
+        gateway
+            .most_at_once
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "no saga was driven by two coordinators at once"
+    );
+    let calls = gateway.calls.lock().unwrap();
+    assert!(
+        orders.iter().all(|order_id| calls[order_id].0 == 2),
+        "each order was authorised once more after its unanswered first try: {calls:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_between_reservation_and_confirmation_is_resumed_by_another() {
     let setup = Setup::start().await;
@@ -727,4 +811,167 @@ async fn a_saga_row_that_cannot_be_read_is_set_aside_visibly_and_the_others_go_o
             .unwrap();
     assert_eq!(next_attempt, None, "not claimed again and again");
     assert!(reason.unwrap().starts_with("unreadable saga state"));
+}
+
+/// An order event as a newer build would write it: schema 99, which this build cannot read.
+async fn publish_newer_schema(setup: &Setup, order_id: &str, event_type: &str, version: u64) {
+    let envelope = serde_json::json!({
+        "id": "0190e2b4-0000-7000-8000-000000000000", "type": event_type, "schema": 99,
+        "aggregate_id": order_id, "version": version, "at": chrono::Utc::now(),
+        "command_id": format!("newer-{order_id}-{version}"), "correlation_id": "newer",
+        "causation_id": null, "data": {"in_a_shape": "this build has never seen"}
+    });
+    jetstream::new(setup.client.clone())
+        .publish(
+            format!("ordo.order.events.{order_id}"),
+            envelope.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// (deliveries so far, messages not acknowledged) of a durable consumer on the orders stream.
+async fn consumer_state(setup: &Setup, name: &str) -> (u64, usize) {
+    let stream = jetstream::new(setup.client.clone())
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
+        .await
+        .unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer = stream.get_consumer(name).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    (info.delivered.consumer_sequence, info.num_ack_pending)
+}
+
+async fn unreadable_events(setup: &Setup, consumer: &str) -> Vec<(String, Option<i64>, i64)> {
+    sqlx::query_as(
+        "SELECT subject, schema, deliveries FROM unreadable_events WHERE consumer = $1 ORDER BY seq",
+    )
+    .bind(consumer)
+    .fetch_all(setup.pool())
+    .await
+    .unwrap()
+}
+
+/// During a rolling upgrade a newer build writes an order's events in a schema this build cannot
+/// read. Acknowledging them would lose the order's saga for good; they are held back instead
+/// (delivered again, less and less often), shown, and the other orders go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledged() {
+    let setup = Setup::start().await;
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    let _notifier = setup.notifier().await;
+    setup.receive("A1", 5).await;
+    publish_newer_schema(&setup, "o-newer", "OrderPlaced", 1).await;
+    publish_newer_schema(&setup, "o-newer", "OrderConfirmed", 2).await;
+    setup.place("o-1", &[("A1", 1)]).await;
+    setup.saga_ends("o-1", "confirmed").await;
+    assert_eq!(
+        setup.notifications("o-1").await,
+        [("confirmed".into(), "sent".into())]
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while unreadable_events(&setup, "ordo-saga").await.len() < 2
+        || unreadable_events(&setup, "ordo-notifier").await.is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never shown as unreadable"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shown = unreadable_events(&setup, "ordo-saga").await;
+    assert_eq!(shown[0].0, "ordo.order.events.o-newer");
+    assert_eq!(shown[0].1, Some(99));
+    assert_eq!(
+        setup.saga("o-newer").await,
+        None,
+        "no saga from an event it cannot read"
+    );
+    let (_, saga_pending) = consumer_state(&setup, "ordo-saga").await;
+    let (_, notifier_pending) = consumer_state(&setup, "ordo-notifier").await;
+    assert!(
+        saga_pending >= 2,
+        "the saga acknowledged an event it cannot read"
+    );
+    assert!(
+        notifier_pending >= 1,
+        "the notifier acknowledged an event it cannot read"
+    );
+
+    // Held back, not hammered: each is delivered again less and less often (with a fixed
+    // 200 ms pause, three seconds would take some 15 deliveries each).
+    let (before, _) = consumer_state(&setup, "ordo-saga").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after, _) = consumer_state(&setup, "ordo-saga").await;
+    assert!(
+        after - before <= 8,
+        "{} deliveries of two held-back events in 3 s",
+        after - before
+    );
+    // And the others still go on.
+    setup.place("o-2", &[("A1", 1)]).await;
+    setup.saga_ends("o-2", "confirmed").await;
+}
+
+/// A payment gateway that holds every authorisation until it is let go, and counts refunds.
+#[derive(Clone, Default)]
+struct HeldAuthorizations {
+    release: Arc<tokio::sync::Notify>,
+    refunds: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl PaymentGateway for HeldAuthorizations {
+    async fn authorize(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+        self.release.notified().await;
+        Ok(())
+    }
+    async fn refund(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+        self.refunds
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// An operator rejects an order while its saga is paying for it, and the saga then stands at
+/// a confirm that can never happen: it gives the stock and the charge back and ends rejected,
+/// rather than retrying the confirm for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_reject_while_the_saga_runs_gives_back_the_stock_and_the_charge() {
+    let setup = Setup::start().await;
+    let gateway = HeldAuthorizations::default();
+    let _coordinator = setup.coordinator(gateway.clone(), quick());
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while setup.stock("A1").await != (5, 2) {
+        assert!(std::time::Instant::now() < deadline, "never reserved");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    setup
+        .engine
+        .accepted(&CommandRequest::RejectOrder {
+            order_id: OrderId::parse("o-1").unwrap(),
+            reason: "fraud suspected".into(),
+        })
+        .await;
+    gateway.release.notify_waiters();
+    gateway.release.notify_one();
+    let reason = setup.saga_ends("o-1", "rejected").await;
+    assert_eq!(
+        reason.as_deref(),
+        Some("the order was rejected: fraud suspected")
+    );
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Rejected);
+    assert_eq!(
+        setup.stock("A1").await,
+        (5, 0),
+        "the reservation was released"
+    );
+    assert_eq!(
+        gateway.refunds.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the charge was refunded"
+    );
 }

@@ -54,6 +54,17 @@ struct Cli {
     )]
     http_addr: SocketAddr,
 
+    /// Reads that may wait at once for a view to reach their `min_seq`; past it, a read that
+    /// would wait is answered 503 with `Retry-After` (each waiting read holds a connection and
+    /// memory for up to 5 s).
+    #[arg(
+        long,
+        env = "ORDO_HTTP_MAX_WAITING_READS",
+        default_value_t = ordo_api::DEFAULT_MAX_WAITING_READS,
+        global = true
+    )]
+    http_max_waiting_reads: usize,
+
     /// Serve this process's metrics (Prometheus text, `GET /metrics`) on this address. `ordo up`
     /// and `ordo run api` also serve them on the API's address.
     #[arg(long, env = "ORDO_METRICS_ADDR", global = true)]
@@ -447,6 +458,7 @@ fn spawn_component(
                 "api",
                 components::api(
                     cli.http_addr,
+                    cli.http_max_waiting_reads,
                     pool(),
                     nats.clone(),
                     cli.streams.clone(),

@@ -693,7 +693,7 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
         &shop,
         "ordo.cmd.order.cancel",
         &json!({"order_id": "nope"}),
-        with_id("saga:victim-1:0:reserve"),
+        with_id("saga:victim-1:reserve:A1"),
     )
     .await
     .unwrap();

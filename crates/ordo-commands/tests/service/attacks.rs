@@ -103,7 +103,7 @@ async fn the_saga_s_command_ids_cannot_be_taken_on_public_subjects() {
         .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
         .await;
     // The id the saga will give the first reservation of order victim-1.
-    let predicted = "saga:victim-1:0:reserve";
+    let predicted = "saga:victim-1:reserve:A1";
     let taken = engine
         .request_with_id(
             "ordo.cmd.order.cancel",

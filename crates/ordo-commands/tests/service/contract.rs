@@ -506,3 +506,59 @@ async fn ten_thousand_hostile_requests_are_all_invalid_command_append_nothing_an
         .await;
     assert_eq!(outcome(&reply), "ok");
 }
+
+/// Every text an accepted command carries is one every view and table can hold: PostgreSQL's
+/// `text` and `jsonb` refuse U+0000, so whatever a client writes in a reason, the command is
+/// refused as invalid or the reason goes through PostgreSQL unchanged.
+#[tokio::test]
+async fn every_reason_a_command_is_accepted_with_round_trips_through_postgresql() {
+    use ordo_commands::wire::{Caller, Command, Endpoint, parse};
+    use ordo_domain::order::OrderCommand;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    let database = ordo_testkit::TestDatabase::create().await;
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let (mut accepted, mut refused) = (0, 0);
+    for _ in 0..3000 {
+        let reason: String = (0..rng.random_range(0..12))
+            .map(|_| {
+                if rng.random_bool(0.05) {
+                    '\0'
+                } else {
+                    rng.random::<char>()
+                }
+            })
+            .collect();
+        for endpoint in [Endpoint::OrderCancel, Endpoint::OrderReject] {
+            let body = serde_json::to_vec(&json!({"order_id": "o-1", "reason": reason})).unwrap();
+            let Ok(parsed) = parse(endpoint, &body, None, &Caller::OwnAccount) else {
+                refused += 1;
+                continue;
+            };
+            accepted += 1;
+            let carried = match parsed.command {
+                Command::Order(OrderCommand::Cancel { reason, .. }) => reason.unwrap_or_default(),
+                Command::Order(OrderCommand::Reject { reason, .. }) => reason,
+                other => panic!("{other:?}"),
+            };
+            let (text, in_jsonb): (String, String) = sqlx::query_as(
+                "SELECT $1::text, jsonb_build_object('reason', $1::text) ->> 'reason'",
+            )
+            .bind(&carried)
+            .fetch_one(database.pool())
+            .await
+            .unwrap_or_else(|err| {
+                panic!("{carried:?} was accepted but PostgreSQL refuses it: {err}")
+            });
+            assert_eq!(
+                (text.as_str(), in_jsonb.as_str()),
+                (carried.as_str(), carried.as_str())
+            );
+        }
+    }
+    // Both sides of the property were exercised.
+    assert!(
+        accepted > 1000 && refused > 500,
+        "accepted {accepted}, refused {refused}"
+    );
+}

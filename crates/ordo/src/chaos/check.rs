@@ -607,7 +607,7 @@ mod tests {
                 "StockReserved",
                 "A1",
                 2,
-                "saga:o-1:0:reserve",
+                "saga:o-1:reserve:A1",
                 json!({"order_id": "o-1", "qty": 2}),
             ),
             event(
@@ -616,7 +616,7 @@ mod tests {
                 "StockReleased",
                 "A1",
                 3,
-                "saga:o-2:2:release",
+                "saga:o-2:release:A1",
                 json!({"order_id": "o-2", "qty": 0}),
             ),
         ];
@@ -645,7 +645,7 @@ mod tests {
                 "OrderConfirmed",
                 "o-1",
                 2,
-                "saga:o-1:2:confirm",
+                "saga:o-1:confirm",
                 json!({}),
             ),
             event(
@@ -654,7 +654,7 @@ mod tests {
                 "OrderRejected",
                 "o-2",
                 2,
-                "saga:o-2:3:reject",
+                "saga:o-2:reject#2d7e1d4c8d1b3a5f",
                 json!({"reason": "insufficient stock"}),
             ),
         ];
@@ -819,7 +819,7 @@ mod tests {
             "StockReleased",
             "A1",
             4,
-            "saga:o-1:3:release",
+            "saga:o-1:release:A1",
             json!({"order_id": "o-1", "qty": 2}),
         ));
         observed.stock_view[0] = StockRow {

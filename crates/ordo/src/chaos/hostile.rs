@@ -119,7 +119,7 @@ pub async fn attack(
                 } else {
                     format!("o-{seed:x}-{}-{}", rng.random_range(0..16), n)
                 };
-                let id = format!("saga:{order}:{}:{kind}", rng.random_range(0..4));
+                let id = format!("saga:{order}:{kind}:sku-{}", rng.random_range(0..4));
                 let reply = request(
                     shop,
                     "ordo.cmd.order.cancel",
