@@ -237,3 +237,125 @@ pub async fn long_history(
         cached,
     })
 }
+
+/// A SKU that served many orders, each reserved and then released or shipped, against a SKU
+/// with one event (the baseline, measured after the same restart).
+pub struct SettledHistory {
+    pub orders: usize,
+    pub written: Duration,
+    /// The SKU's snapshot as stored, in bytes (`None`: none was written).
+    pub snapshot_bytes: Option<usize>,
+    /// The first command on it after the command services restart.
+    pub after_restart: Duration,
+    /// The first command on a SKU with one event after the same restart.
+    pub baseline_after_restart: Duration,
+    /// Resident memory of the command services (summed) right after the restart, and after the
+    /// command on the settled SKU.
+    pub resident_before_mib: f64,
+    pub resident_after_mib: f64,
+}
+
+/// Writes one SKU's history of `orders` orders (UUID ids), each reserved then released or
+/// deducted, straight into `ORDO_STOCK`; one command on it leaves a snapshot; then the command
+/// services restart and the first command on it is timed against one on a fresh SKU.
+pub async fn settled_history(
+    servers: &Servers,
+    orders: usize,
+    services: &mut Vec<Ordo>,
+) -> anyhow::Result<SettledHistory> {
+    use ordo_domain::{OrderId, stock::StockEvent};
+    let js = jetstream::new(servers.client.clone());
+    let started = Instant::now();
+    let mut events = vec![StockEvent::StockReceived {
+        qty: 2 * orders as u64,
+    }];
+    for i in 0..orders {
+        let order_id = OrderId::parse(uuid::Uuid::new_v4().to_string())?;
+        events.push(StockEvent::StockReserved {
+            order_id: order_id.clone(),
+            qty: 1,
+        });
+        events.push(if i % 2 == 0 {
+            StockEvent::StockReleased { order_id, qty: 1 }
+        } else {
+            StockEvent::StockDeducted { order_id, qty: 1 }
+        });
+    }
+    let mut acks = Vec::with_capacity(1000);
+    for (i, event) in events.iter().enumerate() {
+        let version = i as u64 + 1;
+        let metadata = ordo_eventstore::EventMetadata {
+            command_id: format!("settled-{version}"),
+            correlation_id: format!("settled-{version}"),
+            causation_id: None,
+            traceparent: None,
+        };
+        let envelope = ordo_eventstore::EventEnvelope::new(
+            "SETTLED",
+            version,
+            event,
+            &metadata,
+            chrono::Utc::now(),
+        );
+        acks.push(
+            js.publish("ordo.stock.events.SETTLED", envelope.to_bytes().into())
+                .await?,
+        );
+        if acks.len() == 1000 || i + 1 == events.len() {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    let written = started.elapsed();
+    receive(servers, "FRESH", "settled-fresh-0").await?;
+    // The first command replays the whole history and leaves a snapshot behind.
+    receive(servers, "SETTLED", "settled-command-0").await?;
+    let snapshot_bytes = js
+        .get_stream(ordo_eventstore::StreamId::Snapshots.name())
+        .await?
+        .direct_get_last_for_subject("ordo.snapshots.stock.SETTLED")
+        .await
+        .ok()
+        .map(|message| message.payload.len());
+    let instances = services.len();
+    services.clear();
+    *services = start_command_services(servers, instances).await?;
+    let resident =
+        |services: &Vec<Ordo>| services.iter().filter_map(Ordo::resident_mib).sum::<f64>();
+    let resident_before_mib = resident(services);
+    let baseline_after_restart = receive(servers, "FRESH", "settled-fresh-1").await?;
+    let after_restart = receive(servers, "SETTLED", "settled-command-1").await?;
+    let resident_after_mib = resident(services);
+    Ok(SettledHistory {
+        orders,
+        written,
+        snapshot_bytes,
+        after_restart,
+        baseline_after_restart,
+        resident_before_mib,
+        resident_after_mib,
+    })
+}
+
+/// Receives one unit of `sku` under `command_id`; returns how long the command took.
+async fn receive(servers: &Servers, sku: &str, command_id: &str) -> anyhow::Result<Duration> {
+    let body = json!({"sku": sku, "qty": 1}).to_string();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", command_id);
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .headers(headers)
+        .timeout(Some(Duration::from_secs(300)));
+    let sent = Instant::now();
+    let reply = servers
+        .client
+        .send_request(Endpoint::StockReceive.subject(), request)
+        .await?;
+    anyhow::ensure!(
+        reply_outcome(&reply.payload) == "ok",
+        "receiving {sku}: {}",
+        String::from_utf8_lossy(&reply.payload)
+    );
+    Ok(sent.elapsed())
+}

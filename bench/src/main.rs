@@ -39,6 +39,9 @@ struct Args {
     /// Events of the SKU with a long history.
     #[arg(long, default_value_t = 1_000_000)]
     long_history: usize,
+    /// Orders the SKU with settled orders served (each reserved, then released or shipped).
+    #[arg(long, default_value_t = 100_000)]
+    settled_orders: usize,
     /// Offered loads of the open-loop runs, orders per second.
     #[arg(long, value_delimiter = ',', default_value = "250,1000,2000")]
     rates: Vec<u32>,
@@ -68,6 +71,7 @@ impl Args {
             self.ladder = vec![4, 16];
             self.burst = 200;
             self.long_history = 1_000;
+            self.settled_orders = 500;
             self.concurrency = 8;
             self.rates = vec![20, 50];
             self.seconds = 1.0;
@@ -164,6 +168,43 @@ async fn main() -> anyhow::Result<()> {
             ms(long.cached),
         )?;
         targets.long_history = Some((long.events, long.after_restart));
+
+        let settled =
+            commands::settled_history(&servers, args.settled_orders, &mut services).await?;
+        writeln!(
+            md,
+            "### A SKU that served many orders
+
+{} orders (UUID ids), each reserved and then              released or shipped: {} events of one SKU, written straight into `ORDO_STOCK`              ({:.1} s). One command on it leaves a snapshot; then the command services restart.              The baseline is the first command on a SKU with one event after the same restart.
+
+             | figure | value |
+| --- | --- |
+             | snapshot of the SKU | {} |
+             | first command on it after the restart | {} ms |
+             | first command on a SKU with one event after the restart (baseline) | {} ms |
+             | against the baseline | {} |
+             | command services' resident memory before → after that command | {:.0} → {:.0} MiB |
+",
+            settled.orders,
+            2 * settled.orders + 1,
+            settled.written.as_secs_f64(),
+            settled
+                .snapshot_bytes
+                .map_or("none written".to_owned(), |bytes| format!("{bytes} bytes")),
+            ms(settled.after_restart),
+            ms(settled.baseline_after_restart),
+            ratio(
+                settled.after_restart.as_secs_f64(),
+                settled.baseline_after_restart.as_secs_f64()
+            ),
+            settled.resident_before_mib,
+            settled.resident_after_mib,
+        )?;
+        targets.settled = Some((
+            settled.orders,
+            settled.snapshot_bytes.is_some(),
+            settled.after_restart,
+        ));
     }
 
     if runs("pipeline") {
@@ -215,13 +256,43 @@ async fn main() -> anyhow::Result<()> {
         pipeline::views_caught_up(&servers).await?;
         let reads =
             pipeline::http_reads(burst.up.1, &order_ids, args.commands, args.concurrency).await;
-        drop(burst);
         writeln!(
             md,
             "## HTTP reads\n\nOrders of the burst, read by id through the API of `ordo up`.\n"
         )?;
         md += FIGURES_HEADER;
         md += &figures_row(&reads);
+        let during = pipeline::reads_during_rebuild(
+            &servers,
+            burst.up.1,
+            &order_ids,
+            args.concurrency.min(16),
+            if args.smoke { 50 } else { 500 },
+        )
+        .await?;
+        writeln!(
+            md,
+            "\n## Reads while the orders view is rebuilt\n\nOrders placed at {} per second \
+             through `ordo up` while reads of the burst's orders run; first while              `ordo projections rebuild orders` runs beside it ({:.1} s), then for as long \
+             without it (the baseline).\n",
+            during.write_rate,
+            during.rebuild.as_secs_f64()
+        )?;
+        md += FIGURES_HEADER;
+        md += &figures_row(&during.quiet);
+        md += &figures_row(&during.rebuilding);
+        writeln!(
+            md,
+            "\n| read p99 | ms |\n| --- | --- |\n| without a rebuild | {} |\n| during the rebuild | {} |\n",
+            ms(during.quiet.percentile(0.99)),
+            ms(during.rebuilding.percentile(0.99)),
+        )?;
+        targets.reads_during_rebuild = Some((
+            during.write_rate,
+            during.quiet.percentile(0.99),
+            during.rebuilding.percentile(0.99),
+        ));
+        drop(burst);
         let rebuild = pipeline::rebuild(&servers).await?;
         writeln!(
             md,
@@ -315,6 +386,10 @@ struct Targets {
     open_loop: Option<(u32, Duration, usize)>,
     /// (events, first command)
     long_history: Option<(usize, Duration)>,
+    /// (orders written per second, read p99 without, during a rebuild)
+    reads_during_rebuild: Option<(u32, Duration, Duration)>,
+    /// (settled orders, a snapshot was written, first command after a restart)
+    settled: Option<(usize, bool, Duration)>,
     /// The largest resident memory of `ordo up` seen.
     resident_mib: Option<f64>,
 }
@@ -372,6 +447,22 @@ impl Targets {
                 "| first command on a SKU of {events} events after a restart < 1 s | {} ms | {} |",
                 ms(first),
                 verdict(first < Duration::from_secs(1))
+            ));
+        }
+        if let Some((orders, snapshot, first)) = self.settled {
+            rows.push(format!(
+                "| a SKU that served {orders} orders has a snapshot; first command after a restart < 50 ms | {}, {} ms | {} |",
+                if snapshot { "snapshot" } else { "NO snapshot" },
+                ms(first),
+                verdict(snapshot && first < Duration::from_millis(50))
+            ));
+        }
+        if let Some((rate, quiet, rebuilding)) = self.reads_during_rebuild {
+            rows.push(format!(
+                "| read p99 during a rebuild under {rate} orders/s of writes (no lock on reads) | {} ms (without: {} ms) | {} |",
+                ms(rebuilding),
+                ms(quiet),
+                verdict(rebuilding < quiet * 5 + Duration::from_millis(50))
             ));
         }
         if let Some(mib) = self.resident_mib {

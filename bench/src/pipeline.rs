@@ -435,3 +435,148 @@ pub async fn rebuild(servers: &Servers) -> anyhow::Result<Rebuild> {
         raw_upsert,
     })
 }
+
+/// Reads of the orders view while orders are written at a fixed rate, without and then with a
+/// rebuild of the view running (`ordo projections rebuild orders` beside `ordo up`).
+pub struct ReadsDuringRebuild {
+    pub write_rate: u32,
+    /// Reads while only the writes run (the baseline), for as long as the rebuild took.
+    pub quiet: Figures,
+    /// Reads while the rebuild ran.
+    pub rebuilding: Figures,
+    pub rebuild: Duration,
+}
+
+/// `GET /orders/{id}` of `order_ids`, `concurrency` at a time, until `until` completes, while
+/// orders are placed at `write_rate` per second.
+async fn reads_while(
+    servers: &Servers,
+    port: u16,
+    order_ids: &[String],
+    concurrency: usize,
+    write_rate: u32,
+    run: &str,
+    until: impl std::future::Future<Output = ()>,
+) -> (Figures, Duration) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop, run) = (servers.client.clone(), stop.clone(), run.to_owned());
+        tokio::spawn(async move {
+            let interval = Duration::from_secs_f64(1.0 / f64::from(write_rate));
+            let started = Instant::now();
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep_until((started + interval * i as u32).into()).await;
+                let client = client.clone();
+                let body = order(&run, i);
+                tokio::spawn(async move {
+                    let _ = client
+                        .request(Endpoint::OrderPlace.subject(), body.to_string().into())
+                        .await;
+                });
+                i += 1;
+            }
+        })
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .expect("an HTTP client");
+    let started = Instant::now();
+    let readers = futures::future::join_all((0..concurrency).map(|reader| {
+        let (http, stop) = (http.clone(), stop.clone());
+        async move {
+            let mut samples = Vec::new();
+            let mut i = reader;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let url = format!(
+                    "http://127.0.0.1:{port}/orders/{}",
+                    order_ids[i % order_ids.len()]
+                );
+                i += concurrency;
+                let sent = Instant::now();
+                let outcome = match http.get(url).send().await {
+                    Ok(response) if response.status().is_success() => "ok".to_owned(),
+                    Ok(response) => format!("HTTP {}", response.status().as_u16()),
+                    Err(_) => "no answer".to_owned(),
+                };
+                samples.push((sent.elapsed(), outcome));
+            }
+            samples
+        }
+    }));
+    let stopper = async {
+        until.await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let (samples, ()) = tokio::join!(readers, stopper);
+    let took = started.elapsed();
+    let _ = writer.await;
+    let name =
+        format!("GET /orders/{{id}}, {concurrency} in flight, {write_rate} orders/s written");
+    (
+        Figures::new(name, took, samples.into_iter().flatten().collect()),
+        took,
+    )
+}
+
+pub async fn reads_during_rebuild(
+    servers: &Servers,
+    port: u16,
+    order_ids: &[String],
+    concurrency: usize,
+    write_rate: u32,
+) -> anyhow::Result<ReadsDuringRebuild> {
+    let rebuild = std::process::Command::new(crate::system::ordo_binary()?)
+        .args(["projections", "rebuild", "orders"])
+        .env("ORDO_NATS_URL", servers.nats.url())
+        .env("ORDO_DATABASE_URL", servers.database.url())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let mut rebuild = rebuild;
+    let finished = async move {
+        loop {
+            if let Ok(Some(status)) = rebuild.try_wait() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let status = std::sync::Mutex::new(None);
+    let (mut rebuilding, took) = reads_while(
+        servers,
+        port,
+        order_ids,
+        concurrency,
+        write_rate,
+        "rebuilding",
+        async {
+            *status.lock().expect("not poisoned") = Some(finished.await);
+        },
+    )
+    .await;
+    let status = status.lock().expect("not poisoned").take();
+    anyhow::ensure!(
+        status.is_some_and(|status| status.success()),
+        "ordo projections rebuild orders beside ordo up: {status:?}"
+    );
+    rebuilding.scenario = format!("{} — during the rebuild", rebuilding.scenario);
+    let (mut quiet, _) = reads_while(
+        servers,
+        port,
+        order_ids,
+        concurrency,
+        write_rate,
+        "quiet",
+        tokio::time::sleep(took),
+    )
+    .await;
+    quiet.scenario = format!("{} — no rebuild (baseline)", quiet.scenario);
+    Ok(ReadsDuringRebuild {
+        write_rate,
+        quiet,
+        rebuilding,
+        rebuild: took,
+    })
+}

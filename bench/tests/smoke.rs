@@ -21,10 +21,13 @@ fn every_scenario_runs_and_is_reported() {
         "place-order, 16 clients",
         "reserve, one hot SKU",
         "A SKU with a long history",
+        "A SKU that served many orders",
         "place (burst)",
         "placed → settled",
         "GET /orders/{id}",
         "rebuild speed against the baseline",
+        "Reads while the orders view is rebuilt",
+        "during the rebuild",
         "open loop, 50 orders/s",
         "## Targets",
     ] {

@@ -339,7 +339,20 @@ async fn operators_see_projections_readiness_and_metrics() {
         setup.get("/healthz").await,
         (StatusCode::OK, json!({"status": "ok"}))
     );
+    // An event the notifier holds back (this setup runs none: as it would have recorded it).
+    sqlx::query(
+        "INSERT INTO unreadable_events (consumer, stream, seq, subject, event_type, schema, reason, deliveries)
+         VALUES ('ordo-notifier', 'ORDO_ORDERS', 2, 'ordo.order.events.bad', NULL, NULL, 'not an event', 3)",
+    )
+    .execute(setup.database.pool())
+    .await
+    .unwrap();
     let (status, ready) = setup.get("/readyz").await;
+    assert_eq!(
+        ready["unreadable_events"],
+        json!({"ordo-notifier": 1}),
+        "{ready}"
+    );
     assert_eq!(status, StatusCode::OK, "{ready}");
     assert_eq!(
         ready["streams"][ordo_eventstore::StreamId::Orders.name()],
@@ -362,6 +375,11 @@ async fn operators_see_projections_readiness_and_metrics() {
     );
     assert!(
         metrics.contains(r#"ordo_projection_lag_events{projection="stock"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ordo_unreadable_events{consumer="ordo-notifier"} 1"#)
+            && metrics.contains(r#"ordo_unreadable_events{consumer="ordo-saga"} 0"#),
         "{metrics}"
     );
 }

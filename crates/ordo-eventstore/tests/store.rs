@@ -337,10 +337,12 @@ async fn a_long_history_is_loaded_from_its_snapshot_and_the_events_after_it() {
 
     // A snapshot this build cannot read, or one that does not line up with the stream, is
     // ignored: the stream is the truth.
+    let created = stream_created(&client).await;
     for garbage in [
         "not json".to_owned(),
-        r#"{"format":1,"version":9999999,"last_seq":9999999,"state":{"on_hand":1,"reserved":0,"reservations":{},"settled":[]}}"#.to_owned(),
-        r#"{"format":1,"version":2000,"last_seq":1,"state":{"on_hand":7,"reserved":0,"reservations":{},"settled":[]}}"#.to_owned(),
+        r#"{"format":1,"version":2000,"last_seq":2000,"state":{"on_hand":7,"reserved":0,"reservations":{},"settled":[]}}"#.to_owned(),
+        format!(r#"{{"format":2,"stream_created":"{created}","version":9999999,"last_seq":9999999,"state":{{"on_hand":1,"reserved":0,"reservations":{{}}}}}}"#),
+        format!(r#"{{"format":2,"stream_created":"{created}","version":2000,"last_seq":1,"state":{{"on_hand":7,"reserved":0,"reservations":{{}}}}}}"#),
     ] {
         jetstream::new(client.clone())
             .publish("ordo.snapshots.stock.LONG", garbage.into())
@@ -351,6 +353,71 @@ async fn a_long_history_is_loaded_from_its_snapshot_and_the_events_after_it() {
         let loaded = store.load::<StockAggregate>("LONG").await.unwrap();
         assert_eq!((loaded.version, loaded.state.unwrap().on_hand), (2_520, 2_520));
     }
+}
+
+/// When ORDO_STOCK was created, as a snapshot names it.
+async fn stream_created(client: &async_nats::Client) -> String {
+    let mut stream = jetstream::new(client.clone())
+        .get_stream(ordo_eventstore::StreamId::Stock.name())
+        .await
+        .unwrap();
+    let nanos = stream.info().await.unwrap().created.unix_timestamp_nanos();
+    serde_json::to_value(chrono::DateTime::from_timestamp_nanos(nanos as i64))
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A stream deleted and created again starts its sequences and versions over. A SKU whose new
+/// history reaches the (version, sequence) of a snapshot of the old stream must not load the old
+/// state: a snapshot names the stream it was taken of.
+#[tokio::test]
+async fn a_snapshot_of_a_deleted_stream_is_not_taken_for_one_of_its_successor() {
+    let (_server, store) = open().await;
+    let client = store.client().clone();
+    long_past(&client, "RE", 1, 1_000).await;
+    let old = store.load::<StockAggregate>("RE").await.unwrap();
+    assert_eq!(
+        (old.version, old.last_seq, old.state.unwrap().on_hand),
+        (1_000, 1_000, 1_000)
+    );
+
+    // The stock stream is deleted and created again; the snapshots are kept.
+    let js = jetstream::new(client.clone());
+    js.delete_stream(ordo_eventstore::StreamId::Stock.name())
+        .await
+        .unwrap();
+    apply_all(&js, &StreamDefinition::built_in()).await.unwrap();
+    let store = EventStore::open(client.clone(), &[ordo_eventstore::StreamId::Stock])
+        .await
+        .unwrap();
+    // A new history of the same length: 1,000 receipts of 2 units.
+    let mut acks = Vec::new();
+    for version in 1..=1_000 {
+        let envelope = ordo_eventstore::EventEnvelope::new(
+            "RE",
+            version,
+            &StockEvent::StockReceived { qty: 2 },
+            &metadata(&format!("again-{version}")),
+            chrono::Utc::now(),
+        );
+        acks.push(
+            js.publish("ordo.stock.events.RE", envelope.to_bytes().into())
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let loaded = store.load::<StockAggregate>("RE").await.unwrap();
+    assert_eq!((loaded.version, loaded.last_seq), (1_000, 1_000));
+    assert_eq!(
+        loaded.state.unwrap().on_hand,
+        2_000,
+        "the old stream's snapshot was used"
+    );
 }
 
 #[tokio::test]

@@ -230,8 +230,15 @@ pub async fn attack(
                 );
             }
             _ => {
-                // A reason PostgreSQL cannot store, on a real order.
-                let body = json!({"order_id": known, "reason": "hostile\u{0}reason"});
+                // A reason PostgreSQL cannot store (U+0000 anywhere in any text), on a real
+                // order.
+                let mut reason: Vec<char> = (0..rng.random_range(0..12))
+                    .map(|_| rng.random::<char>())
+                    .collect();
+                let at = rng.random_range(0..=reason.len());
+                reason.insert(at, '\0');
+                let reason: String = reason.into_iter().collect();
+                let body = json!({"order_id": known, "reason": reason});
                 let reply = request(shop, "ordo.cmd.order.cancel", &body, &[]).await;
                 expect_refused(
                     &attacks,

@@ -39,6 +39,10 @@ pub struct History {
     pub unanswered: AtomicU64,
     pub retries: AtomicU64,
     orders: Mutex<Vec<String>>,
+    /// Accepted orders sent once more with their id (as a client whose reply was lost would):
+    /// how many, and those whose repeat was not answered with the same outcome.
+    pub repeats: AtomicU64,
+    pub repeats_answered_otherwise: Mutex<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -48,6 +52,8 @@ pub struct CommandCounts {
     pub refused: BTreeMap<String, u64>,
     pub unanswered: u64,
     pub retries: u64,
+    /// Accepted orders sent once more under their id.
+    pub repeats: u64,
 }
 
 impl History {
@@ -58,6 +64,7 @@ impl History {
             refused: self.refused.lock().expect("not poisoned").clone(),
             unanswered: self.unanswered.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
+            repeats: self.repeats.load(Ordering::Relaxed),
         }
     }
 }
@@ -185,6 +192,9 @@ pub async fn client(
                         .lock()
                         .expect("not poisoned")
                         .push(aggregate_id.clone());
+                    if rng.random_bool(REPEAT_SHARE) {
+                        repeat_accepted(&caller.client, &request, &command_id, seq, &history).await;
+                    }
                 }
                 history
                     .acknowledged
@@ -210,6 +220,41 @@ pub async fn client(
                 history.unanswered.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// The share of accepted orders sent once more with their command id.
+const REPEAT_SHARE: f64 = 0.1;
+
+/// Sends an accepted command once more with its id: its recorded outcome must come back (the
+/// same sequence), whatever the load, also while ordo sheds. No answer is no answer (a lost
+/// reply); any other answer is noted.
+async fn repeat_accepted(
+    nats: &async_nats::Client,
+    command: &CommandRequest,
+    command_id: &str,
+    accepted_seq: u64,
+    history: &History,
+) {
+    history.repeats.fetch_add(1, Ordering::Relaxed);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", command_id);
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(command.body_bytes().into())
+        .timeout(Some(REQUEST_TIMEOUT));
+    let Ok(reply) = nats.send_request(command.subject(), request).await else {
+        return;
+    };
+    match Reply::parse(&reply.payload) {
+        Ok(Reply::Accepted { seq, .. }) if seq == accepted_seq => {}
+        other => history
+            .repeats_answered_otherwise
+            .lock()
+            .expect("not poisoned")
+            .push(format!(
+                "{command_id} (accepted at seq {accepted_seq}) repeated: {other:?}"
+            )),
     }
 }
 

@@ -481,6 +481,18 @@ pub async fn run(
             detail: format!("{refused} well-formed commands of the load were refused as invalid"),
         });
     }
+    // A repeat of an accepted command gets the outcome recorded for it, whatever the load.
+    for repeat in history
+        .repeats_answered_otherwise
+        .lock()
+        .expect("not poisoned")
+        .drain(..)
+    {
+        violations.push(check::Violation {
+            invariant: "a_repeat_gets_its_recorded_outcome",
+            detail: repeat,
+        });
+    }
     violations.extend(attacks.succeeded.lock().expect("not poisoned").drain(..));
     violations.extend(hostile::traces(&observed));
     if accounts.is_some() {
@@ -624,13 +636,14 @@ pub fn print(report: &Report) {
         report.duration_secs, report.rate, report.instances
     );
     println!(
-        "  commands    {} sent, {} acknowledged, {} refused {:?}, {} unanswered, {} retries",
+        "  commands    {} sent, {} acknowledged, {} refused {:?}, {} unanswered, {} retries, {} repeats of accepted orders",
         c.sent,
         c.acknowledged,
         c.refused.values().sum::<u64>(),
         c.refused,
         c.unanswered,
-        c.retries
+        c.retries,
+        c.repeats
     );
     if report.attacks.is_empty() {
         println!("  attacks     none (no accounts of the drill's own)");
