@@ -170,65 +170,16 @@ pub async fn long_history(
     events: usize,
     services: &mut Vec<Ordo>,
 ) -> anyhow::Result<LongHistory> {
-    let js = jetstream::new(servers.client.clone());
     let started = Instant::now();
-    // Sent one after the other (a subject's versions must follow each other in the stream),
-    // acknowledged up to 1,000 at a time.
-    let mut acks = Vec::with_capacity(1000);
-    for version in 1..=events as u64 {
-        let metadata = ordo_eventstore::EventMetadata {
-            command_id: format!("long-{version}"),
-            correlation_id: format!("long-{version}"),
-            causation_id: None,
-            traceparent: None,
-        };
-        let event = ordo_domain::stock::StockEvent::StockReceived { qty: 1 };
-        let envelope = ordo_eventstore::EventEnvelope::new(
-            "LONG",
-            version,
-            &event,
-            &metadata,
-            chrono::Utc::now(),
-        );
-        acks.push(
-            js.publish("ordo.stock.events.LONG", envelope.to_bytes().into())
-                .await?,
-        );
-        if acks.len() == 1000 || version == events as u64 {
-            for ack in acks.drain(..) {
-                ack.await?;
-            }
-        }
-    }
+    let receipts = (0..events).map(|_| ordo_domain::stock::StockEvent::StockReceived { qty: 1 });
+    write_history(servers, "LONG", receipts).await?;
     let written = started.elapsed();
-    let command = |i: usize| async move {
-        let body = json!({"sku": "LONG", "qty": 1}).to_string();
-        let request = async_nats::Request::new()
-            .payload(body.into())
-            .headers({
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", format!("long-command-{i}").as_str());
-                headers
-            })
-            .timeout(Some(Duration::from_secs(300)));
-        let sent = Instant::now();
-        let reply = servers
-            .client
-            .send_request(Endpoint::StockReceive.subject(), request)
-            .await?;
-        anyhow::ensure!(
-            reply_outcome(&reply.payload) == "ok",
-            "a command on the long SKU: {}",
-            String::from_utf8_lossy(&reply.payload)
-        );
-        anyhow::Ok(sent.elapsed())
-    };
-    let full_replay = command(0).await?;
+    let full_replay = receive(servers, "LONG", "long-command-0").await?;
     let instances = services.len();
     services.clear();
     *services = start_command_services(servers, instances).await?;
-    let after_restart = command(1).await?;
-    let cached = command(2).await?;
+    let after_restart = receive(servers, "LONG", "long-command-1").await?;
+    let cached = receive(servers, "LONG", "long-command-2").await?;
     Ok(LongHistory {
         events,
         written,
@@ -236,6 +187,48 @@ pub async fn long_history(
         after_restart,
         cached,
     })
+}
+
+/// Writes `events` as the whole history of `sku`, straight into `ORDO_STOCK`: sent one after the
+/// other (a subject's versions must follow each other in the stream), acknowledged up to 1,000
+/// at a time.
+async fn write_history(
+    servers: &Servers,
+    sku: &str,
+    events: impl Iterator<Item = ordo_domain::stock::StockEvent>,
+) -> anyhow::Result<()> {
+    let js = jetstream::new(servers.client.clone());
+    let subject = format!("ordo.stock.events.{sku}");
+    let mut acks = Vec::with_capacity(1000);
+    for (i, event) in events.enumerate() {
+        let version = i as u64 + 1;
+        let metadata = ordo_eventstore::EventMetadata {
+            command_id: format!("{sku}-{version}"),
+            correlation_id: format!("{sku}-{version}"),
+            causation_id: None,
+            traceparent: None,
+        };
+        let envelope = ordo_eventstore::EventEnvelope::new(
+            sku,
+            version,
+            &event,
+            &metadata,
+            chrono::Utc::now(),
+        );
+        acks.push(
+            js.publish(subject.clone(), envelope.to_bytes().into())
+                .await?,
+        );
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await?;
+            }
+        }
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(())
 }
 
 /// A SKU that served many orders, each reserved and then released or shipped, against a SKU
@@ -264,7 +257,6 @@ pub async fn settled_history(
     services: &mut Vec<Ordo>,
 ) -> anyhow::Result<SettledHistory> {
     use ordo_domain::{OrderId, stock::StockEvent};
-    let js = jetstream::new(servers.client.clone());
     let started = Instant::now();
     let mut events = vec![StockEvent::StockReceived {
         qty: 2 * orders as u64,
@@ -281,37 +273,12 @@ pub async fn settled_history(
             StockEvent::StockDeducted { order_id, qty: 1 }
         });
     }
-    let mut acks = Vec::with_capacity(1000);
-    for (i, event) in events.iter().enumerate() {
-        let version = i as u64 + 1;
-        let metadata = ordo_eventstore::EventMetadata {
-            command_id: format!("settled-{version}"),
-            correlation_id: format!("settled-{version}"),
-            causation_id: None,
-            traceparent: None,
-        };
-        let envelope = ordo_eventstore::EventEnvelope::new(
-            "SETTLED",
-            version,
-            event,
-            &metadata,
-            chrono::Utc::now(),
-        );
-        acks.push(
-            js.publish("ordo.stock.events.SETTLED", envelope.to_bytes().into())
-                .await?,
-        );
-        if acks.len() == 1000 || i + 1 == events.len() {
-            for ack in acks.drain(..) {
-                ack.await?;
-            }
-        }
-    }
+    write_history(servers, "SETTLED", events.into_iter()).await?;
     let written = started.elapsed();
     receive(servers, "FRESH", "settled-fresh-0").await?;
     // The first command replays the whole history and leaves a snapshot behind.
     receive(servers, "SETTLED", "settled-command-0").await?;
-    let snapshot_bytes = js
+    let snapshot_bytes = jetstream::new(servers.client.clone())
         .get_stream(ordo_eventstore::StreamId::Snapshots.name())
         .await?
         .direct_get_last_for_subject("ordo.snapshots.stock.SETTLED")

@@ -131,6 +131,7 @@ impl CommandHandler {
         let mut loaded = repository.load(aggregate_id).await?;
 
         for attempt in 0..MAX_ATTEMPTS {
+            let mut earlier_may_land = false;
             if let Some(earlier) = &record {
                 if earlier.fingerprint != request.fingerprint {
                     return Ok(error_reply(
@@ -153,8 +154,37 @@ impl CommandHandler {
                             (revision, record) = self.outcomes.get(&request.command_id).await?;
                             continue;
                         }
+                        earlier_may_land = true;
                     }
                     EarlierRun::CannotLand => {}
+                }
+            }
+
+            if request.void_if_not_run && !earlier_may_land {
+                // It never ran (no record, or a run whose append can no longer land): recorded
+                // as refused instead of run, so that every copy that comes later gets this
+                // answer and runs nothing. (A run that may still land is decided again on its
+                // very state below, as any copy is: at most one of them lands.)
+                let reply = error_reply(
+                    ErrorCode::InvalidState,
+                    format!(
+                        "command {} was voided before it ran: its compensation came first",
+                        request.command_id
+                    ),
+                );
+                let voided = self.record(
+                    request,
+                    OutcomeState::Rejected {
+                        reply: reply.clone(),
+                    },
+                );
+                match self.outcomes.put(&voided, revision).await {
+                    Ok(_) => return Ok(reply),
+                    Err(PublishError::Conflict { .. }) => {
+                        (revision, record) = self.outcomes.get(&request.command_id).await?;
+                        continue;
+                    }
+                    Err(err) => return Err(err.into()),
                 }
             }
 

@@ -393,12 +393,16 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
     let reply = async {
         let parsed = Caller::from_request_info(header(Caller::HEADER_REQUEST_INFO).as_deref())
             .and_then(|caller| {
-                wire::parse(
+                let parsed = wire::parse(
                     endpoint,
                     &message.payload,
                     header("Nats-Msg-Id").as_deref(),
                     &caller,
-                )
+                )?;
+                match header(wire::HEADER_VOID_IF_NOT_RUN) {
+                    Some(_) => parsed.void_if_not_run(&caller),
+                    None => Ok(parsed),
+                }
             });
         let references = || -> Result<_, wire::InvalidCommand> {
             let bounded = |name: &str| header(name).map(|value| bounded_header(name, &value));

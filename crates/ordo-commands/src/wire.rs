@@ -172,7 +172,14 @@ pub struct ParsedRequest {
     /// outcome; under a natural key the command is decided again (a `ship` refused while the
     /// order was pending must work once it is confirmed).
     pub explicit_id: bool,
+    /// The saga resolves a reserve it may have sent: if the command id has not run, it is not
+    /// run now but voided (recorded as refused), so that any copy of it that comes later runs
+    /// nothing. Set by [`HEADER_VOID_IF_NOT_RUN`], for the saga's reserves only.
+    pub void_if_not_run: bool,
 }
+
+/// The header with which the saga asks for a reserve to be voided if it has not run.
+pub const HEADER_VOID_IF_NOT_RUN: &str = "Ordo-Void-If-Not-Run";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -419,7 +426,26 @@ pub fn parse(
         command_id,
         fingerprint,
         explicit_id: explicit_id.is_some(),
+        void_if_not_run: false,
     })
+}
+
+impl ParsedRequest {
+    /// Asks for the command to be voided if its id has not run. Only a reserve of ordo's own
+    /// account, under an id it chose, can be: the saga's compensation of a reserve it may have
+    /// sent.
+    pub fn void_if_not_run(mut self, caller: &Caller) -> Result<Self, InvalidCommand> {
+        if self.endpoint != Endpoint::StockReserve
+            || *caller != Caller::OwnAccount
+            || !self.explicit_id
+        {
+            return Err(InvalidCommand(format!(
+                "{HEADER_VOID_IF_NOT_RUN} is for the saga's stock.reserve under its own command id"
+            )));
+        }
+        self.void_if_not_run = true;
+        Ok(self)
+    }
 }
 
 /// JSON text with object keys sorted at every level: the same request, whatever its key order,

@@ -24,9 +24,10 @@
 //! its current step counts as possibly done and is undone too. A refund of a payment that never
 //! happened is a no-op (and bars a late authorisation, by the payment ledger). A reservation
 //! whose reserve has no answer is resolved before it is released: the reserve is sent again
-//! under its own command id, so that it is answered once and for all (it ran, or it runs now,
-//! or it is refused), and a late copy of it, run after the release, finds that answer recorded
-//! and holds nothing. The stock keeps no history of settled orders for that.
+//! under its own command id, asked to be voided if it has not run, so that the id is answered
+//! once and for all (it ran, or it is recorded as refused without running), and a late copy of
+//! it, run after the release, finds that answer and holds nothing. The stock keeps no history of
+//! settled orders for that.
 //!
 //! Later events extend a plan: a cancelled order releases its stock and refunds; a shipped order
 //! deducts its reservations, also when the shipping arrives while the saga is still confirming.
@@ -67,9 +68,10 @@ pub enum Step {
         sku: Sku,
         qty: u64,
     },
-    /// The reserve of `sku` again, under its own command id, to learn whether it happened before
-    /// its reservation is released: the reserve is then answered, so a late copy of it (sent
-    /// before, run after the release) finds that answer and cannot hold stock for this order.
+    /// The reserve of `sku` again, under its own command id, asked to be voided if it has not
+    /// run: it ran (and its reservation is released next), or it is recorded as refused without
+    /// running. Either way the id is answered once and for all, so a late copy of the reserve
+    /// (sent before, run after the release) finds that answer and cannot hold stock.
     ResolveReserve {
         sku: Sku,
         qty: u64,
@@ -288,6 +290,22 @@ pub struct Saga {
     /// Why the saga shows `compensation_stuck`: the step that has had no answer.
     #[serde(default)]
     pub stuck_on: Option<String>,
+    /// How this saga's steps are named in their command ids. Sagas stored by earlier builds
+    /// have none and keep the ids their steps were sent under.
+    #[serde(default)]
+    pub step_ids: StepIds,
+}
+
+/// How a saga names its steps' command ids.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepIds {
+    /// `saga:<order>:<index>:<kind>`: sagas started by builds before the ids named the step.
+    /// A step of theirs may have been sent under it, so it stays theirs to the end.
+    #[default]
+    ByIndex,
+    /// [`Step::command_id`]: what the step does.
+    ByStep,
 }
 
 impl Saga {
@@ -321,6 +339,7 @@ impl Saga {
             stuck_from: None,
             ship_requested: false,
             stuck_on: None,
+            step_ids: StepIds::ByStep,
         }
     }
 
@@ -342,7 +361,24 @@ impl Saga {
     /// The command id of step `index`: the same every time the step runs, and the same for
     /// the same step in any plan (see [`Step::command_id`]).
     pub fn command_id(&self, index: usize) -> String {
-        self.steps[index].step.command_id(&self.order_id)
+        match self.step_ids {
+            StepIds::ByStep => self.steps[index].step.command_id(&self.order_id),
+            StepIds::ByIndex => {
+                // A resolve sends its reserve's command, under that reserve's id.
+                let index = match &self.steps[index].step {
+                    Step::ResolveReserve { sku, .. } => self
+                        .steps
+                        .iter()
+                        .position(|planned| {
+                            matches!(&planned.step, Step::Reserve { sku: reserved, .. } if reserved == sku)
+                        })
+                        .unwrap_or(index),
+                    _ => index,
+                };
+                let kind = self.steps[index].step.kind();
+                format!("{COMMAND_ID_PREFIX}{}:{index}:{kind}", self.order_id)
+            }
+        }
     }
 
     /// True once a confirm may have been sent: from then on the saga only goes forward.
@@ -1081,6 +1117,33 @@ mod specification {
             .command_id(&saga.order_id)
         };
         assert_ne!(reject("timeout"), reject("out of stock"));
+    }
+
+    #[test]
+    fn a_saga_stored_by_an_earlier_build_keeps_the_ids_its_steps_were_sent_under() {
+        // Its reserve of B2 was sent as saga:o-1:1:reserve and had no answer; then the deadline.
+        let mut stored = serde_json::to_value(run(placed(), Outcome::Succeeded)).unwrap();
+        stored.as_object_mut().unwrap().remove("step_ids");
+        let saga: Saga = serde_json::from_value(stored).unwrap();
+        let saga = run(saga, Outcome::Unknown("no answer".into())).time_out();
+        let ids: Vec<String> = (0..saga.steps.len()).map(|i| saga.command_id(i)).collect();
+        assert_eq!(ids[1], "saga:o-1:1:reserve");
+        let (resolve, _) = saga.next_step().unwrap();
+        assert_eq!(
+            saga.steps[resolve].step,
+            Step::ResolveReserve {
+                sku: sku("B2"),
+                qty: 1
+            }
+        );
+        assert_eq!(
+            ids[resolve], "saga:o-1:1:reserve",
+            "the resolve is that reserve"
+        );
+        assert_eq!(
+            ids[resolve + 1],
+            format!("saga:o-1:{}:release", resolve + 1)
+        );
     }
 
     #[test]

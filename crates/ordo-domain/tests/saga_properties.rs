@@ -94,7 +94,9 @@ impl World {
             return first.clone();
         }
         let outcome = match step {
-            Step::Reserve { sku, qty } | Step::ResolveReserve { sku, qty } => {
+            // A resolve voids the reserve when it has not run (it would have been answered above).
+            Step::ResolveReserve { .. } => Outcome::Failed("voided before it ran".into()),
+            Step::Reserve { sku, qty } => {
                 if self.held.contains_key(sku) {
                     Outcome::Failed("already reserved".into())
                 } else if refuse {

@@ -86,30 +86,18 @@ pub async fn rebuild<P: Projection>(
 
     let batch_size = config.batch_size;
     let projector = Projector::<P>::new(pool.clone(), js.clone(), config);
-    let mut replay = Replay::open::<P>(js).await?;
-    let mut applied = 0;
-    while applied < target {
-        applied = replay
-            .apply_next_batch(&projector, &next, applied, batch_size)
-            .await?;
-        progress(Progress { applied, target });
-    }
+    let mut replay = Replay::open(js, projector, next.clone(), batch_size).await?;
+    replay.apply_until(target, target, &mut progress).await?;
 
     // Near the live view before the lock, so that the lock is held for a few events only.
     for _ in 0..MAX_CATCH_UP_ROUNDS {
         let live_checkpoint = checkpoint::<P>(pool, &live).await?;
-        if live_checkpoint <= applied + batch_size as u64 {
+        if live_checkpoint <= replay.applied + batch_size as u64 {
             break;
         }
-        while applied < live_checkpoint {
-            applied = replay
-                .apply_next_batch(&projector, &next, applied, batch_size)
-                .await?;
-            progress(Progress {
-                applied,
-                target: target.max(live_checkpoint),
-            });
-        }
+        replay
+            .apply_until(live_checkpoint, target, &mut progress)
+            .await?;
     }
 
     // The swap: the live projector waits at its next checkpoint update while this holds the
@@ -121,15 +109,9 @@ pub async fn rebuild<P: Projection>(
     .execute(&mut *swap)
     .await?;
     let live_checkpoint = schema::checkpoint_of_in(&mut swap, &live, P::STREAM).await?;
-    while applied < live_checkpoint {
-        applied = replay
-            .apply_next_batch(&projector, &next, applied, batch_size)
-            .await?;
-        progress(Progress {
-            applied,
-            target: target.max(live_checkpoint),
-        });
-    }
+    replay
+        .apply_until(live_checkpoint, target, &mut progress)
+        .await?;
     let old = format!("{live}_old");
     sqlx::query(AssertSqlSafe(format!(
         "DROP SCHEMA IF EXISTS {old} CASCADE"
@@ -174,13 +156,24 @@ pub async fn rebuild<P: Projection>(
     })
 }
 
-/// The stream read in order from its first event, through an ordered consumer.
-struct Replay {
+/// The stream read in order from its first event, through an ordered consumer, and applied to
+/// the new view in `schema`.
+struct Replay<P: Projection> {
     messages: jetstream::consumer::pull::Ordered,
+    projector: Projector<P>,
+    schema: String,
+    batch_size: usize,
+    /// The new view's checkpoint.
+    applied: u64,
 }
 
-impl Replay {
-    async fn open<P: Projection>(js: &jetstream::Context) -> Result<Self, ProjectorError> {
+impl<P: Projection> Replay<P> {
+    async fn open(
+        js: &jetstream::Context,
+        projector: Projector<P>,
+        schema: String,
+        batch_size: usize,
+    ) -> Result<Self, ProjectorError> {
         let js_err = |err: &dyn std::fmt::Display| ProjectorError::JetStream(err.to_string());
         let stream = js.get_stream(P::STREAM).await.map_err(|err| js_err(&err))?;
         let consumer = stream
@@ -191,20 +184,38 @@ impl Replay {
             .await
             .map_err(|err| js_err(&err))?;
         let messages = consumer.messages().await.map_err(|err| js_err(&err))?;
-        Ok(Self { messages })
+        Ok(Self {
+            messages,
+            projector,
+            schema,
+            batch_size,
+            applied: 0,
+        })
+    }
+
+    /// Applies batches until the new view holds `to`, reporting progress against `target` (or
+    /// `to`, once past it).
+    async fn apply_until(
+        &mut self,
+        to: u64,
+        target: u64,
+        progress: &mut impl FnMut(Progress),
+    ) -> Result<(), ProjectorError> {
+        while self.applied < to {
+            self.applied = self.apply_next_batch(self.applied).await?;
+            progress(Progress {
+                applied: self.applied,
+                target: target.max(to),
+            });
+        }
+        Ok(())
     }
 
     /// Reads up to `batch_size` events after `checkpoint` (waiting for the first), applies them
-    /// to `schema` and returns the new checkpoint.
-    async fn apply_next_batch<P: Projection>(
-        &mut self,
-        projector: &Projector<P>,
-        schema: &str,
-        checkpoint: u64,
-        batch_size: usize,
-    ) -> Result<u64, ProjectorError> {
-        let mut batch = Vec::with_capacity(batch_size);
-        while batch.len() < batch_size {
+    /// to the new view and returns the new checkpoint.
+    async fn apply_next_batch(&mut self, checkpoint: u64) -> Result<u64, ProjectorError> {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while batch.len() < self.batch_size {
             let wait = if batch.is_empty() {
                 Duration::from_secs(30)
             } else {
@@ -235,6 +246,8 @@ impl Replay {
                 "no event arrived within 30 s during the replay".into(),
             ));
         }
-        projector.apply_batch(schema, checkpoint, &batch).await
+        self.projector
+            .apply_batch(&self.schema, checkpoint, &batch)
+            .await
     }
 }

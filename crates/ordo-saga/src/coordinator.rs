@@ -37,7 +37,7 @@ use futures::StreamExt;
 use opentelemetry::Context;
 use ordo_commands::{
     service::HEADER_CORRELATION_ID,
-    wire::{CommandRequest, ErrorCode, Reply},
+    wire::{CommandRequest, ErrorCode, HEADER_VOID_IF_NOT_RUN, Reply},
 };
 use ordo_domain::{
     OrderId,
@@ -633,12 +633,20 @@ impl<G: PaymentGateway> Coordinator<G> {
     async fn run_step(&self, saga: &Saga, index: usize, step: &Step, trace: &Context) -> Outcome {
         let order_id = saga.order_id.clone();
         let request = match step {
-            Step::Reserve { sku, qty } | Step::ResolveReserve { sku, qty } => {
-                CommandRequest::ReserveStock {
+            Step::Reserve { sku, qty } => CommandRequest::ReserveStock {
+                sku: sku.clone(),
+                order_id,
+                qty: *qty,
+            },
+            Step::ResolveReserve { sku, qty } => {
+                // The reserve itself, under its id, voided if it has not run.
+                let reserve = CommandRequest::ReserveStock {
                     sku: sku.clone(),
                     order_id,
                     qty: *qty,
-                }
+                };
+                let void = [(HEADER_VOID_IF_NOT_RUN, "true")];
+                return self.send_command(saga, index, &reserve, trace, &void).await;
             }
             Step::Release { sku } => CommandRequest::ReleaseStock {
                 sku: sku.clone(),
@@ -654,7 +662,7 @@ impl<G: PaymentGateway> Coordinator<G> {
             },
             Step::Confirm => {
                 let request = CommandRequest::ConfirmOrder { order_id };
-                return match self.send_command(saga, index, &request, trace).await {
+                return match self.send_command(saga, index, &request, trace, &[]).await {
                     Outcome::Succeeded => Outcome::Succeeded,
                     not_ok => self.resolve_confirm(&saga.order_id, not_ok).await,
                 };
@@ -676,20 +684,25 @@ impl<G: PaymentGateway> Coordinator<G> {
                 );
             }
         };
-        self.send_command(saga, index, &request, trace).await
+        self.send_command(saga, index, &request, trace, &[]).await
     }
 
-    /// Sends step `index` of `saga` as a command and says what its reply means.
+    /// Sends step `index` of `saga` as a command (with `extra` headers) and says what its reply
+    /// means.
     async fn send_command(
         &self,
         saga: &Saga,
         index: usize,
         command: &CommandRequest,
         trace: &Context,
+        extra: &[(&str, &str)],
     ) -> Outcome {
         let subject = command.subject();
         let mut headers = async_nats::HeaderMap::new();
         trace::inject(trace, &mut headers);
+        for (name, value) in extra {
+            headers.insert(*name, *value);
+        }
         headers.insert("Nats-Msg-Id", saga.command_id(index).as_str());
         headers.insert(
             HEADER_CORRELATION_ID,

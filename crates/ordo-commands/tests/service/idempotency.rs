@@ -380,3 +380,75 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
         1
     );
 }
+
+/// The saga's resolve of a reserve it may have sent (`Ordo-Void-If-Not-Run`): an id that has not
+/// run is voided, refused without running, and every later copy of the reserve gets that
+/// refusal and reserves nothing; an id that ran answers its outcome, and reserves nothing more.
+#[tokio::test]
+async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_outcome() {
+    let engine = Engine::start().await;
+    engine
+        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    let resolve = |order: &str| {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("saga:{order}:reserve:A1").as_str());
+        headers.insert(wire::HEADER_VOID_IF_NOT_RUN, "true");
+        let body = json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
+        engine.try_request_with_headers(
+            "ordo.internal.stock.reserve",
+            body.into_bytes(),
+            headers,
+            Duration::from_secs(10),
+        )
+    };
+    let reserve = |order: &str| {
+        let (body, id) = (
+            json!({"sku": "A1", "order_id": order, "qty": 2}),
+            format!("saga:{order}:reserve:A1"),
+        );
+        let engine = &engine;
+        async move {
+            engine
+                .request_with_id("ordo.internal.stock.reserve", body, &id)
+                .await
+        }
+    };
+
+    // Not run yet: voided.
+    let voided = resolve("o-1").await.unwrap();
+    assert_eq!(outcome(&voided), "invalid_state", "{voided}");
+    assert!(
+        voided["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("voided")
+    );
+    // The late copy of the reserve gets the same answer and reserves nothing.
+    assert_eq!(reserve("o-1").await, voided);
+    assert_eq!(engine.event_counts().await, (0, 1), "only the receive");
+
+    // Run already: the resolve answers its outcome and runs nothing more.
+    let ran = reserve("o-2").await;
+    assert_eq!(outcome(&ran), "ok", "{ran}");
+    assert_eq!(resolve("o-2").await.unwrap(), ran);
+    assert_eq!(
+        engine.event_counts().await,
+        (0, 2),
+        "the receive and one reserve"
+    );
+
+    // Only the saga's reserves can be voided.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(wire::HEADER_VOID_IF_NOT_RUN, "true");
+    let elsewhere = engine
+        .try_request_with_headers(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 1}).to_string().into_bytes(),
+            headers,
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome(&elsewhere), "invalid_command", "{elsewhere}");
+}

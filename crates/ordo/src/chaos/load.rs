@@ -227,8 +227,8 @@ pub async fn client(
 const REPEAT_SHARE: f64 = 0.1;
 
 /// Sends an accepted command once more with its id: its recorded outcome must come back (the
-/// same sequence), whatever the load, also while ordo sheds. No answer is no answer (a lost
-/// reply); any other answer is noted.
+/// same sequence), whatever the load, also while ordo sheds or rate-limits. No answer, or
+/// `unavailable` (the record could not be read), is no answer; any other answer is noted.
 async fn repeat_accepted(
     nats: &async_nats::Client,
     command: &CommandRequest,
@@ -248,6 +248,12 @@ async fn repeat_accepted(
     };
     match Reply::parse(&reply.payload) {
         Ok(Reply::Accepted { seq, .. }) if seq == accepted_seq => {}
+        // The service could not read the record (NATS restarting, its outcome read timed out):
+        // no answer, as for any request. Shedding and rate limits never answer a repeat so.
+        Ok(Reply::Refused {
+            code: ErrorCode::Unavailable,
+            ..
+        }) => {}
         other => history
             .repeats_answered_otherwise
             .lock()
