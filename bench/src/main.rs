@@ -173,18 +173,16 @@ async fn main() -> anyhow::Result<()> {
             commands::settled_history(&servers, args.settled_orders, &mut services).await?;
         writeln!(
             md,
-            "### A SKU that served many orders
-
-{} orders (UUID ids), each reserved and then              released or shipped: {} events of one SKU, written straight into `ORDO_STOCK`              ({:.1} s). One command on it leaves a snapshot; then the command services restart.              The baseline is the first command on a SKU with one event after the same restart.
-
-             | figure | value |
-| --- | --- |
-             | snapshot of the SKU | {} |
-             | first command on it after the restart | {} ms |
-             | first command on a SKU with one event after the restart (baseline) | {} ms |
-             | against the baseline | {} |
-             | command services' resident memory before → after that command | {:.0} → {:.0} MiB |
-",
+            "### A SKU that served many orders\n\n{} orders (UUID ids), each reserved and then \
+             released or shipped: {} events of one SKU, written straight into `ORDO_STOCK` \
+             ({:.1} s). One command on it leaves a snapshot; then the command services restart. \
+             The baseline is the first command on a SKU with one event after the same restart.\n\n\
+             | figure | value |\n| --- | --- |\n\
+             | snapshot of the SKU | {} |\n\
+             | first command on it after the restart | {} ms |\n\
+             | first command on a SKU with one event after the restart (baseline) | {} ms |\n\
+             | against the baseline | {} |\n\
+             | command services' resident memory before → after that command | {:.0} → {:.0} MiB |\n",
             settled.orders,
             2 * settled.orders + 1,
             settled.written.as_secs_f64(),
@@ -273,7 +271,8 @@ async fn main() -> anyhow::Result<()> {
         writeln!(
             md,
             "\n## Reads while the orders view is rebuilt\n\nOrders placed at {} per second \
-             through `ordo up` while reads of the burst's orders run; first while              `ordo projections rebuild orders` runs beside it ({:.1} s), then for as long \
+             through `ordo up` while reads of the burst's orders run; first while \
+             `ordo projections rebuild orders` runs beside it ({:.1} s), then for as long \
              without it (the baseline).\n",
             during.write_rate,
             during.rebuild.as_secs_f64()

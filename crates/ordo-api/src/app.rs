@@ -25,10 +25,11 @@ pub struct ApiState {
     pub nats: async_nats::Client,
     /// How long a read with `min_seq` waits for its view.
     pub min_seq_wait: Duration,
-    /// Reads that may wait for their view at once (`min_seq` ahead of its checkpoint). Each one
-    /// holds a connection and memory for up to `min_seq_wait`; past this bound a read that
-    /// would wait is answered 503 with `Retry-After`, as `order.place` sheds load.
-    pub waiting_reads: Arc<tokio::sync::Semaphore>,
+    /// Reads served at once, those waiting for `min_seq` included. Each holds a connection and
+    /// memory (and may wait for a database connection, or up to `min_seq_wait` for its view);
+    /// past this bound a read is answered 503 with `Retry-After` at once, as `order.place` sheds
+    /// load. Health, readiness and metrics are not counted: they answer under any load.
+    pub reads_in_flight: Arc<tokio::sync::Semaphore>,
     /// Hot rows by key, with the checkpoint their view had when they were read.
     pub cache: Cache<String, (Value, u64)>,
     pub metrics: PrometheusHandle,
@@ -50,7 +51,7 @@ impl ApiState {
             pool,
             nats,
             min_seq_wait: Duration::from_secs(5),
-            waiting_reads: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_WAITING_READS)),
+            reads_in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_READS_IN_FLIGHT)),
             cache: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(1))
@@ -62,8 +63,8 @@ impl ApiState {
     }
 }
 
-/// Reads that may wait for their view at once, by default.
-pub const DEFAULT_MAX_WAITING_READS: usize = 1024;
+/// Reads served at once, by default.
+pub const DEFAULT_MAX_READS_IN_FLIGHT: usize = 1024;
 
 /// Bucket bounds of every `*_seconds` histogram: 1 ms to a minute.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -98,13 +99,19 @@ pub fn prometheus() -> PrometheusHandle {
 }
 
 pub fn router(state: ApiState) -> Router {
-    Router::new()
+    let reads = Router::new()
         .route("/orders", get(reads::list_orders))
         .route("/orders/{order_id}", get(reads::get_order))
         .route("/stock/{sku}", get(reads::get_stock))
         .route("/sagas/{order_id}", get(reads::get_saga))
         .route("/notifications", get(reads::list_notifications))
         .route("/projections", get(ops::projections))
+        .layer(middleware::from_fn_with_state(
+            state.reads_in_flight.clone(),
+            shed_reads,
+        ));
+    Router::new()
+        .merge(reads)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -114,6 +121,25 @@ pub fn router(state: ApiState) -> Router {
             auth::require_token,
         ))
         .with_state(Arc::new(state))
+}
+
+/// Serves a read if fewer than the bound are in flight, else answers 503 at once.
+async fn shed_reads(
+    axum::extract::State(in_flight): axum::extract::State<Arc<tokio::sync::Semaphore>>,
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match in_flight.try_acquire_owned() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            metrics::counter!("ordo_api_reads_shed_total").increment(1);
+            crate::error::ApiError::Overloaded(
+                "too many reads are in flight; nothing is wrong with this one: try again".into(),
+            )
+            .into_response()
+        }
+    }
 }
 
 /// Serves only `GET /metrics` (Prometheus text of this process) on `listener` until `shutdown`

@@ -20,8 +20,8 @@ pub enum ApiError {
     NotCaughtUp { min_seq: u64, checkpoint: u64 },
     /// 503: PostgreSQL (or NATS) does not answer.
     Unavailable(String),
-    /// 503 with `Retry-After`: too many reads wait for their views already; nothing is wrong
-    /// with this one, it is shed.
+    /// 503 with `Retry-After`: too many reads are in flight already; nothing is wrong with this
+    /// one, it is shed.
     Overloaded(String),
     /// 401: a bearer token is required and was missing or wrong.
     Unauthorized(String),

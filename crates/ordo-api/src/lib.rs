@@ -15,5 +15,5 @@ pub mod error;
 pub mod ops;
 pub mod reads;
 
-pub use app::{ApiState, DEFAULT_MAX_WAITING_READS, prometheus, router, serve, serve_metrics};
+pub use app::{ApiState, DEFAULT_MAX_READS_IN_FLIGHT, prometheus, router, serve, serve_metrics};
 pub use auth::{AccessTokens, Token};

@@ -67,27 +67,10 @@ async fn caught_up(
 ) -> Result<u64, ApiError> {
     let deadline = Instant::now() + state.min_seq_wait;
     let mut announced = state.checkpoints.subscribe(view.name);
-    // Taken when the read must wait, held while it waits.
-    let mut waiting = None;
     loop {
         let checkpoint = checkpoint_of(&state.pool, &view.schema(), view.stream).await?;
         match min_seq {
             Some(wanted) if checkpoint < wanted => {
-                if waiting.is_none() {
-                    let permit = state
-                        .waiting_reads
-                        .clone()
-                        .try_acquire_owned()
-                        .map_err(|_| {
-                            metrics::counter!("ordo_api_reads_shed_total").increment(1);
-                            ApiError::Overloaded(format!(
-                                "too many reads are waiting for their views; the {} view is at \
-                             {checkpoint}, not yet at {wanted}: try again",
-                                view.name
-                            ))
-                        })?;
-                    waiting = Some(permit);
-                }
                 let now = Instant::now();
                 if now >= deadline {
                     return Err(ApiError::NotCaughtUp {

@@ -302,7 +302,7 @@ impl HttpAccess {
 /// Serves the HTTP read API on `addr` until shutdown.
 pub async fn api(
     addr: SocketAddr,
-    max_waiting_reads: usize,
+    max_reads_in_flight: usize,
     pool: PgPool,
     nats: async_nats::Client,
     streams: StreamSettings,
@@ -312,7 +312,7 @@ pub async fn api(
     let mut state = ordo_api::ApiState::new(pool, nats);
     state.streams = streams.definitions()?;
     state.tokens = access.tokens();
-    state.waiting_reads = std::sync::Arc::new(tokio::sync::Semaphore::new(max_waiting_reads));
+    state.reads_in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(max_reads_in_flight));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening on {addr} (set ORDO_HTTP_ADDR to use another address)")
     })?;

@@ -54,16 +54,16 @@ struct Cli {
     )]
     http_addr: SocketAddr,
 
-    /// Reads that may wait at once for a view to reach their `min_seq`; past it, a read that
-    /// would wait is answered 503 with `Retry-After` (each waiting read holds a connection and
-    /// memory for up to 5 s).
+    /// HTTP reads served at once, those waiting for their `min_seq` included; past it a read is
+    /// answered 503 with `Retry-After` at once (each read in flight holds a connection and
+    /// memory, a waiting one for up to 5 s). Health, readiness and metrics are not counted.
     #[arg(
         long,
-        env = "ORDO_HTTP_MAX_WAITING_READS",
-        default_value_t = ordo_api::DEFAULT_MAX_WAITING_READS,
+        env = "ORDO_HTTP_MAX_READS_IN_FLIGHT",
+        default_value_t = ordo_api::DEFAULT_MAX_READS_IN_FLIGHT,
         global = true
     )]
-    http_max_waiting_reads: usize,
+    http_max_reads_in_flight: usize,
 
     /// Serve this process's metrics (Prometheus text, `GET /metrics`) on this address. `ordo up`
     /// and `ordo run api` also serve them on the API's address.
@@ -458,7 +458,7 @@ fn spawn_component(
                 "api",
                 components::api(
                     cli.http_addr,
-                    cli.http_max_waiting_reads,
+                    cli.http_max_reads_in_flight,
                     pool(),
                     nats.clone(),
                     cli.streams.clone(),
