@@ -744,7 +744,10 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
         .collect();
     assert_eq!(received.len(), 2, "{a1:?}");
     assert_eq!(received[1]["command_id"], "WAREHOUSE/delivery-7");
-    let stock = system.read("/stock/A1").await;
+    // Read once the view holds the delivery (it may lag behind the stream).
+    let stock = system
+        .read(&format!("/stock/A1?min_seq={}", delivery["seq"]))
+        .await;
     assert_eq!(stock["on_hand"], 13, "{stock}");
     system.components_were_refused_nothing();
 }
