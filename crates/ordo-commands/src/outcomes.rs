@@ -15,6 +15,8 @@ use ordo_eventstore::{EventStore, LoadError, PublishError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use sha2::{Digest, Sha256};
+
 use crate::wire::hex_digest;
 
 pub const OUTCOMES_STREAM: &str = ordo_eventstore::StreamId::CommandOutcomes.name();
@@ -75,10 +77,22 @@ impl Outcomes {
     }
 
     /// Writes `record` if the command id's record is still at `revision` (0: none yet).
+    ///
+    /// The message id names the revision and the record's bytes, so that a *different* record
+    /// at the same revision (two runs of one command id racing, or a void racing a late
+    /// reserve) can never be taken for a repeat of the first and told it was written, whichever
+    /// check a server makes first. (nats-server 2.15 checks the expected sequence before the
+    /// message id; a server that checked the id first would have answered "duplicate" to a
+    /// message id of the revision alone.) A write sent again after a lost acknowledgement is a
+    /// conflict or a repeat; either way the caller reads the record again.
     pub async fn put(&self, record: &OutcomeRecord, revision: u64) -> Result<u64, PublishError> {
         let subject = Self::subject(&record.command_id);
-        let msg_id = format!("{subject}@{revision}");
         let payload = serde_json::to_vec(record).expect("outcome records serialize");
+        let digest = Sha256::digest(&payload);
+        let msg_id = format!(
+            "{subject}@{revision}#{:x}",
+            u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
+        );
         self.store
             .publish_if_last(&subject, payload, &msg_id, revision)
             .await

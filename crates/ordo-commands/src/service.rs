@@ -399,8 +399,12 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
                     header("Nats-Msg-Id").as_deref(),
                     &caller,
                 )?;
-                match header(wire::HEADER_VOID_IF_NOT_RUN) {
-                    Some(_) => parsed.void_if_not_run(&caller),
+                match header(wire::HEADER_VOID_IF_NOT_RUN).as_deref() {
+                    Some("true") => parsed.void_if_not_run(&caller),
+                    Some(other) => Err(wire::InvalidCommand(format!(
+                        "{} must be \"true\", got {other:?}",
+                        wire::HEADER_VOID_IF_NOT_RUN
+                    ))),
                     None => Ok(parsed),
                 }
             });

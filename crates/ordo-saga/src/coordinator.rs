@@ -145,6 +145,9 @@ impl<G: PaymentGateway> Clone for Coordinator<G> {
 
 const CONSUMER: &str = "ordo-saga";
 
+/// How a step refused as an invalid command says so in its outcome.
+const INVALID_COMMAND_PREFIX: &str = "invalid command: ";
+
 /// Order events taken in per statement, at most.
 const INTAKE_BATCH: usize = 256;
 
@@ -646,7 +649,14 @@ impl<G: PaymentGateway> Coordinator<G> {
                     qty: *qty,
                 };
                 let void = [(HEADER_VOID_IF_NOT_RUN, "true")];
-                return self.send_command(saga, index, &reserve, trace, &void).await;
+                return match self.send_command(saga, index, &reserve, trace, &void).await {
+                    // The void itself was refused (not the reserve): nothing is settled, and a
+                    // late copy could still land. Tried again, and stuck in sight if it stays so.
+                    Outcome::Failed(reason) if reason.starts_with(INVALID_COMMAND_PREFIX) => {
+                        Outcome::Unknown(reason)
+                    }
+                    outcome => outcome,
+                };
             }
             Step::Release { sku } => CommandRequest::ReleaseStock {
                 sku: sku.clone(),
@@ -720,10 +730,12 @@ impl<G: PaymentGateway> Coordinator<G> {
             Ok(Reply::Accepted { .. }) => Outcome::Succeeded,
             Ok(Reply::Refused { code, message }) => match code {
                 // Definite: retrying the same command gets the same answer.
-                ErrorCode::InsufficientStock
-                | ErrorCode::NotFound
-                | ErrorCode::InvalidState
-                | ErrorCode::InvalidCommand => Outcome::Failed(message),
+                ErrorCode::InsufficientStock | ErrorCode::NotFound | ErrorCode::InvalidState => {
+                    Outcome::Failed(message)
+                }
+                ErrorCode::InvalidCommand => {
+                    Outcome::Failed(format!("{INVALID_COMMAND_PREFIX}{message}"))
+                }
                 // Of the moment: it may work when sent again.
                 ErrorCode::Conflict | ErrorCode::Unavailable | ErrorCode::RateLimited => {
                     Outcome::Unknown(format!("{}: {message}", code.as_str()))

@@ -61,6 +61,7 @@ struct Cli {
         long,
         env = "ORDO_HTTP_MAX_READS_IN_FLIGHT",
         default_value_t = ordo_api::DEFAULT_MAX_READS_IN_FLIGHT,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..),
         global = true
     )]
     http_max_reads_in_flight: usize,

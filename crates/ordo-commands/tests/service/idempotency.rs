@@ -452,3 +452,41 @@ async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_
         .unwrap();
     assert_eq!(outcome(&elsewhere), "invalid_command", "{elsewhere}");
 }
+
+/// Two different records written at one revision (a void racing a late reserve, two runs of one
+/// id): the second is a conflict, never taken for a repeat of the first, whichever check the
+/// server makes first (the expected sequence, as 2.15 does, or the message id).
+#[tokio::test]
+async fn two_different_outcome_records_at_one_revision_are_a_conflict_not_a_repeat() {
+    let engine = Engine::start().await;
+    let store = EventStore::open(
+        engine.client.clone(),
+        &ordo_commands::CommandService::STREAMS,
+    )
+    .await
+    .unwrap();
+    let outcomes = Outcomes::new(store);
+    let record = |state| OutcomeRecord {
+        command_id: "saga:o-1:reserve:A1".into(),
+        fingerprint: "f".into(),
+        state,
+    };
+    let appending = record(OutcomeState::Appending {
+        category: "stock".into(),
+        aggregate_id: "A1".into(),
+        expected_last_seq: 1,
+    });
+    let voided = record(OutcomeState::Rejected {
+        reply: json!({"ok": false, "error": {"code": "invalid_state", "message": "voided"}}),
+    });
+    let written = outcomes.put(&voided, 0).await.unwrap();
+    assert!(
+        matches!(
+            outcomes.put(&appending, 0).await,
+            Err(ordo_eventstore::PublishError::Conflict { .. })
+        ),
+        "a different record at the same revision must be refused"
+    );
+    let (revision, stored) = outcomes.get("saga:o-1:reserve:A1").await.unwrap();
+    assert_eq!((revision, stored), (written, Some(voided)));
+}
