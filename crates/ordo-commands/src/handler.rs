@@ -172,20 +172,11 @@ impl CommandHandler {
                         request.command_id
                     ),
                 );
-                let voided = self.record(
-                    request,
-                    OutcomeState::Rejected {
-                        reply: reply.clone(),
-                    },
-                );
-                match self.outcomes.put(&voided, revision).await {
-                    Ok(_) => return Ok(reply),
-                    Err(PublishError::Conflict { .. }) => {
-                        (revision, record) = self.outcomes.get(&request.command_id).await?;
-                        continue;
-                    }
-                    Err(err) => return Err(err.into()),
+                if self.record_refusal(request, &reply, revision).await? {
+                    return Ok(reply);
                 }
+                (revision, record) = self.outcomes.get(&request.command_id).await?;
+                continue;
             }
 
             let event = match A::decide(&loaded.state, command) {
@@ -217,21 +208,12 @@ impl CommandHandler {
                     if !request.explicit_id {
                         return Ok(reply);
                     }
-                    let refused = self.record(
-                        request,
-                        OutcomeState::Rejected {
-                            reply: reply.clone(),
-                        },
-                    );
-                    match self.outcomes.put(&refused, revision).await {
-                        Ok(_) => return Ok(reply),
-                        Err(PublishError::Conflict { .. }) => {
-                            // Another instance runs the same command id: see what it did.
-                            (revision, record) = self.outcomes.get(&request.command_id).await?;
-                            continue;
-                        }
-                        Err(err) => return Err(err.into()),
+                    if self.record_refusal(request, &reply, revision).await? {
+                        return Ok(reply);
                     }
+                    // Another instance runs the same command id: see what it did.
+                    (revision, record) = self.outcomes.get(&request.command_id).await?;
+                    continue;
                 }
             };
 
@@ -290,6 +272,27 @@ impl CommandHandler {
                 aggregate_subject(A::CATEGORY, aggregate_id)
             ),
         ))
+    }
+
+    /// Writes `reply` as the command's final refusal, if its record is still at `revision`.
+    /// False: another run of the same command id wrote first.
+    async fn record_refusal(
+        &self,
+        request: &ParsedRequest,
+        reply: &Value,
+        revision: u64,
+    ) -> Result<bool, Infrastructure> {
+        let refused = self.record(
+            request,
+            OutcomeState::Rejected {
+                reply: reply.clone(),
+            },
+        );
+        match self.outcomes.put(&refused, revision).await {
+            Ok(_) => Ok(true),
+            Err(PublishError::Conflict { .. }) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 
     fn record(&self, request: &ParsedRequest, state: OutcomeState) -> OutcomeRecord {
