@@ -153,7 +153,9 @@ impl NatsServer {
 
     /// Sends `body` (with `headers`) to `subject` until something answers, each try waiting
     /// up to 2 s, for at most `limit`: for a service that is still starting, or reconnecting
-    /// after a restart. Returns the reply as JSON.
+    /// after a restart. Every try carries the same `Nats-Msg-Id` (the caller's, else one made
+    /// here), so that a first try that was slow and the try sent after it are one command, not
+    /// two. Returns the reply as JSON.
     pub async fn request_until_answered(
         client: &async_nats::Client,
         subject: &str,
@@ -162,13 +164,18 @@ impl NatsServer {
         limit: Duration,
     ) -> serde_json::Value {
         let deadline = Instant::now() + limit;
+        let mut headers = headers.unwrap_or_default();
+        if headers.get("Nats-Msg-Id").is_none() {
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("test-{}", uuid::Uuid::new_v4()).as_str(),
+            );
+        }
         loop {
-            let mut request = async_nats::Request::new()
+            let request = async_nats::Request::new()
                 .payload(body.to_string().into())
-                .timeout(Some(Duration::from_secs(2)));
-            if let Some(headers) = &headers {
-                request = request.headers(headers.clone());
-            }
+                .timeout(Some(Duration::from_secs(2)))
+                .headers(headers.clone());
             match client.send_request(subject.to_owned(), request).await {
                 Ok(reply) => {
                     return serde_json::from_slice(&reply.payload)
