@@ -337,15 +337,7 @@ pub async fn http_reads(
                 order_ids[i % order_ids.len()]
             );
             let http = http.clone();
-            async move {
-                let sent = Instant::now();
-                let outcome = match http.get(url).send().await {
-                    Ok(response) if response.status().is_success() => "ok".to_owned(),
-                    Ok(response) => format!("HTTP {}", response.status().as_u16()),
-                    Err(_) => "no answer".to_owned(),
-                };
-                (sent.elapsed(), outcome)
-            }
+            async move { timed_get(&http, url).await }
         })
         .buffer_unordered(concurrency)
         .collect()
@@ -367,6 +359,29 @@ pub struct Rebuild {
     pub raw_upsert: Duration,
 }
 
+/// `ordo projections rebuild orders` against the benchmark's servers, ready to run.
+fn rebuild_orders(servers: &Servers) -> anyhow::Result<std::process::Command> {
+    let mut command = std::process::Command::new(crate::system::ordo_binary()?);
+    command
+        .args(["projections", "rebuild", "orders"])
+        .env("ORDO_NATS_URL", servers.nats.url())
+        .env("ORDO_DATABASE_URL", servers.database.url())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    Ok(command)
+}
+
+/// `GET url`: how long it took, and `ok` or what came instead.
+async fn timed_get(http: &reqwest::Client, url: String) -> (Duration, String) {
+    let sent = Instant::now();
+    let outcome = match http.get(url).send().await {
+        Ok(response) if response.status().is_success() => "ok".to_owned(),
+        Ok(response) => format!("HTTP {}", response.status().as_u16()),
+        Err(_) => "no answer".to_owned(),
+    };
+    (sent.elapsed(), outcome)
+}
+
 pub async fn rebuild(servers: &Servers) -> anyhow::Result<Rebuild> {
     let pool = servers.database.pool();
     let js = async_nats::jetstream::new(servers.client.clone());
@@ -378,13 +393,7 @@ pub async fn rebuild(servers: &Servers) -> anyhow::Result<Rebuild> {
         .state
         .messages;
     let started = Instant::now();
-    let status = std::process::Command::new(crate::system::ordo_binary()?)
-        .args(["projections", "rebuild", "orders"])
-        .env("ORDO_NATS_URL", servers.nats.url())
-        .env("ORDO_DATABASE_URL", servers.database.url())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .status()?;
+    let status = rebuild_orders(servers)?.status()?;
     anyhow::ensure!(
         status.success(),
         "ordo projections rebuild orders: {status}"
@@ -494,13 +503,7 @@ async fn reads_while(
                     order_ids[i % order_ids.len()]
                 );
                 i += concurrency;
-                let sent = Instant::now();
-                let outcome = match http.get(url).send().await {
-                    Ok(response) if response.status().is_success() => "ok".to_owned(),
-                    Ok(response) => format!("HTTP {}", response.status().as_u16()),
-                    Err(_) => "no answer".to_owned(),
-                };
-                samples.push((sent.elapsed(), outcome));
+                samples.push(timed_get(&http, url).await);
             }
             samples
         }
@@ -527,14 +530,7 @@ pub async fn reads_during_rebuild(
     concurrency: usize,
     write_rate: u32,
 ) -> anyhow::Result<ReadsDuringRebuild> {
-    let rebuild = std::process::Command::new(crate::system::ordo_binary()?)
-        .args(["projections", "rebuild", "orders"])
-        .env("ORDO_NATS_URL", servers.nats.url())
-        .env("ORDO_DATABASE_URL", servers.database.url())
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    let mut rebuild = rebuild;
+    let mut rebuild = rebuild_orders(servers)?.spawn()?;
     let finished = async move {
         loop {
             if let Ok(Some(status)) = rebuild.try_wait() {

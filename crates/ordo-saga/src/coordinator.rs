@@ -145,8 +145,12 @@ impl<G: PaymentGateway> Clone for Coordinator<G> {
 
 const CONSUMER: &str = "ordo-saga";
 
-/// How a step refused as an invalid command says so in its outcome.
-const INVALID_COMMAND_PREFIX: &str = "invalid command: ";
+/// Whether a command is sent to be voided if its id has not run (a resolve's reserve).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Void {
+    No,
+    IfNotRun,
+}
 
 /// Order events taken in per statement, at most.
 const INTAKE_BATCH: usize = 256;
@@ -648,15 +652,9 @@ impl<G: PaymentGateway> Coordinator<G> {
                     order_id,
                     qty: *qty,
                 };
-                let void = [(HEADER_VOID_IF_NOT_RUN, "true")];
-                return match self.send_command(saga, index, &reserve, trace, &void).await {
-                    // The void itself was refused (not the reserve): nothing is settled, and a
-                    // late copy could still land. Tried again, and stuck in sight if it stays so.
-                    Outcome::Failed(reason) if reason.starts_with(INVALID_COMMAND_PREFIX) => {
-                        Outcome::Unknown(reason)
-                    }
-                    outcome => outcome,
-                };
+                return self
+                    .send_command(saga, index, &reserve, trace, Void::IfNotRun)
+                    .await;
             }
             Step::Release { sku } => CommandRequest::ReleaseStock {
                 sku: sku.clone(),
@@ -672,7 +670,10 @@ impl<G: PaymentGateway> Coordinator<G> {
             },
             Step::Confirm => {
                 let request = CommandRequest::ConfirmOrder { order_id };
-                return match self.send_command(saga, index, &request, trace, &[]).await {
+                return match self
+                    .send_command(saga, index, &request, trace, Void::No)
+                    .await
+                {
                     Outcome::Succeeded => Outcome::Succeeded,
                     not_ok => self.resolve_confirm(&saga.order_id, not_ok).await,
                 };
@@ -694,24 +695,24 @@ impl<G: PaymentGateway> Coordinator<G> {
                 );
             }
         };
-        self.send_command(saga, index, &request, trace, &[]).await
+        self.send_command(saga, index, &request, trace, Void::No)
+            .await
     }
 
-    /// Sends step `index` of `saga` as a command (with `extra` headers) and says what its reply
-    /// means.
+    /// Sends step `index` of `saga` as a command and says what its reply means.
     async fn send_command(
         &self,
         saga: &Saga,
         index: usize,
         command: &CommandRequest,
         trace: &Context,
-        extra: &[(&str, &str)],
+        void: Void,
     ) -> Outcome {
         let subject = command.subject();
         let mut headers = async_nats::HeaderMap::new();
         trace::inject(trace, &mut headers);
-        for (name, value) in extra {
-            headers.insert(*name, *value);
+        if void == Void::IfNotRun {
+            headers.insert(HEADER_VOID_IF_NOT_RUN, "true");
         }
         headers.insert("Nats-Msg-Id", saga.command_id(index).as_str());
         headers.insert(
@@ -730,12 +731,15 @@ impl<G: PaymentGateway> Coordinator<G> {
             Ok(Reply::Accepted { .. }) => Outcome::Succeeded,
             Ok(Reply::Refused { code, message }) => match code {
                 // Definite: retrying the same command gets the same answer.
-                ErrorCode::InsufficientStock | ErrorCode::NotFound | ErrorCode::InvalidState => {
-                    Outcome::Failed(message)
+                // The void itself was refused (not the reserve): nothing is settled, and a late
+                // copy could still land. Tried again, and stuck in sight if it stays so.
+                ErrorCode::InvalidCommand if void == Void::IfNotRun => {
+                    Outcome::Unknown(format!("the void was refused: {message}"))
                 }
-                ErrorCode::InvalidCommand => {
-                    Outcome::Failed(format!("{INVALID_COMMAND_PREFIX}{message}"))
-                }
+                ErrorCode::InsufficientStock
+                | ErrorCode::NotFound
+                | ErrorCode::InvalidState
+                | ErrorCode::InvalidCommand => Outcome::Failed(message),
                 // Of the moment: it may work when sent again.
                 ErrorCode::Conflict | ErrorCode::Unavailable | ErrorCode::RateLimited => {
                     Outcome::Unknown(format!("{}: {message}", code.as_str()))

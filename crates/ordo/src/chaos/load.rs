@@ -237,24 +237,16 @@ async fn repeat_accepted(
     history: &History,
 ) {
     history.repeats.fetch_add(1, Ordering::Relaxed);
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", command_id);
-    let request = async_nats::Request::new()
-        .headers(headers)
-        .payload(command.body_bytes().into())
-        .timeout(Some(REQUEST_TIMEOUT));
-    let Ok(reply) = nats.send_request(command.subject(), request).await else {
-        return;
-    };
-    match Reply::parse(&reply.payload) {
-        Ok(Reply::Accepted { seq, .. }) if seq == accepted_seq => {}
+    match send_once(nats, command, command_id).await {
+        None => {}
+        Some(Ok(Reply::Accepted { seq, .. })) if seq == accepted_seq => {}
         // The service could not read the record (NATS restarting, its outcome read timed out):
         // no answer, as for any request. Shedding and rate limits never answer a repeat so.
-        Ok(Reply::Refused {
+        Some(Ok(Reply::Refused {
             code: ErrorCode::Unavailable,
             ..
-        }) => {}
-        other => history
+        })) => {}
+        Some(other) => history
             .repeats_answered_otherwise
             .lock()
             .expect("not poisoned")
@@ -264,6 +256,23 @@ async fn repeat_accepted(
     }
 }
 
+/// Sends the command once under `command_id`: `None` when no reply came, else the reply as
+/// read.
+async fn send_once(
+    nats: &async_nats::Client,
+    command: &CommandRequest,
+    command_id: &str,
+) -> Option<Result<Reply, ordo_commands::wire::InvalidReply>> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", command_id);
+    let request = async_nats::Request::new()
+        .headers(headers)
+        .payload(command.body_bytes().into())
+        .timeout(Some(REQUEST_TIMEOUT));
+    let reply = nats.send_request(command.subject(), request).await.ok()?;
+    Some(Reply::parse(&reply.payload))
+}
+
 /// Sends the request until it is answered (other than `unavailable`), or gives up: `None`.
 async fn send_until_answered(
     nats: &async_nats::Client,
@@ -271,18 +280,10 @@ async fn send_until_answered(
     command_id: &str,
     history: &History,
 ) -> Option<Reply> {
-    let subject = command.subject();
     let started = Instant::now();
     let mut pause = Duration::from_millis(50);
     loop {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", command_id);
-        let request = async_nats::Request::new()
-            .headers(headers)
-            .payload(command.body_bytes().into())
-            .timeout(Some(REQUEST_TIMEOUT));
-        if let Ok(reply) = nats.send_request(subject.clone(), request).await
-            && let Ok(reply) = Reply::parse(&reply.payload)
+        if let Some(Ok(reply)) = send_once(nats, command, command_id).await
             && !matches!(
                 reply,
                 Reply::Refused {
