@@ -11,6 +11,13 @@ use ordo_testkit::{NatsServer, TestDatabase};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+/// Long enough for projectors that have just been spawned on a busy machine to apply a write:
+/// a test that reads its own write does not depend on how fast the machine is.
+const READ_YOUR_WRITE_WAIT: Duration = Duration::from_secs(10);
+
+/// For the tests that wait for a sequence that never comes.
+const SHORT_WAIT: Duration = Duration::from_millis(500);
+
 struct Setup {
     engine: Engine,
     database: TestDatabase,
@@ -24,10 +31,20 @@ impl Setup {
     }
 
     async fn start_with(tokens: ordo_api::AccessTokens) -> Self {
-        Self::start_configured(tokens, ordo_api::DEFAULT_MAX_READS_IN_FLIGHT).await
+        Self::start_configured(
+            tokens,
+            ordo_api::DEFAULT_MAX_READS_IN_FLIGHT,
+            READ_YOUR_WRITE_WAIT,
+        )
+        .await
     }
 
-    async fn start_configured(tokens: ordo_api::AccessTokens, max_reads_in_flight: usize) -> Self {
+    /// `min_seq_wait`: how long a read waits for a sequence its view has not applied yet.
+    async fn start_configured(
+        tokens: ordo_api::AccessTokens,
+        max_reads_in_flight: usize,
+        min_seq_wait: Duration,
+    ) -> Self {
         let engine = Engine::start().await;
         let database = TestDatabase::create().await;
         schema::prepare(database.pool()).await.unwrap();
@@ -43,7 +60,7 @@ impl Setup {
         tokio::spawn(async move { stock.run(std::future::pending()).await });
 
         let mut state = ApiState::new(database.pool().clone(), engine.client.clone());
-        state.min_seq_wait = Duration::from_millis(500);
+        state.min_seq_wait = min_seq_wait;
         state.tokens = tokens;
         state.reads_in_flight =
             std::sync::Arc::new(tokio::sync::Semaphore::new(max_reads_in_flight));
@@ -160,7 +177,12 @@ async fn a_client_reads_its_own_write_with_min_seq() {
 
 #[tokio::test]
 async fn a_view_that_does_not_catch_up_in_time_answers_504_with_its_checkpoint() {
-    let setup = Setup::start().await;
+    let setup = Setup::start_configured(
+        ordo_api::AccessTokens::default(),
+        ordo_api::DEFAULT_MAX_READS_IN_FLIGHT,
+        SHORT_WAIT,
+    )
+    .await;
     let reply = setup.place("o-1", "c1").await;
     let ahead = reply["seq"].as_u64().unwrap() + 100;
     let (status, body) = setup.get(&format!("/orders/o-1?min_seq={ahead}")).await;
@@ -174,35 +196,47 @@ async fn a_view_that_does_not_catch_up_in_time_answers_504_with_its_checkpoint()
 /// the reads in flight end, reads are served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_its_bound_a_read_is_shed_with_503_and_retry_after_and_health_still_answers() {
-    let setup = Setup::start_configured(ordo_api::AccessTokens::default(), 2).await;
+    // Long enough that the three reads below are surely sent while the first two wait.
+    let setup =
+        Setup::start_configured(ordo_api::AccessTokens::default(), 2, Duration::from_secs(3)).await;
     let reply = setup.place("o-1", "c1").await;
     let seq = reply["seq"].as_u64().unwrap();
     let (status, _) = setup.get(&format!("/orders/o-1?min_seq={seq}")).await;
     assert_eq!(status, StatusCode::OK, "the view has the order");
-    // Two reads wait for a sequence that does not come (500 ms in this setup).
+    // Three reads wait for a sequence that does not come: the first two to arrive hold the
+    // two places for the whole wait, so the third, whichever it is, is shed at once.
     let path = format!("/orders/o-1?min_seq={}", seq + 100);
-    let waiting: Vec<_> = (0..2)
+    let reads: Vec<_> = (0..3)
         .map(|_| {
             let (http, url) = (setup.http.clone(), format!("{}{path}", setup.base));
-            tokio::spawn(async move { http.get(url).send().await.unwrap().status() })
+            tokio::spawn(async move {
+                let response = http.get(url).send().await.unwrap();
+                let status = response.status();
+                let retry_after = response.headers().get("retry-after").cloned();
+                (status, retry_after, response.json::<Value>().await.unwrap())
+            })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let shed = setup
-        .http
-        .get(format!("{}/orders/o-1", setup.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(shed.headers()["retry-after"], "1");
-    let body: Value = shed.json().await.unwrap();
+    // Health is outside the bound: it answers while the places are taken.
+    assert_eq!(setup.get("/healthz").await.0, StatusCode::OK);
+    let mut answers = Vec::new();
+    for read in reads {
+        answers.push(read.await.unwrap());
+    }
+    let (shed, waited): (Vec<_>, Vec<_>) = answers
+        .into_iter()
+        .partition(|(status, ..)| *status == StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.len(), 1, "one read shed: {shed:?} {waited:?}");
+    assert!(
+        waited
+            .iter()
+            .all(|(status, ..)| *status == StatusCode::GATEWAY_TIMEOUT),
+        "the two others waited their time: {waited:?}"
+    );
+    let (_, retry_after, body) = &shed[0];
+    assert_eq!(retry_after.as_ref().unwrap(), "1");
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
     assert_eq!(body["error"]["retry_after_ms"], 1000, "{body}");
-    assert_eq!(setup.get("/healthz").await.0, StatusCode::OK);
-    for read in waiting {
-        assert_eq!(read.await.unwrap(), StatusCode::GATEWAY_TIMEOUT);
-    }
     // The reads in flight gave their places back.
     let (status, order) = setup.get("/orders/o-1").await;
     assert_eq!(status, StatusCode::OK, "{order}");
@@ -253,33 +287,34 @@ async fn paging_returns_every_order_once_while_orders_are_inserted() {
     for i in 0..30 {
         last = setup.place(&format!("early-{i:02}"), "c1").await;
     }
-    let first_page = format!("/orders?customer_id=c1&limit=7&min_seq={}", last["seq"]);
-    let pages = async {
-        let mut seen = Vec::new();
-        let mut path = first_page;
-        loop {
-            let (status, page) = setup.get(&path).await;
-            assert_eq!(status, StatusCode::OK, "{page}");
-            seen.extend(
-                page["orders"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|o| o["order_id"].as_str().unwrap().to_owned()),
-            );
-            match page["next_cursor"].as_str() {
-                Some(cursor) => path = format!("/orders?customer_id=c1&limit=7&cursor={cursor}"),
-                None => return seen,
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    // Between two pages, three orders are placed and applied to the view before the next page
+    // is read (min_seq): every page after the first is read from a view that grew under it.
+    let mut seen = Vec::new();
+    let mut path = format!("/orders?customer_id=c1&limit=7&min_seq={}", last["seq"]);
+    let mut late = 0;
+    loop {
+        let (status, page) = setup.get(&path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        seen.extend(
+            page["orders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["order_id"].as_str().unwrap().to_owned()),
+        );
+        let Some(cursor) = page["next_cursor"].as_str() else {
+            break;
+        };
+        for _ in 0..3 {
+            last = setup.place(&format!("late-{late:02}"), "c1").await;
+            late += 1;
         }
-    };
-    let inserts = async {
-        for i in 0..30 {
-            setup.place(&format!("late-{i:02}"), "c1").await;
-        }
-    };
-    let (seen, ()) = tokio::join!(pages, inserts);
+        path = format!(
+            "/orders?customer_id=c1&limit=7&cursor={cursor}&min_seq={}",
+            last["seq"]
+        );
+    }
+    assert!(late >= 12, "orders were placed between the pages: {late}");
     let unique: HashSet<&String> = seen.iter().collect();
     assert_eq!(unique.len(), seen.len(), "no order twice: {seen:?}");
     for i in 0..30 {
@@ -288,10 +323,14 @@ async fn paging_returns_every_order_once_while_orders_are_inserted() {
             "early-{i:02} missing"
         );
     }
-    let early: Vec<&String> = seen.iter().filter(|id| id.starts_with("early")).collect();
+    // Orders placed while paging sort after every cursor handed out: the pages reach them.
     assert!(
-        early.windows(2).all(|pair| pair[0] < pair[1]),
-        "in placing order"
+        unique.contains(&format!("late-{:02}", late - 1)),
+        "the last order placed while paging: {seen:?}"
+    );
+    assert!(
+        seen.windows(2).all(|pair| pair[0] < pair[1]),
+        "in placing order: {seen:?}"
     );
 }
 
@@ -416,6 +455,21 @@ async fn while_postgresql_is_down_reads_are_503_and_readiness_says_why() {
     assert_eq!(body["error"]["code"], "unavailable");
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The body says which dependency is missing, and that the other one is fine.
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_eq!(ready["checks"]["nats"], "ok", "{ready}");
+    let why = ready["checks"]["postgres"].as_str().unwrap_or_default();
+    assert!(
+        !why.is_empty() && why != "ok",
+        "readiness does not say why: {ready}"
+    );
+    // This server has no stream yet: each one is named as missing.
+    assert_eq!(
+        ready["streams"][ordo_eventstore::StreamId::Orders.name()],
+        "missing",
+        "{ready}"
+    );
 
     postgres.start_again().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -1,8 +1,9 @@
 //! Projectors against real nats-server and PostgreSQL: events in, rows out, exactly once.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use ordo_domain::{order::OrderAggregate, stock::StockAggregate};
 use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
 use ordo_harness::Engine;
@@ -97,7 +98,24 @@ impl Setup {
             .collect()
     }
 
-    /// Every SKU row of the view next to the SKU folded from its events by the domain.
+    /// The aggregates that have events in `stream`: the last token of each subject.
+    async fn aggregates_in_stream(&self, stream: ordo_eventstore::StreamId) -> BTreeSet<String> {
+        let stream = jetstream::new(self.engine.client.clone())
+            .get_stream(stream.name())
+            .await
+            .unwrap();
+        let subjects = stream.info_with_subjects(">").await.unwrap();
+        subjects
+            .map(|subject| {
+                let (subject, _count) = subject.unwrap();
+                subject.rsplit('.').next().unwrap().to_owned()
+            })
+            .collect()
+            .await
+    }
+
+    /// The view holds a row for every SKU of the stream and for nothing else, and each row is
+    /// the SKU folded from its events by the domain.
     async fn stock_view_matches_the_stream(&self) {
         let store = EventStore::open(
             self.engine.client.clone(),
@@ -111,7 +129,12 @@ impl Setup {
         .fetch_all(self.pool())
         .await
         .unwrap();
-        assert!(!rows.is_empty());
+        let in_view: BTreeSet<String> = rows.iter().map(|row| row.get("sku")).collect();
+        let in_stream = self
+            .aggregates_in_stream(ordo_eventstore::StreamId::Stock)
+            .await;
+        assert!(!in_stream.is_empty(), "the test wrote no stock");
+        assert_eq!(in_view, in_stream, "the SKUs of the view and of the stream");
         for row in rows {
             let sku: String = row.get("sku");
             let loaded = store.load::<StockAggregate>(&sku).await.unwrap();
@@ -132,6 +155,8 @@ impl Setup {
         }
     }
 
+    /// The view holds a row for every order of the stream and for nothing else, and each row is
+    /// the order folded from its events by the domain.
     async fn orders_view_matches_the_stream(&self) {
         let store = EventStore::open(
             self.engine.client.clone(),
@@ -144,6 +169,15 @@ impl Setup {
                 .fetch_all(self.pool())
                 .await
                 .unwrap();
+        let in_view: BTreeSet<String> = rows.iter().map(|row| row.get("order_id")).collect();
+        let in_stream = self
+            .aggregates_in_stream(ordo_eventstore::StreamId::Orders)
+            .await;
+        assert!(!in_stream.is_empty(), "the test wrote no order");
+        assert_eq!(
+            in_view, in_stream,
+            "the orders of the view and of the stream"
+        );
         for row in &rows {
             let order_id: String = row.get("order_id");
             let loaded = store.load::<OrderAggregate>(&order_id).await.unwrap();
@@ -159,7 +193,8 @@ impl Setup {
                     order.status.as_str().to_owned(),
                     loaded.version as i64,
                     order.total_cents as i64
-                )
+                ),
+                "{order_id}"
             );
         }
     }
@@ -319,9 +354,9 @@ async fn once_an_event_of_an_aggregate_is_parked_its_later_events_are_parked_at_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice() {
     let setup = Setup::start().await;
-    // The first instance is alone, so it leads; the standby joins once it has work in hand.
-    let (_stop_first, first) = setup.projector::<StockView>();
-    let (_stop_orders, _orders) = setup.projector::<OrdersView>();
+    // The first instances are alone, so they lead; the standbys join once they have work in hand.
+    let (_stop_stock, first_stock) = setup.projector::<StockView>();
+    let (_stop_orders, first_orders) = setup.projector::<OrdersView>();
 
     let load = |range: std::ops::Range<usize>| {
         let setup = &setup;
@@ -330,6 +365,13 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
                 let (sku, order) = (format!("S{}", i % 7), format!("o-{i}"));
                 setup
                     .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": 3}))
+                    .await;
+                setup
+                    .command(
+                        "ordo.cmd.order.place",
+                        json!({"order_id": order, "customer_id": "c1",
+                               "lines": [{"sku": sku, "qty": 1, "unit_price_cents": 100 + i}]}),
+                    )
                     .await;
                 setup
                     .command(
@@ -344,44 +386,62 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
                             json!({"sku": sku, "order_id": order}),
                         )
                         .await;
+                    setup
+                        .command("ordo.cmd.order.cancel", json!({"order_id": order}))
+                        .await;
                 }
             }
         }
     };
-    // The leader works through the first half; a standby joins.
-    load(0..50).await;
-    let schema = live_schema::<StockView>();
-    while schema::checkpoint::<StockView>(setup.pool(), &schema)
-        .await
-        .unwrap_or(0)
-        == 0
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let _standby = setup.projector::<StockView>();
-    // The leader is killed while the second half is being written (and applied).
+    // The leaders work through the first part; standbys join.
+    load(0..30).await;
+    setup.caught_up::<StockView>().await;
+    setup.caught_up::<OrdersView>().await;
+    let _stock_standby = setup.projector::<StockView>();
+    let _orders_standby = setup.projector::<OrdersView>();
+    // The leaders are killed while the rest is being written (and applied).
+    let checkpoints = || async {
+        (
+            schema::checkpoint::<StockView>(setup.pool(), &live_schema::<StockView>())
+                .await
+                .unwrap(),
+            schema::checkpoint::<OrdersView>(setup.pool(), &live_schema::<OrdersView>())
+                .await
+                .unwrap(),
+        )
+    };
     let chaos = async {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        first.abort();
-        schema::checkpoint::<StockView>(setup.pool(), &schema)
-            .await
-            .unwrap()
+        first_stock.abort();
+        first_orders.abort();
+        checkpoints().await
     };
-    let ((), killed_at) = tokio::join!(load(50..150), chaos);
-    let head = jetstream::new(setup.engine.client.clone())
-        .get_stream(ordo_eventstore::StreamId::Stock.name())
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence;
+    let ((), (stock_killed_at, orders_killed_at)) = tokio::join!(load(30..100), chaos);
+    let head = |stream: ordo_eventstore::StreamId| {
+        let client = setup.engine.client.clone();
+        async move {
+            jetstream::new(client)
+                .get_stream(stream.name())
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .state
+                .last_sequence
+        }
+    };
+    let (stock_head, orders_head) = (
+        head(ordo_eventstore::StreamId::Stock).await,
+        head(ordo_eventstore::StreamId::Orders).await,
+    );
     assert!(
-        killed_at < head,
-        "the leader died before the end ({killed_at} of {head})"
+        stock_killed_at < stock_head && orders_killed_at < orders_head,
+        "the leaders died before the end (stock {stock_killed_at} of {stock_head}, \
+         orders {orders_killed_at} of {orders_head})"
     );
     setup.caught_up::<StockView>().await;
+    setup.caught_up::<OrdersView>().await;
     setup.stock_view_matches_the_stream().await;
     setup.orders_view_matches_the_stream().await;
     assert!(

@@ -3,6 +3,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use ordo_commands::wire::CommandRequest;
 use ordo_domain::{
@@ -17,7 +18,7 @@ use ordo_saga::{
     Clock, Coordinator, CoordinatorConfig, Notifier, NotifierConfig, PaymentGateway,
     SimulatedGateway, payment::PaymentError,
 };
-use ordo_testkit::TestDatabase;
+use ordo_testkit::{DarkeningRelay, TestDatabase};
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -69,9 +70,41 @@ impl Setup {
         gateway: G,
         config: CoordinatorConfig,
     ) -> JoinHandle<()> {
-        let coordinator =
-            Coordinator::new(self.pool().clone(), self.client.clone(), gateway, config);
+        self.coordinator_on(self.client.clone(), gateway, config)
+    }
+
+    /// A coordinator on a connection of its own (through a relay that loses replies).
+    fn coordinator_on<G: PaymentGateway>(
+        &self,
+        nats: async_nats::Client,
+        gateway: G,
+        config: CoordinatorConfig,
+    ) -> JoinHandle<()> {
+        let coordinator = Coordinator::new(self.pool().clone(), nats, gateway, config);
         tokio::spawn(async move { coordinator.run(std::future::pending()).await })
+    }
+
+    /// The order's row in the payment ledger.
+    async fn payment(&self, order_id: &str) -> Option<LedgerRow> {
+        ledger_row(self.pool(), order_id).await
+    }
+
+    /// (state, whether the deadline has passed by PostgreSQL's clock, attempts of the confirm).
+    async fn confirm_progress(&self, order_id: &str) -> (String, bool, u64) {
+        let (state, passed, steps): (String, bool, Value) = sqlx::query_as(
+            "SELECT state, coalesce(deadline_at <= now(), false), steps FROM sagas WHERE order_id = $1",
+        )
+        .bind(order_id)
+        .fetch_one(self.pool())
+        .await
+        .unwrap();
+        let attempts = steps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|step| step["kind"] == "confirm")
+            .map_or(0, |step| step["attempts"].as_u64().unwrap());
+        (state, passed, attempts)
     }
 
     async fn notifier(&self) -> JoinHandle<()> {
@@ -409,21 +442,336 @@ async fn time_an_order_spends_queued_inside_ordo_does_not_count_against_its_dead
     assert_eq!(setup.stock("A1").await, (100, 40));
 }
 
+/// The confirm is the point of no return: once it may have been appended, no deadline undoes the
+/// order. Here the confirm reaches the command service and is appended, and its reply (and the
+/// read that would resolve it) is lost: the coordinator's connection goes dark as the confirm
+/// passes. The deadline passes while the confirm's outcome is unknown, and the coordinator is
+/// still sure of nothing; the order must end confirmed, with its stock held and its charge kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deadline_never_undoes_an_order_whose_confirm_may_have_been_sent() {
     let setup = Setup::start().await;
+    let relay =
+        DarkeningRelay::start(setup.engine.server.port(), "ordo.internal.order.confirm").await;
+    let nats = async_nats::ConnectOptions::new()
+        .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
+        .connect(relay.url())
+        .await
+        .unwrap();
+    // The first authorisation goes unanswered (after charging): the deadline starts then.
+    let gateway = FirstAnswersLost::new(setup.pool());
     let config = CoordinatorConfig {
-        saga_timeout: Duration::from_millis(300),
+        saga_timeout: Duration::from_millis(800),
+        step_timeout: Duration::from_millis(200),
+        retry_cap: Duration::from_millis(100),
         ..quick()
     };
-    // The payment answers after the deadline; the saga has then reached the confirm, the point
-    // of no return, and goes forward.
-    let _coordinator = setup.coordinator(gateway(0.0, 600), config);
+    let _coordinator = setup.coordinator_on(nats, gateway, config);
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+
+    // The confirm was appended; its reply went missing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while setup.order_status("o-1").await != OrderStatus::Confirmed {
+        assert!(std::time::Instant::now() < deadline, "never confirmed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(relay.went_dark());
+    // The deadline passes while the confirm's outcome is unknown, and the coordinator takes the
+    // saga up twice more knowing it has passed.
+    let attempts_at_deadline = loop {
+        let (state, passed, attempts) = setup.confirm_progress("o-1").await;
+        assert_eq!(state, "running", "before the deadline");
+        if passed {
+            break attempts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deadline never passed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    loop {
+        let (state, _, attempts) = setup.confirm_progress("o-1").await;
+        if attempts >= attempts_at_deadline + 2
+            || !["running", "compensation_stuck"].contains(&state.as_str())
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{state} after {attempts} attempts"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    relay.heal();
+
+    setup.saga_ends("o-1", "confirmed").await;
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Confirmed);
+    assert_eq!(setup.stock("A1").await, (5, 2), "the stock is still held");
+    assert_eq!(setup.stock_events("StockReleased").await, 0);
+    let (amount, charged, refunded) = setup.payment("o-1").await.expect("charged");
+    assert_eq!(
+        (amount, charged.is_some(), refunded),
+        (200, true, None),
+        "charged, not refunded"
+    );
+}
+
+/// A row of the payment ledger: (amount, authorised at, refunded at).
+type LedgerRow = (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// The simulated gateway with its ledger in the test's database: it declines nothing.
+fn ledgered(pool: &PgPool) -> SimulatedGateway {
+    SimulatedGateway {
+        decline_rate: 0.0,
+        latency: Duration::ZERO,
+        ledger: Some(pool.clone()),
+    }
+}
+
+/// The ledgered gateway, whose first answer to an authorisation and to a refund is lost after the
+/// ledger recorded the call: the saga sends each again. It keeps each call's answer and the
+/// ledger's row after it.
+#[derive(Clone)]
+struct FirstAnswersLost {
+    ledger: SimulatedGateway,
+    calls: Arc<std::sync::Mutex<Vec<(&'static str, Result<(), PaymentError>, Option<LedgerRow>)>>>,
+}
+
+impl FirstAnswersLost {
+    fn new(pool: &PgPool) -> Self {
+        Self {
+            ledger: ledgered(pool),
+            calls: Arc::default(),
+        }
+    }
+
+    async fn answer(
+        &self,
+        kind: &'static str,
+        order_id: &OrderId,
+        answer: Result<(), PaymentError>,
+    ) -> Result<(), PaymentError> {
+        let row = ledger_row(self.ledger.ledger.as_ref().unwrap(), order_id.as_str()).await;
+        let first = {
+            let mut calls = self.calls.lock().unwrap();
+            let first = !calls.iter().any(|(called, ..)| *called == kind);
+            calls.push((kind, answer.clone(), row));
+            first
+        };
+        if first {
+            Err(PaymentError::Unavailable("the answer was lost".into()))
+        } else {
+            answer
+        }
+    }
+
+    /// The answers to the calls of `kind` and the ledger row after each.
+    fn calls(&self, kind: &str) -> Vec<(Result<(), PaymentError>, Option<LedgerRow>)> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|(called, ..)| *called == kind)
+            .map(|(_, answer, row)| (answer.clone(), *row))
+            .collect()
+    }
+}
+
+impl PaymentGateway for FirstAnswersLost {
+    async fn authorize(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        let answer = self.ledger.authorize(order_id, amount).await;
+        self.answer("authorize", order_id, answer).await
+    }
+    async fn refund(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        let answer = self.ledger.refund(order_id, amount).await;
+        self.answer("refund", order_id, answer).await
+    }
+}
+
+async fn ledger_row(pool: &PgPool, order_id: &str) -> Option<LedgerRow> {
+    sqlx::query_as(
+        "SELECT amount_cents, authorized_at, refunded_at FROM payments WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorisation_and_a_refund_sent_again_are_one_charge_and_one_refund() {
+    let setup = Setup::start().await;
+    let gateway = FirstAnswersLost::new(setup.pool());
+    let _coordinator = setup.coordinator(gateway.clone(), quick());
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
     setup.saga_ends("o-1", "confirmed").await;
-    assert_eq!(setup.order_status("o-1").await, OrderStatus::Confirmed);
-    assert_eq!(setup.stock("A1").await, (5, 2));
+
+    let authorisations = gateway.calls("authorize");
+    assert_eq!(
+        authorisations.len(),
+        2,
+        "sent again after its answer was lost"
+    );
+    assert!(authorisations.iter().all(|(answer, _)| answer.is_ok()));
+    assert_eq!(
+        authorisations[0].1, authorisations[1].1,
+        "the repeat changed nothing in the ledger"
+    );
+    let (amount, charged_at, refunded_at) = setup.payment("o-1").await.expect("charged");
+    assert_eq!(
+        (amount, charged_at.is_some(), refunded_at),
+        (200, true, None)
+    );
+
+    // The customer cancels the paid order; the refund's first answer is lost too.
+    setup
+        .engine
+        .accepted(&CommandRequest::CancelOrder {
+            order_id: OrderId::parse("o-1").unwrap(),
+            reason: None,
+        })
+        .await;
+    setup.saga_ends("o-1", "cancelled").await;
+    let refunds = gateway.calls("refund");
+    assert_eq!(refunds.len(), 2, "sent again after its answer was lost");
+    assert_eq!(
+        refunds[0].1, refunds[1].1,
+        "refunding again changed nothing"
+    );
+    let (amount, charged, refunded) = setup.payment("o-1").await.unwrap();
+    assert_eq!(
+        (amount, charged),
+        (200, charged_at),
+        "one charge, for the total"
+    );
+    assert!(refunded.is_some(), "refunded");
+    assert_eq!(setup.stock("A1").await, (5, 0));
+}
+
+/// The ledgered gateway; each authorisation waits (before it reaches the ledger) until let go,
+/// as a request held up on its way to the bank. It keeps what the ledger answered.
+#[derive(Clone)]
+struct LateAuthorizations {
+    ledger: SimulatedGateway,
+    arrived: Arc<tokio::sync::Notify>,
+    let_go: Arc<tokio::sync::watch::Sender<bool>>,
+    answers: Arc<std::sync::Mutex<Vec<Result<(), PaymentError>>>>,
+}
+
+impl PaymentGateway for LateAuthorizations {
+    async fn authorize(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        self.arrived.notify_one();
+        self.let_go.subscribe().wait_for(|go| *go).await.unwrap();
+        let answer = self.ledger.authorize(order_id, amount).await;
+        self.answers.lock().unwrap().push(answer.clone());
+        answer
+    }
+    async fn refund(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        self.ledger.refund(order_id, amount).await
+    }
+}
+
+/// The refund barrier: a customer cancels while the authorisation is on its way; the saga
+/// refunds (it may have been charged), and the authorisation that reaches the bank after the
+/// refund is declined and takes no money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorisation_that_arrives_after_the_refund_is_declined_and_takes_no_money() {
+    let setup = Setup::start().await;
+    let gateway = LateAuthorizations {
+        ledger: ledgered(setup.pool()),
+        arrived: Arc::default(),
+        let_go: Arc::new(tokio::sync::watch::channel(false).0),
+        answers: Arc::default(),
+    };
+    // No step timeout cuts the held call short: it outlives the cancellation.
+    let config = CoordinatorConfig {
+        step_timeout: Duration::from_secs(20),
+        ..quick()
+    };
+    let _coordinator = setup.coordinator(gateway.clone(), config);
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    tokio::time::timeout(Duration::from_secs(20), gateway.arrived.notified())
+        .await
+        .expect("the authorisation is on its way");
+
+    setup
+        .engine
+        .accepted(&CommandRequest::CancelOrder {
+            order_id: OrderId::parse("o-1").unwrap(),
+            reason: None,
+        })
+        .await;
+    setup.saga_ends("o-1", "cancelled").await;
+    let (_, charged, refunded) = setup
+        .payment("o-1")
+        .await
+        .expect("the refund is recorded, for an order never charged");
+    assert_eq!(charged, None);
+    assert!(refunded.is_some());
+
+    // Now the authorisation reaches the bank.
+    gateway.let_go.send_replace(true);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gateway.answers.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held authorisation never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let answers = gateway.answers.lock().unwrap().clone();
+    assert!(
+        matches!(answers.as_slice(), [Err(PaymentError::Declined(_))]),
+        "{answers:?}"
+    );
+    assert_eq!(
+        setup.payment("o-1").await.unwrap().1,
+        None,
+        "no money was taken"
+    );
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Cancelled);
+    assert_eq!(setup.stock("A1").await, (5, 0));
+}
+
+/// The ledgered gateway: every authorisation is charged, and its answer never comes.
+#[derive(Clone)]
+struct ChargedUnanswered(SimulatedGateway);
+
+impl PaymentGateway for ChargedUnanswered {
+    async fn authorize(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        self.0.authorize(order_id, amount).await?;
+        std::future::pending().await
+    }
+    async fn refund(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        self.0.refund(order_id, amount).await
+    }
+}
+
+#[tokio::test]
+async fn an_order_charged_whose_authorisation_went_unanswered_past_the_deadline_is_refunded() {
+    let setup = Setup::start().await;
+    let config = CoordinatorConfig {
+        saga_timeout: Duration::from_millis(600),
+        step_timeout: Duration::from_millis(200),
+        ..quick()
+    };
+    let _coordinator = setup.coordinator(ChargedUnanswered(ledgered(setup.pool())), config);
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    assert_eq!(
+        setup.saga_ends("o-1", "rejected").await.as_deref(),
+        Some("timeout")
+    );
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Rejected);
+    assert_eq!(setup.stock("A1").await, (5, 0));
+    let (amount, charged, refunded) = setup.payment("o-1").await.unwrap();
+    assert_eq!(
+        (amount, charged.is_some(), refunded.is_some()),
+        (200, true, true),
+        "charged, and given back"
+    );
 }
 
 /// A payment gateway whose first authorisation of each order goes unanswered (the saga's

@@ -9,7 +9,9 @@
 mod nats;
 mod postgres;
 mod postgres_server;
+mod relay;
 
 pub use nats::{MINIMUM_VERSION, NatsCluster, NatsServer, find_nats_server, parse_version};
 pub use postgres::TestDatabase;
 pub use postgres_server::{PostgresServer, find_postgres_bin};
+pub use relay::DarkeningRelay;

@@ -751,3 +751,90 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
     assert_eq!(stock["on_hand"], 13, "{stock}");
     system.components_were_refused_nothing();
 }
+
+/// The event streams are the record of what happened: only the command service may append to
+/// them, and nobody but the operator may reach the JetStream API of account `ORDO` beyond what
+/// each component reads. Attackers: both applications (accounts of their own) and every ordo
+/// user whose password could leak.
+#[tokio::test]
+async fn only_the_command_service_appends_events_and_no_application_reaches_the_jetstream_api() {
+    let server = NatsServer::start_with_config(&accounts_config());
+    let output = Command::new(ORDO)
+        .args(["streams", "apply"])
+        .env("ORDO_NATS_URL", server.url())
+        .env("ORDO_NATS_USER", "ordo-admin")
+        .env("ORDO_NATS_PASSWORD", password("ordo-admin"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "ordo streams apply: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A JetStream publish and an API call are both requests: a reply without an error is a write
+    // that went through (a publish acknowledgement, a stream deleted, a consumer created).
+    async fn went_through(client: &async_nats::Client, subject: &str, body: &str) -> Option<Value> {
+        let request = async_nats::Request::new()
+            .payload(body.to_owned().into())
+            .timeout(Some(Duration::from_secs(2)));
+        let reply = client
+            .send_request(subject.to_owned(), request)
+            .await
+            .ok()?;
+        let reply: Value = serde_json::from_slice(&reply.payload).unwrap_or(Value::Null);
+        (reply.get("error").is_none()).then_some(reply)
+    }
+    let event = r#"{"forged":true}"#;
+    // The check itself sees a write: the command service's user may append.
+    let commands = connect_as(&server.url(), "ordo-commands").await;
+    let control = went_through(&commands, "ordo.stock.events.CONTROL", event).await;
+    assert!(control.is_some(), "the command service could not append");
+
+    let consumer = json!({"stream_name": "ORDO_ORDERS",
+                          "config": {"durable_name": "thief", "ack_policy": "none"}})
+    .to_string();
+    let api_calls = [
+        ("$JS.API.STREAM.NAMES", String::new()),
+        ("$JS.API.STREAM.DELETE.ORDO_ORDERS", String::new()),
+        ("$JS.API.STREAM.PURGE.ORDO_STOCK", String::new()),
+        (
+            "$JS.API.STREAM.MSG.DELETE.ORDO_STOCK",
+            json!({"seq": 1}).to_string(),
+        ),
+        ("$JS.API.CONSUMER.CREATE.ORDO_ORDERS.thief", consumer),
+    ];
+    let mut attempts = Vec::new();
+    for (user, _) in shipped::USERS {
+        if user == "ordo-commands" {
+            continue;
+        }
+        let client = connect_as(&server.url(), user).await;
+        for subject in ["ordo.order.events.forged", "ordo.stock.events.forged"] {
+            attempts.push((user, client.clone(), subject, event.to_owned()));
+        }
+        // The operator manages the streams: that is its job.
+        if user != "ordo-admin" {
+            for (subject, body) in &api_calls {
+                attempts.push((user, client.clone(), subject, body.clone()));
+            }
+        }
+    }
+    let outcomes = futures::future::join_all(
+        attempts
+            .iter()
+            .map(|(_, client, subject, body)| went_through(client, subject, body)),
+    )
+    .await;
+    for ((user, _, subject, _), outcome) in attempts.iter().zip(outcomes) {
+        assert_eq!(outcome, None, "{user} went through on {subject}");
+    }
+    // And the streams are as they were: the control event alone, no consumer but none.
+    let admin = jetstream::new(connect_as(&server.url(), "ordo-admin").await);
+    for (stream, messages) in [("ORDO_ORDERS", 0), ("ORDO_STOCK", 1)] {
+        let mut stream = admin.get_stream(stream).await.unwrap();
+        let info = stream.info().await.unwrap();
+        assert_eq!(info.state.messages, messages, "{}", info.config.name);
+        assert_eq!(info.state.consumer_count, 0, "{}", info.config.name);
+    }
+}
