@@ -15,6 +15,10 @@ use serde_json::{Value, json};
 /// a test that reads its own write does not depend on how fast the machine is.
 const READ_YOUR_WRITE_WAIT: Duration = Duration::from_secs(10);
 
+/// `/metrics` sets the process's gauges from its own database, then renders them: the recorder is
+/// one per process, so two tests' scrapes at once could show one test the other's figures.
+static ONE_SCRAPE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// For the tests that wait for a sequence that never comes.
 const SHORT_WAIT: Duration = Duration::from_millis(500);
 
@@ -400,6 +404,7 @@ async fn operators_see_projections_readiness_and_metrics() {
         "{ready}"
     );
     assert_eq!(ready["streams"]["ORDO_SNAPSHOTS"], "ok", "{ready}");
+    let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
     let metrics = setup
         .http
         .get(format!("{}/metrics", setup.base))
@@ -586,6 +591,7 @@ async fn with_a_token_every_endpoint_but_healthz_answers_401_with_the_json_error
         StatusCode::NOT_FOUND
     );
     // /metrics takes its own token, not the API's.
+    let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
     assert_eq!(
         get("/metrics", Some("metrics-token")).await.0,
         StatusCode::OK

@@ -36,7 +36,7 @@ pub const HEADER_CAUSATION_ID: &str = "Ordo-Causation-Id";
 #[error("cannot start the command service: {0}")]
 pub struct ServiceError(String);
 
-/// How long a stopping instance keeps answering requests delivered before its unsubscribe.
+/// How long a stopping instance keeps taking in requests delivered before its unsubscribe.
 const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
@@ -293,21 +293,28 @@ impl CommandService {
                 tracing::warn!(endpoint = endpoint.name(), %err, "unsubscribe not sent");
             }
         }
-        let delivered = async {
+        // The limit bounds the wait for requests still on their way, not the work on those that
+        // arrived: every request delivered to this instance is answered, however long its turn
+        // takes (under load, hundreds may wait for a place).
+        let mut delivered = Vec::new();
+        let taken_in = async {
             let mut requests = merged(&mut subscriptions);
-            while let Some((endpoint, request)) = requests.next().await {
-                let permit = limit
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("the limit is never closed");
-                serve(&mut in_flight, endpoint, request, permit);
+            while let Some(request) = requests.next().await {
+                delivered.push(request);
             }
         };
-        if tokio::time::timeout(DRAIN_LIMIT, delivered).await.is_err() {
+        if tokio::time::timeout(DRAIN_LIMIT, taken_in).await.is_err() {
             tracing::warn!(
                 "requests kept arriving after the unsubscribe; leaving the rest to other instances"
             );
+        }
+        for (endpoint, request) in delivered {
+            let permit = limit
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the limit is never closed");
+            serve(&mut in_flight, endpoint, request, permit);
         }
         while in_flight.join_next().await.is_some() {}
         // The last replies may still sit in the connection's write buffer.

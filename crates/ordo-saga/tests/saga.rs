@@ -84,6 +84,34 @@ impl Setup {
         tokio::spawn(async move { coordinator.run(std::future::pending()).await })
     }
 
+    /// Deletes `consumer` (its owner makes it again, from the first event) and waits until the
+    /// new one has acknowledged every order event there was: each was delivered again and
+    /// handled, so that what a test then checks is after the redelivery, not before it.
+    async fn deliver_every_order_event_again(&self, consumer: &str) {
+        let mut stream = jetstream::new(self.client.clone())
+            .get_stream(ordo_eventstore::StreamId::Orders.name())
+            .await
+            .unwrap();
+        let head = stream.info().await.unwrap().state.last_sequence;
+        stream.delete_consumer(consumer).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut again) = stream
+                .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+                .await
+                && let Ok(info) = again.info().await
+                && info.ack_floor.stream_sequence >= head
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{consumer} did not take every order event in again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The order's row in the payment ledger.
     async fn payment(&self, order_id: &str) -> Option<LedgerRow> {
         ledger_row(self.pool(), order_id).await
@@ -517,6 +545,23 @@ async fn the_deadline_never_undoes_an_order_whose_confirm_may_have_been_sent() {
     );
 }
 
+/// A gateway that says when an authorisation starts.
+#[derive(Clone)]
+struct PaymentStarted {
+    gateway: SimulatedGateway,
+    started: Arc<tokio::sync::Notify>,
+}
+
+impl PaymentGateway for PaymentStarted {
+    async fn authorize(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        self.started.notify_one();
+        self.gateway.authorize(order_id, amount).await
+    }
+    async fn refund(&self, order_id: &OrderId, amount: u64) -> Result<(), PaymentError> {
+        self.gateway.refund(order_id, amount).await
+    }
+}
+
 /// A row of the payment ledger: (amount, authorised at, refunded at).
 type LedgerRow = (i64, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
 
@@ -861,21 +906,27 @@ async fn two_coordinators_with_skewed_clocks_decide_by_one_clock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_between_reservation_and_confirmation_is_resumed_by_another() {
     let setup = Setup::start().await;
-    let slow_payment = gateway(0.0, 1500);
-    let first = setup.coordinator(slow_payment.clone(), quick());
+    // A 1 s step timeout: the dead coordinator's lease ends 3 s after its last save.
+    let config = CoordinatorConfig {
+        step_timeout: Duration::from_secs(1),
+        ..quick()
+    };
+    let payment = PaymentStarted {
+        gateway: gateway(0.0, 500),
+        started: Arc::default(),
+    };
+    let first = setup.coordinator(payment.clone(), config.clone());
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
-    // Wait until the reservation is made and the payment is under way, then kill.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while setup.stock("A1").await != (5, 2) {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Killed once the reservation is made and the payment is under way.
+    tokio::time::timeout(Duration::from_secs(20), payment.started.notified())
+        .await
+        .expect("the payment started");
     first.abort();
+    assert_eq!(setup.stock("A1").await, (5, 2));
     assert_eq!(setup.saga("o-1").await.unwrap().0, "running");
 
-    let _second = setup.coordinator(slow_payment, quick());
+    let _second = setup.coordinator(payment, config);
     setup.saga_ends("o-1", "confirmed").await;
     assert_eq!(setup.stock("A1").await, (5, 2));
     assert_eq!(
@@ -897,13 +948,8 @@ async fn redelivered_events_and_two_coordinators_never_reserve_twice() {
     for i in 0..10 {
         setup.saga_ends(&format!("o-{i}"), "confirmed").await;
     }
-    // Every order event is delivered again.
-    let stream = jetstream::new(setup.client.clone())
-        .get_stream(ordo_eventstore::StreamId::Orders.name())
-        .await
-        .unwrap();
-    stream.delete_consumer("ordo-saga").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every order event is delivered again, and taken in.
+    setup.deliver_every_order_event_again("ordo-saga").await;
     for i in 0..10 {
         setup.saga_ends(&format!("o-{i}"), "confirmed").await;
     }
@@ -1018,6 +1064,15 @@ async fn five_hundred_concurrent_orders_over_scarce_stock_oversell_nothing() {
             .unwrap();
     assert_eq!(per_order.len(), 500);
     assert!(per_order.iter().all(|n| *n == 1));
+    let kinds: Vec<(String, String)> =
+        sqlx::query_as("SELECT order_id, kind FROM notifications ORDER BY order_id")
+            .fetch_all(setup.pool())
+            .await
+            .unwrap();
+    for (order_id, kind) in kinds {
+        let status = setup.order_status(&order_id).await;
+        assert_eq!(kind, status.as_str(), "{order_id} ended {status:?}");
+    }
     eprintln!("500 orders: {outcomes:?}");
 }
 
@@ -1075,13 +1130,8 @@ async fn the_webhook_gets_one_post_per_order_and_kind_after_retries_and_redelive
         "the first POST failed, the second went through"
     );
 
-    // Every order event is delivered to the notifier again.
-    let stream = jetstream::new(setup.client.clone())
-        .get_stream(ordo_eventstore::StreamId::Orders.name())
-        .await
-        .unwrap();
-    stream.delete_consumer("ordo-notifier").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Every order event is delivered to the notifier again, and taken in.
+    setup.deliver_every_order_event_again("ordo-notifier").await;
     let received = received.lock().unwrap().clone();
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(

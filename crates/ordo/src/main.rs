@@ -247,8 +247,9 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     if matches!(cli.command, Command::Up | Command::Run { .. }) {
         let stop_on_signal = shutdown.clone();
+        let signalled = shutdown_signal().context("install the SIGINT and SIGTERM handlers")?;
         tokio::spawn(async move {
-            shutdown_signal().await;
+            signalled.await;
             stop_on_signal.trigger();
         });
     }
@@ -574,13 +575,17 @@ async fn supervise(
     failed.map_or(Ok(()), Err)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("install the SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
+/// Installs the SIGINT and SIGTERM handlers now, before anything is awaited (until a handler is
+/// installed, a signal ends the process at once), and returns what completes at the first one.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("shutting down");
+    })
 }

@@ -81,6 +81,23 @@ fn ordo(url: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Waits (up to 30 s) until `log` holds `text`, and returns the log.
+fn logged(log: &Path, text: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let logged = std::fs::read_to_string(log).unwrap_or_default();
+        if logged.contains(text) {
+            return logged;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never said {text:?}: {logged}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Sends a request until the service answers (it may still be starting), for up to 30 s.
 async fn request_when_up(client: &async_nats::Client, subject: &str, body: Value) -> Value {
     NatsServer::request_until_answered(client, subject, &body, None, Duration::from_secs(30)).await
@@ -92,13 +109,7 @@ async fn the_command_service_waits_for_nats_then_serves_and_stops_on_sigterm() {
     let (port, url) = unused_nats_url();
     let log = dir.path().join("ordo.log");
     let service = Running::start(&url, &log);
-
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let waiting = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        waiting.contains("NATS is unreachable; retrying"),
-        "{waiting}"
-    );
+    logged(&log, "NATS is unreachable; retrying");
 
     let server = NatsServer::start_kept(&dir.path().join("nats"), port).unwrap();
     assert_eq!(server.port(), port);
@@ -124,7 +135,8 @@ fn ctrl_c_stops_a_component_that_is_still_waiting_for_its_servers() {
     for args in [&["run", "commands"][..], &["run", "saga"][..]] {
         let log = dir.path().join(format!("{}.log", args[1]));
         let waiting = Running::start_with(args, &[("ORDO_NATS_URL", &url)], &log);
-        std::thread::sleep(Duration::from_millis(1500));
+        // The handlers are installed before the component reaches for its servers.
+        logged(&log, "unreachable; retrying");
         assert!(waiting.signal("-INT").success(), "{args:?}");
     }
 }

@@ -72,6 +72,29 @@ impl Received {
         }
     }
 
+    /// Waits until the spans of trace `trace_id` satisfy `done` (spans arrive in batches, a
+    /// child's before its parent's at times: a test waits for exactly what it asserts).
+    async fn wait_until(
+        &self,
+        trace_id: &str,
+        what: &str,
+        done: impl Fn(&[Span]) -> bool,
+    ) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let spans = self.of_trace(trace_id);
+            if done(&spans) {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} never held in trace {trace_id}; received: {:?}",
+                spans.iter().map(|span| &span.name).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits until trace `trace_id` holds a span of every name in `names`.
     async fn wait_for(&self, trace_id: &str, names: &[&str]) -> Vec<Span> {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -186,6 +209,22 @@ async fn request_in_trace(client: &async_nats::Client, subject: &str, body: Valu
 }
 
 /// The spans named `name`.
+/// The name of the parent of each span named `name` ("none" for a parent not received).
+fn parents_of(spans: &[Span], name: &str) -> Vec<String> {
+    let by_id: HashMap<&[u8], &Span> = spans
+        .iter()
+        .map(|span| (span.span_id.as_slice(), span))
+        .collect();
+    named(spans, name)
+        .into_iter()
+        .map(|span| {
+            by_id
+                .get(span.parent_span_id.as_slice())
+                .map_or("none".to_owned(), |parent| parent.name.clone())
+        })
+        .collect()
+}
+
 fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
     spans.iter().filter(|span| span.name == name).collect()
 }
@@ -282,8 +321,23 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
             ],
         )
         .await;
-    let spans = received
+    received
         .wait_for_kind(CALLER_TRACE_ID, "notify", "confirmed")
+        .await;
+    // The projector applies OrderConfirmed on its own time: wait for its span too, and for the
+    // parent of every projector span (a child may be exported before its parent).
+    let spans = received
+        .wait_until(
+            CALLER_TRACE_ID,
+            "OrderPlaced and OrderConfirmed projected, each under its command",
+            |spans| {
+                let parents = parents_of(spans, "project orders");
+                parents.contains(&"ordo.cmd.order.place".to_owned())
+                    && parents.contains(&"ordo.internal.order.confirm".to_owned())
+                    && !parents.contains(&"none".to_owned())
+                    && !parents_of(spans, "project stock").contains(&"none".to_owned())
+            },
+        )
         .await;
 
     // The command continues the caller's span; its append and its event's readers follow it.

@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use futures::{StreamExt, stream};
+use futures::{FutureExt, StreamExt, stream};
 use serde_json::{Value, json};
 
 use crate::support::{Engine, outcome};
@@ -43,11 +43,24 @@ async fn a_nats_server_killed_mid_run_loses_no_acknowledged_event() {
         })
         .buffer_unordered(8)
         .collect::<Vec<()>>();
+    let load_ended = std::sync::atomic::AtomicBool::new(false);
     let load = async {
         load.await;
+        load_ended.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     let chaos = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while acknowledged.lock().await.len() < COMMANDS / 3 {
+            assert!(
+                !load_ended.load(std::sync::atomic::Ordering::SeqCst),
+                "the load ended with fewer than {} commands acknowledged",
+                COMMANDS / 3
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {} commands acknowledged in 60 s",
+                COMMANDS / 3
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // The load keeps running while the server is gone, longer than a request waits.
@@ -70,11 +83,13 @@ async fn a_nats_server_killed_mid_run_loses_no_acknowledged_event() {
     ordo_testkit::NatsServer::wait_for_jetstream(&engine.client).await;
 
     // Every command is retried until it has an outcome; those acknowledged keep theirs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     for i in 0..COMMANDS {
         let reply = loop {
             match receive(&engine, i).await {
                 Ok(reply) if outcome(&reply) == "ok" => break reply,
                 other => {
+                    assert!(std::time::Instant::now() < deadline, "r-{i}: {other:?}");
                     eprintln!("r-{i} not done yet: {other:?}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -138,20 +153,37 @@ async fn an_instance_that_stops_gracefully_answers_every_request_already_deliver
     // still wait their turn there when the stop comes.
     client.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    engine.stop_first_instance().await;
     let mut answered = std::collections::HashSet::new();
-    while answered.len() < 300 {
+    // An answer is the command's reply, not a "no responders" status.
+    let answer = |reply: async_nats::Message| {
+        let body: Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+        assert_eq!(body["ok"], true, "{:?}: {body}", reply.status);
+        reply.subject.to_string()
+    };
+    while let Some(Some(reply)) = replies.next().now_or_never() {
+        answered.insert(answer(reply));
+    }
+    let before_the_stop = answered.len();
+    engine.stop_first_instance().await;
+    loop {
         match tokio::time::timeout(Duration::from_secs(10), replies.next()).await {
             Ok(Some(reply)) => {
-                answered.insert(reply.subject.to_string());
+                answered.insert(answer(reply));
             }
             _ => break,
         }
+        if answered.len() == 300 {
+            break;
+        }
     }
+    assert!(
+        before_the_stop < 300,
+        "the stop came after every request was answered: it proves nothing"
+    );
     assert_eq!(
         answered.len(),
         300,
-        "requests delivered to the instance and never answered"
+        "requests delivered to the instance and never answered ({before_the_stop} before the stop)"
     );
     assert_eq!(engine.event_counts().await, (0, 300));
 }
