@@ -10,7 +10,7 @@
 
 use ordo_domain::{
     Currency, CustomerId, IdError, OrderId, Rejection, Sku,
-    order::{OrderCommand, OrderLine},
+    order::{MAX_REASON_LEN, OrderCommand, OrderLine},
     stock::StockCommand,
 };
 use serde::{Deserialize, de::DeserializeOwned};
@@ -253,9 +253,6 @@ struct SkuOrderBody {
 /// Order ids generated from a client's command id are UUIDv5 in this namespace.
 const ORDER_ID_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6f72_646f_2d6f_7264_6572_2d69_6400_0001);
-
-/// The longest free-text reason kept on an order.
-const MAX_REASON_LEN: usize = 1024;
 
 /// Parses a request body for `endpoint` from `caller`. `header_command_id` is the `Nats-Msg-Id`
 /// header. The command id that comes out is in the caller's own space ([`Caller::scoped`]).

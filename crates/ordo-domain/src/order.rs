@@ -15,6 +15,9 @@ use crate::{Aggregate, Currency, CustomerId, DomainEvent, OrderId, Rejection, Sk
 /// The most lines one order may have; keeps one order within one message.
 pub const MAX_LINES: usize = 100;
 
+/// The longest reason (bytes of UTF-8) an order keeps for its rejection or cancellation.
+pub const MAX_REASON_LEN: usize = 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrderLine {

@@ -399,6 +399,13 @@ impl Saga {
 
     /// Records what running step `index` at `at` came to, and moves the saga on.
     pub fn record(mut self, index: usize, outcome: Outcome, at: DateTime<Utc>) -> Self {
+        // The texts come from outside (a payment provider, a server's error): a saga row and a
+        // view must be able to hold them.
+        let outcome = match outcome {
+            Outcome::Succeeded => Outcome::Succeeded,
+            Outcome::Failed(text) => Outcome::Failed(text_a_row_can_hold(text)),
+            Outcome::Unknown(text) => Outcome::Unknown(text_a_row_can_hold(text)),
+        };
         let step = self.steps[index].step.clone();
         let planned = &mut self.steps[index];
         planned.attempts += 1;
@@ -553,6 +560,7 @@ impl Saga {
     }
 
     fn compensate(mut self, reason: String, current_may_have_run: bool) -> Self {
+        let reason = reason_an_order_can_keep(reason);
         self.drop_pending(current_may_have_run);
         let mut undo = self.undo_steps();
         undo.push(PlannedStep::new(Step::Reject {
@@ -661,6 +669,31 @@ impl Saga {
         }
         self
     }
+}
+
+/// `text` without U+0000, which PostgreSQL's text and jsonb cannot hold.
+fn text_a_row_can_hold(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
+/// `reason` as the reject command accepts it and a view can store it: a payment provider's
+/// decline may be long or hold U+0000, and a reject refused for its reason would leave the saga
+/// rejected and its order pending.
+fn reason_an_order_can_keep(reason: String) -> String {
+    let reason = text_a_row_can_hold(reason);
+    if reason.len() <= crate::order::MAX_REASON_LEN {
+        return reason;
+    }
+    const CUT: &str = "…";
+    let mut end = crate::order::MAX_REASON_LEN - CUT.len();
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{CUT}", &reason[..end])
 }
 
 #[cfg(test)]
@@ -777,6 +810,28 @@ mod specification {
             ]
         );
         assert_eq!(saga.state, SagaState::Rejected);
+    }
+
+    #[test]
+    fn a_decline_too_long_or_with_u0000_is_cut_to_a_reason_the_reject_can_carry() {
+        let long = format!("card refused: {}", "é".repeat(600));
+        for (decline, kept) in [
+            // 14 bytes of text, then 2 bytes a character: cut at 1,020, the last boundary
+            // that leaves room for the 3 bytes of "…".
+            (long.clone(), format!("{}…", &long[..1020])),
+            ("bad\0card".to_owned(), "bad\u{FFFD}card".to_owned()),
+            ("short".to_owned(), "short".to_owned()),
+        ] {
+            let saga = run(run(placed(), Outcome::Succeeded), Outcome::Succeeded);
+            let saga = run(saga, Outcome::Failed(decline));
+            assert_eq!(saga.reason.as_deref(), Some(kept.as_str()));
+            assert!(kept.len() <= crate::order::MAX_REASON_LEN);
+            let reject = saga.steps.iter().find_map(|planned| match &planned.step {
+                Step::Reject { reason } => Some(reason.clone()),
+                _ => None,
+            });
+            assert_eq!(reject, Some(kept));
+        }
     }
 
     #[test]

@@ -365,6 +365,43 @@ async fn a_declined_payment_releases_every_reservation_and_rejects_the_order() {
     assert_eq!(setup.stock_events("StockReleased").await, 2);
 }
 
+/// A real provider's decline may explain itself at length, or carry U+0000: the order still ends
+/// rejected (the reject command refuses a reason over 1 KiB or with U+0000).
+#[tokio::test]
+async fn a_decline_longer_than_a_reject_may_carry_still_rejects_the_order() {
+    struct VerboseDecline;
+    impl PaymentGateway for VerboseDecline {
+        async fn authorize(&self, order_id: &OrderId, _: u64) -> Result<(), PaymentError> {
+            let detail = if order_id.as_str() == "o-1" {
+                "detail ".repeat(300)
+            } else {
+                "a NUL \0 inside".to_owned()
+            };
+            Err(PaymentError::Declined(format!("card refused: {detail}")))
+        }
+        async fn refund(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+            Ok(())
+        }
+    }
+    let setup = Setup::start().await;
+    let _coordinator = setup.coordinator(VerboseDecline, quick());
+    setup.receive("A1", 5).await;
+    for order_id in ["o-1", "o-2"] {
+        setup.place(order_id, &[("A1", 2)]).await;
+        let reason = setup.saga_ends(order_id, "rejected").await.unwrap();
+        assert!(
+            reason.starts_with("payment declined: card refused"),
+            "{reason}"
+        );
+        assert_eq!(
+            setup.order_status(order_id).await,
+            OrderStatus::Rejected,
+            "{order_id} was left pending"
+        );
+    }
+    assert_eq!(setup.stock("A1").await, (5, 0));
+}
+
 #[tokio::test]
 async fn cancelling_a_confirmed_order_releases_its_stock_and_shipping_deducts_it() {
     let setup = Setup::start().await;

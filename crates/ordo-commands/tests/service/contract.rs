@@ -562,3 +562,136 @@ async fn every_reason_a_command_is_accepted_with_round_trips_through_postgresql(
         "accepted {accepted}, refused {refused}"
     );
 }
+
+/// A reason is at most 1 KiB of UTF-8 (bytes, not characters), on both commands that carry one.
+#[tokio::test]
+async fn a_reason_over_one_kib_is_refused_and_one_at_the_limit_is_kept_whole() {
+    let engine = Engine::start().await;
+    for order_id in ["o-1", "o-2"] {
+        let placed = engine
+            .request(
+                "ordo.cmd.order.place",
+                json!({"order_id": order_id, "customer_id": "c1", "lines": [line("A1", 1, 5)]}),
+            )
+            .await;
+        assert_eq!(outcome(&placed), "ok", "{placed}");
+    }
+    // 1,025 bytes; and 513 characters of 2 bytes, 1,026 bytes.
+    for reason in ["x".repeat(1025), "é".repeat(513)] {
+        for subject in ["ordo.cmd.order.cancel", "ordo.internal.order.reject"] {
+            let reply = engine
+                .request(subject, json!({"order_id": "o-1", "reason": reason}))
+                .await;
+            assert_eq!(outcome(&reply), "invalid_command", "{subject}: {reply}");
+            assert!(
+                reply["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("the limit is 1024"),
+                "{reply}"
+            );
+        }
+    }
+    assert_eq!(engine.event_counts().await, (2, 0), "nothing appended");
+    let cancel = engine
+        .request(
+            "ordo.cmd.order.cancel",
+            json!({"order_id": "o-1", "reason": "x".repeat(1024)}),
+        )
+        .await;
+    assert_eq!(outcome(&cancel), "ok", "{cancel}");
+    let reject = engine
+        .request(
+            "ordo.internal.order.reject",
+            json!({"order_id": "o-2", "reason": "é".repeat(512)}),
+        )
+        .await;
+    assert_eq!(outcome(&reject), "ok", "{reject}");
+    let stored = engine.stored("ORDO_ORDERS").await;
+    let reason_of = |event_type: &str| {
+        stored
+            .iter()
+            .find(|event| event.envelope.event_type == event_type)
+            .map(|event| event.envelope.data["reason"].clone())
+    };
+    assert_eq!(reason_of("OrderCancelled"), Some(json!("x".repeat(1024))));
+    assert_eq!(reason_of("OrderRejected"), Some(json!("é".repeat(512))));
+}
+
+/// A line's quantity is a u32: one past it is refused (not cut to fit), u32::MAX is placed; stock
+/// quantities are not lines and go further.
+#[tokio::test]
+async fn a_line_qty_past_u32_is_refused_and_u32_max_is_placed() {
+    let engine = Engine::start().await;
+    let over = engine
+        .request(
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-1", "customer_id": "c1",
+                   "lines": [line("A1", 1, 1), line("B2", i64::from(u32::MAX) + 1, 1)]}),
+        )
+        .await;
+    assert_eq!(outcome(&over), "invalid_command", "{over}");
+    assert!(
+        over["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lines[1].qty is too large"),
+        "{over}"
+    );
+    assert_eq!(engine.event_counts().await, (0, 0));
+    let at = engine
+        .request(
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-2", "customer_id": "c1",
+                   "lines": [line("A1", i64::from(u32::MAX), 1)]}),
+        )
+        .await;
+    assert_eq!(outcome(&at), "ok", "{at}");
+    let stored = engine.stored("ORDO_ORDERS").await;
+    assert_eq!(stored[0].envelope.data["lines"][0]["qty"], json!(u32::MAX));
+    let received = engine
+        .request(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": u64::from(u32::MAX) + 1}),
+        )
+        .await;
+    assert_eq!(outcome(&received), "ok", "{received}");
+}
+
+/// An order has 1 to 100 lines: 100 (of the longest SKUs) are placed, 101 are refused.
+#[tokio::test]
+async fn an_order_of_100_lines_is_placed_and_one_of_101_is_refused() {
+    let engine = Engine::start().await;
+    let lines = |count: usize| -> Vec<serde_json::Value> {
+        (0..count)
+            .map(|i| line(&format!("{i:0>64}"), 1, 1))
+            .collect()
+    };
+    let refused = engine
+        .request(
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-101", "customer_id": "c1", "lines": lines(101)}),
+        )
+        .await;
+    assert_eq!(outcome(&refused), "invalid_command", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 100 lines"),
+        "{refused}"
+    );
+    let placed = engine
+        .request(
+            "ordo.cmd.order.place",
+            json!({"order_id": "o-100", "customer_id": "c1", "lines": lines(100)}),
+        )
+        .await;
+    assert_eq!(outcome(&placed), "ok", "{placed}");
+    let stored = engine.stored("ORDO_ORDERS").await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].envelope.data["lines"].as_array().unwrap().len(),
+        100
+    );
+}

@@ -490,3 +490,43 @@ async fn two_different_outcome_records_at_one_revision_are_a_conflict_not_a_repe
     let (revision, stored) = outcomes.get("saga:o-1:reserve:A1").await.unwrap();
     assert_eq!((revision, stored), (written, Some(voided)));
 }
+
+/// A command that cannot be decided in 20 attempts is answered `conflict` ("try again"), and
+/// nothing is appended. (An earlier run of the same id recorded an append after a sequence A1
+/// never reaches: each attempt waits for that run's fate, which never comes.)
+#[tokio::test]
+async fn a_command_that_cannot_be_decided_in_20_attempts_is_a_conflict_and_appends_nothing() {
+    let engine = Engine::start().await;
+    let first = engine
+        .request_with_id(
+            "ordo.cmd.stock.receive",
+            json!({"sku": "A1", "qty": 1}),
+            "first",
+        )
+        .await;
+    assert_eq!(outcome(&first), "ok");
+    let store = EventStore::open(
+        engine.client.clone(),
+        &ordo_commands::CommandService::STREAMS,
+    )
+    .await
+    .unwrap();
+    let body = br#"{"sku":"A1","qty":4}"#;
+    record_receive_intent(&store, "stalled", body, 999).await;
+    let reply = engine
+        .request_bytes("ordo.cmd.stock.receive", body.to_vec(), Some("stalled"))
+        .await;
+    assert_eq!(outcome(&reply), "conflict", "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 20 attempts"),
+        "{reply}"
+    );
+    assert_eq!(
+        engine.message_count("ORDO_STOCK").await,
+        1,
+        "nothing appended"
+    );
+}
