@@ -601,3 +601,154 @@ async fn with_a_token_every_endpoint_but_healthz_answers_401_with_the_json_error
         StatusCode::UNAUTHORIZED
     );
 }
+
+/// A row whose later events could not be applied says so on every read: it is behind its stream.
+#[tokio::test]
+async fn a_row_behind_its_stream_counts_its_parked_events() {
+    let setup = Setup::start().await;
+    setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .await;
+    setup.place("o-1", "c1").await;
+    let js = jetstream::new(setup.engine.client.clone());
+    let mut last = (0, 0);
+    for _ in 0..2 {
+        for (i, subject) in ["ordo.stock.events.A1", "ordo.order.events.o-1"]
+            .into_iter()
+            .enumerate()
+        {
+            let seq = js
+                .publish(subject, "not an event".into())
+                .await
+                .unwrap()
+                .await
+                .unwrap()
+                .sequence;
+            if i == 0 {
+                last.0 = seq;
+            } else {
+                last.1 = seq;
+            }
+        }
+    }
+    // A view's checkpoint moves past a parked event: min_seq waits for the parking too.
+    let (status, stock) = setup.get(&format!("/stock/A1?min_seq={}", last.0)).await;
+    assert_eq!(status, StatusCode::OK, "{stock}");
+    assert_eq!(stock["parked_events"], 2, "{stock}");
+    assert_eq!(
+        (stock["on_hand"].clone(), stock["version"].clone()),
+        (json!(5), json!(1)),
+        "{stock}"
+    );
+    let (status, order) = setup.get(&format!("/orders/o-1?min_seq={}", last.1)).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["parked_events"], 2, "{order}");
+    // Another row of the same view is not behind.
+    let other = setup
+        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .await;
+    let (_, b2) = setup
+        .get(&format!("/stock/B2?min_seq={}", other["seq"]))
+        .await;
+    assert_eq!(b2["parked_events"], 0, "{b2}");
+}
+
+/// A saga stuck in a compensation is shown with the step and its last error, and counted in
+/// the metrics. (This setup runs no coordinator: the row is as a coordinator writes it.)
+#[tokio::test]
+async fn a_stuck_saga_is_shown_with_its_step_and_counted_in_the_metrics() {
+    let setup = Setup::start().await;
+    sqlx::query(
+        "INSERT INTO sagas (order_id, state, steps, reason, data) VALUES ('o-stuck', 'compensation_stuck', $1,
+         'refund outcome unknown after 6 attempts: refunds are down', '{}')",
+    )
+    .bind(json!([
+        {"kind": "release", "sku": "A1", "state": "succeeded", "attempts": 1,
+         "last_error": null, "last_attempt_at": null},
+        {"kind": "refund", "amount_cents": 1000, "state": "unknown", "attempts": 6,
+         "last_error": "refunds are down", "last_attempt_at": null}
+    ]))
+    .execute(setup.database.pool())
+    .await
+    .unwrap();
+    let (status, saga) = setup.get("/sagas/o-stuck").await;
+    assert_eq!(status, StatusCode::OK, "{saga}");
+    assert_eq!(saga["state"], "compensation_stuck", "{saga}");
+    assert!(
+        saga["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("refund outcome unknown after 6 attempts"),
+        "{saga}"
+    );
+    assert_eq!(saga["steps"][1]["attempts"], 6, "{saga}");
+    assert_eq!(saga["steps"][1]["last_error"], "refunds are down", "{saga}");
+    let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
+    let metrics = setup
+        .http
+        .get(format!("{}/metrics", setup.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"ordo_sagas{state="compensation_stuck"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ordo_sagas{state="running"} 0"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn while_nats_is_down_readiness_names_nats_and_postgresql_stays_ok() {
+    let database = TestDatabase::create().await;
+    schema::prepare(database.pool()).await.unwrap();
+    let server = NatsServer::start();
+    let client = server.client().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(ordo_api::serve(
+        listener,
+        ApiState::new(database.pool().clone(), client),
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let readyz = || async {
+        let response = http.get(format!("{base}/readyz")).send().await.unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(readyz().await.0, StatusCode::OK);
+
+    server.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (status, ready) = loop {
+        let (status, ready) = readyz().await;
+        if status != StatusCode::OK {
+            break (status, ready);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still ready with NATS down: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_eq!(ready["checks"]["postgres"], "ok", "{ready}");
+    let why = ready["checks"]["nats"].as_str().unwrap_or_default();
+    assert!(
+        !why.is_empty() && why != "ok",
+        "readiness does not say why: {ready}"
+    );
+
+    server.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while readyz().await.0 != StatusCode::OK {
+        assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

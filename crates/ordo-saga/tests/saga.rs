@@ -312,6 +312,15 @@ async fn a_placed_order_is_reserved_paid_confirmed_and_notified() {
         .unwrap()
         .unwrap();
     assert_eq!(message.subject.as_str(), "ordo.notifications.c1");
+    // One id per order and kind: a stream or subscriber downstream drops a redelivered copy.
+    assert_eq!(
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("Nats-Msg-Id"))
+            .map(|id| id.as_str()),
+        Some("notification:o-1:confirmed")
+    );
     let notification: Value = serde_json::from_slice(&message.payload).unwrap();
     assert_eq!(
         (
@@ -1408,5 +1417,187 @@ async fn an_operators_reject_while_the_saga_runs_gives_back_the_stock_and_the_ch
         gateway.refunds.load(std::sync::atomic::Ordering::SeqCst),
         1,
         "the charge was refunded"
+    );
+}
+
+/// A cancellation that reaches the intake before its order's OrderPlaced (another coordinator
+/// holds that one) is neither acknowledged nor set aside as unreadable: it is delivered again
+/// until the saga exists, and then it is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_it_does() {
+    use async_nats::jetstream::{AckKind, consumer::pull};
+    let setup = Setup::start().await;
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    setup
+        .engine
+        .accepted(&CommandRequest::CancelOrder {
+            order_id: OrderId::parse("o-1").unwrap(),
+            reason: None,
+        })
+        .await;
+    // "Another coordinator" takes the OrderPlaced from the shared consumer and holds it for 3 s.
+    let consumer: jetstream::consumer::PullConsumer = jetstream::new(setup.client.clone())
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
+        .await
+        .unwrap()
+        .get_or_create_consumer(
+            "ordo-saga",
+            pull::Config {
+                durable_name: Some("ordo-saga".into()),
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let placed = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        placed
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Ordo-Event-Type")
+            .unwrap()
+            .as_str(),
+        "OrderPlaced"
+    );
+    placed
+        .ack_with(AckKind::Nak(Some(Duration::from_secs(3))))
+        .await
+        .unwrap();
+
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    // The cancellation is delivered, and again: the placing once, the cancellation twice.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (delivered, _) = consumer_state(&setup, "ordo-saga").await;
+        if delivered >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{delivered} deliveries"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        setup.saga("o-1").await,
+        None,
+        "the OrderPlaced is still held"
+    );
+    assert!(
+        unreadable_events(&setup, "ordo-saga").await.is_empty(),
+        "too early is not unreadable"
+    );
+    // The OrderPlaced comes back, the saga starts, and the cancellation delivered after it
+    // takes over: the order ends cancelled with nothing held.
+    setup.saga_ends("o-1", "cancelled").await;
+    assert_eq!(setup.order_status("o-1").await, OrderStatus::Cancelled);
+    assert_eq!(setup.stock("A1").await, (5, 0));
+}
+
+/// Refunds that get no answer until the gateway is repaired.
+#[derive(Clone, Default)]
+struct RefundsDown {
+    working: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PaymentGateway for RefundsDown {
+    async fn authorize(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+        Ok(())
+    }
+    async fn refund(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+        if self.working.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(PaymentError::Unavailable("refunds are down".into()))
+        }
+    }
+}
+
+/// A compensation with no answer after 6 attempts shows `compensation_stuck` with the step and
+/// its last error; an operator's retry gives it a fresh count, due at once, and it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_with_no_answer_is_compensation_stuck_until_an_operator_retries_it() {
+    let setup = Setup::start().await;
+    let gateway = RefundsDown::default();
+    let coordinator = setup.coordinator(gateway.clone(), quick());
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    setup.saga_ends("o-1", "confirmed").await;
+    setup
+        .engine
+        .accepted(&CommandRequest::CancelOrder {
+            order_id: OrderId::parse("o-1").unwrap(),
+            reason: None,
+        })
+        .await;
+    let reason = setup.saga_ends("o-1", "compensation_stuck").await.unwrap();
+    assert!(
+        reason.starts_with("refund outcome unknown after 6 attempts")
+            && reason.contains("refunds are down"),
+        "{reason}"
+    );
+    let (_, _, steps) = setup.saga("o-1").await.unwrap();
+    let refund = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|step| step["kind"] == "refund")
+        .unwrap()
+        .clone();
+    assert_eq!(refund["state"], "unknown", "{refund}");
+    assert!(refund["attempts"].as_u64().unwrap() >= 6, "{refund}");
+    // No coordinator runs: what the retry itself did is seen before anyone acts on it.
+    coordinator.abort();
+    let _ = coordinator.await;
+    gateway
+        .working
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let operator = Coordinator::new(
+        setup.pool().clone(),
+        setup.client.clone(),
+        gateway.clone(),
+        quick(),
+    );
+    let o1 = OrderId::parse("o-1").unwrap();
+    assert_eq!(
+        operator.retry_stuck(&o1).await.unwrap(),
+        Some(ordo_domain::saga::SagaState::Cancelling)
+    );
+    let (state, due, steps): (String, bool, Value) = sqlx::query_as(
+        "SELECT state, next_attempt_at <= now(), steps FROM sagas WHERE order_id = 'o-1'",
+    )
+    .fetch_one(setup.pool())
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), due), ("cancelling", true));
+    let refund = steps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|step| step["kind"] == "refund")
+        .unwrap()
+        .clone();
+    assert_eq!(refund["attempts"], 0, "a fresh count: {refund}");
+    let _coordinator = setup.coordinator(gateway, quick());
+    setup.saga_ends("o-1", "cancelled").await;
+    assert_eq!(setup.stock("A1").await, (5, 0));
+    assert_eq!(
+        operator
+            .retry_stuck(&OrderId::parse("nope").unwrap())
+            .await
+            .unwrap(),
+        None
     );
 }

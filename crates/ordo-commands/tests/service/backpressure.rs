@@ -14,34 +14,92 @@ fn order(i: usize) -> serde_json::Value {
     json!({"order_id": format!("o-{i}"), "customer_id": "c1", "lines": [line("A1", 1, 100)]})
 }
 
-#[tokio::test]
-async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound() {
+/// One command service instance whose gate reads the backlogs every 50 ms.
+async fn limited(saga: u64, projection: u64) -> Engine {
     let mut engine = Engine::start_with(0, ordo_eventstore::StreamDefinition::built_in()).await;
     engine
         .add_instance_with(ServiceConfig {
             backlog_limits: Some(BacklogLimits {
-                saga: 10,
-                projection: 1_000_000,
+                saga,
+                projection,
                 check_every: Duration::from_millis(50),
             }),
             ..Default::default()
         })
         .await;
-    // The saga's consumer exists (as once a coordinator has run), but nothing takes events in.
-    let js = jetstream::new(engine.client.clone());
-    let consumer = js
-        .get_stream(ordo_eventstore::StreamId::Orders.name())
+    engine
+}
+
+/// A durable consumer named as a worker's, which takes nothing in (as once its worker ran).
+async fn idle_consumer(
+    engine: &Engine,
+    stream: &str,
+    name: &str,
+) -> jetstream::consumer::PullConsumer {
+    jetstream::new(engine.client.clone())
+        .get_stream(stream)
         .await
         .unwrap()
         .get_or_create_consumer(
-            "ordo-saga",
+            name,
             pull::Config {
-                durable_name: Some("ordo-saga".into()),
+                durable_name: Some(name.into()),
                 ..Default::default()
             },
         )
         .await
+        .unwrap()
+}
+
+/// Waits until the gate sheds: places o-0 (which exists) again under fresh command ids, which
+/// appends nothing whether it is shed or refused by the order, until one is shed.
+async fn until_shed(engine: &Engine) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for probe in 0.. {
+        let reply = engine
+            .request_with_id("ordo.cmd.order.place", order(0), &format!("probe-{probe}"))
+            .await;
+        if outcome(&reply) == "unavailable" {
+            return reply;
+        }
+        assert!(std::time::Instant::now() < deadline, "never shed: {reply}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    unreachable!()
+}
+
+/// The micro stats of the (one) instance's `order-place`: requests, errors, and shed.
+async fn place_stats(engine: &Engine) -> (u64, u64, u64) {
+    let stats = engine
+        .client
+        .request("$SRV.STATS.ordo", "".into())
+        .await
         .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    let place = stats["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|endpoint| endpoint["name"] == "order-place")
+        .unwrap()
+        .clone();
+    (
+        place["num_requests"].as_u64().unwrap(),
+        place["num_errors"].as_u64().unwrap(),
+        place["data"]["shed"].as_u64().unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound() {
+    let engine = limited(10, 1_000_000).await;
+    // The saga's consumer exists (as once a coordinator has run), but nothing takes events in.
+    let consumer = idle_consumer(
+        &engine,
+        ordo_eventstore::StreamId::Orders.name(),
+        "ordo-saga",
+    )
+    .await;
     let first = engine
         .request_with_id("ordo.cmd.order.place", order(0), "place-0")
         .await;
@@ -54,7 +112,7 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
             second = reply;
         }
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_shed(&engine).await;
 
     let appended = engine
         .message_count(ordo_eventstore::StreamId::Orders.name())
@@ -107,9 +165,88 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     while let Some(message) = messages.next().await {
         message.unwrap().double_ack().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // (A shed placing appends nothing: asking until it is taken is safe.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = engine.request("ordo.cmd.order.place", order(100)).await;
+        if outcome(&reply) == "ok" {
+            break;
+        }
+        assert_eq!(outcome(&reply), "unavailable", "{reply}");
+        assert!(std::time::Instant::now() < deadline, "still shed: {reply}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_view_that_lags_past_its_bound_sheds_placing_and_micro_stats_count_it() {
+    let engine = limited(1_000_000, 3).await;
+    let _stock_view = idle_consumer(
+        &engine,
+        ordo_eventstore::StreamId::Stock.name(),
+        "ordo-projection-stock",
+    )
+    .await;
+    let placed = engine.request("ordo.cmd.order.place", order(0)).await;
+    assert_eq!(outcome(&placed), "ok", "{placed}");
+    for _ in 0..5 {
+        let received = engine
+            .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+            .await;
+        assert_eq!(outcome(&received), "ok");
+    }
+    let shed = until_shed(&engine).await;
+    assert!(
+        shed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("5 stock events not yet in the stock view"),
+        "{shed}"
+    );
     assert_eq!(
-        outcome(&engine.request("ordo.cmd.order.place", order(100)).await),
-        "ok"
+        shed["error"]["retry_after_ms"], 5000,
+        "not draining: {shed}"
+    );
+    let orders = engine
+        .message_count(ordo_eventstore::StreamId::Orders.name())
+        .await;
+    assert_eq!(orders, 1, "only o-0");
+    // The shed placings are counted apart, and as errors, in `nats micro stats ordo`.
+    let (requests, errors, shed) = place_stats(&engine).await;
+    assert!(shed >= 1, "shed {shed}");
+    assert!(
+        errors >= shed && requests > errors,
+        "{requests} {errors} {shed}"
+    );
+    let another = engine.request("ordo.cmd.order.place", order(1)).await;
+    assert_eq!(outcome(&another), "unavailable", "{another}");
+    assert_eq!(place_stats(&engine).await.2, shed + 1);
+}
+
+/// A consumer that does not exist (its worker never ran) sheds nothing, even at a bound of 0;
+/// once it exists and falls behind, the same bound sheds.
+#[tokio::test]
+async fn a_consumer_that_does_not_exist_sheds_nothing() {
+    let engine = limited(0, 0).await;
+    // Twenty check intervals of placings: none is shed.
+    for i in 0..20 {
+        let placed = engine.request("ordo.cmd.order.place", order(i)).await;
+        assert_eq!(outcome(&placed), "ok", "{placed}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(place_stats(&engine).await.2, 0);
+    let _saga = idle_consumer(
+        &engine,
+        ordo_eventstore::StreamId::Orders.name(),
+        "ordo-saga",
+    )
+    .await;
+    let shed = until_shed(&engine).await;
+    assert!(
+        shed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("20 order events not yet taken in by the saga"),
+        "{shed}"
     );
 }
