@@ -212,13 +212,7 @@ impl<P: Projection> Projector<P> {
                     .info()
                     .map_err(|err| ProjectorError::JetStream(err.to_string()))?
                     .stream_sequence;
-                if seq > checkpoint + batch.len() as u64 + 1 {
-                    return Err(ProjectorError::Gap {
-                        expected: checkpoint + batch.len() as u64 + 1,
-                        got: seq,
-                    });
-                }
-                if seq > checkpoint {
+                if is_new(seq, checkpoint, batch.len())? {
                     if trace::exporting() {
                         let span = tracing::info_span!(
                             "project",
@@ -565,10 +559,37 @@ async fn advance_checkpoint<P: Projection>(
     Ok(())
 }
 
+/// Whether the event at `seq` is new to a view at `checkpoint` with `batched` events taken in
+/// since: at or below the checkpoint it was applied before (a redelivery after a lost ack, which
+/// is skipped); past the next sequence, events are missing.
+fn is_new(seq: u64, checkpoint: u64, batched: usize) -> Result<bool, ProjectorError> {
+    let expected = checkpoint + batched as u64 + 1;
+    if seq > expected {
+        return Err(ProjectorError::Gap { expected, got: seq });
+    }
+    Ok(seq > checkpoint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{schema::ensure_view, stock::StockView};
+
+    #[test]
+    fn an_event_at_or_below_the_checkpoint_is_skipped_and_one_past_the_next_is_a_gap() {
+        // A view at 5 with two events (6, 7) taken into the batch: 8 is next.
+        assert!(!is_new(1, 5, 2).unwrap(), "redelivered");
+        assert!(!is_new(5, 5, 2).unwrap(), "redelivered");
+        assert!(is_new(8, 5, 2).unwrap());
+        assert!(matches!(
+            is_new(9, 5, 2),
+            Err(ProjectorError::Gap {
+                expected: 8,
+                got: 9
+            })
+        ));
+        assert!(is_new(1, 0, 0).unwrap(), "a new view takes the first event");
+    }
     use ordo_testkit::{NatsServer, TestDatabase};
 
     #[tokio::test]

@@ -24,8 +24,49 @@ struct Setup {
     database: TestDatabase,
 }
 
+/// What the projectors of this test binary log, as an operator reads it: a test that asserts a
+/// projector left a view alone first waits for the line that says it looked and refused.
+static LOGGED: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct Log;
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        LOGGED.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the warnings of every projector of this binary to [`LOGGED`], from the first test on.
+fn capture_logs() {
+    static CAPTURE: std::sync::Once = std::sync::Once::new();
+    CAPTURE.call_once(|| {
+        tracing_subscriber::fmt()
+            .with_writer(|| Log)
+            .with_ansi(false)
+            .with_env_filter("ordo_projections=warn")
+            .init();
+    });
+}
+
+/// Waits (up to 20 s) until a projector has logged `text`.
+async fn logged(text: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&LOGGED.lock().unwrap()).contains(text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no projector logged {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl Setup {
     async fn start() -> Self {
+        capture_logs();
         let engine = Engine::start().await;
         let database = TestDatabase::create().await;
         schema::migrate(database.pool()).await.unwrap();
@@ -490,7 +531,32 @@ async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after(
             )
             .await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The projector took events in while PostgreSQL was down, and acknowledged none: what it
+    // does with events it cannot apply is what this test checks.
+    let mut stream = jetstream::new(setup.engine.client.clone())
+        .get_stream(ordo_eventstore::StreamId::Stock.name())
+        .await
+        .unwrap();
+    let head = stream.info().await.unwrap().state.last_sequence;
+    let applied_before = head - 5;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("ordo-projection-stock").await.unwrap();
+        let info = consumer.info().await.unwrap();
+        assert!(
+            info.ack_floor.stream_sequence < head,
+            "acknowledged while PostgreSQL is down: {info:?}"
+        );
+        if info.delivered.stream_sequence > applied_before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the projector never fetched during the outage: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     postgres.start_again().unwrap();
 
     setup.caught_up::<StockView>().await;
@@ -529,7 +595,7 @@ async fn a_view_never_follows_another_stream_of_the_same_name() {
     setup
         .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
         .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    logged("built from another ORDO_STOCK").await;
 
     let skus: Vec<String> = sqlx::query_scalar("SELECT sku FROM view_stock.stock ORDER BY sku")
         .fetch_all(setup.pool())
@@ -689,7 +755,7 @@ async fn a_rebuild_during_live_writes_ends_equal_to_the_stream() {
 }
 
 #[tokio::test]
-async fn redelivered_events_are_skipped_not_applied_again() {
+async fn a_consumer_that_starts_over_from_the_first_event_applies_nothing_twice() {
     let setup = Setup::start().await;
     let _stock = setup.projector::<StockView>();
     for _ in 0..5 {
@@ -747,7 +813,7 @@ async fn a_view_built_from_another_definition_is_left_alone_until_rebuilt() {
     setup
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    logged("built from another definition").await;
     assert_eq!(
         schema::checkpoint::<StockView>(setup.pool(), "view_stock")
             .await
