@@ -12,7 +12,8 @@ pub const MINIMUM_VERSION: (u32, u32) = (2, 10);
 
 pub struct NatsServer {
     binary: PathBuf,
-    port: u16,
+    /// The client port; 0 until a server started with `-p -1` has said which port it took.
+    port: std::sync::atomic::AtomicU16,
     store: Store,
     /// Set for a node of a [`NatsCluster`].
     cluster: Option<ClusterNode>,
@@ -68,7 +69,9 @@ impl NatsServer {
         let config = config.map(|config| write_config(store.path(), config));
         let server = Self {
             binary,
-            port: free_port(),
+            // The server picks a free port and keeps it: no other process can take it between
+            // a test's choice and the server's bind.
+            port: 0.into(),
             store: Store::Temporary(store),
             cluster: None,
             config,
@@ -95,7 +98,7 @@ impl NatsServer {
         };
         let server = Self {
             binary,
-            port,
+            port: port.into(),
             store: Store::Kept(dir.to_owned()),
             cluster: None,
             config: None,
@@ -110,11 +113,11 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.port())
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.port.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn store_dir(&self) -> &Path {
@@ -213,15 +216,21 @@ impl NatsServer {
         if let Some(config) = &self.config {
             command.arg("-c").arg(config);
         }
+        // The first start takes whatever port is free (`-1`) and writes it to a ports file; a
+        // restart takes the same port again, since clients know the server by it.
+        let known = self.port();
+        let ports_dir = self.store.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir).expect("create the ports directory");
+        let port = if known == 0 {
+            "-1".to_owned()
+        } else {
+            known.to_string()
+        };
         command
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &port, "--ports_file_dir"])
+            .arg(&ports_dir)
+            .args(["-js", "-sd"])
             .arg(self.store.path().join("jetstream"));
         if let Some(node) = &self.cluster {
             let routes: Vec<String> = node
@@ -243,14 +252,36 @@ impl NatsServer {
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap_or_else(|err| panic!("start {}: {err}", self.binary.display()));
-        *self.child.lock().expect("not poisoned") = Some(child);
+        let mut child = child;
+        // Listening once it has written its ports file (it writes it after it binds).
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        let port = loop {
+            if let Some(status) = child.try_wait().expect("poll nats-server") {
+                panic!(
+                    "nats-server exited ({status}) before it listened; see {}",
+                    self.log_file().display()
+                );
+            }
+            if let Some(port) = client_port_in(&ports_dir) {
+                break port;
+            }
             assert!(
                 Instant::now() < deadline,
-                "nats-server did not listen on {} within 20 s; see {}",
-                self.port,
+                "nats-server did not listen within 20 s; see {}",
                 self.log_file().display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            known == 0 || port == known,
+            "restarted on {port}, not {known}"
+        );
+        self.port.store(port, std::sync::atomic::Ordering::SeqCst);
+        *self.child.lock().expect("not poisoned") = Some(child);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not accept on {port}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -286,7 +317,8 @@ impl NatsCluster {
                 let config = config.map(|config| write_config(store.path(), config));
                 NatsServer {
                     binary: binary.clone(),
-                    port: free_port(),
+                    // Every node's routes name the others' ports before any of them starts.
+                    port: free_port().into(),
                     store: Store::Temporary(store),
                     cluster: Some(ClusterNode {
                         cluster_name: "ordo-test".into(),
@@ -347,6 +379,18 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The client port in the ports file nats-server writes to `dir` (`--ports_file_dir`), once the
+/// whole file is there.
+fn client_port_in(dir: &Path) -> Option<u16> {
+    let file = std::fs::read_dir(dir).ok()?.find_map(|entry| {
+        let path = entry.ok()?.path();
+        (path.extension()? == "ports").then_some(path)
+    })?;
+    let ports: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(file).ok()?).ok()?;
+    ports["nats"][0].as_str()?.rsplit(':').next()?.parse().ok()
 }
 
 /// A port nothing listens on right now.

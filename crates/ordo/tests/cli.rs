@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use async_nats::jetstream;
 use ordo_testkit::NatsServer;
 use serde_json::{Value, json};
 
@@ -422,7 +423,7 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
     )
     .await;
     assert_eq!(reply["ok"], true, "{reply}");
-    let live = async_nats::jetstream::new(client)
+    let live = jetstream::new(client)
         .get_stream(ordo_eventstore::StreamId::Stock.name())
         .await
         .unwrap()
@@ -457,12 +458,70 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
             ("ORDO_NATS_URL", url.as_str()),
             ("ORDO_METRICS_ADDR", addr.as_str()),
             ("ORDO_METRICS_TOKEN", "prometheus-only"),
+            // Sheds placing as soon as one order event waits for the saga.
+            ("ORDO_MAX_SAGA_BACKLOG", "0"),
         ],
         &dir.path().join("ordo.log"),
     );
     let client = server.client().await;
-    // A malformed order, so that a command counter moves.
-    request_when_up(&client, "ordo.cmd.order.place", json!({"nonsense": true})).await;
+    // The service is up (it answers its discovery PING); then one malformed order, sent once,
+    // so that a command counter moves by exactly one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.request("$SRV.PING.ordo", "".into()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the command service never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let malformed = client
+        .request(
+            "ordo.cmd.order.place",
+            json!({"nonsense": true}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let malformed: Value = serde_json::from_slice(&malformed.payload).unwrap();
+    assert_eq!(malformed["error"]["code"], "invalid_command", "{malformed}");
+    // An order waits for a saga that takes nothing in: placing is shed.
+    let place = |order_id: String| {
+        json!({"order_id": order_id, "customer_id": "c1",
+               "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 1}]})
+        .to_string()
+    };
+    let placed = client
+        .request("ordo.cmd.order.place", place("o-1".into()).into())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&placed.payload).contains("\"ok\":true"));
+    jetstream::new(client.clone())
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
+        .await
+        .unwrap()
+        .get_or_create_consumer(
+            "ordo-saga",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("ordo-saga".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    for probe in 0.. {
+        let reply = client
+            .request(
+                "ordo.cmd.order.place",
+                place(format!("probe-{probe}")).into(),
+            )
+            .await
+            .unwrap();
+        let reply: Value = serde_json::from_slice(&reply.payload).unwrap();
+        if reply["error"]["code"] == "unavailable" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never shed: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     let http = reqwest::Client::new();
     let metrics = loop {
@@ -486,8 +545,107 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
             .contains(r#"ordo_commands_total{endpoint="order.place",outcome="invalid_command"} 1"#),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(r#"ordo_commands_shed_total{endpoint="order.place"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"ordo_backlog_events{consumer="ordo-saga"} "#),
+        "{metrics}"
+    );
     let without_token = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap();
     assert_eq!(without_token.status(), reqwest::StatusCode::UNAUTHORIZED);
+}
+
+/// `ordo sagas retry` gives a saga stuck in a compensation a fresh count of attempts, due at
+/// once, in the state it was stuck in; an order with no saga is an error that says so.
+#[tokio::test]
+async fn sagas_retry_gives_a_stuck_saga_a_fresh_count_due_at_once() {
+    use ordo_domain::{
+        CustomerId, OrderId, Sku,
+        order::OrderLine,
+        saga::{Outcome, Saga, SagaState},
+    };
+    let server = NatsServer::start();
+    let database = ordo_testkit::TestDatabase::create().await;
+    ordo_projections::schema::prepare(database.pool())
+        .await
+        .unwrap();
+    // A confirmed order's saga, cancelled, whose release went unanswered six times.
+    let mut saga = Saga::start(
+        OrderId::parse("o-1").unwrap(),
+        CustomerId::parse("c1").unwrap(),
+        &[OrderLine {
+            sku: Sku::parse("A1").unwrap(),
+            qty: 2,
+            unit_price_cents: 500,
+        }],
+        1000,
+    );
+    let step = |saga: Saga, outcome: Outcome| {
+        let (index, _) = saga.next_step().unwrap();
+        saga.record(index, outcome, sqlx::types::chrono::Utc::now())
+    };
+    for _ in 0..3 {
+        saga = step(saga, Outcome::Succeeded);
+    }
+    saga = saga.cancel();
+    for _ in 0..6 {
+        saga = step(saga, Outcome::Unknown("no answer".into()));
+    }
+    assert_eq!(saga.state, SagaState::CompensationStuck);
+    sqlx::query(
+        "INSERT INTO sagas (order_id, state, data, next_attempt_at)
+         VALUES ('o-1', 'compensation_stuck', $1, now() + interval '1 hour')",
+    )
+    .bind(serde_json::to_value(&saga).unwrap())
+    .execute(database.pool())
+    .await
+    .unwrap();
+
+    let retry = |order_id: &str| {
+        Command::new(ORDO)
+            .args(["sagas", "retry", order_id])
+            .env("ORDO_NATS_URL", server.url())
+            .env("ORDO_DATABASE_URL", database.url())
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    let retried = retry("o-1");
+    assert!(
+        retried.status.success(),
+        "{}",
+        String::from_utf8_lossy(&retried.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&retried.stdout).trim(),
+        "saga of o-1: cancelling"
+    );
+    let (state, due, data): (String, bool, Value) = sqlx::query_as(
+        "SELECT state, next_attempt_at <= now(), data FROM sagas WHERE order_id = 'o-1'",
+    )
+    .fetch_one(database.pool())
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), due), ("cancelling", true));
+    let unknown: Vec<&Value> = data["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|step| step["state"] == "unknown")
+        .collect();
+    assert!(
+        !unknown.is_empty() && unknown.iter().all(|step| step["attempts"] == 0),
+        "a fresh count: {data}"
+    );
+    let missing = retry("nope");
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no saga for order nope"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
 }

@@ -282,6 +282,14 @@ async fn connect_as(url: &str, user: &str) -> async_nats::Client {
         .unwrap_or_else(|err| panic!("connect as {user}: {err}"))
 }
 
+/// A JetStream context whose calls give up after 2 s: a refused one gets no answer (the server
+/// drops what a user may not publish), and the default would wait 5 to 10 s for each.
+fn refused_soon(client: async_nats::Client) -> jetstream::Context {
+    let mut context = jetstream::new(client);
+    context.set_timeout(Duration::from_secs(2));
+    context
+}
+
 fn with_id(command_id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", command_id);
@@ -537,7 +545,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     )
     .await;
     assert!(commanded.is_err(), "{commanded:?}");
-    let api_js = jetstream::new(api.clone());
+    let api_js = refused_soon(api.clone());
     let appended = api_js
         .publish("ordo.stock.events.A1", "{\"forged\":true}".into())
         .await;
@@ -550,7 +558,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     );
     assert!(api_js.delete_stream("ORDO_SNAPSHOTS").await.is_err());
     // The command service's user cannot delete or purge a stream, even one that allows it.
-    let commands = jetstream::new(system.connect("ordo-commands").await);
+    let commands = refused_soon(system.connect("ordo-commands").await);
     assert!(commands.delete_stream("ORDO_SNAPSHOTS").await.is_err());
     let purged = match commands.get_stream("ORDO_SNAPSHOTS").await {
         Ok(snapshots) => snapshots.purge().await.is_ok(),
@@ -559,7 +567,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     assert!(!purged, "the command service's user purged ORDO_SNAPSHOTS");
     // The projector's user cannot delete the saga's consumer, nor take its deliveries.
     let projector_client = system.connect("ordo-projector").await;
-    let projector = jetstream::new(projector_client.clone());
+    let projector = refused_soon(projector_client.clone());
     assert!(
         projector
             .delete_consumer_from_stream("ordo-saga", "ORDO_ORDERS")
@@ -639,7 +647,10 @@ async fn an_application_reads_only_its_own_replies_and_notifications() {
     // Attack: the JetStream API of ordo's account, from an application.
     let js = jetstream::new(shop.clone());
     assert!(js.get_stream("ORDO_ORDERS").await.is_err());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Whatever the server routed to a spy before the answer to a flush has arrived by then.
+    for spy in [&spy, &warehouse_spy] {
+        spy.flush().await.unwrap();
+    }
 
     let drain = |subscriber: &mut async_nats::Subscriber| {
         let mut payloads = Vec::new();

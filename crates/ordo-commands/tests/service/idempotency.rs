@@ -40,6 +40,50 @@ async fn record_receive_intent(
     Outcomes::new(store.clone()).put(&intent, 0).await.unwrap();
 }
 
+/// Waits until nats-server no longer remembers the message id under which the event of
+/// `command_id` was stored (its duplicate window is a timer of the server's, not a check at each
+/// publish): asks with an append that can never be stored, as its expected last sequence is
+/// wrong, which the server answers as a duplicate while it remembers the id and refuses after.
+/// A test that repeats a command then proves ordo's outcome record, not the server's memory.
+async fn forgotten_by_the_server(
+    engine: &Engine,
+    stream: ordo_eventstore::StreamId,
+    command_id: &str,
+) {
+    let stored = engine
+        .stored(stream.name())
+        .await
+        .into_iter()
+        .find(|event| event.envelope.command_id == command_id)
+        .expect("the command's event");
+    let msg_id = stored
+        .headers
+        .get("Nats-Msg-Id")
+        .expect("appended under a message id")
+        .to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", msg_id.as_str());
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "999999999");
+        let answer = engine
+            .client
+            .request_with_headers(stored.subject.clone(), headers, "probe".into())
+            .await
+            .unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+        if answer.get("error").is_some() {
+            return;
+        }
+        assert_eq!(answer["duplicate"], true, "{answer}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{msg_id} still remembered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Streams whose duplicate window is one second, so a test can outlast it.
 fn short_duplicate_window() -> Vec<StreamDefinition> {
     StreamDefinition::built_in()
@@ -206,7 +250,7 @@ async fn a_repeat_after_the_duplicate_window_still_returns_the_first_outcome() {
     let first = engine
         .request_with_id("ordo.cmd.stock.receive", body.clone(), "late-retry")
         .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "late-retry").await;
     let again = engine
         .request_with_id("ordo.cmd.stock.receive", body, "late-retry")
         .await;
@@ -267,7 +311,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
             "after",
         )
         .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "after").await;
 
     // when the client retries, it gets the outcome of the run that died, and nothing new is stored.
     let retried = engine
@@ -353,7 +397,8 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
     assert!(placed.iter().all(|reply| *reply == placed[0]), "{placed:?}");
 
     // After the duplicate window, repeats still get the first outcome and append nothing.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    forgotten_by_the_server(engine, ordo_eventstore::StreamId::Stock, "copied-11").await;
+    forgotten_by_the_server(engine, ordo_eventstore::StreamId::Orders, "place-once").await;
     for (command_id, first) in &first_replies {
         let again = engine
             .request_with_id(

@@ -87,7 +87,9 @@ async fn a_repeat_of_an_accepted_order_gets_its_reply_while_its_customer_is_over
 
 #[tokio::test]
 async fn tokens_come_back_at_the_configured_rate() {
-    let engine = one_limited_instance(5.0, 1).await;
+    // One token a second: the second request comes long before the next token, however slow
+    // the machine.
+    let engine = one_limited_instance(1.0, 1).await;
     let first = engine
         .request("ordo.cmd.order.place", place("o-1", "c1"))
         .await;
