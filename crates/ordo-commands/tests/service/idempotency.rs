@@ -8,7 +8,7 @@ use ordo_commands::{
     wire::{self, Endpoint},
 };
 use ordo_domain::stock::{StockAggregate, StockEvent};
-use ordo_eventstore::{EventMetadata, EventStore, StreamDefinition};
+use ordo_eventstore::{EventEnvelope, EventMetadata, EventStore, StreamDefinition};
 use serde_json::json;
 
 use crate::support::{Engine, line, outcome};
@@ -41,15 +41,16 @@ async fn record_receive_intent(
 }
 
 /// Waits until nats-server no longer remembers the message id under which the event of
-/// `command_id` was stored (its duplicate window is a timer of the server's, not a check at each
-/// publish): asks with an append that can never be stored, as its expected last sequence is
-/// wrong, which the server answers as a duplicate while it remembers the id and refuses after.
-/// A test that repeats a command then proves ordo's outcome record, not the server's memory.
+/// `command_id` was stored in `stream` (its duplicate window is a timer of the server's, not a
+/// check at each publish), so that a test that then repeats the command proves ordo's outcome
+/// record, not the server's memory. It asks by publishing a probe on the subject of aggregate
+/// `PROBE` under that very id: a duplicate while the server remembers it, stored once it does
+/// not. Returns the messages it stored in `stream` (one).
 async fn forgotten_by_the_server(
     engine: &Engine,
     stream: ordo_eventstore::StreamId,
     command_id: &str,
-) {
+) -> u64 {
     let stored = engine
         .stored(stream.name())
         .await
@@ -61,21 +62,41 @@ async fn forgotten_by_the_server(
         .get("Nats-Msg-Id")
         .expect("appended under a message id")
         .to_string();
+    let probe_subject = format!(
+        "{}.PROBE",
+        stored
+            .subject
+            .rsplit_once('.')
+            .expect("an aggregate subject")
+            .0
+    );
+    let metadata = EventMetadata {
+        command_id: "probe".into(),
+        correlation_id: "probe".into(),
+        ..Default::default()
+    };
+    let probe = EventEnvelope::new(
+        "PROBE",
+        1,
+        &StockEvent::StockReceived { qty: 1 },
+        &metadata,
+        chrono::Utc::now(),
+    )
+    .to_bytes();
+    let js = async_nats::jetstream::new(engine.client.clone());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", msg_id.as_str());
-        headers.insert("Nats-Expected-Last-Subject-Sequence", "999999999");
-        let answer = engine
-            .client
-            .request_with_headers(stored.subject.clone(), headers, "probe".into())
+        let ack = js
+            .publish_with_headers(probe_subject.clone(), headers, probe.clone().into())
+            .await
+            .unwrap()
             .await
             .unwrap();
-        let answer: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
-        if answer.get("error").is_some() {
-            return;
+        if !ack.duplicate {
+            return 1;
         }
-        assert_eq!(answer["duplicate"], true, "{answer}");
         assert!(
             std::time::Instant::now() < deadline,
             "{msg_id} still remembered"
@@ -250,7 +271,8 @@ async fn a_repeat_after_the_duplicate_window_still_returns_the_first_outcome() {
     let first = engine
         .request_with_id("ordo.cmd.stock.receive", body.clone(), "late-retry")
         .await;
-    forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "late-retry").await;
+    let probes =
+        forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "late-retry").await;
     let again = engine
         .request_with_id("ordo.cmd.stock.receive", body, "late-retry")
         .await;
@@ -259,7 +281,8 @@ async fn a_repeat_after_the_duplicate_window_still_returns_the_first_outcome() {
         engine
             .message_count(ordo_eventstore::StreamId::Stock.name())
             .await,
-        1
+        1 + probes,
+        "the receipt and the probe"
     );
 }
 
@@ -311,7 +334,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
             "after",
         )
         .await;
-    forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "after").await;
+    let probes = forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "after").await;
 
     // when the client retries, it gets the outcome of the run that died, and nothing new is stored.
     let retried = engine
@@ -329,7 +352,8 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
         engine
             .message_count(ordo_eventstore::StreamId::Stock.name())
             .await,
-        3
+        3 + probes,
+        "before, crashed, after and the probe"
     );
 }
 
@@ -398,7 +422,8 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
 
     // After the duplicate window, repeats still get the first outcome and append nothing.
     forgotten_by_the_server(engine, ordo_eventstore::StreamId::Stock, "copied-11").await;
-    forgotten_by_the_server(engine, ordo_eventstore::StreamId::Orders, "place-once").await;
+    let order_probes =
+        forgotten_by_the_server(engine, ordo_eventstore::StreamId::Orders, "place-once").await;
     for (command_id, first) in &first_replies {
         let again = engine
             .request_with_id(
@@ -422,7 +447,8 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
         engine
             .message_count(ordo_eventstore::StreamId::Orders.name())
             .await,
-        1
+        1 + order_probes,
+        "the order and the probe"
     );
 }
 
