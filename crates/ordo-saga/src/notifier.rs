@@ -33,6 +33,12 @@ pub struct NotifierConfig {
     pub failure_rate: f64,
     /// Notifications handled at once.
     pub concurrency: usize,
+    /// How long a delivered order event may go unacknowledged before the consumer gives it to
+    /// another notifier: longer than a delivery takes (5 attempts, 2 s timeouts, growing pauses,
+    /// about 12 s), so that a slow delivery is not done twice, and the time it takes another
+    /// notifier to take over one that died in the middle of a delivery. Set when the shared
+    /// consumer is created.
+    pub ack_wait: Duration,
 }
 
 impl Default for NotifierConfig {
@@ -44,6 +50,7 @@ impl Default for NotifierConfig {
             retry_base: Duration::from_millis(100),
             failure_rate: 0.0,
             concurrency: 8,
+            ack_wait: Duration::from_secs(30),
         }
     }
 }
@@ -139,8 +146,7 @@ impl Notifier {
                 pull::Config {
                     durable_name: Some(CONSUMER.into()),
                     description: Some("ordo notifier: orders that ended (confirmed, rejected, cancelled, shipped)".into()),
-                    // A delivery takes at most ~12 s (5 attempts, 2 s timeouts, growing pauses).
-                    ack_wait: Duration::from_secs(30),
+                    ack_wait: self.config.ack_wait,
                     ..Default::default()
                 },
             )

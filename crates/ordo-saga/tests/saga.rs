@@ -1601,3 +1601,90 @@ async fn a_refund_with_no_answer_is_compensation_stuck_until_an_operator_retries
         None
     );
 }
+
+/// A webhook whose first POST never answers (its sender is to die holding it); every later POST
+/// is recorded and answered at once. Says when the first one has arrived.
+async fn webhook_that_holds_the_first_post() -> (
+    String,
+    Arc<std::sync::Mutex<Vec<Value>>>,
+    Arc<tokio::sync::Notify>,
+) {
+    use axum::{Json, http::StatusCode, routing::post};
+    let received = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let first_arrived = Arc::new(tokio::sync::Notify::new());
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (store, arrived) = (received.clone(), first_arrived.clone());
+    let app = axum::Router::new().route(
+        "/hook",
+        post(move |Json(body): Json<Value>| {
+            let (store, arrived, calls) = (store.clone(), arrived.clone(), calls.clone());
+            async move {
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    arrived.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                store.lock().unwrap().push(body);
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received, first_arrived)
+}
+
+/// Notifiers share one consumer: one that dies in the middle of a delivery (its process gone,
+/// with its connections) is taken over by another, which delivers the notification once the
+/// event's ack wait has run out; the customer is told once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notifier_that_dies_mid_delivery_is_taken_over_by_another() {
+    let setup = Setup::start().await;
+    let (url, received, first_arrived) = webhook_that_holds_the_first_post().await;
+    let config = NotifierConfig {
+        webhook_url: Some(url),
+        // The held POST outlives the dying notifier; the take-over comes 2 s after delivery.
+        webhook_timeout: Duration::from_secs(60),
+        ack_wait: Duration::from_secs(2),
+        ..Default::default()
+    };
+    // The first notifier on connections of its own, as its own process would have.
+    let dying_pool = sqlx::PgPool::connect(setup.database.url()).await.unwrap();
+    let dying_nats = setup.engine.server.client().await;
+    let notifier = Notifier::connect(dying_pool.clone(), dying_nats.clone(), config.clone())
+        .await
+        .unwrap();
+    let dying = tokio::spawn(async move { notifier.run(std::future::pending()).await });
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    setup.receive("A1", 5).await;
+    setup.place("o-1", &[("A1", 2)]).await;
+    tokio::time::timeout(Duration::from_secs(20), first_arrived.notified())
+        .await
+        .expect("the first notifier posts");
+    // A standby joins, and the first notifier dies holding the delivery (and its row's lock,
+    // which PostgreSQL lets go with the connection).
+    let _standby = setup.notifier_with(config).await;
+    dying.abort();
+    let _ = dying.await;
+    dying_pool.close().await;
+    drop(dying_nats);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while received.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never taken over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        setup.notifications("o-1").await,
+        [("confirmed".into(), "sent".into())]
+    );
+    let received = received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1, "told once: {received:?}");
+    assert_eq!(
+        (
+            received[0]["order_id"].as_str(),
+            received[0]["kind"].as_str()
+        ),
+        (Some("o-1"), Some("confirmed"))
+    );
+}
