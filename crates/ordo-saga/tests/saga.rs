@@ -1359,15 +1359,18 @@ async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledge
     setup.saga_ends("o-2", "confirmed").await;
 }
 
-/// A payment gateway that holds every authorisation until it is let go, and counts refunds.
+/// A payment gateway that holds every authorisation until it is let go (and says when one
+/// has arrived), and counts refunds.
 #[derive(Clone, Default)]
 struct HeldAuthorizations {
+    arrived: Arc<tokio::sync::Notify>,
     release: Arc<tokio::sync::Notify>,
     refunds: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl PaymentGateway for HeldAuthorizations {
     async fn authorize(&self, _: &OrderId, _: u64) -> Result<(), PaymentError> {
+        self.arrived.notify_one();
         self.release.notified().await;
         Ok(())
     }
@@ -1388,11 +1391,11 @@ async fn an_operators_reject_while_the_saga_runs_gives_back_the_stock_and_the_ch
     let _coordinator = setup.coordinator(gateway.clone(), quick());
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while setup.stock("A1").await != (5, 2) {
-        assert!(std::time::Instant::now() < deadline, "never reserved");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The reject lands while the payment is under way.
+    tokio::time::timeout(Duration::from_secs(20), gateway.arrived.notified())
+        .await
+        .expect("the authorisation is under way");
+    assert_eq!(setup.stock("A1").await, (5, 2));
     setup
         .engine
         .accepted(&CommandRequest::RejectOrder {

@@ -29,6 +29,11 @@ async fn two_instances_and_200_concurrent_reserves_of_100_units_reserve_exactly_
         .await;
 
     let count = |code: &str| replies.iter().filter(|reply| *reply == code).count();
+    let served = engine.served_by_each_instance("stock-reserve").await;
+    assert!(
+        served.len() == 2 && served.iter().all(|(requests, _)| *requests > 0),
+        "both instances served: {served:?}"
+    );
     assert_eq!(count("ok"), 100, "{replies:?}");
     assert_eq!(count("insufficient_stock"), 100, "{replies:?}");
     let stored = engine.stored(ordo_eventstore::StreamId::Stock.name()).await;

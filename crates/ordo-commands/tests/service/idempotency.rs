@@ -419,6 +419,11 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
     };
     let placed = futures::future::join_all((0..6).map(|_| place())).await;
     assert!(placed.iter().all(|reply| *reply == placed[0]), "{placed:?}");
+    let served = engine.served_by_each_instance("stock-receive").await;
+    assert!(
+        served.len() == 2 && served.iter().all(|(requests, _)| *requests > 0),
+        "both instances served: {served:?}"
+    );
 
     // After the duplicate window, repeats still get the first outcome and append nothing.
     forgotten_by_the_server(engine, ordo_eventstore::StreamId::Stock, "copied-11").await;

@@ -40,14 +40,25 @@ async fn a_customer_over_its_rate_is_refused_by_every_instance_and_nothing_is_ap
         engine.add_instance_with(limited.clone()).await;
     }
 
-    // Six orders of one customer, spread over both instances by the queue group.
+    // Orders of one customer, spread over both instances by the queue group: six, then more
+    // until each instance has refused one.
     let mut replies = Vec::new();
-    for i in 0..6 {
+    for i in 0.. {
         replies.push(
             engine
                 .request("ordo.cmd.order.place", place(&format!("o-{i}"), "c1"))
                 .await,
         );
+        if i >= 5
+            && engine
+                .served_by_each_instance("order-place")
+                .await
+                .iter()
+                .all(|(_, refused)| *refused > 0)
+        {
+            break;
+        }
+        assert!(i < 60, "one instance took every order");
     }
     let accepted = replies.iter().filter(|reply| reply["ok"] == true).count();
     assert_eq!(accepted, 3, "exactly the burst: {replies:?}");

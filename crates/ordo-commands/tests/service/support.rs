@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use async_nats::{HeaderMap, jetstream};
+use futures::StreamExt;
 use ordo_commands::CommandService;
 use ordo_eventstore::{EventEnvelope, StreamDefinition, streams::apply_all};
 use ordo_testkit::NatsServer;
@@ -165,6 +166,37 @@ impl Engine {
         let js = jetstream::new(self.client.clone());
         let mut stream = js.get_stream(stream).await.expect("the stream exists");
         stream.info().await.expect("stream info").state.messages
+    }
+
+    /// For each running instance, (requests, refusals) on `endpoint` (`order-place`), as each
+    /// answers `nats micro stats ordo`: a test of several instances shows that each one served.
+    pub async fn served_by_each_instance(&self, endpoint: &str) -> Vec<(u64, u64)> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self.client.subscribe(inbox.clone()).await.unwrap();
+        self.client
+            .publish_with_reply("$SRV.STATS.ordo", inbox, "".into())
+            .await
+            .unwrap();
+        let mut served = Vec::new();
+        while served.len() < self.instances.len() {
+            let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+                .await
+                .expect("every instance answers its stats")
+                .unwrap();
+            let stats: Value = serde_json::from_slice(&reply.payload).unwrap();
+            let endpoint = stats["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|stats| stats["name"] == endpoint)
+                .cloned()
+                .unwrap_or_default();
+            served.push((
+                endpoint["num_requests"].as_u64().unwrap_or(0),
+                endpoint["num_errors"].as_u64().unwrap_or(0),
+            ));
+        }
+        served
     }
 
     /// The counts of the event streams, to show a refused command appended nothing.
