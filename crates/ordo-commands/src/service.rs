@@ -36,9 +36,6 @@ pub const HEADER_CAUSATION_ID: &str = "Ordo-Causation-Id";
 #[error("cannot start the command service: {0}")]
 pub struct ServiceError(String);
 
-/// How long a stopping instance keeps taking in requests delivered before its unsubscribe.
-const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
-
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     /// Requests handled at once by this instance; more wait in NATS.
@@ -49,6 +46,10 @@ pub struct ServiceConfig {
     pub customer_rate: Option<CustomerRate>,
     /// Replicas of the state the service keeps in JetStream (the rate-limit bucket).
     pub replicas: usize,
+    /// How long a stopping instance gives the requests already delivered to it: those not
+    /// started by then are dropped unrun (the client's retry is safe), so that a stop during a
+    /// slow spell still ends, and flushes its replies, before a supervisor's SIGKILL would.
+    pub drain_limit: std::time::Duration,
 }
 
 impl Default for ServiceConfig {
@@ -58,6 +59,7 @@ impl Default for ServiceConfig {
             backlog_limits: Some(BacklogLimits::default()),
             customer_rate: None,
             replicas: 1,
+            drain_limit: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -293,28 +295,29 @@ impl CommandService {
                 tracing::warn!(endpoint = endpoint.name(), %err, "unsubscribe not sent");
             }
         }
-        // The limit bounds the wait for requests still on their way, not the work on those that
-        // arrived: every request delivered to this instance is answered, however long its turn
-        // takes (under load, hundreds may wait for a place).
-        let mut delivered = Vec::new();
-        let taken_in = async {
+        // What was delivered before the unsubscribe is served, each in its turn, until the
+        // drain limit; what has not started by then is dropped unrun. (The client drops what
+        // the server routed after the unsubscribe: its sender retries, under the same id.)
+        let delivered = async {
             let mut requests = merged(&mut subscriptions);
-            while let Some(request) = requests.next().await {
-                delivered.push(request);
+            while let Some((endpoint, request)) = requests.next().await {
+                let permit = limit
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the limit is never closed");
+                serve(&mut in_flight, endpoint, request, permit);
             }
         };
-        if tokio::time::timeout(DRAIN_LIMIT, taken_in).await.is_err() {
+        if tokio::time::timeout(config.drain_limit, delivered)
+            .await
+            .is_err()
+        {
             tracing::warn!(
-                "requests kept arriving after the unsubscribe; leaving the rest to other instances"
+                limit = ?config.drain_limit,
+                "requests delivered before the stop were not all started in time; the rest are \
+                 dropped unrun, for their senders to retry"
             );
-        }
-        for (endpoint, request) in delivered {
-            let permit = limit
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the limit is never closed");
-            serve(&mut in_flight, endpoint, request, permit);
         }
         while in_flight.join_next().await.is_some() {}
         // The last replies may still sit in the connection's write buffer.

@@ -683,7 +683,7 @@ fn text_a_row_can_hold(text: String) -> String {
 /// `reason` as the reject command accepts it and a view can store it: a payment provider's
 /// decline may be long or hold U+0000, and a reject refused for its reason would leave the saga
 /// rejected and its order pending.
-fn reason_an_order_can_keep(reason: String) -> String {
+pub fn reason_an_order_can_keep(reason: String) -> String {
     let reason = text_a_row_can_hold(reason);
     if reason.len() <= crate::order::MAX_REASON_LEN {
         return reason;

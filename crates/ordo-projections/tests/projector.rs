@@ -52,10 +52,15 @@ fn capture_logs() {
     });
 }
 
-/// Waits (up to 20 s) until a projector has logged `text`.
-async fn logged(text: &str) {
+/// Where the log is now: what is logged later is after what a test did so far.
+fn log_mark() -> usize {
+    LOGGED.lock().unwrap().len()
+}
+
+/// Waits (up to 20 s) until a projector has logged `text` after `mark`.
+async fn logged_since(mark: usize, text: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !String::from_utf8_lossy(&LOGGED.lock().unwrap()).contains(text) {
+    while !String::from_utf8_lossy(&LOGGED.lock().unwrap()[mark..]).contains(text) {
         assert!(
             std::time::Instant::now() < deadline,
             "no projector logged {text:?}"
@@ -545,7 +550,7 @@ async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after(
             stream.get_consumer("ordo-projection-stock").await.unwrap();
         let info = consumer.info().await.unwrap();
         assert!(
-            info.ack_floor.stream_sequence < head,
+            info.ack_floor.stream_sequence <= applied_before,
             "acknowledged while PostgreSQL is down: {info:?}"
         );
         if info.delivered.stream_sequence > applied_before {
@@ -595,7 +600,8 @@ async fn a_view_never_follows_another_stream_of_the_same_name() {
     setup
         .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
         .await;
-    logged("built from another ORDO_STOCK").await;
+    // A term that began after the new stream's events were there refused it.
+    logged_since(log_mark(), "built from another ORDO_STOCK").await;
 
     let skus: Vec<String> = sqlx::query_scalar("SELECT sku FROM view_stock.stock ORDER BY sku")
         .fetch_all(setup.pool())
@@ -787,6 +793,10 @@ async fn a_consumer_that_starts_over_from_the_first_event_applies_nothing_twice(
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
         .await;
     setup.caught_up::<StockView>().await;
+    // Mostly the projector's waiting pull fails with the consumer, and it reads again from its
+    // checkpoint on a consumer of its own; now and then its next pull goes to the new consumer,
+    // which delivers 1 to 6, and 1 to 5 are skipped (`is_new`, whose unit test specifies the
+    // skip). Either way the checkpoint, not a consumer's position, says where the view is.
 
     let on_hand: i64 = sqlx::query_scalar("SELECT on_hand FROM view_stock.stock WHERE sku = 'A1'")
         .fetch_one(setup.pool())
@@ -813,7 +823,8 @@ async fn a_view_built_from_another_definition_is_left_alone_until_rebuilt() {
     setup
         .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
         .await;
-    logged("built from another definition").await;
+    // A term that began after the event was there refused the view.
+    logged_since(log_mark(), "built from another definition").await;
     assert_eq!(
         schema::checkpoint::<StockView>(setup.pool(), "view_stock")
             .await

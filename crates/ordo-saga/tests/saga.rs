@@ -395,17 +395,35 @@ async fn a_decline_longer_than_a_reject_may_carry_still_rejects_the_order() {
     let setup = Setup::start().await;
     let _coordinator = setup.coordinator(VerboseDecline, quick());
     setup.receive("A1", 5).await;
-    for order_id in ["o-1", "o-2"] {
+    for (order_id, cut) in [("o-1", true), ("o-2", false)] {
         setup.place(order_id, &[("A1", 2)]).await;
         let reason = setup.saga_ends(order_id, "rejected").await.unwrap();
         assert!(
             reason.starts_with("payment declined: card refused"),
             "{reason}"
         );
+        assert!(reason.len() <= 1024 && !reason.contains('\0'), "{reason}");
+        assert_eq!(reason.ends_with('…'), cut, "{reason}");
         assert_eq!(
             setup.order_status(order_id).await,
             OrderStatus::Rejected,
             "{order_id} was left pending"
+        );
+        let (_, last) = setup
+            .store
+            .last_message(
+                ordo_eventstore::StreamId::Orders.name(),
+                &format!("ordo.order.events.{order_id}"),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let rejected = ordo_eventstore::EventEnvelope::from_bytes(&last).unwrap();
+        assert_eq!(rejected.event_type, "OrderRejected");
+        assert_eq!(
+            rejected.data["reason"],
+            reason.as_str(),
+            "the order keeps the saga's reason"
         );
     }
     assert_eq!(setup.stock("A1").await, (5, 0));
@@ -1439,7 +1457,8 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
             reason: None,
         })
         .await;
-    // "Another coordinator" takes the OrderPlaced from the shared consumer and holds it for 3 s.
+    // "Another coordinator" takes the OrderPlaced from the shared consumer and holds it
+    // (unacknowledged: the consumer gives it to no one else until it is let go).
     let consumer: jetstream::consumer::PullConsumer = jetstream::new(setup.client.clone())
         .get_stream(ordo_eventstore::StreamId::Orders.name())
         .await
@@ -1474,10 +1493,6 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
             .as_str(),
         "OrderPlaced"
     );
-    placed
-        .ack_with(AckKind::Nak(Some(Duration::from_secs(3))))
-        .await
-        .unwrap();
 
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
     // The cancellation is delivered, and again: the placing once, the cancellation twice.
@@ -1502,8 +1517,9 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
         unreadable_events(&setup, "ordo-saga").await.is_empty(),
         "too early is not unreadable"
     );
-    // The OrderPlaced comes back, the saga starts, and the cancellation delivered after it
-    // takes over: the order ends cancelled with nothing held.
+    // The OrderPlaced is let go and comes back, the saga starts, and the cancellation delivered
+    // after it takes over: the order ends cancelled with nothing held.
+    placed.ack_with(AckKind::Nak(None)).await.unwrap();
     setup.saga_ends("o-1", "cancelled").await;
     assert_eq!(setup.order_status("o-1").await, OrderStatus::Cancelled);
     assert_eq!(setup.stock("A1").await, (5, 0));
@@ -1675,6 +1691,22 @@ async fn a_notifier_that_dies_mid_delivery_is_taken_over_by_another() {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while received.lock().unwrap().is_empty() {
         assert!(std::time::Instant::now() < deadline, "never taken over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every order event handled and acknowledged: nothing more is on its way to the webhook.
+    let mut stream = jetstream::new(setup.client.clone())
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
+        .await
+        .unwrap();
+    let head = stream.info().await.unwrap().state.last_sequence;
+    loop {
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer("ordo-notifier").await.unwrap();
+        let info = consumer.info().await.unwrap();
+        if info.ack_floor.stream_sequence >= head && info.num_ack_pending == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{info:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(

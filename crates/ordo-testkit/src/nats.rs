@@ -69,8 +69,8 @@ impl NatsServer {
         let config = config.map(|config| write_config(store.path(), config));
         let server = Self {
             binary,
-            // The server picks a free port and keeps it: no other process can take it between
-            // a test's choice and the server's bind.
+            // The server picks a free port and binds it at once: no other process can take it
+            // between a test's choice and the server's bind (a restart takes it again).
             port: 0.into(),
             store: Store::Temporary(store),
             cluster: None,
@@ -91,10 +91,11 @@ impl NatsServer {
     pub fn start_kept(dir: &Path, port: u16) -> Result<Self, String> {
         let binary = find_nats_server()?;
         std::fs::create_dir_all(dir).map_err(|err| format!("create {}: {err}", dir.display()))?;
+        // Taken: the server picks a free port itself (0 until it says which).
         let port = if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             port
         } else {
-            free_port()
+            0
         };
         let server = Self {
             binary,
@@ -252,11 +253,18 @@ impl NatsServer {
             .stderr(Stdio::from(log))
             .spawn()
             .unwrap_or_else(|err| panic!("start {}: {err}", self.binary.display()));
-        let mut child = child;
+        // Kept at once, so that a failure below still kills it on drop.
+        *self.child.lock().expect("not poisoned") = Some(child);
         // Listening once it has written its ports file (it writes it after it binds).
         let deadline = Instant::now() + Duration::from_secs(20);
         let port = loop {
-            if let Some(status) = child.try_wait().expect("poll nats-server") {
+            let exited = self
+                .child
+                .lock()
+                .expect("not poisoned")
+                .as_mut()
+                .and_then(|child| child.try_wait().expect("poll nats-server"));
+            if let Some(status) = exited {
                 panic!(
                     "nats-server exited ({status}) before it listened; see {}",
                     self.log_file().display()
@@ -277,7 +285,6 @@ impl NatsServer {
             "restarted on {port}, not {known}"
         );
         self.port.store(port, std::sync::atomic::Ordering::SeqCst);
-        *self.child.lock().expect("not poisoned") = Some(child);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 Instant::now() < deadline,

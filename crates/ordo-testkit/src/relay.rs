@@ -27,8 +27,8 @@ pub struct DarkeningRelay {
 
 impl DarkeningRelay {
     /// Listens on a free port of 127.0.0.1 and relays every connection to the server on
-    /// `upstream_port`. The first connection on which a client sends `trigger` (a subject, as it
-    /// appears in a `PUB`/`HPUB` line) goes dark.
+    /// `upstream_port`. The first connection on which a client publishes on the subject
+    /// `trigger` goes dark.
     pub async fn start(upstream_port: u16, trigger: &'static str) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let relay = Self {
@@ -41,7 +41,7 @@ impl DarkeningRelay {
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await {
-                    tokio::spawn(relays.clone().relay(client, server, trigger.as_bytes()));
+                    tokio::spawn(relays.clone().relay(client, server, trigger));
                 }
             }
         });
@@ -63,7 +63,10 @@ impl DarkeningRelay {
         self.cuts.send_modify(|cuts| *cuts += 1);
     }
 
-    async fn relay(self, client: TcpStream, server: TcpStream, trigger: &'static [u8]) {
+    async fn relay(self, client: TcpStream, server: TcpStream, trigger: &'static str) {
+        // A publication on the subject (`PUB` or `HPUB`), not a subscription to it.
+        let trigger = format!("PUB {trigger} ").into_bytes();
+        let trigger = trigger.as_slice();
         let (mut from_client, mut to_client) = client.into_split();
         let (mut from_server, mut to_server) = server.into_split();
         let dark = AtomicBool::new(false);

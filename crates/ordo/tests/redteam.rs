@@ -14,7 +14,7 @@ use std::{
 };
 
 use async_nats::{HeaderMap, jetstream};
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use ordo_testkit::{NatsServer, TestDatabase};
 use serde_json::{Value, json};
 use shipped::{COMPONENTS, accounts_config, inbox_prefix, password};
@@ -647,21 +647,44 @@ async fn an_application_reads_only_its_own_replies_and_notifications() {
     // Attack: the JetStream API of ordo's account, from an application.
     let js = jetstream::new(shop.clone());
     assert!(js.get_stream("ORDO_ORDERS").await.is_err());
-    // Whatever the server routed to a spy before the answer to a flush has arrived by then.
-    for spy in [&spy, &warehouse_spy] {
-        spy.flush().await.unwrap();
-    }
 
-    let drain = |subscriber: &mut async_nats::Subscriber| {
+    // What each spy saw, up to the reply to a last request of its own: the server writes to a
+    // connection in the order it routes, so whatever it routed to the spy before is there.
+    async fn seen_up_to_a_last_reply(
+        spy: &async_nats::Client,
+        seen: &mut async_nats::Subscriber,
+        subject: &str,
+        body: Value,
+        marker: &str,
+    ) -> Vec<String> {
+        spy.request(subject.to_owned(), body.to_string().into())
+            .await
+            .unwrap();
         let mut payloads = Vec::new();
-        while let Some(Some(message)) = subscriber.next().now_or_never() {
-            payloads.push(String::from_utf8_lossy(&message.payload).into_owned());
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), seen.next())
+                .await
+                .expect("the spy sees its own last reply")
+                .unwrap();
+            let payload = String::from_utf8_lossy(&message.payload).into_owned();
+            let last = payload.contains(marker);
+            payloads.push(payload);
+            if last {
+                return payloads;
+            }
         }
-        payloads
-    };
+    }
     // The shop's inbox holds the shop's replies: an order's, none of the warehouse's (which
     // name a sku), no event, outcome record or consumer delivery.
-    let shop_saw = drain(&mut seen_by_shop);
+    let shop_saw = seen_up_to_a_last_reply(
+        &spy,
+        &mut seen_by_shop,
+        "ordo.cmd.order.place",
+        json!({"order_id": "last-of-the-shop", "customer_id": "c9",
+               "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 1}]}),
+        "last-of-the-shop",
+    )
+    .await;
     assert!(!shop_saw.is_empty(), "the shop's own reply is there");
     for payload in &shop_saw {
         assert!(
@@ -670,7 +693,14 @@ async fn an_application_reads_only_its_own_replies_and_notifications() {
         );
         assert!(!payload.contains("\"type\""), "an event: {payload}");
     }
-    let warehouse_saw = drain(&mut seen_by_warehouse);
+    let warehouse_saw = seen_up_to_a_last_reply(
+        &warehouse_spy,
+        &mut seen_by_warehouse,
+        "ordo.cmd.stock.receive",
+        json!({"sku": "LAST-OF-THE-WAREHOUSE", "qty": 1}),
+        "LAST-OF-THE-WAREHOUSE",
+    )
+    .await;
     assert!(
         !warehouse_saw.is_empty(),
         "the warehouse's own reply is there"

@@ -208,7 +208,6 @@ async fn request_in_trace(client: &async_nats::Client, subject: &str, body: Valu
     .await
 }
 
-/// The spans named `name`.
 /// The name of the parent of each span named `name` ("none" for a parent not received).
 fn parents_of(spans: &[Span], name: &str) -> Vec<String> {
     let by_id: HashMap<&[u8], &Span> = spans
@@ -225,6 +224,7 @@ fn parents_of(spans: &[Span], name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The spans named `name`.
 fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
     spans.iter().filter(|span| span.name == name).collect()
 }

@@ -125,16 +125,13 @@ async fn a_nats_server_killed_mid_run_loses_no_acknowledged_event() {
     assert_eq!(versions, (1..=COMMANDS as u64).collect::<Vec<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_that_stops_gracefully_answers_every_request_already_delivered_to_it() {
-    let mut engine = Engine::start_with(0, ordo_eventstore::StreamDefinition::built_in()).await;
-    // One request at a time: the others wait, delivered, in the instance's subscription.
-    engine
-        .add_instance_with(ordo_commands::ServiceConfig {
-            max_in_flight: 1,
-            ..Default::default()
-        })
-        .await;
+/// Sends 300 receives (of 300 SKUs) to the engine's one instance, which serves one at a time,
+/// makes sure every one is in the instance's hands (a PING to the service comes back only after
+/// the instance read everything routed to it before), stops the instance, and returns how many
+/// were answered before the stop and the set answered in all.
+async fn stop_with_300_delivered(
+    engine: &mut Engine,
+) -> (usize, std::collections::HashSet<String>) {
     let client = engine.client.clone();
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(format!("{inbox}.*")).await.unwrap();
@@ -149,10 +146,7 @@ async fn an_instance_that_stops_gracefully_answers_every_request_already_deliver
             .await
             .unwrap();
     }
-    // Every request has reached the server, which delivers it to the instance at once; most
-    // still wait their turn there when the stop comes.
-    client.flush().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.request("$SRV.PING.ordo", "".into()).await.unwrap();
     let mut answered = std::collections::HashSet::new();
     // An answer is the command's reply, not a "no responders" status.
     let answer = |reply: async_nats::Message| {
@@ -165,17 +159,34 @@ async fn an_instance_that_stops_gracefully_answers_every_request_already_deliver
     }
     let before_the_stop = answered.len();
     engine.stop_first_instance().await;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), replies.next()).await {
-            Ok(Some(reply)) => {
-                answered.insert(answer(reply));
-            }
-            _ => break,
-        }
+    // Stopped: every reply it sent is flushed; a few more moments for them to arrive.
+    while let Ok(Some(reply)) = tokio::time::timeout(Duration::from_secs(2), replies.next()).await {
+        answered.insert(answer(reply));
         if answered.len() == 300 {
             break;
         }
     }
+    (before_the_stop, answered)
+}
+
+/// One instance that serves one request at a time, with `drain_limit`.
+async fn one_at_a_time(drain_limit: Duration) -> Engine {
+    let mut engine = Engine::start_with(0, ordo_eventstore::StreamDefinition::built_in()).await;
+    engine
+        .add_instance_with(ordo_commands::ServiceConfig {
+            max_in_flight: 1,
+            drain_limit,
+            ..Default::default()
+        })
+        .await;
+    engine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_stops_gracefully_answers_every_request_already_delivered_to_it() {
+    // A drain limit no machine reaches: every request delivered is answered.
+    let mut engine = one_at_a_time(Duration::from_secs(120)).await;
+    let (before_the_stop, answered) = stop_with_300_delivered(&mut engine).await;
     assert!(
         before_the_stop < 300,
         "the stop came after every request was answered: it proves nothing"
@@ -186,4 +197,18 @@ async fn an_instance_that_stops_gracefully_answers_every_request_already_deliver
         "requests delivered to the instance and never answered ({before_the_stop} before the stop)"
     );
     assert_eq!(engine.event_counts().await, (0, 300));
+}
+
+/// A stop is bounded: past the drain limit, what has not started is dropped, and what is
+/// dropped never ran (its sender's retry, under the same id, is safe).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_drain_limit_what_had_not_started_is_dropped_unrun() {
+    let mut engine = one_at_a_time(Duration::from_millis(50)).await;
+    let (_, answered) = stop_with_300_delivered(&mut engine).await;
+    assert!(answered.len() < 300, "the limit dropped nothing");
+    assert_eq!(
+        engine.event_counts().await,
+        (0, answered.len() as u64),
+        "one event for each request answered, none for those dropped"
+    );
 }
