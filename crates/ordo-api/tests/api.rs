@@ -92,6 +92,19 @@ impl Setup {
         .await
     }
 
+    /// `/metrics` as Prometheus reads it, one scrape at a time in this binary.
+    async fn metrics(&self) -> String {
+        let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
+        self.http
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     async fn get(&self, path: &str) -> (StatusCode, Value) {
         let response = self
             .http
@@ -404,16 +417,7 @@ async fn operators_see_projections_readiness_and_metrics() {
         "{ready}"
     );
     assert_eq!(ready["streams"]["ORDO_SNAPSHOTS"], "ok", "{ready}");
-    let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
-    let metrics = setup
-        .http
-        .get(format!("{}/metrics", setup.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = setup.metrics().await;
     assert!(
         metrics.contains(r#"ordo_projection_parked_events{projection="orders"} 1"#),
         "{metrics}"
@@ -683,16 +687,7 @@ async fn a_stuck_saga_is_shown_with_its_step_and_counted_in_the_metrics() {
     );
     assert_eq!(saga["steps"][1]["attempts"], 6, "{saga}");
     assert_eq!(saga["steps"][1]["last_error"], "refunds are down", "{saga}");
-    let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
-    let metrics = setup
-        .http
-        .get(format!("{}/metrics", setup.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = setup.metrics().await;
     assert!(
         metrics.contains(r#"ordo_sagas{state="compensation_stuck"} 1"#),
         "{metrics}"

@@ -112,6 +112,16 @@ impl Setup {
         }
     }
 
+    /// The customer cancels the order.
+    async fn cancel(&self, order_id: &str) {
+        self.engine
+            .accepted(&CommandRequest::CancelOrder {
+                order_id: OrderId::parse(order_id).unwrap(),
+                reason: None,
+            })
+            .await;
+    }
+
     /// The order's row in the payment ledger.
     async fn payment(&self, order_id: &str) -> Option<LedgerRow> {
         ledger_row(self.pool(), order_id).await
@@ -441,13 +451,7 @@ async fn cancelling_a_confirmed_order_releases_its_stock_and_shipping_deducts_it
     setup.saga_ends("o-2", "confirmed").await;
 
     let o = |id: &str| OrderId::parse(id).unwrap();
-    setup
-        .engine
-        .accepted(&CommandRequest::CancelOrder {
-            order_id: o("o-1"),
-            reason: None,
-        })
-        .await;
+    setup.cancel("o-1").await;
     setup.saga_ends("o-1", "cancelled").await;
     setup
         .engine
@@ -734,13 +738,7 @@ async fn an_authorisation_and_a_refund_sent_again_are_one_charge_and_one_refund(
     );
 
     // The customer cancels the paid order; the refund's first answer is lost too.
-    setup
-        .engine
-        .accepted(&CommandRequest::CancelOrder {
-            order_id: OrderId::parse("o-1").unwrap(),
-            reason: None,
-        })
-        .await;
+    setup.cancel("o-1").await;
     setup.saga_ends("o-1", "cancelled").await;
     let refunds = gateway.calls("refund");
     assert_eq!(refunds.len(), 2, "sent again after its answer was lost");
@@ -805,13 +803,7 @@ async fn an_authorisation_that_arrives_after_the_refund_is_declined_and_takes_no
         .await
         .expect("the authorisation is on its way");
 
-    setup
-        .engine
-        .accepted(&CommandRequest::CancelOrder {
-            order_id: OrderId::parse("o-1").unwrap(),
-            reason: None,
-        })
-        .await;
+    setup.cancel("o-1").await;
     setup.saga_ends("o-1", "cancelled").await;
     let (_, charged, refunded) = setup
         .payment("o-1")
@@ -1450,13 +1442,7 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
     let setup = Setup::start().await;
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
-    setup
-        .engine
-        .accepted(&CommandRequest::CancelOrder {
-            order_id: OrderId::parse("o-1").unwrap(),
-            reason: None,
-        })
-        .await;
+    setup.cancel("o-1").await;
     // "Another coordinator" takes the OrderPlaced from the shared consumer and holds it
     // (unacknowledged: the consumer gives it to no one else until it is let go).
     let consumer: jetstream::consumer::PullConsumer = jetstream::new(setup.client.clone())
@@ -1554,13 +1540,7 @@ async fn a_refund_with_no_answer_is_compensation_stuck_until_an_operator_retries
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
     setup.saga_ends("o-1", "confirmed").await;
-    setup
-        .engine
-        .accepted(&CommandRequest::CancelOrder {
-            order_id: OrderId::parse("o-1").unwrap(),
-            reason: None,
-        })
-        .await;
+    setup.cancel("o-1").await;
     let reason = setup.saga_ends("o-1", "compensation_stuck").await.unwrap();
     assert!(
         reason.starts_with("refund outcome unknown after 6 attempts")
