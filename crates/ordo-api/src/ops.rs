@@ -135,7 +135,12 @@ const UNREADABLE_BY_CONSUMER: &str =
     "SELECT consumer, count(*) FROM unreadable_events GROUP BY consumer";
 
 /// The consumers that hold back events they cannot read (see `ordo_saga::unreadable`).
-const HOLDING_CONSUMERS: [&str; 2] = ["ordo-saga", "ordo-notifier"];
+fn holding_consumers() -> impl Iterator<Item = &'static str> {
+    ordo_eventstore::ConsumerId::ALL
+        .into_iter()
+        .filter(|consumer| consumer.holds_back_unreadable())
+        .map(ordo_eventstore::ConsumerId::name)
+}
 
 /// Prometheus text: the gauges of every projection, read now, and what this process recorded.
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
@@ -168,7 +173,7 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
                 }
             }
             if let Ok(unreadable) = count_by(&state.pool, UNREADABLE_BY_CONSUMER).await {
-                for consumer in HOLDING_CONSUMERS {
+                for consumer in holding_consumers() {
                     let count = unreadable.iter().find(|(known, _)| known == consumer);
                     let count = count.map_or(0, |(_, count)| *count);
                     metrics::gauge!("ordo_unreadable_events", "consumer" => consumer)

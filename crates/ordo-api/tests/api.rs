@@ -5,6 +5,7 @@ use std::{collections::HashSet, time::Duration};
 
 use async_nats::jetstream;
 use ordo_api::ApiState;
+use ordo_eventstore::ConsumerId;
 use ordo_harness::Engine;
 use ordo_projections::{Projector, ProjectorConfig, orders::OrdersView, schema, stock::StockView};
 use ordo_testkit::{NatsServer, TestDatabase};
@@ -399,15 +400,16 @@ async fn operators_see_projections_readiness_and_metrics() {
     // An event the notifier holds back (this setup runs none: as it would have recorded it).
     sqlx::query(
         "INSERT INTO unreadable_events (consumer, stream, seq, subject, event_type, schema, reason, deliveries)
-         VALUES ('ordo-notifier', 'ORDO_ORDERS', 2, 'ordo.order.events.bad', NULL, NULL, 'not an event', 3)",
+         VALUES ($1, 'ORDO_ORDERS', 2, 'ordo.order.events.bad', NULL, NULL, 'not an event', 3)",
     )
+    .bind(ConsumerId::Notifier.name())
     .execute(setup.database.pool())
     .await
     .unwrap();
     let (status, ready) = setup.get("/readyz").await;
     assert_eq!(
         ready["unreadable_events"],
-        json!({"ordo-notifier": 1}),
+        json!({ConsumerId::Notifier.name(): 1}),
         "{ready}"
     );
     assert_eq!(status, StatusCode::OK, "{ready}");
@@ -427,8 +429,13 @@ async fn operators_see_projections_readiness_and_metrics() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"ordo_unreadable_events{consumer="ordo-notifier"} 1"#)
-            && metrics.contains(r#"ordo_unreadable_events{consumer="ordo-saga"} 0"#),
+        metrics.contains(&format!(
+            r#"ordo_unreadable_events{{consumer="{}"}} 1"#,
+            ConsumerId::Notifier
+        )) && metrics.contains(&format!(
+            r#"ordo_unreadable_events{{consumer="{}"}} 0"#,
+            ConsumerId::Saga
+        )),
         "{metrics}"
     );
 }

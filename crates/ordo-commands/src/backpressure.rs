@@ -13,6 +13,7 @@ use std::{
 };
 
 use async_nats::jetstream;
+use ordo_eventstore::ConsumerId;
 
 /// How far behind each backlog may fall before `order.place` sheds load.
 #[derive(Debug, Clone)]
@@ -40,34 +41,33 @@ impl Default for BacklogLimits {
 #[derive(Debug, Clone, Copy)]
 struct Watched {
     what: &'static str,
-    stream: &'static str,
-    consumer: &'static str,
+    consumer: ConsumerId,
 }
 
-const WATCHED: [Watched; 3] = [
-    Watched {
-        what: "order events not yet taken in by the saga",
-        stream: ordo_eventstore::StreamId::Orders.name(),
-        consumer: "ordo-saga",
-    },
-    Watched {
-        what: "order events not yet in the orders view",
-        stream: ordo_eventstore::StreamId::Orders.name(),
-        consumer: "ordo-projection-orders",
-    },
-    Watched {
-        what: "stock events not yet in the stock view",
-        stream: ordo_eventstore::StreamId::Stock.name(),
-        consumer: "ordo-projection-stock",
-    },
-];
-
 impl Watched {
+    /// What a consumer's backlog means, if it sheds: every consumer of the catalogue is
+    /// classified here, so that a new one (a new view) cannot go unwatched unnoticed.
+    const fn of(consumer: ConsumerId) -> Option<Watched> {
+        let what = match consumer {
+            ConsumerId::Saga => "order events not yet taken in by the saga",
+            ConsumerId::OrdersView => "order events not yet in the orders view",
+            ConsumerId::StockView => "stock events not yet in the stock view",
+            // Customers told late hold up no order.
+            ConsumerId::Notifier => return None,
+        };
+        Some(Watched { what, consumer })
+    }
+
+    /// Every watched backlog, in the catalogue's order (the first over its bound is reported).
+    fn all() -> Vec<Watched> {
+        ConsumerId::ALL.into_iter().filter_map(Self::of).collect()
+    }
+
     fn limit(&self, limits: &BacklogLimits) -> u64 {
-        if self.consumer == "ordo-saga" {
-            limits.saga
-        } else {
+        if self.consumer.is_projection() {
             limits.projection
+        } else {
+            limits.saga
         }
     }
 }
@@ -139,11 +139,12 @@ impl Gate {
     /// backlog that cannot be read (a consumer not created yet, NATS unreachable) does not
     /// shed: the append would say what is wrong.
     pub async fn watch(self, js: jetstream::Context, limits: BacklogLimits) {
-        let mut previous: Vec<Option<(Instant, u64)>> = vec![None; WATCHED.len()];
+        let watched_backlogs = Watched::all();
+        let mut previous: Vec<Option<(Instant, u64)>> = vec![None; watched_backlogs.len()];
         loop {
             let shedding = self.overload();
             let mut overload = None;
-            for (index, watched) in WATCHED.iter().enumerate() {
+            for (index, watched) in watched_backlogs.iter().enumerate() {
                 let Some((pending, ack_floor)) = backlog(&js, watched).await else {
                     previous[index] = None;
                     continue;
@@ -159,7 +160,7 @@ impl Gate {
                     limit: watched.limit(&limits),
                     drained_per_second,
                 };
-                metrics::gauge!("ordo_backlog_events", "consumer" => watched.consumer)
+                metrics::gauge!("ordo_backlog_events", "consumer" => watched.consumer.name())
                     .set(pending as f64);
                 let was_shedding = shedding.as_ref().is_some_and(|o| o.what == watched.what);
                 if overload.is_none()
@@ -192,8 +193,11 @@ impl Gate {
 
 /// (pending events, acknowledged-floor stream sequence) of a watched consumer.
 async fn backlog(js: &jetstream::Context, watched: &Watched) -> Option<(u64, u64)> {
-    let stream = js.get_stream_no_info(watched.stream).await.ok()?;
-    let info = stream.consumer_info(watched.consumer).await.ok()?;
+    let stream = js
+        .get_stream_no_info(watched.consumer.stream().name())
+        .await
+        .ok()?;
+    let info = stream.consumer_info(watched.consumer.name()).await.ok()?;
     Some((
         info.num_pending + info.num_ack_pending as u64,
         info.ack_floor.stream_sequence,

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`streams`]: the stream definitions of `streams/*.json` and their idempotent `apply`.
+//! - [`consumers`]: [`ConsumerId`], every durable consumer of those streams, by name.
 //! - [`envelope`]: the stored event format (the JSON envelope and its headers), kept apart from
 //!   the domain types so that old schemas can be upcast on read.
 //! - [`publish`]: the one conditional append every write goes through, and how JetStream's answers
@@ -14,12 +15,14 @@
 //! event is the expected sequence of its next append (0 for a new aggregate).
 
 pub mod backoff;
+pub mod consumers;
 pub mod envelope;
 pub mod publish;
 pub mod store;
 pub mod streams;
 pub mod trace;
 
+pub use consumers::ConsumerId;
 pub use envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent};
 pub use publish::{Appended, PublishError};
 pub use store::{EventStore, LoadError, Loaded, Repository};

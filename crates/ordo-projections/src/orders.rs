@@ -17,7 +17,7 @@ pub struct OrdersView;
 
 impl Projection for OrdersView {
     const NAME: &'static str = "orders";
-    const STREAM: &'static str = ordo_eventstore::StreamId::Orders.name();
+    const CONSUMER: ordo_eventstore::ConsumerId = ordo_eventstore::ConsumerId::OrdersView;
     const DDL: &'static str = include_str!("../../../projections/orders.sql");
 
     async fn apply(

@@ -50,10 +50,12 @@ pub fn bigint(value: u64, what: &str) -> Result<i64, ApplyError> {
 }
 
 pub trait Projection: Send + Sync + 'static {
-    /// Names the projection, its schema (`view_<NAME>`) and its durable consumer.
+    /// Names the projection and its schema (`view_<NAME>`).
     const NAME: &'static str;
-    /// The stream it reads, from its first event.
-    const STREAM: &'static str;
+    /// Its durable consumer, whose name is also its projectors' leader lock.
+    const CONSUMER: ordo_eventstore::ConsumerId;
+    /// The stream it reads, from its first event: its consumer's.
+    const STREAM: &'static str = Self::CONSUMER.stream().name();
     /// Idempotent DDL of its tables (including `checkpoints`), run with the schema as search path.
     const DDL: &'static str;
 

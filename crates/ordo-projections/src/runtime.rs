@@ -125,8 +125,9 @@ impl<P: Projection> Projector<P> {
         }
     }
 
-    fn consumer_name() -> String {
-        format!("ordo-projection-{}", P::NAME)
+    /// Also the key of the leader lock: two builds of a rolling upgrade lock the same one.
+    fn consumer_name() -> &'static str {
+        P::CONSUMER.name()
     }
 
     /// Keeps the view up to date until `shutdown` completes. Failures (PostgreSQL or NATS down,
@@ -306,10 +307,10 @@ impl<P: Projection> Projector<P> {
             .await
             .map_err(|err| js_err(&err))?;
         let name = Self::consumer_name();
-        let _ = stream.delete_consumer(&name).await;
+        let _ = stream.delete_consumer(name).await;
         stream
             .create_consumer(pull::Config {
-                durable_name: Some(name),
+                durable_name: Some(name.to_owned()),
                 description: Some(format!(
                     "ordo projection {} (restarted at its checkpoint)",
                     P::NAME

@@ -121,6 +121,7 @@ pub async fn checkpoint_of_in(
 pub struct ProjectionInfo {
     pub name: &'static str,
     pub stream: &'static str,
+    pub consumer: ordo_eventstore::ConsumerId,
 }
 
 impl ProjectionInfo {
@@ -128,6 +129,7 @@ impl ProjectionInfo {
         Self {
             name: P::NAME,
             stream: P::STREAM,
+            consumer: P::CONSUMER,
         }
     }
 

@@ -17,7 +17,7 @@ pub struct StockView;
 
 impl Projection for StockView {
     const NAME: &'static str = "stock";
-    const STREAM: &'static str = ordo_eventstore::StreamId::Stock.name();
+    const CONSUMER: ordo_eventstore::ConsumerId = ordo_eventstore::ConsumerId::StockView;
     const DDL: &'static str = include_str!("../../../projections/stock.sql");
 
     async fn apply(

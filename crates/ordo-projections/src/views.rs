@@ -131,6 +131,23 @@ mod tests {
         assert_eq!(in_dir, catalogued, "projections/*.sql and View::ALL");
     }
 
+    /// The consumer catalogue lists a consumer for each view, and only those, on its stream.
+    #[test]
+    fn every_view_reads_through_its_catalogued_consumer() {
+        use ordo_eventstore::ConsumerId;
+        let of_views: Vec<ConsumerId> = View::ALL.iter().map(|view| view.info().consumer).collect();
+        let projections: Vec<ConsumerId> = ConsumerId::ALL
+            .into_iter()
+            .filter(|consumer| consumer.is_projection())
+            .collect();
+        assert_eq!(of_views, projections);
+        for view in View::ALL {
+            let info = view.info();
+            assert_eq!(info.consumer.stream().name(), info.stream, "{view}");
+            assert_eq!(info.consumer.name(), format!("ordo-projection-{view}"));
+        }
+    }
+
     #[test]
     fn every_view_is_found_by_its_name_and_an_unknown_name_says_what_there_is() {
         for view in View::ALL {

@@ -546,8 +546,10 @@ async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after(
     let applied_before = head - 5;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer("ordo-projection-stock").await.unwrap();
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(StockView::CONSUMER.name())
+            .await
+            .unwrap();
         let info = consumer.info().await.unwrap();
         assert!(
             info.ack_floor.stream_sequence <= applied_before,
@@ -777,12 +779,12 @@ async fn a_consumer_that_starts_over_from_the_first_event_applies_nothing_twice(
         .await
         .unwrap();
     stream
-        .delete_consumer("ordo-projection-stock")
+        .delete_consumer(StockView::CONSUMER.name())
         .await
         .unwrap();
     stream
         .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some("ordo-projection-stock".into()),
+            durable_name: Some(StockView::CONSUMER.name().into()),
             deliver_policy: jetstream::consumer::DeliverPolicy::All,
             ack_policy: jetstream::consumer::AckPolicy::All,
             ..Default::default()

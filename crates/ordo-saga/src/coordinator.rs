@@ -143,7 +143,7 @@ impl<G: PaymentGateway> Clone for Coordinator<G> {
     }
 }
 
-const CONSUMER: &str = "ordo-saga";
+const CONSUMER: &str = ordo_eventstore::ConsumerId::Saga.name();
 
 /// Whether a command is sent to be voided if its id has not run (a resolve's reserve).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -72,7 +72,7 @@ pub struct Notifier {
     config: NotifierConfig,
 }
 
-const CONSUMER: &str = "ordo-notifier";
+const CONSUMER: &str = ordo_eventstore::ConsumerId::Notifier.name();
 
 impl Notifier {
     /// The streams the notifier reads: order events, and each order's customer from them.

@@ -12,7 +12,7 @@ use ordo_domain::{
     order::{OrderAggregate, OrderStatus},
     stock::StockAggregate,
 };
-use ordo_eventstore::EventStore;
+use ordo_eventstore::{ConsumerId, EventStore};
 use ordo_harness::Engine;
 use ordo_saga::{
     Clock, Coordinator, CoordinatorConfig, Notifier, NotifierConfig, PaymentGateway,
@@ -1005,7 +1005,9 @@ async fn redelivered_events_and_two_coordinators_never_reserve_twice() {
         setup.saga_ends(&format!("o-{i}"), "confirmed").await;
     }
     // Every order event is delivered again, and taken in.
-    setup.deliver_every_order_event_again("ordo-saga").await;
+    setup
+        .deliver_every_order_event_again(ConsumerId::Saga.name())
+        .await;
     for i in 0..10 {
         setup.saga_ends(&format!("o-{i}"), "confirmed").await;
     }
@@ -1187,7 +1189,9 @@ async fn the_webhook_gets_one_post_per_order_and_kind_after_retries_and_redelive
     );
 
     // Every order event is delivered to the notifier again, and taken in.
-    setup.deliver_every_order_event_again("ordo-notifier").await;
+    setup
+        .deliver_every_order_event_again(ConsumerId::Notifier.name())
+        .await;
     let received = received.lock().unwrap().clone();
     assert_eq!(received.len(), 1, "{received:?}");
     assert_eq!(
@@ -1326,8 +1330,13 @@ async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledge
     );
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while unreadable_events(&setup, "ordo-saga").await.len() < 2
-        || unreadable_events(&setup, "ordo-notifier").await.is_empty()
+    while unreadable_events(&setup, ConsumerId::Saga.name())
+        .await
+        .len()
+        < 2
+        || unreadable_events(&setup, ConsumerId::Notifier.name())
+            .await
+            .is_empty()
     {
         assert!(
             std::time::Instant::now() < deadline,
@@ -1335,7 +1344,7 @@ async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledge
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let shown = unreadable_events(&setup, "ordo-saga").await;
+    let shown = unreadable_events(&setup, ConsumerId::Saga.name()).await;
     assert_eq!(shown[0].0, "ordo.order.events.o-newer");
     assert_eq!(shown[0].1, Some(99));
     assert_eq!(
@@ -1343,8 +1352,8 @@ async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledge
         None,
         "no saga from an event it cannot read"
     );
-    let (_, saga_pending) = consumer_state(&setup, "ordo-saga").await;
-    let (_, notifier_pending) = consumer_state(&setup, "ordo-notifier").await;
+    let (_, saga_pending) = consumer_state(&setup, ConsumerId::Saga.name()).await;
+    let (_, notifier_pending) = consumer_state(&setup, ConsumerId::Notifier.name()).await;
     assert!(
         saga_pending >= 2,
         "the saga acknowledged an event it cannot read"
@@ -1356,9 +1365,9 @@ async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledge
 
     // Held back, not hammered: each is delivered again less and less often (with a fixed
     // 200 ms pause, three seconds would take some 15 deliveries each).
-    let (before, _) = consumer_state(&setup, "ordo-saga").await;
+    let (before, _) = consumer_state(&setup, ConsumerId::Saga.name()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (after, _) = consumer_state(&setup, "ordo-saga").await;
+    let (after, _) = consumer_state(&setup, ConsumerId::Saga.name()).await;
     assert!(
         after - before <= 8,
         "{} deliveries of two held-back events in 3 s",
@@ -1450,9 +1459,9 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
         .await
         .unwrap()
         .get_or_create_consumer(
-            "ordo-saga",
+            ConsumerId::Saga.name(),
             pull::Config {
-                durable_name: Some("ordo-saga".into()),
+                durable_name: Some(ConsumerId::Saga.name().into()),
                 ack_wait: Duration::from_secs(30),
                 ..Default::default()
             },
@@ -1484,7 +1493,7 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
     // The cancellation is delivered, and again: the placing once, the cancellation twice.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (delivered, _) = consumer_state(&setup, "ordo-saga").await;
+        let (delivered, _) = consumer_state(&setup, ConsumerId::Saga.name()).await;
         if delivered >= 3 {
             break;
         }
@@ -1500,7 +1509,9 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
         "the OrderPlaced is still held"
     );
     assert!(
-        unreadable_events(&setup, "ordo-saga").await.is_empty(),
+        unreadable_events(&setup, ConsumerId::Saga.name())
+            .await
+            .is_empty(),
         "too early is not unreadable"
     );
     // The OrderPlaced is let go and comes back, the saga starts, and the cancellation delivered
@@ -1680,8 +1691,10 @@ async fn a_notifier_that_dies_mid_delivery_is_taken_over_by_another() {
         .unwrap();
     let head = stream.info().await.unwrap().state.last_sequence;
     loop {
-        let mut consumer: jetstream::consumer::PullConsumer =
-            stream.get_consumer("ordo-notifier").await.unwrap();
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(ConsumerId::Notifier.name())
+            .await
+            .unwrap();
         let info = consumer.info().await.unwrap();
         if info.ack_floor.stream_sequence >= head && info.num_ack_pending == 0 {
             break;

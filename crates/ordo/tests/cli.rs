@@ -7,6 +7,7 @@ use std::{
 };
 
 use async_nats::jetstream;
+use ordo_eventstore::ConsumerId;
 use ordo_testkit::NatsServer;
 use serde_json::{Value, json};
 
@@ -499,9 +500,9 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
         .await
         .unwrap()
         .get_or_create_consumer(
-            "ordo-saga",
+            ConsumerId::Saga.name(),
             jetstream::consumer::pull::Config {
-                durable_name: Some("ordo-saga".into()),
+                durable_name: Some(ConsumerId::Saga.name().into()),
                 ..Default::default()
             },
         )
@@ -550,7 +551,10 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"ordo_backlog_events{consumer="ordo-saga"} "#),
+        metrics.contains(&format!(
+            r#"ordo_backlog_events{{consumer="{}"}} "#,
+            ConsumerId::Saga
+        )),
         "{metrics}"
     );
     let without_token = reqwest::get(format!("http://{addr}/metrics"))

@@ -607,3 +607,60 @@ fn every_metric_ordo_records_is_documented_and_named_by_prometheus_conventions()
         }
     }
 }
+
+/// Every durable consumer of the catalogue may be created, read, pulled and acknowledged by the
+/// user of the component that owns it, in that user's block of docker/nats.conf; and every
+/// consumer nats.conf names is one of the catalogue's. (A consumer renamed or added in one place
+/// only fails here, not only when a worker is refused at run time.)
+#[test]
+fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other() {
+    use ordo_eventstore::ConsumerId;
+    let conf = read("docker/nats.conf");
+    let block_of = |user: &str| -> &str {
+        let start = conf
+            .find(&format!("user: {user}\n"))
+            .unwrap_or_else(|| panic!("no user {user} in docker/nats.conf"));
+        let end = conf[start + 1..]
+            .find("user: ")
+            .map_or(conf.len(), |end| start + 1 + end);
+        &conf[start..end]
+    };
+    for consumer in ConsumerId::ALL {
+        let owner = match consumer {
+            ConsumerId::Saga => "ordo-saga",
+            ConsumerId::Notifier => "ordo-notifier",
+            ConsumerId::OrdersView | ConsumerId::StockView => "ordo-projector",
+        };
+        let (stream, name) = (consumer.stream().name(), consumer.name());
+        let mut needed = vec![
+            format!("\"$JS.API.CONSUMER.CREATE.{stream}.{name}\""),
+            format!("\"$JS.API.CONSUMER.CREATE.{stream}.{name}.>\""),
+            format!("\"$JS.API.CONSUMER.INFO.{stream}.{name}\""),
+            format!("\"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}\""),
+            format!("\"$JS.ACK.{stream}.{name}.>\""),
+        ];
+        // A projector recreates its consumer at its view's checkpoint.
+        if consumer.is_projection() {
+            needed.push(format!("\"$JS.API.CONSUMER.DELETE.{stream}.{name}\""));
+        }
+        for permission in needed {
+            assert!(
+                block_of(owner).contains(&permission),
+                "{owner} lacks {permission} for {consumer}"
+            );
+        }
+    }
+    // The other way round: a consumer named in a permission is one of the catalogue's.
+    let named =
+        regex::Regex::new(r"\$JS\.(?:API\.CONSUMER\.[A-Z.]+?|ACK)\.(ORDO_[A-Z_]+)\.([a-z][a-z-]*)")
+            .unwrap();
+    for found in named.captures_iter(&conf) {
+        let (stream, name) = (&found[1], &found[2]);
+        assert!(
+            ConsumerId::ALL
+                .iter()
+                .any(|consumer| consumer.name() == name && consumer.stream().name() == stream),
+            "docker/nats.conf names a consumer {stream}.{name} that is not in ConsumerId"
+        );
+    }
+}

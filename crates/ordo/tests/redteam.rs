@@ -15,6 +15,7 @@ use std::{
 
 use async_nats::{HeaderMap, jetstream};
 use futures::StreamExt;
+use ordo_eventstore::ConsumerId;
 use ordo_testkit::{NatsServer, TestDatabase};
 use serde_json::{Value, json};
 use shipped::{COMPONENTS, accounts_config, inbox_prefix, password};
@@ -570,14 +571,18 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     let projector = refused_soon(projector_client.clone());
     assert!(
         projector
-            .delete_consumer_from_stream("ordo-saga", "ORDO_ORDERS")
+            .delete_consumer_from_stream(ConsumerId::Saga.name(), ConsumerId::Saga.stream().name())
             .await
             .is_err()
     );
     // Any answer (a message, or JetStream's "no messages") would mean the pull went through.
     let pulled = projector_client
         .send_request(
-            "$JS.API.CONSUMER.MSG.NEXT.ORDO_ORDERS.ordo-saga",
+            format!(
+                "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+                ConsumerId::Saga.stream().name(),
+                ConsumerId::Saga
+            ),
             async_nats::Request::new()
                 .payload(json!({"batch": 1, "no_wait": true}).to_string().into())
                 .timeout(Some(Duration::from_secs(3))),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use ordo_commands::{ServiceConfig, backpressure::BacklogLimits};
+use ordo_eventstore::ConsumerId;
 use serde_json::json;
 
 use crate::support::{Engine, line, outcome};
@@ -30,20 +31,16 @@ async fn limited(saga: u64, projection: u64) -> Engine {
     engine
 }
 
-/// A durable consumer named as a worker's, which takes nothing in (as once its worker ran).
-async fn idle_consumer(
-    engine: &Engine,
-    stream: &str,
-    name: &str,
-) -> jetstream::consumer::PullConsumer {
+/// A worker's durable consumer, which takes nothing in (as once its worker ran).
+async fn idle_consumer(engine: &Engine, consumer: ConsumerId) -> jetstream::consumer::PullConsumer {
     jetstream::new(engine.client.clone())
-        .get_stream(stream)
+        .get_stream(consumer.stream().name())
         .await
         .unwrap()
         .get_or_create_consumer(
-            name,
+            consumer.name(),
             pull::Config {
-                durable_name: Some(name.into()),
+                durable_name: Some(consumer.name().into()),
                 ..Default::default()
             },
         )
@@ -94,12 +91,7 @@ async fn place_stats(engine: &Engine) -> (u64, u64, u64) {
 async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound() {
     let engine = limited(10, 1_000_000).await;
     // The saga's consumer exists (as once a coordinator has run), but nothing takes events in.
-    let consumer = idle_consumer(
-        &engine,
-        ordo_eventstore::StreamId::Orders.name(),
-        "ordo-saga",
-    )
-    .await;
+    let consumer = idle_consumer(&engine, ConsumerId::Saga).await;
     let first = engine
         .request_with_id("ordo.cmd.order.place", order(0), "place-0")
         .await;
@@ -181,12 +173,7 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
 #[tokio::test]
 async fn a_view_that_lags_past_its_bound_sheds_placing_and_micro_stats_count_it() {
     let engine = limited(1_000_000, 3).await;
-    let _stock_view = idle_consumer(
-        &engine,
-        ordo_eventstore::StreamId::Stock.name(),
-        "ordo-projection-stock",
-    )
-    .await;
+    let _stock_view = idle_consumer(&engine, ConsumerId::StockView).await;
     let placed = engine.request("ordo.cmd.order.place", order(0)).await;
     assert_eq!(outcome(&placed), "ok", "{placed}");
     for _ in 0..5 {
@@ -235,12 +222,7 @@ async fn a_consumer_that_does_not_exist_sheds_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(place_stats(&engine).await.2, 0);
-    let _saga = idle_consumer(
-        &engine,
-        ordo_eventstore::StreamId::Orders.name(),
-        "ordo-saga",
-    )
-    .await;
+    let _saga = idle_consumer(&engine, ConsumerId::Saga).await;
     let shed = until_shed(&engine).await;
     assert!(
         shed["error"]["message"]

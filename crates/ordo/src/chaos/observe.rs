@@ -171,11 +171,16 @@ pub async fn still_moving(js: &jetstream::Context, pool: &PgPool) -> anyhow::Res
             moving.push(format!("projection {projection} at {checkpoint} of {head}"));
         }
     }
-    let orders = js
-        .get_stream(ordo_eventstore::StreamId::Orders.name())
-        .await?;
-    for consumer in ["ordo-saga", "ordo-notifier"] {
-        let info = orders.consumer_info(consumer).await?;
+    // The workers' consumers; the views' are measured by their checkpoints above.
+    for consumer in ordo_eventstore::ConsumerId::ALL
+        .into_iter()
+        .filter(|consumer| !consumer.is_projection())
+    {
+        let info = js
+            .get_stream(consumer.stream().name())
+            .await?
+            .consumer_info(consumer.name())
+            .await?;
         if info.num_pending > 0 || info.num_ack_pending > 0 {
             moving.push(format!(
                 "consumer {consumer}: {} pending, {} unacknowledged",

@@ -1,0 +1,98 @@
+//! Every durable consumer of ordo's streams: the one list that the workers that read through them,
+//! the command service's load shedding, the read API's metrics and the chaos drill take their
+//! names from.
+
+use crate::StreamId;
+
+/// A durable consumer. Its name is its identity in JetStream, in docker/nats.conf's permissions,
+/// in the `unreadable_events` rows, in metric labels and, for a view, in its projector's leader
+/// lock: a name never changes, or two builds of a rolling upgrade would read as two consumers
+/// (or lead one view twice). A new consumer is a new variant here; the compiler then asks for
+/// the rest (a new view also gets its variant, which `ordo_projections::views` checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConsumerId {
+    /// The saga coordinators' intake of order events, shared by every coordinator.
+    Saga,
+    /// The orders view's projector.
+    OrdersView,
+    /// The stock view's projector.
+    StockView,
+    /// The notifiers', shared by every notifier.
+    Notifier,
+}
+
+impl ConsumerId {
+    /// In the order the command service reads backlogs (the first over its bound is reported).
+    pub const ALL: [ConsumerId; 4] = [
+        Self::Saga,
+        Self::OrdersView,
+        Self::StockView,
+        Self::Notifier,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Saga => "ordo-saga",
+            Self::OrdersView => "ordo-projection-orders",
+            Self::StockView => "ordo-projection-stock",
+            Self::Notifier => "ordo-notifier",
+        }
+    }
+
+    /// The stream it reads, whole (no durable consumer of ordo filters its stream).
+    pub const fn stream(self) -> StreamId {
+        match self {
+            Self::Saga | Self::OrdersView | Self::Notifier => StreamId::Orders,
+            Self::StockView => StreamId::Stock,
+        }
+    }
+
+    /// A projector's: recreated at its view's checkpoint each time a projector leads, so that
+    /// the checkpoint, not the consumer's acknowledgements, says how far the view is.
+    pub const fn is_projection(self) -> bool {
+        matches!(self, Self::OrdersView | Self::StockView)
+    }
+
+    /// Acknowledges each event itself and holds back those it cannot read
+    /// (`ordo_saga::unreadable`), counted per consumer by the read API.
+    pub const fn holds_back_unreadable(self) -> bool {
+        matches!(self, Self::Saga | Self::Notifier)
+    }
+}
+
+impl std::fmt::Display for ConsumerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names are a contract with deployments (permissions, rows, labels, leader locks):
+    /// this is the one place they are written as text.
+    #[test]
+    fn every_consumer_keeps_its_shipped_name() {
+        assert_eq!(
+            ConsumerId::ALL.map(ConsumerId::name),
+            [
+                "ordo-saga",
+                "ordo-projection-orders",
+                "ordo-projection-stock",
+                "ordo-notifier"
+            ]
+        );
+    }
+
+    #[test]
+    fn each_consumer_is_either_a_projection_or_holds_back_what_it_cannot_read() {
+        for consumer in ConsumerId::ALL {
+            assert_ne!(
+                consumer.is_projection(),
+                consumer.holds_back_unreadable(),
+                "{consumer}"
+            );
+        }
+    }
+}
