@@ -42,20 +42,35 @@ impl Default for BacklogLimits {
 struct Watched {
     what: &'static str,
     consumer: ConsumerId,
+    bound: Bound,
+}
+
+/// Which of [`BacklogLimits`] holds a backlog.
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    Saga,
+    Projection,
 }
 
 impl Watched {
-    /// What a consumer's backlog means, if it sheds: every consumer of the catalogue is
-    /// classified here, so that a new one (a new view) cannot go unwatched unnoticed.
+    /// What a consumer's backlog means and which bound holds it, if it sheds: every consumer of
+    /// the catalogue is classified here, so that a new one (a new view) cannot go unwatched
+    /// unnoticed.
     const fn of(consumer: ConsumerId) -> Option<Watched> {
-        let what = match consumer {
-            ConsumerId::Saga => "order events not yet taken in by the saga",
-            ConsumerId::OrdersView => "order events not yet in the orders view",
-            ConsumerId::StockView => "stock events not yet in the stock view",
+        let (what, bound) = match consumer {
+            ConsumerId::Saga => ("order events not yet taken in by the saga", Bound::Saga),
+            ConsumerId::OrdersView => {
+                ("order events not yet in the orders view", Bound::Projection)
+            }
+            ConsumerId::StockView => ("stock events not yet in the stock view", Bound::Projection),
             // Customers told late hold up no order.
             ConsumerId::Notifier => return None,
         };
-        Some(Watched { what, consumer })
+        Some(Watched {
+            what,
+            consumer,
+            bound,
+        })
     }
 
     /// Every watched backlog, in the catalogue's order (the first over its bound is reported).
@@ -64,10 +79,9 @@ impl Watched {
     }
 
     fn limit(&self, limits: &BacklogLimits) -> u64 {
-        if self.consumer.is_projection() {
-            limits.projection
-        } else {
-            limits.saga
+        match self.bound {
+            Bound::Saga => limits.saga,
+            Bound::Projection => limits.projection,
         }
     }
 }

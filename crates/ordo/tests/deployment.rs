@@ -651,9 +651,10 @@ fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other
         }
     }
     // The other way round: a consumer named in a permission is one of the catalogue's.
-    let named =
-        regex::Regex::new(r"\$JS\.(?:API\.CONSUMER\.[A-Z.]+?|ACK)\.(ORDO_[A-Z_]+)\.([a-z][a-z-]*)")
-            .unwrap();
+    let named = regex::Regex::new(
+        r#"\$JS\.(?:API\.CONSUMER\.[A-Z.]+?|ACK)\.(ORDO_[A-Z_]+)\.([A-Za-z0-9_-]+)(?:\.>)?""#,
+    )
+    .unwrap();
     for found in named.captures_iter(&conf) {
         let (stream, name) = (&found[1], &found[2]);
         assert!(
