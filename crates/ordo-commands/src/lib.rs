@@ -10,6 +10,10 @@
 //! - [`service`]: [`CommandService`], the micro service with its queue group, concurrency limit and
 //!   graceful shutdown.
 //! - [`ratelimit`]: per-customer token buckets on `order.place`, shared by every instance.
+//! - [`backpressure`]: load shedding of `order.place` while a watched consumer's backlog (the
+//!   saga's, a view's; `ordo_eventstore::ConsumerId`) is over its bound.
+//! - [`hostile`]: generated hostile requests, each of a kind the parser must refuse, for the
+//!   wire property tests, the service test that sends thousands, and the chaos drill's attacker.
 //! - [`micro`]: the NATS micro service protocol (discovery and per-endpoint stats that count
 //!   error replies).
 
