@@ -440,6 +440,18 @@ async fn operators_see_projections_readiness_and_metrics() {
     );
 }
 
+/// The API alone over `pool` and `client` (no projector), as `ordo run api` serves it; its URL.
+async fn serve_api(pool: &sqlx::PgPool, client: async_nats::Client) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(ordo_api::serve(
+        listener,
+        ApiState::new(pool.clone(), client),
+        std::future::pending(),
+    ));
+    base
+}
+
 #[tokio::test]
 async fn while_postgresql_is_down_reads_are_503_and_readiness_says_why() {
     let postgres = ordo_testkit::PostgresServer::start();
@@ -447,13 +459,7 @@ async fn while_postgresql_is_down_reads_are_503_and_readiness_says_why() {
     schema::prepare(database.pool()).await.unwrap();
     let server = NatsServer::start();
     let client = server.client().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(ordo_api::serve(
-        listener,
-        ApiState::new(database.pool().clone(), client),
-        std::future::pending(),
-    ));
+    let base = serve_api(database.pool(), client).await;
     let http = reqwest::Client::new();
     assert_eq!(
         http.get(format!("{base}/stock/A1"))
@@ -711,13 +717,7 @@ async fn while_nats_is_down_readiness_names_nats_and_postgresql_stays_ok() {
     schema::prepare(database.pool()).await.unwrap();
     let server = NatsServer::start();
     let client = server.client().await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(ordo_api::serve(
-        listener,
-        ApiState::new(database.pool().clone(), client),
-        std::future::pending(),
-    ));
+    let base = serve_api(database.pool(), client).await;
     let http = reqwest::Client::new();
     let readyz = || async {
         let response = http.get(format!("{base}/readyz")).send().await.unwrap();

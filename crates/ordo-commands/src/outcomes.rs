@@ -15,8 +15,6 @@ use ordo_eventstore::{EventStore, LoadError, PublishError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use sha2::{Digest, Sha256};
-
 use crate::wire::hex_digest;
 
 pub const OUTCOMES_STREAM: &str = ordo_eventstore::StreamId::CommandOutcomes.name();
@@ -87,14 +85,10 @@ impl Outcomes {
     /// conflict or a repeat; either way the caller reads the record again.
     pub async fn put(&self, record: &OutcomeRecord, revision: u64) -> Result<u64, PublishError> {
         let subject = Self::subject(&record.command_id);
-        let payload = serde_json::to_vec(record).expect("outcome records serialize");
-        let digest = Sha256::digest(&payload);
-        let msg_id = format!(
-            "{subject}@{revision}#{:x}",
-            u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
-        );
+        let payload = serde_json::to_string(record).expect("outcome records serialize");
+        let msg_id = format!("{subject}@{revision}#{}", &hex_digest(&payload)[..32]);
         self.store
-            .publish_if_last(&subject, payload, &msg_id, revision)
+            .publish_if_last(&subject, payload.into_bytes(), &msg_id, revision)
             .await
             .map(|appended| appended.seq)
     }
