@@ -2,7 +2,7 @@
 //! driven with plain NATS requests, next to raw JetStream publishes of the same size and
 //! concurrency (the baseline).
 
-use ordo_commands::wire::Endpoint;
+use ordo_contract::Endpoint;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
@@ -98,7 +98,7 @@ pub async fn ladder(
     for &clients in rungs {
         let raw = raw_publish(&servers.client, commands, size, clients).await?;
         let places = (0..commands)
-            .map(|i| (Endpoint::OrderPlace.subject(), place_body(i)))
+            .map(|i| (Endpoint::OrderPlace, place_body(i)))
             .collect();
         let place = closed_loop(
             &servers.client,
@@ -128,7 +128,7 @@ pub async fn hot_sku(
         &servers.client,
         "receive",
         1,
-        vec![(Endpoint::StockReceive.subject(), receive)],
+        vec![(Endpoint::StockReceive, receive)],
     )
     .await;
     anyhow::ensure!(
@@ -139,7 +139,7 @@ pub async fn hot_sku(
     let requests = (0..reserves)
         .map(|i| {
             let body = json!({"sku": "HOT", "order_id": format!("h{i}"), "qty": 1});
-            (Endpoint::StockReserve.subject(), body)
+            (Endpoint::StockReserve, body)
         })
         .collect();
     let figures = closed_loop(
@@ -309,7 +309,7 @@ pub async fn settled_history(
 async fn receive(servers: &Servers, sku: &str, command_id: &str) -> anyhow::Result<Duration> {
     let body = json!({"sku": sku, "qty": 1}).to_string();
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", command_id);
+    headers.insert(ordo_contract::headers::MSG_ID, command_id);
     let request = async_nats::Request::new()
         .payload(body.into())
         .headers(headers)

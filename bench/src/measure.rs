@@ -1,5 +1,6 @@
 //! Latencies and outcomes of one scenario, and the closed-loop driver that collects them.
 
+use ordo_contract::Endpoint;
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -99,14 +100,17 @@ pub async fn closed_loop(
     client: &async_nats::Client,
     scenario: impl Into<String>,
     concurrency: usize,
-    requests: Vec<(String, Value)>,
+    requests: Vec<(Endpoint, Value)>,
 ) -> Figures {
     let started = Instant::now();
     let samples: Vec<(Duration, String)> = stream::iter(requests)
-        .map(|(subject, body)| async move {
+        .map(|(endpoint, body)| async move {
             let sent = Instant::now();
             let reply = client
-                .request(subject, serde_json::to_vec(&body).expect("json").into())
+                .request(
+                    endpoint.subject(),
+                    serde_json::to_vec(&body).expect("json").into(),
+                )
                 .await;
             let outcome = match reply {
                 Ok(reply) => reply_outcome(&reply.payload),

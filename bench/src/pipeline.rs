@@ -1,7 +1,7 @@
 //! The whole order pipeline through `ordo up`: orders placed over NATS, taken through the saga
 //! (reserve, authorise, deduct, confirm) and into the views.
 
-use ordo_commands::wire::Endpoint;
+use ordo_contract::Endpoint;
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
@@ -33,7 +33,7 @@ pub async fn start_up(servers: &Servers, name: &str) -> anyhow::Result<(Ordo, u1
     let receives = (1..SKUS)
         .map(|i| {
             let body = json!({"sku": format!("S{i}"), "qty": 1_000_000});
-            (Endpoint::StockReceive.subject(), body)
+            (Endpoint::StockReceive, body)
         })
         .collect();
     let received = closed_loop(&servers.client, "receive", 16, receives).await;

@@ -1,7 +1,7 @@
 //! The system under test: a nats-server and a database of the benchmark's own, and `ordo`
 //! processes (the release binary built next to this one) against them.
 
-use ordo_commands::wire::Endpoint;
+use ordo_contract::Endpoint;
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},

@@ -1,6 +1,7 @@
 //! The HTTP read model over a real listener, with real nats-server, command service, projectors
 //! and PostgreSQL behind it.
 
+use ordo_contract::Endpoint;
 use std::{collections::HashSet, time::Duration};
 
 use async_nats::jetstream;
@@ -80,13 +81,13 @@ impl Setup {
         }
     }
 
-    async fn command(&self, subject: &str, body: Value) -> Value {
-        self.engine.command(subject, body).await
+    async fn command(&self, endpoint: Endpoint, body: Value) -> Value {
+        self.engine.command(endpoint, body).await
     }
 
     async fn place(&self, order_id: &str, customer_id: &str) -> Value {
         self.command(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": order_id, "customer_id": customer_id,
                    "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
         )
@@ -168,7 +169,7 @@ async fn a_client_reads_its_own_write_with_min_seq() {
     );
 
     let received = setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     let (status, stock) = setup
         .get(&format!("/stock/A1?min_seq={}", received["seq"]))
@@ -185,7 +186,7 @@ async fn a_client_reads_its_own_write_with_min_seq() {
 
     // A later write is seen by a read that asks for it, even right after a cached read.
     let confirmed = setup
-        .command("ordo.internal.order.confirm", json!({"order_id": "o-1"}))
+        .command(Endpoint::OrderConfirm, json!({"order_id": "o-1"}))
         .await;
     let (_, order) = setup
         .get(&format!("/orders/o-1?min_seq={}", confirmed["seq"]))
@@ -624,7 +625,7 @@ async fn with_a_token_every_endpoint_but_healthz_answers_401_with_the_json_error
 async fn a_row_behind_its_stream_counts_its_parked_events() {
     let setup = Setup::start().await;
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     setup.place("o-1", "c1").await;
     let js = jetstream::new(setup.engine.client.clone());
@@ -662,7 +663,7 @@ async fn a_row_behind_its_stream_counts_its_parked_events() {
     assert_eq!(order["parked_events"], 2, "{order}");
     // Another row of the same view is not behind.
     let other = setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "B2", "qty": 1}))
         .await;
     let (_, b2) = setup
         .get(&format!("/stock/B2?min_seq={}", other["seq"]))

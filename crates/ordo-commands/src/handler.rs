@@ -18,17 +18,17 @@ use std::{
     hash::{Hash, Hasher},
 };
 
+use ordo_contract::{AggregateId, ErrorCode, Reply};
 use ordo_domain::{Aggregate, order::OrderAggregate, stock::StockAggregate};
 use ordo_eventstore::{
     EventMetadata, EventStore, LoadError, PublishError, Repository, aggregate_subject,
     stream_for_category, stream_of,
 };
-use serde_json::Value;
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::{
+    intake::{Command, ParsedRequest},
     outcomes::{OutcomeRecord, OutcomeState, Outcomes},
-    wire::{Command, ErrorCode, ParsedRequest, error_reply, ok_reply},
 };
 
 /// How often a command is decided again after losing a race for its aggregate.
@@ -46,7 +46,7 @@ pub struct CommandHandler {
 /// What an earlier run of a command id came to.
 enum EarlierRun {
     /// It has its outcome: this is the reply.
-    Ended(Value),
+    Ended(Reply),
     /// Its append (conditional on `expected_last_seq`) has not landed and still may.
     MayStillLand { expected_last_seq: u64 },
     /// Its append can never land: another event follows its expected sequence.
@@ -60,6 +60,27 @@ enum Infrastructure {
     Load(#[from] LoadError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    #[error("{category} {aggregate_id:?}, read from a stream, is not an aggregate id")]
+    NotAnAggregate {
+        category: String,
+        aggregate_id: String,
+    },
+}
+
+/// The reply that a command was accepted: its event is `version` of `category`'s aggregate
+/// `aggregate_id`, at stream sequence `seq`.
+fn accepted(
+    category: &str,
+    aggregate_id: &str,
+    version: u64,
+    seq: u64,
+) -> Result<Reply, Infrastructure> {
+    let aggregate =
+        AggregateId::of(category, aggregate_id).ok_or_else(|| Infrastructure::NotAnAggregate {
+            category: category.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+        })?;
+    Ok(Reply::accepted(aggregate, version, seq))
 }
 
 impl CommandHandler {
@@ -72,9 +93,9 @@ impl CommandHandler {
         }
     }
 
-    /// Runs the command and returns its JSON reply. Never panics on bad input and never returns
+    /// Runs the command and returns its reply. Never panics on bad input and never returns
     /// before the outcome is either durable or known not to have happened.
-    pub async fn execute(&self, request: &ParsedRequest, metadata: &EventMetadata) -> Value {
+    pub async fn execute(&self, request: &ParsedRequest, metadata: &EventMetadata) -> Reply {
         let result = match &request.command {
             Command::Order(command) => {
                 self.run(
@@ -99,7 +120,7 @@ impl CommandHandler {
         };
         result.unwrap_or_else(|err| {
             tracing::warn!(command_id = %request.command_id, %err, "command not completed");
-            error_reply(ErrorCode::Unavailable, err)
+            Reply::refused(ErrorCode::Unavailable, err)
         })
     }
 
@@ -125,7 +146,7 @@ impl CommandHandler {
         command: &A::Command,
         request: &ParsedRequest,
         metadata: &EventMetadata,
-    ) -> Result<Value, Infrastructure> {
+    ) -> Result<Reply, Infrastructure> {
         let _serialised = self.lock(A::CATEGORY, aggregate_id).await;
         let (mut revision, mut record) = self.outcomes.get(&request.command_id).await?;
         let mut loaded = repository.load(aggregate_id).await?;
@@ -134,7 +155,7 @@ impl CommandHandler {
             let mut earlier_may_land = false;
             if let Some(earlier) = &record {
                 if earlier.fingerprint != request.fingerprint {
-                    return Ok(error_reply(
+                    return Ok(Reply::refused(
                         ErrorCode::InvalidCommand,
                         format!(
                             "command id {} was already used for a different command",
@@ -165,7 +186,7 @@ impl CommandHandler {
                 // as refused instead of run, so that every copy that comes later gets this
                 // answer and runs nothing. (A run that may still land is decided again on its
                 // very state below, as any copy is: at most one of them lands.)
-                let reply = error_reply(
+                let reply = Reply::refused(
                     ErrorCode::InvalidState,
                     format!(
                         "command {} was voided before it ran: its compensation came first",
@@ -204,7 +225,7 @@ impl CommandHandler {
                             .await;
                         continue;
                     }
-                    let reply = error_reply(ErrorCode::from(&rejection), &rejection);
+                    let reply = Reply::refused(ErrorCode::from(&rejection), &rejection);
                     if !request.explicit_id {
                         return Ok(reply);
                     }
@@ -241,18 +262,18 @@ impl CommandHandler {
                 .await
             {
                 Ok(appended) if !appended.duplicate => {
-                    return Ok(ok_reply(A::CATEGORY, aggregate_id, version, appended.seq));
+                    return accepted(A::CATEGORY, aggregate_id, version, appended.seq);
                 }
                 Ok(duplicate) => {
                     // JetStream had this command id already: reply with the event it stored.
                     let stream = stream_of::<A>();
                     if let Some(first) = self.store().event_at(stream, duplicate.seq).await? {
-                        return Ok(ok_reply(
+                        return accepted(
                             A::CATEGORY,
                             &first.envelope.aggregate_id,
                             first.envelope.version,
                             first.seq,
-                        ));
+                        );
                     }
                 }
                 Err(PublishError::Conflict { .. }) => {
@@ -265,7 +286,7 @@ impl CommandHandler {
                 Err(err) => return Err(err.into()),
             }
         }
-        Ok(error_reply(
+        Ok(Reply::refused(
             ErrorCode::Conflict,
             format!(
                 "{} kept changing; gave up after {MAX_ATTEMPTS} attempts, try again",
@@ -279,7 +300,7 @@ impl CommandHandler {
     async fn record_refusal(
         &self,
         request: &ParsedRequest,
-        reply: &Value,
+        reply: &Reply,
         revision: u64,
     ) -> Result<bool, Infrastructure> {
         let refused = self.record(
@@ -304,7 +325,7 @@ impl CommandHandler {
     }
 
     /// What an earlier run of the same command id came to, as far as can be told.
-    async fn earlier_run(&self, record: &OutcomeRecord) -> Result<EarlierRun, LoadError> {
+    async fn earlier_run(&self, record: &OutcomeRecord) -> Result<EarlierRun, Infrastructure> {
         match &record.state {
             OutcomeState::Rejected { reply } => Ok(EarlierRun::Ended(reply.clone())),
             OutcomeState::Appending {
@@ -322,12 +343,12 @@ impl CommandHandler {
                     .await?;
                 Ok(match next {
                     Some(event) if event.envelope.command_id == record.command_id => {
-                        EarlierRun::Ended(ok_reply(
+                        EarlierRun::Ended(accepted(
                             category,
                             aggregate_id,
                             event.envelope.version,
                             event.seq,
-                        ))
+                        )?)
                     }
                     // Its append was conditional on a sequence that another event followed.
                     Some(_) => EarlierRun::CannotLand,

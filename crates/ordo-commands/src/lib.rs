@@ -2,8 +2,8 @@
 //! JSON request into at most one event and replies with the outcome.
 //!
 //! # Layout
-//! - [`wire`]: the subjects, the strict parsing of request bodies, command ids and the JSON
-//!   replies with their error codes (the one place a failure gets its code).
+//! - [`intake`]: how a request (read with the contract's types, `ordo_contract`) becomes a
+//!   command: its caller, its command id, its fingerprint.
 //! - [`outcomes`]: the durable record of each command id's first outcome.
 //! - [`handler`]: [`CommandHandler`], which runs one command: outcome check, load, decide, append
 //!   with optimistic concurrency, retry on conflict.
@@ -12,19 +12,16 @@
 //! - [`ratelimit`]: per-customer token buckets on `order.place`, shared by every instance.
 //! - [`backpressure`]: load shedding of `order.place` while a watched consumer's backlog (the
 //!   saga's, a view's; `ordo_eventstore::ConsumerId`) is over its bound.
-//! - [`hostile`]: generated hostile requests, each of a kind the parser must refuse, for the
-//!   wire property tests, the service test that sends thousands, and the chaos drill's attacker.
 //! - [`micro`]: the NATS micro service protocol (discovery and per-endpoint stats that count
 //!   error replies).
 
 pub mod backpressure;
 pub mod handler;
-pub mod hostile;
+pub mod intake;
 pub mod micro;
 pub mod outcomes;
 pub mod ratelimit;
 pub mod service;
-pub mod wire;
 
 pub use handler::CommandHandler;
 pub use service::{CommandService, ServiceConfig};

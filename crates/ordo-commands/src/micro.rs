@@ -16,9 +16,6 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-pub const HEADER_SERVICE_ERROR: &str = "Nats-Service-Error";
-pub const HEADER_SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
-
 /// One endpoint as `nats micro info` shows it.
 #[derive(Debug, Clone)]
 pub struct EndpointInfo {
@@ -220,7 +217,7 @@ mod tests {
     fn micro() -> Micro {
         let endpoints = vec![EndpointInfo {
             name: "order-place".into(),
-            subject: "ordo.cmd.order.place".into(),
+            subject: ordo_contract::Endpoint::OrderPlace.subject().into(),
         }];
         Micro::new(
             "ordo",

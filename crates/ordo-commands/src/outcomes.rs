@@ -11,11 +11,11 @@
 //!
 //! Successful outcomes are read back from the event itself: the event stream stays the one truth.
 
+use ordo_contract::Reply;
 use ordo_eventstore::{EventStore, LoadError, PublishError};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use crate::wire::hex_digest;
+use crate::intake::hex_digest;
 
 pub const OUTCOMES_STREAM: &str = ordo_eventstore::StreamId::CommandOutcomes.name();
 
@@ -36,7 +36,7 @@ pub enum OutcomeState {
         expected_last_seq: u64,
     },
     Rejected {
-        reply: Value,
+        reply: Reply,
     },
 }
 

@@ -17,20 +17,16 @@ use tracing::Instrument;
 use crate::{
     backpressure::{BacklogLimits, Gate},
     handler::CommandHandler,
-    micro::{self, EndpointInfo, Micro},
+    intake::{self, Caller, bounded_header},
+    micro::{EndpointInfo, Micro},
     ratelimit::{Admission, CustomerLimiter, CustomerRate},
-    wire::{
-        self, Caller, Endpoint, ErrorCode, INTERNAL_SUBJECT_PREFIX, SUBJECT_PREFIX, bounded_header,
-        error_reply,
-    },
+};
+use ordo_contract::{
+    Endpoint, ErrorCode, INTERNAL_SUBJECT_PREFIX, InvalidCommand, Reply, SUBJECT_PREFIX, headers,
 };
 
 pub const SERVICE_NAME: &str = "ordo";
 pub const QUEUE_GROUP: &str = "ordo-commands";
-/// Sets the event's correlation id (default: the command id).
-pub const HEADER_CORRELATION_ID: &str = "Ordo-Correlation-Id";
-/// Sets the event's causation id (the saga sets it to the event that caused the command).
-pub const HEADER_CAUSATION_ID: &str = "Ordo-Causation-Id";
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start the command service: {0}")]
@@ -81,8 +77,8 @@ impl Serving {
     /// neither shed nor charged a token: it gets that outcome whatever the load or the rate,
     /// since the client most likely to repeat an order is the one whose reply was lost, and the
     /// order it placed goes through.
-    async fn admission(&self, parsed: &wire::ParsedRequest) -> Option<serde_json::Value> {
-        let wire::Command::Order(ordo_domain::order::OrderCommand::Place { customer_id, .. }) =
+    async fn admission(&self, parsed: &intake::ParsedRequest) -> Option<Reply> {
+        let intake::Command::Order(ordo_domain::order::OrderCommand::Place { customer_id, .. }) =
             &parsed.command
         else {
             return None;
@@ -98,22 +94,23 @@ impl Serving {
             self.shed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("ordo_commands_shed_total", "endpoint" => parsed.endpoint.name())
                 .increment(1);
-            let mut reply = error_reply(ErrorCode::Unavailable, overload.message());
-            reply["error"]["retry_after_ms"] = (overload.retry_after.as_millis() as u64).into();
-            return Some(reply);
+            return Some(Reply::Refused {
+                code: ErrorCode::Unavailable,
+                message: overload.message(),
+                retry_after_ms: Some(overload.retry_after.as_millis() as u64),
+            });
         }
         match self.limiter.as_ref()?.take(customer_id.as_str()).await {
             Ok(Admission::Admitted) => None,
             Ok(Admission::Limited { retry_after }) => {
                 metrics::counter!("ordo_commands_rate_limited_total").increment(1);
-                let mut reply = error_reply(
-                    ErrorCode::RateLimited,
-                    format!("customer {customer_id} places orders faster than its limit"),
-                );
-                reply["error"]["retry_after_ms"] = (retry_after.as_millis() as u64).into();
-                Some(reply)
+                Some(Reply::Refused {
+                    code: ErrorCode::RateLimited,
+                    message: format!("customer {customer_id} places orders faster than its limit"),
+                    retry_after_ms: Some(retry_after.as_millis() as u64),
+                })
             }
-            Err(err) => Some(error_reply(ErrorCode::Unavailable, err)),
+            Err(err) => Some(Reply::refused(ErrorCode::Unavailable, err)),
         }
     }
 }
@@ -162,7 +159,7 @@ impl CommandService {
             .iter()
             .map(|endpoint| EndpointInfo {
                 name: micro_name(*endpoint),
-                subject: endpoint.subject(),
+                subject: endpoint.subject().to_owned(),
             })
             .collect();
         let micro = Arc::new(Micro::new(
@@ -401,33 +398,34 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
     let passed_on = trace::follow(&span, trace::extract(message.headers.as_ref()));
     let traceparent = trace::traceparent(&passed_on);
     let reply = async {
-        let parsed = Caller::from_request_info(header(Caller::HEADER_REQUEST_INFO).as_deref())
-            .and_then(|caller| {
-                let parsed = wire::parse(
+        let parsed = Caller::from_request_info(header(headers::REQUEST_INFO).as_deref()).and_then(
+            |caller| {
+                let parsed = intake::parse(
                     endpoint,
                     &message.payload,
-                    header("Nats-Msg-Id").as_deref(),
+                    header(headers::MSG_ID).as_deref(),
                     &caller,
                 )?;
-                match header(wire::HEADER_VOID_IF_NOT_RUN).as_deref() {
+                match header(headers::VOID_IF_NOT_RUN).as_deref() {
                     Some("true") => parsed.void_if_not_run(&caller),
-                    Some(other) => Err(wire::InvalidCommand(format!(
+                    Some(other) => Err(InvalidCommand(format!(
                         "{} must be \"true\", got {other:?}",
-                        wire::HEADER_VOID_IF_NOT_RUN
+                        headers::VOID_IF_NOT_RUN
                     ))),
                     None => Ok(parsed),
                 }
-            });
-        let references = || -> Result<_, wire::InvalidCommand> {
+            },
+        );
+        let references = || -> Result<_, InvalidCommand> {
             let bounded = |name: &str| header(name).map(|value| bounded_header(name, &value));
             Ok((
-                bounded(HEADER_CORRELATION_ID).transpose()?,
-                bounded(HEADER_CAUSATION_ID).transpose()?,
+                bounded(headers::CORRELATION_ID).transpose()?,
+                bounded(headers::CAUSATION_ID).transpose()?,
             ))
         };
         let parsed = parsed.and_then(|parsed| Ok((parsed, references()?)));
         match parsed {
-            Err(invalid) => error_reply(ErrorCode::InvalidCommand, invalid),
+            Err(invalid) => Reply::refused(ErrorCode::InvalidCommand, invalid),
             Ok((parsed, (correlation_id, causation_id))) => {
                 if let Some(refusal) = serving.admission(&parsed).await {
                     return refusal;
@@ -445,18 +443,17 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
     }
     .instrument(span.clone())
     .await;
-    let error = (reply["ok"] != true).then(|| {
-        let code = reply["error"]["code"].as_str().unwrap_or("unknown");
-        let text = reply["error"]["message"].as_str().unwrap_or("");
+    let error = match &reply {
+        Reply::Accepted { .. } => None,
         // One line: a header value may not hold a line break.
-        (
-            code.to_owned(),
-            format!("{code}: {text}").replace(['\r', '\n'], " "),
-        )
-    });
+        Reply::Refused { code, message, .. } => Some((
+            *code,
+            format!("{code}: {message}").replace(['\r', '\n'], " "),
+        )),
+    };
     let outcome = error.as_ref().map_or("ok", |(code, _)| code.as_str());
     span.record("outcome", outcome);
-    metrics::counter!("ordo_commands_total", "endpoint" => endpoint.name(), "outcome" => outcome.to_owned())
+    metrics::counter!("ordo_commands_total", "endpoint" => endpoint.name(), "outcome" => outcome)
         .increment(1);
     let took = started.elapsed();
     metrics::histogram!("ordo_command_duration_seconds", "endpoint" => endpoint.name())
@@ -469,20 +466,18 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
     let Some(reply_to) = message.reply else {
         return; // Published, not requested: nobody to answer.
     };
-    let body = serde_json::to_vec(&reply).expect("replies serialize");
-    let mut headers = async_nats::HeaderMap::new();
+    let mut reply_headers = async_nats::HeaderMap::new();
     if let Some((code, line)) = &error {
         // The micro service convention, so that tools can tell an error without the body.
-        headers.insert(micro::HEADER_SERVICE_ERROR, line.as_str());
-        let status = ErrorCode::parse(code).map_or(500, ErrorCode::status);
-        headers.insert(
-            micro::HEADER_SERVICE_ERROR_CODE,
-            status.to_string().as_str(),
+        reply_headers.insert(headers::SERVICE_ERROR, line.as_str());
+        reply_headers.insert(
+            headers::SERVICE_ERROR_CODE,
+            code.status().to_string().as_str(),
         );
     }
     if let Err(err) = serving
         .client
-        .publish_with_headers(reply_to, headers, body.into())
+        .publish_with_headers(reply_to, reply_headers, reply.to_bytes().into())
         .await
     {
         tracing::warn!(endpoint = endpoint.name(), %err, "could not send the reply");

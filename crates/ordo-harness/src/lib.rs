@@ -3,10 +3,8 @@
 //! test's process. (The command service's own tests cannot use it: it depends on them.)
 
 use async_nats::jetstream;
-use ordo_commands::{
-    CommandService,
-    wire::{CommandRequest, Reply},
-};
+use ordo_commands::CommandService;
+use ordo_contract::{CommandRequest, Endpoint, Reply};
 use ordo_eventstore::{EventStore, StreamDefinition, streams::apply_all};
 use ordo_testkit::NatsServer;
 use serde_json::Value;
@@ -68,12 +66,12 @@ impl Engine {
         }
     }
 
-    /// Sends a typed command of the wire contract and returns its typed reply.
+    /// Sends a typed command of the contract and returns its typed reply.
     pub async fn request(&self, command: &CommandRequest) -> Reply {
         let subject = command.subject();
         let reply = self
             .client
-            .request(subject.clone(), command.body_bytes().into())
+            .request(subject, command.body_bytes().into())
             .await
             .unwrap_or_else(|err| panic!("no reply on {subject}: {err}"));
         Reply::parse(&reply.payload).unwrap_or_else(|err| panic!("{subject}: {err}"))
@@ -83,32 +81,30 @@ impl Engine {
     pub async fn accepted(&self, command: &CommandRequest) -> (String, u64, u64) {
         match self.request(command).await {
             Reply::Accepted {
-                aggregate_id,
+                aggregate,
                 version,
                 seq,
-            } => (aggregate_id, version, seq),
+            } => (aggregate.to_string(), version, seq),
             refused => panic!("{command:?} was refused: {refused:?}"),
         }
     }
 
-    /// Sends raw JSON (for tests of what clients may send) and returns its reply, whatever it
-    /// says.
-    pub async fn send(&self, subject: &str, body: Value) -> Value {
+    /// Sends raw JSON to `endpoint` (for tests of what clients may send) and returns its
+    /// reply, whatever it says.
+    pub async fn send(&self, endpoint: Endpoint, body: Value) -> Value {
+        let subject = endpoint.subject();
         let reply = self
             .client
-            .request(
-                subject.to_owned(),
-                serde_json::to_vec(&body).expect("JSON").into(),
-            )
+            .request(subject, serde_json::to_vec(&body).expect("JSON").into())
             .await
             .unwrap_or_else(|err| panic!("no reply on {subject}: {err}"));
         serde_json::from_slice(&reply.payload).expect("a JSON reply")
     }
 
     /// Sends a command that must succeed, and returns its reply.
-    pub async fn command(&self, subject: &str, body: Value) -> Value {
-        let reply = self.send(subject, body.clone()).await;
-        assert_eq!(reply["ok"], true, "{subject} {body}: {reply}");
+    pub async fn command(&self, endpoint: Endpoint, body: Value) -> Value {
+        let reply = self.send(endpoint, body.clone()).await;
+        assert_eq!(reply["ok"], true, "{} {body}: {reply}", endpoint.subject());
         reply
     }
 }

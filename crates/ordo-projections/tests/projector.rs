@@ -1,5 +1,6 @@
 //! Projectors against real nats-server and PostgreSQL: events in, rows out, exactly once.
 
+use ordo_contract::Endpoint;
 use std::{collections::BTreeSet, time::Duration};
 
 use async_nats::jetstream;
@@ -82,8 +83,8 @@ impl Setup {
         self.database.pool()
     }
 
-    async fn command(&self, subject: &str, body: Value) -> Value {
-        self.engine.command(subject, body).await
+    async fn command(&self, endpoint: Endpoint, body: Value) -> Value {
+        self.engine.command(endpoint, body).await
     }
 
     /// Starts a projector instance; dropping the handle's sender stops it, aborting kills it.
@@ -253,11 +254,11 @@ async fn the_views_follow_the_commands() {
     let _stock = setup.projector::<StockView>();
 
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     setup
         .command(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": "o-1", "customer_id": "c1", "lines": [
                 {"sku": "A1", "qty": 2, "unit_price_cents": 500},
                 {"sku": "B2", "qty": 1, "unit_price_cents": 250}
@@ -266,12 +267,12 @@ async fn the_views_follow_the_commands() {
         .await;
     setup
         .command(
-            "ordo.internal.stock.reserve",
+            Endpoint::StockReserve,
             json!({"sku": "A1", "order_id": "o-1", "qty": 2}),
         )
         .await;
     setup
-        .command("ordo.internal.order.confirm", json!({"order_id": "o-1"}))
+        .command(Endpoint::OrderConfirm, json!({"order_id": "o-1"}))
         .await;
     setup.caught_up::<OrdersView>().await;
     setup.caught_up::<StockView>().await;
@@ -304,7 +305,7 @@ async fn an_event_that_cannot_be_applied_is_parked_and_the_view_goes_on() {
     let setup = Setup::start().await;
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     let js = jetstream::new(setup.engine.client.clone());
     let bad = js
@@ -314,7 +315,7 @@ async fn an_event_that_cannot_be_applied_is_parked_and_the_view_goes_on() {
         .await
         .unwrap();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
         .await;
     setup.caught_up::<StockView>().await;
 
@@ -342,7 +343,7 @@ async fn once_an_event_of_an_aggregate_is_parked_its_later_events_are_parked_at_
     let setup = Setup::start().await;
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     let js = jetstream::new(setup.engine.client.clone());
     let publish = |payload: Vec<u8>| {
@@ -374,7 +375,7 @@ async fn once_an_event_of_an_aggregate_is_parked_its_later_events_are_parked_at_
         publish(envelope.to_bytes()).await;
     }
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 7}))
+        .command(Endpoint::StockReceive, json!({"sku": "B2", "qty": 7}))
         .await;
     setup.caught_up::<StockView>().await;
 
@@ -410,30 +411,30 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
             for i in range {
                 let (sku, order) = (format!("S{}", i % 7), format!("o-{i}"));
                 setup
-                    .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": 3}))
+                    .command(Endpoint::StockReceive, json!({"sku": sku, "qty": 3}))
                     .await;
                 setup
                     .command(
-                        "ordo.cmd.order.place",
+                        Endpoint::OrderPlace,
                         json!({"order_id": order, "customer_id": "c1",
                                "lines": [{"sku": sku, "qty": 1, "unit_price_cents": 100 + i}]}),
                     )
                     .await;
                 setup
                     .command(
-                        "ordo.internal.stock.reserve",
+                        Endpoint::StockReserve,
                         json!({"sku": sku, "order_id": order, "qty": 1}),
                     )
                     .await;
                 if i % 3 == 0 {
                     setup
                         .command(
-                            "ordo.internal.stock.release",
+                            Endpoint::StockRelease,
                             json!({"sku": sku, "order_id": order}),
                         )
                         .await;
                     setup
-                        .command("ordo.cmd.order.cancel", json!({"order_id": order}))
+                        .command(Endpoint::OrderCancel, json!({"order_id": order}))
                         .await;
                 }
             }
@@ -501,7 +502,7 @@ async fn a_restarted_nats_server_does_not_stop_the_projector() {
     let setup = Setup::start().await;
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     setup.caught_up::<StockView>().await;
     setup.engine.server.kill();
@@ -509,7 +510,7 @@ async fn a_restarted_nats_server_does_not_stop_the_projector() {
     setup.engine.server.restart();
     setup.engine.wait_until_serving().await;
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 2}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 2}))
         .await;
     setup.caught_up::<StockView>().await;
     setup.stock_view_matches_the_stream().await;
@@ -523,7 +524,7 @@ async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after(
     schema::migrate(setup.pool()).await.unwrap();
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     setup.caught_up::<StockView>().await;
 
@@ -531,7 +532,7 @@ async fn while_postgresql_is_down_nothing_is_skipped_and_the_view_resumes_after(
     for i in 0..5 {
         setup
             .command(
-                "ordo.internal.stock.reserve",
+                Endpoint::StockReserve,
                 json!({"sku": "A1", "order_id": format!("o-{i}"), "qty": 1}),
             )
             .await;
@@ -579,10 +580,10 @@ async fn a_view_never_follows_another_stream_of_the_same_name() {
     let setup = Setup::start().await;
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     setup.caught_up::<StockView>().await;
 
@@ -593,14 +594,14 @@ async fn a_view_never_follows_another_stream_of_the_same_name() {
         .unwrap();
     apply_all(&js, &StreamDefinition::built_in()).await.unwrap();
     let reply = setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "B2", "qty": 1}))
         .await;
     assert_eq!(reply["seq"], 1);
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "B2", "qty": 1}))
         .await;
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "B2", "qty": 1}))
         .await;
     // A term that began after the new stream's events were there refused it.
     logged_since(log_mark(), "built from another ORDO_STOCK").await;
@@ -636,23 +637,23 @@ async fn busy_day(setup: &Setup, from: usize, to: usize) {
         let sku = format!("S{}", i % 5);
         let order = format!("o-{i}");
         setup
-            .command("ordo.cmd.stock.receive", json!({"sku": sku, "qty": 2}))
+            .command(Endpoint::StockReceive, json!({"sku": sku, "qty": 2}))
             .await;
         setup
             .command(
-                "ordo.cmd.order.place",
+                Endpoint::OrderPlace,
                 json!({"order_id": order, "customer_id": "c1", "lines": [{"sku": sku, "qty": 1, "unit_price_cents": 100}]}),
             )
             .await;
         setup
             .command(
-                "ordo.internal.stock.reserve",
+                Endpoint::StockReserve,
                 json!({"sku": sku, "order_id": order, "qty": 1}),
             )
             .await;
         if i % 2 == 0 {
             setup
-                .command("ordo.internal.order.confirm", json!({"order_id": order}))
+                .command(Endpoint::OrderConfirm, json!({"order_id": order}))
                 .await;
         }
     }
@@ -768,7 +769,7 @@ async fn a_consumer_that_starts_over_from_the_first_event_applies_nothing_twice(
     let _stock = setup.projector::<StockView>();
     for _ in 0..5 {
         setup
-            .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+            .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
             .await;
     }
     setup.caught_up::<StockView>().await;
@@ -792,7 +793,7 @@ async fn a_consumer_that_starts_over_from_the_first_event_applies_nothing_twice(
         .await
         .unwrap();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
         .await;
     setup.caught_up::<StockView>().await;
     // Mostly the projector's waiting pull fails with the consumer, and it reads again from its
@@ -823,7 +824,7 @@ async fn a_view_built_from_another_definition_is_left_alone_until_rebuilt() {
     .unwrap();
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     // A term that began after the event was there refused the view.
     logged_since(log_mark(), "built from another definition").await;
@@ -850,7 +851,7 @@ async fn a_view_built_from_another_definition_is_left_alone_until_rebuilt() {
         Some(schema::definition::<StockView>())
     );
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
         .await;
     setup.caught_up::<StockView>().await;
     setup.stock_view_matches_the_stream().await;
@@ -872,7 +873,7 @@ async fn a_rebuild_retries_parked_events_and_clears_those_that_now_apply() {
     .unwrap();
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "B2", "qty": 4}))
+        .command(Endpoint::StockReceive, json!({"sku": "B2", "qty": 4}))
         .await;
     setup.caught_up::<StockView>().await;
     assert_eq!(setup.parked().await.len(), 1);
@@ -893,7 +894,7 @@ async fn an_event_the_live_view_parked_during_a_rebuild_that_applied_it_is_no_lo
     let setup = Setup::start().await;
     let _stock = setup.projector::<StockView>();
     setup
-        .command("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .command(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
         .await;
     setup.caught_up::<StockView>().await;
 
@@ -912,7 +913,7 @@ async fn an_event_the_live_view_parked_during_a_rebuild_that_applied_it_is_no_lo
         .unwrap();
         client
             .request(
-                "ordo.cmd.stock.receive",
+                Endpoint::StockReceive.subject(),
                 json!({"sku": "B2", "qty": 4}).to_string().into(),
             )
             .await

@@ -35,9 +35,9 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use opentelemetry::Context;
-use ordo_commands::{
-    service::HEADER_CORRELATION_ID,
-    wire::{CommandRequest, ErrorCode, HEADER_VOID_IF_NOT_RUN, Reply},
+use ordo_contract::{
+    CommandRequest, ConfirmOrder, DeductStock, ErrorCode, Quantity, Reason, RejectOrder,
+    ReleaseStock, Reply, ReserveStock, headers,
 };
 use ordo_domain::{
     OrderId,
@@ -639,39 +639,44 @@ impl<G: PaymentGateway> Coordinator<G> {
     /// Runs one step; `trace` is the step span's context, passed on to the command it sends.
     async fn run_step(&self, saga: &Saga, index: usize, step: &Step, trace: &Context) -> Outcome {
         let order_id = saga.order_id.clone();
-        let request = match step {
-            Step::Reserve { sku, qty } => CommandRequest::ReserveStock {
+        // A step the contract cannot carry is refused as the service would refuse it.
+        let reserve = |sku: &ordo_domain::Sku, qty: u64| {
+            let qty = Quantity::new(qty).ok_or_else(|| format!("qty: {qty} is not a quantity"))?;
+            Ok::<_, String>(CommandRequest::ReserveStock(ReserveStock {
                 sku: sku.clone(),
-                order_id,
-                qty: *qty,
-            },
+                order_id: order_id.clone(),
+                qty,
+            }))
+        };
+        let request = match step {
+            Step::Reserve { sku, qty } => reserve(sku, *qty),
             Step::ResolveReserve { sku, qty } => {
                 // The reserve itself, under its id, voided if it has not run.
-                let reserve = CommandRequest::ReserveStock {
-                    sku: sku.clone(),
-                    order_id,
-                    qty: *qty,
+                return match reserve(sku, *qty) {
+                    Ok(reserve) => {
+                        self.send_command(saga, index, &reserve, trace, Void::IfNotRun)
+                            .await
+                    }
+                    Err(refusal) => Outcome::Failed(refusal),
                 };
-                return self
-                    .send_command(saga, index, &reserve, trace, Void::IfNotRun)
-                    .await;
             }
-            Step::Release { sku } => CommandRequest::ReleaseStock {
+            Step::Release { sku } => Ok(CommandRequest::ReleaseStock(ReleaseStock {
                 sku: sku.clone(),
                 order_id,
-            },
-            Step::Deduct { sku } => CommandRequest::DeductStock {
+            })),
+            Step::Deduct { sku } => Ok(CommandRequest::DeductStock(DeductStock {
                 sku: sku.clone(),
                 order_id,
-            },
+            })),
             // Cut here too: a saga an earlier build planned may hold a reason the reject
             // refuses (its id names the planned step, and the refused copy never ran).
-            Step::Reject { reason } => CommandRequest::RejectOrder {
-                order_id,
-                reason: ordo_domain::saga::reason_an_order_can_keep(reason.clone()),
-            },
+            Step::Reject { reason } => {
+                Reason::new(ordo_domain::saga::reason_an_order_can_keep(reason.clone()))
+                    .map(|reason| CommandRequest::RejectOrder(RejectOrder { order_id, reason }))
+                    .map_err(|refusal| refusal.to_string())
+            }
             Step::Confirm => {
-                let request = CommandRequest::ConfirmOrder { order_id };
+                let request = CommandRequest::ConfirmOrder(ConfirmOrder { order_id });
                 return match self
                     .send_command(saga, index, &request, trace, Void::No)
                     .await
@@ -697,8 +702,13 @@ impl<G: PaymentGateway> Coordinator<G> {
                 );
             }
         };
-        self.send_command(saga, index, &request, trace, Void::No)
-            .await
+        match request {
+            Ok(request) => {
+                self.send_command(saga, index, &request, trace, Void::No)
+                    .await
+            }
+            Err(refusal) => Outcome::Failed(refusal),
+        }
     }
 
     /// Sends step `index` of `saga` as a command and says what its reply means.
@@ -711,27 +721,27 @@ impl<G: PaymentGateway> Coordinator<G> {
         void: Void,
     ) -> Outcome {
         let subject = command.subject();
-        let mut headers = async_nats::HeaderMap::new();
-        trace::inject(trace, &mut headers);
+        let mut request_headers = async_nats::HeaderMap::new();
+        trace::inject(trace, &mut request_headers);
         if void == Void::IfNotRun {
-            headers.insert(HEADER_VOID_IF_NOT_RUN, "true");
+            request_headers.insert(headers::VOID_IF_NOT_RUN, "true");
         }
-        headers.insert("Nats-Msg-Id", saga.command_id(index).as_str());
-        headers.insert(
-            HEADER_CORRELATION_ID,
+        request_headers.insert(headers::MSG_ID, saga.command_id(index).as_str());
+        request_headers.insert(
+            headers::CORRELATION_ID,
             format!("order:{}", saga.order_id).as_str(),
         );
         let request = async_nats::Request::new()
-            .headers(headers)
+            .headers(request_headers)
             .payload(command.body_bytes().into())
             .timeout(Some(self.config.step_timeout));
-        let reply = match self.nats.send_request(subject.clone(), request).await {
+        let reply = match self.nats.send_request(subject, request).await {
             Ok(reply) => reply,
             Err(err) => return Outcome::Unknown(format!("{subject}: {err}")),
         };
         match Reply::parse(&reply.payload) {
             Ok(Reply::Accepted { .. }) => Outcome::Succeeded,
-            Ok(Reply::Refused { code, message }) => match code {
+            Ok(Reply::Refused { code, message, .. }) => match code {
                 // Definite: retrying the same command gets the same answer.
                 // The void itself was refused (not the reserve): nothing is settled, and a late
                 // copy could still land. Tried again, and stuck in sight if it stays so.

@@ -5,10 +5,12 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
-use ordo_commands::wire::CommandRequest;
+use ordo_contract::{
+    CancelOrder, CommandRequest, Endpoint, Line, PlaceOrder, Quantity, Reason, ReceiveStock,
+    RejectOrder, ShipOrder,
+};
 use ordo_domain::{
     CustomerId, OrderId, Sku,
-    order::OrderLine,
     order::{OrderAggregate, OrderStatus},
     stock::StockAggregate,
 };
@@ -115,10 +117,10 @@ impl Setup {
     /// The customer cancels the order.
     async fn cancel(&self, order_id: &str) {
         self.engine
-            .accepted(&CommandRequest::CancelOrder {
+            .accepted(&CommandRequest::CancelOrder(CancelOrder {
                 order_id: OrderId::parse(order_id).unwrap(),
                 reason: None,
-            })
+            }))
             .await;
     }
 
@@ -158,29 +160,29 @@ impl Setup {
 
     async fn receive(&self, sku: &str, qty: u64) {
         self.engine
-            .accepted(&CommandRequest::ReceiveStock {
+            .accepted(&CommandRequest::ReceiveStock(ReceiveStock {
                 sku: Sku::parse(sku).unwrap(),
-                qty,
-            })
+                qty: Quantity::new(qty).unwrap(),
+            }))
             .await;
     }
 
     async fn place(&self, order_id: &str, lines: &[(&str, u32)]) {
         let lines = lines
             .iter()
-            .map(|(sku, qty)| OrderLine {
+            .map(|(sku, qty)| Line {
                 sku: Sku::parse(*sku).unwrap(),
-                qty: *qty,
+                qty: Quantity::new(*qty).unwrap(),
                 unit_price_cents: 100,
             })
             .collect();
         self.engine
-            .accepted(&CommandRequest::PlaceOrder {
+            .accepted(&CommandRequest::PlaceOrder(PlaceOrder {
                 order_id: Some(OrderId::parse(order_id).unwrap()),
                 customer_id: CustomerId::parse("c1").unwrap(),
                 lines,
                 currency: None,
-            })
+            }))
             .await;
     }
 
@@ -455,7 +457,7 @@ async fn cancelling_a_confirmed_order_releases_its_stock_and_shipping_deducts_it
     setup.saga_ends("o-1", "cancelled").await;
     setup
         .engine
-        .accepted(&CommandRequest::ShipOrder { order_id: o("o-2") })
+        .accepted(&CommandRequest::ShipOrder(ShipOrder { order_id: o("o-2") }))
         .await;
     setup.saga_ends("o-2", "shipped").await;
 
@@ -547,7 +549,7 @@ async fn time_an_order_spends_queued_inside_ordo_does_not_count_against_its_dead
 async fn the_deadline_never_undoes_an_order_whose_confirm_may_have_been_sent() {
     let setup = Setup::start().await;
     let relay =
-        DarkeningRelay::start(setup.engine.server.port(), "ordo.internal.order.confirm").await;
+        DarkeningRelay::start(setup.engine.server.port(), Endpoint::OrderConfirm.subject()).await;
     let nats = async_nats::ConnectOptions::new()
         .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
         .connect(relay.url())
@@ -1417,10 +1419,10 @@ async fn an_operators_reject_while_the_saga_runs_gives_back_the_stock_and_the_ch
     assert_eq!(setup.stock("A1").await, (5, 2));
     setup
         .engine
-        .accepted(&CommandRequest::RejectOrder {
+        .accepted(&CommandRequest::RejectOrder(RejectOrder {
             order_id: OrderId::parse("o-1").unwrap(),
-            reason: "fraud suspected".into(),
-        })
+            reason: Reason::new("fraud suspected").unwrap(),
+        }))
         .await;
     gateway.release.notify_waiters();
     gateway.release.notify_one();

@@ -1,17 +1,12 @@
-//! Real servers for tests (and for `ordo up`, which starts a nats-server when none answers): a nats-server with JetStream per test (free port, temporary store) that
-//! can be killed with SIGKILL and restarted on the same store, and a fresh PostgreSQL database per
-//! test. Nothing is mocked: tests talk to the same servers ordo runs against.
-//!
-//! - `ORDO_NATS_SERVER`: the nats-server binary (else the first one ≥ 2.10 on `PATH`).
-//! - `ORDO_TEST_DATABASE_URL`: a PostgreSQL URL whose user may create databases
-//!   (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! What the tests share: real servers (from `ordo-local`: a nats-server with JetStream per test
+//! on a free port with a temporary store, which can be killed with SIGKILL and restarted on the
+//! same store; a fresh PostgreSQL database per test), and a relay that loses replies on cue.
+//! Nothing is mocked: tests talk to the same servers ordo runs against.
 
-mod nats;
-mod postgres;
-mod postgres_server;
 mod relay;
 
-pub use nats::{MINIMUM_VERSION, NatsCluster, NatsServer, find_nats_server, parse_version};
-pub use postgres::TestDatabase;
-pub use postgres_server::{PostgresServer, find_postgres_bin};
+pub use ordo_local::{
+    MINIMUM_VERSION, NatsCluster, NatsServer, PostgresServer, TestDatabase, find_nats_server,
+    find_postgres_bin, parse_version,
+};
 pub use relay::DarkeningRelay;

@@ -5,8 +5,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use ordo_commands::wire::{CommandRequest, Reply};
-use ordo_domain::{Currency, CustomerId, OrderId, Sku, order::OrderLine};
+use ordo_contract::{
+    CancelOrder, CommandRequest, Line, PlaceOrder, Quantity, Reason, ReceiveStock, Reply,
+    ShipOrder, headers,
+};
+use ordo_domain::{Currency, CustomerId, OrderId, Sku};
 use serde_json::Value;
 
 use crate::connect;
@@ -51,7 +54,7 @@ pub enum StockAction {
     },
 }
 
-/// A typed command of the wire contract, and the command id to send it under.
+/// A typed command of the contract, and the command id to send it under.
 pub struct Request {
     command: CommandRequest,
     command_id: Option<String>,
@@ -67,7 +70,7 @@ impl OrderAction {
                 currency,
                 command_id,
             } => Request {
-                command: CommandRequest::PlaceOrder {
+                command: CommandRequest::PlaceOrder(PlaceOrder {
                     order_id: order_id.map(OrderId::parse).transpose()?,
                     customer_id: CustomerId::parse(customer)?,
                     lines: lines
@@ -75,20 +78,20 @@ impl OrderAction {
                         .map(|line| parse_line(line))
                         .collect::<anyhow::Result<Vec<_>>>()?,
                     currency: currency.map(Currency::parse).transpose()?,
-                },
+                }),
                 command_id,
             },
             Self::Cancel { order_id, reason } => Request {
-                command: CommandRequest::CancelOrder {
+                command: CommandRequest::CancelOrder(CancelOrder {
                     order_id: OrderId::parse(order_id)?,
-                    reason,
-                },
+                    reason: reason.map(Reason::new).transpose()?,
+                }),
                 command_id: None,
             },
             Self::Ship { order_id } => Request {
-                command: CommandRequest::ShipOrder {
+                command: CommandRequest::ShipOrder(ShipOrder {
                     order_id: OrderId::parse(order_id)?,
-                },
+                }),
                 command_id: None,
             },
         })
@@ -103,13 +106,13 @@ impl StockAction {
                 qty,
                 command_id,
             } => Ok(Request {
-                command: CommandRequest::ReceiveStock {
+                command: CommandRequest::ReceiveStock(ReceiveStock {
                     sku: Sku::parse(sku)?,
                     qty: u64::try_from(qty)
                         .ok()
-                        .filter(|qty| *qty > 0)
+                        .and_then(Quantity::new)
                         .with_context(|| format!("qty must be greater than 0, got {qty}"))?,
-                },
+                }),
                 command_id,
             }),
         }
@@ -117,7 +120,7 @@ impl StockAction {
 }
 
 /// `SKU:QTY:UNIT_PRICE_CENTS` → an order line.
-fn parse_line(text: &str) -> anyhow::Result<OrderLine> {
+fn parse_line(text: &str) -> anyhow::Result<Line> {
     let parts: Vec<&str> = text.split(':').collect();
     let [sku, qty, price] = parts[..] else {
         bail!("--line {text:?}: expected SKU:QTY:UNIT_PRICE_CENTS, e.g. A1:2:500");
@@ -127,32 +130,34 @@ fn parse_line(text: &str) -> anyhow::Result<OrderLine> {
             .parse::<u64>()
             .with_context(|| format!("--line {text:?}: {what} {value:?} is not a whole number"))
     };
-    Ok(OrderLine {
+    Ok(Line {
         sku: Sku::parse(sku.to_owned())?,
         qty: u32::try_from(number("qty", qty)?)
-            .with_context(|| format!("--line {text:?}: qty {qty} is too large"))?,
+            .ok()
+            .and_then(Quantity::new)
+            .with_context(|| format!("--line {text:?}: qty {qty} must be 1 to {}", u32::MAX))?,
         unit_price_cents: number("price", price)?,
     })
 }
 
 pub async fn send(url: &str, auth: &connect::NatsAuth, request: Request) -> anyhow::Result<()> {
     let nats = connect::connect_once(url, auth).await?;
-    let mut headers = async_nats::HeaderMap::new();
+    let mut request_headers = async_nats::HeaderMap::new();
     if let Some(command_id) = &request.command_id {
-        headers.insert("Nats-Msg-Id", command_id.as_str());
+        request_headers.insert(headers::MSG_ID, command_id.as_str());
     }
     let subject = request.command.subject();
     let body = request.command.body();
     let header = match &request.command_id {
-        Some(id) => format!("-H Nats-Msg-Id:{id} "),
+        Some(id) => format!("-H {}:{id} ", headers::MSG_ID),
         None => String::new(),
     };
     println!("> nats req {header}{subject} '{body}'");
     let reply = nats
         .send_request(
-            subject.clone(),
+            subject,
             async_nats::Request::new()
-                .headers(headers)
+                .headers(request_headers)
                 .payload(request.command.body_bytes().into())
                 .timeout(Some(Duration::from_secs(10))),
         )
@@ -160,7 +165,7 @@ pub async fn send(url: &str, auth: &connect::NatsAuth, request: Request) -> anyh
         .with_context(|| format!("no answer on {subject} (is `ordo up` running?)"))?;
     let printed: Value = serde_json::from_slice(&reply.payload).context("the reply is not JSON")?;
     println!("{printed}");
-    if !Reply::from_json(&printed)?.is_accepted() {
+    if !Reply::parse(&reply.payload)?.is_accepted() {
         std::process::exit(1);
     }
     Ok(())
@@ -206,13 +211,14 @@ mod tests {
     fn a_line_is_sku_qty_and_unit_price() {
         assert_eq!(
             parse_line("A1:2:500").unwrap(),
-            OrderLine {
+            Line {
                 sku: Sku::parse("A1").unwrap(),
-                qty: 2,
+                qty: Quantity::new(2).unwrap(),
                 unit_price_cents: 500
             }
         );
         assert!(parse_line("A.1:2:500").is_err());
+        assert!(parse_line("A1:0:500").is_err());
         assert!(parse_line("A1:2").is_err());
         assert!(parse_line("A1:two:500").is_err());
     }

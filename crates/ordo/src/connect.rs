@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use ordo_eventstore::backoff::Backoff;
-use ordo_testkit::{MINIMUM_VERSION, NatsServer, parse_version};
+use ordo_local::{MINIMUM_VERSION, NatsServer, parse_version};
 
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 /// Written by `ordo up` while it runs a nats-server of its own, read by the client commands.

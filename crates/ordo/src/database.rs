@@ -5,8 +5,8 @@ use std::{path::Path, time::Duration};
 
 use anyhow::Context;
 use ordo_eventstore::backoff::Backoff;
+use ordo_local::PostgresServer;
 use ordo_projections::schema;
-use ordo_testkit::PostgresServer;
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, postgres::PgPoolOptions};
 
 /// A local server with trust authentication, as Debian's and many developer set-ups have.

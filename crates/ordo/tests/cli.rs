@@ -1,5 +1,6 @@
 //! The `ordo` binary as a person uses it: against a real nats-server, through its CLI.
 
+use ordo_contract::Endpoint;
 use std::{
     path::Path,
     process::{Child, Command, Output, Stdio},
@@ -118,7 +119,7 @@ async fn the_command_service_waits_for_nats_then_serves_and_stops_on_sigterm() {
     let client = server.client().await;
     let reply = request_when_up(
         &client,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 5}),
     )
     .await;
@@ -151,7 +152,7 @@ async fn the_command_service_reconnects_after_nats_server_restarts() {
     let client = server.client().await;
     let first = request_when_up(
         &client,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 1}),
     )
     .await;
@@ -163,7 +164,7 @@ async fn the_command_service_reconnects_after_nats_server_restarts() {
 
     let after = request_when_up(
         &client,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 1}),
     )
     .await;
@@ -182,7 +183,7 @@ async fn client_commands_send_the_json_a_nats_req_would_and_print_the_reply() {
     let _service = Running::start(&url, &dir.path().join("ordo.log"));
     request_when_up(
         &server.client().await,
-        "ordo.cmd.order.ship",
+        Endpoint::OrderShip.subject(),
         json!({"order_id": "warm-up"}),
     )
     .await;
@@ -297,14 +298,14 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
     let client = server.client().await;
     let received = request_when_up(
         &client,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 5}),
     )
     .await;
     assert_eq!(received["ok"], true, "{received}");
     let placed = request_when_up(
         &client,
-        "ordo.cmd.order.place",
+        Endpoint::OrderPlace.subject(),
         json!({"order_id": "o-1", "customer_id": "c1", "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
     )
     .await;
@@ -419,7 +420,7 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
     let client = server.client().await;
     let reply = request_when_up(
         &client,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 1}),
     )
     .await;
@@ -477,7 +478,7 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
     }
     let malformed = client
         .request(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace.subject(),
             json!({"nonsense": true}).to_string().into(),
         )
         .await
@@ -491,7 +492,7 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
         .to_string()
     };
     let placed = client
-        .request("ordo.cmd.order.place", place("o-1".into()).into())
+        .request(Endpoint::OrderPlace.subject(), place("o-1".into()).into())
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&placed.payload).contains("\"ok\":true"));
@@ -511,7 +512,7 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
     for probe in 0.. {
         let reply = client
             .request(
-                "ordo.cmd.order.place",
+                Endpoint::OrderPlace.subject(),
                 place(format!("probe-{probe}")).into(),
             )
             .await

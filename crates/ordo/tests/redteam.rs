@@ -7,6 +7,7 @@
 //! Each test names what the attacker tries, then asserts that nothing was written, read,
 //! reserved, confirmed or leaked, and that the system still serves its honest callers.
 
+use ordo_contract::Endpoint;
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -115,7 +116,7 @@ impl System {
         let received = system
             .answered(
                 &warehouse,
-                "ordo.cmd.stock.receive",
+                Endpoint::StockReceive.subject(),
                 json!({"sku": "READY", "qty": 1}),
             )
             .await;
@@ -126,7 +127,7 @@ impl System {
         let placed = system
             .answered(
                 &shop,
-                "ordo.cmd.order.place",
+                Endpoint::OrderPlace.subject(),
                 json!({"order_id": "ready", "customer_id": "c0",
                        "lines": [{"sku": "READY", "qty": 1, "unit_price_cents": 1}]}),
             )
@@ -307,7 +308,7 @@ async fn no_reply_subject_or_header_makes_ordo_write_anywhere_but_where_the_comm
     let received = system
         .answered(
             &warehouse,
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 10}),
         )
         .await;
@@ -329,14 +330,14 @@ async fn no_reply_subject_or_header_makes_ordo_write_anywhere_but_where_the_comm
     ];
     for crafted in crafted {
         shop.publish_with_reply(
-            "ordo.cmd.order.cancel",
+            Endpoint::OrderCancel.subject(),
             crafted,
             json!({"order_id": "nope"}).to_string().into(),
         )
         .await
         .unwrap();
         warehouse
-            .publish_with_reply("ordo.cmd.order.ship", crafted, "{}".into())
+            .publish_with_reply(Endpoint::OrderShip.subject(), crafted, "{}".into())
             .await
             .unwrap();
     }
@@ -357,7 +358,7 @@ async fn no_reply_subject_or_header_makes_ordo_write_anywhere_but_where_the_comm
     for header in ["Ordo-Correlation-Id", "Ordo-Causation-Id"] {
         let mut headers = HeaderMap::new();
         headers.insert(header, "x".repeat(60 * 1024).as_str());
-        let refused = System::request(&shop, "ordo.cmd.order.place", &place, headers)
+        let refused = System::request(&shop, Endpoint::OrderPlace.subject(), &place, headers)
             .await
             .unwrap();
         assert_eq!(refused["error"]["code"], "invalid_command", "{refused}");
@@ -365,7 +366,7 @@ async fn no_reply_subject_or_header_makes_ordo_write_anywhere_but_where_the_comm
     // Attack: a string no view can hold.
     let nul = System::request(
         &shop,
-        "ordo.cmd.order.cancel",
+        Endpoint::OrderCancel.subject(),
         &json!({"order_id": "ready", "reason": "x\u{0}y"}),
         HeaderMap::new(),
     )
@@ -404,7 +405,7 @@ async fn no_reply_subject_or_header_makes_ordo_write_anywhere_but_where_the_comm
     let again = system
         .answered(
             &warehouse,
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 1}),
         )
         .await;
@@ -446,7 +447,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     system
         .answered(
             &warehouse,
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 10}),
         )
         .await;
@@ -455,12 +456,16 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     // application's commands. None is answered; none is decided.
     let reserve = json!({"sku": "A1", "order_id": "fake", "qty": 10});
     let attempts = [
-        (&shop, "ordo.internal.stock.reserve", reserve.clone()),
+        (&shop, Endpoint::StockReserve.subject(), reserve.clone()),
         (&shop, "ordo.cmd.stock.reserve", reserve.clone()),
-        (&warehouse, "ordo.internal.stock.reserve", reserve.clone()),
+        (
+            &warehouse,
+            Endpoint::StockReserve.subject(),
+            reserve.clone(),
+        ),
         (
             &shop,
-            "ordo.internal.order.confirm",
+            Endpoint::OrderConfirm.subject(),
             json!({"order_id": "unpaid"}),
         ),
         (
@@ -470,18 +475,22 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         ),
         (
             &shop,
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 1000}),
         ),
-        (&shop, "ordo.cmd.order.ship", json!({"order_id": "ready"})),
+        (
+            &shop,
+            Endpoint::OrderShip.subject(),
+            json!({"order_id": "ready"}),
+        ),
         (
             &warehouse,
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace.subject(),
             json!({"order_id": "w-1", "customer_id": "c9", "lines": [{"sku": "A1", "qty": 10, "unit_price_cents": 0}]}),
         ),
         (
             &warehouse,
-            "ordo.cmd.order.cancel",
+            Endpoint::OrderCancel.subject(),
             json!({"order_id": "ready"}),
         ),
     ];
@@ -500,7 +509,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     let unpaid = system
         .answered(
             &shop,
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace.subject(),
             json!({"order_id": "unpaid", "customer_id": "c1",
                          "lines": [{"sku": "NONE", "qty": 1, "unit_price_cents": 100}]}),
         )
@@ -509,7 +518,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     system.settled("unpaid", "rejected").await;
     let confirm = System::request(
         &shop,
-        "ordo.internal.order.confirm",
+        Endpoint::OrderConfirm.subject(),
         &json!({"order_id": "unpaid"}),
         HeaderMap::new(),
     )
@@ -519,7 +528,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     system
         .answered(
             &shop,
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace.subject(),
             json!({"order_id": "real", "customer_id": "c2",
                          "lines": [{"sku": "A1", "qty": 10, "unit_price_cents": 100}]}),
         )
@@ -540,7 +549,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     let api = system.connect("ordo-api").await;
     let commanded = System::request(
         &api,
-        "ordo.internal.stock.release",
+        Endpoint::StockRelease.subject(),
         &json!({"sku": "A1", "order_id": "real"}),
         HeaderMap::new(),
     )
@@ -596,7 +605,7 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
     assert!(
         System::request(
             &system.connect("ordo-projector").await,
-            "ordo.cmd.order.cancel",
+            Endpoint::OrderCancel.subject(),
             &json!({"order_id": "real"}),
             HeaderMap::new()
         )
@@ -635,14 +644,14 @@ async fn an_application_reads_only_its_own_replies_and_notifications() {
     system
         .answered(
             &warehouse,
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 5}),
         )
         .await;
     let placed = system
         .answered(
             &shop,
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace.subject(),
             json!({"order_id": "o-1", "customer_id": "c1",
                          "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
         )
@@ -684,7 +693,7 @@ async fn an_application_reads_only_its_own_replies_and_notifications() {
     let shop_saw = seen_up_to_a_last_reply(
         &spy,
         &mut seen_by_shop,
-        "ordo.cmd.order.place",
+        Endpoint::OrderPlace.subject(),
         json!({"order_id": "last-of-the-shop", "customer_id": "c9",
                "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 1}]}),
         "last-of-the-shop",
@@ -701,7 +710,7 @@ async fn an_application_reads_only_its_own_replies_and_notifications() {
     let warehouse_saw = seen_up_to_a_last_reply(
         &warehouse_spy,
         &mut seen_by_warehouse,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "LAST-OF-THE-WAREHOUSE", "qty": 1}),
         "LAST-OF-THE-WAREHOUSE",
     )
@@ -729,7 +738,7 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
     system
         .answered(
             &warehouse,
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 10}),
         )
         .await;
@@ -737,7 +746,7 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
     // Attack: a refusal stored under the id the saga will give victim-1's reservation.
     let predicted = System::request(
         &shop,
-        "ordo.cmd.order.cancel",
+        Endpoint::OrderCancel.subject(),
         &json!({"order_id": "nope"}),
         with_id("saga:victim-1:reserve:A1"),
     )
@@ -747,7 +756,7 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
     // Attack: a refusal stored under an id the warehouse will use.
     let taken = System::request(
         &shop,
-        "ordo.cmd.order.cancel",
+        Endpoint::OrderCancel.subject(),
         &json!({"order_id": "nope"}),
         with_id("delivery-7"),
     )
@@ -755,7 +764,7 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
     .unwrap();
     assert_eq!(taken["error"]["code"], "not_found", "{taken}");
 
-    let victim = System::request(&shop, "ordo.cmd.order.place",
+    let victim = System::request(&shop, Endpoint::OrderPlace.subject(),
                                  &json!({"order_id": "victim-1", "customer_id": "c1",
                                          "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
                                  HeaderMap::new()).await.unwrap();
@@ -763,7 +772,7 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
     system.settled("victim-1", "confirmed").await;
     let delivery = System::request(
         &warehouse,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         &json!({"sku": "A1", "qty": 3}),
         with_id("delivery-7"),
     )
@@ -776,7 +785,7 @@ async fn no_application_can_take_or_predict_another_s_command_ids() {
     // Its repeat still gets its first outcome, and the event says whose command it was.
     let repeat = System::request(
         &warehouse,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         &json!({"sku": "A1", "qty": 3}),
         with_id("delivery-7"),
     )

@@ -5,6 +5,7 @@
 //! fail at once with a clear message; no secret reaches a log. (crates/ordo/tests/redteam.rs
 //! attacks the same configuration.)
 
+use ordo_contract::Endpoint;
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -286,7 +287,7 @@ async fn ordo_works_end_to_end_over_tls_with_each_component_as_its_own_user() {
     let warehouse = connect_as(&server, &certificates, "warehouse").await;
     let received = request(
         &warehouse,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 5}),
     )
     .await;
@@ -301,7 +302,7 @@ async fn ordo_works_end_to_end_over_tls_with_each_component_as_its_own_user() {
     shop.flush().await.unwrap();
     let placed = request(
         &shop,
-        "ordo.cmd.order.place",
+        Endpoint::OrderPlace.subject(),
         json!({"order_id": "o-1", "customer_id": "c1",
                "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
     )

@@ -4,6 +4,7 @@
 //! verify that certificate, or could not speak TLS at all, fails these tests; a server that no
 //! trusted CA vouches for gets nothing.
 
+use ordo_contract::Endpoint;
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
@@ -155,9 +156,12 @@ async fn up_with_an_order(dir: &Path, env: &[(&str, String)]) -> (Ordo, NatsServ
     );
     let client = nats.client().await;
     for (subject, body) in [
-        ("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5})),
         (
-            "ordo.cmd.order.place",
+            Endpoint::StockReceive.subject(),
+            json!({"sku": "A1", "qty": 5}),
+        ),
+        (
+            Endpoint::OrderPlace.subject(),
             json!({"order_id": "o-1", "customer_id": "c1",
                    "lines": [{"sku": "A1", "qty": 1, "unit_price_cents": 500}]}),
         ),
@@ -267,7 +271,7 @@ async fn webhooks_and_traces_go_over_tls_to_servers_the_configured_ca_vouches_fo
     for _ in 0..20 {
         let _ = NatsServer::request_until_answered(
             &client,
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             &json!({"sku": "B1", "qty": 1}),
             None,
             Duration::from_secs(60),

@@ -2,6 +2,7 @@
 //! command, its append, the projectors, every saga step, the payment call and the notification,
 //! arrive at an OTLP receiver (in this process) under one trace id, each under the right parent.
 
+use ordo_contract::Endpoint;
 use std::{
     collections::HashMap,
     path::Path,
@@ -289,14 +290,14 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
     let client = server.client().await;
     let received_stock = request_in_trace(
         &client,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 5}),
     )
     .await;
     assert_eq!(received_stock["ok"], true, "{received_stock}");
     let placed = request_in_trace(
         &client,
-        "ordo.cmd.order.place",
+        Endpoint::OrderPlace.subject(),
         json!({"order_id": "o-1", "customer_id": "c1",
                "lines": [{"sku": "A1", "qty": 2, "unit_price_cents": 500}]}),
     )
@@ -307,16 +308,16 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         .wait_for(
             CALLER_TRACE_ID,
             &[
-                "ordo.cmd.order.place",
+                Endpoint::OrderPlace.subject(),
                 "append OrderPlaced",
                 "project orders",
                 "saga reserve",
-                "ordo.internal.stock.reserve",
+                Endpoint::StockReserve.subject(),
                 "project stock",
                 "saga authorize",
                 "payment authorize",
                 "saga confirm",
-                "ordo.internal.order.confirm",
+                Endpoint::OrderConfirm.subject(),
                 "append OrderConfirmed",
             ],
         )
@@ -332,8 +333,8 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
             "OrderPlaced and OrderConfirmed projected, each under its command",
             |spans| {
                 let parents = parents_of(spans, "project orders");
-                parents.contains(&"ordo.cmd.order.place".to_owned())
-                    && parents.contains(&"ordo.internal.order.confirm".to_owned())
+                parents.contains(&Endpoint::OrderPlace.subject().to_owned())
+                    && parents.contains(&Endpoint::OrderConfirm.subject().to_owned())
                     && !parents.contains(&"none".to_owned())
                     && !parents_of(spans, "project stock").contains(&"none".to_owned())
             },
@@ -341,25 +342,25 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         .await;
 
     // The command continues the caller's span; its append and its event's readers follow it.
-    let place = named(&spans, "ordo.cmd.order.place");
+    let place = named(&spans, Endpoint::OrderPlace.subject());
     let place = place
         .iter()
         .find(|span| hex(&span.parent_span_id) == CALLER_SPAN_ID)
         .expect("order.place is a child of the caller's span");
     assert_eq!(attribute(place, "outcome").as_deref(), Some("ok"));
-    assert_parent(&spans, "append OrderPlaced", "ordo.cmd.order.place");
+    assert_parent(&spans, "append OrderPlaced", Endpoint::OrderPlace.subject());
     // Every step of the saga hangs under the command that placed the order…
     for step in ["saga reserve", "saga authorize", "saga confirm"] {
-        assert_parent(&spans, step, "ordo.cmd.order.place");
+        assert_parent(&spans, step, Endpoint::OrderPlace.subject());
     }
     // …and each command a step sends, under that step.
-    assert_parent(&spans, "ordo.internal.stock.reserve", "saga reserve");
+    assert_parent(&spans, Endpoint::StockReserve.subject(), "saga reserve");
     assert_parent(&spans, "payment authorize", "saga authorize");
-    assert_parent(&spans, "ordo.internal.order.confirm", "saga confirm");
+    assert_parent(&spans, Endpoint::OrderConfirm.subject(), "saga confirm");
     assert_parent(
         &spans,
         "append OrderConfirmed",
-        "ordo.internal.order.confirm",
+        Endpoint::OrderConfirm.subject(),
     );
     // The notification follows the event of the confirm.
     let by_id: HashMap<Vec<u8>, &Span> = spans
@@ -374,7 +375,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         by_id
             .get(&notified.parent_span_id)
             .map(|span| span.name.as_str()),
-        Some("ordo.internal.order.confirm")
+        Some(Endpoint::OrderConfirm.subject())
     );
     // A projector's apply hangs under the command whose event it applied.
     for project in named(&spans, "project orders")
@@ -397,8 +398,8 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         .map(|span| span.name.as_str())
         .collect::<Vec<_>>();
     assert!(
-        order_projected_under.contains(&"ordo.cmd.order.place")
-            && order_projected_under.contains(&"ordo.internal.order.confirm"),
+        order_projected_under.contains(&Endpoint::OrderPlace.subject())
+            && order_projected_under.contains(&Endpoint::OrderConfirm.subject()),
         "{order_projected_under:?}"
     );
 }
@@ -420,7 +421,7 @@ async fn spans_go_over_http_protobuf_when_the_protocol_says_so() {
     let client = server.client().await;
     let reply = request_in_trace(
         &client,
-        "ordo.cmd.stock.receive",
+        Endpoint::StockReceive.subject(),
         json!({"sku": "A1", "qty": 5}),
     )
     .await;
@@ -428,10 +429,14 @@ async fn spans_go_over_http_protobuf_when_the_protocol_says_so() {
     let spans = received
         .wait_for(
             CALLER_TRACE_ID,
-            &["ordo.cmd.stock.receive", "append StockReceived"],
+            &[Endpoint::StockReceive.subject(), "append StockReceived"],
         )
         .await;
-    assert_parent(&spans, "append StockReceived", "ordo.cmd.stock.receive");
+    assert_parent(
+        &spans,
+        "append StockReceived",
+        Endpoint::StockReceive.subject(),
+    );
 
     // Logs are JSON lines when asked.
     let log = std::fs::read_to_string(&log).unwrap();

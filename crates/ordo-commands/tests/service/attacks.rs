@@ -3,6 +3,7 @@
 //! all, where every client shares ordo's subjects. (crates/ordo/tests/redteam.rs attacks the
 //! shipped configuration.)
 
+use ordo_contract::Endpoint;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -34,7 +35,7 @@ async fn requests_seen(engine: &Engine) -> (u64, u64) {
 async fn a_reply_subject_that_is_not_an_inbox_is_neither_decided_nor_answered() {
     let engine = Engine::start().await;
     let received = engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     assert_eq!(outcome(&received), "ok", "{received}");
     let before = requests_seen(&engine).await;
@@ -53,13 +54,13 @@ async fn a_reply_subject_that_is_not_an_inbox_is_neither_decided_nor_answered() 
         let body = json!({"sku": "A1", "qty": 1}).to_string();
         engine
             .client
-            .publish_with_reply("ordo.cmd.stock.receive", reply_to, body.into())
+            .publish_with_reply(Endpoint::StockReceive.subject(), reply_to, body.into())
             .await
             .unwrap();
         // An invalid command too: its refusal would be the reply written there.
         engine
             .client
-            .publish_with_reply("ordo.cmd.order.ship", reply_to, "{}".into())
+            .publish_with_reply(Endpoint::OrderShip.subject(), reply_to, "{}".into())
             .await
             .unwrap();
     }
@@ -79,7 +80,7 @@ async fn a_reply_subject_that_is_not_an_inbox_is_neither_decided_nor_answered() 
     }
 
     let after = engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 2}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 2}))
         .await;
     assert_eq!(
         after["version"], 2,
@@ -100,13 +101,13 @@ async fn a_reply_subject_that_is_not_an_inbox_is_neither_decided_nor_answered() 
 async fn the_saga_s_command_ids_cannot_be_taken_on_public_subjects() {
     let engine = Engine::start().await;
     engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     // The id the saga will give the first reservation of order victim-1.
     let predicted = "saga:victim-1:reserve:A1";
     let taken = engine
         .request_with_id(
-            "ordo.cmd.order.cancel",
+            Endpoint::OrderCancel,
             json!({"order_id": "nope"}),
             predicted,
         )
@@ -114,7 +115,7 @@ async fn the_saga_s_command_ids_cannot_be_taken_on_public_subjects() {
     assert_eq!(outcome(&taken), "invalid_command", "{taken}");
     let in_body = engine
         .request(
-            "ordo.cmd.order.cancel",
+            Endpoint::OrderCancel,
             json!({"order_id": "nope", "command_id": predicted}),
         )
         .await;
@@ -123,7 +124,7 @@ async fn the_saga_s_command_ids_cannot_be_taken_on_public_subjects() {
     // The saga's reservation under that id then works as if nothing had been sent.
     let reserved = engine
         .request_with_id(
-            "ordo.internal.stock.reserve",
+            Endpoint::StockReserve,
             json!({"sku": "A1", "order_id": "victim-1", "qty": 2}),
             predicted,
         )
@@ -144,7 +145,7 @@ async fn headers_copied_into_events_are_bounded() {
         headers.insert(header, value.as_str());
         let reply = engine
             .try_request_with_headers(
-                "ordo.cmd.order.place",
+                Endpoint::OrderPlace.subject(),
                 place.to_string().into_bytes(),
                 headers,
                 Duration::from_secs(10),
@@ -163,7 +164,7 @@ async fn headers_copied_into_events_are_bounded() {
     headers.insert("Ordo-Correlation-Id", "checkout-42");
     let placed = engine
         .try_request_with_headers(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace.subject(),
             place.to_string().into_bytes(),
             headers,
             Duration::from_secs(10),
@@ -180,14 +181,14 @@ async fn a_reason_no_view_can_store_is_refused_and_appends_nothing() {
     let engine = Engine::start().await;
     let placed = engine
         .request(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 1, 5)]}),
         )
         .await;
     assert_eq!(outcome(&placed), "ok", "{placed}");
     let cancel = engine
         .request(
-            "ordo.cmd.order.cancel",
+            Endpoint::OrderCancel,
             json!({"order_id": "o-1", "reason": "x\u{0}y"}),
         )
         .await;

@@ -1,6 +1,7 @@
 //! `order.place` sheds load while the saga falls behind, and takes orders again once it catches
 //! up; nothing is appended for a shed request.
 
+use ordo_contract::Endpoint;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
@@ -54,7 +55,7 @@ async fn until_shed(engine: &Engine) -> serde_json::Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     for probe in 0.. {
         let reply = engine
-            .request_with_id("ordo.cmd.order.place", order(0), &format!("probe-{probe}"))
+            .request_with_id(Endpoint::OrderPlace, order(0), &format!("probe-{probe}"))
             .await;
         if outcome(&reply) == "unavailable" {
             return reply;
@@ -93,12 +94,12 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     // The saga's consumer exists (as once a coordinator has run), but nothing takes events in.
     let consumer = idle_consumer(&engine, ConsumerId::Saga).await;
     let first = engine
-        .request_with_id("ordo.cmd.order.place", order(0), "place-0")
+        .request_with_id(Endpoint::OrderPlace, order(0), "place-0")
         .await;
     assert_eq!(outcome(&first), "ok", "{first}");
     let mut second = serde_json::Value::Null;
     for i in 1..11 {
-        let reply = engine.request("ordo.cmd.order.place", order(i)).await;
+        let reply = engine.request(Endpoint::OrderPlace, order(i)).await;
         assert_eq!(outcome(&reply), "ok");
         if i == 1 {
             second = reply;
@@ -109,7 +110,7 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     let appended = engine
         .message_count(ordo_eventstore::StreamId::Orders.name())
         .await;
-    let reply = engine.request("ordo.cmd.order.place", order(100)).await;
+    let reply = engine.request(Endpoint::OrderPlace, order(100)).await;
     assert_eq!(outcome(&reply), "unavailable", "{reply}");
     let retry_after = reply["error"]["retry_after_ms"].as_u64().unwrap();
     assert!((100..=10_000).contains(&retry_after), "{reply}");
@@ -130,14 +131,11 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     // the client's command id and under the natural key alike.
     assert_eq!(
         engine
-            .request_with_id("ordo.cmd.order.place", order(0), "place-0")
+            .request_with_id(Endpoint::OrderPlace, order(0), "place-0")
             .await,
         first
     );
-    assert_eq!(
-        engine.request("ordo.cmd.order.place", order(1)).await,
-        second
-    );
+    assert_eq!(engine.request(Endpoint::OrderPlace, order(1)).await, second);
     assert_eq!(
         engine
             .message_count(ordo_eventstore::StreamId::Orders.name())
@@ -148,7 +146,7 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     // Other commands are not shed: they are how the backlog drains.
     let receive = json!({"sku": "A1", "qty": 5});
     assert_eq!(
-        outcome(&engine.request("ordo.cmd.stock.receive", receive).await),
+        outcome(&engine.request(Endpoint::StockReceive, receive).await),
         "ok"
     );
 
@@ -160,7 +158,7 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
     // (A shed placing appends nothing: asking until it is taken is safe.)
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let reply = engine.request("ordo.cmd.order.place", order(100)).await;
+        let reply = engine.request(Endpoint::OrderPlace, order(100)).await;
         if outcome(&reply) == "ok" {
             break;
         }
@@ -174,11 +172,11 @@ async fn place_is_refused_unavailable_while_the_saga_backlog_is_over_its_bound()
 async fn a_view_that_lags_past_its_bound_sheds_placing_and_micro_stats_count_it() {
     let engine = limited(1_000_000, 3).await;
     let _stock_view = idle_consumer(&engine, ConsumerId::StockView).await;
-    let placed = engine.request("ordo.cmd.order.place", order(0)).await;
+    let placed = engine.request(Endpoint::OrderPlace, order(0)).await;
     assert_eq!(outcome(&placed), "ok", "{placed}");
     for _ in 0..5 {
         let received = engine
-            .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+            .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
             .await;
         assert_eq!(outcome(&received), "ok");
     }
@@ -205,7 +203,7 @@ async fn a_view_that_lags_past_its_bound_sheds_placing_and_micro_stats_count_it(
         errors >= shed && requests > errors,
         "{requests} {errors} {shed}"
     );
-    let another = engine.request("ordo.cmd.order.place", order(1)).await;
+    let another = engine.request(Endpoint::OrderPlace, order(1)).await;
     assert_eq!(outcome(&another), "unavailable", "{another}");
     assert_eq!(place_stats(&engine).await.2, shed + 1);
 }
@@ -217,7 +215,7 @@ async fn a_consumer_that_does_not_exist_sheds_nothing() {
     let engine = limited(0, 0).await;
     // Twenty check intervals of placings: none is shed.
     for i in 0..20 {
-        let placed = engine.request("ordo.cmd.order.place", order(i)).await;
+        let placed = engine.request(Endpoint::OrderPlace, order(i)).await;
         assert_eq!(outcome(&placed), "ok", "{placed}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

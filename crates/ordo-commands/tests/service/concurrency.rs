@@ -1,6 +1,7 @@
 //! Several instances side by side never lose an update nor oversell.
 
 use futures::{StreamExt, stream};
+use ordo_contract::Endpoint;
 use serde_json::json;
 
 use crate::support::{Engine, outcome};
@@ -12,7 +13,7 @@ async fn two_instances_and_200_concurrent_reserves_of_100_units_reserve_exactly_
     assert_eq!(
         outcome(
             &engine
-                .request("ordo.cmd.stock.receive", json!({"sku": "HOT", "qty": 100}))
+                .request(Endpoint::StockReceive, json!({"sku": "HOT", "qty": 100}))
                 .await
         ),
         "ok"
@@ -22,7 +23,7 @@ async fn two_instances_and_200_concurrent_reserves_of_100_units_reserve_exactly_
     let replies: Vec<String> = stream::iter(0..200)
         .map(|i| async move {
             let reserve = json!({"sku": "HOT", "order_id": format!("o-{i}"), "qty": 1});
-            outcome(&engine.request("ordo.internal.stock.reserve", reserve).await)
+            outcome(&engine.request(Endpoint::StockReserve, reserve).await)
         })
         .buffer_unordered(200)
         .collect()
@@ -59,7 +60,7 @@ async fn concurrent_receives_through_two_instances_lose_no_update() {
         .map(|_| async move {
             outcome(
                 &engine
-                    .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+                    .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
                     .await,
             )
         })

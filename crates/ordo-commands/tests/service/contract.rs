@@ -1,5 +1,6 @@
 //! The wire contract of every command subject, as a client sees it.
 
+use ordo_contract::Endpoint;
 use serde_json::json;
 
 use crate::support::{Engine, line, outcome};
@@ -8,14 +9,14 @@ use crate::support::{Engine, line, outcome};
 async fn receiving_stock_creates_the_sku_and_replies_with_version_and_sequence() {
     let engine = Engine::start().await;
     let first = engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     assert_eq!(
         first,
         json!({"ok": true, "sku": "A1", "version": 1, "seq": 1})
     );
     let second = engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 3}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 3}))
         .await;
     assert_eq!(
         second,
@@ -28,7 +29,7 @@ async fn placing_an_order_without_an_id_returns_the_generated_id() {
     let engine = Engine::start().await;
     let reply = engine
         .request(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"customer_id": "c1", "lines": [line("A1", 2, 500)]}),
         )
         .await;
@@ -47,7 +48,7 @@ async fn an_event_is_stored_in_the_envelope_with_its_headers() {
     let engine = Engine::start().await;
     let reply = engine
         .request_with_id(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 2, 500), line("B2", 1, 250)]}),
             "cmd-42",
         )
@@ -119,7 +120,7 @@ async fn the_event_carries_the_causation_the_caller_sent_and_continues_its_trace
     let body = serde_json::to_vec(&json!({"sku": "A1", "qty": 1})).unwrap();
     let reply = engine
         .try_request_with_headers(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             body,
             headers,
             std::time::Duration::from_secs(10),
@@ -147,37 +148,37 @@ async fn an_order_moves_through_its_states_by_subject() {
     let engine = Engine::start().await;
     let place = json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 1, 100)]});
     assert_eq!(
-        outcome(&engine.request("ordo.cmd.order.place", place).await),
+        outcome(&engine.request(Endpoint::OrderPlace, place).await),
         "ok"
     );
     let ship_early = engine
-        .request("ordo.cmd.order.ship", json!({"order_id": "o-1"}))
+        .request(Endpoint::OrderShip, json!({"order_id": "o-1"}))
         .await;
     assert_eq!(
         ship_early,
         json!({"ok": false, "error": {"code": "invalid_state", "message": "order o-1 is pending and cannot be shipped"}})
     );
     let confirmed = engine
-        .request("ordo.internal.order.confirm", json!({"order_id": "o-1"}))
+        .request(Endpoint::OrderConfirm, json!({"order_id": "o-1"}))
         .await;
     assert_eq!(
         confirmed,
         json!({"ok": true, "order_id": "o-1", "version": 2, "seq": 2})
     );
     let shipped = engine
-        .request("ordo.cmd.order.ship", json!({"order_id": "o-1"}))
+        .request(Endpoint::OrderShip, json!({"order_id": "o-1"}))
         .await;
     assert_eq!(shipped["version"], 3);
     let cancel_late = engine
-        .request("ordo.cmd.order.cancel", json!({"order_id": "o-1"}))
+        .request(Endpoint::OrderCancel, json!({"order_id": "o-1"}))
         .await;
     assert_eq!(outcome(&cancel_late), "invalid_state");
 
     let place = json!({"order_id": "o-2", "customer_id": "c1", "lines": [line("A1", 1, 100)]});
-    engine.request("ordo.cmd.order.place", place).await;
+    engine.request(Endpoint::OrderPlace, place).await;
     let rejected = engine
         .request(
-            "ordo.internal.order.reject",
+            Endpoint::OrderReject,
             json!({"order_id": "o-2", "reason": "insufficient_stock"}),
         )
         .await;
@@ -209,7 +210,7 @@ async fn an_order_moves_through_its_states_by_subject() {
 async fn commands_on_unknown_aggregates_are_not_found() {
     let engine = Engine::start().await;
     let ship = engine
-        .request("ordo.cmd.order.ship", json!({"order_id": "nope"}))
+        .request(Endpoint::OrderShip, json!({"order_id": "nope"}))
         .await;
     assert_eq!(
         ship,
@@ -217,7 +218,7 @@ async fn commands_on_unknown_aggregates_are_not_found() {
     );
     let reserve = engine
         .request(
-            "ordo.internal.stock.reserve",
+            Endpoint::StockReserve,
             json!({"sku": "nope", "order_id": "o-1", "qty": 1}),
         )
         .await;
@@ -229,13 +230,13 @@ async fn commands_on_unknown_aggregates_are_not_found() {
 async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
     let engine = Engine::start().await;
     engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     let reserve = |order: &str, qty: i64| json!({"sku": "A1", "order_id": order, "qty": qty});
     assert_eq!(
         outcome(
             &engine
-                .request("ordo.internal.stock.reserve", reserve("o-1", 2))
+                .request(Endpoint::StockReserve, reserve("o-1", 2))
                 .await
         ),
         "ok"
@@ -243,13 +244,13 @@ async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
     assert_eq!(
         outcome(
             &engine
-                .request("ordo.internal.stock.reserve", reserve("o-2", 3))
+                .request(Endpoint::StockReserve, reserve("o-2", 3))
                 .await
         ),
         "ok"
     );
     let too_much = engine
-        .request("ordo.internal.stock.reserve", reserve("o-3", 1))
+        .request(Endpoint::StockReserve, reserve("o-3", 1))
         .await;
     assert_eq!(
         too_much,
@@ -258,14 +259,14 @@ async fn reserve_release_and_deduct_move_reserved_and_on_hand() {
     );
     let release = engine
         .request(
-            "ordo.internal.stock.release",
+            Endpoint::StockRelease,
             json!({"sku": "A1", "order_id": "o-1"}),
         )
         .await;
     assert_eq!(outcome(&release), "ok");
     let deduct = engine
         .request(
-            "ordo.internal.stock.deduct",
+            Endpoint::StockDeduct,
             json!({"sku": "A1", "order_id": "o-2"}),
         )
         .await;
@@ -296,24 +297,24 @@ async fn bad_input_is_an_invalid_command_and_appends_nothing() {
         "x".repeat(64 * 1024)
     );
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("ordo.cmd.stock.receive", b"{\"sku\": \"A1\", \"qty\":".to_vec(), "the body is not valid JSON"),
-        ("ordo.cmd.stock.receive", b"\"A1\"".to_vec(), "the body must be a JSON object"),
-        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":1,"extra":true}"#.to_vec(), "unknown field `extra`"),
-        ("ordo.cmd.stock.receive", br#"{"sku":"A1"}"#.to_vec(), "missing field `qty`"),
-        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":0}"#.to_vec(), "qty must be greater than 0"),
-        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":-1}"#.to_vec(), "qty must be greater than 0"),
-        ("ordo.cmd.stock.receive", br#"{"sku":"A1","qty":"5"}"#.to_vec(), "invalid type"),
-        ("ordo.cmd.stock.receive", br#"{"sku":"A.1","qty":1}"#.to_vec(), "sku \"A.1\" is not a valid id"),
-        ("ordo.cmd.stock.receive", br#"{"sku":"A*","qty":1}"#.to_vec(), "is not a valid id"),
-        ("ordo.cmd.stock.receive", oversized.into_bytes(), "the limit is 65536"),
-        ("ordo.cmd.order.place", br#"{"customer_id":"c1","lines":[]}"#.to_vec(), "at least one line"),
+        (Endpoint::StockReceive.subject(), b"{\"sku\": \"A1\", \"qty\":".to_vec(), "the body is not valid JSON"),
+        (Endpoint::StockReceive.subject(), b"\"A1\"".to_vec(), "the body must be a JSON object"),
+        (Endpoint::StockReceive.subject(), br#"{"sku":"A1","qty":1,"extra":true}"#.to_vec(), "unknown field `extra`"),
+        (Endpoint::StockReceive.subject(), br#"{"sku":"A1"}"#.to_vec(), "missing field `qty`"),
+        (Endpoint::StockReceive.subject(), br#"{"sku":"A1","qty":0}"#.to_vec(), "qty: must be greater than 0"),
+        (Endpoint::StockReceive.subject(), br#"{"sku":"A1","qty":-1}"#.to_vec(), "qty: must be greater than 0"),
+        (Endpoint::StockReceive.subject(), br#"{"sku":"A1","qty":"5"}"#.to_vec(), "invalid type"),
+        (Endpoint::StockReceive.subject(), br#"{"sku":"A.1","qty":1}"#.to_vec(), "sku \"A.1\" is not a valid id"),
+        (Endpoint::StockReceive.subject(), br#"{"sku":"A*","qty":1}"#.to_vec(), "is not a valid id"),
+        (Endpoint::StockReceive.subject(), oversized.into_bytes(), "the limit is 65536"),
+        (Endpoint::OrderPlace.subject(), br#"{"customer_id":"c1","lines":[]}"#.to_vec(), "at least one line"),
         (
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace.subject(),
             br#"{"customer_id":"c1","lines":[{"sku":"A1","qty":1,"unit_price_cents":1}],"currency":"usd"}"#.to_vec(),
             "currency \"usd\" is not a valid id",
         ),
-        ("ordo.cmd.order.cancel", br#"{"order_id":"o 1"}"#.to_vec(), "is not a valid id"),
-        ("ordo.cmd.order.ship", br#"{"order_id":"o-1","command_id":5}"#.to_vec(), "command_id must be a string"),
+        (Endpoint::OrderCancel.subject(), br#"{"order_id":"o 1"}"#.to_vec(), "is not a valid id"),
+        (Endpoint::OrderShip.subject(), br#"{"order_id":"o-1","command_id":5}"#.to_vec(), "command_id must be a string"),
     ];
     for (subject, body, expected) in cases {
         let reply = engine.request_bytes(subject, body, None).await;
@@ -352,15 +353,15 @@ async fn the_service_is_visible_to_nats_micro_tooling() {
     assert_eq!(
         subjects,
         [
-            "ordo.cmd.order.cancel",
-            "ordo.cmd.order.place",
-            "ordo.cmd.order.ship",
-            "ordo.cmd.stock.receive",
-            "ordo.internal.order.confirm",
-            "ordo.internal.order.reject",
-            "ordo.internal.stock.deduct",
-            "ordo.internal.stock.release",
-            "ordo.internal.stock.reserve",
+            Endpoint::OrderCancel.subject(),
+            Endpoint::OrderPlace.subject(),
+            Endpoint::OrderShip.subject(),
+            Endpoint::StockReceive.subject(),
+            Endpoint::OrderConfirm.subject(),
+            Endpoint::OrderReject.subject(),
+            Endpoint::StockDeduct.subject(),
+            Endpoint::StockRelease.subject(),
+            Endpoint::StockReserve.subject(),
         ]
     );
     let ping = engine
@@ -377,7 +378,7 @@ async fn error_replies_keep_their_json_body_carry_the_service_error_headers_and_
     for _ in 0..5 {
         let reply = engine
             .client
-            .request("ordo.cmd.order.place", "{not json".into())
+            .request(Endpoint::OrderPlace.subject(), "{not json".into())
             .await
             .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
@@ -400,7 +401,7 @@ async fn error_replies_keep_their_json_body_carry_the_service_error_headers_and_
     let accepted = engine
         .client
         .request(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 5}).to_string().into(),
         )
         .await
@@ -453,7 +454,7 @@ async fn error_replies_keep_their_json_body_carry_the_service_error_headers_and_
 async fn ten_thousand_hostile_requests_are_all_invalid_command_append_nothing_and_leave_it_healthy()
 {
     use futures::StreamExt;
-    use ordo_commands::{hostile, wire::Endpoint};
+    use ordo_contract::hostile;
     use rand::{SeedableRng, rngs::StdRng};
 
     let engine = Engine::start().await;
@@ -502,7 +503,7 @@ async fn ten_thousand_hostile_requests_are_all_invalid_command_append_nothing_an
     assert_eq!(engine.event_counts().await, (0, 0), "nothing appended");
     // Still healthy: a good command goes through.
     let reply = engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     assert_eq!(outcome(&reply), "ok");
 }
@@ -512,7 +513,7 @@ async fn ten_thousand_hostile_requests_are_all_invalid_command_append_nothing_an
 /// refused as invalid or the reason goes through PostgreSQL unchanged.
 #[tokio::test]
 async fn every_reason_a_command_is_accepted_with_round_trips_through_postgresql() {
-    use ordo_commands::wire::{Caller, Command, Endpoint, parse};
+    use ordo_commands::intake::{Caller, Command, parse};
     use ordo_domain::order::OrderCommand;
     use rand::{Rng, SeedableRng, rngs::StdRng};
 
@@ -570,7 +571,7 @@ async fn a_reason_over_one_kib_is_refused_and_one_at_the_limit_is_kept_whole() {
     for order_id in ["o-1", "o-2"] {
         let placed = engine
             .request(
-                "ordo.cmd.order.place",
+                Endpoint::OrderPlace,
                 json!({"order_id": order_id, "customer_id": "c1", "lines": [line("A1", 1, 5)]}),
             )
             .await;
@@ -578,11 +579,11 @@ async fn a_reason_over_one_kib_is_refused_and_one_at_the_limit_is_kept_whole() {
     }
     // 1,025 bytes; and 513 characters of 2 bytes, 1,026 bytes.
     for reason in ["x".repeat(1025), "é".repeat(513)] {
-        for subject in ["ordo.cmd.order.cancel", "ordo.internal.order.reject"] {
+        for endpoint in [Endpoint::OrderCancel, Endpoint::OrderReject] {
             let reply = engine
-                .request(subject, json!({"order_id": "o-1", "reason": reason}))
+                .request(endpoint, json!({"order_id": "o-1", "reason": reason}))
                 .await;
-            assert_eq!(outcome(&reply), "invalid_command", "{subject}: {reply}");
+            assert_eq!(outcome(&reply), "invalid_command", "{endpoint:?}: {reply}");
             assert!(
                 reply["error"]["message"]
                     .as_str()
@@ -595,14 +596,14 @@ async fn a_reason_over_one_kib_is_refused_and_one_at_the_limit_is_kept_whole() {
     assert_eq!(engine.event_counts().await, (2, 0), "nothing appended");
     let cancel = engine
         .request(
-            "ordo.cmd.order.cancel",
+            Endpoint::OrderCancel,
             json!({"order_id": "o-1", "reason": "x".repeat(1024)}),
         )
         .await;
     assert_eq!(outcome(&cancel), "ok", "{cancel}");
     let reject = engine
         .request(
-            "ordo.internal.order.reject",
+            Endpoint::OrderReject,
             json!({"order_id": "o-2", "reason": "é".repeat(512)}),
         )
         .await;
@@ -625,7 +626,7 @@ async fn a_line_qty_past_u32_is_refused_and_u32_max_is_placed() {
     let engine = Engine::start().await;
     let over = engine
         .request(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": "o-1", "customer_id": "c1",
                    "lines": [line("A1", 1, 1), line("B2", i64::from(u32::MAX) + 1, 1)]}),
         )
@@ -635,13 +636,13 @@ async fn a_line_qty_past_u32_is_refused_and_u32_max_is_placed() {
         over["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("lines[1].qty is too large"),
+            .contains("lines[1].qty: 4294967296 is too large"),
         "{over}"
     );
     assert_eq!(engine.event_counts().await, (0, 0));
     let at = engine
         .request(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": "o-2", "customer_id": "c1",
                    "lines": [line("A1", i64::from(u32::MAX), 1)]}),
         )
@@ -651,7 +652,7 @@ async fn a_line_qty_past_u32_is_refused_and_u32_max_is_placed() {
     assert_eq!(stored[0].envelope.data["lines"][0]["qty"], json!(u32::MAX));
     let received = engine
         .request(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive,
             json!({"sku": "A1", "qty": u64::from(u32::MAX) + 1}),
         )
         .await;
@@ -669,7 +670,7 @@ async fn an_order_of_100_lines_is_placed_and_one_of_101_is_refused() {
     };
     let refused = engine
         .request(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": "o-101", "customer_id": "c1", "lines": lines(101)}),
         )
         .await;
@@ -683,7 +684,7 @@ async fn an_order_of_100_lines_is_placed_and_one_of_101_is_refused() {
     );
     let placed = engine
         .request(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"order_id": "o-100", "customer_id": "c1", "lines": lines(100)}),
         )
         .await;

@@ -1,6 +1,7 @@
 //! nats-server killed with SIGKILL and restarted in the middle of a run: no acknowledged event is
 //! lost, and retrying every command afterwards stores each exactly once.
 
+use ordo_contract::Endpoint;
 use std::{collections::HashMap, time::Duration};
 
 use futures::{FutureExt, StreamExt, stream};
@@ -14,7 +15,7 @@ async fn receive(engine: &Engine, i: usize) -> Result<Value, String> {
     let body = serde_json::to_vec(&json!({"sku": "A1", "qty": 1})).unwrap();
     engine
         .try_request(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             body,
             Some(&format!("r-{i}")),
             Duration::from_secs(1),
@@ -139,7 +140,7 @@ async fn stop_with_300_delivered(
         let body = json!({"sku": format!("S{i}"), "qty": 1}).to_string();
         client
             .publish_with_reply(
-                "ordo.cmd.stock.receive",
+                Endpoint::StockReceive.subject(),
                 format!("{inbox}.{i}"),
                 body.into(),
             )

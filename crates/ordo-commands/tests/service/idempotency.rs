@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use ordo_commands::{
+    intake,
     outcomes::{OutcomeRecord, OutcomeState, Outcomes},
-    wire::{self, Endpoint},
 };
+use ordo_contract::{Endpoint, ErrorCode, Reply, headers};
 use ordo_domain::stock::{StockAggregate, StockEvent};
 use ordo_eventstore::{EventEnvelope, EventMetadata, EventStore, StreamDefinition};
 use serde_json::json;
@@ -21,11 +22,11 @@ async fn record_receive_intent(
     body: &[u8],
     expected_last_seq: u64,
 ) {
-    let parsed = wire::parse(
+    let parsed = intake::parse(
         Endpoint::StockReceive,
         body,
         Some(command_id),
-        &wire::Caller::OwnAccount,
+        &intake::Caller::OwnAccount,
     )
     .unwrap();
     let intent = OutcomeRecord {
@@ -121,10 +122,10 @@ async fn a_repeated_msg_id_header_returns_the_first_outcome_and_appends_nothing(
     let engine = Engine::start().await;
     let body = json!({"sku": "A1", "qty": 5});
     let first = engine
-        .request_with_id("ordo.cmd.stock.receive", body.clone(), "delivery-1")
+        .request_with_id(Endpoint::StockReceive, body.clone(), "delivery-1")
         .await;
     let again = engine
-        .request_with_id("ordo.cmd.stock.receive", body, "delivery-1")
+        .request_with_id(Endpoint::StockReceive, body, "delivery-1")
         .await;
     assert_eq!(
         first,
@@ -143,8 +144,8 @@ async fn a_repeated_msg_id_header_returns_the_first_outcome_and_appends_nothing(
 async fn a_command_id_field_works_like_the_header() {
     let engine = Engine::start().await;
     let body = json!({"sku": "A1", "qty": 5, "command_id": "delivery-1"});
-    let first = engine.request("ordo.cmd.stock.receive", body.clone()).await;
-    let again = engine.request("ordo.cmd.stock.receive", body).await;
+    let first = engine.request(Endpoint::StockReceive, body.clone()).await;
+    let again = engine.request(Endpoint::StockReceive, body).await;
     assert_eq!(again, first);
     assert_eq!(
         engine
@@ -158,15 +159,13 @@ async fn a_command_id_field_works_like_the_header() {
 async fn without_a_command_id_the_natural_key_makes_retries_safe() {
     let engine = Engine::start().await;
     let place = json!({"order_id": "o-1", "customer_id": "c1", "lines": [line("A1", 1, 100)]});
-    let placed = engine.request("ordo.cmd.order.place", place.clone()).await;
-    assert_eq!(engine.request("ordo.cmd.order.place", place).await, placed);
+    let placed = engine.request(Endpoint::OrderPlace, place.clone()).await;
+    assert_eq!(engine.request(Endpoint::OrderPlace, place).await, placed);
     let cancel = json!({"order_id": "o-1"});
-    let cancelled = engine
-        .request("ordo.cmd.order.cancel", cancel.clone())
-        .await;
+    let cancelled = engine.request(Endpoint::OrderCancel, cancel.clone()).await;
     assert_eq!(outcome(&cancelled), "ok");
     assert_eq!(
-        engine.request("ordo.cmd.order.cancel", cancel).await,
+        engine.request(Endpoint::OrderCancel, cancel).await,
         cancelled,
         "a retried cancel is not refused as 'already cancelled'"
     );
@@ -183,14 +182,14 @@ async fn a_command_id_reused_for_a_different_command_is_refused() {
     let engine = Engine::start().await;
     engine
         .request_with_id(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive,
             json!({"sku": "A1", "qty": 5}),
             "same-id",
         )
         .await;
     let reused = engine
         .request_with_id(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive,
             json!({"sku": "A1", "qty": 7}),
             "same-id",
         )
@@ -212,23 +211,23 @@ async fn a_command_id_reused_for_a_different_command_is_refused() {
 async fn a_refusal_is_the_first_outcome_of_a_command_id() {
     let engine = Engine::start().await;
     engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
         .await;
     let reserve = json!({"sku": "A1", "order_id": "o-1", "qty": 5});
     let refused = engine
         .request_with_id(
-            "ordo.internal.stock.reserve",
+            Endpoint::StockReserve,
             reserve.clone(),
             "saga-o-1-reserve-A1",
         )
         .await;
     assert_eq!(outcome(&refused), "insufficient_stock");
     engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 10}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 10}))
         .await;
     let repeated = engine
         .request_with_id(
-            "ordo.internal.stock.reserve",
+            Endpoint::StockReserve,
             reserve.clone(),
             "saga-o-1-reserve-A1",
         )
@@ -247,17 +246,17 @@ async fn a_refusal_is_the_first_outcome_of_a_command_id() {
 async fn without_a_command_id_a_refused_command_is_decided_again_later() {
     let engine = Engine::start().await;
     engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 1}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 1}))
         .await;
     let reserve = json!({"sku": "A1", "order_id": "o-1", "qty": 5});
     let refused = engine
-        .request("ordo.internal.stock.reserve", reserve.clone())
+        .request(Endpoint::StockReserve, reserve.clone())
         .await;
     assert_eq!(outcome(&refused), "insufficient_stock");
     engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 10}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 10}))
         .await;
-    let reserved = engine.request("ordo.internal.stock.reserve", reserve).await;
+    let reserved = engine.request(Endpoint::StockReserve, reserve).await;
     assert_eq!(
         reserved,
         json!({"ok": true, "sku": "A1", "version": 3, "seq": 3})
@@ -269,12 +268,12 @@ async fn a_repeat_after_the_duplicate_window_still_returns_the_first_outcome() {
     let engine = Engine::start_with(1, short_duplicate_window()).await;
     let body = json!({"sku": "A1", "qty": 5});
     let first = engine
-        .request_with_id("ordo.cmd.stock.receive", body.clone(), "late-retry")
+        .request_with_id(Endpoint::StockReceive, body.clone(), "late-retry")
         .await;
     let probes =
         forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "late-retry").await;
     let again = engine
-        .request_with_id("ordo.cmd.stock.receive", body, "late-retry")
+        .request_with_id(Endpoint::StockReceive, body, "late-retry")
         .await;
     assert_eq!(again, first);
     assert_eq!(
@@ -291,7 +290,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
     let engine = Engine::start_with(1, short_duplicate_window()).await;
     engine
         .request_with_id(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive,
             json!({"sku": "A1", "qty": 1}),
             "before",
         )
@@ -329,7 +328,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
     // …and another command landed after it, and the duplicate window has passed,
     engine
         .request_with_id(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive,
             json!({"sku": "A1", "qty": 1}),
             "after",
         )
@@ -339,7 +338,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
     // when the client retries, it gets the outcome of the run that died, and nothing new is stored.
     let retried = engine
         .request_with_id(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive,
             json!({"sku": "A1", "qty": 4}),
             "crashed",
         )
@@ -370,7 +369,11 @@ async fn a_run_that_died_before_appending_is_run_again() {
     record_receive_intent(&store, "died-early", body, 0).await;
 
     let reply = engine
-        .request_bytes("ordo.cmd.stock.receive", body.to_vec(), Some("died-early"))
+        .request_bytes(
+            Endpoint::StockReceive.subject(),
+            body.to_vec(),
+            Some("died-early"),
+        )
         .await;
     assert_eq!(
         reply,
@@ -395,12 +398,12 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
         let command_id = format!("copied-{round}");
         let copies = (0..6).map(|_| {
             engine.request_with_id(
-                "ordo.cmd.stock.receive",
+                Endpoint::StockReceive,
                 json!({"sku": "A1", "qty": 1}),
                 &command_id,
             )
         });
-        let other = engine.request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 100}));
+        let other = engine.request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 100}));
         let (replies, _) = tokio::join!(futures::future::join_all(copies), other);
         assert!(
             replies.iter().all(|reply| *reply == replies[0]),
@@ -412,7 +415,7 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
     // And a place without an order id, under one command id: one order, whichever copy ran.
     let place = || {
         engine.request_with_id(
-            "ordo.cmd.order.place",
+            Endpoint::OrderPlace,
             json!({"customer_id": "c1", "lines": [line("A1", 1, 100)]}),
             "place-once",
         )
@@ -432,7 +435,7 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
     for (command_id, first) in &first_replies {
         let again = engine
             .request_with_id(
-                "ordo.cmd.stock.receive",
+                Endpoint::StockReceive,
                 json!({"sku": "A1", "qty": 1}),
                 command_id,
             )
@@ -464,15 +467,15 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
 async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_outcome() {
     let engine = Engine::start().await;
     engine
-        .request("ordo.cmd.stock.receive", json!({"sku": "A1", "qty": 5}))
+        .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
     let resolve = |order: &str| {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("saga:{order}:reserve:A1").as_str());
-        headers.insert(wire::HEADER_VOID_IF_NOT_RUN, "true");
+        headers.insert(headers::VOID_IF_NOT_RUN, "true");
         let body = json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
         engine.try_request_with_headers(
-            "ordo.internal.stock.reserve",
+            Endpoint::StockReserve.subject(),
             body.into_bytes(),
             headers,
             Duration::from_secs(10),
@@ -486,7 +489,7 @@ async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_
         let engine = &engine;
         async move {
             engine
-                .request_with_id("ordo.internal.stock.reserve", body, &id)
+                .request_with_id(Endpoint::StockReserve, body, &id)
                 .await
         }
     };
@@ -516,10 +519,10 @@ async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_
 
     // Only the saga's reserves can be voided.
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert(wire::HEADER_VOID_IF_NOT_RUN, "true");
+    headers.insert(headers::VOID_IF_NOT_RUN, "true");
     let elsewhere = engine
         .try_request_with_headers(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive.subject(),
             json!({"sku": "A1", "qty": 1}).to_string().into_bytes(),
             headers,
             Duration::from_secs(10),
@@ -553,7 +556,7 @@ async fn two_different_outcome_records_at_one_revision_are_a_conflict_not_a_repe
         expected_last_seq: 1,
     });
     let voided = record(OutcomeState::Rejected {
-        reply: json!({"ok": false, "error": {"code": "invalid_state", "message": "voided"}}),
+        reply: Reply::refused(ErrorCode::InvalidState, "voided"),
     });
     let written = outcomes.put(&voided, 0).await.unwrap();
     assert!(
@@ -575,7 +578,7 @@ async fn a_command_that_cannot_be_decided_in_20_attempts_is_a_conflict_and_appen
     let engine = Engine::start().await;
     let first = engine
         .request_with_id(
-            "ordo.cmd.stock.receive",
+            Endpoint::StockReceive,
             json!({"sku": "A1", "qty": 1}),
             "first",
         )
@@ -590,7 +593,11 @@ async fn a_command_that_cannot_be_decided_in_20_attempts_is_a_conflict_and_appen
     let body = br#"{"sku":"A1","qty":4}"#;
     record_receive_intent(&store, "stalled", body, 999).await;
     let reply = engine
-        .request_bytes("ordo.cmd.stock.receive", body.to_vec(), Some("stalled"))
+        .request_bytes(
+            Endpoint::StockReceive.subject(),
+            body.to_vec(),
+            Some("stalled"),
+        )
         .await;
     assert_eq!(outcome(&reply), "conflict", "{reply}");
     assert!(

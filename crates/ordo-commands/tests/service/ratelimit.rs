@@ -1,5 +1,6 @@
 //! Per-customer rate limits on `order.place`, shared by every command-service instance.
 
+use ordo_contract::Endpoint;
 use std::time::Duration;
 
 use ordo_commands::{ServiceConfig, ratelimit::CustomerRate};
@@ -46,7 +47,7 @@ async fn a_customer_over_its_rate_is_refused_by_every_instance_and_nothing_is_ap
     for i in 0.. {
         replies.push(
             engine
-                .request("ordo.cmd.order.place", place(&format!("o-{i}"), "c1"))
+                .request(Endpoint::OrderPlace, place(&format!("o-{i}"), "c1"))
                 .await,
         );
         if i >= 5
@@ -69,7 +70,7 @@ async fn a_customer_over_its_rate_is_refused_by_every_instance_and_nothing_is_ap
     }
     // Another customer has a bucket of its own.
     let other = engine
-        .request("ordo.cmd.order.place", place("o-other", "c2"))
+        .request(Endpoint::OrderPlace, place("o-other", "c2"))
         .await;
     assert_eq!(other["ok"], true, "{other}");
     // Only what was accepted was appended.
@@ -81,16 +82,16 @@ async fn a_repeat_of_an_accepted_order_gets_its_reply_while_its_customer_is_over
     // One order, then one every 100 s: nothing refills during the test.
     let engine = one_limited_instance(0.01, 1).await;
     let first = engine
-        .request("ordo.cmd.order.place", place("o-1", "c1"))
+        .request(Endpoint::OrderPlace, place("o-1", "c1"))
         .await;
     assert_eq!(first["ok"], true, "{first}");
     let new_order = engine
-        .request("ordo.cmd.order.place", place("o-2", "c1"))
+        .request(Endpoint::OrderPlace, place("o-2", "c1"))
         .await;
     assert_eq!(new_order["error"]["code"], "rate_limited", "{new_order}");
     // The client lost the first reply and sends the same command again.
     let repeat = engine
-        .request("ordo.cmd.order.place", place("o-1", "c1"))
+        .request(Endpoint::OrderPlace, place("o-1", "c1"))
         .await;
     assert_eq!(repeat, first, "the original reply");
     assert_eq!(engine.event_counts().await, (1, 0));
@@ -102,17 +103,17 @@ async fn tokens_come_back_at_the_configured_rate() {
     // the machine.
     let engine = one_limited_instance(1.0, 1).await;
     let first = engine
-        .request("ordo.cmd.order.place", place("o-1", "c1"))
+        .request(Endpoint::OrderPlace, place("o-1", "c1"))
         .await;
     assert_eq!(first["ok"], true, "{first}");
     let second = engine
-        .request("ordo.cmd.order.place", place("o-2", "c1"))
+        .request(Endpoint::OrderPlace, place("o-2", "c1"))
         .await;
     assert_eq!(second["error"]["code"], "rate_limited", "{second}");
     let wait = second["error"]["retry_after_ms"].as_u64().unwrap();
     tokio::time::sleep(Duration::from_millis(wait + 50)).await;
     let third = engine
-        .request("ordo.cmd.order.place", place("o-3", "c1"))
+        .request(Endpoint::OrderPlace, place("o-3", "c1"))
         .await;
     assert_eq!(third["ok"], true, "after retry_after_ms: {third}");
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_nats::{HeaderMap, jetstream};
 use futures::StreamExt;
 use ordo_commands::CommandService;
+use ordo_contract::{Endpoint, headers};
 use ordo_eventstore::{EventEnvelope, StreamDefinition, streams::apply_all};
 use ordo_testkit::NatsServer;
 use serde_json::Value;
@@ -75,16 +76,21 @@ impl Engine {
         task.await.expect("the instance stops cleanly");
     }
 
-    /// Sends `body` to `subject` and returns the JSON reply; panics if there is none in 10 s.
-    pub async fn request(&self, subject: &str, body: Value) -> Value {
-        self.request_bytes(subject, serde_json::to_vec(&body).unwrap(), None)
+    /// Sends `body` to `endpoint` and returns the JSON reply; panics if there is none in 10 s.
+    pub async fn request(&self, endpoint: Endpoint, body: Value) -> Value {
+        self.request_bytes(endpoint.subject(), serde_json::to_vec(&body).unwrap(), None)
             .await
     }
 
     /// The same, with a `Nats-Msg-Id` header.
-    pub async fn request_with_id(&self, subject: &str, body: Value, command_id: &str) -> Value {
+    pub async fn request_with_id(
+        &self,
+        endpoint: Endpoint,
+        body: Value,
+        command_id: &str,
+    ) -> Value {
         self.request_bytes(
-            subject,
+            endpoint.subject(),
             serde_json::to_vec(&body).unwrap(),
             Some(command_id),
         )
@@ -112,7 +118,7 @@ impl Engine {
     ) -> Result<Value, String> {
         let mut headers = HeaderMap::new();
         if let Some(id) = command_id {
-            headers.insert("Nats-Msg-Id", id);
+            headers.insert(headers::MSG_ID, id);
         }
         self.try_request_with_headers(subject, body, headers, timeout)
             .await

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use ordo_commands::wire::{ErrorCode, Reply};
+use ordo_contract::{Endpoint, ErrorCode, Reply, headers};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
 use serde_json::{Value, json};
 
@@ -92,13 +92,13 @@ pub async fn attack(
                 let body = json!({"order_id": "hostile-nope"}).to_string();
                 let _ = shop
                     .publish_with_reply(
-                        "ordo.cmd.order.cancel",
+                        Endpoint::OrderCancel.subject(),
                         crafted.clone(),
                         body.clone().into(),
                     )
                     .await;
                 let _ = warehouse
-                    .publish_with_reply("ordo.cmd.order.ship", crafted, body.into())
+                    .publish_with_reply(Endpoint::OrderShip.subject(), crafted, body.into())
                     .await;
                 attacks.count("reply_subject");
             }
@@ -122,9 +122,9 @@ pub async fn attack(
                 let id = format!("saga:{order}:{kind}:sku-{}", rng.random_range(0..4));
                 let reply = request(
                     shop,
-                    "ordo.cmd.order.cancel",
+                    Endpoint::OrderCancel.subject(),
                     &json!({"order_id": "hostile-nope"}),
-                    &[("Nats-Msg-Id", &id)],
+                    &[(headers::MSG_ID, &id)],
                 )
                 .await;
                 expect_refused(
@@ -139,16 +139,16 @@ pub async fn attack(
                 let victim_client = rng.random_range(0..16);
                 let victim_n = n + rng.random_range(0..20);
                 let (thief, subject, victim_tag) = if rng.random_bool(0.5) {
-                    (shop, "ordo.cmd.order.cancel", callers.warehouse.tag)
+                    (shop, Endpoint::OrderCancel.subject(), callers.warehouse.tag)
                 } else {
-                    (warehouse, "ordo.cmd.order.ship", callers.shop.tag)
+                    (warehouse, Endpoint::OrderShip.subject(), callers.shop.tag)
                 };
                 let id = format!("{victim_tag}-{seed:x}-{victim_client}-{victim_n}");
                 let reply = request(
                     thief,
                     subject,
                     &json!({"order_id": "hostile-nope"}),
-                    &[("Nats-Msg-Id", &id)],
+                    &[(headers::MSG_ID, &id)],
                 )
                 .await;
                 expect_refused(
@@ -170,17 +170,17 @@ pub async fn attack(
                 let (client, subject, body) = [
                     (
                         either,
-                        "ordo.internal.stock.reserve",
+                        Endpoint::StockReserve.subject(),
                         json!({"sku": sku, "order_id": known, "qty": 50}),
                     ),
                     (
                         either,
-                        "ordo.internal.order.confirm",
+                        Endpoint::OrderConfirm.subject(),
                         json!({"order_id": known}),
                     ),
                     (
                         either,
-                        "ordo.internal.stock.release",
+                        Endpoint::StockRelease.subject(),
                         json!({"sku": sku, "order_id": known}),
                     ),
                     (
@@ -191,12 +191,12 @@ pub async fn attack(
                     (either, "ordo.cmd.order.confirm", json!({"order_id": known})),
                     (
                         shop,
-                        "ordo.cmd.stock.receive",
+                        Endpoint::StockReceive.subject(),
                         json!({"sku": sku, "qty": 1000}),
                     ),
                     (
                         warehouse,
-                        "ordo.cmd.order.cancel",
+                        Endpoint::OrderCancel.subject(),
                         json!({"order_id": known}),
                     ),
                 ]
@@ -221,7 +221,13 @@ pub async fn attack(
                 };
                 let body = json!({"order_id": format!("hostile-{seed:x}-{n}"), "customer_id": "c-hostile",
                                   "lines": [{"sku": "sku-0", "qty": 1, "unit_price_cents": 1}]});
-                let reply = request(shop, "ordo.cmd.order.place", &body, &[(header, &huge)]).await;
+                let reply = request(
+                    shop,
+                    Endpoint::OrderPlace.subject(),
+                    &body,
+                    &[(header, &huge)],
+                )
+                .await;
                 expect_refused(
                     &attacks,
                     "oversized_header",
@@ -239,7 +245,7 @@ pub async fn attack(
                 reason.insert(at, '\0');
                 let reason: String = reason.into_iter().collect();
                 let body = json!({"order_id": known, "reason": reason});
-                let reply = request(shop, "ordo.cmd.order.cancel", &body, &[]).await;
+                let reply = request(shop, Endpoint::OrderCancel.subject(), &body, &[]).await;
                 expect_refused(
                     &attacks,
                     "unstorable_string",
@@ -305,7 +311,7 @@ fn expect_refused(
 ) {
     attacks.count(kind);
     let Some(reply) = reply else { return };
-    match Reply::from_json(reply) {
+    match serde_json::from_value::<Reply>(reply.clone()) {
         Ok(Reply::Refused { code, .. })
             if expected.contains(&code) || code == ErrorCode::Unavailable => {}
         _ => attacks.got_through(kind, format!("answered {reply}")),

@@ -12,8 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ordo_commands::wire::{CommandRequest, Endpoint, ErrorCode, Reply};
-use ordo_domain::{CustomerId, OrderId, Sku, order::OrderLine};
+use ordo_contract::{
+    CancelOrder, CommandRequest, Endpoint, ErrorCode, InvalidReply, Line, PlaceOrder, Quantity,
+    Reason, ReceiveStock, Reply, ShipOrder, headers,
+};
+use ordo_domain::{CustomerId, OrderId, Sku};
 use rand::{
     Rng, SeedableRng,
     rngs::StdRng,
@@ -145,48 +148,47 @@ pub async fn client(
         };
         let id = |text: String| OrderId::parse(text).expect("generated ids are valid");
         let request = match (roll, known_order) {
-            (r, _) if r < 0.15 => CommandRequest::ReceiveStock {
+            (r, _) if r < 0.15 => CommandRequest::ReceiveStock(ReceiveStock {
                 sku: sku(rng.random_range(0..SKUS)),
-                qty: rng.random_range(1..=6),
-            },
-            (r, Some(order_id)) if r < 0.27 => CommandRequest::CancelOrder {
+                qty: Quantity::new(rng.random_range(1..=6)).expect("positive"),
+            }),
+            (r, Some(order_id)) if r < 0.27 => CommandRequest::CancelOrder(CancelOrder {
                 order_id: id(order_id),
-                reason: Some("chaos".into()),
-            },
-            (r, Some(order_id)) if r < 0.40 => CommandRequest::ShipOrder {
+                reason: Some(Reason::new("chaos").expect("a valid reason")),
+            }),
+            (r, Some(order_id)) if r < 0.40 => CommandRequest::ShipOrder(ShipOrder {
                 order_id: id(order_id),
-            },
+            }),
             _ => {
                 let count = rng.random_range(1..=3);
                 let mut skus: Vec<usize> = (0..SKUS).collect();
                 let (chosen, _) = skus.partial_shuffle(&mut rng, count);
                 let lines = chosen
                     .iter()
-                    .map(|index| OrderLine {
+                    .map(|index| Line {
                         sku: sku(*index),
-                        qty: rng.random_range(1..=3),
+                        qty: Quantity::new(rng.random_range(1..=3)).expect("positive"),
                         unit_price_cents: rng.random_range(100..1000),
                     })
                     .collect();
-                CommandRequest::PlaceOrder {
+                CommandRequest::PlaceOrder(PlaceOrder {
                     order_id: Some(id(format!("o-{seed:x}-{client}-{n}"))),
                     customer_id: CustomerId::parse(format!("c-{client}")).expect("a valid id"),
                     lines,
                     currency: None,
-                }
+                })
             }
         };
         let caller = callers.for_endpoint(request.endpoint());
         let command_id = format!("{}-{seed:x}-{client}-{n}", caller.tag);
         history.sent.fetch_add(1, Ordering::Relaxed);
         match send_until_answered(&caller.client, &request, &command_id, &history).await {
-            Some(Reply::Accepted {
-                aggregate_id, seq, ..
-            }) => {
+            Some(Reply::Accepted { aggregate, seq, .. }) => {
+                let aggregate_id = aggregate.to_string();
                 history.answered_ok.fetch_add(1, Ordering::Relaxed);
                 let stream = ordo_eventstore::stream_for_category(request.endpoint().category())
                     .expect("every endpoint acts on a category with a stream");
-                if let CommandRequest::PlaceOrder { .. } = request {
+                if let CommandRequest::PlaceOrder(_) = request {
                     history
                         .orders
                         .lock()
@@ -262,11 +264,11 @@ async fn send_once(
     nats: &async_nats::Client,
     command: &CommandRequest,
     command_id: &str,
-) -> Option<Result<Reply, ordo_commands::wire::InvalidReply>> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", command_id);
+) -> Option<Result<Reply, InvalidReply>> {
+    let mut request_headers = async_nats::HeaderMap::new();
+    request_headers.insert(headers::MSG_ID, command_id);
     let request = async_nats::Request::new()
-        .headers(headers)
+        .headers(request_headers)
         .payload(command.body_bytes().into())
         .timeout(Some(REQUEST_TIMEOUT));
     let reply = nats.send_request(command.subject(), request).await.ok()?;

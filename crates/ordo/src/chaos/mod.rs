@@ -23,6 +23,7 @@ pub mod hostile;
 pub mod load;
 pub mod observe;
 
+use ordo_contract::{CommandRequest, Quantity, ReceiveStock};
 use std::{
     collections::BTreeMap,
     io::IsTerminal,
@@ -37,7 +38,7 @@ use std::{
 use accounts::Accounts;
 use anyhow::Context;
 use fleet::{Component, Fleet, Launch};
-use ordo_testkit::{NatsCluster, NatsServer, TestDatabase};
+use ordo_local::{NatsCluster, NatsServer, TestDatabase};
 use rand::{SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
@@ -201,7 +202,7 @@ pub async fn run(
     // Servers of the drill's own run the accounts and users docker/nats.conf ships. A missing
     // nats-server is said plainly, before anything starts.
     if nats_url.is_none() {
-        ordo_testkit::find_nats_server().map_err(anyhow::Error::msg)?;
+        ordo_local::find_nats_server().map_err(anyhow::Error::msg)?;
     }
     let accounts = nats_url.is_none().then(Accounts::generate);
     let server_config = accounts.as_ref().map(Accounts::server_config).transpose()?;
@@ -253,7 +254,7 @@ pub async fn run(
             .await
             .with_context(|| format!("connecting to {nats_url}"))?,
     };
-    ordo_testkit::NatsServer::wait_for_jetstream(&nats).await;
+    ordo_local::NatsServer::wait_for_jetstream(&nats).await;
     // A new cluster may still be electing its leaders: try for a while.
     let definitions = streams.definitions()?;
     let mut ensured = crate::components::ensure_streams(&nats, &definitions).await;
@@ -319,10 +320,10 @@ pub async fn run(
     );
     wait_for_commands(&nats).await?;
     for index in 0..load::SKUS {
-        let receive = ordo_commands::wire::CommandRequest::ReceiveStock {
+        let receive = CommandRequest::ReceiveStock(ReceiveStock {
             sku: load::sku(index),
-            qty: 20,
-        };
+            qty: Quantity::new(20).expect("positive"),
+        });
         nats.request(receive.subject(), receive.body_bytes().into())
             .await?;
     }
@@ -589,7 +590,7 @@ fn refused_by_the_server(logs: &std::path::Path) -> Vec<check::Violation> {
 /// private cluster of its own (stopped and deleted with the drill).
 async fn postgres_server(
     given: Option<String>,
-) -> anyhow::Result<(String, Option<ordo_testkit::PostgresServer>)> {
+) -> anyhow::Result<(String, Option<ordo_local::PostgresServer>)> {
     if let Some(url) = given.or_else(|| std::env::var("ORDO_TEST_DATABASE_URL").ok()) {
         return Ok((url, None));
     }
@@ -603,7 +604,7 @@ async fn postgres_server(
         return Ok((local.to_owned(), None));
     }
     eprintln!("ordo chaos: no PostgreSQL answers on 127.0.0.1:5432; starting a private one");
-    let server = tokio::task::spawn_blocking(ordo_testkit::PostgresServer::start).await?;
+    let server = tokio::task::spawn_blocking(ordo_local::PostgresServer::start).await?;
     Ok((server.url("postgres"), Some(server)))
 }
 

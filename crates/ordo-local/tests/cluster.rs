@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use ordo_testkit::{NatsCluster, NatsServer};
+use ordo_local::{NatsCluster, NatsServer};
 
 #[tokio::test]
 async fn an_r3_stream_survives_the_loss_of_its_leader() {

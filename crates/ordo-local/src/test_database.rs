@@ -1,4 +1,4 @@
-//! A PostgreSQL database owned by one test: created empty, dropped afterwards.
+//! A PostgreSQL database owned by one test or one drill: created empty, dropped afterwards.
 
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, postgres::PgPoolOptions};
 

@@ -5,7 +5,7 @@
 use rand::{Rng, seq::IndexedRandom};
 use serde_json::{Value, json};
 
-use crate::wire::{Endpoint, MAX_BODY_BYTES};
+use crate::{Endpoint, MAX_BODY_BYTES};
 
 /// A request that must be refused.
 #[derive(Debug, Clone)]
