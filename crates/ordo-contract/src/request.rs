@@ -280,15 +280,23 @@ impl CommandRequest {
     }
 }
 
-/// A body read as `T`; a refusal names the field at fault.
+/// A body read as `T`; a refusal names the field at fault, by its path (`lines[0].sku`).
 fn typed<T: DeserializeOwned>(body: Value) -> Result<T, InvalidCommand> {
     serde_path_to_error::deserialize(body).map_err(|err| {
         let path = err.path().to_string();
-        let inner = err.into_inner();
-        InvalidCommand(if path == "." {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
+        let field = match err.path().iter().next_back() {
+            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+            _ => None,
+        };
+        let inner = err.into_inner().to_string();
+        InvalidCommand(match field {
+            _ if path == "." => inner,
+            // An id's refusal names the field itself (`sku "A.1" is not a valid id`): named by
+            // its path instead.
+            Some(field) if inner.starts_with(&format!("{field} ")) => {
+                format!("{path}{}", &inner[field.len()..])
+            }
+            _ => format!("{path}: {inner}"),
         })
     })
 }
@@ -344,9 +352,14 @@ mod tests {
         );
         assert!(price.starts_with("lines[0].unit_price_cents: "), "{price}");
         let id = refusal(Endpoint::OrderShip, json!({"order_id": "o.1"}));
+        assert!(id.starts_with("order_id \"o.1\" is not a valid id"), "{id}");
+        let sku = refusal(
+            Endpoint::OrderPlace,
+            place(json!({"sku": "A.1", "qty": 1, "unit_price_cents": 1})),
+        );
         assert!(
-            id.starts_with("order_id: order_id \"o.1\" is not a valid id"),
-            "{id}"
+            sku.starts_with("lines[0].sku \"A.1\" is not a valid id"),
+            "{sku}"
         );
         let unknown = refusal(
             Endpoint::StockReceive,

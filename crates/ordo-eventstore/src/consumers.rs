@@ -2,6 +2,10 @@
 //! the command service's load shedding, the read API's metrics and the chaos drill take their
 //! names from.
 
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+
 use crate::StreamId;
 
 /// A durable consumer. Its name is its identity in JetStream, in docker/nats.conf's permissions,
@@ -57,6 +61,58 @@ impl ConsumerId {
     /// (`ordo_saga::unreadable`), counted per consumer by the read API.
     pub const fn holds_back_unreadable(self) -> bool {
         matches!(self, Self::Saga | Self::Notifier)
+    }
+
+    /// What `nats consumer info` shows of it.
+    pub const fn description(self) -> &'static str {
+        match self {
+            Self::Saga => "ordo saga coordinators: order events that start or extend sagas",
+            Self::OrdersView => "ordo projection orders (restarted at its checkpoint)",
+            Self::StockView => "ordo projection stock (restarted at its checkpoint)",
+            Self::Notifier => {
+                "ordo notifier: orders that ended (confirmed, rejected, cancelled, shipped)"
+            }
+        }
+    }
+
+    /// A projector acknowledges the last event of a batch, which acknowledges the batch (its
+    /// checkpoint is where its view is); the others each event on its own, as it is handled,
+    /// asked again or held back.
+    pub const fn ack_policy(self) -> AckPolicy {
+        if self.is_projection() {
+            AckPolicy::All
+        } else {
+            AckPolicy::Explicit
+        }
+    }
+
+    /// How long a delivered event may go unacknowledged before it is delivered again.
+    pub const ACK_WAIT: Duration = Duration::from_secs(30);
+
+    /// Events delivered and not yet acknowledged, at most (0: the server's default, 1,000).
+    const fn max_ack_pending(self) -> i64 {
+        match self {
+            Self::OrdersView | Self::StockView => 10_000,
+            // Four of the intake's batches.
+            Self::Saga => 1024,
+            Self::Notifier => 0,
+        }
+    }
+
+    /// The consumer as JetStream keeps it, delivering from `deliver`, its events redelivered
+    /// after `ack_wait` ([`Self::ACK_WAIT`] but in tests). Every delivery is retried for as
+    /// long as it takes (no `max_deliver`): an event is handled or held back, never dropped.
+    pub fn config(self, deliver: DeliverPolicy, ack_wait: Duration) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.name().to_owned()),
+            description: Some(self.description().to_owned()),
+            deliver_policy: deliver,
+            ack_policy: self.ack_policy(),
+            ack_wait,
+            max_deliver: -1,
+            max_ack_pending: self.max_ack_pending(),
+            ..Default::default()
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 //! event is the expected sequence of its next append (0 for a new aggregate).
 
 pub mod backoff;
+pub mod consume;
 pub mod consumers;
 pub mod envelope;
 pub mod publish;

@@ -2,12 +2,13 @@
 
 use std::{future::Future, marker::PhantomData, time::Duration};
 
-use async_nats::jetstream::{
-    self,
-    consumer::{AckPolicy, DeliverPolicy, pull},
+use async_nats::jetstream;
+use ordo_eventstore::{
+    EventEnvelope, RecordedEvent,
+    backoff::Backoff,
+    consume::{Batches, Settle},
+    trace,
 };
-use futures::StreamExt;
-use ordo_eventstore::{EventEnvelope, RecordedEvent, backoff::Backoff, trace};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::{ApplyError, Projection, schema};
@@ -189,26 +190,29 @@ impl<P: Projection> Projector<P> {
         }
         let mut checkpoint = schema::checkpoint::<P>(&self.pool, &schema).await?;
         self.check_same_stream(&schema, checkpoint).await?;
-        let consumer = self.consumer_from(checkpoint + 1).await?;
+        let mut batches = Batches::recreated_at(
+            &self.js,
+            P::CONSUMER,
+            checkpoint + 1,
+            self.config.batch_size,
+            self.config.fetch_wait,
+        )
+        .await
+        .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
         tracing::info!(
             projection = P::NAME,
             checkpoint,
             "projector leads; reading from checkpoint + 1"
         );
         loop {
-            let mut messages = consumer
-                .fetch()
-                .max_messages(self.config.batch_size)
-                .expires(self.config.fetch_wait)
-                .messages()
+            let fetched = batches
+                .next()
                 .await
                 .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
             let mut batch = Vec::new();
             // A span per event, under the command that wrote it, only for a trace viewer.
             let mut spans = Vec::new();
-            let mut last_message = None;
-            while let Some(message) = messages.next().await {
-                let message = message.map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+            for message in &fetched.messages {
                 let seq = message
                     .info()
                     .map_err(|err| ProjectorError::JetStream(err.to_string()))?
@@ -231,7 +235,6 @@ impl<P: Projection> Projector<P> {
                         message.payload.to_vec(),
                     ));
                 }
-                last_message = Some(message);
             }
             if !batch.is_empty() {
                 let started = std::time::Instant::now();
@@ -246,13 +249,11 @@ impl<P: Projection> Projector<P> {
                 // Each event's span ends with the transaction that applied it.
                 drop(spans);
             }
-            if let Some(message) = last_message {
-                // Acks everything up to it (ack policy "all"); a lost ack only means a redelivery
-                // that the checkpoint skips.
-                if let Err(err) = message.double_ack().await {
-                    tracing::debug!(projection = P::NAME, %err, "ack not confirmed");
-                }
-            }
+            // Applied, or already in the view (the checkpoint skips it).
+            let applied = fetched.messages.len();
+            fetched
+                .settle(std::iter::repeat_n(Settle::Ack, applied))
+                .await;
         }
     }
 
@@ -292,39 +293,6 @@ impl<P: Projection> Projector<P> {
             )));
         }
         Ok(())
-    }
-
-    /// The durable consumer, recreated to start at `start`: the checkpoint, not the consumer's
-    /// own acknowledgements, says where the view is.
-    async fn consumer_from(
-        &self,
-        start: u64,
-    ) -> Result<jetstream::consumer::PullConsumer, ProjectorError> {
-        let js_err = |err: &dyn std::fmt::Display| ProjectorError::JetStream(err.to_string());
-        let stream = self
-            .js
-            .get_stream(P::STREAM)
-            .await
-            .map_err(|err| js_err(&err))?;
-        let name = Self::consumer_name();
-        let _ = stream.delete_consumer(name).await;
-        stream
-            .create_consumer(pull::Config {
-                durable_name: Some(name.to_owned()),
-                description: Some(format!(
-                    "ordo projection {} (restarted at its checkpoint)",
-                    P::NAME
-                )),
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: start,
-                },
-                ack_policy: AckPolicy::All,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: 10_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|err| js_err(&err))
     }
 
     /// Applies `batch` (contiguous, starting at `checkpoint + 1`) and returns the new checkpoint.

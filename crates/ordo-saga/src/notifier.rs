@@ -9,10 +9,15 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull};
+use async_nats::jetstream;
 use futures::StreamExt;
 use ordo_domain::order::{OrderAggregate, OrderEvent};
-use ordo_eventstore::{EventStore, StreamId, backoff::Backoff, trace};
+use ordo_eventstore::{
+    ConsumerId, EventStore, StreamId,
+    backoff::Backoff,
+    consume::{Batches, Settle},
+    trace,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -72,7 +77,10 @@ pub struct Notifier {
     config: NotifierConfig,
 }
 
-const CONSUMER: &str = ordo_eventstore::ConsumerId::Notifier.name();
+const CONSUMER: &str = ConsumerId::Notifier.name();
+
+/// Order events fetched at once; `concurrency` of them are notified at a time.
+const NOTIFY_BATCH: usize = 64;
 
 impl Notifier {
     /// The streams the notifier reads: order events, and each order's customer from them.
@@ -135,65 +143,62 @@ impl Notifier {
 
     async fn consume(&self) -> Result<(), NotifierError> {
         let js = jetstream::new(self.nats.clone());
-        let js_err = |err: &dyn std::fmt::Display| NotifierError::JetStream(err.to_string());
-        let stream = js
-            .get_stream(ordo_eventstore::StreamId::Orders.name())
-            .await
-            .map_err(|err| js_err(&err))?;
-        let consumer = stream
-            .get_or_create_consumer(
-                CONSUMER,
-                pull::Config {
-                    durable_name: Some(CONSUMER.into()),
-                    description: Some("ordo notifier: orders that ended (confirmed, rejected, cancelled, shipped)".into()),
-                    ack_wait: self.config.ack_wait,
-                    ..Default::default()
-                },
-            )
-            .await
-            .map_err(|err| js_err(&err))?;
-        let messages = consumer.messages().await.map_err(|err| js_err(&err))?;
-        messages
-            .for_each_concurrent(self.config.concurrency, |message| async move {
-                let message = match message {
-                    Ok(message) => message,
-                    Err(err) => {
-                        tracing::warn!(%err, "the notifier's consumer failed to deliver a message");
-                        metrics::counter!("ordo_notifier_consumer_errors_total").increment(1);
-                        return;
-                    }
-                };
-                let span = tracing::info_span!(
-                    "notify",
-                    otel.name = "notify",
-                    order_id = tracing::field::Empty,
-                    kind = tracing::field::Empty,
-                    trace_id = tracing::field::Empty,
+        let mut batches = Batches::open(
+            &js,
+            ConsumerId::Notifier,
+            self.config.ack_wait,
+            NOTIFY_BATCH,
+            Duration::from_secs(1),
+        )
+        .await
+        .map_err(|err| NotifierError::JetStream(err.to_string()))?;
+        loop {
+            let batch = batches
+                .next()
+                .await
+                .map_err(|err| NotifierError::JetStream(err.to_string()))?;
+            let notifying: Vec<_> = batch
+                .messages
+                .iter()
+                .map(|message| self.notify(message))
+                .collect();
+            let settles: Vec<Settle> = futures::stream::iter(notifying)
+                .buffered(self.config.concurrency)
+                .collect()
+                .await;
+            batch.settle(settles).await;
+        }
+    }
+
+    /// Sends the notification an order event calls for, if any, and says what becomes of it.
+    async fn notify(&self, message: &jetstream::Message) -> Settle {
+        let span = tracing::info_span!(
+            "notify",
+            otel.name = "notify",
+            order_id = tracing::field::Empty,
+            kind = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        );
+        trace::follow(&span, trace::extract(message.headers.as_ref()));
+        let read = match unreadable::read_order_event(&message.payload) {
+            Ok(read) => read,
+            // Not acknowledged: acking would mean a customer never told.
+            Err(why) => {
+                return Settle::Nak(
+                    unreadable::hold_back(&self.pool, CONSUMER, message, &why).await,
                 );
-                trace::follow(&span, trace::extract(message.headers.as_ref()));
-                let read = match unreadable::read_order_event(&message.payload) {
-                    Ok(read) => read,
-                    Err(why) => {
-                        // Not acknowledged: acking would mean a customer never told.
-                        unreadable::hold_back(&self.pool, CONSUMER, &message, &why).await;
-                        return;
-                    }
-                };
-                match self.handle(read).instrument(span).await {
-                    Ok(()) => {
-                        unreadable::handled(&self.pool, CONSUMER, &message).await;
-                        let _ = message.ack().await;
-                    }
-                    Err(err) => {
-                        tracing::warn!(%err, "notification not handled; it will be redelivered");
-                        let _ = message
-                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
-                            .await;
-                    }
-                }
-            })
-            .await;
-        Ok(())
+            }
+        };
+        match self.handle(read).instrument(span).await {
+            Ok(()) => {
+                unreadable::handled(&self.pool, CONSUMER, message).await;
+                Settle::Ack
+            }
+            Err(err) => {
+                tracing::warn!(%err, "notification not handled; it will be redelivered");
+                Settle::Nak(Duration::from_secs(1))
+            }
+        }
     }
 
     async fn handle(&self, read: ReadEvent) -> Result<(), NotifierError> {

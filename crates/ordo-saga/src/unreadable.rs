@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use ordo_domain::{OrderId, order::OrderEvent};
 use ordo_eventstore::EventEnvelope;
 use sqlx::PgPool;
@@ -74,13 +74,14 @@ pub fn redelivery_delay(first: Duration, deliveries: i64) -> Duration {
 
 const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(60);
 
-/// Holds back an event `consumer` cannot read: not acknowledged, recorded, counted, logged.
+/// Holds back an event `consumer` cannot read: recorded, counted, logged, and not acknowledged:
+/// returns how long until it is to be delivered again (a nak with that delay).
 pub async fn hold_back(
     pool: &PgPool,
     consumer: &str,
     message: &jetstream::Message,
     unreadable: &Unreadable,
-) {
+) -> Duration {
     let (stream, seq, deliveries) = match message.info() {
         Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
         Err(_) => (String::new(), 0, 1),
@@ -118,11 +119,7 @@ pub async fn hold_back(
     if let Err(err) = recorded {
         tracing::warn!(consumer, seq, %err, "an unreadable event could not be recorded");
     }
-    let delay = redelivery_delay(Duration::from_secs(1), deliveries);
-    if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
-        // Redelivered after ack_wait all the same.
-        tracing::debug!(%err, "nak not sent");
-    }
+    redelivery_delay(Duration::from_secs(1), deliveries)
 }
 
 /// An event that was delivered before (and may have been held back) is handled now: it is no

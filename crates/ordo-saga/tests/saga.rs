@@ -647,10 +647,13 @@ fn ledgered(pool: &PgPool) -> SimulatedGateway {
 /// The ledgered gateway, whose first answer to an authorisation and to a refund is lost after the
 /// ledger recorded the call: the saga sends each again. It keeps each call's answer and the
 /// ledger's row after it.
+/// A call to the gateway: which, what it answered, and the ledger row after it.
+type GatewayCall = (&'static str, Result<(), PaymentError>, Option<LedgerRow>);
+
 #[derive(Clone)]
 struct FirstAnswersLost {
     ledger: SimulatedGateway,
-    calls: Arc<std::sync::Mutex<Vec<(&'static str, Result<(), PaymentError>, Option<LedgerRow>)>>>,
+    calls: Arc<std::sync::Mutex<Vec<GatewayCall>>>,
 }
 
 impl FirstAnswersLost {

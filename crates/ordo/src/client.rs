@@ -12,7 +12,7 @@ use ordo_contract::{
 use ordo_domain::{Currency, CustomerId, OrderId, Sku};
 use serde_json::Value;
 
-use crate::connect;
+use ordo_app::connect;
 
 #[derive(Subcommand)]
 pub enum OrderAction {
@@ -140,8 +140,8 @@ fn parse_line(text: &str) -> anyhow::Result<Line> {
     })
 }
 
-pub async fn send(url: &str, auth: &connect::NatsAuth, request: Request) -> anyhow::Result<()> {
-    let nats = connect::connect_once(url, auth).await?;
+pub async fn send(settings: &ordo_app::Settings, request: Request) -> anyhow::Result<()> {
+    let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
     let mut request_headers = async_nats::HeaderMap::new();
     if let Some(command_id) = &request.command_id {
         request_headers.insert(headers::MSG_ID, command_id.as_str());
@@ -169,38 +169,6 @@ pub async fn send(url: &str, auth: &connect::NatsAuth, request: Request) -> anyh
         std::process::exit(1);
     }
     Ok(())
-}
-
-/// The projection status as a table for a terminal.
-pub fn status_table(status: &[Value]) -> String {
-    let mut out = format!(
-        "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
-        "projection", "stream", "checkpoint", "head", "lag", "parked"
-    );
-    let show = |value: &Value| match value {
-        Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    };
-    for projection in status {
-        out.push_str(&format!(
-            "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
-            projection["name"].as_str().unwrap_or_default(),
-            projection["stream"].as_str().unwrap_or_default(),
-            show(&projection["checkpoint"]),
-            show(&projection["stream_head"]),
-            show(&projection["lag"]),
-            show(&projection["parked"]),
-        ));
-        for parked in projection["parked_events"].as_array().into_iter().flatten() {
-            out.push_str(&format!(
-                "  parked: seq {} on {}: {}\n",
-                parked["seq"],
-                parked["subject"].as_str().unwrap_or_default(),
-                parked["reason"].as_str().unwrap_or_default()
-            ));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -3,67 +3,20 @@
 use ordo_contract::Endpoint;
 use std::{
     path::Path,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
 use async_nats::jetstream;
 use ordo_eventstore::ConsumerId;
-use ordo_testkit::NatsServer;
+use ordo_testkit::{NatsServer, OrdoProcess};
 use serde_json::{Value, json};
 
 const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
 
-/// `ordo run commands` (or other arguments) in the background, its log in `log`.
-struct Running {
-    child: Child,
-}
-
-impl Running {
-    fn start(url: &str, log: &Path) -> Self {
-        Self::start_with(&["run", "commands"], &[("ORDO_NATS_URL", url)], log)
-    }
-
-    fn start_with(args: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
-        let log = std::fs::File::create(log).unwrap();
-        let child = Command::new(ORDO)
-            .args(args)
-            .envs(env.iter().copied())
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Self { child }
-    }
-
-    /// SIGTERM, and the exit status it ends with.
-    fn terminate(self) -> std::process::ExitStatus {
-        self.signal("-TERM")
-    }
-
-    /// `signal` (as `kill` spells it), and the exit status it ends with within 10 s.
-    fn signal(mut self, signal: &str) -> std::process::ExitStatus {
-        Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "ordo did not stop on {signal}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `ordo run commands` on `url` in the background, its log in `log`.
+fn commands(url: &str, log: &Path) -> OrdoProcess {
+    OrdoProcess::start(ORDO, &["run", "commands"], [("ORDO_NATS_URL", url)], log)
 }
 
 /// A port nothing listens on yet, and its NATS URL.
@@ -111,7 +64,7 @@ async fn the_command_service_waits_for_nats_then_serves_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let (port, url) = unused_nats_url();
     let log = dir.path().join("ordo.log");
-    let service = Running::start(&url, &log);
+    let service = commands(&url, &log);
     logged(&log, "NATS is unreachable; retrying");
 
     let server = NatsServer::start_kept(&dir.path().join("nats"), port).unwrap();
@@ -137,7 +90,7 @@ fn ctrl_c_stops_a_component_that_is_still_waiting_for_its_servers() {
     let (_, url) = unused_nats_url();
     for args in [&["run", "commands"][..], &["run", "saga"][..]] {
         let log = dir.path().join(format!("{}.log", args[1]));
-        let waiting = Running::start_with(args, &[("ORDO_NATS_URL", &url)], &log);
+        let waiting = OrdoProcess::start(ORDO, args, [("ORDO_NATS_URL", &url)], &log);
         // The handlers are installed before the component reaches for its servers.
         logged(&log, "unreachable; retrying");
         assert!(waiting.signal("-INT").success(), "{args:?}");
@@ -148,7 +101,7 @@ fn ctrl_c_stops_a_component_that_is_still_waiting_for_its_servers() {
 async fn the_command_service_reconnects_after_nats_server_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start();
-    let service = Running::start(&server.url(), &dir.path().join("ordo.log"));
+    let service = commands(&server.url(), &dir.path().join("ordo.log"));
     let client = server.client().await;
     let first = request_when_up(
         &client,
@@ -180,7 +133,7 @@ async fn client_commands_send_the_json_a_nats_req_would_and_print_the_reply() {
     let dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start();
     let url = server.url();
-    let _service = Running::start(&url, &dir.path().join("ordo.log"));
+    let _service = commands(&url, &dir.path().join("ordo.log"));
     request_when_up(
         &server.client().await,
         Endpoint::OrderShip.subject(),
@@ -293,7 +246,12 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
         ("ORDO_HOME", dir.path().display().to_string()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let up = Running::start_with(&["up"], &env, &dir.path().join("up.log"));
+    let up = OrdoProcess::start(
+        ORDO,
+        &["up"],
+        env.iter().copied(),
+        &dir.path().join("up.log"),
+    );
 
     let client = server.client().await;
     let received = request_when_up(
@@ -416,7 +374,7 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
 
     // A command service started with the built-in definitions serves, and leaves it alone.
     let log = dir.path().join("ordo.log");
-    let _service = Running::start(&server.url(), &log);
+    let _service = commands(&server.url(), &log);
     let client = server.client().await;
     let reply = request_when_up(
         &client,
@@ -454,9 +412,10 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
         .port();
     let addr = format!("127.0.0.1:{port}");
     let url = server.url();
-    let _service = Running::start_with(
+    let _service = OrdoProcess::start(
+        ORDO,
         &["run", "commands"],
-        &[
+        [
             ("ORDO_NATS_URL", url.as_str()),
             ("ORDO_METRICS_ADDR", addr.as_str()),
             ("ORDO_METRICS_TOKEN", "prometheus-only"),

@@ -10,14 +10,14 @@
 use ordo_contract::Endpoint;
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use async_nats::{HeaderMap, jetstream};
 use futures::StreamExt;
 use ordo_eventstore::ConsumerId;
-use ordo_testkit::{NatsServer, TestDatabase};
+use ordo_testkit::{NatsServer, OrdoProcess, TestDatabase};
 use serde_json::{Value, json};
 use shipped::{COMPONENTS, accounts_config, inbox_prefix, password};
 
@@ -25,22 +25,13 @@ mod shipped;
 
 const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// ordo as docker/compose.yaml runs it, on a server with the shipped accounts.
 struct System {
     server: NatsServer,
     _database: TestDatabase,
     dir: tempfile::TempDir,
     http: String,
-    _processes: Vec<Process>,
+    _processes: Vec<OrdoProcess>,
     /// The operator's connection: it reads the streams and the service's stats.
     operator: async_nats::Client,
 }
@@ -88,17 +79,8 @@ impl System {
         let processes = COMPONENTS
             .into_iter()
             .map(|(component, user)| {
-                let log =
-                    std::fs::File::create(dir.path().join(format!("{component}.log"))).unwrap();
-                Process(
-                    Command::new(ORDO)
-                        .args(["run", component])
-                        .envs(env(user))
-                        .stdout(Stdio::null())
-                        .stderr(log)
-                        .spawn()
-                        .unwrap(),
-                )
+                let log = dir.path().join(format!("{component}.log"));
+                OrdoProcess::start(ORDO, &["run", component], env(user), &log)
             })
             .collect();
         let operator = connect_as(&server.url(), "ordo-admin").await;

@@ -8,12 +8,12 @@
 use ordo_contract::Endpoint;
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use futures::StreamExt;
-use ordo_testkit::{NatsServer, PostgresServer};
+use ordo_testkit::{NatsServer, OrdoProcess, PostgresServer};
 use serde_json::{Value, json};
 use shipped::{COMPONENTS, USERS, accounts_config, inbox_prefix, password};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
@@ -165,15 +165,6 @@ fn ordo_env(
     ]
 }
 
-struct Ordo(Child);
-
-impl Drop for Ordo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs `ordo args` to its end (at most `limit`), with `env`.
 fn run_to_end(args: &[&str], env: &[(&str, String)], limit: Duration) -> (Output, Duration) {
     let started = Instant::now();
@@ -267,19 +258,11 @@ async fn ordo_works_end_to_end_over_tls_with_each_component_as_its_own_user() {
         .iter()
         .map(|(component, _)| dir.path().join(format!("{component}.log")))
         .collect();
-    let _components: Vec<Ordo> = COMPONENTS
+    let _components: Vec<OrdoProcess> = COMPONENTS
         .iter()
         .zip(&logs)
         .map(|((component, user), log)| {
-            Ordo(
-                Command::new(ORDO)
-                    .args(["run", component])
-                    .envs(env(user).iter().map(|(key, value)| (key, value)))
-                    .stdout(Stdio::null())
-                    .stderr(std::fs::File::create(log).unwrap())
-                    .spawn()
-                    .unwrap(),
-            )
+            OrdoProcess::start(ORDO, &["run", component], env(user), log)
         })
         .collect();
 
@@ -469,15 +452,7 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
         ("NO_COLOR", "1".to_owned()),
     ];
     let log = dir.path().join("projector.log");
-    let _projector = Ordo(
-        Command::new(ORDO)
-            .args(["run", "projector"])
-            .envs(env.iter().map(|(key, value)| (key, value)))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _projector = OrdoProcess::start(ORDO, &["run", "projector"], env, &log);
 
     // Before the owner has run `ordo migrate`, the worker says what to do, and waits.
     logged(

@@ -7,13 +7,13 @@
 use ordo_contract::Endpoint;
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use certificates::{Certificates, pem};
-use ordo_testkit::{NatsServer, PostgresServer, TestDatabase};
+use ordo_testkit::{NatsServer, OrdoProcess, PostgresServer, TestDatabase};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::{
@@ -27,15 +27,6 @@ use tokio_rustls::{
 mod certificates;
 
 const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
-
-struct Ordo(Child);
-
-impl Drop for Ordo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// An HTTPS server that answers every request `200` and records what reached it: the request
 /// line and body of HTTP/1.1, or `h2` for the HTTP/2 preface (gRPC). It offers both by ALPN.
@@ -132,7 +123,10 @@ impl HttpsRecorder {
 
 /// `ordo up` on servers of its own with `env` added, its log in `dir`, after it placed order o-1
 /// for customer c1 (every component running).
-async fn up_with_an_order(dir: &Path, env: &[(&str, String)]) -> (Ordo, NatsServer, TestDatabase) {
+async fn up_with_an_order(
+    dir: &Path,
+    env: &[(&str, String)],
+) -> (OrdoProcess, NatsServer, TestDatabase) {
     let nats = NatsServer::start();
     let database = TestDatabase::create().await;
     let http = std::net::TcpListener::bind("127.0.0.1:0")
@@ -140,19 +134,17 @@ async fn up_with_an_order(dir: &Path, env: &[(&str, String)]) -> (Ordo, NatsServ
         .local_addr()
         .unwrap();
     let log = dir.join("up.log");
-    let up = Ordo(
-        Command::new(ORDO)
-            .arg("up")
-            .env("ORDO_NATS_URL", nats.url())
-            .env("ORDO_DATABASE_URL", database.url())
-            .env("ORDO_HTTP_ADDR", http.to_string())
-            .env("ORDO_HOME", dir)
-            .envs(env.iter().map(|(key, value)| (key, value)))
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
+    let settings = [
+        ("ORDO_NATS_URL", nats.url()),
+        ("ORDO_DATABASE_URL", database.url().to_owned()),
+        ("ORDO_HTTP_ADDR", http.to_string()),
+        ("ORDO_HOME", dir.display().to_string()),
+    ];
+    let up = OrdoProcess::start(
+        ORDO,
+        &["up"],
+        settings.into_iter().chain(env.iter().cloned()),
+        &log,
     );
     let client = nats.client().await;
     for (subject, body) in [
@@ -256,17 +248,15 @@ async fn webhooks_and_traces_go_over_tls_to_servers_the_configured_ca_vouches_fo
     let grpc_nats = NatsServer::start();
     let client = grpc_nats.client().await;
     let grpc_log = dir.path().join("grpc.log");
-    let _commands = Ordo(
-        Command::new(ORDO)
-            .args(["run", "commands"])
-            .env("ORDO_NATS_URL", grpc_nats.url())
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .env("OTEL_EXPORTER_OTLP_CERTIFICATE", &ca)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&grpc_log).unwrap())
-            .spawn()
-            .unwrap(),
+    let _commands = OrdoProcess::start(
+        ORDO,
+        &["run", "commands"],
+        [
+            ("ORDO_NATS_URL", grpc_nats.url()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.clone()),
+        ],
+        &grpc_log,
     );
     for _ in 0..20 {
         let _ = NatsServer::request_until_answered(

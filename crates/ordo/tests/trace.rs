@@ -6,7 +6,6 @@ use ordo_contract::Endpoint;
 use std::{
     collections::HashMap,
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -18,7 +17,7 @@ use opentelemetry_proto::tonic::{
     },
     trace::v1::Span,
 };
-use ordo_testkit::{NatsServer, TestDatabase};
+use ordo_testkit::{NatsServer, OrdoProcess, TestDatabase};
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -168,31 +167,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-/// An `ordo` process exporting its spans to `endpoint`; killed when dropped.
-struct Ordo(Child);
-
-impl Ordo {
-    fn start(args: &[&str], env: &[(&str, String)], endpoint: &str, log: &Path) -> Self {
-        let child = Command::new(ORDO)
-            .args(args)
-            .envs(env.iter().map(|(name, value)| (name, value)))
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-            // Export every 100 ms rather than every 5 s.
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        Self(child)
-    }
-}
-
-impl Drop for Ordo {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// An `ordo` process exporting its spans to `endpoint`, every 100 ms rather than every 5 s.
+fn exporting(args: &[&str], env: &[(&str, String)], endpoint: &str, log: &Path) -> OrdoProcess {
+    let exporter = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+    ];
+    OrdoProcess::start(ORDO, args, env.iter().cloned().chain(exporter), log)
 }
 
 /// Sends `body` to `subject` as a caller in trace [`CALLER`], until the command service answers.
@@ -285,7 +266,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         ("ORDO_HOME", dir.path().display().to_string()),
     ];
     // Exported over gRPC: the protocol when none is named.
-    let _up = Ordo::start(&["up"], &env, &endpoint, &dir.path().join("up.log"));
+    let _up = exporting(&["up"], &env, &endpoint, &dir.path().join("up.log"));
 
     let client = server.client().await;
     let received_stock = request_in_trace(
@@ -416,7 +397,7 @@ async fn spans_go_over_http_protobuf_when_the_protocol_says_so() {
         ("ORDO_LOG_FORMAT", "json".to_owned()),
     ];
     let log = dir.path().join("commands.log");
-    let _commands = Ordo::start(&["run", "commands"], &env, &endpoint, &log);
+    let _commands = exporting(&["run", "commands"], &env, &endpoint, &log);
 
     let client = server.client().await;
     let reply = request_in_trace(

@@ -60,7 +60,7 @@ fn quantities_must_be_positive() {
 fn ids_must_be_subject_tokens() {
     let message = invalid(Endpoint::OrderShip, r#"{"order_id":"o.1"}"#);
     assert!(
-        message.starts_with("order_id: order_id \"o.1\" is not a valid id"),
+        message.starts_with("order_id \"o.1\" is not a valid id"),
         "{message}"
     );
     assert!(invalid(Endpoint::StockReceive, r#"{"sku":"A>","qty":1}"#).contains("sku"));

@@ -471,7 +471,7 @@ async fn ten_thousand_hostile_requests_are_all_invalid_command_append_nothing_an
             }
             let reply = engine
                 .try_request_with_headers(
-                    &hostile.endpoint.subject(),
+                    hostile.endpoint.subject(),
                     hostile.body.clone(),
                     headers,
                     std::time::Duration::from_secs(10),

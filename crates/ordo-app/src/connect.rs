@@ -114,7 +114,7 @@ async fn probe(url: &str) -> Result<(), String> {
 /// The servers of a URL list: `nats://a:4222,nats://b:4222` names a cluster. Credentials in
 /// the URL are left out: [`NatsAuth::options`] passes them, and the client logs the addresses it
 /// is given (at debug level, password included).
-pub(crate) fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+pub fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
     url.split(',')
         .map(|one| {
             let addr = one

@@ -22,12 +22,15 @@ pub mod fleet;
 pub mod hostile;
 pub mod load;
 pub mod observe;
+mod options;
+mod report;
+
+pub use options::{ChaosOptions, Outage};
+pub use report::{Progress, Report, print};
 
 use ordo_contract::{CommandRequest, Quantity, ReceiveStock};
 use std::{
     collections::BTreeMap,
-    io::IsTerminal,
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -40,119 +43,6 @@ use anyhow::Context;
 use fleet::{Component, Fleet, Launch};
 use ordo_local::{NatsCluster, NatsServer, TestDatabase};
 use rand::{SeedableRng, rngs::StdRng};
-use serde::Serialize;
-
-/// `COMPONENT:SECS`: every instance of a component killed at once, back after SECS.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Outage {
-    pub component: Component,
-    pub secs: f64,
-}
-
-fn outage(text: &str) -> Result<Outage, String> {
-    let (name, secs) = text
-        .split_once(':')
-        .ok_or_else(|| format!("{text:?} is not COMPONENT:SECS (e.g. commands:15)"))?;
-    let component = Component::parse(name)
-        .filter(|c| *c != Component::Api)
-        .ok_or_else(|| format!("{name:?} is not one of commands, projector, saga, notifier"))?;
-    let secs: f64 = secs
-        .parse()
-        .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
-    if secs.is_nan() || secs <= 0.0 {
-        return Err(format!("an outage lasts more than 0 s, not {secs}"));
-    }
-    Ok(Outage { component, secs })
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct ChaosOptions {
-    /// How long the load runs, in seconds.
-    #[arg(long, default_value_t = 60.0)]
-    pub duration: f64,
-    /// Instances of each worker (command services, projectors, saga coordinators, notifiers).
-    #[arg(long, default_value_t = 2)]
-    pub instances: usize,
-    /// Seconds between SIGKILLs of a random worker (0: none).
-    #[arg(long, default_value_t = 2.0)]
-    pub kill_interval: f64,
-    /// How often nats-server is SIGKILLed and kept down during the load.
-    #[arg(long, default_value_t = 0)]
-    pub nats_restarts: u32,
-    /// How long nats-server stays down each time, in seconds.
-    #[arg(long, default_value_t = 5.0)]
-    pub nats_down: f64,
-    /// Run against a cluster of this many nats-servers (3, 5…), every stream with as many
-    /// replicas. 0: one nats-server.
-    #[arg(long, default_value_t = 0)]
-    pub cluster: usize,
-    /// How often the node leading ORDO_ORDERS, then the one leading ORDO_STOCK (in turn), is
-    /// SIGKILLed and kept down during the load (needs --cluster).
-    #[arg(long, default_value_t = 0)]
-    pub kill_nodes: u32,
-    /// How long a killed node stays down, in seconds.
-    #[arg(long, default_value_t = 5.0)]
-    pub node_down: f64,
-    /// Take every instance of a component away at once for SECS (repeatable), e.g. commands:15.
-    #[arg(long = "outage", value_parser = outage)]
-    pub outages: Vec<Outage>,
-    /// Concurrent clients sending commands.
-    #[arg(long, default_value_t = 16)]
-    pub clients: usize,
-    /// Commands per second, all clients together (about 60 % of them places). The default stays
-    /// under what the saga coordinators confirm today, so that a drill tests faults, not
-    /// overload.
-    #[arg(long, default_value_t = 100.0)]
-    pub rate: f64,
-    /// The seed of the load and of the fault schedule (random when absent; printed).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Also write the report as JSON to this file.
-    #[arg(long)]
-    pub report: Option<PathBuf>,
-    /// How long to wait for the system to settle after the load, in seconds.
-    #[arg(long, default_value_t = 180.0)]
-    pub settle_timeout: f64,
-    /// Share of payments the simulated gateway declines.
-    #[arg(long, default_value_t = 0.2)]
-    pub decline_rate: f64,
-    /// Share of notification deliveries that fail (and are retried).
-    #[arg(long, default_value_t = 0.1)]
-    pub notify_failure_rate: f64,
-    /// Where the processes' logs go (default: a new temporary directory, kept).
-    #[arg(long)]
-    pub logs: Option<PathBuf>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub seed: u64,
-    pub passed: bool,
-    pub duration_secs: f64,
-    pub settle_secs: f64,
-    pub settled: bool,
-    pub instances: usize,
-    pub rate: f64,
-    pub commands: load::CommandCounts,
-    /// Attacks the hostile client sent, by kind (none without accounts of the drill's own).
-    pub attacks: BTreeMap<&'static str, u64>,
-    pub kills: BTreeMap<Component, u32>,
-    pub nats_restarts: u32,
-    /// Cluster nodes killed, as "n2 (leader of ORDO_ORDERS)".
-    pub node_kills: Vec<String>,
-    pub outages: Vec<Outage>,
-    /// Processes that exited without being killed: (component, instance, status).
-    pub unexpected_exits: Vec<(Component, usize, String)>,
-    pub orders: BTreeMap<String, u64>,
-    /// Why rejected orders were rejected.
-    pub rejections: BTreeMap<String, u64>,
-    /// Notifications by status (sent, dead_lettered after their attempts).
-    pub notifications: BTreeMap<String, u64>,
-    pub events: BTreeMap<String, usize>,
-    pub still_moving: Vec<String>,
-    pub violations: Vec<check::Violation>,
-    pub logs: PathBuf,
-}
 
 /// SIGKILLs `server`, keeps it down for `down` seconds, then starts it again on its store.
 async fn down_for(server: &NatsServer, down: f64, what: &str) -> anyhow::Result<()> {
@@ -236,7 +126,7 @@ pub async fn run(
         (None, Some(server)) => server.url(),
         (None, None) => nats_url.expect("given"),
     };
-    let streams = crate::components::StreamSettings {
+    let streams = ordo_app::components::StreamSettings {
         stream_replicas: (options.cluster > 1).then_some(options.cluster),
         ..Default::default()
     };
@@ -250,18 +140,18 @@ pub async fn run(
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((attempts as u64 * 50).min(500))
             })
-            .connect(crate::connect::server_addrs(&nats_url)?)
+            .connect(ordo_app::connect::server_addrs(&nats_url)?)
             .await
             .with_context(|| format!("connecting to {nats_url}"))?,
     };
     ordo_local::NatsServer::wait_for_jetstream(&nats).await;
     // A new cluster may still be electing its leaders: try for a while.
     let definitions = streams.definitions()?;
-    let mut ensured = crate::components::ensure_streams(&nats, &definitions).await;
+    let mut ensured = ordo_app::components::ensure_streams(&nats, &definitions).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while ensured.is_err() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        ensured = crate::components::ensure_streams(&nats, &definitions).await;
+        ensured = ordo_app::components::ensure_streams(&nats, &definitions).await;
     }
     ensured?;
     ordo_projections::schema::prepare(database.pool()).await?;
@@ -625,178 +515,5 @@ async fn wait_for_commands(nats: &async_nats::Client) -> anyhow::Result<()> {
             "no command service answered within 60 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The report as a person reads it.
-pub fn print(report: &Report) {
-    let c = &report.commands;
-    println!("ordo chaos — seed {}", report.seed);
-    println!(
-        "  load        {:.0} s at {} commands/s, {} instances of each worker",
-        report.duration_secs, report.rate, report.instances
-    );
-    println!(
-        "  commands    {} sent, {} acknowledged, {} refused {:?}, {} unanswered, {} retries, {} repeats of accepted orders",
-        c.sent,
-        c.acknowledged,
-        c.refused.values().sum::<u64>(),
-        c.refused,
-        c.unanswered,
-        c.retries,
-        c.repeats
-    );
-    if report.attacks.is_empty() {
-        println!("  attacks     none (no accounts of the drill's own)");
-    } else {
-        println!(
-            "  attacks     {} sent as shop and warehouse {:?}",
-            report.attacks.values().sum::<u64>(),
-            report.attacks
-        );
-    }
-    let kills: Vec<String> = report
-        .kills
-        .iter()
-        .map(|(c, n)| format!("{} {n}", c.name()))
-        .collect();
-    println!(
-        "  kills       {}",
-        if kills.is_empty() {
-            "none".into()
-        } else {
-            kills.join(", ")
-        }
-    );
-    println!("  nats-server {} restarts", report.nats_restarts);
-    if !report.node_kills.is_empty() {
-        println!(
-            "  nats nodes  {} killed: {}",
-            report.node_kills.len(),
-            report.node_kills.join(", ")
-        );
-    }
-    for outage in &report.outages {
-        println!(
-            "  outage      every {} for {} s",
-            outage.component.name(),
-            outage.secs
-        );
-    }
-    for (component, index, status) in &report.unexpected_exits {
-        println!(
-            "  exited      {}-{index} on its own: {status}",
-            component.name()
-        );
-    }
-    println!("  orders      {:?}", report.orders);
-    println!("  rejected    {:?}", report.rejections);
-    println!("  notified    {:?}", report.notifications);
-    println!("  events      {:?}", report.events);
-    println!(
-        "  settled     {} after {:.1} s{}",
-        if report.settled { "yes" } else { "NO" },
-        report.settle_secs,
-        if report.still_moving.is_empty() {
-            String::new()
-        } else {
-            format!(" (still moving: {})", report.still_moving.join("; "))
-        }
-    );
-    println!("  logs        {}", report.logs.display());
-    if report.violations.is_empty() {
-        println!("  violations  0 — every invariant holds");
-    } else {
-        println!("  violations  {}", report.violations.len());
-        for violation in report.violations.iter().take(50) {
-            println!("    [{}] {}", violation.invariant, violation.detail);
-        }
-        if report.violations.len() > 50 {
-            println!(
-                "    … {} more in the JSON report",
-                report.violations.len() - 50
-            );
-        }
-    }
-}
-
-/// Progress while the drill runs: a bar on a terminal, a line every 5 s otherwise.
-pub(crate) struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    last_line: Mutex<Instant>,
-}
-
-impl Progress {
-    fn new(duration: Duration) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(duration.as_secs());
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{elapsed:>4} [{bar:30}] {msg}")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-            );
-            bar
-        });
-        Self {
-            bar,
-            last_line: Mutex::new(Instant::now()),
-        }
-    }
-
-    pub(crate) fn note(&self, line: String) {
-        match &self.bar {
-            Some(bar) => bar.println(format!("ordo chaos: {line}")),
-            None => eprintln!("ordo chaos: {line}"),
-        }
-    }
-
-    fn tick(&self, elapsed: Duration, history: &load::History, kills: &BTreeMap<Component, u32>) {
-        let c = history.counts();
-        let message = format!(
-            "{} sent · {} ok · {} unanswered · {} retries · {} kills",
-            c.sent,
-            c.acknowledged,
-            c.unanswered,
-            c.retries,
-            kills.values().sum::<u32>()
-        );
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(elapsed.as_secs());
-                bar.set_message(message);
-            }
-            None => self.every_5_s(|| format!("{:>4.0} s: {message}", elapsed.as_secs_f64())),
-        }
-    }
-
-    fn settling(&self, elapsed: Duration, moving: &[String]) {
-        let message = if moving.is_empty() {
-            "quiet".to_owned()
-        } else {
-            moving.join("; ")
-        };
-        match &self.bar {
-            Some(bar) => bar.set_message(format!(
-                "settling {:.0} s: {message}",
-                elapsed.as_secs_f64()
-            )),
-            None => {
-                self.every_5_s(|| format!("settling {:.0} s: {message}", elapsed.as_secs_f64()))
-            }
-        }
-    }
-
-    fn every_5_s(&self, line: impl FnOnce() -> String) {
-        let mut last = self.last_line.lock().expect("not poisoned");
-        if last.elapsed() >= Duration::from_secs(5) {
-            eprintln!("ordo chaos: {}", line());
-            *last = Instant::now();
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
     }
 }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use super::fleet::Component;
 
 /// docker/nats.conf, compiled in.
-const SHIPPED: &str = include_str!("../../../../docker/nats.conf");
+const SHIPPED: &str = include_str!("../../../docker/nats.conf");
 
 /// The users of docker/nats.conf and the variables their passwords come from.
 const USERS: [(&str, &str); 8] = [
@@ -92,7 +92,7 @@ impl Accounts {
         .custom_inbox_prefix(inbox)
         .connection_timeout(Duration::from_secs(2))
         .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 50).min(500)))
-        .connect(crate::connect::server_addrs(url)?)
+        .connect(ordo_app::connect::server_addrs(url)?)
         .await
         .with_context(|| format!("connecting to {url} as {user}"))
     }

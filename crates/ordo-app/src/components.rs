@@ -10,37 +10,8 @@ use ordo_eventstore::{
 };
 use ordo_projections::{ProjectorConfig, View};
 use sqlx::PgPool;
-use tokio::sync::watch;
 
-/// Tells every component to stop.
-#[derive(Clone)]
-pub struct Shutdown(watch::Sender<bool>);
-
-impl Shutdown {
-    pub fn new() -> Self {
-        Self(watch::channel(false).0)
-    }
-
-    pub fn trigger(&self) {
-        self.0.send_replace(true);
-    }
-
-    /// Runs `work` unless a stop is asked for first: then `None`.
-    pub async fn unless_triggered<T>(&self, work: impl Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            value = work => Some(value),
-            () = self.signal() => None,
-        }
-    }
-
-    /// Completes once [`Self::trigger`] was called.
-    pub fn signal(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut receiver = self.0.subscribe();
-        async move {
-            let _ = receiver.wait_for(|stop| *stop).await;
-        }
-    }
-}
+use crate::Shutdown;
 
 /// Which stream definitions this deployment uses: every component must be given the same.
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -330,51 +301,5 @@ pub async fn metrics(
         format!("listening for metrics on {addr} (set ORDO_METRICS_ADDR to use another address)")
     })?;
     ordo_api::serve_metrics(listener, &access.tokens(), shutdown.signal()).await?;
-    Ok(())
-}
-
-/// Rebuilds the view `name` with a progress bar (events/s, ETA) on a terminal, plain lines
-/// otherwise.
-pub async fn rebuild(view: View, pool: &PgPool, nats: &async_nats::Client) -> anyhow::Result<()> {
-    use ordo_projections::rebuild::Progress;
-    use std::io::IsTerminal;
-
-    let js = async_nats::jetstream::new(nats.clone());
-    let bar = indicatif::ProgressBar::new(0);
-    let terminal = std::io::stderr().is_terminal();
-    if terminal {
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {pos}/{len} events · {per_sec} · ETA {eta}",
-            )?
-            .progress_chars("=> "),
-        );
-        bar.set_message(format!("rebuilding {view}"));
-    } else {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let started = std::time::Instant::now();
-    let mut last_line = std::time::Instant::now();
-    let mut report = |progress: Progress| {
-        bar.set_length(progress.target);
-        bar.set_position(progress.applied);
-        if !terminal && (last_line.elapsed().as_secs() >= 1 || progress.applied >= progress.target)
-        {
-            let rate = progress.applied as f64 / started.elapsed().as_secs_f64().max(0.001);
-            eprintln!(
-                "rebuilding {view}: {}/{} events, {rate:.0} events/s",
-                progress.applied, progress.target
-            );
-            last_line = std::time::Instant::now();
-        }
-    };
-    let rebuilt = view
-        .rebuild(pool, &js, ProjectorConfig::default(), &mut report)
-        .await?;
-    bar.finish_and_clear();
-    println!(
-        "{view}: rebuilt up to sequence {} in {:.1?} and swapped in",
-        rebuilt.checkpoint, rebuilt.took
-    );
     Ok(())
 }

@@ -1,0 +1,98 @@
+//! [`Settings`]: everything a deployment of ordo is configured with, as flags and environment
+//! variables of the `ordo` command and as a value for a program that runs ordo as a library.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use crate::{
+    components::{HttpAccess, LoadSheddingOptions, SagaOptions, StreamSettings},
+    connect::NatsAuth,
+};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Settings {
+    /// NATS server URL (a comma-separated list for a cluster). Unset, `ordo up` uses
+    /// 127.0.0.1:4222 if a nats-server >= 2.10 with JetStream answers there, else starts one.
+    /// (Its value is never shown by --help: a URL may carry a password.)
+    #[arg(long, env = "ORDO_NATS_URL", hide_env_values = true, global = true)]
+    pub nats_url: Option<String>,
+
+    /// PostgreSQL URL of the read views. Unset, `ordo up` uses database `ordo` on a local server
+    /// that accepts `postgres` without a password, else starts a private one under .ordo/pg.
+    /// (Its value is never shown by --help: a URL may carry a password.)
+    #[arg(long, env = "ORDO_DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+
+    /// Address of the HTTP read API.
+    #[arg(
+        long,
+        env = "ORDO_HTTP_ADDR",
+        default_value = "127.0.0.1:8080",
+        global = true
+    )]
+    pub http_addr: SocketAddr,
+
+    /// HTTP reads served at once, those waiting for their `min_seq` included; past it a read is
+    /// answered 503 with `Retry-After` at once (each read in flight holds a connection and
+    /// memory, a waiting one for up to 5 s). Health, readiness and metrics are not counted.
+    #[arg(
+        long,
+        env = "ORDO_HTTP_MAX_READS_IN_FLIGHT",
+        default_value_t = ordo_api::DEFAULT_MAX_READS_IN_FLIGHT,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..),
+        global = true
+    )]
+    pub http_max_reads_in_flight: usize,
+
+    /// Serve this process's metrics (Prometheus text, `GET /metrics`) on this address. `ordo up`
+    /// and `ordo run api` also serve them on the API's address.
+    #[arg(long, env = "ORDO_METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Where `ordo up` keeps the data of servers it starts itself.
+    #[arg(long, env = "ORDO_HOME", default_value = ".ordo", global = true)]
+    pub home: PathBuf,
+
+    #[command(flatten)]
+    pub nats_auth: NatsAuth,
+
+    #[command(flatten)]
+    pub http_access: HttpAccess,
+
+    #[command(flatten)]
+    pub saga: SagaOptions,
+
+    #[command(flatten)]
+    pub load_shedding: LoadSheddingOptions,
+
+    #[command(flatten)]
+    pub streams: StreamSettings,
+}
+
+impl Settings {
+    /// Settings from `ordo`'s flags, and from its environment variables as the binary reads
+    /// them, for a program that runs ordo as a library:
+    /// `Settings::from_args(["--nats-url", url, "--database-url", database])`.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString>,
+    {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let args = std::iter::once("ordo".into()).chain(args.into_iter().map(Into::into));
+        <Flags as clap::Parser>::try_parse_from(args).map(|flags| flags.settings)
+    }
+
+    /// The NATS URL: as configured, else the one `ordo up` recorded, else the default.
+    pub fn nats_url(&self) -> String {
+        crate::connect::configured_url(self.nats_url.clone(), &self.home)
+    }
+
+    /// The database URL: as configured, else the one `ordo up` recorded, else the default.
+    pub fn database_url(&self) -> String {
+        crate::database::configured_url(self.database_url.clone(), &self.home)
+    }
+}

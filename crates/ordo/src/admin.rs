@@ -1,0 +1,161 @@
+//! The operator's commands: migrate the database, apply the streams, see and rebuild the
+//! projections, retry a stuck saga or a dead-lettered notification.
+
+use ordo_app::{Settings, components, connect, database};
+use ordo_eventstore::streams::apply_all;
+use ordo_projections::{ProjectorConfig, View};
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::cli::{NotificationsAction, ProjectionsAction, SagasAction, StreamsAction};
+
+pub async fn migrate(
+    settings: &Settings,
+    grant_to: Option<&str>,
+    grant_read_to: Option<&str>,
+) -> anyhow::Result<()> {
+    database::migrate(&settings.database_url(), grant_to, grant_read_to).await
+}
+
+pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Result<()> {
+    let StreamsAction::Apply { dir } = action;
+    let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
+    let streams = components::StreamSettings {
+        streams_dir: dir.or(settings.streams.streams_dir.clone()),
+        ..settings.streams.clone()
+    };
+    let definitions = streams.definitions()?;
+    let js = async_nats::jetstream::new(nats);
+    for (stream, applied) in apply_all(&js, &definitions).await? {
+        println!("{stream}: {applied}");
+    }
+    Ok(())
+}
+
+pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyhow::Result<()> {
+    let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
+    match action {
+        ProjectionsAction::Status => {
+            let pool = PgPool::connect(&settings.database_url()).await?;
+            let status = ordo_api::ops::projection_status(&pool, &nats)
+                .await
+                .map_err(|err| anyhow::anyhow!("{err:?}"))?;
+            print!("{}", status_table(&status));
+            Ok(())
+        }
+        ProjectionsAction::Rebuild { view } => {
+            let pool = database::connect_and_prepare(&settings.database_url()).await?;
+            rebuild(view, &pool, &nats).await
+        }
+    }
+}
+
+pub async fn sagas(settings: &Settings, action: SagasAction) -> anyhow::Result<()> {
+    let SagasAction::Retry { order_id } = action;
+    let order_id = ordo_domain::OrderId::parse(order_id)?;
+    let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
+    let pool = PgPool::connect(&settings.database_url()).await?;
+    match settings
+        .saga
+        .coordinator(pool, nats)
+        .retry_stuck(&order_id)
+        .await?
+    {
+        Some(state) => println!("saga of {order_id}: {}", state.as_str()),
+        None => anyhow::bail!("no saga for order {order_id}"),
+    }
+    Ok(())
+}
+
+pub async fn notifications(settings: &Settings, action: NotificationsAction) -> anyhow::Result<()> {
+    let NotificationsAction::Retry { order_id, kind } = action;
+    let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
+    let pool = PgPool::connect(&settings.database_url()).await?;
+    match components::notifier_of(&settings.saga, pool, nats)
+        .await?
+        .retry(&order_id, &kind)
+        .await?
+    {
+        Some(status) => println!("notification {kind} of {order_id}: {status}"),
+        None => anyhow::bail!("no {kind} notification for order {order_id}"),
+    }
+    Ok(())
+}
+
+/// Rebuilds the view `name` with a progress bar (events/s, ETA) on a terminal, plain lines
+/// otherwise.
+pub async fn rebuild(view: View, pool: &PgPool, nats: &async_nats::Client) -> anyhow::Result<()> {
+    use ordo_projections::rebuild::Progress;
+    use std::io::IsTerminal;
+
+    let js = async_nats::jetstream::new(nats.clone());
+    let bar = indicatif::ProgressBar::new(0);
+    let terminal = std::io::stderr().is_terminal();
+    if terminal {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} events · {per_sec} · ETA {eta}",
+            )?
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("rebuilding {view}"));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    let mut report = |progress: Progress| {
+        bar.set_length(progress.target);
+        bar.set_position(progress.applied);
+        if !terminal && (last_line.elapsed().as_secs() >= 1 || progress.applied >= progress.target)
+        {
+            let rate = progress.applied as f64 / started.elapsed().as_secs_f64().max(0.001);
+            eprintln!(
+                "rebuilding {view}: {}/{} events, {rate:.0} events/s",
+                progress.applied, progress.target
+            );
+            last_line = std::time::Instant::now();
+        }
+    };
+    let rebuilt = view
+        .rebuild(pool, &js, ProjectorConfig::default(), &mut report)
+        .await?;
+    bar.finish_and_clear();
+    println!(
+        "{view}: rebuilt up to sequence {} in {:.1?} and swapped in",
+        rebuilt.checkpoint, rebuilt.took
+    );
+    Ok(())
+}
+
+/// The projection status as a table for a terminal.
+pub fn status_table(status: &[Value]) -> String {
+    let mut out = format!(
+        "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
+        "projection", "stream", "checkpoint", "head", "lag", "parked"
+    );
+    let show = |value: &Value| match value {
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    for projection in status {
+        out.push_str(&format!(
+            "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
+            projection["name"].as_str().unwrap_or_default(),
+            projection["stream"].as_str().unwrap_or_default(),
+            show(&projection["checkpoint"]),
+            show(&projection["stream_head"]),
+            show(&projection["lag"]),
+            show(&projection["parked"]),
+        ));
+        for parked in projection["parked_events"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "  parked: seq {} on {}: {}\n",
+                parked["seq"],
+                parked["subject"].as_str().unwrap_or_default(),
+                parked["reason"].as_str().unwrap_or_default()
+            ));
+        }
+    }
+    out
+}
