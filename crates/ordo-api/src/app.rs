@@ -42,8 +42,9 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// `pool` must already be prepared (`ordo_projections::schema::prepare`). Call it inside a
-    /// Tokio runtime: it starts listening for checkpoint announcements.
+    /// `pool` must already be prepared (the saga's and the projections' tables and the views:
+    /// `ordo_app::database::prepare`). Call it inside a Tokio runtime: it starts listening for
+    /// checkpoint announcements.
     pub fn new(pool: PgPool, nats: async_nats::Client) -> Self {
         let views = ordo_projections::View::ALL.map(ordo_projections::View::name);
         Self {

@@ -53,6 +53,7 @@ impl Setup {
     ) -> Self {
         let engine = Engine::start().await;
         let database = TestDatabase::create().await;
+        ordo_saga::schema::migrate(database.pool()).await.unwrap();
         schema::prepare(database.pool()).await.unwrap();
         let config = ProjectorConfig {
             fetch_wait: Duration::from_millis(100),
@@ -457,6 +458,7 @@ async fn serve_api(pool: &sqlx::PgPool, client: async_nats::Client) -> String {
 async fn while_postgresql_is_down_reads_are_503_and_readiness_says_why() {
     let postgres = ordo_testkit::PostgresServer::start();
     let database = TestDatabase::create_on(&postgres.url("postgres")).await;
+    ordo_saga::schema::migrate(database.pool()).await.unwrap();
     schema::prepare(database.pool()).await.unwrap();
     let server = NatsServer::start();
     let client = server.client().await;
@@ -715,6 +717,7 @@ async fn a_stuck_saga_is_shown_with_its_step_and_counted_in_the_metrics() {
 #[tokio::test]
 async fn while_nats_is_down_readiness_names_nats_and_postgresql_stays_ok() {
     let database = TestDatabase::create().await;
+    ordo_saga::schema::migrate(database.pool()).await.unwrap();
     schema::prepare(database.pool()).await.unwrap();
     let server = NatsServer::start();
     let client = server.client().await;

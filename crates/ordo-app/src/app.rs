@@ -77,6 +77,8 @@ impl App {
         role: Role,
         shutdown: &Shutdown,
     ) -> anyhow::Result<Option<Self>> {
+        // The process-wide metrics recorder, before anything records a metric.
+        ordo_api::prometheus();
         let (nats_url, local_nats, database_url, local_postgres) = match role {
             Role::Everything => {
                 let (nats_url, local_nats) =

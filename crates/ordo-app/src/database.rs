@@ -105,19 +105,19 @@ pub async fn migrate(
                 crate::connect::redacted(url)
             )
         })?;
-    let missing = schema::missing(&pool).await?;
-    schema::prepare(&pool).await?;
+    let missing = missing(&pool).await?;
+    prepare(&pool).await?;
     if missing.is_empty() {
         println!("the database was already set up");
     } else {
         println!("created what was missing ({missing})");
     }
     if let Some(role) = grant_to {
-        schema::grant_rows_to(&pool, role, schema::RowAccess::ReadWrite).await?;
+        grant_rows_to(&pool, role, RowAccess::ReadWrite).await?;
         println!("role {role} may read and write ordo's rows, and nothing more");
     }
     if let Some(role) = grant_read_to {
-        schema::grant_rows_to(&pool, role, schema::RowAccess::ReadOnly).await?;
+        grant_rows_to(&pool, role, RowAccess::ReadOnly).await?;
         println!("role {role} may read ordo's rows, and nothing more");
     }
     Ok(())
@@ -139,7 +139,7 @@ pub async fn connect_and_prepare(url: &str) -> anyhow::Result<PgPool> {
                 .acquire_timeout(Duration::from_secs(3))
                 .connect(url)
                 .await?;
-            schema::prepare(&pool).await?;
+            prepare(&pool).await?;
             Ok::<_, schema::PrepareError>(pool)
         };
         match attempt.await {
@@ -165,7 +165,123 @@ pub async fn connect_and_prepare(url: &str) -> anyhow::Result<PgPool> {
     }
 }
 
+/// What [`prepare`] would create, found by reading only: the saga's migrations and the
+/// projections' (with their views).
+pub async fn missing(pool: &PgPool) -> Result<schema::Missing, sqlx::Error> {
+    let saga = schema::unapplied(pool, &ordo_saga::schema::migrator()).await?;
+    let mut missing = schema::missing(pool).await?;
+    missing.migrations.splice(
+        0..0,
+        saga.into_iter().map(|version| format!("saga {version}")),
+    );
+    Ok(missing)
+}
+
+/// Makes the database ready for every component: each crate's migrations (the saga's, the
+/// projections') and the views. When nothing is missing it runs no DDL at all, so workers
+/// connected as a role that may only read and write rows (`ordo migrate --grant-to`) start on a
+/// database the owner set up; on one that is not set up they get
+/// [`schema::PrepareError::NotSetUp`].
+pub async fn prepare(pool: &PgPool) -> Result<(), schema::PrepareError> {
+    let missing = match missing(pool).await {
+        Err(err) if schema::is_insufficient_privilege(&err) => {
+            return Err(schema::PrepareError::NotGranted);
+        }
+        found => found?,
+    };
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let created = async {
+        ordo_saga::schema::migrate(pool).await?;
+        schema::prepare(pool).await
+    };
+    match created.await {
+        Err(err) if err.is_insufficient_privilege() => {
+            Err(schema::PrepareError::NotSetUp { missing })
+        }
+        other => other,
+    }
+}
+
 /// Class 28 (invalid authorization): a wrong password, an unknown role, no pg_hba.conf entry.
 fn credentials_refused(err: &sqlx::Error) -> bool {
     schema::sqlstate(err).is_some_and(|code| code.starts_with("28"))
+}
+
+/// What a role may do with ordo's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowAccess {
+    /// Read and write rows: the workers.
+    ReadWrite,
+    /// Read rows: the read API.
+    ReadOnly,
+}
+
+/// Lets `role` read (and, with [`RowAccess::ReadWrite`], write) the rows of every ordo table,
+/// those that exist and those that later migrations and rebuilds create (run as the owner,
+/// which creates them), and nothing more: no DDL, no write to the migration history. The role
+/// must exist.
+pub async fn grant_rows_to(pool: &PgPool, role: &str, access: RowAccess) -> Result<(), GrantError> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT exists(SELECT 1 FROM pg_roles WHERE rolname = $1)")
+            .bind(role)
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        return Err(GrantError::NoSuchRole(role.to_owned()));
+    }
+    let role = quote_identifier(role);
+    let schemas: Vec<String> = std::iter::once("public".to_owned())
+        .chain(schema::catalog().iter().map(schema::ProjectionInfo::schema))
+        .collect();
+    let schemas = schemas.join(", ");
+    // A reader may not draw from a sequence either (`nextval` needs USAGE).
+    let (rows, sequences) = match access {
+        RowAccess::ReadWrite => ("SELECT, INSERT, UPDATE, DELETE", "USAGE, SELECT"),
+        RowAccess::ReadOnly => ("SELECT", "SELECT"),
+    };
+    let mut histories = vec![ordo_saga::schema::HISTORY_TABLE, schema::HISTORY_TABLE];
+    let legacy: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    if legacy {
+        histories.push("_sqlx_migrations");
+    }
+    let histories = histories.join(", ");
+    let mut tx = pool.begin().await?;
+    for statement in [
+        format!("GRANT USAGE ON SCHEMA {schemas} TO {role}"),
+        format!("GRANT {rows} ON ALL TABLES IN SCHEMA {schemas} TO {role}"),
+        format!("GRANT {sequences} ON ALL SEQUENCES IN SCHEMA {schemas} TO {role}"),
+        // The workers read which migrations ran (to know the database is set up), never write it;
+        // nor the history earlier builds kept, where a database has it.
+        format!("REVOKE INSERT, UPDATE, DELETE ON {histories} FROM {role}"),
+        // What the owner creates later: the schemas and tables of a rebuild, new migrations.
+        format!("ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {role}"),
+        format!("ALTER DEFAULT PRIVILEGES GRANT {rows} ON TABLES TO {role}"),
+        format!("ALTER DEFAULT PRIVILEGES GRANT {sequences} ON SEQUENCES TO {role}"),
+    ] {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error(
+        "role {0:?} does not exist: create it first (CREATE ROLE {0} LOGIN PASSWORD '…'), then \
+         run this again"
+    )]
+    NoSuchRole(String),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// `name` as a quoted SQL identifier, whatever it contains.
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }

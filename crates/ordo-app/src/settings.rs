@@ -43,8 +43,9 @@ pub struct Settings {
     )]
     pub http_max_reads_in_flight: usize,
 
-    /// Serve this process's metrics (Prometheus text, `GET /metrics`) on this address. `ordo up`
-    /// and `ordo run api` also serve them on the API's address.
+    /// `ordo run`: serve this process's metrics (Prometheus text, `GET /metrics`) on this
+    /// address. `ordo up` and `ordo run api` serve them on the API's address (and `ordo up` only
+    /// there).
     #[arg(long, env = "ORDO_METRICS_ADDR", global = true)]
     pub metrics_addr: Option<SocketAddr>,
 

@@ -34,6 +34,7 @@ pub struct Faults {
     /// When a cluster node (the leader of a stream) is killed, in order.
     node_kill_at: Vec<Duration>,
     next_node_kill: usize,
+    leader_unknown_noted: bool,
     pub node_kills: Vec<String>,
     /// What is down, and when it comes back.
     down: Vec<(Instant, Down)>,
@@ -71,6 +72,7 @@ impl Faults {
                 .map(|i| duration.mul_f64(f64::from(i) / f64::from(options.kill_nodes + 1)))
                 .collect(),
             next_node_kill: 0,
+            leader_unknown_noted: false,
             node_kills: Vec::new(),
             down: Vec::new(),
             nats_restarts: 0,
@@ -158,21 +160,32 @@ impl Faults {
     }
 
     /// The stream whose leader is due to be killed now: `ORDO_ORDERS`, then `ORDO_STOCK`, in
-    /// turn.
-    pub fn node_kill_due(&mut self, elapsed: Duration) -> Option<&'static str> {
+    /// turn. It stays due until [`Self::node_killed`]: while the cluster cannot name the leader
+    /// yet (still electing after the last kill), the kill waits for it rather than being lost.
+    pub fn node_kill_due(&self, elapsed: Duration) -> Option<&'static str> {
         let due = self
             .node_kill_at
             .get(self.next_node_kill)
             .is_some_and(|at| elapsed >= *at);
-        if !due {
-            return None;
-        }
-        self.next_node_kill += 1;
-        Some(if self.next_node_kill % 2 == 1 {
-            ordo_eventstore::StreamId::Orders.name()
-        } else {
-            ordo_eventstore::StreamId::Stock.name()
+        due.then(|| {
+            if self.next_node_kill.is_multiple_of(2) {
+                ordo_eventstore::StreamId::Orders.name()
+            } else {
+                ordo_eventstore::StreamId::Stock.name()
+            }
         })
+    }
+
+    /// The leader of the stream [`Self::node_kill_due`] named was killed, as `what`.
+    pub fn node_killed(&mut self, what: String) {
+        self.node_kills.push(what);
+        self.next_node_kill += 1;
+        self.leader_unknown_noted = false;
+    }
+
+    /// Whether to say that the due kill waits for a leader: once per kill.
+    pub fn note_leader_unknown(&mut self) -> bool {
+        !std::mem::replace(&mut self.leader_unknown_noted, true)
     }
 
     fn in_outage(&self, component: Component) -> bool {

@@ -154,7 +154,7 @@ pub async fn run(
         ensured = ordo_app::components::ensure_streams(&nats, &definitions).await;
     }
     ensured?;
-    ordo_projections::schema::prepare(database.pool()).await?;
+    ordo_app::database::prepare(database.pool()).await?;
     let js = async_nats::jetstream::new(nats.clone());
 
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -295,14 +295,24 @@ pub async fn run(
         if let Some(stream) = faults.node_kill_due(elapsed) {
             let cluster = cluster.as_ref().expect("--kill-nodes needs --cluster");
             let leader = match js.get_stream(stream).await {
-                Ok(mut live) => live
-                    .info()
-                    .await
-                    .ok()
-                    .and_then(|info| info.cluster.clone())
-                    .and_then(|cluster| cluster.leader),
-                Err(_) => None,
+                Ok(mut live) => match live.info().await {
+                    Ok(info) => info
+                        .cluster
+                        .clone()
+                        .and_then(|cluster| cluster.leader)
+                        .ok_or_else(|| "no leader named".to_owned()),
+                    Err(err) => Err(err.to_string()),
+                },
+                Err(err) => Err(err.to_string()),
             };
+            if let Err(why) = &leader
+                && faults.note_leader_unknown()
+            {
+                progress.note(format!(
+                    "the leader of {stream} is not known yet ({why}); the kill waits for it"
+                ));
+            }
+            let leader = leader.ok();
             if let Some(node) = leader.as_deref().and_then(|name| cluster.node(name)) {
                 let name = leader.clone().unwrap_or_default();
                 progress.note(format!(
@@ -310,9 +320,7 @@ pub async fn run(
                     options.node_down
                 ));
                 down_for(node, options.node_down, &format!("nats node {name}")).await?;
-                faults
-                    .node_kills
-                    .push(format!("{name} (leader of {stream})"));
+                faults.node_killed(format!("{name} (leader of {stream})"));
             }
         }
         progress.tick(

@@ -5,8 +5,7 @@
 //! than at run time. A Rust client of ordo depends on this crate and nothing else of ordo's:
 //!
 //! ```
-//! use ordo_contract::{CommandRequest, Quantity, ReceiveStock, Reply};
-//! use ordo_domain::Sku;
+//! use ordo_contract::{CommandRequest, Quantity, ReceiveStock, Reply, Sku};
 //!
 //! let request = CommandRequest::ReceiveStock(ReceiveStock {
 //!     sku: Sku::parse("A1").unwrap(),
@@ -37,6 +36,8 @@ pub use endpoint::{
     Endpoint, INTERNAL_SUBJECT_PREFIX, MAX_BODY_BYTES, MAX_COMMAND_ID_LEN, MAX_HEADER_VALUE_LEN,
     SUBJECT_PREFIX, headers,
 };
+/// The domain's validating ids, as requests carry them.
+pub use ordo_domain::{Currency, CustomerId, IdError, OrderId, Sku};
 pub use reply::{AggregateId, ErrorCode, InvalidReply, Reply};
 pub use request::{
     CancelOrder, CommandRequest, ConfirmOrder, DeductStock, InvalidCommand, Line, MAX_NUMBER,

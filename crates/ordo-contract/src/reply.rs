@@ -166,14 +166,6 @@ impl Reply {
     pub fn is_accepted(&self) -> bool {
         matches!(self, Self::Accepted { .. })
     }
-
-    /// The code of a refusal.
-    pub fn error_code(&self) -> Option<ErrorCode> {
-        match self {
-            Self::Accepted { .. } => None,
-            Self::Refused { code, .. } => Some(*code),
-        }
-    }
 }
 
 /// The reply as JSON has it. `ok` comes first, so that a reader of the raw text sees it first.

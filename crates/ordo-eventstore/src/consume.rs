@@ -28,6 +28,9 @@ pub struct ConsumeError {
     pub reason: String,
 }
 
+/// The longest pause after a fetch that came back empty before its wait was up.
+const EMPTY_PAUSE: Duration = Duration::from_millis(250);
+
 /// A durable consumer, read a batch at a time.
 pub struct Batches {
     id: ConsumerId,
@@ -106,6 +109,7 @@ impl Batches {
             consumer: self.id,
             reason: err.to_string(),
         };
+        let asked = std::time::Instant::now();
         let mut fetched = self
             .consumer
             .fetch()
@@ -117,6 +121,12 @@ impl Batches {
         let mut messages = Vec::new();
         while let Some(message) = fetched.next().await {
             messages.push(message.map_err(|err| error(&err))?);
+        }
+        if messages.is_empty() {
+            // The server may answer a fetch empty at once (another instance's fetch waits for
+            // the messages there are): pause, rather than ask again in a tight loop.
+            let pause = self.wait.saturating_sub(asked.elapsed()).min(EMPTY_PAUSE);
+            tokio::time::sleep(pause).await;
         }
         Ok(Batch {
             id: self.id,
@@ -136,30 +146,60 @@ impl Batch {
         self.messages.is_empty()
     }
 
-    /// Settles each message as `settles` says, in order. Under ack policy `all` (a
-    /// projector's), a batch handled whole is acknowledged by its last message, and the reply
-    /// to that acknowledgement waited for. A lost acknowledgement only means a redelivery, which
+    /// Settles each message as `settles` says, in order; a message without one is left to be
+    /// delivered again after its ack wait. A lost acknowledgement only means a redelivery, which
     /// every worker takes in again without effect.
+    ///
+    /// Under ack policy `all` (a projector's) an acknowledgement also acknowledges every message
+    /// before it: the leading messages settled `Ack` are acknowledged by the last of them (its
+    /// reply waited for), the first one not is asked again, and those after it are left.
     pub async fn settle(self, settles: impl IntoIterator<Item = Settle>) {
         let settles: Vec<Settle> = settles.into_iter().collect();
-        debug_assert_eq!(settles.len(), self.messages.len(), "one settle per message");
-        if self.id.ack_policy() == AckPolicy::All && settles.iter().all(|s| *s == Settle::Ack) {
-            if let Some(last) = self.messages.last()
+        if self.id.ack_policy() == AckPolicy::All {
+            let acked = settles
+                .iter()
+                .take_while(|settle| **settle == Settle::Ack)
+                .count()
+                .min(self.messages.len());
+            if let Some(last) = acked.checked_sub(1).map(|i| &self.messages[i])
                 && let Err(err) = last.double_ack().await
             {
                 tracing::debug!(consumer = %self.id, %err, "ack not confirmed");
             }
+            if let (Some(message), Some(Settle::Nak(delay))) =
+                (self.messages.get(acked), settles.get(acked))
+            {
+                nak(self.id, message, *delay).await;
+            }
             return;
         }
         for (message, settle) in self.messages.iter().zip(settles) {
-            let kind = match settle {
-                Settle::Ack => AckKind::Ack,
-                Settle::Nak(delay) => AckKind::Nak(Some(delay)),
-            };
-            if let Err(err) = message.ack_with(kind).await {
-                tracing::debug!(consumer = %self.id, %err, "ack not sent");
+            match settle {
+                Settle::Ack => {
+                    if let Err(err) = message.ack().await {
+                        tracing::debug!(consumer = %self.id, %err, "ack not sent");
+                    }
+                }
+                Settle::Nak(delay) => nak(self.id, message, delay).await,
             }
         }
+    }
+
+    /// Each message on its own, to be settled as soon as it is handled rather than with the
+    /// batch: for a consumer that handles messages concurrently (ack policy explicit; under
+    /// policy `all` one settle would settle others).
+    pub fn one_by_one(self) -> Vec<Delivery> {
+        assert_eq!(
+            self.id.ack_policy(),
+            AckPolicy::Explicit,
+            "{} acknowledges batches, not messages",
+            self.id
+        );
+        let id = self.id;
+        self.messages
+            .into_iter()
+            .map(|message| Delivery { id, message })
+            .collect()
     }
 
     /// Every message delivered again after `delay`: the batch could not be handled.
@@ -167,5 +207,30 @@ impl Batch {
         let count = self.messages.len();
         self.settle(std::iter::repeat_n(Settle::Nak(delay), count))
             .await;
+    }
+}
+
+async fn nak(consumer: ConsumerId, message: &Message, delay: Duration) {
+    if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
+        tracing::debug!(%consumer, %err, "nak not sent");
+    }
+}
+
+/// One message of a batch, settled on its own.
+pub struct Delivery {
+    id: ConsumerId,
+    pub message: Message,
+}
+
+impl Delivery {
+    pub async fn settle(self, settle: Settle) {
+        match settle {
+            Settle::Ack => {
+                if let Err(err) = self.message.ack().await {
+                    tracing::debug!(consumer = %self.id, %err, "ack not sent");
+                }
+            }
+            Settle::Nak(delay) => nak(self.id, &self.message, delay).await,
+        }
     }
 }

@@ -5,7 +5,8 @@
 //!   and how one event changes it.
 //! - [`orders`] and [`stock`]: the two views of today.
 //! - [`schema`]: one PostgreSQL schema per projection (`view_<name>`) holding its tables *and*
-//!   its checkpoint, plus the shared tables of `projections/migrations`.
+//!   its checkpoint, plus the table every projection shares (`parked_events`, from
+//!   `projections/migrations`).
 //! - [`runtime`]: [`Projector`], which applies batches exactly once in effect.
 //! - [`rebuild`]: replays a stream into a new schema and swaps it in without downtime.
 //! - [`views`]: [`View`], the list of every projection that everything else iterates.

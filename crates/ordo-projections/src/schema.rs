@@ -6,17 +6,54 @@ use sqlx::{AssertSqlSafe, PgPool, migrate::Migrator};
 
 use crate::Projection;
 
-/// The shared tables (`projections/migrations`), embedded in the binary.
-pub static MIGRATOR: Migrator = sqlx::migrate!("../../projections/migrations");
+/// Where the projections' migrations are recorded as applied (apart from the saga's).
+pub const HISTORY_TABLE: &str = "_ordo_projection_migrations";
+
+/// The table the projections share (`projections/migrations`), embedded in the binary.
+pub fn migrator() -> Migrator {
+    let mut migrator = sqlx::migrate!("../../projections/migrations");
+    migrator.dangerous_set_table_name(HISTORY_TABLE);
+    migrator
+}
 
 /// The schema that serves a projection's view.
 pub fn live_schema<P: Projection>() -> String {
     format!("view_{}", P::NAME)
 }
 
-/// Runs the shared migrations.
+/// Runs the projections' migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    MIGRATOR.run(pool).await
+    migrator().run(pool).await
+}
+
+/// The versions of `migrator` not applied to the database (or applied from another text),
+/// found by reading only.
+pub async fn unapplied(pool: &PgPool, migrator: &Migrator) -> Result<Vec<i64>, sqlx::Error> {
+    // Unqualified, as sqlx's migrator names it: the first schema of the search path.
+    let table = migrator.table_name.as_ref();
+    let has_table: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(pool)
+        .await?;
+    let applied: Vec<(i64, Vec<u8>)> = if has_table {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT version, checksum FROM {table} WHERE success"
+        )))
+        .fetch_all(pool)
+        .await?
+    } else {
+        Vec::new()
+    };
+    Ok(migrator
+        .iter()
+        .filter(|migration| !migration.migration_type.is_down_migration())
+        .filter(|migration| {
+            !applied.iter().any(|(version, checksum)| {
+                *version == migration.version && **checksum == *migration.checksum
+            })
+        })
+        .map(|migration| migration.version)
+        .collect())
 }
 
 /// `SET LOCAL search_path` for a transaction that works on `schema`.
@@ -144,10 +181,10 @@ pub fn catalog() -> Vec<ProjectionInfo> {
 }
 
 /// What a database lacks before ordo can use it: migrations not applied (or applied from another
-/// text) and live views that do not exist.
+/// text), named by their owner (`saga 1`, `projections 1`), and live views that do not exist.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Missing {
-    pub migrations: Vec<i64>,
+    pub migrations: Vec<String>,
     pub views: Vec<String>,
 }
 
@@ -161,8 +198,10 @@ impl std::fmt::Display for Missing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts = Vec::new();
         if !self.migrations.is_empty() {
-            let versions: Vec<String> = self.migrations.iter().map(i64::to_string).collect();
-            parts.push(format!("migrations {} not applied", versions.join(", ")));
+            parts.push(format!(
+                "migrations {} not applied",
+                self.migrations.join(", ")
+            ));
         }
         if !self.views.is_empty() {
             parts.push(format!("views {} missing", self.views.join(", ")));
@@ -190,29 +229,13 @@ pub enum PrepareError {
     Sql(#[from] sqlx::Error),
 }
 
-/// What `prepare` would create, found by reading only: a role that may not create tables can
+/// What [`prepare`] would create, found by reading only: a role that may not create tables can
 /// ask.
 pub async fn missing(pool: &PgPool) -> Result<Missing, sqlx::Error> {
-    // Unqualified, as sqlx's migrator names it: the first schema of the search path.
-    let has_table: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    let applied: Vec<(i64, Vec<u8>)> = if has_table {
-        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations WHERE success")
-            .fetch_all(pool)
-            .await?
-    } else {
-        Vec::new()
-    };
-    let migrations = MIGRATOR
-        .iter()
-        .filter(|migration| !migration.migration_type.is_down_migration())
-        .filter(|migration| {
-            !applied.iter().any(|(version, checksum)| {
-                *version == migration.version && **checksum == *migration.checksum
-            })
-        })
-        .map(|migration| migration.version)
+    let migrations = unapplied(pool, &migrator())
+        .await?
+        .into_iter()
+        .map(|version| format!("projections {version}"))
         .collect();
     let schemas: Vec<String> = catalog().iter().map(ProjectionInfo::schema).collect();
     let existing: Vec<String> =
@@ -228,8 +251,8 @@ pub async fn missing(pool: &PgPool) -> Result<Missing, sqlx::Error> {
     Ok(Missing { migrations, views })
 }
 
-/// Makes the database ready for every component: runs the migrations and creates the views that
-/// are missing. When nothing is missing it runs no DDL at all, so workers connected as a role
+/// Makes the projections' part of the database ready: runs their migrations and creates the
+/// views that are missing (`ordo_app::database::prepare` adds the saga's tables). When nothing is missing it runs no DDL at all, so workers connected as a role
 /// that may only read and write rows (`ordo migrate --grant-to`) start on a database the owner
 /// set up; on one that is not set up they get [`PrepareError::NotSetUp`].
 pub async fn prepare(pool: &PgPool) -> Result<(), PrepareError> {
@@ -254,7 +277,7 @@ pub async fn prepare(pool: &PgPool) -> Result<(), PrepareError> {
 }
 
 impl PrepareError {
-    fn is_insufficient_privilege(&self) -> bool {
+    pub fn is_insufficient_privilege(&self) -> bool {
         use sqlx::migrate::MigrateError;
         let sql = match self {
             Self::Sql(err)
@@ -266,79 +289,11 @@ impl PrepareError {
     }
 }
 
-fn is_insufficient_privilege(err: &sqlx::Error) -> bool {
+pub fn is_insufficient_privilege(err: &sqlx::Error) -> bool {
     sqlstate(err).as_deref() == Some("42501")
 }
 
 /// The SQLSTATE of an error the server returned (none for I/O and client-side errors).
 pub fn sqlstate(err: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
     err.as_database_error().and_then(|err| err.code())
-}
-
-/// What a role may do with ordo's rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RowAccess {
-    /// Read and write rows: the workers.
-    ReadWrite,
-    /// Read rows: the read API.
-    ReadOnly,
-}
-
-/// Lets `role` read (and, with [`RowAccess::ReadWrite`], write) the rows of every ordo table,
-/// those that exist and those that later migrations and rebuilds create (run as the owner,
-/// which creates them), and nothing more: no DDL, no write to the migration history. The role
-/// must exist.
-pub async fn grant_rows_to(pool: &PgPool, role: &str, access: RowAccess) -> Result<(), GrantError> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT exists(SELECT 1 FROM pg_roles WHERE rolname = $1)")
-            .bind(role)
-            .fetch_one(pool)
-            .await?;
-    if !exists {
-        return Err(GrantError::NoSuchRole(role.to_owned()));
-    }
-    let role = quote_identifier(role);
-    let schemas: Vec<String> = std::iter::once("public".to_owned())
-        .chain(catalog().iter().map(ProjectionInfo::schema))
-        .collect();
-    let schemas = schemas.join(", ");
-    // A reader may not draw from a sequence either (`nextval` needs USAGE).
-    let (rows, sequences) = match access {
-        RowAccess::ReadWrite => ("SELECT, INSERT, UPDATE, DELETE", "USAGE, SELECT"),
-        RowAccess::ReadOnly => ("SELECT", "SELECT"),
-    };
-    let mut tx = pool.begin().await?;
-    for statement in [
-        format!("GRANT USAGE ON SCHEMA {schemas} TO {role}"),
-        format!("GRANT {rows} ON ALL TABLES IN SCHEMA {schemas} TO {role}"),
-        format!("GRANT {sequences} ON ALL SEQUENCES IN SCHEMA {schemas} TO {role}"),
-        // The workers read which migrations ran (to know the database is set up), never write it.
-        format!("REVOKE INSERT, UPDATE, DELETE ON _sqlx_migrations FROM {role}"),
-        // What the owner creates later: the schemas and tables of a rebuild, new migrations.
-        format!("ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO {role}"),
-        format!("ALTER DEFAULT PRIVILEGES GRANT {rows} ON TABLES TO {role}"),
-        format!("ALTER DEFAULT PRIVILEGES GRANT {sequences} ON SEQUENCES TO {role}"),
-    ] {
-        sqlx::query(AssertSqlSafe(statement))
-            .execute(&mut *tx)
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum GrantError {
-    #[error(
-        "role {0:?} does not exist: create it first (CREATE ROLE {0} LOGIN PASSWORD '…'), then \
-         run this again"
-    )]
-    NoSuchRole(String),
-    #[error(transparent)]
-    Sql(#[from] sqlx::Error),
-}
-
-/// `name` as a quoted SQL identifier, whatever it contains.
-fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }

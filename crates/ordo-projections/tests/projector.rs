@@ -17,7 +17,7 @@ use ordo_projections::{
 };
 use ordo_testkit::TestDatabase;
 use serde_json::{Value, json};
-use sqlx::{PgPool, Row};
+use sqlx::{Connection, PgPool, Row};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 struct Setup {
@@ -446,22 +446,23 @@ async fn a_killed_projector_is_taken_over_and_no_event_is_lost_or_applied_twice(
     setup.caught_up::<OrdersView>().await;
     let _stock_standby = setup.projector::<StockView>();
     let _orders_standby = setup.projector::<OrdersView>();
-    // The leaders are killed while the rest is being written (and applied).
-    let checkpoints = || async {
-        (
-            schema::checkpoint::<StockView>(setup.pool(), &live_schema::<StockView>())
-                .await
-                .unwrap(),
-            schema::checkpoint::<OrdersView>(setup.pool(), &live_schema::<OrdersView>())
-                .await
-                .unwrap(),
-        )
-    };
+    // The leaders are killed while the rest is being written (and applied). Their checkpoints
+    // are read at once, on a connection of the test's own: from the pool, the read could wait
+    // behind the projectors' connections until the standbys had taken over and finished.
+    let mut observer = sqlx::PgConnection::connect(setup.database.url())
+        .await
+        .unwrap();
     let chaos = async {
         tokio::time::sleep(Duration::from_millis(20)).await;
         first_stock.abort();
         first_orders.abort();
-        checkpoints().await
+        let (stock, orders): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT seq FROM view_stock.checkpoints), (SELECT seq FROM view_orders.checkpoints)",
+        )
+        .fetch_one(&mut observer)
+        .await
+        .unwrap();
+        (stock as u64, orders as u64)
     };
     let ((), (stock_killed_at, orders_killed_at)) = tokio::join!(load(30..100), chaos);
     let head = |stream: ordo_eventstore::StreamId| {

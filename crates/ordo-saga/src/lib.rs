@@ -4,6 +4,7 @@
 //! - [`coordinator`]: [`Coordinator`] starts a saga per placed order, drives its steps
 //!   (reserve, pay, confirm, or compensate) and keeps its state in PostgreSQL.
 //! - [`payment`]: the pluggable payment gateway and its simulation.
+//! - [`schema`]: the saga's tables and their migrations (`migrations/`).
 //! - [`notifier`]: [`Notifier`], one notification per (order, kind), published on NATS and to an
 //!   optional webhook.
 //! - [`unreadable`]: order events this build cannot read (a newer schema) are held back, not
@@ -15,6 +16,7 @@
 pub mod coordinator;
 pub mod notifier;
 pub mod payment;
+pub mod schema;
 pub mod unreadable;
 
 pub use coordinator::{Clock, Coordinator, CoordinatorConfig};

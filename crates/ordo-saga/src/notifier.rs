@@ -10,12 +10,12 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::StreamExt;
+use futures::TryStreamExt;
 use ordo_domain::order::{OrderAggregate, OrderEvent};
 use ordo_eventstore::{
     ConsumerId, EventStore, StreamId,
     backoff::Backoff,
-    consume::{Batches, Settle},
+    consume::{Batches, ConsumeError, Settle},
     trace,
 };
 use serde_json::{Value, json};
@@ -79,9 +79,6 @@ pub struct Notifier {
 
 const CONSUMER: &str = ConsumerId::Notifier.name();
 
-/// Order events fetched at once; `concurrency` of them are notified at a time.
-const NOTIFY_BATCH: usize = 64;
-
 impl Notifier {
     /// The streams the notifier reads: order events, and each order's customer from them.
     pub const STREAMS: [StreamId; 1] = [StreamId::Orders];
@@ -126,12 +123,9 @@ impl Notifier {
             let began = std::time::Instant::now();
             tokio::select! {
                 () = &mut shutdown => return,
-                result = self.consume() => {
+                err = self.consume() => {
                     let delay = backoff.after_run(began.elapsed());
-                    match result {
-                        Err(err) => tracing::warn!(%err, retry_in = ?delay, "notifier stopped; starting again"),
-                        Ok(()) => tracing::warn!(retry_in = ?delay, "the notifier's consumer ended; starting again"),
-                    }
+                    tracing::warn!(%err, retry_in = ?delay, "notifier stopped; starting again");
                     tokio::select! {
                         () = &mut shutdown => return,
                         () = tokio::time::sleep(delay) => {}
@@ -141,33 +135,42 @@ impl Notifier {
         }
     }
 
-    async fn consume(&self) -> Result<(), NotifierError> {
+    /// Notifies as order events arrive, `concurrency` at a time, each event settled as soon as
+    /// it is handled; ends when the consumer fails, with why.
+    async fn consume(&self) -> NotifierError {
         let js = jetstream::new(self.nats.clone());
-        let mut batches = Batches::open(
+        let concurrency = self.config.concurrency.max(1);
+        // A batch the size of the slots: what is fetched starts at once, rather than waiting in
+        // a queue past its ack wait behind slow deliveries.
+        let batches = match Batches::open(
             &js,
             ConsumerId::Notifier,
             self.config.ack_wait,
-            NOTIFY_BATCH,
+            concurrency,
             Duration::from_secs(1),
         )
         .await
-        .map_err(|err| NotifierError::JetStream(err.to_string()))?;
-        loop {
-            let batch = batches
-                .next()
-                .await
-                .map_err(|err| NotifierError::JetStream(err.to_string()))?;
-            let notifying: Vec<_> = batch
-                .messages
-                .iter()
-                .map(|message| self.notify(message))
-                .collect();
-            let settles: Vec<Settle> = futures::stream::iter(notifying)
-                .buffered(self.config.concurrency)
-                .collect()
-                .await;
-            batch.settle(settles).await;
-        }
+        {
+            Ok(batches) => batches,
+            Err(err) => return NotifierError::JetStream(err.to_string()),
+        };
+        let deliveries = futures::stream::try_unfold(batches, |mut batches| async move {
+            let batch = batches.next().await?;
+            Ok(Some((batch.one_by_one(), batches)))
+        })
+        .map_ok(|deliveries| futures::stream::iter(deliveries.into_iter().map(Ok)))
+        .try_flatten();
+        let ended: Result<(), ConsumeError> = deliveries
+            .try_for_each_concurrent(concurrency, |delivery| async move {
+                let settle = self.notify(&delivery.message).await;
+                delivery.settle(settle).await;
+                Ok(())
+            })
+            .await;
+        NotifierError::JetStream(match ended {
+            Err(err) => err.to_string(),
+            Ok(()) => "the consumer's batches ended".into(),
+        })
     }
 
     /// Sends the notification an order event calls for, if any, and says what becomes of it.

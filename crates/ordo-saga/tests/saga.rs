@@ -52,9 +52,7 @@ impl Setup {
     async fn start() -> Self {
         let engine = Engine::start_with_instances(2).await;
         let database = TestDatabase::create().await;
-        ordo_projections::schema::prepare(database.pool())
-            .await
-            .unwrap();
+        ordo_saga::schema::migrate(database.pool()).await.unwrap();
         Self {
             client: engine.client.clone(),
             store: engine.store.clone(),
@@ -1452,7 +1450,7 @@ async fn an_operators_reject_while_the_saga_runs_gives_back_the_stock_and_the_ch
 /// until the saga exists, and then it is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_it_does() {
-    use async_nats::jetstream::{AckKind, consumer::pull};
+    use async_nats::jetstream::{AckKind, consumer::DeliverPolicy};
     let setup = Setup::start().await;
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
@@ -1465,11 +1463,7 @@ async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_i
         .unwrap()
         .get_or_create_consumer(
             ConsumerId::Saga.name(),
-            pull::Config {
-                durable_name: Some(ConsumerId::Saga.name().into()),
-                ack_wait: Duration::from_secs(30),
-                ..Default::default()
-            },
+            ConsumerId::Saga.config(DeliverPolicy::All, ConsumerId::ACK_WAIT),
         )
         .await
         .unwrap();

@@ -61,8 +61,6 @@ async fn main() -> anyhow::Result<()> {
 
 /// `ordo up` and `ordo run`: the app, until SIGINT or SIGTERM (or a component stops).
 async fn run(settings: ordo_app::Settings, role: Role) -> anyhow::Result<()> {
-    // The process-wide metrics recorder, before anything records a metric.
-    ordo_api::prometheus();
     // Ctrl-C and SIGTERM stop it at any moment, also while it still waits for a server at
     // start-up.
     let shutdown = Shutdown::new();

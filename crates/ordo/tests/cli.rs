@@ -534,9 +534,7 @@ async fn sagas_retry_gives_a_stuck_saga_a_fresh_count_due_at_once() {
     };
     let server = NatsServer::start();
     let database = ordo_testkit::TestDatabase::create().await;
-    ordo_projections::schema::prepare(database.pool())
-        .await
-        .unwrap();
+    ordo_app::database::prepare(database.pool()).await.unwrap();
     // A confirmed order's saga, cancelled, whose release went unanswered six times.
     let mut saga = Saga::start(
         OrderId::parse("o-1").unwrap(),

@@ -473,7 +473,8 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
         "SELECT count(*) FROM view_orders.orders",
         "UPDATE view_stock.checkpoints SET seq = seq",
         "SELECT count(*) FROM sagas",
-        "SELECT count(*) FROM _sqlx_migrations",
+        "SELECT count(*) FROM _ordo_saga_migrations",
+        "SELECT count(*) FROM _ordo_projection_migrations",
     ];
     for statement in allowed {
         worker
@@ -487,7 +488,8 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
         "DROP TABLE sagas",
         "ALTER TABLE view_stock.stock ADD COLUMN extra int",
         "TRUNCATE notifications",
-        "DELETE FROM _sqlx_migrations",
+        "DELETE FROM _ordo_saga_migrations",
+        "DELETE FROM _ordo_projection_migrations",
     ];
     for statement in refused {
         let err = worker.execute(statement).await.expect_err(statement);

@@ -549,3 +549,34 @@ mod properties {
         );
     }
 }
+
+/// What a request derives is kept in outcome records and events: its fingerprint, its command id
+/// under a natural key, the order id a command id places. A later build must derive the very
+/// same, or a retry sent across a rolling upgrade would run again. The values are SHA-256 and
+/// UUIDv5 worked out apart from this code (Python's `hashlib` and `uuid`).
+#[test]
+fn the_ids_a_request_derives_are_those_earlier_builds_derived() {
+    let ship = parse(Endpoint::OrderShip, br#"{"order_id":"o-1"}"#, None).unwrap();
+    assert_eq!(
+        ship.fingerprint,
+        "3dfbb9574748d9f2049a89cb6d52d934b6ec41f6eddbfe49f19abaf60c731d03"
+    );
+    assert_eq!(ship.command_id, "order.ship:o-1:3dfbb9574748d9f2");
+    // Key order and spacing make no difference: the body is read as canonical JSON.
+    let reserve = parse(
+        Endpoint::StockReserve,
+        br#"{"sku": "A1", "qty": 2, "order_id": "o-1"}"#,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        reserve.fingerprint,
+        "bf88de6685d9efd63571555b4b40fb9390e2768c69a796fec8043f6e5084b80d"
+    );
+    let body = br#"{"customer_id":"c1","lines":[{"sku":"A1","qty":1,"unit_price_cents":1}]}"#;
+    let place = parse(Endpoint::OrderPlace, body, Some("delivery-7")).unwrap();
+    let Command::Order(OrderCommand::Place { order_id, .. }) = place.command else {
+        panic!("not a place");
+    };
+    assert_eq!(order_id.as_str(), "d31ea1eb-0313-5877-b3cd-246dc2a03fbd");
+}

@@ -246,9 +246,7 @@ mod tests {
     #[tokio::test]
     async fn in_one_batch_only_the_save_at_the_sagas_version_is_told_it_was_written() {
         let database = TestDatabase::create().await;
-        ordo_projections::schema::prepare(database.pool())
-            .await
-            .unwrap();
+        crate::schema::migrate(database.pool()).await.unwrap();
         let pool = database.pool().clone();
         let stale = saga("o-1");
         sqlx::query(

@@ -1,0 +1,95 @@
+//! The one consumer loop of the workers: a batch is what the consumer has, and each message is
+//! settled as the worker says, by the consumer's ack policy.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use ordo_eventstore::{
+    ConsumerId, StreamDefinition,
+    consume::{Batch, Batches, Settle},
+    streams::apply_all,
+};
+use ordo_testkit::NatsServer;
+
+/// A server with the streams and three messages on order o-1's subject (seq 1, 2, 3).
+async fn three_order_messages() -> (NatsServer, jetstream::Context) {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    apply_all(&js, &StreamDefinition::built_in()).await.unwrap();
+    for n in 1..=3 {
+        js.publish("ordo.order.events.o-1", format!("{n}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    (server, js)
+}
+
+/// The stream sequences of a batch.
+fn seqs(batch: &Batch) -> Vec<u64> {
+    batch
+        .messages
+        .iter()
+        .map(|message| message.info().unwrap().stream_sequence)
+        .collect()
+}
+
+/// The next batch that is not empty.
+async fn next(batches: &mut Batches) -> Batch {
+    for _ in 0..20 {
+        let batch = batches.next().await.unwrap();
+        if !batch.is_empty() {
+            return batch;
+        }
+    }
+    panic!("nothing was delivered again");
+}
+
+#[tokio::test]
+async fn a_message_asked_again_comes_back_alone_and_those_acknowledged_do_not() {
+    let (_server, js) = three_order_messages().await;
+    let wait = Duration::from_millis(200);
+    let mut batches = Batches::open(&js, ConsumerId::Saga, Duration::from_secs(30), 10, wait)
+        .await
+        .unwrap();
+    let batch = next(&mut batches).await;
+    assert_eq!(seqs(&batch), [1, 2, 3]);
+    batch
+        .settle([Settle::Ack, Settle::Nak(Duration::ZERO), Settle::Ack])
+        .await;
+    let again = next(&mut batches).await;
+    assert_eq!(seqs(&again), [2]);
+    again.settle([Settle::Ack]).await;
+    assert!(batches.next().await.unwrap().is_empty(), "all settled");
+}
+
+/// A projector acknowledges a batch by its last message, which acknowledges all before it: a
+/// message asked again must not be acknowledged so by a later one.
+#[tokio::test]
+async fn under_ack_policy_all_a_message_asked_again_is_not_acknowledged_by_a_later_one() {
+    let (_server, js) = three_order_messages().await;
+    let wait = Duration::from_millis(200);
+    let mut batches = Batches::recreated_at(&js, ConsumerId::OrdersView, 1, 10, wait)
+        .await
+        .unwrap();
+    let batch = next(&mut batches).await;
+    assert_eq!(seqs(&batch), [1, 2, 3]);
+    batch
+        .settle([Settle::Ack, Settle::Nak(Duration::ZERO), Settle::Ack])
+        .await;
+    let again = next(&mut batches).await;
+    assert_eq!(
+        seqs(&again)[0],
+        2,
+        "the message asked again comes back first"
+    );
+    again.settle([Settle::Ack, Settle::Ack]).await;
+    assert!(batches.next().await.unwrap().is_empty(), "all settled");
+
+    // Recreated where a projector's checkpoint says: it delivers from there.
+    let mut from_two = Batches::recreated_at(&js, ConsumerId::OrdersView, 2, 10, wait)
+        .await
+        .unwrap();
+    assert_eq!(seqs(&next(&mut from_two).await), [2, 3]);
+}
