@@ -6,10 +6,13 @@
 //! - [`accounts`]: the NATS accounts and users docker/nats.conf ships, which servers of the
 //!   drill's own run, with a user per component and the load sent as the applications.
 //! - [`fleet`]: the processes, started, killed and started again.
+//! - [`faults`]: the schedule of kills, nats-server restarts, node kills and outages.
 //! - [`load`]: the clients and the history of what they were told.
 //! - [`hostile`]: an attacker among the applications, whose attacks must all fail.
 //! - [`observe`]: reading the streams, views, sagas, notifications and payments back.
 //! - [`check`]: the checker, a pure function with its own fold of the streams.
+//! - `options` and `report`: what a drill is asked for ([`ChaosOptions`]) and what it reports
+//!   ([`Report`], [`print`]), with its progress while it runs.
 //!
 //! A run is driven by a seed (printed, and `--seed` repeats it): the load and the schedule of
 //! faults come from it. Timing on a real machine still varies, so a seed repeats the drill, not

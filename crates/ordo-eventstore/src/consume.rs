@@ -28,6 +28,25 @@ pub struct ConsumeError {
     pub reason: String,
 }
 
+impl ConsumeError {
+    fn of(consumer: ConsumerId, err: impl std::fmt::Display) -> Self {
+        Self {
+            consumer,
+            reason: err.to_string(),
+        }
+    }
+}
+
+/// The stream `id` reads.
+async fn stream_of(
+    js: &jetstream::Context,
+    id: ConsumerId,
+) -> Result<jetstream::stream::Stream, ConsumeError> {
+    js.get_stream(id.stream().name())
+        .await
+        .map_err(|err| ConsumeError::of(id, err))
+}
+
 /// The longest pause after a fetch that came back empty before its wait was up.
 const EMPTY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -49,18 +68,11 @@ impl Batches {
         max: usize,
         wait: Duration,
     ) -> Result<Self, ConsumeError> {
-        let error = |err: &dyn std::fmt::Display| ConsumeError {
-            consumer: id,
-            reason: err.to_string(),
-        };
-        let stream = js
-            .get_stream(id.stream().name())
-            .await
-            .map_err(|err| error(&err))?;
-        let consumer = stream
+        let consumer = stream_of(js, id)
+            .await?
             .get_or_create_consumer(id.name(), id.config(DeliverPolicy::All, ack_wait))
             .await
-            .map_err(|err| error(&err))?;
+            .map_err(|err| ConsumeError::of(id, err))?;
         Ok(Self {
             id,
             consumer,
@@ -78,14 +90,7 @@ impl Batches {
         max: usize,
         wait: Duration,
     ) -> Result<Self, ConsumeError> {
-        let error = |err: &dyn std::fmt::Display| ConsumeError {
-            consumer: id,
-            reason: err.to_string(),
-        };
-        let stream = js
-            .get_stream(id.stream().name())
-            .await
-            .map_err(|err| error(&err))?;
+        let stream = stream_of(js, id).await?;
         let _ = stream.delete_consumer(id.name()).await;
         let deliver = DeliverPolicy::ByStartSequence {
             start_sequence: start,
@@ -93,7 +98,7 @@ impl Batches {
         let consumer = stream
             .create_consumer(id.config(deliver, ConsumerId::ACK_WAIT))
             .await
-            .map_err(|err| error(&err))?;
+            .map_err(|err| ConsumeError::of(id, err))?;
         Ok(Self {
             id,
             consumer,
@@ -105,10 +110,7 @@ impl Batches {
     /// The next batch: what is there, up to `max`, once at least one message is or `wait` has
     /// passed (then it may be empty).
     pub async fn next(&mut self) -> Result<Batch, ConsumeError> {
-        let error = |err: &dyn std::fmt::Display| ConsumeError {
-            consumer: self.id,
-            reason: err.to_string(),
-        };
+        let error = |err: &dyn std::fmt::Display| ConsumeError::of(self.id, err);
         let asked = std::time::Instant::now();
         let mut fetched = self
             .consumer
