@@ -56,7 +56,6 @@ impl Setup {
         ordo_saga::schema::migrate(database.pool()).await.unwrap();
         schema::prepare(database.pool()).await.unwrap();
         let config = ProjectorConfig {
-            fetch_wait: Duration::from_millis(100),
             ..Default::default()
         };
         let js = jetstream::new(engine.client.clone());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{
     self, AckKind, Message,
-    consumer::{AckPolicy, DeliverPolicy, PullConsumer},
+    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
 };
 use futures::StreamExt;
 
@@ -47,38 +47,27 @@ async fn stream_of(
         .map_err(|err| ConsumeError::of(id, err))
 }
 
-/// The longest pause after a fetch that came back empty before its wait was up.
-const EMPTY_PAUSE: Duration = Duration::from_millis(250);
-
 /// A durable consumer, read a batch at a time.
 pub struct Batches {
     id: ConsumerId,
-    consumer: PullConsumer,
-    max: usize,
-    wait: Duration,
+    messages: futures::stream::ReadyChunks<pull::Stream>,
 }
 
 impl Batches {
     /// The consumer `id`, created as the catalogue says if it is missing (an existing one is
-    /// taken as it is). Batches of up to `max` messages; a fetch waits up to `wait` for one.
+    /// taken as it is), read in batches of up to `max` messages.
     pub async fn open(
         js: &jetstream::Context,
         id: ConsumerId,
         ack_wait: Duration,
         max: usize,
-        wait: Duration,
     ) -> Result<Self, ConsumeError> {
         let consumer = stream_of(js, id)
             .await?
             .get_or_create_consumer(id.name(), id.config(DeliverPolicy::All, ack_wait))
             .await
             .map_err(|err| ConsumeError::of(id, err))?;
-        Ok(Self {
-            id,
-            consumer,
-            max,
-            wait,
-        })
+        Self::reading(id, consumer, max).await
     }
 
     /// The consumer `id`, created anew to deliver from stream sequence `start`: for a
@@ -88,7 +77,6 @@ impl Batches {
         id: ConsumerId,
         start: u64,
         max: usize,
-        wait: Duration,
     ) -> Result<Self, ConsumeError> {
         let stream = stream_of(js, id).await?;
         let _ = stream.delete_consumer(id.name()).await;
@@ -99,37 +87,39 @@ impl Batches {
             .create_consumer(id.config(deliver, ConsumerId::ACK_WAIT))
             .await
             .map_err(|err| ConsumeError::of(id, err))?;
+        Self::reading(id, consumer, max).await
+    }
+
+    /// A continuous pull of `consumer`: the server keeps up to `max` messages on their way to
+    /// this client while a batch is handled, so that the next batch is there when it is done.
+    async fn reading(
+        id: ConsumerId,
+        consumer: PullConsumer,
+        max: usize,
+    ) -> Result<Self, ConsumeError> {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(max)
+            .messages()
+            .await
+            .map_err(|err| ConsumeError::of(id, err))?;
         Ok(Self {
             id,
-            consumer,
-            max,
-            wait,
+            messages: messages.ready_chunks(max),
         })
     }
 
-    /// The next batch: what is there, up to `max`, once at least one message is or `wait` has
-    /// passed (then it may be empty).
+    /// The next batch: the messages that have arrived, up to `max`, waiting for the first.
     pub async fn next(&mut self) -> Result<Batch, ConsumeError> {
-        let error = |err: &dyn std::fmt::Display| ConsumeError::of(self.id, err);
-        let asked = std::time::Instant::now();
-        let mut fetched = self
-            .consumer
-            .fetch()
-            .max_messages(self.max)
-            .expires(self.wait)
-            .messages()
+        let arrived = self
+            .messages
+            .next()
             .await
-            .map_err(|err| error(&err))?;
-        let mut messages = Vec::new();
-        while let Some(message) = fetched.next().await {
-            messages.push(message.map_err(|err| error(&err))?);
-        }
-        if messages.is_empty() {
-            // The server may answer a fetch empty at once (another instance's fetch waits for
-            // the messages there are): pause, rather than ask again in a tight loop.
-            let pause = self.wait.saturating_sub(asked.elapsed()).min(EMPTY_PAUSE);
-            tokio::time::sleep(pause).await;
-        }
+            .ok_or_else(|| ConsumeError::of(self.id, "the consumer's messages ended"))?;
+        let messages = arrived
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| ConsumeError::of(self.id, err))?;
         Ok(Batch {
             id: self.id,
             messages,

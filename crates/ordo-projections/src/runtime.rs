@@ -20,8 +20,6 @@ pub const CHECKPOINT_CHANNEL: &str = "ordo_checkpoints";
 pub struct ProjectorConfig {
     /// Events fetched, and applied in one transaction, at most.
     pub batch_size: usize,
-    /// How long a fetch waits for events when there are none.
-    pub fetch_wait: Duration,
     /// Tries of an event that fails before it is parked.
     pub max_attempts: u32,
     /// The first pause between tries; it doubles each time.
@@ -34,7 +32,6 @@ impl Default for ProjectorConfig {
     fn default() -> Self {
         Self {
             batch_size: 1000,
-            fetch_wait: Duration::from_millis(500),
             max_attempts: 5,
             retry_base: Duration::from_millis(100),
             standby_poll: Duration::from_secs(1),
@@ -195,7 +192,6 @@ impl<P: Projection> Projector<P> {
             P::CONSUMER,
             checkpoint + 1,
             self.config.batch_size,
-            self.config.fetch_wait,
         )
         .await
         .map_err(|err| ProjectorError::JetStream(err.to_string()))?;

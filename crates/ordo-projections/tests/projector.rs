@@ -94,7 +94,6 @@ impl Setup {
             jetstream::new(self.engine.client.clone()),
             ProjectorConfig {
                 batch_size: 32,
-                fetch_wait: Duration::from_millis(100),
                 retry_base: Duration::from_millis(20),
                 max_attempts: 3,
                 standby_poll: Duration::from_millis(100),

@@ -142,18 +142,12 @@ impl Notifier {
         let concurrency = self.config.concurrency.max(1);
         // A batch the size of the slots: what is fetched starts at once, rather than waiting in
         // a queue past its ack wait behind slow deliveries.
-        let batches = match Batches::open(
-            &js,
-            ConsumerId::Notifier,
-            self.config.ack_wait,
-            concurrency,
-            Duration::from_secs(1),
-        )
-        .await
-        {
-            Ok(batches) => batches,
-            Err(err) => return NotifierError::JetStream(err.to_string()),
-        };
+        let batches =
+            match Batches::open(&js, ConsumerId::Notifier, self.config.ack_wait, concurrency).await
+            {
+                Ok(batches) => batches,
+                Err(err) => return NotifierError::JetStream(err.to_string()),
+            };
         let deliveries = futures::stream::try_unfold(batches, |mut batches| async move {
             let batch = batches.next().await?;
             Ok(Some((batch.one_by_one(), batches)))

@@ -10,9 +10,6 @@ use super::*;
 /// Order events taken in per statement, at most.
 pub(super) const INTAKE_BATCH: usize = 256;
 
-/// How long the intake's fetch waits for an order event when there is none.
-const INTAKE_WAIT: Duration = Duration::from_secs(1);
-
 impl<G: PaymentGateway> Coordinator<G> {
     pub(super) async fn intake_forever(&self, started: mpsc::Sender<Claimed>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
@@ -32,15 +29,9 @@ impl<G: PaymentGateway> Coordinator<G> {
         started: &mpsc::Sender<Claimed>,
     ) -> Result<(), CoordinatorError> {
         let js = jetstream::new(self.nats.clone());
-        let mut batches = Batches::open(
-            &js,
-            ConsumerId::Saga,
-            ConsumerId::ACK_WAIT,
-            INTAKE_BATCH,
-            INTAKE_WAIT,
-        )
-        .await
-        .map_err(|err| CoordinatorError::JetStream(err.to_string()))?;
+        let mut batches = Batches::open(&js, ConsumerId::Saga, ConsumerId::ACK_WAIT, INTAKE_BATCH)
+            .await
+            .map_err(|err| CoordinatorError::JetStream(err.to_string()))?;
         loop {
             let batch = batches
                 .next()
