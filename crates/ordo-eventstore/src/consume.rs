@@ -1,5 +1,6 @@
-//! The one way ordo's workers read a durable consumer: [`Batches`] fetches a batch at a time,
-//! and each [`Batch`] is settled as its worker says, by the consumer's ack policy. The projector
+//! The one way ordo's workers read a durable consumer: [`Batches`] pulls continuously and hands
+//! out what has arrived a batch at a time, and each [`Batch`] is settled as its worker says, by
+//! the consumer's ack policy. The projector
 //! runtime, the saga intake and the notifier all read so; what they do with a batch is theirs.
 
 use std::time::Duration;
@@ -46,6 +47,9 @@ async fn stream_of(
         .await
         .map_err(|err| ConsumeError::of(id, err))
 }
+
+/// How often an idle pull hears from the server.
+const HEARTBEAT: Duration = Duration::from_secs(15);
 
 /// A durable consumer, read a batch at a time.
 pub struct Batches {
@@ -97,9 +101,12 @@ impl Batches {
         consumer: PullConsumer,
         max: usize,
     ) -> Result<Self, ConsumeError> {
+        // Heartbeats as `consumer.messages()` has them: a pull the server lost is noticed, and the
+        // stream errs for the worker to start again, rather than waiting out its expiry.
         let messages = consumer
             .stream()
             .max_messages_per_batch(max)
+            .heartbeat(HEARTBEAT)
             .messages()
             .await
             .map_err(|err| ConsumeError::of(id, err))?;
@@ -144,7 +151,9 @@ impl Batch {
     ///
     /// Under ack policy `all` (a projector's) an acknowledgement also acknowledges every message
     /// before it: the leading messages settled `Ack` are acknowledged by the last of them (its
-    /// reply waited for), the first one not is asked again, and those after it are left.
+    /// reply waited for), the first one not is asked again, and those after it are left. (A later
+    /// batch's acknowledgement would still cover it: a consumer under policy `all` acknowledges
+    /// or stops, as the projector does.)
     pub async fn settle(self, settles: impl IntoIterator<Item = Settle>) {
         let settles: Vec<Settle> = settles.into_iter().collect();
         if self.id.ack_policy() == AckPolicy::All {

@@ -4,8 +4,8 @@
 //! - [`streams`]: the stream definitions of `streams/*.json` and their idempotent `apply`.
 //! - [`consumers`]: [`ConsumerId`], every durable consumer of those streams: its name, stream,
 //!   ack policy and settings.
-//! - [`consume`]: the one consumer loop of the workers: [`consume::Batches`] fetches a batch,
-//!   the worker settles each message of it.
+//! - [`consume`]: the one consumer loop of the workers: [`consume::Batches`] pulls and hands
+//!   out what has arrived as a batch; the worker settles each message of it.
 //! - [`envelope`]: the stored event format (the JSON envelope and its headers), kept apart from
 //!   the domain types so that old schemas can be upcast on read.
 //! - [`publish`]: the one conditional append every write goes through, and how JetStream's answers

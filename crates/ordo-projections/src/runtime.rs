@@ -524,15 +524,17 @@ async fn advance_checkpoint<P: Projection>(
     Ok(())
 }
 
-/// Whether the event at `seq` is new to a view at `checkpoint` with `batched` events taken in
-/// since: at or below the checkpoint it was applied before (a redelivery after a lost ack, which
-/// is skipped); past the next sequence, events are missing.
+/// Whether the event at `seq` is the next one for a view at `checkpoint` with `batched` events
+/// taken in since. Below the next sequence it was taken in before: applied (at or below the
+/// checkpoint) or already in this batch, a redelivery after a lost ack or an ack wait that ran
+/// out, which can arrive in the same pull as the first copy; it is skipped. Past the next
+/// sequence, events are missing.
 fn is_new(seq: u64, checkpoint: u64, batched: usize) -> Result<bool, ProjectorError> {
     let expected = checkpoint + batched as u64 + 1;
     if seq > expected {
         return Err(ProjectorError::Gap { expected, got: seq });
     }
-    Ok(seq > checkpoint)
+    Ok(seq == expected)
 }
 
 #[cfg(test)]
@@ -541,11 +543,13 @@ mod tests {
     use crate::{schema::ensure_view, stock::StockView};
 
     #[test]
-    fn an_event_at_or_below_the_checkpoint_is_skipped_and_one_past_the_next_is_a_gap() {
+    fn an_event_taken_in_before_is_skipped_and_one_past_the_next_is_a_gap() {
         // A view at 5 with two events (6, 7) taken into the batch: 8 is next.
         assert!(!is_new(1, 5, 2).unwrap(), "redelivered");
         assert!(!is_new(5, 5, 2).unwrap(), "redelivered");
         assert!(is_new(8, 5, 2).unwrap());
+        assert!(!is_new(6, 5, 2).unwrap(), "a second copy in the same batch");
+        assert!(!is_new(7, 5, 2).unwrap(), "a second copy in the same batch");
         assert!(matches!(
             is_new(9, 5, 2),
             Err(ProjectorError::Gap {

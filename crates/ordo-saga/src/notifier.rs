@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use ordo_domain::order::{OrderAggregate, OrderEvent};
 use ordo_eventstore::{
     ConsumerId, EventStore, StreamId,
@@ -140,8 +140,8 @@ impl Notifier {
     async fn consume(&self) -> NotifierError {
         let js = jetstream::new(self.nats.clone());
         let concurrency = self.config.concurrency.max(1);
-        // A batch the size of the slots: what is fetched starts at once, rather than waiting in
-        // a queue past its ack wait behind slow deliveries.
+        // Batches the size of the slots: what is pulled waits for a slot at most about one
+        // delivery, rather than in a long queue past its ack wait behind slow deliveries.
         let batches =
             match Batches::open(&js, ConsumerId::Notifier, self.config.ack_wait, concurrency).await
             {
@@ -150,21 +150,30 @@ impl Notifier {
             };
         let deliveries = futures::stream::try_unfold(batches, |mut batches| async move {
             let batch = batches.next().await?;
-            Ok(Some((batch.one_by_one(), batches)))
+            Ok::<_, ConsumeError>(Some((batch.one_by_one(), batches)))
         })
-        .map_ok(|deliveries| futures::stream::iter(deliveries.into_iter().map(Ok)))
+        .map_ok(|deliveries| {
+            futures::stream::iter(deliveries.into_iter().map(Ok::<_, ConsumeError>))
+        })
         .try_flatten();
-        let ended: Result<(), ConsumeError> = deliveries
-            .try_for_each_concurrent(concurrency, |delivery| async move {
+        // When the consumer fails, no delivery more is taken, but those under way end: one cut
+        // off between its send and its record would send again when the event comes back.
+        let failed = std::sync::Mutex::new(None);
+        deliveries
+            .take_while(|delivery| {
+                if let Err(err) = delivery {
+                    *failed.lock().expect("not poisoned") = Some(err.to_string());
+                }
+                futures::future::ready(delivery.is_ok())
+            })
+            .filter_map(|delivery| futures::future::ready(delivery.ok()))
+            .for_each_concurrent(concurrency, |delivery| async move {
                 let settle = self.notify(&delivery.message).await;
                 delivery.settle(settle).await;
-                Ok(())
             })
             .await;
-        NotifierError::JetStream(match ended {
-            Err(err) => err.to_string(),
-            Ok(()) => "the consumer's batches ended".into(),
-        })
+        let failed = failed.lock().expect("not poisoned").take();
+        NotifierError::JetStream(failed.unwrap_or_else(|| "the consumer's batches ended".into()))
     }
 
     /// Sends the notification an order event calls for, if any, and says what becomes of it.
