@@ -60,27 +60,6 @@ enum Infrastructure {
     Load(#[from] LoadError),
     #[error(transparent)]
     Publish(#[from] PublishError),
-    #[error("{category} {aggregate_id:?}, read from a stream, is not an aggregate id")]
-    NotAnAggregate {
-        category: String,
-        aggregate_id: String,
-    },
-}
-
-/// The reply that a command was accepted: its event is `version` of `category`'s aggregate
-/// `aggregate_id`, at stream sequence `seq`.
-fn accepted(
-    category: &str,
-    aggregate_id: &str,
-    version: u64,
-    seq: u64,
-) -> Result<Reply, Infrastructure> {
-    let aggregate =
-        AggregateId::of(category, aggregate_id).ok_or_else(|| Infrastructure::NotAnAggregate {
-            category: category.to_owned(),
-            aggregate_id: aggregate_id.to_owned(),
-        })?;
-    Ok(Reply::accepted(aggregate, version, seq))
 }
 
 impl CommandHandler {
@@ -100,7 +79,7 @@ impl CommandHandler {
             Command::Order(command) => {
                 self.run(
                     &self.orders,
-                    command.order_id().as_str(),
+                    &AggregateId::Order(command.order_id().clone()),
                     command,
                     request,
                     metadata,
@@ -110,7 +89,7 @@ impl CommandHandler {
             Command::Stock(command) => {
                 self.run(
                     &self.stock,
-                    command.sku().as_str(),
+                    &AggregateId::Stock(command.sku().clone()),
                     command,
                     request,
                     metadata,
@@ -142,11 +121,12 @@ impl CommandHandler {
     async fn run<A: Aggregate>(
         &self,
         repository: &Repository<A>,
-        aggregate_id: &str,
+        aggregate: &AggregateId,
         command: &A::Command,
         request: &ParsedRequest,
         metadata: &EventMetadata,
     ) -> Result<Reply, Infrastructure> {
+        let aggregate_id = aggregate.as_str();
         let _serialised = self.lock(A::CATEGORY, aggregate_id).await;
         let (mut revision, mut record) = self.outcomes.get(&request.command_id).await?;
         let mut loaded = repository.load(aggregate_id).await?;
@@ -163,7 +143,7 @@ impl CommandHandler {
                         ),
                     ));
                 }
-                match self.earlier_run(earlier).await? {
+                match self.earlier_run(earlier, aggregate).await? {
                     EarlierRun::Ended(reply) => return Ok(reply),
                     EarlierRun::MayStillLand { expected_last_seq } => {
                         // Decide on the very state the earlier run decided on.
@@ -262,18 +242,17 @@ impl CommandHandler {
                 .await
             {
                 Ok(appended) if !appended.duplicate => {
-                    return accepted(A::CATEGORY, aggregate_id, version, appended.seq);
+                    return Ok(Reply::accepted(aggregate.clone(), version, appended.seq));
                 }
                 Ok(duplicate) => {
                     // JetStream had this command id already: reply with the event it stored.
                     let stream = stream_of::<A>();
                     if let Some(first) = self.store().event_at(stream, duplicate.seq).await? {
-                        return accepted(
-                            A::CATEGORY,
-                            &first.envelope.aggregate_id,
+                        return Ok(Reply::accepted(
+                            aggregate.clone(),
                             first.envelope.version,
                             first.seq,
-                        );
+                        ));
                     }
                 }
                 Err(PublishError::Conflict { .. }) => {
@@ -324,8 +303,13 @@ impl CommandHandler {
         }
     }
 
-    /// What an earlier run of the same command id came to, as far as can be told.
-    async fn earlier_run(&self, record: &OutcomeRecord) -> Result<EarlierRun, Infrastructure> {
+    /// What an earlier run of the same command id came to, as far as can be told. The run had
+    /// the same fingerprint, so it acted on the same `aggregate`.
+    async fn earlier_run(
+        &self,
+        record: &OutcomeRecord,
+        aggregate: &AggregateId,
+    ) -> Result<EarlierRun, LoadError> {
         match &record.state {
             OutcomeState::Rejected { reply } => Ok(EarlierRun::Ended(reply.clone())),
             OutcomeState::Appending {
@@ -343,12 +327,11 @@ impl CommandHandler {
                     .await?;
                 Ok(match next {
                     Some(event) if event.envelope.command_id == record.command_id => {
-                        EarlierRun::Ended(accepted(
-                            category,
-                            aggregate_id,
+                        EarlierRun::Ended(Reply::accepted(
+                            aggregate.clone(),
                             event.envelope.version,
                             event.seq,
-                        )?)
+                        ))
                     }
                     // Its append was conditional on a sequence that another event followed.
                     Some(_) => EarlierRun::CannotLand,

@@ -89,16 +89,6 @@ pub enum AggregateId {
 }
 
 impl AggregateId {
-    /// The aggregate `id` of `category` (`order` or `stock`, as [`crate::Endpoint::category`]
-    /// says), if `id` is one.
-    pub fn of(category: &str, id: &str) -> Option<Self> {
-        match category {
-            "order" => OrderId::parse(id).ok().map(Self::Order),
-            "stock" => Sku::parse(id).ok().map(Self::Stock),
-            _ => None,
-        }
-    }
-
     pub fn as_str(&self) -> &str {
         match self {
             Self::Order(order_id) => order_id.as_str(),
