@@ -297,17 +297,19 @@ pub async fn run(
         }
         if let Some(stream) = faults.node_kill_due(elapsed) {
             let cluster = cluster.as_ref().expect("--kill-nodes needs --cluster");
-            let leader = match js.get_stream(stream).await {
-                Ok(mut live) => match live.info().await {
-                    Ok(info) => info
-                        .cluster
-                        .clone()
-                        .and_then(|cluster| cluster.leader)
-                        .ok_or_else(|| "no leader named".to_owned()),
-                    Err(err) => Err(err.to_string()),
-                },
-                Err(err) => Err(err.to_string()),
+            // Asked with a short timeout: while the cluster elects, an answer may not come, and
+            // the kill is tried again on the next tick rather than after a client's timeout.
+            let asked = async {
+                let mut live = js.get_stream(stream).await.map_err(|err| err.to_string())?;
+                let info = live.info().await.map_err(|err| err.to_string())?;
+                info.cluster
+                    .clone()
+                    .and_then(|cluster| cluster.leader)
+                    .ok_or_else(|| "no leader named".to_owned())
             };
+            let leader = tokio::time::timeout(Duration::from_secs(1), asked)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 1 s".to_owned()));
             if let Err(why) = &leader
                 && faults.note_leader_unknown()
             {

@@ -56,7 +56,7 @@ fn a_short_drill_on_a_cluster_whose_stream_leaders_are_killed_breaks_no_invarian
             "--node-down",
             "4",
             "--duration",
-            "20",
+            "30",
             "--kill-interval",
             "1",
             "--clients",
