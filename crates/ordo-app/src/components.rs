@@ -125,10 +125,36 @@ pub async fn commands(
         replicas: streams.stream_replicas.unwrap_or(1),
         ..Default::default()
     };
-    ordo_commands::CommandService::assemble(nats, config)
-        .await?
-        .run(shutdown.signal())
-        .await?;
+    // What it needs of JetStream at start (its streams, the partition leases) may not answer
+    // yet: a cluster electing leaders, a node down. That is waited for, not a failure.
+    let mut backoff = ordo_eventstore::backoff::Backoff::new(
+        std::time::Duration::from_millis(250),
+        std::time::Duration::from_secs(5),
+    );
+    let service = loop {
+        let assembled = shutdown
+            .unless_triggered(ordo_commands::CommandService::assemble(
+                nats.clone(),
+                config.clone(),
+            ))
+            .await;
+        match assembled {
+            None => return Ok(()),
+            Some(Ok(service)) => break service,
+            Some(Err(err)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%err, retry_in = ?delay, "the command service cannot start yet; retrying");
+                if shutdown
+                    .unless_triggered(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    service.run(shutdown.signal()).await?;
     Ok(())
 }
 

@@ -75,26 +75,15 @@ impl CommandHandler {
     /// Runs the command and returns its reply. Never panics on bad input and never returns
     /// before the outcome is either durable or known not to have happened.
     pub async fn execute(&self, request: &ParsedRequest, metadata: &EventMetadata) -> Reply {
+        let aggregate = request.aggregate();
         let result = match &request.command {
             Command::Order(command) => {
-                self.run(
-                    &self.orders,
-                    &AggregateId::Order(command.order_id().clone()),
-                    command,
-                    request,
-                    metadata,
-                )
-                .await
+                self.run(&self.orders, &aggregate, command, request, metadata)
+                    .await
             }
             Command::Stock(command) => {
-                self.run(
-                    &self.stock,
-                    &AggregateId::Stock(command.sku().clone()),
-                    command,
-                    request,
-                    metadata,
-                )
-                .await
+                self.run(&self.stock, &aggregate, command, request, metadata)
+                    .await
             }
         };
         result.unwrap_or_else(|err| {

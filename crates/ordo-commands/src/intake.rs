@@ -4,7 +4,7 @@
 //! (`ordo_contract`); this is the service's side of it.
 
 use ordo_contract::{
-    CommandRequest, Endpoint, InvalidCommand, MAX_BODY_BYTES, MAX_COMMAND_ID_LEN,
+    AggregateId, CommandRequest, Endpoint, InvalidCommand, MAX_BODY_BYTES, MAX_COMMAND_ID_LEN,
     MAX_HEADER_VALUE_LEN, headers,
 };
 use ordo_domain::{
@@ -82,6 +82,9 @@ pub struct ParsedRequest {
     /// run now but voided (recorded as refused), so that any copy of it that comes later runs
     /// nothing. Set by the `Ordo-Void-If-Not-Run` header, for the saga's reserves only.
     pub void_if_not_run: bool,
+    /// True when the request named no order id and no command id, so that the order id was
+    /// generated here: a copy of the request sent on must carry it.
+    pub generated_order_id: bool,
 }
 
 /// Order ids generated from a client's command id are UUIDv5 in this namespace.
@@ -135,11 +138,13 @@ pub fn parse(
     }
     let explicit_id = explicit_id.map(|id| caller.scoped(id));
 
+    let mut generated_order_id = false;
     let (command, natural_key) = match CommandRequest::from_body(endpoint, value)? {
         CommandRequest::PlaceOrder(place) => {
             // Without an order id, one is generated, and is the natural key. Under a command id
             // of the client's, it is derived from that id, so that every copy of the command
             // (a retry, a redelivery to another instance) places the same order.
+            generated_order_id = place.order_id.is_none() && explicit_id.is_none();
             let order_id = match (place.order_id, &explicit_id) {
                 (Some(id), _) => id,
                 (None, Some(command_id)) => OrderId::parse(
@@ -246,10 +251,35 @@ pub fn parse(
         fingerprint,
         explicit_id: explicit_id.is_some(),
         void_if_not_run: false,
+        generated_order_id,
     })
 }
 
 impl ParsedRequest {
+    /// The aggregate the command acts on.
+    pub fn aggregate(&self) -> AggregateId {
+        match &self.command {
+            Command::Order(command) => AggregateId::Order(command.order_id().clone()),
+            Command::Stock(command) => AggregateId::Stock(command.sku().clone()),
+        }
+    }
+
+    /// The request's body as it is sent on to another instance: `body` itself, or with the
+    /// order id generated here, so that the copy places the same order (in the same partition).
+    pub fn body_to_forward(&self, body: &bytes::Bytes) -> bytes::Bytes {
+        let Command::Order(OrderCommand::Place { order_id, .. }) = &self.command else {
+            return body.clone();
+        };
+        if !self.generated_order_id {
+            return body.clone();
+        }
+        let mut value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if let Value::Object(fields) = &mut value {
+            fields.insert("order_id".into(), Value::String(order_id.to_string()));
+        }
+        serde_json::to_vec(&value).unwrap_or_default().into()
+    }
+
     /// Asks for the command to be voided if its id has not run. Only a reserve of ordo's own
     /// account, under an id it chose, can be: the saga's compensation of a reserve it may have
     /// sent.

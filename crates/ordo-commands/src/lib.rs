@@ -21,6 +21,7 @@ pub mod intake;
 pub mod micro;
 pub mod outcomes;
 pub mod ratelimit;
+pub mod routing;
 pub mod service;
 
 pub use handler::CommandHandler;

@@ -9,17 +9,24 @@ use std::{
     },
 };
 
+use async_nats::RequestErrorKind;
 use futures::StreamExt;
-use ordo_eventstore::{EventMetadata, EventStore, StreamId, trace};
-use tokio::{sync::Semaphore, task::JoinSet};
+use ordo_eventstore::{
+    EventMetadata, EventStore, Ownership, OwnershipConfig, StreamId, partition_of, trace,
+};
+use tokio::{
+    sync::{Semaphore, oneshot},
+    task::JoinSet,
+};
 use tracing::Instrument;
 
 use crate::{
     backpressure::{BacklogLimits, Gate},
     handler::CommandHandler,
-    intake::{self, Caller, bounded_header},
+    intake::{self, Caller, ParsedRequest, bounded_header},
     micro::{EndpointInfo, Micro},
     ratelimit::{Admission, CustomerLimiter, CustomerRate},
+    routing::{self, Job, Route, Router},
 };
 use ordo_contract::{
     Endpoint, ErrorCode, INTERNAL_SUBJECT_PREFIX, InvalidCommand, Reply, SUBJECT_PREFIX, headers,
@@ -27,6 +34,13 @@ use ordo_contract::{
 
 pub const SERVICE_NAME: &str = "ordo";
 pub const QUEUE_GROUP: &str = "ordo-commands";
+/// The ownership group of the command service's partitions (docs/operations.md).
+pub const PARTITION_GROUP: &str = "commands";
+/// Partitions of the aggregates, until the event streams say how many they have.
+pub const DEFAULT_PARTITIONS: u32 = 16;
+/// How long a starting instance waits for every partition to have an owner: longer than a lease,
+/// so that the leases of an instance that died have run out.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start the command service: {0}")]
@@ -46,6 +60,8 @@ pub struct ServiceConfig {
     /// started by then are dropped unrun (the client's retry is safe), so that a stop during a
     /// slow spell still ends, and flushes its replies, before a supervisor's SIGKILL would.
     pub drain_limit: std::time::Duration,
+    /// How many partitions the aggregates are spread over; every instance must agree.
+    pub partitions: u32,
 }
 
 impl Default for ServiceConfig {
@@ -56,6 +72,7 @@ impl Default for ServiceConfig {
             customer_rate: None,
             replicas: 1,
             drain_limit: std::time::Duration::from_secs(5),
+            partitions: DEFAULT_PARTITIONS,
         }
     }
 }
@@ -69,6 +86,9 @@ struct Serving {
     /// `order.place` requests shed, shown by `nats micro stats ordo`.
     shed: Arc<AtomicU64>,
     limiter: Option<CustomerLimiter>,
+    router: Arc<Router>,
+    /// Requests handled at once by this instance.
+    limit: Arc<Semaphore>,
 }
 
 impl Serving {
@@ -125,6 +145,12 @@ pub struct CommandService {
     config: ServiceConfig,
     shed: Arc<AtomicU64>,
     limiter: Option<CustomerLimiter>,
+    ownership: Ownership,
+    router: Arc<Router>,
+    /// Serves each partition this instance is granted.
+    owning: AbortOnDrop,
+    /// Commands other instances forwarded to this one, as the owner of their partition.
+    forwarded: async_nats::Subscriber,
 }
 
 impl CommandService {
@@ -188,6 +214,35 @@ impl CommandService {
             ),
             None => None,
         };
+        // Partitions first: by the time requests arrive, this instance knows who owns what.
+        let (ownership, mut grants) = Ownership::join(
+            &async_nats::jetstream::new(client.clone()),
+            OwnershipConfig {
+                replicas: config.replicas,
+                ..OwnershipConfig::new(PARTITION_GROUP, config.partitions)
+            },
+        )
+        .await
+        .map_err(|err| ServiceError(err.to_string()))?;
+        let forwarded = client
+            .subscribe(routing::forwarded_to(ownership.instance()))
+            .await
+            .map_err(|err| ServiceError(format!("the forwarded commands: {err}")))?;
+        let router = Arc::new(Router::new(
+            config.partitions,
+            ownership.owners(),
+            ownership.suspects(),
+        ));
+        let owning = {
+            let (router, handler) = (router.clone(), handler.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                let mut owners = JoinSet::new();
+                while let Some(grant) = grants.recv().await {
+                    owners.spawn(router.clone().own(grant, handler.clone()));
+                    while owners.try_join_next().is_some() {}
+                }
+            }))
+        };
         let mut subscriptions = Vec::with_capacity(Endpoint::ALL.len());
         for endpoint in Endpoint::ALL {
             let subscriber = client
@@ -212,9 +267,19 @@ impl CommandService {
             .map_err(|err| {
                 ServiceError(format!("the service does not answer its own PING: {err}"))
             })?;
+        // Ready once every partition has an owner: a first instance takes them all at once; one
+        // that starts after a crash waits for the dead owner's leases to run out.
+        let waited = std::time::Instant::now();
+        while !router.all_owned() && waited.elapsed() < READY_WITHIN {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
         tracing::info!(
             service = SERVICE_NAME,
             subjects = %format!("{SUBJECT_PREFIX}.> {INTERNAL_SUBJECT_PREFIX}.>"),
+            instance = ownership.instance(),
+            partitions = config.partitions,
+            owned_here = router.owned(),
+            all_owned = router.all_owned(),
             "command service ready"
         );
         Ok(Self {
@@ -226,6 +291,10 @@ impl CommandService {
             config,
             shed,
             limiter,
+            ownership,
+            router,
+            owning,
+            forwarded,
         })
     }
 
@@ -242,12 +311,17 @@ impl CommandService {
             config,
             shed,
             limiter,
+            ownership,
+            router,
+            owning,
+            mut forwarded,
         } = self;
         let gate = Gate::default();
         let _watch = config.backlog_limits.clone().map(|limits| {
             let js = async_nats::jetstream::new(client.clone());
             AbortOnDrop(tokio::spawn(gate.clone().watch(js, limits)))
         });
+        let limit = Arc::new(Semaphore::new(config.max_in_flight));
         let serving = Arc::new(Serving {
             client: client.clone(),
             handler,
@@ -255,13 +329,58 @@ impl CommandService {
             micro,
             shed,
             limiter,
+            router,
+            limit: limit.clone(),
         });
-        let limit = Arc::new(Semaphore::new(config.max_in_flight));
+        // Commands forwarded here by other instances, until the ownership has been left.
+        let (stop_forwarded, forwarding_stopped) = oneshot::channel::<()>();
+        let mut owner_side = {
+            let serving = serving.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                let mut running = JoinSet::new();
+                let mut stopped = std::pin::pin!(forwarding_stopped);
+                let mut subscribed = true;
+                loop {
+                    let message = tokio::select! {
+                        _ = &mut stopped, if subscribed => {
+                            // What was delivered before the unsubscribe is still answered.
+                            subscribed = false;
+                            if let Err(err) = forwarded.unsubscribe().await {
+                                tracing::warn!(%err, "forwarded commands: unsubscribe not sent");
+                            }
+                            continue;
+                        }
+                        next = forwarded.next() => match next {
+                            Some(message) => message,
+                            None => break,
+                        },
+                    };
+                    let Some((_, endpoint)) = routing::parse_forward_subject(&message.subject)
+                    else {
+                        tracing::warn!(subject = %message.subject, "dropped a forwarded command on an unknown subject");
+                        continue;
+                    };
+                    let permit = serving
+                        .limit
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .expect("the limit is never closed");
+                    let serving = serving.clone();
+                    running.spawn(async move {
+                        respond(&serving, endpoint, message, Arrival::Forwarded).await;
+                        drop(permit);
+                    });
+                    while running.try_join_next().is_some() {}
+                }
+                while running.join_next().await.is_some() {}
+            }))
+        };
         let mut in_flight = JoinSet::new();
         let serve = |in_flight: &mut JoinSet<()>, endpoint, request, permit| {
             let serving = serving.clone();
             in_flight.spawn(async move {
-                respond(&serving, endpoint, request).await;
+                respond(&serving, endpoint, request, Arrival::Intake).await;
                 drop(permit);
             });
         };
@@ -317,6 +436,15 @@ impl CommandService {
             );
         }
         while in_flight.join_next().await.is_some() {}
+        // Hands every partition on: each owner answers what is queued with `unavailable` and a
+        // retry delay, finishes what runs, and its lease is deleted so that the next owner takes
+        // it at once. Commands forwarded here meanwhile are still served, or told to retry.
+        ownership.leave().await;
+        drop(owning);
+        let _ = stop_forwarded.send(());
+        if let Err(err) = (&mut owner_side.0).await {
+            tracing::warn!(%err, "the forwarded commands' task failed");
+        }
         // The last replies may still sit in the connection's write buffer.
         if let Err(err) = client.flush().await {
             tracing::warn!(%err, "the last replies may not have been sent");
@@ -359,7 +487,121 @@ pub fn answerable(reply_to: &str) -> bool {
     reply_to.contains('.') && (first == "_R_" || first.starts_with("_INBOX"))
 }
 
-async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Message) {
+/// How a request reached this instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// From the queue group: this instance reads it, admits it and routes it.
+    Intake,
+    /// From another instance's intake, to this instance as its partition's owner.
+    Forwarded,
+}
+
+/// What became of a request here.
+enum Handled {
+    Answer(Reply),
+    /// The answer of the partition's owner, which ran it, to pass on as it is.
+    Relay(async_nats::Message),
+}
+
+/// The request's command and the metadata its event will carry.
+fn read_request(
+    endpoint: Endpoint,
+    message: &async_nats::Message,
+    traceparent: Option<String>,
+) -> Result<(ParsedRequest, EventMetadata), InvalidCommand> {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .map(|value| value.as_str().to_owned())
+    };
+    let caller = Caller::from_request_info(header(headers::REQUEST_INFO).as_deref())?;
+    let mut parsed = intake::parse(
+        endpoint,
+        &message.payload,
+        header(headers::MSG_ID).as_deref(),
+        &caller,
+    )?;
+    match header(headers::VOID_IF_NOT_RUN).as_deref() {
+        Some("true") => parsed = parsed.void_if_not_run(&caller)?,
+        Some(other) => {
+            return Err(InvalidCommand(format!(
+                "{} must be \"true\", got {other:?}",
+                headers::VOID_IF_NOT_RUN
+            )));
+        }
+        None => {}
+    }
+    let bounded = |name: &str| header(name).map(|value| bounded_header(name, &value));
+    let correlation_id = bounded(headers::CORRELATION_ID).transpose()?;
+    let causation_id = bounded(headers::CAUSATION_ID).transpose()?;
+    let metadata = EventMetadata {
+        correlation_id: correlation_id.unwrap_or_else(|| parsed.command_id.clone()),
+        causation_id,
+        traceparent,
+        command_id: parsed.command_id.clone(),
+    };
+    Ok((parsed, metadata))
+}
+
+impl Serving {
+    /// Runs the command here, as its partition's owner, or sends it to the owner.
+    async fn route(
+        &self,
+        parsed: ParsedRequest,
+        metadata: EventMetadata,
+        message: &async_nats::Message,
+        arrival: Arrival,
+    ) -> Handled {
+        let partition = partition_of(parsed.aggregate().as_str(), self.router.partitions);
+        match self.router.route(partition) {
+            Route::Here(jobs) => {
+                let (reply, replied) = oneshot::channel();
+                let job = Job {
+                    request: parsed,
+                    metadata,
+                    reply,
+                    span: tracing::Span::current(),
+                };
+                if jobs.send(job).await.is_err() {
+                    return Handled::Answer(routing::moving(partition));
+                }
+                Handled::Answer(replied.await.unwrap_or_else(|_| routing::moving(partition)))
+            }
+            // Sent on once only: an owner that no longer holds the partition says so. The owner
+            // answers this instance, which passes the answer on: a requester's reply subject
+            // may be the server's mapping of a reply across accounts (`_R_`), which only the
+            // connection the request arrived on may publish to.
+            Route::There(owner) if arrival == Arrival::Intake => {
+                let subject = routing::forward_subject(partition, &owner, parsed.endpoint);
+                let request = async_nats::Request::new()
+                    .payload(parsed.body_to_forward(&message.payload))
+                    .headers(message.headers.clone().unwrap_or_default())
+                    .timeout(Some(routing::FORWARD_TIMEOUT));
+                match self.client.send_request(subject, request).await {
+                    Ok(answer) => Handled::Relay(answer),
+                    Err(err) if err.kind() == RequestErrorKind::NoResponders => {
+                        self.router.suspect(&owner);
+                        Handled::Answer(routing::moving(partition))
+                    }
+                    Err(err) => Handled::Answer(Reply::refused(
+                        ErrorCode::Unavailable,
+                        format!("the owner of partition {partition} did not answer: {err}"),
+                    )),
+                }
+            }
+            Route::There(_) | Route::Nobody => Handled::Answer(routing::moving(partition)),
+        }
+    }
+}
+
+async fn respond(
+    serving: &Serving,
+    endpoint: Endpoint,
+    message: async_nats::Message,
+    arrival: Arrival,
+) {
     let started = std::time::Instant::now();
     if let Some(reply_to) = &message.reply
         && !answerable(reply_to)
@@ -379,13 +621,6 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
         );
         return;
     }
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(name))
-            .map(|value| value.as_str().to_owned())
-    };
     let span = tracing::info_span!(
         "command",
         otel.name = %endpoint.subject(),
@@ -397,52 +632,43 @@ async fn respond(serving: &Serving, endpoint: Endpoint, message: async_nats::Mes
     // The event keeps the command's context: what reacts to it continues this trace.
     let passed_on = trace::follow(&span, trace::extract(message.headers.as_ref()));
     let traceparent = trace::traceparent(&passed_on);
-    let reply = async {
-        let parsed = Caller::from_request_info(header(headers::REQUEST_INFO).as_deref()).and_then(
-            |caller| {
-                let parsed = intake::parse(
-                    endpoint,
-                    &message.payload,
-                    header(headers::MSG_ID).as_deref(),
-                    &caller,
-                )?;
-                match header(headers::VOID_IF_NOT_RUN).as_deref() {
-                    Some("true") => parsed.void_if_not_run(&caller),
-                    Some(other) => Err(InvalidCommand(format!(
-                        "{} must be \"true\", got {other:?}",
-                        headers::VOID_IF_NOT_RUN
-                    ))),
-                    None => Ok(parsed),
-                }
-            },
-        );
-        let references = || -> Result<_, InvalidCommand> {
-            let bounded = |name: &str| header(name).map(|value| bounded_header(name, &value));
-            Ok((
-                bounded(headers::CORRELATION_ID).transpose()?,
-                bounded(headers::CAUSATION_ID).transpose()?,
-            ))
-        };
-        let parsed = parsed.and_then(|parsed| Ok((parsed, references()?)));
-        match parsed {
-            Err(invalid) => Reply::refused(ErrorCode::InvalidCommand, invalid),
-            Ok((parsed, (correlation_id, causation_id))) => {
-                if let Some(refusal) = serving.admission(&parsed).await {
-                    return refusal;
-                }
-                tracing::Span::current().record("command_id", parsed.command_id.as_str());
-                let metadata = EventMetadata {
-                    correlation_id: correlation_id.unwrap_or_else(|| parsed.command_id.clone()),
-                    causation_id,
-                    traceparent,
-                    command_id: parsed.command_id.clone(),
-                };
-                serving.handler.execute(&parsed, &metadata).await
+    let handled = async {
+        let (parsed, metadata) = match read_request(endpoint, &message, traceparent) {
+            Ok(read) => read,
+            Err(invalid) => {
+                return Handled::Answer(Reply::refused(ErrorCode::InvalidCommand, invalid));
             }
+        };
+        if arrival == Arrival::Intake
+            && let Some(refusal) = serving.admission(&parsed).await
+        {
+            return Handled::Answer(refusal);
         }
+        tracing::Span::current().record("command_id", parsed.command_id.as_str());
+        serving.route(parsed, metadata, &message, arrival).await
     }
     .instrument(span.clone())
     .await;
+    let reply = match handled {
+        Handled::Answer(reply) => reply,
+        Handled::Relay(answer) => {
+            // Counted by the owner, which ran it.
+            span.record("outcome", "forwarded");
+            metrics::counter!("ordo_commands_forwarded_total", "endpoint" => endpoint.name())
+                .increment(1);
+            if let Some(reply_to) = message.reply {
+                let headers = answer.headers.unwrap_or_default();
+                if let Err(err) = serving
+                    .client
+                    .publish_with_headers(reply_to, headers, answer.payload)
+                    .await
+                {
+                    tracing::warn!(endpoint = endpoint.name(), %err, "could not pass the reply on");
+                }
+            }
+            return;
+        }
+    };
     let error = match &reply {
         Reply::Accepted { .. } => None,
         // One line: a header value may not hold a line break.

@@ -12,6 +12,9 @@
 //!   map to typed outcomes (conflict, duplicate, unavailable).
 //! - [`store`]: [`EventStore`], which loads an aggregate from its subject and appends one event
 //!   with optimistic concurrency, with a moka cache of `(state, last sequence)` per aggregate.
+//! - [`partition`]: which partition an aggregate belongs to (the server's own hash).
+//! - [`ownership`]: one owner per partition: leases in a KV bucket, spread over the live
+//!   instances by rendezvous hashing.
 //! - [`trace`]: W3C trace context in NATS headers, so that one trace follows an order.
 //!
 //! Subjects are `ordo.<category>.events.<aggregate id>`; the stream sequence of an aggregate's last
@@ -21,6 +24,8 @@ pub mod backoff;
 pub mod consume;
 pub mod consumers;
 pub mod envelope;
+pub mod ownership;
+pub mod partition;
 pub mod publish;
 pub mod store;
 pub mod streams;
@@ -28,6 +33,8 @@ pub mod trace;
 
 pub use consumers::ConsumerId;
 pub use envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent};
+pub use ownership::{Grant, Grants, Owners, Ownership, OwnershipConfig};
+pub use partition::{Partition, partition_of};
 pub use publish::{Appended, PublishError};
 pub use store::{EventStore, LoadError, Loaded, Repository};
 pub use streams::{StreamDefinition, StreamId, StreamsError};

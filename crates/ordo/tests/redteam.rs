@@ -549,6 +549,31 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         "the API's user appended to ORDO_STOCK"
     );
     assert!(api_js.delete_stream("ORDO_SNAPSHOTS").await.is_err());
+    // A command forwarded to a partition's owner is trusted as the command service's own (its
+    // `Nats-Request-Info` is not checked again): only that user may send one. A leaked saga
+    // password, which may send internal commands, cannot, even to the real owner.
+    let partition = ordo_eventstore::partition_of("A1", 16);
+    let owner = system
+        .admin()
+        .get_key_value(ordo_eventstore::ownership::BUCKET)
+        .await
+        .unwrap()
+        .get(format!("commands.owners.{partition}"))
+        .await
+        .unwrap()
+        .map(|owner| String::from_utf8(owner.to_vec()).unwrap())
+        .expect("A1's partition has an owner");
+    let forged = System::request(
+        &system.connect("ordo-saga").await,
+        &format!("ordo.partition.{partition}.{owner}.stock.receive"),
+        &json!({"sku": "A1", "qty": 1000}),
+        HeaderMap::new(),
+    )
+    .await;
+    assert!(
+        forged.is_err(),
+        "the saga's user forwarded a command: {forged:?}"
+    );
     // The command service's user cannot delete or purge a stream, even one that allows it.
     let commands = refused_soon(system.connect("ordo-commands").await);
     assert!(commands.delete_stream("ORDO_SNAPSHOTS").await.is_err());

@@ -10,6 +10,7 @@ use crate::support::{Engine, outcome};
 async fn two_instances_and_200_concurrent_reserves_of_100_units_reserve_exactly_100() {
     let mut engine = Engine::start().await;
     engine.add_instance().await;
+    engine.partitions_shared().await;
     assert_eq!(
         outcome(
             &engine
@@ -30,11 +31,12 @@ async fn two_instances_and_200_concurrent_reserves_of_100_units_reserve_exactly_
         .await;
 
     let count = |code: &str| replies.iter().filter(|reply| *reply == code).count();
+    // Both instances took requests from the queue group; the owner of HOT's partition ran them
+    // all (a forwarded request is counted by the instance that answers it).
     let served = engine.served_by_each_instance("stock-reserve").await;
-    assert!(
-        served.len() == 2 && served.iter().all(|(requests, _)| *requests > 0),
-        "both instances served: {served:?}"
-    );
+    let mut requests: Vec<u64> = served.iter().map(|(requests, _)| *requests).collect();
+    requests.sort();
+    assert_eq!(requests, [0, 200], "one writer: {served:?}");
     assert_eq!(count("ok"), 100, "{replies:?}");
     assert_eq!(count("insufficient_stock"), 100, "{replies:?}");
     let stored = engine.stored(ordo_eventstore::StreamId::Stock.name()).await;

@@ -391,6 +391,7 @@ async fn a_run_that_died_before_appending_is_run_again() {
 async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_before_and_after_the_window()
  {
     let engine = Engine::start_with(2, short_duplicate_window()).await;
+    engine.partitions_shared().await;
     let engine = &engine;
     // Rounds of 6 copies of one receive, sent at once, while other commands move the same SKU.
     let mut first_replies = Vec::new();
@@ -422,10 +423,11 @@ async fn copies_of_one_command_id_sent_at_once_to_two_instances_append_once_befo
     };
     let placed = futures::future::join_all((0..6).map(|_| place())).await;
     assert!(placed.iter().all(|reply| *reply == placed[0]), "{placed:?}");
+    // Every copy ran at the owner of A1's partition, whichever instance took it first.
     let served = engine.served_by_each_instance("stock-receive").await;
     assert!(
-        served.len() == 2 && served.iter().all(|(requests, _)| *requests > 0),
-        "both instances served: {served:?}"
+        served.len() == 2 && served.iter().filter(|(requests, _)| *requests > 0).count() == 1,
+        "one writer: {served:?}"
     );
 
     // After the duplicate window, repeats still get the first outcome and append nothing.

@@ -7,5 +7,6 @@ mod concurrency;
 mod contract;
 mod faults;
 mod idempotency;
+mod partitions;
 mod ratelimit;
 mod support;

@@ -76,6 +76,55 @@ impl Engine {
         task.await.expect("the instance stops cleanly");
     }
 
+    /// Kills the first running instance: it stops at once, without handing anything on, as a
+    /// SIGKILLed process does.
+    pub async fn kill_first_instance(&mut self) {
+        let (_stop, task) = self.instances.remove(0);
+        task.abort();
+        let _ = task.await;
+    }
+
+    /// The owner of each of the 16 partitions, from the lease bucket ("" for none).
+    pub async fn owners(&self) -> Vec<String> {
+        let kv = jetstream::new(self.client.clone())
+            .get_key_value(ordo_eventstore::ownership::BUCKET)
+            .await
+            .unwrap();
+        let mut owners = Vec::new();
+        for partition in 0..16 {
+            let owner = kv
+                .get(format!("commands.owners.{partition}"))
+                .await
+                .unwrap()
+                .map(|value| String::from_utf8(value.to_vec()).unwrap())
+                .unwrap_or_default();
+            owners.push(owner);
+        }
+        owners
+    }
+
+    /// Waits (at most 3 s) until every instance owns partitions and every partition is owned: a
+    /// new instance serves as soon as every partition has an owner, and takes its share of
+    /// them moments later.
+    pub async fn partitions_shared(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let owners = self.owners().await;
+            let mut distinct = owners.clone();
+            distinct.sort();
+            distinct.dedup();
+            if distinct.len() == self.instances.len() && !distinct.contains(&String::new()) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "partitions not shared by {} instances: {owners:?}",
+                self.instances.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends `body` to `endpoint` and returns the JSON reply; panics if there is none in 10 s.
     pub async fn request(&self, endpoint: Endpoint, body: Value) -> Value {
         self.request_bytes(endpoint.subject(), serde_json::to_vec(&body).unwrap(), None)

@@ -1,0 +1,122 @@
+//! Every aggregate has one writer: the instance that owns its partition. Any instance takes a
+//! request; the owner runs it and answers. When an owner dies, another serves its partitions
+//! within a few seconds, and meanwhile a request is answered `unavailable` with a delay to retry
+//! after, or not at all (the requester's retry is safe).
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use ordo_contract::Endpoint;
+use ordo_eventstore::partition_of;
+use serde_json::{Value, json};
+
+use crate::support::{Engine, outcome};
+
+/// SKUs named so that there is one in each of the 16 partitions.
+fn one_sku_per_partition() -> Vec<String> {
+    let mut skus: Vec<Option<String>> = vec![None; 16];
+    for i in 0.. {
+        let sku = format!("S{i}");
+        let partition = partition_of(&sku, 16) as usize;
+        skus[partition].get_or_insert(sku);
+        if skus.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    skus.into_iter().map(Option::unwrap).collect()
+}
+
+/// Sends the request until it is answered other than `unavailable` (a partition moving), for at
+/// most `limit`; returns the answer.
+async fn until_served(engine: &Engine, endpoint: Endpoint, body: &Value, limit: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let body = serde_json::to_vec(body).unwrap();
+        match engine
+            .try_request(endpoint.subject(), body, None, Duration::from_millis(500))
+            .await
+        {
+            Ok(reply) if outcome(&reply) != "unavailable" => return reply,
+            Ok(_) | Err(_) if started.elapsed() < limit => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("not served within {limit:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_the_partitions_and_each_command_is_run_by_its_owner() {
+    let engine = Engine::start_with(2, ordo_eventstore::StreamDefinition::built_in()).await;
+    // The second instance serves as soon as every partition has an owner; the first hands it
+    // its share within moments.
+    engine.partitions_shared().await;
+
+    // A receive on each partition's SKU, sent many times: the queue group hands each to either
+    // instance, and every one is answered by its owner.
+    let skus = one_sku_per_partition();
+    let engine = &engine;
+    let replies: Vec<String> = futures::stream::iter(skus.iter().cycle().take(160))
+        .map(|sku| async move {
+            outcome(
+                &engine
+                    .request(Endpoint::StockReceive, json!({"sku": sku, "qty": 1}))
+                    .await,
+            )
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(replies.iter().all(|reply| reply == "ok"), "{replies:?}");
+    let served = engine.served_by_each_instance("stock-receive").await;
+    assert_eq!(
+        served.iter().map(|(requests, _)| requests).sum::<u64>(),
+        160,
+        "each request answered once, by its owner: {served:?}"
+    );
+    assert!(
+        served.iter().all(|(requests, _)| *requests > 0),
+        "{served:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_owners_partitions_are_served_again_within_five_seconds() {
+    let mut engine = Engine::start_with(2, ordo_eventstore::StreamDefinition::built_in()).await;
+    let skus = one_sku_per_partition();
+    for sku in &skus {
+        let reply = engine
+            .request(Endpoint::StockReceive, json!({"sku": sku, "qty": 1}))
+            .await;
+        assert_eq!(outcome(&reply), "ok", "{reply}");
+    }
+
+    engine.kill_first_instance().await;
+    let killed = Instant::now();
+    let engine = &engine;
+    let served_after: Vec<Duration> = futures::stream::iter(&skus)
+        .map(|sku| async move {
+            let reply = until_served(
+                engine,
+                Endpoint::StockReceive,
+                &json!({"sku": sku, "qty": 1}),
+                Duration::from_secs(10),
+            )
+            .await;
+            assert_eq!(outcome(&reply), "ok", "{sku}: {reply}");
+            killed.elapsed()
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let slowest = served_after.iter().max().unwrap();
+    assert!(
+        *slowest < Duration::from_secs(5),
+        "served again after {slowest:?}"
+    );
+    let survivor = engine.owners().await;
+    assert!(
+        survivor.iter().all(|owner| *owner == survivor[0]),
+        "the survivor owns every partition: {survivor:?}"
+    );
+}

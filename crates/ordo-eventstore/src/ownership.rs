@@ -1,0 +1,756 @@
+//! One owner per partition: leases in the KV bucket `ordo_partitions`, spread over the live
+//! instances of a group by rendezvous hashing, and moved when an instance joins, leaves or dies.
+//!
+//! Keys, per group (`commands`, …):
+//! - `<group>.members.<instance>`: each instance's heartbeat, put every `renew_every`.
+//! - `<group>.owners.<partition>`: the instance that holds the partition's lease, renewed by an
+//!   update conditional on its revision every `renew_every`.
+//!
+//! A member that stops renewing is dead once a lease has passed, or sooner: after a missed
+//! heartbeat, a member that has no subscriber on its liveness subject
+//! (`ordo.ownership.<group>.<instance>`, answered by every live member) has lost its NATS
+//! connection, as a killed process does, and its partitions are taken at once.
+//!
+//! Every duration is measured on one clock only. An observer counts a member or a lease as dead
+//! once its revision has not changed for `lease` since the observer *saw* it change; an owner
+//! stops acting once `lease - margin` has passed since it *sent* its last renewal that
+//! succeeded. That renewal was sent before anyone could see it, so the owner stops before anyone
+//! takes over. A lease keeps owners from fighting and makes the common case conflict-free; what
+//! keeps a stale owner from ever writing is the conditional append of every write (expected last
+//! subject sequence), which the lease does not replace.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Duration,
+};
+
+use async_nats::jetstream::{
+    self,
+    kv::{self, CreateErrorKind, Operation, UpdateErrorKind},
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+/// The KV bucket of partition leases and member heartbeats.
+pub const BUCKET: &str = "ordo_partitions";
+
+/// The subject a live member answers on.
+pub fn liveness_subject(group: &str, instance: &str) -> String {
+    format!("ordo.ownership.{group}.{instance}")
+}
+
+#[derive(Debug, Clone)]
+pub struct OwnershipConfig {
+    /// Which work the partitions are of (`commands`): a key token.
+    pub group: String,
+    pub partitions: u32,
+    /// How long a lease or heartbeat lasts without a renewal.
+    pub lease: Duration,
+    pub renew_every: Duration,
+    /// Replicas of the bucket, when this instance creates it.
+    pub replicas: usize,
+}
+
+impl OwnershipConfig {
+    pub fn new(group: &str, partitions: u32) -> Self {
+        Self {
+            group: group.to_owned(),
+            partitions,
+            lease: Duration::from_secs(3),
+            renew_every: Duration::from_secs(1),
+            replicas: 1,
+        }
+    }
+
+    /// How long before its lease ends, as others count it, an owner stops acting.
+    fn margin(&self) -> Duration {
+        self.lease / 3
+    }
+
+    /// How often a member says it is alive; three missed heartbeats, and it is probed.
+    fn heartbeat_every(&self) -> Duration {
+        self.renew_every / 4
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("partition leases ({BUCKET}): {0}")]
+pub struct OwnershipError(String);
+
+/// The right to act for one partition, until it is revoked or its lease runs out. Dropping it
+/// tells the ownership that the holder has stopped, so that the lease can be handed on.
+#[derive(Debug)]
+pub struct Grant {
+    pub partition: u32,
+    revoked: watch::Receiver<bool>,
+    deadline: watch::Receiver<Instant>,
+    /// Which taking of the partition this is.
+    epoch: u64,
+    released: mpsc::UnboundedSender<(u32, u64)>,
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        let _ = self.released.send((self.partition, self.epoch));
+    }
+}
+
+impl Grant {
+    /// Whether the holder may still act for the partition.
+    pub fn is_valid(&self) -> bool {
+        !*self.revoked.borrow() && Instant::now() < *self.deadline.borrow()
+    }
+
+    /// Completes once the holder must stop: the lease is being handed on, was lost, or has not
+    /// been renewed in time.
+    pub async fn revoked(&self) {
+        let mut revoked = self.revoked.clone();
+        let mut deadline = self.deadline.clone();
+        loop {
+            if *revoked.borrow_and_update() {
+                return;
+            }
+            let until = *deadline.borrow_and_update();
+            if Instant::now() >= until {
+                return;
+            }
+            tokio::select! {
+                changed = revoked.changed() => if changed.is_err() { return },
+                changed = deadline.changed() => if changed.is_err() { return },
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+}
+
+/// Who holds each partition, as this instance last saw the bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owners {
+    /// This instance.
+    pub me: String,
+    /// The live holder of each partition's lease, if it has one.
+    pub of_partition: Vec<Option<String>>,
+    /// The live members of the group, sorted.
+    pub members: Vec<String>,
+}
+
+impl Owners {
+    pub fn owner(&self, partition: u32) -> Option<&str> {
+        self.of_partition
+            .get(partition as usize)
+            .and_then(|owner| owner.as_deref())
+    }
+}
+
+/// The grants of an instance's partitions, as it takes them.
+pub type Grants = mpsc::UnboundedReceiver<Grant>;
+
+/// This instance's membership of a group.
+pub struct Ownership {
+    instance: String,
+    owners: watch::Receiver<Owners>,
+    suspects: mpsc::UnboundedSender<String>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Ownership {
+    /// Joins the group as a new instance: its heartbeat starts, and it takes the partitions that
+    /// rendezvous hashing gives it as their leases become free, handing out a [`Grant`] for each.
+    pub async fn join(
+        js: &jetstream::Context,
+        config: OwnershipConfig,
+    ) -> Result<(Self, Grants), OwnershipError> {
+        let store = open_bucket(js, config.replicas).await?;
+        let instance = format!("{:016x}", rand::random::<u64>());
+        let client = js.client();
+        let liveness = client
+            .subscribe(liveness_subject(&config.group, &instance))
+            .await
+            .map_err(|err| OwnershipError(err.to_string()))?;
+        let (grants_tx, grants) = mpsc::unbounded_channel();
+        let (owners_tx, owners) = watch::channel(Owners {
+            me: instance.clone(),
+            of_partition: vec![None; config.partitions as usize],
+            members: vec![instance.clone()],
+        });
+        let (stop, stopped) = oneshot::channel();
+        let (released_tx, released_rx) = mpsc::unbounded_channel();
+        let (suspects, suspected) = mpsc::unbounded_channel();
+        let mut leases = Leases {
+            config,
+            store,
+            client,
+            liveness,
+            dead: HashSet::new(),
+            probed: HashMap::new(),
+            me: instance.clone(),
+            view: HashMap::new(),
+            held: BTreeMap::new(),
+            grants: grants_tx,
+            owners: owners_tx,
+            heartbeat_sent: None,
+            released_tx,
+            released_rx,
+            suspected,
+            epochs: 0,
+        };
+        leases.heartbeat().await?;
+        let task = tokio::spawn(leases.run(stopped));
+        let ownership = Self {
+            instance,
+            owners,
+            suspects,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        Ok((ownership, grants))
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Who holds what, kept current.
+    pub fn owners(&self) -> watch::Receiver<Owners> {
+        self.owners.clone()
+    }
+
+    /// Where to say that a member seems gone (a request to it found no responders): it is
+    /// asked at once, and if it is, its partitions are taken without waiting for its heartbeat.
+    pub fn suspects(&self) -> mpsc::UnboundedSender<String> {
+        self.suspects.clone()
+    }
+
+    /// Leaves the group: every grant is revoked, and once its holder has dropped it (or its lease
+    /// has run out) the lease is deleted, so that the next owner need not wait for it to expire.
+    pub async fn leave(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Ownership {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, OwnershipError> {
+    match js.get_key_value(BUCKET).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: BUCKET.into(),
+                description: "ordo: who owns each partition, and who is alive".into(),
+                history: 1,
+                // Keys of instances gone for a minute are dropped; live ones are renewed each
+                // second.
+                max_age: Duration::from_secs(60),
+                max_bytes: 16 * 1024 * 1024,
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|err| OwnershipError(err.to_string())),
+    }
+}
+
+/// A key as this instance last saw it, and when it saw it change.
+struct Seen {
+    value: Bytes,
+    revision: u64,
+    changed_at: Instant,
+}
+
+/// A lease this instance holds.
+struct Held {
+    revision: u64,
+    revoke: watch::Sender<bool>,
+    deadline: watch::Sender<Instant>,
+    epoch: u64,
+    /// Its holder has dropped the grant.
+    released: bool,
+    renew_sent: Instant,
+}
+
+struct Leases {
+    config: OwnershipConfig,
+    store: kv::Store,
+    client: async_nats::Client,
+    /// Where this member answers that it is alive.
+    liveness: async_nats::Subscriber,
+    /// Members that missed a heartbeat and have no liveness subscriber.
+    dead: HashSet<String>,
+    /// When each member was last probed.
+    probed: HashMap<String, Instant>,
+    me: String,
+    view: HashMap<String, Seen>,
+    held: BTreeMap<u32, Held>,
+    grants: mpsc::UnboundedSender<Grant>,
+    owners: watch::Sender<Owners>,
+    heartbeat_sent: Option<Instant>,
+    /// Grants dropped by their holders: `(partition, epoch)`.
+    released_tx: mpsc::UnboundedSender<(u32, u64)>,
+    released_rx: mpsc::UnboundedReceiver<(u32, u64)>,
+    /// Members some request found gone.
+    suspected: mpsc::UnboundedReceiver<String>,
+    epochs: u64,
+}
+
+impl Leases {
+    fn member_key(&self, instance: &str) -> String {
+        format!("{}.members.{instance}", self.config.group)
+    }
+
+    fn owner_key(&self, partition: u32) -> String {
+        format!("{}.owners.{partition}", self.config.group)
+    }
+
+    async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut tick = tokio::time::interval(self.config.heartbeat_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch: Option<kv::Watch> = None;
+        loop {
+            if watch.is_none() {
+                // The current value of every key first, then each change.
+                match self
+                    .store
+                    .watch_with_history(format!("{}.>", self.config.group))
+                    .await
+                {
+                    Ok(opened) => watch = Some(opened),
+                    Err(err) => tracing::warn!(%err, "cannot watch the partition leases"),
+                }
+            }
+            let next_entry = async {
+                match watch.as_mut() {
+                    Some(watch) => watch.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = tick.tick() => self.tick().await,
+                Some(ping) = self.liveness.next() => {
+                    if let Some(reply) = ping.reply {
+                        let _ = self.client.publish(reply, Bytes::new()).await;
+                    }
+                }
+                Some(member) = self.suspected.recv() => {
+                    let recently = self.probed.get(&member).is_some_and(|at| at.elapsed() < self.config.heartbeat_every());
+                    if member != self.me && !self.dead.contains(&member) && !recently && self.probe(&member).await {
+                        self.tick().await;
+                    }
+                }
+                Some((partition, epoch)) = self.released_rx.recv() => {
+                    self.released(partition, epoch);
+                    self.hand_back_released().await;
+                }
+                entry = next_entry => match entry {
+                    Some(Ok(entry)) => {
+                        // A lease handed back: its next owner takes it now, not at the next tick.
+                        let deleted = entry.operation != Operation::Put;
+                        self.observe(entry);
+                        if deleted {
+                            self.tick().await;
+                        }
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(%err, "the watch of the partition leases failed; opening it again");
+                        watch = None;
+                    }
+                    None => watch = None,
+                },
+            }
+        }
+        self.leave().await;
+    }
+
+    fn observe(&mut self, entry: kv::Entry) {
+        if entry.operation == Operation::Put {
+            let unchanged = self
+                .view
+                .get(&entry.key)
+                .is_some_and(|seen| seen.revision == entry.revision);
+            if !unchanged {
+                if let Some(member) = self.member_of_key(&entry.key) {
+                    self.dead.remove(member);
+                }
+                self.view.insert(
+                    entry.key,
+                    Seen {
+                        value: entry.value,
+                        revision: entry.revision,
+                        changed_at: Instant::now(),
+                    },
+                );
+            }
+        } else {
+            self.view.remove(&entry.key);
+        }
+        self.publish_owners();
+    }
+
+    fn fresh(&self, seen: &Seen) -> bool {
+        seen.changed_at.elapsed() < self.config.lease
+    }
+
+    /// The member whose heartbeat `key` is, if it is one.
+    fn member_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.config.group)?
+            .strip_prefix(".members.")
+    }
+
+    /// The live members: those whose heartbeat changed within a lease and that are not known to
+    /// be dead, and this instance.
+    fn members(&self) -> Vec<String> {
+        let mut members: Vec<String> = self
+            .view
+            .iter()
+            .filter(|(_, seen)| self.fresh(seen))
+            .filter_map(|(key, _)| self.member_of_key(key))
+            .filter(|member| !self.dead.contains(*member))
+            .map(str::to_owned)
+            .chain(std::iter::once(self.me.clone()))
+            .collect();
+        members.sort();
+        members.dedup();
+        members
+    }
+
+    fn publish_owners(&self) {
+        let of_partition = (0..self.config.partitions)
+            .map(|partition| {
+                if self.held.contains_key(&partition) {
+                    return Some(self.me.clone());
+                }
+                self.view
+                    .get(&self.owner_key(partition))
+                    .filter(|seen| self.fresh(seen))
+                    .map(|seen| String::from_utf8_lossy(&seen.value).into_owned())
+                    .filter(|owner| *owner != self.me)
+            })
+            .collect();
+        let owners = Owners {
+            me: self.me.clone(),
+            of_partition,
+            members: self.members(),
+        };
+        self.owners.send_if_modified(|current| {
+            let modified = *current != owners;
+            *current = owners;
+            modified
+        });
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), OwnershipError> {
+        let key = self.member_key(&self.me);
+        self.store
+            .put(key, Bytes::from(self.me.clone()))
+            .await
+            .map_err(|err| OwnershipError(err.to_string()))?;
+        self.heartbeat_sent = Some(Instant::now());
+        Ok(())
+    }
+
+    fn released(&mut self, partition: u32, epoch: u64) {
+        if let Some(held) = self.held.get_mut(&partition)
+            && held.epoch == epoch
+        {
+            held.released = true;
+        }
+    }
+
+    async fn tick(&mut self) {
+        let due = |sent: Option<Instant>| {
+            sent.is_none_or(|sent| sent.elapsed() >= self.config.heartbeat_every())
+        };
+        if due(self.heartbeat_sent)
+            && let Err(err) = self.heartbeat().await
+        {
+            tracing::warn!(%err, "heartbeat not sent");
+        }
+        self.renew().await;
+        self.hand_back_released().await;
+        self.probe_silent_members().await;
+        let members = self.members();
+        for partition in 0..self.config.partitions {
+            let mine = rendezvous(partition, &members) == self.me;
+            match (self.held.get(&partition), mine) {
+                (Some(held), false) if !*held.revoke.borrow() => {
+                    tracing::info!(group = %self.config.group, partition, "handing the partition on");
+                    held.revoke.send_replace(true);
+                }
+                (None, true) => self.try_acquire(partition).await,
+                _ => {}
+            }
+        }
+        metrics::gauge!("ordo_partitions_owned", "group" => self.config.group.clone())
+            .set(self.held.len() as f64);
+        self.publish_owners();
+    }
+
+    /// Asks each member that missed a heartbeat whether it is still connected: one with no
+    /// subscriber on its liveness subject is dead, without waiting for its leases to run out.
+    async fn probe_silent_members(&mut self) {
+        let silent: Vec<String> = self
+            .view
+            .iter()
+            .filter(|(_, seen)| seen.changed_at.elapsed() >= self.config.heartbeat_every() * 3)
+            .filter_map(|(key, _)| self.member_of_key(key))
+            .filter(|member| *member != self.me && !self.dead.contains(*member))
+            .filter(|member| {
+                self.probed
+                    .get(*member)
+                    .is_none_or(|at| at.elapsed() >= self.config.renew_every)
+            })
+            .map(str::to_owned)
+            .collect();
+        for member in silent {
+            self.probe(&member).await;
+        }
+        self.probed
+            .retain(|_, at| at.elapsed() < self.config.lease * 20);
+    }
+
+    /// Asks `member` whether it is connected; true (and it is counted dead) when nobody listens
+    /// on its liveness subject.
+    async fn probe(&mut self, member: &str) -> bool {
+        self.probed.insert(member.to_owned(), Instant::now());
+        let probe = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(self.config.heartbeat_every()));
+        let answer = self
+            .client
+            .send_request(liveness_subject(&self.config.group, member), probe)
+            .await;
+        let gone =
+            matches!(&answer, Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders);
+        if gone {
+            tracing::info!(group = %self.config.group, member, "member is gone: taking its partitions");
+            self.dead.insert(member.to_owned());
+        }
+        gone
+    }
+
+    /// Renews every lease that is due, and drops those lost to another instance or run out.
+    async fn renew(&mut self) {
+        let due: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.renew_sent.elapsed() >= self.config.renew_every)
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in due {
+            let key = self.owner_key(partition);
+            let revision = self.held[&partition].revision;
+            let sent = Instant::now();
+            match self
+                .store
+                .update(&key, Bytes::from(self.me.clone()), revision)
+                .await
+            {
+                Ok(revision) => {
+                    let held = self.held.get_mut(&partition).expect("held");
+                    held.revision = revision;
+                    held.renew_sent = sent;
+                    held.deadline
+                        .send_replace(sent + self.config.lease - self.config.margin());
+                }
+                Err(err) if err.kind() == UpdateErrorKind::WrongLastRevision => {
+                    tracing::warn!(group = %self.config.group, partition, "lease lost to another instance");
+                    metrics::counter!("ordo_partition_leases_lost_total", "group" => self.config.group.clone())
+                        .increment(1);
+                    if let Some(held) = self.held.remove(&partition) {
+                        held.revoke.send_replace(true);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(group = %self.config.group, partition, %err, "lease not renewed");
+                    let held = &self.held[&partition];
+                    if Instant::now() >= *held.deadline.borrow() {
+                        tracing::warn!(group = %self.config.group, partition, "lease ran out");
+                        held.revoke.send_replace(true);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes the leases whose holders have stopped, so that the next owner takes them at once.
+    async fn hand_back_released(&mut self) {
+        while let Ok((partition, epoch)) = self.released_rx.try_recv() {
+            self.released(partition, epoch);
+        }
+        let released: Vec<u32> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.released)
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in released {
+            let held = self.held.remove(&partition).expect("held");
+            let key = self.owner_key(partition);
+            if let Err(err) = self
+                .store
+                .delete_expect_revision(&key, Some(held.revision))
+                .await
+            {
+                tracing::debug!(partition, %err, "lease not deleted; it runs out instead");
+            }
+            tracing::info!(group = %self.config.group, partition, "partition handed back");
+        }
+    }
+
+    /// Takes the partition's lease if it is free, run out, or this instance's own.
+    async fn try_acquire(&mut self, partition: u32) {
+        let key = self.owner_key(partition);
+        let value = Bytes::from(self.me.clone());
+        let sent = Instant::now();
+        let taken = match self.view.get(&key) {
+            None => match self.store.create(&key, value).await {
+                Ok(revision) => Some(revision),
+                Err(err) if err.kind() == CreateErrorKind::AlreadyExists => None,
+                Err(err) => {
+                    tracing::debug!(partition, %err, "lease not created");
+                    None
+                }
+            },
+            Some(seen)
+                if seen.value == self.me.as_bytes()
+                    || !self.fresh(seen)
+                    || self
+                        .dead
+                        .contains(String::from_utf8_lossy(&seen.value).as_ref()) =>
+            {
+                let revision = seen.revision;
+                match self.store.update(&key, value, revision).await {
+                    Ok(revision) => Some(revision),
+                    Err(err) => {
+                        tracing::debug!(partition, %err, "lease not taken over");
+                        None
+                    }
+                }
+            }
+            Some(_) => None, // Its owner is alive; it hands the partition on when it sees us.
+        };
+        let Some(revision) = taken else { return };
+        let (revoke, revoked) = watch::channel(false);
+        let (deadline_tx, deadline) =
+            watch::channel(sent + self.config.lease - self.config.margin());
+        self.epochs += 1;
+        let grant = Grant {
+            partition,
+            revoked,
+            deadline,
+            epoch: self.epochs,
+            released: self.released_tx.clone(),
+        };
+        tracing::info!(group = %self.config.group, partition, "partition taken");
+        metrics::counter!("ordo_partition_leases_taken_total", "group" => self.config.group.clone())
+            .increment(1);
+        self.held.insert(
+            partition,
+            Held {
+                revision,
+                revoke,
+                deadline: deadline_tx,
+                epoch: self.epochs,
+                released: false,
+                renew_sent: sent,
+            },
+        );
+        if self.grants.send(grant).is_err() {
+            // Nobody takes grants any more: the held entry sees its grant dropped and hands the
+            // lease back on the next tick.
+        }
+    }
+
+    /// Revokes every grant, waits (at most a lease) for the holders to stop, deletes the leases
+    /// and the heartbeat.
+    async fn leave(mut self) {
+        for held in self.held.values() {
+            held.revoke.send_replace(true);
+        }
+        let until = Instant::now() + self.config.lease;
+        self.hand_back_released().await;
+        while !self.held.is_empty() {
+            match tokio::time::timeout_at(until, self.released_rx.recv()).await {
+                Ok(Some((partition, epoch))) => {
+                    self.released(partition, epoch);
+                    self.hand_back_released().await;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let key = self.member_key(&self.me);
+        if let Err(err) = self.store.delete(&key).await {
+            tracing::debug!(%err, "heartbeat not deleted");
+        }
+    }
+}
+
+/// The member that owns `partition` among `members`: the one with the highest weight, so that a
+/// member joining or leaving moves only the partitions it gains or held.
+pub fn rendezvous<'a>(partition: u32, members: &'a [String]) -> &'a str {
+    members
+        .iter()
+        .max_by_key(|member| (fnv1a64(format!("{partition}/{member}").as_bytes()), *member))
+        .map(String::as_str)
+        .unwrap_or_default()
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_member_joining_takes_only_partitions_from_the_others() {
+        let before = members(&["a", "b", "c"]);
+        let after = members(&["a", "b", "c", "d"]);
+        for partition in 0..256 {
+            let was = rendezvous(partition, &before);
+            let is = rendezvous(partition, &after);
+            assert!(
+                is == was || is == "d",
+                "partition {partition}: {was} -> {is}"
+            );
+        }
+    }
+
+    #[test]
+    fn partitions_spread_over_the_members() {
+        let all = members(&["1f3a", "77b0", "c001", "e9e9"]);
+        let mut counts: HashMap<&str, u32> = HashMap::new();
+        for partition in 0..64 {
+            *counts.entry(rendezvous(partition, &all)).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 4, "{counts:?}");
+        assert!(counts.values().all(|count| *count >= 8), "{counts:?}");
+    }
+}

@@ -1,0 +1,160 @@
+//! One owner per partition: members of a group share the partitions, hand them on when another
+//! joins or leaves, and take over a dead member's once its leases run out, never two holding one
+//! partition at once.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use async_nats::jetstream;
+use ordo_eventstore::{Ownership, OwnershipConfig};
+use ordo_testkit::NatsServer;
+
+const PARTITIONS: u32 = 8;
+
+/// Who holds which partition right now, across every member of the test, and whether two ever
+/// held one at once.
+#[derive(Default)]
+struct Holdings {
+    holders: BTreeMap<u32, String>,
+    overlaps: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Holdings>>;
+
+/// A member that holds each grant until it is revoked, recording it in `holdings`.
+async fn join(js: &jetstream::Context, holdings: &Shared) -> Ownership {
+    let (ownership, mut grants) = Ownership::join(js, OwnershipConfig::new("test", PARTITIONS))
+        .await
+        .expect("join");
+    let me = ownership.instance().to_owned();
+    let holdings = holdings.clone();
+    tokio::spawn(async move {
+        while let Some(grant) = grants.recv().await {
+            let (me, holdings) = (me.clone(), holdings.clone());
+            tokio::spawn(async move {
+                {
+                    let mut held = holdings.lock().unwrap();
+                    if let Some(other) = held.holders.insert(grant.partition, me.clone()) {
+                        held.overlaps.push(format!(
+                            "partition {} taken by {me} while {other} held it",
+                            grant.partition
+                        ));
+                    }
+                }
+                grant.revoked().await;
+                holdings.lock().unwrap().holders.remove(&grant.partition);
+            });
+        }
+    });
+    ownership
+}
+
+/// Partitions held by each member.
+fn held_by(holdings: &Shared) -> BTreeMap<String, BTreeSet<u32>> {
+    let mut by_member: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for (partition, member) in &holdings.lock().unwrap().holders {
+        by_member
+            .entry(member.clone())
+            .or_default()
+            .insert(*partition);
+    }
+    by_member
+}
+
+/// Waits until `done` holds of the holdings; panics after `limit`. Returns how long it took.
+async fn until(
+    holdings: &Shared,
+    limit: Duration,
+    done: impl Fn(&BTreeMap<String, BTreeSet<u32>>) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        if done(&held_by(holdings)) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not within {limit:?}: {:?}",
+            held_by(holdings)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn all_held_by(members: &[&str]) -> impl Fn(&BTreeMap<String, BTreeSet<u32>>) -> bool {
+    let members: Vec<String> = members.iter().map(|m| (*m).to_owned()).collect();
+    move |held| {
+        held.keys().cloned().collect::<Vec<_>>() == members
+            && held.values().map(BTreeSet::len).sum::<usize>() == PARTITIONS as usize
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_share_the_partitions_and_hand_them_on_when_one_joins_or_leaves() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    let holdings = Shared::default();
+
+    let first = join(&js, &holdings).await;
+    let a = first.instance().to_owned();
+    until(&holdings, Duration::from_secs(3), all_held_by(&[&a])).await;
+
+    let second = join(&js, &holdings).await;
+    let b = second.instance().to_owned();
+    let mut both = [a.as_str(), b.as_str()];
+    both.sort();
+    until(&holdings, Duration::from_secs(3), all_held_by(&both)).await;
+
+    // A member that leaves deletes its leases: the other takes them without waiting them out.
+    second.leave().await;
+    let took = until(&holdings, Duration::from_secs(3), all_held_by(&[&a])).await;
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    assert_eq!(holdings.lock().unwrap().overlaps, Vec::<String>::new());
+    first.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_connection_is_taken_over_after_one_missed_heartbeat() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    let holdings = Shared::default();
+    let first = join(&js, &holdings).await;
+    let second = join(&js, &holdings).await;
+    let (a, b) = (first.instance().to_owned(), second.instance().to_owned());
+    let mut both = [a.as_str(), b.as_str()];
+    both.sort();
+    until(&holdings, Duration::from_secs(5), all_held_by(&both)).await;
+
+    // Dropped without leaving: it stops renewing and its liveness subscription is gone, as
+    // when a process is killed. Its holders stop at once; the survivor takes its partitions
+    // once a heartbeat is 1.5 s late, rather than after the whole lease.
+    drop(second);
+    let took = until(&holdings, Duration::from_secs(8), all_held_by(&[&a])).await;
+    assert!(took < Duration::from_secs(3), "taken over after {took:?}");
+    assert_eq!(holdings.lock().unwrap().overlaps, Vec::<String>::new());
+    first.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_starts_after_the_owner_died_takes_its_partitions_soon() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    let holdings = Shared::default();
+    let first = join(&js, &holdings).await;
+    let a = first.instance().to_owned();
+    until(&holdings, Duration::from_secs(3), all_held_by(&[&a])).await;
+    drop(first);
+    until(&holdings, Duration::from_secs(1), |held| held.is_empty()).await;
+
+    // Another process, started while the dead owner's leases still look fresh.
+    let other = jetstream::new(server.client().await);
+    let second = join(&other, &holdings).await;
+    let b = second.instance().to_owned();
+    let took = until(&holdings, Duration::from_secs(8), all_held_by(&[&b])).await;
+    assert!(took < Duration::from_secs(4), "taken over after {took:?}");
+    second.leave().await;
+}
