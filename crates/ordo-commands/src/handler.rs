@@ -37,9 +37,9 @@ const MAX_ATTEMPTS: u32 = 20;
 const LOCK_STRIPES: usize = 1024;
 
 pub struct CommandHandler {
-    orders: Repository<OrderAggregate>,
-    stock: Repository<StockAggregate>,
-    outcomes: Outcomes,
+    pub(crate) orders: Repository<OrderAggregate>,
+    pub(crate) stock: Repository<StockAggregate>,
+    pub(crate) outcomes: Outcomes,
     locks: Vec<Mutex<()>>,
 }
 
@@ -124,13 +124,7 @@ impl CommandHandler {
             let mut earlier_may_land = false;
             if let Some(earlier) = &record {
                 if earlier.fingerprint != request.fingerprint {
-                    return Ok(Reply::refused(
-                        ErrorCode::InvalidCommand,
-                        format!(
-                            "command id {} was already used for a different command",
-                            request.command_id
-                        ),
-                    ));
+                    return Ok(reused_id(request));
                 }
                 match self.earlier_run(earlier, aggregate).await? {
                     EarlierRun::Ended(reply) => return Ok(reply),
@@ -155,13 +149,7 @@ impl CommandHandler {
                 // as refused instead of run, so that every copy that comes later gets this
                 // answer and runs nothing. (A run that may still land is decided again on its
                 // very state below, as any copy is: at most one of them lands.)
-                let reply = Reply::refused(
-                    ErrorCode::InvalidState,
-                    format!(
-                        "command {} was voided before it ran: its compensation came first",
-                        request.command_id
-                    ),
-                );
+                let reply = voided(request);
                 if self.record_refusal(request, &reply, revision).await? {
                     return Ok(reply);
                 }
@@ -310,29 +298,59 @@ impl CommandHandler {
                     return Ok(EarlierRun::CannotLand);
                 };
                 let subject = aggregate_subject(category, aggregate_id);
-                let next = self
-                    .store()
-                    .event_after(stream, &subject, *expected_last_seq)
-                    .await?;
-                Ok(match next {
-                    Some(event) if event.envelope.command_id == record.command_id => {
-                        EarlierRun::Ended(Reply::accepted(
+                let next = |after| self.store().event_after_in_batch(stream, &subject, after);
+                let Some((mut event, batch)) = next(*expected_last_seq).await? else {
+                    return Ok(EarlierRun::MayStillLand {
+                        expected_last_seq: *expected_last_seq,
+                    });
+                };
+                // The first event after the expected sequence is the one append that was
+                // conditional on it: this run's, or an atomic batch's that may hold this run's
+                // event further on, or another's, after which this run's can never land.
+                loop {
+                    if event.envelope.command_id == record.command_id {
+                        return Ok(EarlierRun::Ended(Reply::accepted(
                             aggregate.clone(),
                             event.envelope.version,
                             event.seq,
-                        ))
+                        )));
                     }
-                    // Its append was conditional on a sequence that another event followed.
-                    Some(_) => EarlierRun::CannotLand,
-                    None => EarlierRun::MayStillLand {
-                        expected_last_seq: *expected_last_seq,
-                    },
-                })
+                    match (&batch, next(event.seq).await?) {
+                        (Some(batch), Some((later, Some(later_batch))))
+                            if later_batch == *batch =>
+                        {
+                            event = later;
+                        }
+                        _ => return Ok(EarlierRun::CannotLand),
+                    }
+                }
             }
         }
     }
 
-    fn store(&self) -> &EventStore {
+    pub(crate) fn store(&self) -> &EventStore {
         self.orders.store()
     }
+}
+
+/// The answer to a request under a command id that ran a different command.
+pub(crate) fn reused_id(request: &ParsedRequest) -> Reply {
+    Reply::refused(
+        ErrorCode::InvalidCommand,
+        format!(
+            "command id {} was already used for a different command",
+            request.command_id
+        ),
+    )
+}
+
+/// The outcome of a reserve voided before it ran.
+pub(crate) fn voided(request: &ParsedRequest) -> Reply {
+    Reply::refused(
+        ErrorCode::InvalidState,
+        format!(
+            "command {} was voided before it ran: its compensation came first",
+            request.command_id
+        ),
+    )
 }

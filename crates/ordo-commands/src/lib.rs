@@ -23,6 +23,7 @@ pub mod outcomes;
 pub mod ratelimit;
 pub mod routing;
 pub mod service;
+pub mod writer;
 
 pub use handler::CommandHandler;
 pub use service::{CommandService, ServiceConfig};

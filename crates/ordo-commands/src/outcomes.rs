@@ -11,6 +11,8 @@
 //!
 //! Successful outcomes are read back from the event itself: the event stream stays the one truth.
 
+use std::collections::HashMap;
+
 use ordo_contract::Reply;
 use ordo_eventstore::{EventStore, LoadError, PublishError};
 use serde::{Deserialize, Serialize};
@@ -74,6 +76,29 @@ impl Outcomes {
         }
     }
 
+    /// The records of many command ids in one request: `command id → (revision, record)`, for
+    /// those that have one (an unreadable record comes back as `None` with its revision).
+    pub async fn get_many(
+        &self,
+        command_ids: &[&str],
+    ) -> Result<HashMap<String, (u64, Option<OutcomeRecord>)>, LoadError> {
+        let subjects: Vec<String> = command_ids.iter().map(|id| Self::subject(id)).collect();
+        let found = self.store.last_messages(OUTCOMES_STREAM, &subjects).await?;
+        Ok(command_ids
+            .iter()
+            .zip(&subjects)
+            .filter_map(|(command_id, subject)| {
+                let (revision, payload) = found.get(subject)?;
+                let record = serde_json::from_slice::<OutcomeRecord>(payload).ok();
+                Some(((*command_id).to_owned(), (*revision, record)))
+            })
+            .collect())
+    }
+
+    fn msg_id(subject: &str, revision: u64, payload: &str) -> String {
+        format!("{subject}@{revision}#{}", &hex_digest(payload)[..32])
+    }
+
     /// Writes `record` if the command id's record is still at `revision` (0: none yet).
     ///
     /// The message id names the revision and the record's bytes, so that a *different* record
@@ -86,7 +111,7 @@ impl Outcomes {
     pub async fn put(&self, record: &OutcomeRecord, revision: u64) -> Result<u64, PublishError> {
         let subject = Self::subject(&record.command_id);
         let payload = serde_json::to_string(record).expect("outcome records serialize");
-        let msg_id = format!("{subject}@{revision}#{}", &hex_digest(&payload)[..32]);
+        let msg_id = Self::msg_id(&subject, revision, &payload);
         self.store
             .publish_if_last(&subject, payload.into_bytes(), &msg_id, revision)
             .await

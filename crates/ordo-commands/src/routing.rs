@@ -19,18 +19,32 @@ use std::{
 
 use ordo_contract::{Endpoint, ErrorCode, Reply};
 use ordo_eventstore::{EventMetadata, Grant, Owners, Partition};
-use tokio::{
-    sync::{mpsc, oneshot, watch},
-    task::JoinSet,
-};
-use tracing::Instrument;
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::{handler::CommandHandler, intake::ParsedRequest};
+use crate::{
+    handler::CommandHandler,
+    intake::ParsedRequest,
+    writer::{MAX_BATCH, Writer},
+};
 
 /// The subjects commands are forwarded on: `ordo.partition.<partition>.<owner>.<endpoint>`.
 pub const FORWARD_PREFIX: &str = "ordo.partition";
 /// How long an intake waits for the owner's answer to a command it forwarded.
 pub const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long an intake waits for a moving partition's next owner before it answers
+/// `unavailable`.
+pub const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The header of an owner's answer that its partition is moving (so the intake tries again).
+pub const MOVING_HEADER: &str = "Ordo-Partition-Moving";
+
+/// Whether an owner's answer says that the partition has moved on.
+pub fn is_moving(answer: &async_nats::Message) -> bool {
+    answer
+        .headers
+        .as_ref()
+        .is_some_and(|headers| headers.get(MOVING_HEADER).is_some())
+}
+
 /// How long a requester should wait before sending a command again whose partition is moving.
 const MOVING_RETRY_MS: u64 = 250;
 /// Commands queued for one partition before the intake waits.
@@ -140,9 +154,10 @@ impl Router {
         })
     }
 
-    /// Serves `grant`'s partition until the grant is revoked: runs every command routed to it,
-    /// then stops taking them, answers those still queued with [`moving`], lets those running
-    /// finish, and drops the grant (so that the lease can be handed on).
+    /// Serves `grant`'s partition until the grant is revoked: takes the commands queued for it
+    /// a batch at a time (group commit: what queued while the last batch was written is the
+    /// next), then stops taking them, answers those still queued with [`moving`], and drops the
+    /// grant (so that the lease can be handed on).
     pub async fn own(self: Arc<Self>, grant: Grant, handler: Arc<CommandHandler>) {
         let partition = grant.partition;
         let (sender, mut jobs) = mpsc::channel::<Job>(QUEUED_PER_PARTITION);
@@ -150,29 +165,35 @@ impl Router {
             .write()
             .expect("not poisoned")
             .insert(partition, sender);
-        let mut running = JoinSet::new();
+        let mut writer = Writer::new(handler);
         loop {
-            tokio::select! {
+            let first = tokio::select! {
                 () = grant.revoked() => break,
-                Some(job) = jobs.recv() => {
-                    let handler = handler.clone();
-                    running.spawn(async move {
-                        let reply = handler
-                            .execute(&job.request, &job.metadata)
-                            .instrument(job.span)
-                            .await;
-                        let _ = job.reply.send(reply);
-                    });
+                job = jobs.recv() => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match jobs.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
                 }
-                Some(_) = running.join_next(), if !running.is_empty() => {}
             }
+            if !grant.is_valid() {
+                for job in batch {
+                    let _ = job.reply.send(moving(partition));
+                }
+                break;
+            }
+            writer.commit(batch).await;
         }
         self.here.write().expect("not poisoned").remove(&partition);
         jobs.close();
         while let Ok(job) = jobs.try_recv() {
             let _ = job.reply.send(moving(partition));
         }
-        while running.join_next().await.is_some() {}
         drop(grant);
     }
 }

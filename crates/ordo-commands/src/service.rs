@@ -499,6 +499,9 @@ enum Arrival {
 /// What became of a request here.
 enum Handled {
     Answer(Reply),
+    /// Its partition is moving: answered `unavailable`, marked so that an intake waits for the
+    /// next owner.
+    Moving(u32),
     /// The answer of the partition's owner, which ran it, to pass on as it is.
     Relay(async_nats::Message),
 }
@@ -555,43 +558,58 @@ impl Serving {
         arrival: Arrival,
     ) -> Handled {
         let partition = partition_of(parsed.aggregate().as_str(), self.router.partitions);
-        match self.router.route(partition) {
-            Route::Here(jobs) => {
-                let (reply, replied) = oneshot::channel();
-                let job = Job {
-                    request: parsed,
-                    metadata,
-                    reply,
-                    span: tracing::Span::current(),
-                };
-                if jobs.send(job).await.is_err() {
-                    return Handled::Answer(routing::moving(partition));
-                }
-                Handled::Answer(replied.await.unwrap_or_else(|_| routing::moving(partition)))
-            }
-            // Sent on once only: an owner that no longer holds the partition says so. The owner
-            // answers this instance, which passes the answer on: a requester's reply subject
-            // may be the server's mapping of a reply across accounts (`_R_`), which only the
-            // connection the request arrived on may publish to.
-            Route::There(owner) if arrival == Arrival::Intake => {
-                let subject = routing::forward_subject(partition, &owner, parsed.endpoint);
-                let request = async_nats::Request::new()
-                    .payload(parsed.body_to_forward(&message.payload))
-                    .headers(message.headers.clone().unwrap_or_default())
-                    .timeout(Some(routing::FORWARD_TIMEOUT));
-                match self.client.send_request(subject, request).await {
-                    Ok(answer) => Handled::Relay(answer),
-                    Err(err) if err.kind() == RequestErrorKind::NoResponders => {
-                        self.router.suspect(&owner);
-                        Handled::Answer(routing::moving(partition))
+        // While the partition moves (its owner handing it on, or found dead), the intake waits
+        // for the next owner a moment rather than answering `unavailable` at once.
+        let give_up = std::time::Instant::now() + routing::MOVE_WAIT;
+        loop {
+            match self.router.route(partition) {
+                Route::Here(jobs) => {
+                    let (reply, replied) = oneshot::channel();
+                    let job = Job {
+                        request: parsed.clone(),
+                        metadata: metadata.clone(),
+                        reply,
+                        span: tracing::Span::current(),
+                    };
+                    if jobs.send(job).await.is_ok()
+                        && let Ok(reply) = replied.await
+                        && reply != routing::moving(partition)
+                    {
+                        return Handled::Answer(reply);
                     }
-                    Err(err) => Handled::Answer(Reply::refused(
-                        ErrorCode::Unavailable,
-                        format!("the owner of partition {partition} did not answer: {err}"),
-                    )),
                 }
+                // Sent on once only: an owner that no longer holds the partition says so. The
+                // owner answers this instance, which passes the answer on: a requester's reply
+                // subject may be the server's mapping of a reply across accounts (`_R_`), which
+                // only the connection the request arrived on may publish to.
+                Route::There(owner) if arrival == Arrival::Intake => {
+                    let subject = routing::forward_subject(partition, &owner, parsed.endpoint);
+                    let request = async_nats::Request::new()
+                        .payload(parsed.body_to_forward(&message.payload))
+                        .headers(message.headers.clone().unwrap_or_default())
+                        .timeout(Some(routing::FORWARD_TIMEOUT));
+                    match self.client.send_request(subject, request).await {
+                        Ok(answer) if !routing::is_moving(&answer) => {
+                            return Handled::Relay(answer);
+                        }
+                        Ok(_) => {}
+                        Err(err) if err.kind() == RequestErrorKind::NoResponders => {
+                            self.router.suspect(&owner);
+                        }
+                        Err(err) => {
+                            return Handled::Answer(Reply::refused(
+                                ErrorCode::Unavailable,
+                                format!("the owner of partition {partition} did not answer: {err}"),
+                            ));
+                        }
+                    }
+                }
+                Route::There(_) | Route::Nobody => {}
             }
-            Route::There(_) | Route::Nobody => Handled::Answer(routing::moving(partition)),
+            if arrival == Arrival::Forwarded || std::time::Instant::now() >= give_up {
+                return Handled::Moving(partition);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }
@@ -649,8 +667,13 @@ async fn respond(
     }
     .instrument(span.clone())
     .await;
+    let mut moving = false;
     let reply = match handled {
         Handled::Answer(reply) => reply,
+        Handled::Moving(partition) => {
+            moving = true;
+            routing::moving(partition)
+        }
         Handled::Relay(answer) => {
             // Counted by the owner, which ran it.
             span.record("outcome", "forwarded");
@@ -693,6 +716,9 @@ async fn respond(
         return; // Published, not requested: nobody to answer.
     };
     let mut reply_headers = async_nats::HeaderMap::new();
+    if moving {
+        reply_headers.insert(routing::MOVING_HEADER, "true");
+    }
     if let Some((code, line)) = &error {
         // The micro service convention, so that tools can tell an error without the body.
         reply_headers.insert(headers::SERVICE_ERROR, line.as_str());

@@ -53,6 +53,9 @@ struct PubAckResponse {
     seq: u64,
     #[serde(default)]
     duplicate: bool,
+    /// How many messages an atomic batch stored (the batch's acknowledgement only).
+    #[serde(default)]
+    count: Option<u64>,
     error: Option<ApiError>,
 }
 
@@ -132,4 +135,81 @@ pub async fn conditional_publish(
         last_problem = error.description;
     }
     Err(PublishError::Unavailable(last_problem))
+}
+
+/// One message of an atomic batch.
+#[derive(Debug, Clone)]
+pub struct BatchMessage {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+/// Stores `messages` in their stream all together or not at all: a JetStream atomic batch
+/// (nats-server 2.12+, the stream's `allow_atomic`). Each message's own conditions
+/// (`Nats-Expected-Last-Subject-Sequence`, `Nats-Msg-Id`) are checked against the stream as it
+/// was before the batch; one that fails fails the batch. Returns each message's stream sequence.
+///
+/// Sent once: the caller finds out what became of a batch whose answer was lost (every ordo
+/// write is preceded by a record saying what it expected), rather than sending it again.
+pub async fn atomic_publish(
+    client: &async_nats::Client,
+    messages: Vec<BatchMessage>,
+    timeout: Duration,
+) -> Result<Vec<u64>, PublishError> {
+    let count = messages.len() as u64;
+    let batch_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut commit = None;
+    for (index, message) in messages.into_iter().enumerate() {
+        let BatchMessage {
+            subject,
+            mut headers,
+            payload,
+        } = message;
+        headers.insert("Nats-Batch-Id", batch_id.as_str());
+        headers.insert("Nats-Batch-Sequence", (index + 1).to_string().as_str());
+        if index as u64 + 1 == count {
+            headers.insert("Nats-Batch-Commit", "1");
+            commit = Some((subject, headers, payload));
+        } else {
+            client
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(|err| PublishError::Unavailable(err.to_string()))?;
+        }
+    }
+    let Some((subject, headers, payload)) = commit else {
+        return Ok(Vec::new());
+    };
+    let request = async_nats::Request::new()
+        .payload(payload)
+        .headers(headers)
+        .timeout(Some(timeout));
+    let answer = client
+        .send_request(subject.clone(), request)
+        .await
+        .map_err(|err| PublishError::Unavailable(format!("batch on {subject}: {err}")))?;
+    let ack: PubAckResponse = serde_json::from_slice(&answer.payload).map_err(|err| {
+        PublishError::Unavailable(format!("unreadable answer from JetStream: {err}"))
+    })?;
+    if let Some(error) = ack.error {
+        let code = ErrorCode(error.err_code);
+        if CONFLICTS.contains(&code) {
+            return Err(PublishError::Conflict {
+                subject,
+                expected: 0,
+            });
+        }
+        return Err(PublishError::Refused {
+            code: error.err_code,
+            description: error.description,
+        });
+    }
+    if ack.count != Some(count) || ack.seq < count {
+        return Err(PublishError::Unavailable(format!(
+            "JetStream acknowledged a batch of {count} as {:?} ending at {}",
+            ack.count, ack.seq
+        )));
+    }
+    Ok((ack.seq + 1 - count..=ack.seq).collect())
 }

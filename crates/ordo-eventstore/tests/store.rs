@@ -474,3 +474,72 @@ async fn ensure_creates_missing_streams_and_never_changes_a_running_one() {
             .all(|definition| definition.config.num_replicas == 3)
     );
 }
+
+/// A message for an atomic batch, conditional on `expected` when given.
+fn batch_message(
+    subject: &str,
+    expected: Option<u64>,
+    msg_id: &str,
+) -> ordo_eventstore::publish::BatchMessage {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    if let Some(expected) = expected {
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+    }
+    ordo_eventstore::publish::BatchMessage {
+        subject: subject.to_owned(),
+        headers,
+        payload: "{}".into(),
+    }
+}
+
+#[tokio::test]
+async fn an_atomic_batch_is_stored_whole_or_not_at_all_and_a_stale_expectation_fails_it() {
+    use ordo_eventstore::publish::atomic_publish;
+    let (server, _store) = open().await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let timeout = Duration::from_secs(2);
+    js.publish("ordo.stock.events.A", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // A writer that read A before its first event (a stale owner): nothing of its batch lands,
+    // not even the event on B, whose own expectation holds.
+    let stale = vec![
+        batch_message("ordo.stock.events.B", Some(0), "b-1"),
+        batch_message("ordo.stock.events.A", Some(0), "a-stale"),
+    ];
+    let refused = atomic_publish(&client, stale, timeout).await;
+    assert!(
+        matches!(refused, Err(PublishError::Conflict { .. })),
+        "{refused:?}"
+    );
+    let stream = js.get_stream("ORDO_STOCK").await.unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 1);
+
+    // The first event of each subject carries the expectation; a second one on the same
+    // subject carries none (the batch is atomic). The sequences follow one another.
+    let current = vec![
+        batch_message("ordo.stock.events.B", Some(0), "b-1"),
+        batch_message("ordo.stock.events.A", Some(1), "a-2"),
+        batch_message("ordo.stock.events.A", None, "a-3"),
+    ];
+    assert_eq!(
+        atomic_publish(&client, current, timeout).await.unwrap(),
+        vec![2, 3, 4]
+    );
+
+    // Sent again (its answer lost, say): a message id already stored fails the whole batch.
+    let again = vec![
+        batch_message("ordo.stock.events.C", Some(0), "c-1"),
+        batch_message("ordo.stock.events.B", Some(2), "b-1"),
+    ];
+    assert!(atomic_publish(&client, again, timeout).await.is_err());
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 4);
+}

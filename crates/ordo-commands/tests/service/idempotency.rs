@@ -357,6 +357,98 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
 }
 
 #[tokio::test]
+async fn a_command_stored_second_in_a_batch_whose_answer_was_lost_is_not_appended_again() {
+    let engine = Engine::start_with(1, short_duplicate_window()).await;
+    engine
+        .request_with_id(
+            Endpoint::StockReceive,
+            json!({"sku": "A1", "qty": 1}),
+            "before",
+        )
+        .await;
+
+    // Given a batch that recorded two commands' intents on A1 and stored both events, the
+    // second ("second") after another command's, and died before answering…
+    let store = EventStore::open(
+        engine.client.clone(),
+        &ordo_commands::CommandService::STREAMS,
+    )
+    .await
+    .unwrap();
+    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
+    for (command_id, body) in [
+        ("first", br#"{"sku":"A1","qty":2}"#),
+        ("second", br#"{"sku":"A1","qty":4}"#),
+    ] {
+        record_receive_intent(&store, command_id, body, loaded.last_seq).await;
+    }
+    let event = |command_id: &str, version: u64, qty: u64| {
+        let metadata = EventMetadata {
+            command_id: command_id.into(),
+            correlation_id: command_id.into(),
+            ..Default::default()
+        };
+        let envelope = ordo_eventstore::EventEnvelope::new(
+            "A1",
+            version,
+            &StockEvent::StockReceived { qty },
+            &metadata,
+            chrono::Utc::now(),
+        );
+        let mut headers = envelope.headers(&metadata);
+        headers.insert("Nats-Msg-Id", command_id);
+        headers.insert(ordo_eventstore::store::BATCH_HEADER, "batch-1");
+        if version == loaded.version + 1 {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                loaded.last_seq.to_string().as_str(),
+            );
+        }
+        ordo_eventstore::publish::BatchMessage {
+            subject: "ordo.stock.events.A1".into(),
+            headers,
+            payload: envelope.to_bytes().into(),
+        }
+    };
+    let seqs = ordo_eventstore::publish::atomic_publish(
+        &engine.client,
+        vec![event("first", 2, 2), event("second", 3, 4)],
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+    // …and another command came after, and the duplicate window has passed,
+    engine
+        .request_with_id(
+            Endpoint::StockReceive,
+            json!({"sku": "A1", "qty": 1}),
+            "after",
+        )
+        .await;
+    let probes = forgotten_by_the_server(&engine, ordo_eventstore::StreamId::Stock, "second").await;
+
+    // when the client retries, it gets the event the batch stored for it, and nothing new.
+    let retried = engine
+        .request_with_id(
+            Endpoint::StockReceive,
+            json!({"sku": "A1", "qty": 4}),
+            "second",
+        )
+        .await;
+    assert_eq!(
+        retried,
+        json!({"ok": true, "sku": "A1", "version": 3, "seq": seqs[1]})
+    );
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        4 + probes,
+        "before, the batch of two, after and the probe"
+    );
+}
+
+#[tokio::test]
 async fn a_run_that_died_before_appending_is_run_again() {
     let engine = Engine::start().await;
     let body = br#"{"sku":"A1","qty":4}"#;

@@ -120,3 +120,45 @@ async fn a_killed_owners_partitions_are_served_again_within_five_seconds() {
         "the survivor owns every partition: {survivor:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_for_one_partition_are_stored_together_in_atomic_batches() {
+    let engine = Engine::start().await;
+    let receive = json!({"sku": "HOT", "qty": 1000});
+    assert_eq!(
+        outcome(&engine.request(Endpoint::StockReceive, receive).await),
+        "ok"
+    );
+    let engine = &engine;
+    let replies: Vec<String> = futures::stream::iter(0..300)
+        .map(|i| async move {
+            let reserve = json!({"sku": "HOT", "order_id": format!("o-{i}"), "qty": 1});
+            outcome(&engine.request(Endpoint::StockReserve, reserve).await)
+        })
+        .buffer_unordered(300)
+        .collect()
+        .await;
+    assert!(replies.iter().all(|reply| reply == "ok"), "{replies:?}");
+
+    let stored = engine.stored(ordo_eventstore::StreamId::Stock.name()).await;
+    let versions: Vec<u64> = stored.iter().map(|event| event.envelope.version).collect();
+    assert_eq!(versions, (1..=301).collect::<Vec<_>>(), "no gap, no fork");
+    // The receive, and a reserve that found the queue empty, were stored on their own; the
+    // others with the reserves queued behind them.
+    let mut batches: Vec<String> = stored
+        .iter()
+        .filter_map(|event| event.headers.get(ordo_eventstore::store::BATCH_HEADER))
+        .map(|batch| batch.as_str().to_owned())
+        .collect();
+    assert!(
+        batches.len() >= 250,
+        "{} of 300 reserves in batches",
+        batches.len()
+    );
+    batches.dedup();
+    assert!(
+        batches.len() <= 100,
+        "300 reserves in flight at once went in {} batches",
+        batches.len()
+    );
+}

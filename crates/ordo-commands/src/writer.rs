@@ -1,0 +1,564 @@
+//! The partition's writer: group commit. The owner of a partition takes the commands queued for
+//! it as one batch and settles them with three round trips, whatever their number:
+//!
+//! 1. the outcome records of every command id, in one batch get;
+//! 2. each command decided in memory, in arrival order, on the state its aggregate has after the
+//!    batch's earlier commands; then, all sent at once, the records of those that append
+//!    (`appending`, naming the aggregate's sequence before the batch) and of the refusals that
+//!    are final;
+//! 3. the events, all sent at once: an aggregate's one event on its own, conditional on that
+//!    sequence; an aggregate's several events in one JetStream atomic batch, the first
+//!    conditional on it, each carrying the batch's id ([`BATCH_HEADER`]).
+//!
+//! It is the [`CommandHandler`]'s protocol, batched: a record says what its append expected
+//! before the append is sent, so a run whose answer was lost, or whose process died, is resolved
+//! by the next copy of the command exactly as a single append is (the handler reads the atomic
+//! batch that followed the expected sequence). Anything out of the ordinary — a repeat of a
+//! command that may still be landing, two copies in one batch, a refusal on a state that no
+//! append of this owner has confirmed, a write refused or unanswered — goes to the handler, one
+//! command at a time, after the batch.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::Utc;
+use futures::future::join_all;
+use ordo_contract::{ErrorCode, Reply};
+use ordo_domain::Aggregate;
+use ordo_eventstore::{
+    EventEnvelope, Repository, StreamId, aggregate_subject,
+    publish::{BatchMessage, atomic_publish, conditional_publish},
+    store::BATCH_HEADER,
+};
+use tracing::Instrument;
+
+use crate::{
+    handler::{self, CommandHandler},
+    intake::Command,
+    outcomes::{OutcomeRecord, OutcomeState},
+    routing::Job,
+};
+
+/// Commands settled together at most.
+pub const MAX_BATCH: usize = 256;
+/// Aggregates remembered as confirmed, at most.
+const MAX_CONFIRMED: usize = 100_000;
+/// How long a batch's writes may take before their outcome counts as unknown.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One partition's writer, for as long as its owner holds the partition.
+pub struct Writer {
+    handler: Arc<CommandHandler>,
+    /// Whether each event stream (orders, stock) takes atomic batches; without, an aggregate's
+    /// second command of a batch runs on its own, after it.
+    atomic: (bool, bool),
+    /// Aggregates whose cached state an append of this writer confirmed: a refusal decided on
+    /// it needs no other check. (Any other state may be behind the stream: a refusal on it is
+    /// checked against the stream leader by the handler.)
+    confirmed: HashSet<String>,
+}
+
+/// What a command came to in memory.
+enum Decided<A: Aggregate> {
+    Append {
+        job: Job,
+        revision: u64,
+        aggregate_id: String,
+        event: A::Event,
+    },
+    Refuse {
+        job: Job,
+        reply: Reply,
+        /// The record to write first (`None`: the refusal is not final, nothing is recorded).
+        record_at: Option<u64>,
+    },
+}
+
+impl Writer {
+    pub fn new(handler: Arc<CommandHandler>) -> Self {
+        let store = handler.store();
+        let atomic = (
+            store.allows_atomic_batches(StreamId::Orders.name()),
+            store.allows_atomic_batches(StreamId::Stock.name()),
+        );
+        if atomic != (true, true) {
+            tracing::warn!(
+                "the event streams do not take atomic batches (allow_atomic): an aggregate's \
+                 commands are stored one at a time; `ordo streams apply` sets it"
+            );
+        }
+        Self {
+            handler,
+            atomic,
+            confirmed: HashSet::new(),
+        }
+    }
+
+    /// Settles `jobs` and answers each.
+    pub async fn commit(&mut self, jobs: Vec<Job>) {
+        let mut alone = Vec::new();
+        let fresh = self.sort_out(jobs, &mut alone).await;
+        let (mut orders, mut stock) = (Vec::new(), Vec::new());
+        for (job, revision) in fresh {
+            match job.request.command {
+                Command::Order(_) => orders.push((job, revision)),
+                Command::Stock(_) => stock.push((job, revision)),
+            }
+        }
+        let handler = self.handler.clone();
+        let (order_leftovers, stock_leftovers) = {
+            let confirmed = &self.confirmed;
+            tokio::join!(
+                commit_category(
+                    &handler.orders,
+                    &handler,
+                    confirmed,
+                    self.atomic.0,
+                    orders,
+                    |command| {
+                        match command {
+                            Command::Order(command) => Some(command),
+                            Command::Stock(_) => None,
+                        }
+                    }
+                ),
+                commit_category(
+                    &handler.stock,
+                    &handler,
+                    confirmed,
+                    self.atomic.1,
+                    stock,
+                    |command| {
+                        match command {
+                            Command::Stock(command) => Some(command),
+                            Command::Order(_) => None,
+                        }
+                    }
+                ),
+            )
+        };
+        if self.confirmed.len() > MAX_CONFIRMED {
+            // Forgotten: a refusal on one of them is checked by the handler once more.
+            self.confirmed.clear();
+        }
+        for settled in [&order_leftovers, &stock_leftovers] {
+            self.confirmed.extend(settled.confirmed.iter().cloned());
+            for id in &settled.unconfirmed {
+                self.confirmed.remove(id);
+            }
+        }
+        alone.extend(order_leftovers.alone);
+        alone.extend(stock_leftovers.alone);
+        run_alone(&self.handler, alone).await;
+    }
+
+    /// Answers the commands whose records settle them (a final refusal, a command id reused),
+    /// keeps back those that need the handler, and returns the fresh ones with their records'
+    /// revisions.
+    async fn sort_out(&self, jobs: Vec<Job>, alone: &mut Vec<Job>) -> Vec<(Job, u64)> {
+        let mut seen = HashSet::new();
+        let mut leaders = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if seen.insert(job.request.command_id.clone()) {
+                leaders.push(job);
+            } else {
+                // A copy of a command in this batch: it finds the first copy's record after.
+                alone.push(job);
+            }
+        }
+        let ids: Vec<&str> = leaders
+            .iter()
+            .map(|job| job.request.command_id.as_str())
+            .collect();
+        let records = match self.handler.outcomes.get_many(&ids).await {
+            Ok(records) => records,
+            Err(err) => {
+                tracing::debug!(%err, "outcome records not read in a batch; one at a time");
+                alone.extend(leaders);
+                return Vec::new();
+            }
+        };
+        let mut fresh = Vec::with_capacity(leaders.len());
+        for job in leaders {
+            match records.get(&job.request.command_id) {
+                None => fresh.push((job, 0)),
+                // Unreadable: overwritten, as the handler does.
+                Some((revision, None)) => fresh.push((job, *revision)),
+                Some((_, Some(record))) if record.fingerprint != job.request.fingerprint => {
+                    let reply = handler::reused_id(&job.request);
+                    let _ = job.reply.send(reply);
+                }
+                Some((
+                    _,
+                    Some(OutcomeRecord {
+                        state: OutcomeState::Rejected { reply },
+                        ..
+                    }),
+                )) => {
+                    let _ = job.reply.send(reply.clone());
+                }
+                // Appended earlier, or may still be: the handler finds out which.
+                Some((_, Some(_))) => alone.push(job),
+            }
+        }
+        fresh
+    }
+}
+
+/// What a category's batch left: commands for the handler, and what it learnt of its
+/// aggregates' cached states.
+struct Leftovers {
+    alone: Vec<Job>,
+    confirmed: Vec<String>,
+    unconfirmed: Vec<String>,
+}
+
+async fn commit_category<A: Aggregate>(
+    repository: &Repository<A>,
+    handler: &CommandHandler,
+    confirmed: &HashSet<String>,
+    atomic: bool,
+    jobs: Vec<(Job, u64)>,
+    command_of: impl Fn(&Command) -> Option<&A::Command>,
+) -> Leftovers {
+    let mut leftovers = Leftovers {
+        alone: Vec::new(),
+        confirmed: Vec::new(),
+        unconfirmed: Vec::new(),
+    };
+    if jobs.is_empty() {
+        return leftovers;
+    }
+    // Every aggregate once, from the cache or the stream.
+    let mut ids: Vec<String> = jobs
+        .iter()
+        .map(|(job, _)| job.request.aggregate().as_str().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let loads = join_all(ids.iter().map(|id| repository.load(id))).await;
+    let mut before = HashMap::new();
+    for (id, loaded) in ids.into_iter().zip(loads) {
+        if let Ok(loaded) = loaded {
+            before.insert(id, loaded);
+        }
+    }
+
+    // Decide in arrival order, each on the state after the batch's earlier events.
+    let mut states: HashMap<String, A::State> = before
+        .iter()
+        .map(|(id, loaded)| (id.clone(), loaded.state.clone()))
+        .collect();
+    let mut appending: HashSet<String> = HashSet::new();
+    let mut decided: Vec<Decided<A>> = Vec::with_capacity(jobs.len());
+    for (job, revision) in jobs {
+        let aggregate_id = job.request.aggregate().as_str().to_owned();
+        let (Some(state), Some(command)) =
+            (states.get(&aggregate_id), command_of(&job.request.command))
+        else {
+            leftovers.alone.push(job);
+            continue;
+        };
+        if job.request.void_if_not_run {
+            let reply = handler::voided(&job.request);
+            decided.push(Decided::Refuse {
+                job,
+                reply,
+                record_at: Some(revision),
+            });
+            continue;
+        }
+        if !atomic && appending.contains(&aggregate_id) {
+            // Its events could not be stored together.
+            leftovers.alone.push(job);
+            continue;
+        }
+        match A::decide(state, command) {
+            Ok(event) => {
+                let next = A::evolve(state.clone(), &event);
+                states.insert(aggregate_id.clone(), next);
+                appending.insert(aggregate_id.clone());
+                decided.push(Decided::Append {
+                    job,
+                    revision,
+                    aggregate_id,
+                    event,
+                });
+            }
+            Err(rejection) => {
+                let in_batch = appending.contains(&aggregate_id);
+                let final_refusal = job.request.explicit_id;
+                // Refused on a state that may be behind the stream, or recorded as final on
+                // one that holds events not stored yet: the handler decides it after the batch.
+                if (!in_batch && !confirmed.contains(&aggregate_id)) || (in_batch && final_refusal)
+                {
+                    leftovers.alone.push(job);
+                    continue;
+                }
+                let reply = Reply::refused(ErrorCode::from(&rejection), &rejection);
+                decided.push(Decided::Refuse {
+                    job,
+                    reply,
+                    record_at: final_refusal.then_some(revision),
+                });
+            }
+        }
+    }
+
+    // The records first: each says what its append expects, or that its refusal is final.
+    let records: Vec<(OutcomeRecord, u64)> = decided
+        .iter()
+        .filter_map(|decided| {
+            let (job, state, revision) = match decided {
+                Decided::Append {
+                    job,
+                    revision,
+                    aggregate_id,
+                    ..
+                } => (
+                    job,
+                    OutcomeState::Appending {
+                        category: A::CATEGORY.to_owned(),
+                        aggregate_id: aggregate_id.clone(),
+                        expected_last_seq: before[aggregate_id].last_seq,
+                    },
+                    *revision,
+                ),
+                Decided::Refuse {
+                    job,
+                    reply,
+                    record_at: Some(revision),
+                } => (
+                    job,
+                    OutcomeState::Rejected {
+                        reply: reply.clone(),
+                    },
+                    *revision,
+                ),
+                Decided::Refuse { .. } => return None,
+            };
+            let record = OutcomeRecord {
+                command_id: job.request.command_id.clone(),
+                fingerprint: job.request.fingerprint.clone(),
+                state,
+            };
+            Some((record, revision))
+        })
+        .collect();
+    let written = join_all(
+        records
+            .iter()
+            .map(|(record, revision)| handler.outcomes.put(record, *revision)),
+    )
+    .await;
+    if let Some(Err(err)) = written.into_iter().find(Result::is_err) {
+        // Some command id has a record after all (a copy ran meanwhile), or a record's fate is
+        // unknown: every command of the batch runs on its own.
+        tracing::debug!(%err, "a batch's outcome records were not all written; one at a time");
+        leftovers
+            .alone
+            .extend(decided.into_iter().map(Decided::into_job));
+        return leftovers;
+    }
+
+    // Then the events: an aggregate's one event on its own, conditional on the aggregate's last
+    // sequence; an aggregate's several events in one atomic batch, the first conditional on it.
+    let batch_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut events: HashMap<&str, Vec<BatchMessage>> = HashMap::new();
+    for decided in &decided {
+        let Decided::Append {
+            job,
+            aggregate_id,
+            event,
+            ..
+        } = decided
+        else {
+            continue;
+        };
+        let loaded = &before[aggregate_id];
+        let of_aggregate = events.entry(aggregate_id).or_default();
+        let version = loaded.version + 1 + of_aggregate.len() as u64;
+        let metadata = &job.metadata;
+        let envelope = EventEnvelope::new(aggregate_id, version, event, metadata, Utc::now());
+        let mut headers = envelope.headers(metadata);
+        headers.insert("Nats-Msg-Id", metadata.command_id.as_str());
+        if of_aggregate.is_empty() {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                loaded.last_seq.to_string().as_str(),
+            );
+        }
+        of_aggregate.push(BatchMessage {
+            subject: aggregate_subject(A::CATEGORY, aggregate_id),
+            headers,
+            payload: envelope.to_bytes().into(),
+        });
+    }
+    let started = std::time::Instant::now();
+    let client = handler.store().client();
+    let mut together = Vec::new();
+    let mut alone_writes = Vec::new();
+    for (aggregate_id, mut messages) in events {
+        if messages.len() == 1 {
+            let message = messages.pop().expect("one message");
+            let expected = before[aggregate_id].last_seq;
+            alone_writes.push(async move {
+                let stored = conditional_publish(
+                    client,
+                    &message.subject,
+                    message.headers.clone(),
+                    message.payload,
+                    message
+                        .headers
+                        .get("Nats-Msg-Id")
+                        .map_or("", |id| id.as_str()),
+                    expected,
+                    WRITE_TIMEOUT,
+                )
+                .await;
+                let seqs = match stored {
+                    Ok(appended) if !appended.duplicate => Ok(vec![appended.seq]),
+                    Ok(_) => Err("already stored under its id".to_owned()),
+                    Err(err) => Err(err.to_string()),
+                };
+                (vec![aggregate_id], seqs)
+            });
+        } else {
+            for message in &mut messages {
+                message.headers.insert(BATCH_HEADER, batch_id.as_str());
+            }
+            together.push((aggregate_id, messages));
+        }
+    }
+    let batched = async {
+        if together.is_empty() {
+            return None;
+        }
+        let ids: Vec<&str> = together.iter().map(|(id, _)| *id).collect();
+        let counts: Vec<usize> = together
+            .iter()
+            .map(|(_, messages)| messages.len())
+            .collect();
+        let messages = together
+            .into_iter()
+            .flat_map(|(_, messages)| messages)
+            .collect();
+        let stored = atomic_publish(client, messages, WRITE_TIMEOUT)
+            .await
+            .map_err(|err| err.to_string());
+        Some((ids, counts, stored))
+    };
+    let (singles, batched) = tokio::join!(join_all(alone_writes), batched);
+    metrics::histogram!("ordo_append_duration_seconds", "category" => A::CATEGORY)
+        .record(started.elapsed().as_secs_f64());
+
+    // Each aggregate's events in order, with their sequences, or why they were not stored.
+    let mut stored: HashMap<&str, Result<Vec<u64>, String>> = HashMap::new();
+    for (ids, seqs) in singles {
+        stored.insert(ids[0], seqs);
+    }
+    if let Some((ids, counts, seqs)) = batched {
+        let mut seqs = seqs.map(Vec::into_iter);
+        for (id, count) in ids.into_iter().zip(counts) {
+            let of_aggregate = match &mut seqs {
+                Ok(seqs) => Ok(seqs.by_ref().take(count).collect()),
+                Err(err) => Err(err.clone()),
+            };
+            stored.insert(id, of_aggregate);
+        }
+    }
+    let (mut appended, mut failed) = (0, 0);
+    let mut outcome: HashMap<String, Result<std::vec::IntoIter<u64>, String>> = HashMap::new();
+    for (id, seqs) in stored {
+        match &seqs {
+            Ok(seqs) => appended += seqs.len(),
+            Err(_) => failed += 1,
+        }
+        outcome.insert(id.to_owned(), seqs.map(Vec::into_iter));
+    }
+    metrics::counter!("ordo_appends_total", "category" => A::CATEGORY, "outcome" => "appended")
+        .increment(appended as u64);
+    if failed > 0 {
+        metrics::counter!("ordo_appends_total", "category" => A::CATEGORY, "outcome" => "failed")
+            .increment(failed as u64);
+    }
+
+    // What was stored is cached and answered; what was not (and every refusal decided on a
+    // state that held it) runs on its own.
+    let mut replies = Vec::with_capacity(decided.len());
+    let mut folded: HashMap<String, Vec<(A::Event, u64)>> = HashMap::new();
+    for decided in decided {
+        let aggregate_id = decided.job().request.aggregate().as_str().to_owned();
+        match (outcome.get_mut(&aggregate_id), decided) {
+            (Some(Err(err)), decided) => {
+                tracing::debug!(aggregate_id, %err, "events not stored; running on its own");
+                leftovers.alone.push(decided.into_job());
+            }
+            (
+                Some(Ok(seqs)),
+                Decided::Append {
+                    job,
+                    aggregate_id,
+                    event,
+                    ..
+                },
+            ) => {
+                let seq = seqs.next().expect("a sequence for every event");
+                let history = folded.entry(aggregate_id.clone()).or_default();
+                history.push((event, seq));
+                let version = before[&aggregate_id].version + history.len() as u64;
+                let reply = Reply::accepted(job.request.aggregate(), version, seq);
+                replies.push((job, reply));
+            }
+            (_, Decided::Refuse { job, reply, .. }) => replies.push((job, reply)),
+            (None, decided) => leftovers.alone.push(decided.into_job()),
+        }
+    }
+    for (id, result) in &outcome {
+        if result.is_err() {
+            repository.invalidate(id).await;
+            leftovers.unconfirmed.push(id.clone());
+        }
+    }
+    for (id, history) in folded {
+        let Some(loaded) = before.remove(&id) else {
+            continue;
+        };
+        let events: Vec<(&A::Event, u64)> = history.iter().map(|(e, s)| (e, *s)).collect();
+        repository.appended(&id, loaded, &events).await;
+        leftovers.confirmed.push(id);
+    }
+    for (job, reply) in replies {
+        let _ = job.reply.send(reply);
+    }
+    leftovers
+}
+
+impl<A: Aggregate> Decided<A> {
+    fn job(&self) -> &Job {
+        match self {
+            Self::Append { job, .. } | Self::Refuse { job, .. } => job,
+        }
+    }
+
+    fn into_job(self) -> Job {
+        match self {
+            Self::Append { job, .. } | Self::Refuse { job, .. } => job,
+        }
+    }
+}
+
+/// Runs each command on its own, through the handler, and answers it.
+async fn run_alone(handler: &CommandHandler, jobs: Vec<Job>) {
+    join_all(jobs.into_iter().map(|job| async move {
+        let reply = handler
+            .execute(&job.request, &job.metadata)
+            .instrument(job.span)
+            .await;
+        let _ = job.reply.send(reply);
+    }))
+    .await;
+}
