@@ -30,7 +30,7 @@ use crate::{
 /// The subjects commands are forwarded on: `ordo.partition.<partition>.<owner>.<endpoint>`.
 pub const FORWARD_PREFIX: &str = "ordo.partition";
 /// How long an intake waits for the owner's answer to a command it forwarded.
-pub const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long an intake waits for a moving partition's next owner before it answers
 /// `unavailable`.
 pub const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -161,6 +161,7 @@ impl Router {
     pub async fn own(self: Arc<Self>, grant: Grant, handler: Arc<CommandHandler>) {
         let partition = grant.partition;
         let (sender, mut jobs) = mpsc::channel::<Job>(QUEUED_PER_PARTITION);
+        let mine = sender.clone();
         self.here
             .write()
             .expect("not poisoned")
@@ -189,7 +190,17 @@ impl Router {
             }
             writer.commit(batch).await;
         }
-        self.here.write().expect("not poisoned").remove(&partition);
+        {
+            // Unless the partition was granted again meanwhile, and a newer loop serves it.
+            let mut here = self.here.write().expect("not poisoned");
+            if here
+                .get(&partition)
+                .is_some_and(|sender| sender.same_channel(&mine))
+            {
+                here.remove(&partition);
+            }
+        }
+        drop(mine);
         jobs.close();
         while let Ok(job) = jobs.try_recv() {
             let _ = job.reply.send(moving(partition));

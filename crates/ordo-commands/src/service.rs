@@ -87,8 +87,9 @@ struct Serving {
     shed: Arc<AtomicU64>,
     limiter: Option<CustomerLimiter>,
     router: Arc<Router>,
-    /// Requests handled at once by this instance.
-    limit: Arc<Semaphore>,
+    /// Commands forwarded to this instance handled at once: apart from the intake's limit, so
+    /// that two instances whose intakes wait on each other's owners cannot starve both.
+    forwarded_limit: Arc<Semaphore>,
 }
 
 impl Serving {
@@ -330,7 +331,7 @@ impl CommandService {
             shed,
             limiter,
             router,
-            limit: limit.clone(),
+            forwarded_limit: Arc::new(Semaphore::new(config.max_in_flight)),
         });
         // Commands forwarded here by other instances, until the ownership has been left.
         let (stop_forwarded, forwarding_stopped) = oneshot::channel::<()>();
@@ -357,11 +358,23 @@ impl CommandService {
                     };
                     let Some((_, endpoint)) = routing::parse_forward_subject(&message.subject)
                     else {
-                        tracing::warn!(subject = %message.subject, "dropped a forwarded command on an unknown subject");
+                        // From an instance of another version, say: answered, so that it does
+                        // not wait out its timeout.
+                        tracing::warn!(subject = %message.subject, "a forwarded command on an unknown subject");
+                        if let Some(reply_to) = message.reply {
+                            let refusal = Reply::refused(
+                                ErrorCode::Unavailable,
+                                "this instance does not serve that subject",
+                            );
+                            let _ = serving
+                                .client
+                                .publish(reply_to, refusal.to_bytes().into())
+                                .await;
+                        }
                         continue;
                     };
                     let permit = serving
-                        .limit
+                        .forwarded_limit
                         .clone()
                         .acquire_owned()
                         .await
@@ -435,7 +448,18 @@ impl CommandService {
                  dropped unrun, for their senders to retry"
             );
         }
-        while in_flight.join_next().await.is_some() {}
+        // Those waiting on another instance's owner wait at most the drain limit once more.
+        let finished = tokio::time::timeout(config.drain_limit, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            tracing::warn!(
+                in_flight = in_flight.len(),
+                "requests still waiting on their owners are left unanswered, for their senders to retry"
+            );
+            in_flight.abort_all();
+        }
         // Hands every partition on: each owner answers what is queued with `unavailable` and a
         // retry delay, finishes what runs, and its lease is deleted so that the next owner takes
         // it at once. Commands forwarded here meanwhile are still served, or told to retry.
@@ -571,11 +595,23 @@ impl Serving {
                         reply,
                         span: tracing::Span::current(),
                     };
-                    if jobs.send(job).await.is_ok()
-                        && let Ok(reply) = replied.await
-                        && reply != routing::moving(partition)
-                    {
-                        return Handled::Answer(reply);
+                    // Not queued, or answered `moving`: it did not run, and goes to the next owner.
+                    if jobs.send(job).await.is_ok() {
+                        match replied.await {
+                            Ok(reply) if reply == routing::moving(partition) => {}
+                            Ok(reply) => return Handled::Answer(reply),
+                            // The owner stopped while it ran: it may have happened.
+                            Err(_) => {
+                                return Handled::Answer(Reply::refused(
+                                    ErrorCode::Unavailable,
+                                    format!(
+                                        "the owner of partition {partition} stopped while it ran \
+                                         the command, which may or may not have happened; send \
+                                         it again with the same command id to learn which"
+                                    ),
+                                ));
+                            }
+                        }
                     }
                 }
                 // Sent on once only: an owner that no longer holds the partition says so. The

@@ -10,13 +10,17 @@
 //!    sequence; an aggregate's several events in one JetStream atomic batch, the first
 //!    conditional on it, each carrying the batch's id ([`BATCH_HEADER`]).
 //!
+//! A refusal on a state the batch did not change is sent only once the stream leader says that
+//! state is current (one request per such aggregate): the cache, or a replica that answered a
+//! load, may be behind.
+//!
 //! It is the [`CommandHandler`]'s protocol, batched: a record says what its append expected
 //! before the append is sent, so a run whose answer was lost, or whose process died, is resolved
 //! by the next copy of the command exactly as a single append is (the handler reads the atomic
 //! batch that followed the expected sequence). Anything out of the ordinary — a repeat of a
-//! command that may still be landing, two copies in one batch, a refusal on a state that no
-//! append of this owner has confirmed, a write refused or unanswered — goes to the handler, one
-//! command at a time, after the batch.
+//! command that may still be landing, two copies in one batch, a refusal on a state that is not
+//! the leader's, a write refused or unanswered — goes to the handler, one command at a time,
+//! after the batch.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -44,8 +48,6 @@ use crate::{
 
 /// Commands settled together at most.
 pub const MAX_BATCH: usize = 256;
-/// Aggregates remembered as confirmed, at most.
-const MAX_CONFIRMED: usize = 100_000;
 /// How long a batch's writes may take before their outcome counts as unknown.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -55,10 +57,6 @@ pub struct Writer {
     /// Whether each event stream (orders, stock) takes atomic batches; without, an aggregate's
     /// second command of a batch runs on its own, after it.
     atomic: (bool, bool),
-    /// Aggregates whose cached state an append of this writer confirmed: a refusal decided on
-    /// it needs no other check. (Any other state may be behind the stream: a refusal on it is
-    /// checked against the stream leader by the handler.)
-    confirmed: HashSet<String>,
 }
 
 /// What a command came to in memory.
@@ -90,11 +88,7 @@ impl Writer {
                  commands are stored one at a time; `ordo streams apply` sets it"
             );
         }
-        Self {
-            handler,
-            atomic,
-            confirmed: HashSet::new(),
-        }
+        Self { handler, atomic }
     }
 
     /// Settles `jobs` and answers each.
@@ -110,12 +104,10 @@ impl Writer {
         }
         let handler = self.handler.clone();
         let (order_leftovers, stock_leftovers) = {
-            let confirmed = &self.confirmed;
             tokio::join!(
                 commit_category(
                     &handler.orders,
                     &handler,
-                    confirmed,
                     self.atomic.0,
                     orders,
                     |command| {
@@ -125,31 +117,14 @@ impl Writer {
                         }
                     }
                 ),
-                commit_category(
-                    &handler.stock,
-                    &handler,
-                    confirmed,
-                    self.atomic.1,
-                    stock,
-                    |command| {
-                        match command {
-                            Command::Stock(command) => Some(command),
-                            Command::Order(_) => None,
-                        }
+                commit_category(&handler.stock, &handler, self.atomic.1, stock, |command| {
+                    match command {
+                        Command::Stock(command) => Some(command),
+                        Command::Order(_) => None,
                     }
-                ),
+                }),
             )
         };
-        if self.confirmed.len() > MAX_CONFIRMED {
-            // Forgotten: a refusal on one of them is checked by the handler once more.
-            self.confirmed.clear();
-        }
-        for settled in [&order_leftovers, &stock_leftovers] {
-            self.confirmed.extend(settled.confirmed.iter().cloned());
-            for id in &settled.unconfirmed {
-                self.confirmed.remove(id);
-            }
-        }
         alone.extend(order_leftovers.alone);
         alone.extend(stock_leftovers.alone);
         run_alone(&self.handler, alone).await;
@@ -208,27 +183,19 @@ impl Writer {
     }
 }
 
-/// What a category's batch left: commands for the handler, and what it learnt of its
-/// aggregates' cached states.
+/// What a category's batch left: commands for the handler.
 struct Leftovers {
     alone: Vec<Job>,
-    confirmed: Vec<String>,
-    unconfirmed: Vec<String>,
 }
 
 async fn commit_category<A: Aggregate>(
     repository: &Repository<A>,
     handler: &CommandHandler,
-    confirmed: &HashSet<String>,
     atomic: bool,
     jobs: Vec<(Job, u64)>,
     command_of: impl Fn(&Command) -> Option<&A::Command>,
 ) -> Leftovers {
-    let mut leftovers = Leftovers {
-        alone: Vec::new(),
-        confirmed: Vec::new(),
-        unconfirmed: Vec::new(),
-    };
+    let mut leftovers = Leftovers { alone: Vec::new() };
     if jobs.is_empty() {
         return leftovers;
     }
@@ -291,10 +258,9 @@ async fn commit_category<A: Aggregate>(
             Err(rejection) => {
                 let in_batch = appending.contains(&aggregate_id);
                 let final_refusal = job.request.explicit_id;
-                // Refused on a state that may be behind the stream, or recorded as final on
-                // one that holds events not stored yet: the handler decides it after the batch.
-                if (!in_batch && !confirmed.contains(&aggregate_id)) || (in_batch && final_refusal)
-                {
+                // Recorded as final on a state that holds events not stored yet: the handler
+                // decides it after the batch.
+                if in_batch && final_refusal {
                     leftovers.alone.push(job);
                     continue;
                 }
@@ -305,6 +271,46 @@ async fn commit_category<A: Aggregate>(
                     record_at: final_refusal.then_some(revision),
                 });
             }
+        }
+    }
+
+    // A refusal on a state this batch did not change stands only if that state is the stream
+    // leader's: the cache, or a replica that answered a load, may be behind.
+    let refused_on_loaded: HashSet<String> = decided
+        .iter()
+        .filter_map(|decided| match decided {
+            Decided::Refuse { job, .. } => {
+                let id = job.request.aggregate().as_str().to_owned();
+                (!appending.contains(&id)).then_some(id)
+            }
+            Decided::Append { .. } => None,
+        })
+        .collect();
+    if !refused_on_loaded.is_empty() {
+        let stream = ordo_eventstore::stream_of::<A>();
+        let before = &before;
+        let checks = join_all(refused_on_loaded.iter().map(|id| async move {
+            let subject = aggregate_subject(A::CATEGORY, id);
+            let leader = handler.store().last_seq_from_leader(stream, &subject).await;
+            (id, leader.ok() == Some(before[id].last_seq))
+        }))
+        .await;
+        let behind: HashSet<&String> = checks
+            .into_iter()
+            .filter_map(|(id, current)| (!current).then_some(id))
+            .collect();
+        if !behind.is_empty() {
+            for id in &behind {
+                repository.invalidate(id).await;
+            }
+            let (stale, kept): (Vec<_>, Vec<_>) = decided.into_iter().partition(|decided| {
+                matches!(decided, Decided::Refuse { job, .. }
+                    if behind.contains(&job.request.aggregate().as_str().to_owned()))
+            });
+            leftovers
+                .alone
+                .extend(stale.into_iter().map(Decided::into_job));
+            decided = kept;
         }
     }
 
@@ -520,7 +526,6 @@ async fn commit_category<A: Aggregate>(
     for (id, result) in &outcome {
         if result.is_err() {
             repository.invalidate(id).await;
-            leftovers.unconfirmed.push(id.clone());
         }
     }
     for (id, history) in folded {
@@ -529,7 +534,6 @@ async fn commit_category<A: Aggregate>(
         };
         let events: Vec<(&A::Event, u64)> = history.iter().map(|(e, s)| (e, *s)).collect();
         repository.appended(&id, loaded, &events).await;
-        leftovers.confirmed.push(id);
     }
     for (job, reply) in replies {
         let _ = job.reply.send(reply);

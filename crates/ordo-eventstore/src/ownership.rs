@@ -2,22 +2,24 @@
 //! instances of a group by rendezvous hashing, and moved when an instance joins, leaves or dies.
 //!
 //! Keys, per group (`commands`, …):
-//! - `<group>.members.<instance>`: each instance's heartbeat, put every `renew_every`.
+//! - `<group>.members.<instance>`: each instance's heartbeat, put four times per `renew_every`.
 //! - `<group>.owners.<partition>`: the instance that holds the partition's lease, renewed by an
 //!   update conditional on its revision every `renew_every`.
 //!
-//! A member that stops renewing is dead once a lease has passed, or sooner: after a missed
-//! heartbeat, a member that has no subscriber on its liveness subject
-//! (`ordo.ownership.<group>.<instance>`, answered by every live member) has lost its NATS
-//! connection, as a killed process does, and its partitions are taken at once.
+//! A member that stops renewing is dead once a lease has passed, or sooner: once three
+//! heartbeats are missed (or a request to it found no responders), a member that has no
+//! subscriber on its liveness subject (`ordo.ownership.<group>.<instance>`, answered by every
+//! live member) has lost its NATS connection, as a killed process does, and its partitions are
+//! taken at once. A member whose connection only dropped for a moment is taken for dead too; it
+//! may still finish what it was doing, and gets partitions back by the usual hand-over.
 //!
 //! Every duration is measured on one clock only. An observer counts a member or a lease as dead
-//! once its revision has not changed for `lease` since the observer *saw* it change; an owner
-//! stops acting once `lease - margin` has passed since it *sent* its last renewal that
-//! succeeded. That renewal was sent before anyone could see it, so the owner stops before anyone
-//! takes over. A lease keeps owners from fighting and makes the common case conflict-free; what
-//! keeps a stale owner from ever writing is the conditional append of every write (expected last
-//! subject sequence), which the lease does not replace.
+//! once its revision has not changed for `lease` since the observer *saw* it change; a grant is
+//! no longer valid once `lease - margin` has passed since its owner *sent* its last renewal that
+//! succeeded, which is before anyone could see that renewal. A lease keeps owners from fighting
+//! and makes the common case conflict-free; it does not keep a stale owner from writing (one
+//! taken for dead, one finishing a batch as its grant runs out). What does is the conditional
+//! append of every write (expected last subject sequence), which the lease does not replace.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -198,6 +200,7 @@ impl Ownership {
             released_tx,
             released_rx,
             suspected,
+            own_heartbeat_seen: Instant::now(),
             epochs: 0,
         };
         leases.heartbeat().await?;
@@ -309,6 +312,8 @@ struct Leases {
     released_rx: mpsc::UnboundedReceiver<(u32, u64)>,
     /// Members some request found gone.
     suspected: mpsc::UnboundedReceiver<String>,
+    /// When this member's own heartbeat last came back through the watch.
+    own_heartbeat_seen: Instant,
     epochs: u64,
 }
 
@@ -345,7 +350,16 @@ impl Leases {
             };
             tokio::select! {
                 _ = &mut stop => break,
-                _ = tick.tick() => self.tick().await,
+                _ = tick.tick() => {
+                    self.tick().await;
+                    // This member's own heartbeats come back through the watch; when they stop
+                    // coming, the watch has gone quiet (a reconnect it did not survive).
+                    if self.own_heartbeat_seen.elapsed() > self.config.lease {
+                        tracing::warn!("the watch of the partition leases went quiet; opening it again");
+                        self.own_heartbeat_seen = Instant::now();
+                        watch = None;
+                    }
+                }
                 Some(ping) = self.liveness.next() => {
                     if let Some(reply) = ping.reply {
                         let _ = self.client.publish(reply, Bytes::new()).await;
@@ -389,6 +403,9 @@ impl Leases {
                 .is_some_and(|seen| seen.revision == entry.revision);
             if !unchanged {
                 if let Some(member) = self.member_of_key(&entry.key) {
+                    if member == self.me {
+                        self.own_heartbeat_seen = Instant::now();
+                    }
                     self.dead.remove(member);
                 }
                 self.view.insert(

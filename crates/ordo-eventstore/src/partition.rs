@@ -1,9 +1,9 @@
 //! Partitions: every aggregate belongs to one of a fixed number of partitions, by a hash of its id.
 //!
-//! The NATS server computes the partition where it stores an event (the event streams' subject
-//! transform, `{{partition(n,1)}}`, in streams/); ordo computes the same function where the server
-//! cannot (a command's aggregate id is in its body, not its subject). [`partition_of`] is the
-//! server's function, and a test against a running server keeps the two the same.
+//! [`partition_of`] is nats-server's own `partition(n, 1)` subject-mapping function, so that a
+//! stream split by the server (a subject transform `{{partition(n,1)}}`) puts each aggregate in
+//! the partition ordo gives it. ordo needs it where the server cannot compute it: a command's
+//! aggregate id is in its body, not its subject.
 
 /// A partition number, `0..count`.
 pub type Partition = u32;

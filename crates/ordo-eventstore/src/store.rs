@@ -137,6 +137,61 @@ pub struct EventStore {
     created: Arc<HashMap<String, chrono::DateTime<Utc>>>,
     snapshots: Option<Stream>,
     request_timeout: Duration,
+    /// The one subscription that batch gets' answers come in on, made at the first.
+    batch_gets: Arc<tokio::sync::OnceCell<BatchGets>>,
+}
+
+/// Where the answers of batch direct gets arrive: one subscription for all of them (a
+/// subscription per request would have the server change its interest on every batch), each
+/// request's answers told apart by the last token of its reply subject.
+struct BatchGets {
+    inbox: String,
+    next: std::sync::atomic::AtomicU64,
+    waiting: Arc<
+        std::sync::Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<async_nats::Message>>>,
+    >,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for BatchGets {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl BatchGets {
+    async fn open(client: &async_nats::Client) -> Result<Self, LoadError> {
+        let inbox = client.new_inbox();
+        let mut answers = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|err| LoadError::Unavailable(err.to_string()))?;
+        let waiting: Arc<std::sync::Mutex<HashMap<u64, tokio::sync::mpsc::UnboundedSender<_>>>> =
+            Arc::default();
+        let task = tokio::spawn({
+            let waiting = waiting.clone();
+            async move {
+                while let Some(answer) = answers.next().await {
+                    let id = answer
+                        .subject
+                        .rsplit('.')
+                        .next()
+                        .and_then(|id| id.parse::<u64>().ok());
+                    let waiter =
+                        id.and_then(|id| waiting.lock().expect("not poisoned").get(&id).cloned());
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(answer);
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            inbox,
+            next: Default::default(),
+            waiting,
+            task,
+        })
+    }
 }
 
 impl EventStore {
@@ -170,6 +225,7 @@ impl EventStore {
             created: Arc::new(created),
             snapshots,
             request_timeout: Duration::from_secs(2),
+            batch_gets: Arc::default(),
         })
     }
 
@@ -248,25 +304,36 @@ impl EventStore {
         subjects: &[String],
     ) -> Result<HashMap<String, (u64, bytes::Bytes)>, LoadError> {
         let unavailable = |err: &dyn std::fmt::Display| LoadError::Unavailable(err.to_string());
+        let gets = self
+            .batch_gets
+            .get_or_try_init(|| BatchGets::open(&self.client))
+            .await?;
         let mut found = HashMap::new();
         for chunk in subjects.chunks(1000) {
-            let inbox = self.client.new_inbox();
-            let mut answers = self
-                .client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|err| unavailable(&err))?;
+            let id = gets.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (sender, mut answers) = tokio::sync::mpsc::unbounded_channel();
+            gets.waiting
+                .lock()
+                .expect("not poisoned")
+                .insert(id, sender);
+            struct Forget<'a>(&'a BatchGets, u64);
+            impl Drop for Forget<'_> {
+                fn drop(&mut self) {
+                    self.0.waiting.lock().expect("not poisoned").remove(&self.1);
+                }
+            }
+            let _forget = Forget(gets, id);
             let request = serde_json::json!({"multi_last": chunk, "batch": chunk.len()});
             self.client
                 .publish_with_reply(
                     format!("$JS.API.DIRECT.GET.{stream}"),
-                    inbox,
+                    format!("{}.{id}", gets.inbox),
                     request.to_string().into(),
                 )
                 .await
                 .map_err(|err| unavailable(&err))?;
             let read = async {
-                while let Some(answer) = answers.next().await {
+                while let Some(answer) = answers.recv().await {
                     if let Some(status) = answer.status {
                         // 204: the end of the batch; 404: none of the subjects has a message.
                         return match status.as_u16() {

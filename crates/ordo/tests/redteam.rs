@@ -574,6 +574,11 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         forged.is_err(),
         "the saga's user forwarded a command: {forged:?}"
     );
+    let a1 = system.stored("ORDO_STOCK", "ordo.stock.events.A1").await;
+    assert!(
+        a1.iter().all(|event| event["data"]["qty"] != 1000),
+        "the forged receive was stored: {a1:?}"
+    );
     // The command service's user cannot delete or purge a stream, even one that allows it.
     let commands = refused_soon(system.connect("ordo-commands").await);
     assert!(commands.delete_stream("ORDO_SNAPSHOTS").await.is_err());

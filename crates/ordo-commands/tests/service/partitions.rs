@@ -68,15 +68,33 @@ async fn two_instances_split_the_partitions_and_each_command_is_run_by_its_owner
         .collect()
         .await;
     assert!(replies.iter().all(|reply| reply == "ok"), "{replies:?}");
-    let served = engine.served_by_each_instance("stock-receive").await;
+    // Each instance answered the ten receives of each partition it owns, whichever instance
+    // the queue group gave them to.
+    let owners = engine.owners().await;
+    let mut expected: Vec<u64> = ["", ""]
+        .iter()
+        .enumerate()
+        .map(|(index, _)| {
+            let mut distinct = owners.clone();
+            distinct.sort();
+            distinct.dedup();
+            10 * owners
+                .iter()
+                .filter(|owner| **owner == distinct[index])
+                .count() as u64
+        })
+        .collect();
+    expected.sort();
+    let mut served: Vec<u64> = engine
+        .served_by_each_instance("stock-receive")
+        .await
+        .iter()
+        .map(|(requests, _)| *requests)
+        .collect();
+    served.sort();
     assert_eq!(
-        served.iter().map(|(requests, _)| requests).sum::<u64>(),
-        160,
-        "each request answered once, by its owner: {served:?}"
-    );
-    assert!(
-        served.iter().all(|(requests, _)| *requests > 0),
-        "{served:?}"
+        served, expected,
+        "requests answered by each instance, and by the owners"
     );
 }
 
@@ -109,9 +127,11 @@ async fn a_killed_owners_partitions_are_served_again_within_five_seconds() {
         .buffer_unordered(16)
         .collect()
         .await;
+    // The first command forwarded to the dead owner finds no responders; its partitions are
+    // taken at once, without waiting for its leases to run out (3 s).
     let slowest = served_after.iter().max().unwrap();
     assert!(
-        *slowest < Duration::from_secs(5),
+        *slowest < Duration::from_millis(2500),
         "served again after {slowest:?}"
     );
     let survivor = engine.owners().await;
