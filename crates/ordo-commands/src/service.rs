@@ -39,7 +39,7 @@ pub const PARTITION_GROUP: &str = "commands";
 /// Partitions of the aggregates, until the event streams say how many they have.
 pub const DEFAULT_PARTITIONS: u32 = 16;
 /// How long a starting instance waits for every partition to have an owner: longer than a lease,
-/// so that the leases of an instance that died have run out.
+/// so that even the leases of an instance that is not found dead have run out.
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -269,7 +269,8 @@ impl CommandService {
                 ServiceError(format!("the service does not answer its own PING: {err}"))
             })?;
         // Ready once every partition has an owner: a first instance takes them all at once; one
-        // that starts after a crash waits for the dead owner's leases to run out.
+        // that starts after a crash takes the dead owner's once it has found it gone (within a
+        // second), or once its leases run out.
         let waited = std::time::Instant::now();
         while !router.all_owned() && waited.elapsed() < READY_WITHIN {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

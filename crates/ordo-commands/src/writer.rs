@@ -73,6 +73,9 @@ enum Decided<A: Aggregate> {
         reply: Reply,
         /// The record to write first (`None`: the refusal is not final, nothing is recorded).
         record_at: Option<u64>,
+        /// Decided on the aggregate's state as loaded (no earlier event of the batch): it
+        /// stands only if the stream's leader has that state.
+        on_loaded: bool,
     },
 }
 
@@ -255,6 +258,7 @@ async fn commit_category<A: Aggregate>(
                 job,
                 reply,
                 record_at: Some(revision),
+                on_loaded: false,
             });
             continue;
         }
@@ -289,6 +293,7 @@ async fn commit_category<A: Aggregate>(
                     job,
                     reply,
                     record_at: final_refusal.then_some(revision),
+                    on_loaded: !in_batch,
                 });
             }
         }
@@ -299,11 +304,12 @@ async fn commit_category<A: Aggregate>(
     let refused_on_loaded: HashSet<String> = decided
         .iter()
         .filter_map(|decided| match decided {
-            Decided::Refuse { job, .. } => {
-                let id = job.request.aggregate().as_str().to_owned();
-                (!appending.contains(&id)).then_some(id)
-            }
-            Decided::Append { .. } => None,
+            Decided::Refuse {
+                job,
+                on_loaded: true,
+                ..
+            } => Some(job.request.aggregate().as_str().to_owned()),
+            _ => None,
         })
         .collect();
     if !refused_on_loaded.is_empty() {
@@ -323,9 +329,9 @@ async fn commit_category<A: Aggregate>(
             for id in &behind {
                 repository.invalidate(id).await;
             }
+            // Everything decided on such a state, refused or appended, is decided again.
             let (stale, kept): (Vec<_>, Vec<_>) = decided.into_iter().partition(|decided| {
-                matches!(decided, Decided::Refuse { job, .. }
-                    if behind.contains(&job.request.aggregate().as_str().to_owned()))
+                behind.contains(&decided.job().request.aggregate().as_str().to_owned())
             });
             leftovers
                 .alone
@@ -357,6 +363,7 @@ async fn commit_category<A: Aggregate>(
                     job,
                     reply,
                     record_at: Some(revision),
+                    ..
                 } => (
                     job,
                     OutcomeState::Rejected {
