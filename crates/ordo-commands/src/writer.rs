@@ -400,6 +400,7 @@ async fn commit_category<A: Aggregate>(
     // Then the events: an aggregate's one event on its own, conditional on the aggregate's last
     // sequence; an aggregate's several events in one atomic batch, the first conditional on it.
     let batch_id = uuid::Uuid::new_v4().simple().to_string();
+    let mut appends = Vec::new();
     let mut events: HashMap<&str, Vec<BatchMessage>> = HashMap::new();
     for decided in &decided {
         let Decided::Append {
@@ -416,6 +417,14 @@ async fn commit_category<A: Aggregate>(
         let version = loaded.version + 1 + of_aggregate.len() as u64;
         let metadata = &job.metadata;
         let envelope = EventEnvelope::new(aggregate_id, version, event, metadata, Utc::now());
+        let subject = aggregate_subject(A::CATEGORY, aggregate_id);
+        // Part of the command's trace, as long as the write takes.
+        appends.push(tracing::info_span!(
+            parent: &job.span,
+            "append",
+            otel.name = %format_args!("append {}", envelope.event_type),
+            %subject,
+        ));
         let mut headers = envelope.headers(metadata);
         headers.insert("Nats-Msg-Id", metadata.command_id.as_str());
         if of_aggregate.is_empty() {
@@ -425,7 +434,7 @@ async fn commit_category<A: Aggregate>(
             );
         }
         of_aggregate.push(BatchMessage {
-            subject: aggregate_subject(A::CATEGORY, aggregate_id),
+            subject,
             headers,
             payload: envelope.to_bytes().into(),
         });
@@ -485,6 +494,7 @@ async fn commit_category<A: Aggregate>(
         Some((ids, counts, stored))
     };
     let (singles, batched) = tokio::join!(join_all(alone_writes), batched);
+    drop(appends);
     metrics::histogram!("ordo_append_duration_seconds", "category" => A::CATEGORY)
         .record(started.elapsed().as_secs_f64());
 
