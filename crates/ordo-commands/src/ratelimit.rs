@@ -79,22 +79,19 @@ impl CustomerLimiter {
         rate: CustomerRate,
         replicas: usize,
     ) -> Result<Self, RateLimitError> {
-        let store = match js.get_key_value(BUCKET).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: BUCKET.into(),
-                    description: "ordo: per-customer token buckets of order.place".into(),
-                    history: 1,
-                    max_age: Duration::from_secs(3600),
-                    // One small entry per customer who placed an order in the last hour.
-                    max_bytes: 64 * 1024 * 1024,
-                    num_replicas: replicas.max(1),
-                    ..Default::default()
-                })
-                .await
-                .map_err(|err| RateLimitError(err.to_string()))?,
+        let config = kv::Config {
+            bucket: BUCKET.into(),
+            description: "ordo: per-customer token buckets of order.place".into(),
+            history: 1,
+            max_age: Duration::from_secs(3600),
+            // One small entry per customer who placed an order in the last hour.
+            max_bytes: 64 * 1024 * 1024,
+            num_replicas: replicas.max(1),
+            ..Default::default()
         };
+        let store = ordo_eventstore::key_value(js, config)
+            .await
+            .map_err(RateLimitError)?;
         Ok(Self { rate, store })
     }
 

@@ -39,10 +39,7 @@ pub const MOVING_HEADER: &str = "Ordo-Partition-Moving";
 
 /// Whether an owner's answer says that the partition has moved on.
 pub fn is_moving(answer: &async_nats::Message) -> bool {
-    answer
-        .headers
-        .as_ref()
-        .is_some_and(|headers| headers.get(MOVING_HEADER).is_some())
+    ordo_eventstore::header(answer, MOVING_HEADER).is_some()
 }
 
 /// How long a requester should wait before sending a command again whose partition is moving.

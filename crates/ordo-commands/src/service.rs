@@ -537,13 +537,7 @@ fn read_request(
     message: &async_nats::Message,
     traceparent: Option<String>,
 ) -> Result<(ParsedRequest, EventMetadata), InvalidCommand> {
-    let header = |name: &str| {
-        message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(name))
-            .map(|value| value.as_str().to_owned())
-    };
+    let header = |name: &str| ordo_eventstore::header(message, name);
     let caller = Caller::from_request_info(header(headers::REQUEST_INFO).as_deref())?;
     let mut parsed = intake::parse(
         endpoint,

@@ -39,6 +39,30 @@ pub use publish::{Appended, PublishError};
 pub use store::{EventStore, LoadError, Loaded, Repository};
 pub use streams::{StreamDefinition, StreamId, StreamsError};
 
+/// The KV bucket `config` names, created with `config` if it does not exist yet (an existing
+/// one is used as it is: its settings change only by an operator's hand).
+pub async fn key_value(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    match js.get_key_value(&config.bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(config)
+            .await
+            .map_err(|err| err.to_string()),
+    }
+}
+
+/// The value of header `name` of `message`, if it has one.
+pub fn header(message: &async_nats::Message, name: &str) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(name))
+        .map(|value| value.as_str().to_owned())
+}
+
 /// The subject an aggregate's events are stored under.
 pub fn aggregate_subject(category: &str, aggregate_id: &str) -> String {
     format!("ordo.{category}.events.{aggregate_id}")

@@ -254,23 +254,17 @@ async fn open_bucket(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<kv::Store, OwnershipError> {
-    match js.get_key_value(BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.into(),
-                description: "ordo: who owns each partition, and who is alive".into(),
-                history: 1,
-                // Keys of instances gone for a minute are dropped; live ones are renewed each
-                // second.
-                max_age: Duration::from_secs(60),
-                max_bytes: 16 * 1024 * 1024,
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            })
-            .await
-            .map_err(|err| OwnershipError(err.to_string())),
-    }
+    let config = kv::Config {
+        bucket: BUCKET.into(),
+        description: "ordo: who owns each partition, and who is alive".into(),
+        history: 1,
+        // Keys of instances gone for a minute are dropped; live ones are renewed each second.
+        max_age: Duration::from_secs(60),
+        max_bytes: 16 * 1024 * 1024,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    };
+    crate::key_value(js, config).await.map_err(OwnershipError)
 }
 
 /// A key as this instance last saw it, and when it saw it change.

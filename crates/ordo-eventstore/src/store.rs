@@ -344,13 +344,7 @@ impl EventStore {
                             ))),
                         };
                     }
-                    let header = |name: &str| {
-                        answer
-                            .headers
-                            .as_ref()
-                            .and_then(|headers| headers.get(name))
-                            .map(|value| value.as_str().to_owned())
-                    };
+                    let header = |name: &str| crate::header(&answer, name);
                     let (Some(subject), Some(seq)) = (
                         header("Nats-Subject"),
                         header("Nats-Sequence").and_then(|seq| seq.parse::<u64>().ok()),
