@@ -13,7 +13,7 @@ use sqlx::Row;
 
 use crate::{
     measure::{Figures, closed_loop},
-    system::{Ordo, Servers, free_port, wait_until},
+    system::{CpuMeter, Ordo, Servers, free_port, wait_until},
 };
 
 /// SKUs the orders draw on, each with far more stock than the orders need.
@@ -104,6 +104,9 @@ pub struct Burst {
     /// Placed → settled, per order, from the saga's own timestamps.
     pub settle_latency: Figures,
     pub resident_mib: Option<f64>,
+    /// CPU seconds from the first place until the last saga settled: the whole machine's, and
+    /// `ordo up`'s, nats-server's and the load generator's (PostgreSQL is most of the rest).
+    pub cpu: (f64, Vec<(&'static str, f64)>),
     /// `ordo up`, still running, and its HTTP port.
     pub up: (Ordo, u16),
 }
@@ -115,6 +118,19 @@ impl Burst {
 
     pub fn confirmed_per_second(&self) -> f64 {
         self.confirmed() as f64 / self.to_settle.as_secs_f64().max(1e-9)
+    }
+
+    /// Milliseconds of CPU per confirmed order: the whole machine's, and each measured process's.
+    pub fn cpu_per_confirmed_ms(&self) -> (f64, Vec<(&'static str, f64)>) {
+        let per_order = |seconds: f64| seconds * 1000.0 / self.confirmed().max(1) as f64;
+        let (machine, processes) = &self.cpu;
+        (
+            per_order(*machine),
+            processes
+                .iter()
+                .map(|(name, seconds)| (*name, per_order(*seconds)))
+                .collect(),
+        )
     }
 }
 
@@ -128,6 +144,9 @@ pub async fn burst(
 ) -> anyhow::Result<Burst> {
     let (up, port) = start_up(servers, "up-burst").await?;
     let pool = servers.database.pool();
+    let mut measured = vec![("ordo up", up.pid()), ("load generator", std::process::id())];
+    measured.extend(servers.nats.pid().map(|pid| ("nats-server", pid)));
+    let cpu = CpuMeter::start(&measured);
     let started = Instant::now();
     let client = &servers.client;
     let results: Vec<(Duration, String, u32)> = futures::stream::iter(0..orders)
@@ -166,6 +185,7 @@ pub async fn burst(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let to_settle = started.elapsed();
+    let cpu = cpu.read();
     let resident_mib = up.resident_mib();
     let rows = sqlx::query(
         "SELECT state, coalesce(reason, '') AS reason,
@@ -208,6 +228,7 @@ pub async fn burst(
         rejected,
         settle_latency: Figures::new("placed → settled", to_settle, samples),
         resident_mib,
+        cpu,
         up: (up, port),
     })
 }

@@ -132,3 +132,63 @@ where
     }
     Ok(())
 }
+
+/// CPU time spent between two readings, from /proc (Linux): the whole machine's, and that of a
+/// few processes of interest.
+pub struct CpuMeter {
+    machine: f64,
+    processes: Vec<(&'static str, u32, f64)>,
+}
+
+/// Seconds of CPU the machine spent busy (user, nice, system, irq, softirq), since boot.
+fn machine_cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let jiffies: Vec<f64> = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("cpu "))
+        .map(|fields| fields.split_whitespace().filter_map(|f| f.parse().ok()).collect())
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal
+    let busy = [0, 1, 2, 5, 6].iter().filter_map(|i| jiffies.get(*i)).sum::<f64>();
+    busy / clock_ticks()
+}
+
+/// Seconds of CPU process `pid` spent (user and system), since it started.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces: the fields start after its closing parenthesis.
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    // USER_HZ: 100 on every Linux this runs on.
+    100.0
+}
+
+impl CpuMeter {
+    pub fn start(processes: &[(&'static str, u32)]) -> Self {
+        Self {
+            machine: machine_cpu_seconds(),
+            processes: processes
+                .iter()
+                .map(|(name, pid)| (*name, *pid, process_cpu_seconds(*pid)))
+                .collect(),
+        }
+    }
+
+    /// CPU seconds since `start`: the machine's, and each process's by name.
+    pub fn read(&self) -> (f64, Vec<(&'static str, f64)>) {
+        let machine = machine_cpu_seconds() - self.machine;
+        let processes = self
+            .processes
+            .iter()
+            .map(|(name, pid, before)| (*name, process_cpu_seconds(*pid) - before))
+            .collect();
+        (machine, processes)
+    }
+}

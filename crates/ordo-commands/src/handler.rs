@@ -305,8 +305,10 @@ impl CommandHandler {
                     });
                 };
                 // The first event after the expected sequence is the one append that was
-                // conditional on it: this run's, or an atomic batch's that may hold this run's
-                // event further on, or another's, after which this run's can never land.
+                // conditional on it: this run's, or the first of a writer's batch (an atomic
+                // batch, or a chain whose every event was conditional on the one before) that
+                // may hold this run's event further on, or another's, after which this run's
+                // can never land.
                 loop {
                     if event.envelope.command_id == record.command_id {
                         return Ok(EarlierRun::Ended(Reply::accepted(
@@ -320,6 +322,13 @@ impl CommandHandler {
                             if later_batch == *batch =>
                         {
                             event = later;
+                        }
+                        // The batch ends the subject: a chain's next event, this run's among
+                        // them, may still be on its way, conditional on the last one stored.
+                        (Some(_), None) => {
+                            return Ok(EarlierRun::MayStillLand {
+                                expected_last_seq: event.seq,
+                            });
                         }
                         _ => return Ok(EarlierRun::CannotLand),
                     }

@@ -405,9 +405,14 @@ impl EventStore {
         let Some(last) = self.last_event(stream, &subject).await? else {
             return Ok(Loaded::new_aggregate());
         };
-        let snapshot = self.snapshot::<A>(aggregate_id).await.filter(|snapshot| {
-            snapshot.version <= last.envelope.version && snapshot.last_seq <= last.seq
-        });
+        // A snapshot is taken every SNAPSHOT_EVERY events: a shorter history has none to read.
+        let snapshot = if last.envelope.version >= SNAPSHOT_EVERY {
+            self.snapshot::<A>(aggregate_id).await.filter(|snapshot| {
+                snapshot.version <= last.envelope.version && snapshot.last_seq <= last.seq
+            })
+        } else {
+            None
+        };
         let from_snapshot = match snapshot {
             Some(snapshot) => self.fold_after(stream, &subject, snapshot, &last).await?,
             None => None,
@@ -445,6 +450,10 @@ impl EventStore {
         }
         let events = if remaining == 0 {
             Vec::new()
+        } else if remaining == 1 {
+            // The one event after `from` is the last: no read for it (the version check below
+            // still holds it to following `from`).
+            vec![last.clone()]
         } else {
             self.read_by_direct_get(stream, subject, from.last_seq, last)
                 .await?

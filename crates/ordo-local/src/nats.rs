@@ -117,6 +117,15 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port())
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .map(Child::id)
+    }
+
     pub fn port(&self) -> u16 {
         self.port.load(std::sync::atomic::Ordering::SeqCst)
     }

@@ -75,7 +75,15 @@ pub struct Notifier {
     store: EventStore,
     http: reqwest::Client,
     config: NotifierConfig,
+    /// Each order's customer, kept from its `OrderPlaced` as it passes, so that a later event's
+    /// customer is known without reading the order's events back (three reads, one of them a
+    /// scan of the stream). An order's customer never changes, so what is kept is never stale;
+    /// an order placed before this notifier started, or one evicted, is read from the stream.
+    customers: moka::future::Cache<String, String>,
 }
+
+/// Orders whose customer a notifier keeps: about 10 MiB.
+const CUSTOMERS_KEPT: u64 = 100_000;
 
 const CONSUMER: &str = ConsumerId::Notifier.name();
 
@@ -112,6 +120,7 @@ impl Notifier {
             store,
             http,
             config,
+            customers: moka::future::Cache::new(CUSTOMERS_KEPT),
         }
     }
 
@@ -216,26 +225,36 @@ impl Notifier {
             OrderEvent::OrderRejected { reason } => ("rejected", Some(reason)),
             OrderEvent::OrderCancelled { reason } => ("cancelled", reason),
             OrderEvent::OrderShipped {} => ("shipped", None),
-            OrderEvent::OrderPlaced { .. } => return Ok(()),
+            OrderEvent::OrderPlaced { customer_id, .. } => {
+                let customer_id = customer_id.as_str().to_owned();
+                self.customers.insert(envelope.aggregate_id, customer_id).await;
+                return Ok(());
+            }
         };
         let order_id = envelope.aggregate_id.clone();
         tracing::Span::current()
             .record("order_id", order_id.as_str())
             .record("kind", kind);
         // The customer comes from the order's own events, not from a view that may lag.
-        let loaded = self
-            .store
-            .load::<OrderAggregate>(&order_id)
-            .await
-            .map_err(|err| NotifierError::JetStream(err.to_string()))?;
-        let Some(order) = loaded.state else {
-            tracing::warn!(order_id, kind, "no such order; nothing to notify");
-            return Ok(());
+        let customer_id = match self.customers.get(&order_id).await {
+            Some(customer_id) => customer_id,
+            None => {
+                let loaded = self
+                    .store
+                    .load::<OrderAggregate>(&order_id)
+                    .await
+                    .map_err(|err| NotifierError::JetStream(err.to_string()))?;
+                let Some(order) = loaded.state else {
+                    tracing::warn!(order_id, kind, "no such order; nothing to notify");
+                    return Ok(());
+                };
+                order.customer_id.as_str().to_owned()
+            }
         };
         let notification = json!({
             "order_id": order_id,
             "kind": kind,
-            "customer_id": order.customer_id,
+            "customer_id": customer_id,
             "reason": reason,
             "at": envelope.at,
         });
@@ -245,7 +264,7 @@ impl Notifier {
         )
         .bind(&order_id)
         .bind(kind)
-        .bind(order.customer_id.as_str())
+        .bind(&customer_id)
         .bind(&notification)
         .execute(&self.pool)
         .await?;

@@ -36,7 +36,7 @@ pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyh
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
     match action {
         ProjectionsAction::Status => {
-            let pool = PgPool::connect(&settings.database_url()).await?;
+            let pool = PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
             let status = ordo_api::ops::projection_status(&pool, &nats)
                 .await
                 .map_err(|err| anyhow::anyhow!("{err:?}"))?;
@@ -54,7 +54,7 @@ pub async fn sagas(settings: &Settings, action: SagasAction) -> anyhow::Result<(
     let SagasAction::Retry { order_id } = action;
     let order_id = ordo_domain::OrderId::parse(order_id)?;
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
-    let pool = PgPool::connect(&settings.database_url()).await?;
+    let pool = PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
     match settings
         .saga
         .coordinator(pool, nats)
@@ -70,7 +70,7 @@ pub async fn sagas(settings: &Settings, action: SagasAction) -> anyhow::Result<(
 pub async fn notifications(settings: &Settings, action: NotificationsAction) -> anyhow::Result<()> {
     let NotificationsAction::Retry { order_id, kind } = action;
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
-    let pool = PgPool::connect(&settings.database_url()).await?;
+    let pool = PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
     match components::notifier_of(&settings.saga, pool, nats)
         .await?
         .retry(&order_id, &kind)
