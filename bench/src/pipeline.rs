@@ -144,7 +144,10 @@ pub async fn burst(
 ) -> anyhow::Result<Burst> {
     let (up, port) = start_up(servers, "up-burst").await?;
     let pool = servers.database.pool();
-    let mut measured = vec![("ordo up", up.pid()), ("load generator", std::process::id())];
+    let mut measured = vec![
+        ("ordo up", up.pid()),
+        ("load generator", std::process::id()),
+    ];
     measured.extend(servers.nats.pid().map(|pid| ("nats-server", pid)));
     let cpu = CpuMeter::start(&measured);
     let started = Instant::now();

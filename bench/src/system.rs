@@ -146,10 +146,18 @@ fn machine_cpu_seconds() -> f64 {
     let jiffies: Vec<f64> = stat
         .lines()
         .find_map(|line| line.strip_prefix("cpu "))
-        .map(|fields| fields.split_whitespace().filter_map(|f| f.parse().ok()).collect())
+        .map(|fields| {
+            fields
+                .split_whitespace()
+                .filter_map(|f| f.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     // user nice system idle iowait irq softirq steal
-    let busy = [0, 1, 2, 5, 6].iter().filter_map(|i| jiffies.get(*i)).sum::<f64>();
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .filter_map(|i| jiffies.get(*i))
+        .sum::<f64>();
     busy / clock_ticks()
 }
 
@@ -159,7 +167,11 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     // The command name may hold spaces: the fields start after its closing parenthesis.
     let fields: Vec<f64> = stat
         .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().map(|f| f.parse().unwrap_or(0.0)).collect())
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0.0))
+                .collect()
+        })
         .unwrap_or_default();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / clock_ticks()

@@ -7,9 +7,11 @@
 //!    batch's earlier commands; then, all sent at once, the records of those that append
 //!    (`appending`, naming the aggregate's sequence before the batch) and of the refusals that
 //!    are final;
-//! 3. the events, all sent at once: an aggregate's one event on its own, conditional on that
-//!    sequence; an aggregate's several events in one JetStream atomic batch, the first
-//!    conditional on it, each carrying the batch's id ([`BATCH_HEADER`]).
+//! 3. the events, every aggregate's at once: an aggregate's one event on its own, conditional
+//!    on that sequence; its few events (up to [`CHAIN_MAX`]) one after the other, each
+//!    conditional on the one before; its many events in one JetStream atomic batch, the first
+//!    conditional on it. Events of a chain or an atomic batch carry the batch's id
+//!    ([`BATCH_HEADER`]).
 //!
 //! A refusal on a state the batch did not change is sent only once the stream leader says that
 //! state is current (one request per such aggregate): the cache, or a replica that answered a
@@ -17,8 +19,8 @@
 //!
 //! It is the [`CommandHandler`]'s protocol, batched: a record says what its append expected
 //! before the append is sent, so a run whose answer was lost, or whose process died, is resolved
-//! by the next copy of the command exactly as a single append is (the handler reads the atomic
-//! batch that followed the expected sequence). Anything out of the ordinary — a repeat of a
+//! by the next copy of the command exactly as a single append is (the handler reads the chain or
+//! atomic batch that followed the expected sequence). Anything out of the ordinary — a repeat of a
 //! command that may still be landing, two copies in one batch, a refusal on a state that is not
 //! the leader's, a write refused or unanswered — goes to the handler, one command at a time,
 //! after the batch.
@@ -52,9 +54,10 @@ pub const MAX_BATCH: usize = 256;
 /// How long a batch's writes may take before their outcome counts as unknown.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// An aggregate's events of one batch stored one after the other at most; more go in one atomic
-/// batch. A chain costs a round trip per event, an atomic batch on a one-replica file stream a
-/// store made and removed on disk (about as much CPU as 20 single appends, and 1-30 ms).
-const CHAIN_MAX: usize = 8;
+/// batch. A chain costs a round trip per event; an atomic batch on a one-replica file stream
+/// costs a store that the server makes and removes on disk (1-30 ms, and in the burst half of
+/// nats-server's CPU went to them: bench/reports/profiles.md).
+pub const CHAIN_MAX: usize = 8;
 
 /// One partition's writer, for as long as its owner holds the partition.
 pub struct Writer {

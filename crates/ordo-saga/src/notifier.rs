@@ -19,7 +19,7 @@ use ordo_eventstore::{
     trace,
 };
 use serde_json::{Value, json};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -227,7 +227,9 @@ impl Notifier {
             OrderEvent::OrderShipped {} => ("shipped", None),
             OrderEvent::OrderPlaced { customer_id, .. } => {
                 let customer_id = customer_id.as_str().to_owned();
-                self.customers.insert(envelope.aggregate_id, customer_id).await;
+                self.customers
+                    .insert(envelope.aggregate_id, customer_id)
+                    .await;
                 return Ok(());
             }
         };
@@ -258,17 +260,23 @@ impl Notifier {
             "reason": reason,
             "at": envelope.at,
         });
-        sqlx::query(
+        // Recorded and locked in one statement: a new notification is inserted; a redelivered
+        // event finds its row, after any delivery of it under way.
+        let mut tx = self.pool.begin().await?;
+        let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
             "INSERT INTO notifications (order_id, kind, customer_id, status, payload)
-             VALUES ($1, $2, $3, 'pending', $4) ON CONFLICT (order_id, kind) DO NOTHING",
+             VALUES ($1, $2, $3, 'pending', $4)
+             ON CONFLICT (order_id, kind) DO UPDATE SET order_id = EXCLUDED.order_id
+             RETURNING status, customer_id, payload",
         )
         .bind(&order_id)
         .bind(kind)
         .bind(&customer_id)
         .bind(&notification)
-        .execute(&self.pool)
+        .fetch_one(&mut *tx)
         .await?;
-        self.deliver(&order_id, kind).await
+        self.deliver_locked(tx, &order_id, kind, &status, &customer_id, &payload)
+            .await
     }
 
     /// An operator's retry of a dead-lettered notification: it is pending again and delivered
@@ -305,13 +313,28 @@ impl Notifier {
         .bind(kind)
         .fetch_one(&mut *tx)
         .await?;
+        self.deliver_locked(tx, order_id, kind, &status, &customer_id, &payload)
+            .await
+    }
+
+    /// Delivers the notification whose record `tx` holds locked, if it is pending, and records
+    /// how it went.
+    async fn deliver_locked(
+        &self,
+        mut tx: Transaction<'_, Postgres>,
+        order_id: &str,
+        kind: &str,
+        status: &str,
+        customer_id: &str,
+        payload: &Value,
+    ) -> Result<(), NotifierError> {
         if status != "pending" {
             return Ok(());
         }
         let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(5));
         let mut last_error = String::new();
         for attempt in 1..=self.config.attempts {
-            match self.send(&customer_id, order_id, kind, &payload).await {
+            match self.send(customer_id, order_id, kind, payload).await {
                 Ok(()) => {
                     sqlx::query(
                         "UPDATE notifications SET status = 'sent', attempts = $3, last_error = NULL, sent_at = now()

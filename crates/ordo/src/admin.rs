@@ -36,7 +36,8 @@ pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyh
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
     match action {
         ProjectionsAction::Status => {
-            let pool = PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
+            let pool =
+                PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
             let status = ordo_api::ops::projection_status(&pool, &nats)
                 .await
                 .map_err(|err| anyhow::anyhow!("{err:?}"))?;

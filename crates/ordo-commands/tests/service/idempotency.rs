@@ -449,6 +449,88 @@ async fn a_command_stored_second_in_a_batch_whose_answer_was_lost_is_not_appende
 }
 
 #[tokio::test]
+async fn a_command_whose_chain_was_cut_before_it_runs_once_after_what_the_chain_stored() {
+    let engine = Engine::start().await;
+    engine
+        .request_with_id(
+            Endpoint::StockReceive,
+            json!({"sku": "A1", "qty": 1}),
+            "before",
+        )
+        .await;
+
+    // Given a writer that recorded two commands' intents on A1, chained their events (each
+    // conditional on the one before) and died once the first was stored…
+    let store = EventStore::open(
+        engine.client.clone(),
+        &ordo_commands::CommandService::STREAMS,
+    )
+    .await
+    .unwrap();
+    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
+    for (command_id, body) in [
+        ("first", br#"{"sku":"A1","qty":2}"#),
+        ("second", br#"{"sku":"A1","qty":4}"#),
+    ] {
+        record_receive_intent(&store, command_id, body, loaded.last_seq).await;
+    }
+    let metadata = EventMetadata {
+        command_id: "first".into(),
+        correlation_id: "first".into(),
+        ..Default::default()
+    };
+    let envelope = ordo_eventstore::EventEnvelope::new(
+        "A1",
+        loaded.version + 1,
+        &StockEvent::StockReceived { qty: 2 },
+        &metadata,
+        chrono::Utc::now(),
+    );
+    let mut headers = envelope.headers(&metadata);
+    headers.insert(ordo_eventstore::store::BATCH_HEADER, "chain-1");
+    let first = ordo_eventstore::publish::conditional_publish(
+        &engine.client,
+        "ordo.stock.events.A1",
+        headers,
+        envelope.to_bytes().into(),
+        "first",
+        loaded.last_seq,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap();
+
+    // when the client retries the second, it runs once, right after the first (the state the
+    // chain would have stored it on),
+    let retried = engine
+        .request_with_id(
+            Endpoint::StockReceive,
+            json!({"sku": "A1", "qty": 4}),
+            "second",
+        )
+        .await;
+    assert_eq!(retried["ok"], true, "{retried}");
+    assert_eq!(retried["version"], 3, "{retried}");
+    assert_eq!(retried["seq"].as_u64(), Some(first.seq + 1), "{retried}");
+    // and every later copy gets that answer, with nothing stored twice.
+    let again = engine
+        .request_with_id(
+            Endpoint::StockReceive,
+            json!({"sku": "A1", "qty": 4}),
+            "second",
+        )
+        .await;
+    assert_eq!(again, retried);
+    assert_eq!(
+        engine
+            .message_count(ordo_eventstore::StreamId::Stock.name())
+            .await,
+        3,
+        "before, first and second"
+    );
+}
+
+#[tokio::test]
 async fn a_run_that_died_before_appending_is_run_again() {
     let engine = Engine::start().await;
     let body = br#"{"sku":"A1","qty":4}"#;

@@ -142,7 +142,7 @@ async fn a_killed_owners_partitions_are_served_again_within_five_seconds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_queued_for_one_partition_are_stored_together_in_atomic_batches() {
+async fn commands_queued_for_one_partition_are_stored_together_in_batches() {
     let engine = Engine::start().await;
     let receive = json!({"sku": "HOT", "qty": 1000});
     assert_eq!(
