@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::{
     measure::{Figures, closed_loop, reply_outcome},
-    system::{Ordo, Servers},
+    system::{CpuMeter, Ordo, Servers, free_port, wait_until},
 };
 
 /// Starts `instances` command services and waits until they answer.
@@ -325,4 +325,124 @@ async fn receive(servers: &Servers, sku: &str, command_id: &str) -> anyhow::Resu
         String::from_utf8_lossy(&reply.payload)
     );
     Ok(sent.elapsed())
+}
+
+/// One step of the scale scenario: `instances` command services on a contended workload.
+pub struct ScaleStep {
+    pub instances: usize,
+    pub figures: Figures,
+    /// Appends refused or unanswered, summed over the instances (`ordo_appends_total` with
+    /// outcome `conflict` or `failed`): with one writer per partition, none is expected.
+    pub conflicts: f64,
+    /// Commands an instance took from the queue group and passed to the partition's owner.
+    pub forwarded: f64,
+    /// Milliseconds of CPU of the whole machine per command.
+    pub cpu_per_command_ms: f64,
+}
+
+/// `instances` fresh command services sharing the partitions, then `reserves` reserves spread
+/// over `skus` SKUs with `concurrency` in flight: every SKU is contended, and every instance
+/// takes requests from the queue group whatever partition they belong to.
+pub async fn scale(
+    servers: &Servers,
+    instances: usize,
+    reserves: usize,
+    skus: usize,
+    concurrency: usize,
+) -> anyhow::Result<ScaleStep> {
+    let ports: Vec<u16> = (0..instances).map(|_| free_port()).collect();
+    let _services = ports
+        .iter()
+        .enumerate()
+        .map(|(i, port)| {
+            servers.spawn(
+                &format!("scale-{instances}-{i}"),
+                &["run", "commands"],
+                &[("ORDO_METRICS_ADDR", format!("127.0.0.1:{port}"))],
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let http = reqwest::Client::new();
+    let metric = |name: &'static str, label: &'static str| {
+        let (http, ports) = (http.clone(), ports.clone());
+        async move {
+            let mut sums = Vec::new();
+            for port in ports {
+                let text = match http
+                    .get(format!("http://127.0.0.1:{port}/metrics"))
+                    .send()
+                    .await
+                {
+                    Ok(response) => response.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                sums.push(metric_sum(&text, name, label));
+            }
+            sums
+        }
+    };
+    // Each instance holds its share of the partitions: the leases have settled.
+    wait_until(Duration::from_secs(60), "the partitions shared", || async {
+        let owned = metric("ordo_partitions_owned", "").await;
+        owned.iter().all(|&held| held > 0.0) && owned.iter().sum::<f64>() == 16.0
+    })
+    .await?;
+    let sku = |s: usize| format!("K{instances}-{s}");
+    let receives = (0..skus)
+        .map(|s| {
+            (
+                Endpoint::StockReceive,
+                json!({"sku": sku(s), "qty": reserves}),
+            )
+        })
+        .collect();
+    let received = closed_loop(&servers.client, "receive", 4, receives).await;
+    anyhow::ensure!(
+        received.errors() == 0,
+        "receive: {}",
+        received.outcomes_text()
+    );
+    let requests = (0..reserves)
+        .map(|i| {
+            let body =
+                json!({"sku": sku(i % skus), "order_id": format!("k{instances}-{i}"), "qty": 1});
+            (Endpoint::StockReserve, body)
+        })
+        .collect();
+    let cpu = CpuMeter::start(&[]);
+    let figures = closed_loop(
+        &servers.client,
+        format!(
+            "reserve, {skus} SKUs, {instances} instance{}",
+            if instances == 1 { "" } else { "s" }
+        ),
+        concurrency,
+        requests,
+    )
+    .await;
+    let (machine, _) = cpu.read();
+    let total = |sums: Vec<f64>| sums.into_iter().fold(0.0, |sum, value| sum + value);
+    let conflicts = total(metric("ordo_appends_total", "outcome=\"conflict\"").await)
+        + total(metric("ordo_appends_total", "outcome=\"failed\"").await);
+    let forwarded = total(metric("ordo_commands_forwarded_total", "").await);
+    Ok(ScaleStep {
+        instances,
+        cpu_per_command_ms: machine * 1000.0 / reserves.max(1) as f64,
+        figures,
+        conflicts,
+        forwarded,
+    })
+}
+
+/// The sum of the samples of metric `name` (with `label` among its labels, when not empty) in
+/// a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let series_name = series.split('{').next()?;
+            (series_name == name && series.contains(label)).then(|| value.parse::<f64>().ok())?
+        })
+        .fold(0.0, |sum, value| sum + value)
 }

@@ -48,12 +48,15 @@ struct Args {
     /// Seconds each open-loop rate runs.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
-    /// The groups of scenarios to run: `commands` (ladder, hot SKU), `pipeline` (burst, reads,
-    /// rebuild), `open-loop`.
+    /// Command-service instances of each step of the scale scenario.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    scale: Vec<usize>,
+    /// The groups of scenarios to run: `commands` (ladder, hot SKU), `scale` (1, 2, 4 command
+    /// services on a contended workload), `pipeline` (burst, reads, rebuild), `open-loop`.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "commands,pipeline,open-loop"
+        default_value = "commands,scale,pipeline,open-loop"
     )]
     only: Vec<String>,
     /// Tiny sizes: checks that every scenario runs; the figures mean nothing.
@@ -203,6 +206,48 @@ async fn main() -> anyhow::Result<()> {
             settled.snapshot_bytes.is_some(),
             settled.after_restart,
         ));
+    }
+
+    if runs("scale") {
+        eprintln!("scale: command services on a contended workload");
+        let skus = 8;
+        let mut steps = Vec::new();
+        for &instances in &args.scale {
+            let servers = system::Servers::start().await?;
+            steps.push(
+                commands::scale(&servers, instances, args.commands, skus, args.concurrency).await?,
+            );
+        }
+        writeln!(
+            md,
+            "## Scale: command services on a contended workload\n\n\
+             {} reserves spread over {skus} SKUs, {} in flight, against 1, 2 and 4 `ordo run \
+             commands` processes on fresh servers, once every instance holds its share of the 16 \
+             partitions. Every instance takes requests from the queue group and passes those of \
+             partitions it does not own to their owner. On this 2-core machine more instances \
+             cannot add cores: what the scenario shows is that they add no conflicts and what \
+             the forwarding costs.\n",
+            args.commands, args.concurrency
+        )?;
+        md += FIGURES_HEADER;
+        for step in &steps {
+            md += &figures_row(&step.figures);
+        }
+        md += "\n| instances | reserves/s | against 1 instance | append conflicts | forwarded | CPU per command |\n| --- | --- | --- | --- | --- | --- |\n";
+        let one = steps.first().map(|step| step.figures.per_second());
+        for step in &steps {
+            writeln!(
+                md,
+                "| {} | {:.0} | {} | {:.0} | {:.0} | {:.3} ms |",
+                step.instances,
+                step.figures.per_second(),
+                one.map_or("-".to_owned(), |one| ratio(step.figures.per_second(), one)),
+                step.conflicts,
+                step.forwarded,
+                step.cpu_per_command_ms,
+            )?;
+        }
+        md += "\n";
     }
 
     if runs("pipeline") {
