@@ -33,7 +33,7 @@ pub mod trace;
 
 pub use consumers::ConsumerId;
 pub use envelope::{DecodeError, EventEnvelope, EventMetadata, RecordedEvent};
-pub use ownership::{Grant, Grants, Owners, Ownership, OwnershipConfig};
+pub use ownership::{Grant, Grants, GroupStatus, Owners, Ownership, OwnershipConfig};
 pub use partition::{Partition, partition_of};
 pub use publish::{Appended, PublishError};
 pub use store::{EventStore, LoadError, Loaded, Repository};

@@ -31,7 +31,7 @@ use async_nats::jetstream::{
     kv::{self, CreateErrorKind, Operation, UpdateErrorKind},
 };
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
@@ -44,6 +44,116 @@ pub const BUCKET: &str = "ordo_partitions";
 /// The subject a live member answers on.
 pub fn liveness_subject(group: &str, instance: &str) -> String {
     format!("ordo.ownership.{group}.{instance}")
+}
+
+/// What the bucket says of a group's partitions and members, read without joining the group
+/// (`ordo partitions status`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GroupStatus {
+    pub group: String,
+    pub partitions: Vec<PartitionStatus>,
+    pub members: Vec<MemberStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// The instance whose lease the bucket holds, if any.
+    pub owner: Option<String>,
+    /// How long ago the lease was last renewed (this machine's clock against the server's, so
+    /// only a guide).
+    pub renewed_ms_ago: Option<u64>,
+    /// Renewed within a lease: an owner is serving it.
+    pub held: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MemberStatus {
+    pub instance: String,
+    pub heartbeat_ms_ago: u64,
+    /// Its heartbeat is younger than a lease.
+    pub alive: bool,
+    /// Partitions whose lease it holds.
+    pub owns: u32,
+}
+
+/// Reads the group's leases and heartbeats from the bucket. A bucket that does not exist yet (no
+/// instance of the group has run) reads as every partition unowned.
+pub async fn status(
+    js: &jetstream::Context,
+    config: &OwnershipConfig,
+) -> Result<GroupStatus, String> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as i128);
+    let ms_ago = |created: &kv::Entry| {
+        u64::try_from((now - created.created.unix_timestamp_nanos()).max(0) / 1_000_000)
+            .unwrap_or(u64::MAX)
+    };
+    let lease_ms = config.lease.as_millis() as u64;
+    let mut owners: BTreeMap<u32, (String, u64)> = BTreeMap::new();
+    let mut members: Vec<MemberStatus> = Vec::new();
+    if let Ok(store) = js.get_key_value(BUCKET).await {
+        let keys: Vec<String> = store
+            .keys()
+            .await
+            .map_err(|err| format!("listing {BUCKET}: {err}"))?
+            .try_collect()
+            .await
+            .map_err(|err| format!("listing {BUCKET}: {err}"))?;
+        let prefix = format!("{}.", config.group);
+        for key in keys {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some(entry) = store
+                .entry(&key)
+                .await
+                .map_err(|err| format!("reading {key}: {err}"))?
+                .filter(|entry| entry.operation == Operation::Put)
+            else {
+                continue;
+            };
+            let ago = ms_ago(&entry);
+            if let Some(instance) = rest.strip_prefix("members.") {
+                members.push(MemberStatus {
+                    instance: instance.to_owned(),
+                    heartbeat_ms_ago: ago,
+                    alive: ago < lease_ms,
+                    owns: 0,
+                });
+            } else if let Some(partition) = rest
+                .strip_prefix("owners.")
+                .and_then(|partition| partition.parse::<u32>().ok())
+            {
+                let owner = String::from_utf8_lossy(&entry.value).into_owned();
+                owners.insert(partition, (owner, ago));
+            }
+        }
+    }
+    let partitions = (0..config.partitions)
+        .map(|partition| {
+            let lease = owners.get(&partition);
+            PartitionStatus {
+                partition,
+                owner: lease.map(|(owner, _)| owner.clone()),
+                renewed_ms_ago: lease.map(|(_, ago)| *ago),
+                held: lease.is_some_and(|(_, ago)| *ago < lease_ms),
+            }
+        })
+        .collect::<Vec<_>>();
+    for member in &mut members {
+        member.owns = partitions
+            .iter()
+            .filter(|p| p.held && p.owner.as_deref() == Some(member.instance.as_str()))
+            .count() as u32;
+    }
+    members.sort_by(|a, b| a.instance.cmp(&b.instance));
+    Ok(GroupStatus {
+        group: config.group.clone(),
+        partitions,
+        members,
+    })
 }
 
 #[derive(Debug, Clone)]

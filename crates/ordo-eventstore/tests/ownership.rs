@@ -163,3 +163,53 @@ async fn a_member_that_starts_after_the_owner_died_takes_its_partitions_soon() {
     );
     second.leave().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_every_partition_held_by_a_live_member_and_what_each_member_holds() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    let config = OwnershipConfig::new("test", PARTITIONS);
+
+    // Before anyone joined: every partition unowned, no member.
+    let before = ordo_eventstore::ownership::status(&js, &config)
+        .await
+        .unwrap();
+    assert!(
+        before
+            .partitions
+            .iter()
+            .all(|p| p.owner.is_none() && !p.held)
+    );
+    assert!(before.members.is_empty());
+
+    let holdings = Shared::default();
+    let first = join(&js, &holdings).await;
+    let second = join(&js, &holdings).await;
+    let mut both = [first.instance().to_owned(), second.instance().to_owned()];
+    both.sort();
+    until(
+        &holdings,
+        Duration::from_secs(5),
+        all_held_by(&[both[0].as_str(), both[1].as_str()]),
+    )
+    .await;
+
+    let status = ordo_eventstore::ownership::status(&js, &config)
+        .await
+        .unwrap();
+    assert_eq!(status.partitions.len(), PARTITIONS as usize);
+    for partition in &status.partitions {
+        let owner = partition.owner.clone().expect("an owner");
+        assert!(both.contains(&owner), "{partition:?}");
+        assert!(partition.held, "{partition:?}");
+    }
+    let members: Vec<&str> = status.members.iter().map(|m| m.instance.as_str()).collect();
+    assert_eq!(members, [both[0].as_str(), both[1].as_str()]);
+    assert!(status.members.iter().all(|m| m.alive && m.owns > 0));
+    assert_eq!(
+        status.members.iter().map(|m| m.owns).sum::<u32>(),
+        PARTITIONS
+    );
+    first.leave().await;
+    second.leave().await;
+}

@@ -1,5 +1,5 @@
-//! The operator's commands: migrate the database, apply the streams, see and rebuild the
-//! projections, retry a stuck saga or a dead-lettered notification.
+//! The operator's commands: migrate the database, apply the streams, see who owns the partitions,
+//! see and rebuild the projections, retry a stuck saga or a dead-lettered notification.
 
 use ordo_app::{Settings, components, connect, database};
 use ordo_eventstore::streams::apply_all;
@@ -7,7 +7,9 @@ use ordo_projections::{ProjectorConfig, View};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use crate::cli::{NotificationsAction, ProjectionsAction, SagasAction, StreamsAction};
+use crate::cli::{
+    NotificationsAction, PartitionsAction, ProjectionsAction, SagasAction, StreamsAction,
+};
 
 pub async fn migrate(
     settings: &Settings,
@@ -30,6 +32,65 @@ pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Resu
         println!("{stream}: {applied}");
     }
     Ok(())
+}
+
+pub async fn partitions(settings: &Settings, action: PartitionsAction) -> anyhow::Result<()> {
+    let PartitionsAction::Status { json } = action;
+    let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
+    let config = ordo_eventstore::OwnershipConfig::new(
+        ordo_commands::service::PARTITION_GROUP,
+        ordo_commands::service::DEFAULT_PARTITIONS,
+    );
+    let status = ordo_eventstore::ownership::status(&async_nats::jetstream::new(nats), &config)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", partitions_table(&status));
+    }
+    Ok(())
+}
+
+/// `ordo partitions status` as tables: the partitions, then the instances.
+pub fn partitions_table(status: &ordo_eventstore::GroupStatus) -> String {
+    let seconds = |ms: u64| format!("{:.1} s ago", ms as f64 / 1000.0);
+    let mut out = format!(
+        "{:<9} {:<18} {:>12} {}\n",
+        "partition", "owner", "renewed", "lease"
+    );
+    for partition in &status.partitions {
+        out.push_str(&format!(
+            "{:<9} {:<18} {:>12} {}\n",
+            partition.partition,
+            partition.owner.as_deref().unwrap_or("-"),
+            partition.renewed_ms_ago.map_or("-".to_owned(), seconds),
+            if partition.held {
+                "held"
+            } else if partition.owner.is_some() {
+                "expired: the next owner takes it"
+            } else {
+                "unowned"
+            },
+        ));
+    }
+    out.push_str(&format!(
+        "\n{:<18} {:>12} {:>10} {}\n",
+        "instance", "heartbeat", "partitions", "state"
+    ));
+    for member in &status.members {
+        out.push_str(&format!(
+            "{:<18} {:>12} {:>10} {}\n",
+            member.instance,
+            seconds(member.heartbeat_ms_ago),
+            member.owns,
+            if member.alive { "alive" } else { "silent" },
+        ));
+    }
+    if status.members.is_empty() {
+        out.push_str("(no command service has joined)\n");
+    }
+    out
 }
 
 pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyhow::Result<()> {

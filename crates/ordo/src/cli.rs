@@ -58,6 +58,11 @@ pub enum Command {
         #[command(subcommand)]
         action: StreamsAction,
     },
+    /// See who owns each partition of the commands.
+    Partitions {
+        #[command(subcommand)]
+        action: PartitionsAction,
+    },
     /// Inspect the read views.
     Projections {
         #[command(subcommand)]
@@ -114,6 +119,17 @@ pub enum SagasAction {
     /// Retry a saga shown as compensation_stuck now, with a fresh count (it is also retried on
     /// its own, with capped back-off).
     Retry { order_id: String },
+}
+
+#[derive(Subcommand)]
+pub enum PartitionsAction {
+    /// Each partition's owner and when its lease was last renewed, and each command-service
+    /// instance with its heartbeat and how many partitions it holds.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

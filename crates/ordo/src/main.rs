@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
             grant_read_to,
         } => admin::migrate(settings, grant_to.as_deref(), grant_read_to.as_deref()).await,
         Command::Streams { action } => admin::streams(settings, action).await,
+        Command::Partitions { action } => admin::partitions(settings, action).await,
         Command::Projections { action } => admin::projections(settings, action).await,
         Command::Sagas { action } => admin::sagas(settings, action).await,
         Command::Notifications { action } => admin::notifications(settings, action).await,
