@@ -277,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
             "\n| figure | value |\n| --- | --- |\n\
              | first place → last saga settled | {:.1} s |\n\
              | confirmed per second over that time | {:.0} |\n\
+             | first place → last customer notified | {:.1} s |\n\
              | sagas by state | {:?} |\n\
              | rejected by reason | {:?} |\n\
              | place requests shed (`unavailable`, sent again) | {} |\n\
@@ -284,6 +285,7 @@ async fn main() -> anyhow::Result<()> {
              | CPU per confirmed order, whole machine (from /proc/stat) | {:.2} ms |",
             burst.to_settle.as_secs_f64(),
             burst.confirmed_per_second(),
+            burst.to_notify.as_secs_f64(),
             burst.by_state,
             burst.rejected,
             burst.shed,

@@ -97,6 +97,9 @@ pub struct Burst {
     pub shed: u64,
     /// From the first place request until the last saga settled (or the wait ended).
     pub to_settle: Duration,
+    /// From the first place request until the last confirmed order's notification was sent (or
+    /// the wait ended).
+    pub to_notify: Duration,
     /// Sagas by final state (`unsettled` for those still active when the wait ended).
     pub by_state: BTreeMap<String, usize>,
     /// Rejected orders by reason.
@@ -189,6 +192,22 @@ pub async fn burst(
     }
     let to_settle = started.elapsed();
     let cpu = cpu.read();
+    // The customers told: every confirmed order's notification sent (the notifier runs behind
+    // the saga, and no backlog of its sheds load).
+    let notify_deadline = Instant::now() + settle_timeout;
+    loop {
+        let (confirmed, sent): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM sagas WHERE state = 'confirmed'),
+                    (SELECT count(*) FROM notifications WHERE kind = 'confirmed' AND status = 'sent')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if sent >= confirmed || Instant::now() > notify_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let to_notify = started.elapsed();
     let resident_mib = up.resident_mib();
     let rows = sqlx::query(
         "SELECT state, coalesce(reason, '') AS reason,
@@ -227,6 +246,7 @@ pub async fn burst(
         placed,
         shed,
         to_settle,
+        to_notify,
         by_state,
         rejected,
         settle_latency: Figures::new("placed → settled", to_settle, samples),

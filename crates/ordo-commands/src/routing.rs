@@ -185,6 +185,11 @@ impl Router {
                 }
                 break;
             }
+            let label = partition.to_string();
+            metrics::counter!("ordo_partition_commands_total", "partition" => label.clone())
+                .increment(batch.len() as u64);
+            metrics::gauge!("ordo_partition_queued", "partition" => label).set(jobs.len() as f64);
+            metrics::histogram!("ordo_partition_batch_size").record(batch.len() as f64);
             writer.commit(batch).await;
         }
         {
