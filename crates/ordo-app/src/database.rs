@@ -32,9 +32,14 @@ pub fn configured_url(configured: Option<String>, home: &Path) -> String {
 /// users could not read anyway, and it cost a fifth of ordo's CPU under load (sqlx's default,
 /// like libpq's, is `prefer`: TLS whenever the server offers it, which Debian's does).
 pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    options_for(url, std::env::var_os("PGSSLMODE").is_some())
+}
+
+/// [`connect_options`], with `PGSSLMODE` set or not.
+fn options_for(url: &str, pgsslmode_set: bool) -> Result<PgConnectOptions, sqlx::Error> {
     let options: PgConnectOptions = url.parse()?;
     let query = url.split_once('?').map_or("", |(_, query)| query);
-    let asks_for_tls = std::env::var_os("PGSSLMODE").is_some()
+    let asks_for_tls = pgsslmode_set
         || query.split('&').any(|pair| {
             let key = pair.split_once('=').map_or(pair, |(key, _)| key);
             key == "sslmode" || key == "ssl-mode"
@@ -323,15 +328,18 @@ mod tests {
     use super::*;
 
     fn tls(url: &str) -> PgSslMode {
-        connect_options(url).expect("a valid URL").get_ssl_mode()
+        options_for(url, false).expect("a valid URL").get_ssl_mode()
     }
 
     #[test]
-    fn a_connection_to_this_machine_goes_without_tls_unless_the_url_asks_for_it() {
-        // PGSSLMODE, when set, counts as asking: the test would not say what it claims.
-        if std::env::var_os("PGSSLMODE").is_some() {
-            return;
-        }
+    fn a_connection_to_this_machine_goes_without_tls_unless_the_url_or_pgsslmode_asks_for_it() {
+        // With PGSSLMODE set, sqlx's own reading of the URL and the environment stands.
+        let url = "postgres://postgres@127.0.0.1/ordo";
+        let as_sqlx_reads_it: PgConnectOptions = url.parse().unwrap();
+        assert_eq!(
+            format!("{:?}", options_for(url, true).unwrap().get_ssl_mode()),
+            format!("{:?}", as_sqlx_reads_it.get_ssl_mode())
+        );
         for url in [
             "postgres://postgres@127.0.0.1:5432/ordo",
             "postgres://postgres@localhost/ordo",

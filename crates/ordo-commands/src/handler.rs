@@ -201,6 +201,7 @@ impl CommandHandler {
                     category: A::CATEGORY.to_owned(),
                     aggregate_id: aggregate_id.to_owned(),
                     expected_last_seq: loaded.last_seq,
+                    batch: None,
                 },
             );
             revision = match self.outcomes.put(&appending, revision).await {
@@ -293,6 +294,7 @@ impl CommandHandler {
                 category,
                 aggregate_id,
                 expected_last_seq,
+                batch: own_batch,
             } => {
                 let Some(stream) = stream_for_category(category) else {
                     return Ok(EarlierRun::CannotLand);
@@ -308,7 +310,8 @@ impl CommandHandler {
                 // conditional on it: this run's, or the first of a writer's batch (an atomic
                 // batch, or a chain whose every event was conditional on the one before) that
                 // may hold this run's event further on, or another's, after which this run's
-                // can never land.
+                // can never land. A batch whose id this run's record does not name is
+                // another's.
                 loop {
                     if event.envelope.command_id == record.command_id {
                         return Ok(EarlierRun::Ended(Reply::accepted(
@@ -323,9 +326,10 @@ impl CommandHandler {
                         {
                             event = later;
                         }
-                        // The batch ends the subject: a chain's next event, this run's among
-                        // them, may still be on its way, conditional on the last one stored.
-                        (Some(_), None) => {
+                        // This run's own batch ends the subject: a chain's next event, this
+                        // run's among them, may still be on its way, conditional on the last
+                        // one stored.
+                        (Some(batch), None) if own_batch.as_ref() == Some(batch) => {
                             return Ok(EarlierRun::MayStillLand {
                                 expected_last_seq: event.seq,
                             });

@@ -36,6 +36,10 @@ pub enum OutcomeState {
         category: String,
         aggregate_id: String,
         expected_last_seq: u64,
+        /// The writer's batch the event goes in (its `Ordo-Batch-Id`), when a batch sends it:
+        /// only that batch's chain, cut short, may still be followed by this event.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batch: Option<String>,
     },
     Rejected {
         reply: Reply,

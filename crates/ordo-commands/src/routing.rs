@@ -202,6 +202,7 @@ impl Router {
                 here.remove(&partition);
             }
         }
+        metrics::gauge!("ordo_partition_queued", "partition" => partition.to_string()).set(0.0);
         drop(mine);
         jobs.close();
         while let Ok(job) = jobs.try_recv() {

@@ -1,5 +1,6 @@
 //! The partition's writer: group commit. The owner of a partition takes the commands queued for
-//! it as one batch and settles them with three round trips, whatever their number:
+//! it as one batch and settles them in three phases, whatever their number (a phase is one
+//! round trip, except a chain's, one per event):
 //!
 //! 1. the outcome records of every command id, in one batch get, while the aggregates are read
 //!    into the cache;
@@ -51,7 +52,8 @@ use crate::{
 
 /// Commands settled together at most.
 pub const MAX_BATCH: usize = 256;
-/// How long a batch's writes may take before their outcome counts as unknown.
+/// How long each write of a batch may take before its outcome counts as unknown (a chain's
+/// events are written one after another, each with this timeout).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// An aggregate's events of one batch stored one after the other at most; more go in one atomic
 /// batch. A chain costs a round trip per event; an atomic batch on a one-replica file stream
@@ -347,7 +349,9 @@ async fn commit_category<A: Aggregate>(
         }
     }
 
-    // The records first: each says what its append expects, or that its refusal is final.
+    // The records first: each says what its append expects (and the batch its event goes in), or
+    // that its refusal is final.
+    let batch_id = uuid::Uuid::new_v4().simple().to_string();
     let records: Vec<(OutcomeRecord, u64)> = decided
         .iter()
         .filter_map(|decided| {
@@ -363,6 +367,7 @@ async fn commit_category<A: Aggregate>(
                         category: A::CATEGORY.to_owned(),
                         aggregate_id: aggregate_id.clone(),
                         expected_last_seq: before[aggregate_id].last_seq,
+                        batch: Some(batch_id.clone()),
                     },
                     *revision,
                 ),
@@ -405,8 +410,8 @@ async fn commit_category<A: Aggregate>(
     }
 
     // Then the events: an aggregate's one event on its own, conditional on the aggregate's last
-    // sequence; an aggregate's several events in one atomic batch, the first conditional on it.
-    let batch_id = uuid::Uuid::new_v4().simple().to_string();
+    // sequence; its few events chained, each conditional on the one before; its many events in
+    // one atomic batch, the first conditional on it.
     let mut appends = Vec::new();
     let mut events: HashMap<&str, Vec<BatchMessage>> = HashMap::new();
     for decided in &decided {

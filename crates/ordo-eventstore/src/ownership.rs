@@ -93,7 +93,17 @@ pub async fn status(
     let lease_ms = config.lease.as_millis() as u64;
     let mut owners: BTreeMap<u32, (String, u64)> = BTreeMap::new();
     let mut members: Vec<MemberStatus> = Vec::new();
-    if let Ok(store) = js.get_key_value(BUCKET).await {
+    let store = match js.get_key_value(BUCKET).await {
+        Ok(store) => Some(store),
+        Err(err)
+            if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket
+                && err.to_string().contains("not found") =>
+        {
+            None
+        }
+        Err(err) => return Err(format!("reading the bucket {BUCKET}: {err}")),
+    };
+    if let Some(store) = store {
         let keys: Vec<String> = store
             .keys()
             .await

@@ -261,12 +261,14 @@ impl Notifier {
             "at": envelope.at,
         });
         // Recorded and locked in one statement: a new notification is inserted; a redelivered
-        // event finds its row, after any delivery of it under way.
+        // event finds its row, after any delivery of it under way (and gives a row of a build
+        // before the payload column its payload).
         let mut tx = self.pool.begin().await?;
         let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
             "INSERT INTO notifications (order_id, kind, customer_id, status, payload)
              VALUES ($1, $2, $3, 'pending', $4)
-             ON CONFLICT (order_id, kind) DO UPDATE SET order_id = EXCLUDED.order_id
+             ON CONFLICT (order_id, kind)
+             DO UPDATE SET payload = coalesce(notifications.payload, EXCLUDED.payload)
              RETURNING status, customer_id, payload",
         )
         .bind(&order_id)
@@ -307,7 +309,11 @@ impl Notifier {
     async fn deliver(&self, order_id: &str, kind: &str) -> Result<(), NotifierError> {
         let mut tx = self.pool.begin().await?;
         let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
-            "SELECT status, customer_id, payload FROM notifications WHERE order_id = $1 AND kind = $2 FOR UPDATE",
+            // Rows of builds before the payload column have none: the fields every payload has.
+            "SELECT status, customer_id,
+                    coalesce(payload, jsonb_build_object('order_id', order_id, 'kind', kind,
+                                                         'customer_id', customer_id))
+             FROM notifications WHERE order_id = $1 AND kind = $2 FOR UPDATE",
         )
         .bind(order_id)
         .bind(kind)

@@ -15,15 +15,36 @@ use serde_json::json;
 use crate::support::{Engine, line, outcome};
 
 /// What a run of a `stock.receive` on A1 records before it appends: its intent to append after
-/// `expected_last_seq`.
+/// `expected_last_seq`, in the writer's batch `batch` if one sent it.
 async fn record_receive_intent(
     store: &EventStore,
     command_id: &str,
     body: &[u8],
     expected_last_seq: u64,
+    batch: Option<&str>,
+) {
+    record_intent(
+        store,
+        Endpoint::StockReceive,
+        command_id,
+        body,
+        expected_last_seq,
+        batch,
+    )
+    .await;
+}
+
+/// What a run of a stock command on A1 records before it appends.
+async fn record_intent(
+    store: &EventStore,
+    endpoint: Endpoint,
+    command_id: &str,
+    body: &[u8],
+    expected_last_seq: u64,
+    batch: Option<&str>,
 ) {
     let parsed = intake::parse(
-        Endpoint::StockReceive,
+        endpoint,
         body,
         Some(command_id),
         &intake::Caller::OwnAccount,
@@ -36,9 +57,42 @@ async fn record_receive_intent(
             category: "stock".into(),
             aggregate_id: "A1".into(),
             expected_last_seq,
+            batch: batch.map(str::to_owned),
         },
     };
     Outcomes::new(store.clone()).put(&intent, 0).await.unwrap();
+}
+
+/// Stores `event` as A1's next event, conditional on `expected_last_seq`, as command
+/// `command_id` of the writer's batch `batch` would have: the writer's part of a chain.
+async fn store_chained(
+    engine: &Engine,
+    command_id: &str,
+    version: u64,
+    event: StockEvent,
+    expected_last_seq: u64,
+    batch: &str,
+) -> u64 {
+    let metadata = EventMetadata {
+        command_id: command_id.into(),
+        correlation_id: command_id.into(),
+        ..Default::default()
+    };
+    let envelope = EventEnvelope::new("A1", version, &event, &metadata, chrono::Utc::now());
+    let mut headers = envelope.headers(&metadata);
+    headers.insert(ordo_eventstore::store::BATCH_HEADER, batch);
+    ordo_eventstore::publish::conditional_publish(
+        &engine.client,
+        "ordo.stock.events.A1",
+        headers,
+        envelope.to_bytes().into(),
+        command_id,
+        expected_last_seq,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap()
+    .seq
 }
 
 /// Waits until nats-server no longer remembers the message id under which the event of
@@ -309,6 +363,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
         "crashed",
         br#"{"sku":"A1","qty":4}"#,
         loaded.last_seq,
+        None,
     )
     .await;
     let metadata = EventMetadata {
@@ -380,7 +435,7 @@ async fn a_command_stored_second_in_a_batch_whose_answer_was_lost_is_not_appende
         ("first", br#"{"sku":"A1","qty":2}"#),
         ("second", br#"{"sku":"A1","qty":4}"#),
     ] {
-        record_receive_intent(&store, command_id, body, loaded.last_seq).await;
+        record_receive_intent(&store, command_id, body, loaded.last_seq, Some("batch-1")).await;
     }
     let event = |command_id: &str, version: u64, qty: u64| {
         let metadata = EventMetadata {
@@ -448,85 +503,117 @@ async fn a_command_stored_second_in_a_batch_whose_answer_was_lost_is_not_appende
     );
 }
 
+/// The saga's resolve of a reserve (void if it has not run) whose writer died mid-chain: the
+/// writer's next event may still be on its way, conditional on the chain's last stored event, so
+/// the reserve is not voided but run there, once. When another batch took the sequence the
+/// reserve expected, it can never land, and the resolve voids it.
 #[tokio::test]
-async fn a_command_whose_chain_was_cut_before_it_runs_once_after_what_the_chain_stored() {
+async fn a_resolve_runs_a_reserve_its_own_cut_chain_may_still_store_and_voids_one_another_batch_displaced()
+ {
     let engine = Engine::start().await;
     engine
         .request_with_id(
             Endpoint::StockReceive,
-            json!({"sku": "A1", "qty": 1}),
-            "before",
+            json!({"sku": "A1", "qty": 10}),
+            "receive",
         )
         .await;
-
-    // Given a writer that recorded two commands' intents on A1, chained their events (each
-    // conditional on the one before) and died once the first was stored…
     let store = EventStore::open(
         engine.client.clone(),
         &ordo_commands::CommandService::STREAMS,
     )
     .await
     .unwrap();
-    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
-    for (command_id, body) in [
-        ("first", br#"{"sku":"A1","qty":2}"#),
-        ("second", br#"{"sku":"A1","qty":4}"#),
-    ] {
-        record_receive_intent(&store, command_id, body, loaded.last_seq).await;
-    }
-    let metadata = EventMetadata {
-        command_id: "first".into(),
-        correlation_id: "first".into(),
-        ..Default::default()
+    let resolve = |order: &str| {
+        let mut request_headers = async_nats::HeaderMap::new();
+        request_headers.insert("Nats-Msg-Id", format!("saga:{order}:reserve:A1").as_str());
+        request_headers.insert(headers::VOID_IF_NOT_RUN, "true");
+        let body = json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
+        engine.try_request_with_headers(
+            Endpoint::StockReserve.subject(),
+            body.into_bytes(),
+            request_headers,
+            Duration::from_secs(10),
+        )
     };
-    let envelope = ordo_eventstore::EventEnvelope::new(
-        "A1",
-        loaded.version + 1,
-        &StockEvent::StockReceived { qty: 2 },
-        &metadata,
-        chrono::Utc::now(),
-    );
-    let mut headers = envelope.headers(&metadata);
-    headers.insert(ordo_eventstore::store::BATCH_HEADER, "chain-1");
-    let first = ordo_eventstore::publish::conditional_publish(
-        &engine.client,
-        "ordo.stock.events.A1",
-        headers,
-        envelope.to_bytes().into(),
-        "first",
-        loaded.last_seq,
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap();
+    let reserve_body = |order: &str| json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
 
-    // when the client retries the second, it runs once, right after the first (the state the
-    // chain would have stored it on),
-    let retried = engine
-        .request_with_id(
-            Endpoint::StockReceive,
-            json!({"sku": "A1", "qty": 4}),
-            "second",
+    // Given a writer that recorded the reserves of o-1 and o-2 in its batch chain-1, chained
+    // their events and died once o-1's was stored…
+    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
+    for order in ["o-1", "o-2"] {
+        let id = format!("saga:{order}:reserve:A1");
+        let body = reserve_body(order);
+        let batch = Some("chain-1");
+        record_intent(
+            &store,
+            Endpoint::StockReserve,
+            &id,
+            body.as_bytes(),
+            loaded.last_seq,
+            batch,
         )
         .await;
-    assert_eq!(retried["ok"], true, "{retried}");
-    assert_eq!(retried["version"], 3, "{retried}");
-    assert_eq!(retried["seq"].as_u64(), Some(first.seq + 1), "{retried}");
-    // and every later copy gets that answer, with nothing stored twice.
-    let again = engine
-        .request_with_id(
-            Endpoint::StockReceive,
-            json!({"sku": "A1", "qty": 4}),
-            "second",
-        )
-        .await;
-    assert_eq!(again, retried);
+    }
+    let reserved = |order: &str| StockEvent::StockReserved {
+        order_id: ordo_domain::OrderId::parse(order).unwrap(),
+        qty: 2,
+    };
+    let first = store_chained(
+        &engine,
+        "saga:o-1:reserve:A1",
+        loaded.version + 1,
+        reserved("o-1"),
+        loaded.last_seq,
+        "chain-1",
+    )
+    .await;
+
+    // the resolve of o-2 runs it, right after o-1's event (where the chain would have put it),
+    let ran = resolve("o-2").await.unwrap();
+    assert_eq!(outcome(&ran), "ok", "{ran}");
+    assert_eq!(ran["version"], 3, "{ran}");
+    assert_eq!(ran["seq"].as_u64(), Some(first + 1), "{ran}");
+    // and every later copy gets that answer.
+    assert_eq!(resolve("o-2").await.unwrap(), ran);
+
+    // Given a reserve of o-3 recorded in batch chain-2, whose expected sequence another batch
+    // (chain-9) took…
+    let loaded = store.load::<StockAggregate>("A1").await.unwrap();
+    let body = reserve_body("o-3");
+    record_intent(
+        &store,
+        Endpoint::StockReserve,
+        "saga:o-3:reserve:A1",
+        body.as_bytes(),
+        loaded.last_seq,
+        Some("chain-2"),
+    )
+    .await;
+    store_chained(
+        &engine,
+        "another",
+        loaded.version + 1,
+        StockEvent::StockReceived { qty: 1 },
+        loaded.last_seq,
+        "chain-9",
+    )
+    .await;
+
+    // its resolve voids it: it cannot land.
+    let voided = resolve("o-3").await.unwrap();
+    assert_eq!(outcome(&voided), "invalid_state", "{voided}");
+    assert!(
+        voided["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("voided"),
+        "{voided}"
+    );
     assert_eq!(
-        engine
-            .message_count(ordo_eventstore::StreamId::Stock.name())
-            .await,
-        3,
-        "before, first and second"
+        engine.event_counts().await,
+        (0, 4),
+        "the receive, o-1's and o-2's reserves, and the other batch's receive"
     );
 }
 
@@ -540,7 +627,7 @@ async fn a_run_that_died_before_appending_is_run_again() {
     )
     .await
     .unwrap();
-    record_receive_intent(&store, "died-early", body, 0).await;
+    record_receive_intent(&store, "died-early", body, 0, None).await;
 
     let reply = engine
         .request_bytes(
@@ -730,6 +817,7 @@ async fn two_different_outcome_records_at_one_revision_are_a_conflict_not_a_repe
         category: "stock".into(),
         aggregate_id: "A1".into(),
         expected_last_seq: 1,
+        batch: None,
     });
     let voided = record(OutcomeState::Rejected {
         reply: Reply::refused(ErrorCode::InvalidState, "voided"),
@@ -767,7 +855,7 @@ async fn a_command_that_cannot_be_decided_in_20_attempts_is_a_conflict_and_appen
     .await
     .unwrap();
     let body = br#"{"sku":"A1","qty":4}"#;
-    record_receive_intent(&store, "stalled", body, 999).await;
+    record_receive_intent(&store, "stalled", body, 999, None).await;
     let reply = engine
         .request_bytes(
             Endpoint::StockReceive.subject(),
