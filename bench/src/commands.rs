@@ -25,7 +25,29 @@ pub async fn start_command_services(
     servers
         .received("WARMUP", 1, "the command services answering")
         .await?;
+    partitions_shared(servers, instances).await?;
     Ok(services)
+}
+
+/// Waits until `instances` command services each hold a share of the partitions, all of them
+/// held: until then a partition may be moving, and a command wait for its next owner.
+pub async fn partitions_shared(servers: &Servers, instances: usize) -> anyhow::Result<()> {
+    let js = jetstream::new(servers.client.clone());
+    let config = ordo_eventstore::OwnershipConfig::new(
+        ordo_commands::service::PARTITION_GROUP,
+        ordo_commands::service::DEFAULT_PARTITIONS,
+    );
+    wait_until(Duration::from_secs(60), "the partitions shared", || async {
+        ordo_eventstore::ownership::status(&js, &config)
+            .await
+            .is_ok_and(|status| {
+                let live: Vec<_> = status.members.iter().filter(|m| m.alive).collect();
+                live.len() == instances
+                    && live.iter().all(|m| m.owns > 0)
+                    && status.partitions.iter().all(|p| p.held)
+            })
+    })
+    .await
 }
 
 /// The size of a place-order request body, to publish raw messages of the same size.
@@ -381,12 +403,7 @@ pub async fn scale(
             sums
         }
     };
-    // Each instance holds its share of the partitions: the leases have settled.
-    wait_until(Duration::from_secs(60), "the partitions shared", || async {
-        let owned = metric("ordo_partitions_owned", "").await;
-        owned.iter().all(|&held| held > 0.0) && owned.iter().sum::<f64>() == 16.0
-    })
-    .await?;
+    partitions_shared(servers, instances).await?;
     let sku = |s: usize| format!("K{instances}-{s}");
     let receives = (0..skus)
         .map(|s| {

@@ -9,8 +9,10 @@
 
 mod nats;
 mod postgres_server;
+mod postgres_url;
 mod test_database;
 
 pub use nats::{MINIMUM_VERSION, NatsCluster, NatsServer, find_nats_server, parse_version};
 pub use postgres_server::{PostgresServer, find_postgres_bin};
+pub use postgres_url::connect_options;
 pub use test_database::TestDatabase;

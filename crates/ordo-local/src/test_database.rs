@@ -1,6 +1,8 @@
 //! A PostgreSQL database owned by one test or one drill: created empty, dropped afterwards.
 
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, postgres::PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Executor, PgPool, postgres::PgPoolOptions};
+
+use crate::connect_options;
 
 const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -23,7 +25,8 @@ impl TestDatabase {
     pub async fn create_on(admin_url: &str) -> Self {
         let admin_url = admin_url.to_owned();
         let name = format!("ordo_test_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|err| {
+        let admin = async { connect_options(&admin_url)?.connect().await };
+        let mut admin = admin.await.unwrap_or_else(|err| {
             panic!(
                 "cannot reach PostgreSQL at {admin_url}: {err}. Run `scripts/test`, which starts one, \
                  or set ORDO_TEST_DATABASE_URL"
@@ -38,7 +41,7 @@ impl TestDatabase {
             .max_connections(5)
             // Like ordo's own pools: a database that is down is an error in seconds, not 30.
             .acquire_timeout(std::time::Duration::from_secs(3))
-            .connect(&url)
+            .connect_with(connect_options(&url).expect("a valid URL"))
             .await
             .expect("connect to the test database");
         Self {
@@ -72,9 +75,8 @@ impl Drop for TestDatabase {
                 .enable_all()
                 .build()?;
             runtime.block_on(async {
-                let mut admin = PgConnection::connect(&admin_url)
-                    .await
-                    .map_err(std::io::Error::other)?;
+                let admin = async { connect_options(&admin_url)?.connect().await };
+                let mut admin = admin.await.map_err(std::io::Error::other)?;
                 admin
                     .execute(AssertSqlSafe(format!(
                         r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#
