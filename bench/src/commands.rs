@@ -146,18 +146,7 @@ pub async fn hot_sku(
 ) -> anyhow::Result<(Figures, usize)> {
     let units = reserves / 2;
     let receive = json!({"sku": "HOT", "qty": units});
-    let received = closed_loop(
-        &servers.client,
-        "receive",
-        1,
-        vec![(Endpoint::StockReceive, receive)],
-    )
-    .await;
-    anyhow::ensure!(
-        received.errors() == 0,
-        "receive: {}",
-        received.outcomes_text()
-    );
+    receive_all(servers, vec![receive], 1).await?;
     let requests = (0..reserves)
         .map(|i| {
             let body = json!({"sku": "HOT", "order_id": format!("h{i}"), "qty": 1});
@@ -349,6 +338,25 @@ async fn receive(servers: &Servers, sku: &str, command_id: &str) -> anyhow::Resu
     Ok(sent.elapsed())
 }
 
+/// Sends every stock receive in `receives`, `concurrency` at a time; all must be accepted.
+async fn receive_all(
+    servers: &Servers,
+    receives: Vec<Value>,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let requests = receives
+        .into_iter()
+        .map(|body| (Endpoint::StockReceive, body))
+        .collect();
+    let received = closed_loop(&servers.client, "receive", concurrency, requests).await;
+    anyhow::ensure!(
+        received.errors() == 0,
+        "receive: {}",
+        received.outcomes_text()
+    );
+    Ok(())
+}
+
 /// One step of the scale scenario: `instances` command services on a contended workload.
 pub struct ScaleStep {
     pub instances: usize,
@@ -406,19 +414,9 @@ pub async fn scale(
     partitions_shared(servers, instances).await?;
     let sku = |s: usize| format!("K{instances}-{s}");
     let receives = (0..skus)
-        .map(|s| {
-            (
-                Endpoint::StockReceive,
-                json!({"sku": sku(s), "qty": reserves}),
-            )
-        })
+        .map(|s| json!({"sku": sku(s), "qty": reserves}))
         .collect();
-    let received = closed_loop(&servers.client, "receive", 4, receives).await;
-    anyhow::ensure!(
-        received.errors() == 0,
-        "receive: {}",
-        received.outcomes_text()
-    );
+    receive_all(servers, receives, 4).await?;
     let requests = (0..reserves)
         .map(|i| {
             let body =

@@ -217,6 +217,13 @@ impl NatsServer {
     }
 
     fn spawn(&self) {
+        self.try_spawn()
+            .unwrap_or_else(|problem| panic!("{problem}"));
+    }
+
+    /// Starts the process and waits until it listens; says why not when it exits first or
+    /// takes longer than 20 s.
+    fn try_spawn(&self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -274,19 +281,22 @@ impl NatsServer {
                 .as_mut()
                 .and_then(|child| child.try_wait().expect("poll nats-server"));
             if let Some(status) = exited {
-                panic!(
-                    "nats-server exited ({status}) before it listened; see {}",
+                let log = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+                let last = log.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+                return Err(format!(
+                    "nats-server exited ({status}) before it listened; see {} (last lines: {last})",
                     self.log_file().display()
-                );
+                ));
             }
             if let Some(port) = client_port_in(&ports_dir) {
                 break port;
             }
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen within 20 s; see {}",
-                self.log_file().display()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "nats-server did not listen within 20 s; see {}",
+                    self.log_file().display()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(
@@ -295,12 +305,12 @@ impl NatsServer {
         );
         self.port.store(port, std::sync::atomic::Ordering::SeqCst);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not accept on {port}"
-            );
+            if Instant::now() >= deadline {
+                return Err(format!("nats-server did not accept on {port}"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
     }
 }
 
@@ -321,8 +331,24 @@ impl NatsCluster {
         Self::start_configured(size, Some(config))
     }
 
+    /// The ports of a cluster are picked before its nodes start, and another process may take
+    /// one meanwhile (a node then exits at once): such a start is tried again on new ports.
     fn start_configured(size: usize, config: Option<&str>) -> Self {
-        let binary = find_nats_server().unwrap_or_else(|problem| panic!("{problem}"));
+        let mut attempt = 1;
+        loop {
+            match Self::try_start(size, config) {
+                Ok(cluster) => return cluster,
+                Err(problem) if attempt < 3 => {
+                    eprintln!("starting a nats-server cluster again, on new ports: {problem}");
+                    attempt += 1;
+                }
+                Err(problem) => panic!("{problem}"),
+            }
+        }
+    }
+
+    fn try_start(size: usize, config: Option<&str>) -> Result<Self, String> {
+        let binary = find_nats_server()?;
         let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
         let nodes: Vec<NatsServer> = (0..size)
             .map(|index| {
@@ -347,10 +373,11 @@ impl NatsCluster {
                 }
             })
             .collect();
+        // On an error, `nodes` drops, and every node started is killed.
         for node in &nodes {
-            node.spawn();
+            node.try_spawn()?;
         }
-        Self { nodes }
+        Ok(Self { nodes })
     }
 
     /// Every node's client URL, comma-separated, as NATS clients take a server list.

@@ -95,6 +95,33 @@ async fn store_chained(
     .seq
 }
 
+/// The command service's event store, as a writer that died half-way left it.
+async fn command_store(engine: &Engine) -> EventStore {
+    EventStore::open(
+        engine.client.clone(),
+        &ordo_commands::CommandService::STREAMS,
+    )
+    .await
+    .unwrap()
+}
+
+/// The saga's resolve of order `order`'s reserve of 2 A1: the reserve again, under its id,
+/// asked to be voided if it has not run.
+async fn resolve_reserve(engine: &Engine, order: &str) -> Result<serde_json::Value, String> {
+    let mut request_headers = async_nats::HeaderMap::new();
+    request_headers.insert("Nats-Msg-Id", format!("saga:{order}:reserve:A1").as_str());
+    request_headers.insert(headers::VOID_IF_NOT_RUN, "true");
+    let body = json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
+    engine
+        .try_request_with_headers(
+            Endpoint::StockReserve.subject(),
+            body.into_bytes(),
+            request_headers,
+            Duration::from_secs(10),
+        )
+        .await
+}
+
 /// Waits until nats-server no longer remembers the message id under which the event of
 /// `command_id` was stored in `stream` (its duplicate window is a timer of the server's, not a
 /// check at each publish), so that a test that then repeats the command proves ordo's outcome
@@ -351,12 +378,7 @@ async fn a_command_whose_run_died_after_appending_is_not_appended_again() {
         .await;
 
     // Given a run of "crashed" that recorded its intent and appended, then died before replying…
-    let store = EventStore::open(
-        engine.client.clone(),
-        &ordo_commands::CommandService::STREAMS,
-    )
-    .await
-    .unwrap();
+    let store = command_store(&engine).await;
     let loaded = store.load::<StockAggregate>("A1").await.unwrap();
     record_receive_intent(
         &store,
@@ -424,12 +446,7 @@ async fn a_command_stored_second_in_a_batch_whose_answer_was_lost_is_not_appende
 
     // Given a batch that recorded two commands' intents on A1 and stored both events, the
     // second ("second") after another command's, and died before answering…
-    let store = EventStore::open(
-        engine.client.clone(),
-        &ordo_commands::CommandService::STREAMS,
-    )
-    .await
-    .unwrap();
+    let store = command_store(&engine).await;
     let loaded = store.load::<StockAggregate>("A1").await.unwrap();
     for (command_id, body) in [
         ("first", br#"{"sku":"A1","qty":2}"#),
@@ -518,24 +535,7 @@ async fn a_resolve_runs_a_reserve_its_own_cut_chain_may_still_store_and_voids_on
             "receive",
         )
         .await;
-    let store = EventStore::open(
-        engine.client.clone(),
-        &ordo_commands::CommandService::STREAMS,
-    )
-    .await
-    .unwrap();
-    let resolve = |order: &str| {
-        let mut request_headers = async_nats::HeaderMap::new();
-        request_headers.insert("Nats-Msg-Id", format!("saga:{order}:reserve:A1").as_str());
-        request_headers.insert(headers::VOID_IF_NOT_RUN, "true");
-        let body = json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
-        engine.try_request_with_headers(
-            Endpoint::StockReserve.subject(),
-            body.into_bytes(),
-            request_headers,
-            Duration::from_secs(10),
-        )
-    };
+    let store = command_store(&engine).await;
     let reserve_body = |order: &str| json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
 
     // Given a writer that recorded the reserves of o-1 and o-2 in its batch chain-1, chained
@@ -570,12 +570,12 @@ async fn a_resolve_runs_a_reserve_its_own_cut_chain_may_still_store_and_voids_on
     .await;
 
     // the resolve of o-2 runs it, right after o-1's event (where the chain would have put it),
-    let ran = resolve("o-2").await.unwrap();
+    let ran = resolve_reserve(&engine, "o-2").await.unwrap();
     assert_eq!(outcome(&ran), "ok", "{ran}");
     assert_eq!(ran["version"], 3, "{ran}");
     assert_eq!(ran["seq"].as_u64(), Some(first + 1), "{ran}");
     // and every later copy gets that answer.
-    assert_eq!(resolve("o-2").await.unwrap(), ran);
+    assert_eq!(resolve_reserve(&engine, "o-2").await.unwrap(), ran);
 
     // Given a reserve of o-3 recorded in batch chain-2, whose expected sequence another batch
     // (chain-9) took…
@@ -601,7 +601,7 @@ async fn a_resolve_runs_a_reserve_its_own_cut_chain_may_still_store_and_voids_on
     .await;
 
     // its resolve voids it: it cannot land.
-    let voided = resolve("o-3").await.unwrap();
+    let voided = resolve_reserve(&engine, "o-3").await.unwrap();
     assert_eq!(outcome(&voided), "invalid_state", "{voided}");
     assert!(
         voided["error"]["message"]
@@ -621,12 +621,7 @@ async fn a_resolve_runs_a_reserve_its_own_cut_chain_may_still_store_and_voids_on
 async fn a_run_that_died_before_appending_is_run_again() {
     let engine = Engine::start().await;
     let body = br#"{"sku":"A1","qty":4}"#;
-    let store = EventStore::open(
-        engine.client.clone(),
-        &ordo_commands::CommandService::STREAMS,
-    )
-    .await
-    .unwrap();
+    let store = command_store(&engine).await;
     record_receive_intent(&store, "died-early", body, 0, None).await;
 
     let reply = engine
@@ -732,18 +727,6 @@ async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_
     engine
         .request(Endpoint::StockReceive, json!({"sku": "A1", "qty": 5}))
         .await;
-    let resolve = |order: &str| {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("saga:{order}:reserve:A1").as_str());
-        headers.insert(headers::VOID_IF_NOT_RUN, "true");
-        let body = json!({"sku": "A1", "order_id": order, "qty": 2}).to_string();
-        engine.try_request_with_headers(
-            Endpoint::StockReserve.subject(),
-            body.into_bytes(),
-            headers,
-            Duration::from_secs(10),
-        )
-    };
     let reserve = |order: &str| {
         let (body, id) = (
             json!({"sku": "A1", "order_id": order, "qty": 2}),
@@ -758,7 +741,7 @@ async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_
     };
 
     // Not run yet: voided.
-    let voided = resolve("o-1").await.unwrap();
+    let voided = resolve_reserve(&engine, "o-1").await.unwrap();
     assert_eq!(outcome(&voided), "invalid_state", "{voided}");
     assert!(
         voided["error"]["message"]
@@ -773,7 +756,7 @@ async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_
     // Run already: the resolve answers its outcome and runs nothing more.
     let ran = reserve("o-2").await;
     assert_eq!(outcome(&ran), "ok", "{ran}");
-    assert_eq!(resolve("o-2").await.unwrap(), ran);
+    assert_eq!(resolve_reserve(&engine, "o-2").await.unwrap(), ran);
     assert_eq!(
         engine.event_counts().await,
         (0, 2),
@@ -801,12 +784,7 @@ async fn a_reserve_voided_before_it_ran_never_runs_and_one_that_ran_answers_its_
 #[tokio::test]
 async fn two_different_outcome_records_at_one_revision_are_a_conflict_not_a_repeat() {
     let engine = Engine::start().await;
-    let store = EventStore::open(
-        engine.client.clone(),
-        &ordo_commands::CommandService::STREAMS,
-    )
-    .await
-    .unwrap();
+    let store = command_store(&engine).await;
     let outcomes = Outcomes::new(store);
     let record = |state| OutcomeRecord {
         command_id: "saga:o-1:reserve:A1".into(),
@@ -848,12 +826,7 @@ async fn a_command_that_cannot_be_decided_in_20_attempts_is_a_conflict_and_appen
         )
         .await;
     assert_eq!(outcome(&first), "ok");
-    let store = EventStore::open(
-        engine.client.clone(),
-        &ordo_commands::CommandService::STREAMS,
-    )
-    .await
-    .unwrap();
+    let store = command_store(&engine).await;
     let body = br#"{"sku":"A1","qty":4}"#;
     record_receive_intent(&store, "stalled", body, 999, None).await;
     let reply = engine
