@@ -164,6 +164,10 @@ impl Router {
             .expect("not poisoned")
             .insert(partition, sender);
         let mut writer = Writer::new(handler);
+        // Looked up once: the label is the partition's, for as long as this loop serves it.
+        let commands = metrics::counter!("ordo_partition_commands_total", "partition" => partition.to_string());
+        let queued = metrics::gauge!("ordo_partition_queued", "partition" => partition.to_string());
+        let batch_size = metrics::histogram!("ordo_partition_batch_size");
         loop {
             let first = tokio::select! {
                 () = grant.revoked() => break,
@@ -185,11 +189,9 @@ impl Router {
                 }
                 break;
             }
-            let label = partition.to_string();
-            metrics::counter!("ordo_partition_commands_total", "partition" => label.clone())
-                .increment(batch.len() as u64);
-            metrics::gauge!("ordo_partition_queued", "partition" => label).set(jobs.len() as f64);
-            metrics::histogram!("ordo_partition_batch_size").record(batch.len() as f64);
+            commands.increment(batch.len() as u64);
+            queued.set(jobs.len() as f64);
+            batch_size.record(batch.len() as f64);
             writer.commit(batch).await;
         }
         {
@@ -202,7 +204,7 @@ impl Router {
                 here.remove(&partition);
             }
         }
-        metrics::gauge!("ordo_partition_queued", "partition" => partition.to_string()).set(0.0);
+        queued.set(0.0);
         drop(mine);
         jobs.close();
         while let Ok(job) = jobs.try_recv() {

@@ -413,7 +413,7 @@ async fn commit_category<A: Aggregate>(
     // sequence; its few events chained, each conditional on the one before; its many events in
     // one atomic batch, the first conditional on it.
     let mut appends = Vec::new();
-    let mut events: HashMap<&str, Vec<BatchMessage>> = HashMap::new();
+    let mut events: HashMap<&str, Vec<Outgoing>> = HashMap::new();
     for decided in &decided {
         let Decided::Append {
             job,
@@ -437,18 +437,13 @@ async fn commit_category<A: Aggregate>(
             otel.name = %format_args!("append {}", envelope.event_type),
             %subject,
         ));
-        let mut headers = envelope.headers(metadata);
-        headers.insert("Nats-Msg-Id", metadata.command_id.as_str());
-        if of_aggregate.is_empty() {
-            headers.insert(
-                "Nats-Expected-Last-Subject-Sequence",
-                loaded.last_seq.to_string().as_str(),
-            );
-        }
-        of_aggregate.push(BatchMessage {
-            subject,
-            headers,
-            payload: envelope.to_bytes().into(),
+        of_aggregate.push(Outgoing {
+            message: BatchMessage {
+                subject,
+                headers: envelope.headers(metadata),
+                payload: envelope.to_bytes().into(),
+            },
+            command_id: metadata.command_id.as_str(),
         });
     }
     let started = std::time::Instant::now();
@@ -457,14 +452,31 @@ async fn commit_category<A: Aggregate>(
     let mut chains = Vec::new();
     for (aggregate_id, mut messages) in events {
         if messages.len() > 1 {
-            for message in &mut messages {
-                message.headers.insert(BATCH_HEADER, batch_id.as_str());
+            for outgoing in &mut messages {
+                outgoing
+                    .message
+                    .headers
+                    .insert(BATCH_HEADER, batch_id.as_str());
             }
         }
+        let expected = before[aggregate_id].last_seq;
         if messages.len() > CHAIN_MAX {
-            together.push((aggregate_id, messages));
+            // In a batch every message carries its conditions: its id, and the first the
+            // aggregate's last sequence (the server checks them against the stream before it).
+            let mut batch = Vec::with_capacity(messages.len());
+            for (index, outgoing) in messages.into_iter().enumerate() {
+                let mut message = outgoing.message;
+                message.headers.insert("Nats-Msg-Id", outgoing.command_id);
+                if index == 0 {
+                    message.headers.insert(
+                        "Nats-Expected-Last-Subject-Sequence",
+                        expected.to_string().as_str(),
+                    );
+                }
+                batch.push(message);
+            }
+            together.push((aggregate_id, batch));
         } else {
-            let expected = before[aggregate_id].last_seq;
             chains.push(async move { (aggregate_id, chain(client, messages, expected).await) });
         }
     }
@@ -584,6 +596,12 @@ async fn commit_category<A: Aggregate>(
     leftovers
 }
 
+/// An event to append, and the id of the command that decided it (its `Nats-Msg-Id`).
+struct Outgoing<'a> {
+    message: BatchMessage,
+    command_id: &'a str,
+}
+
 /// An aggregate's events of a batch that were stored, and why the rest were not.
 struct Stored {
     seqs: Vec<u64>,
@@ -594,24 +612,23 @@ struct Stored {
 /// first on `expected`, the aggregate's last sequence), and stops at the first that is not
 /// stored. Cheaper than an atomic batch for a few events: on a one-replica file stream the server
 /// makes and removes a store on disk for every atomic batch (bench/reports/profiles.md).
-async fn chain(client: &async_nats::Client, messages: Vec<BatchMessage>, expected: u64) -> Stored {
+async fn chain(client: &async_nats::Client, messages: Vec<Outgoing<'_>>, expected: u64) -> Stored {
     let mut stored = Stored {
         seqs: Vec::with_capacity(messages.len()),
         not_stored: None,
     };
     let mut expected = expected;
-    for message in messages {
-        let msg_id = message
-            .headers
-            .get("Nats-Msg-Id")
-            .map(|id| id.as_str().to_owned())
-            .unwrap_or_default();
+    for Outgoing {
+        message,
+        command_id,
+    } in messages
+    {
         let appended = conditional_publish(
             client,
             &message.subject,
             message.headers,
             message.payload,
-            &msg_id,
+            command_id,
             expected,
             WRITE_TIMEOUT,
         )

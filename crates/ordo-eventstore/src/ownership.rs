@@ -111,11 +111,12 @@ pub async fn status(
             .try_collect()
             .await
             .map_err(|err| format!("listing {BUCKET}: {err}"))?;
-        let prefix = format!("{}.", config.group);
         for key in keys {
-            let Some(rest) = key.strip_prefix(&prefix) else {
+            let member = config.member_of_key(&key);
+            let partition = config.partition_of_key(&key);
+            if member.is_none() && partition.is_none() {
                 continue;
-            };
+            }
             let Some(entry) = store
                 .entry(&key)
                 .await
@@ -125,17 +126,14 @@ pub async fn status(
                 continue;
             };
             let ago = ms_ago(&entry);
-            if let Some(instance) = rest.strip_prefix("members.") {
+            if let Some(instance) = member {
                 members.push(MemberStatus {
                     instance: instance.to_owned(),
                     heartbeat_ms_ago: ago,
                     alive: ago < lease_ms,
                     owns: 0,
                 });
-            } else if let Some(partition) = rest
-                .strip_prefix("owners.")
-                .and_then(|partition| partition.parse::<u32>().ok())
-            {
+            } else if let Some(partition) = partition {
                 let owner = String::from_utf8_lossy(&entry.value).into_owned();
                 owners.insert(partition, (owner, ago));
             }
@@ -187,6 +185,29 @@ impl OwnershipConfig {
             renew_every: Duration::from_secs(1),
             replicas: 1,
         }
+    }
+
+    /// The key of `instance`'s heartbeat.
+    fn member_key(&self, instance: &str) -> String {
+        format!("{}.members.{instance}", self.group)
+    }
+
+    /// The key of `partition`'s lease.
+    fn owner_key(&self, partition: u32) -> String {
+        format!("{}.owners.{partition}", self.group)
+    }
+
+    /// The member whose heartbeat `key` is, if it is one of this group's.
+    fn member_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(&self.group)?.strip_prefix(".members.")
+    }
+
+    /// The partition whose lease `key` is, if it is one of this group's.
+    fn partition_of_key(&self, key: &str) -> Option<u32> {
+        key.strip_prefix(&self.group)?
+            .strip_prefix(".owners.")?
+            .parse()
+            .ok()
     }
 
     /// How long before its lease ends, as others count it, an owner stops acting.
@@ -432,14 +453,6 @@ struct Leases {
 }
 
 impl Leases {
-    fn member_key(&self, instance: &str) -> String {
-        format!("{}.members.{instance}", self.config.group)
-    }
-
-    fn owner_key(&self, partition: u32) -> String {
-        format!("{}.owners.{partition}", self.config.group)
-    }
-
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         let mut tick = tokio::time::interval(self.config.heartbeat_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -516,7 +529,7 @@ impl Leases {
                 .get(&entry.key)
                 .is_some_and(|seen| seen.revision == entry.revision);
             if !unchanged {
-                if let Some(member) = self.member_of_key(&entry.key) {
+                if let Some(member) = self.config.member_of_key(&entry.key) {
                     if member == self.me {
                         self.own_heartbeat_seen = Instant::now();
                     }
@@ -541,12 +554,6 @@ impl Leases {
         seen.changed_at.elapsed() < self.config.lease
     }
 
-    /// The member whose heartbeat `key` is, if it is one.
-    fn member_of_key<'k>(&self, key: &'k str) -> Option<&'k str> {
-        key.strip_prefix(&self.config.group)?
-            .strip_prefix(".members.")
-    }
-
     /// The live members: those whose heartbeat changed within a lease and that are not known to
     /// be dead, and this instance.
     fn members(&self) -> Vec<String> {
@@ -554,7 +561,7 @@ impl Leases {
             .view
             .iter()
             .filter(|(_, seen)| self.fresh(seen))
-            .filter_map(|(key, _)| self.member_of_key(key))
+            .filter_map(|(key, _)| self.config.member_of_key(key))
             .filter(|member| !self.dead.contains(*member))
             .map(str::to_owned)
             .chain(std::iter::once(self.me.clone()))
@@ -571,7 +578,7 @@ impl Leases {
                     return Some(self.me.clone());
                 }
                 self.view
-                    .get(&self.owner_key(partition))
+                    .get(&self.config.owner_key(partition))
                     .filter(|seen| self.fresh(seen))
                     .map(|seen| String::from_utf8_lossy(&seen.value).into_owned())
                     .filter(|owner| *owner != self.me)
@@ -590,7 +597,7 @@ impl Leases {
     }
 
     async fn heartbeat(&mut self) -> Result<(), OwnershipError> {
-        let key = self.member_key(&self.me);
+        let key = self.config.member_key(&self.me);
         self.store
             .put(key, Bytes::from(self.me.clone()))
             .await
@@ -643,7 +650,7 @@ impl Leases {
             .view
             .iter()
             .filter(|(_, seen)| seen.changed_at.elapsed() >= self.config.heartbeat_every() * 3)
-            .filter_map(|(key, _)| self.member_of_key(key))
+            .filter_map(|(key, _)| self.config.member_of_key(key))
             .filter(|member| *member != self.me && !self.dead.contains(*member))
             .filter(|member| {
                 self.probed
@@ -688,7 +695,7 @@ impl Leases {
             .map(|(partition, _)| *partition)
             .collect();
         for partition in due {
-            let key = self.owner_key(partition);
+            let key = self.config.owner_key(partition);
             let revision = self.held[&partition].revision;
             let sent = Instant::now();
             match self
@@ -736,7 +743,7 @@ impl Leases {
             .collect();
         for partition in released {
             let held = self.held.remove(&partition).expect("held");
-            let key = self.owner_key(partition);
+            let key = self.config.owner_key(partition);
             if let Err(err) = self
                 .store
                 .delete_expect_revision(&key, Some(held.revision))
@@ -750,7 +757,7 @@ impl Leases {
 
     /// Takes the partition's lease if it is free, run out, or this instance's own.
     async fn try_acquire(&mut self, partition: u32) {
-        let key = self.owner_key(partition);
+        let key = self.config.owner_key(partition);
         let value = Bytes::from(self.me.clone());
         let sent = Instant::now();
         let taken = match self.view.get(&key) {
@@ -829,7 +836,7 @@ impl Leases {
                 Ok(None) | Err(_) => break,
             }
         }
-        let key = self.member_key(&self.me);
+        let key = self.config.member_key(&self.me);
         if let Err(err) = self.store.delete(&key).await {
             tracing::debug!(%err, "heartbeat not deleted");
         }
