@@ -162,6 +162,7 @@ impl App {
                         nats.clone(),
                         settings.load_shedding.clone(),
                         settings.streams.clone(),
+                        settings.partitions,
                         shutdown.clone(),
                     ),
                 ));

@@ -108,9 +108,11 @@ pub async fn commands(
     nats: async_nats::Client,
     load_shedding: LoadSheddingOptions,
     streams: StreamSettings,
+    partitions: u32,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let config = ordo_commands::ServiceConfig {
+        partitions,
         backlog_limits: Some(ordo_commands::backpressure::BacklogLimits {
             saga: load_shedding.max_saga_backlog,
             projection: load_shedding.max_projection_lag,
@@ -141,6 +143,9 @@ pub async fn commands(
         match assembled {
             None => return Ok(()),
             Some(Ok(service)) => break service,
+            Some(Err(err @ ordo_commands::ServiceError::Misconfigured(_))) => {
+                return Err(err.into());
+            }
             Some(Err(err)) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(%err, retry_in = ?delay, "the command service cannot start yet; retrying");

@@ -49,6 +49,19 @@ pub struct Settings {
     #[arg(long, env = "ORDO_METRICS_ADDR", global = true)]
     pub metrics_addr: Option<SocketAddr>,
 
+    /// How many partitions the command service spreads aggregates over, each owned by one
+    /// instance at a time. Every command service must run with the same count: one started with
+    /// another count than the live ones stops with an error. How to choose it and how to change
+    /// it: docs/operations.md, "Partitions".
+    #[arg(
+        long,
+        env = "ORDO_PARTITIONS",
+        default_value_t = ordo_commands::service::DEFAULT_PARTITIONS,
+        value_parser = clap::value_parser!(u32).range(1..=1024),
+        global = true
+    )]
+    pub partitions: u32,
+
     /// Where `ordo up` keeps the data of servers it starts itself.
     #[arg(long, env = "ORDO_HOME", default_value = ".ordo", global = true)]
     pub home: PathBuf,

@@ -9,6 +9,8 @@
 //! - [`faults`]: the schedule of kills, nats-server restarts, node kills and outages.
 //! - [`load`]: the clients and the history of what they were told.
 //! - [`hostile`]: an attacker among the applications, whose attacks must all fail.
+//! - [`partitions`]: watching that every partition of the command service is served again
+//!   within 5 s of losing its owner.
 //! - [`observe`]: reading the streams, views, sagas, notifications and payments back.
 //! - [`check`]: the checker, a pure function with its own fold of the streams.
 //! - `options` and `report`: what a drill is asked for ([`ChaosOptions`]) and what it reports
@@ -26,6 +28,7 @@ pub mod hostile;
 pub mod load;
 pub mod observe;
 mod options;
+pub mod partitions;
 mod report;
 
 pub use options::{ChaosOptions, Outage};
@@ -282,6 +285,8 @@ pub async fn run(
     let duration = Duration::from_secs_f64(options.duration);
     let progress = Progress::new(duration);
     let mut faults = faults::Faults::new(&options, duration, rng, started);
+    let watching = Arc::new(AtomicBool::new(false));
+    let partition_watch = tokio::spawn(partitions::watch(js.clone(), started, watching.clone()));
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let elapsed = started.elapsed();
@@ -373,6 +378,8 @@ pub async fn run(
         progress.settling(settling.elapsed(), &moving);
     }
     let settle_secs = settling.elapsed().as_secs_f64();
+    watching.store(true, Ordering::Relaxed);
+    let (partitions, partition_violations) = partition_watch.await?;
     progress.finish();
     let observed = observe::observe(&js, database.pool()).await?;
     let acknowledged = history.acknowledged.lock().expect("not poisoned").clone();
@@ -397,6 +404,7 @@ pub async fn run(
             detail: repeat,
         });
     }
+    violations.extend(partition_violations);
     violations.extend(attacks.succeeded.lock().expect("not poisoned").drain(..));
     violations.extend(hostile::traces(&observed));
     if accounts.is_some() {
@@ -433,6 +441,7 @@ pub async fn run(
         nats_restarts,
         node_kills,
         outages: options.outages.clone(),
+        partitions,
         unexpected_exits,
         orders,
         rejections,

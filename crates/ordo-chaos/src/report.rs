@@ -10,7 +10,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{Outage, check, fleet::Component, load};
+use crate::{Outage, check, fleet::Component, load, partitions};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -29,6 +29,8 @@ pub struct Report {
     /// Cluster nodes killed, as "n2 (leader of ORDO_ORDERS)".
     pub node_kills: Vec<String>,
     pub outages: Vec<Outage>,
+    /// How quickly the command service's partitions were served again after losing an owner.
+    pub partitions: partitions::PartitionsReport,
     /// Processes that exited without being killed: (component, instance, status).
     pub unexpected_exits: Vec<(Component, usize, String)>,
     pub orders: BTreeMap<String, u64>,
@@ -97,6 +99,18 @@ pub fn print(report: &Report) {
             outage.secs
         );
     }
+    let p = &report.partitions;
+    println!(
+        "  partitions  served again {} times after losing an owner, at the latest after {:.1} s ({} s allowed){}",
+        p.served_again,
+        p.longest_unserved_ms as f64 / 1_000.0,
+        partitions::SERVED_AGAIN_WITHIN.as_secs(),
+        if p.unread_samples > 0 {
+            format!("; the bucket could not be read {} times", p.unread_samples)
+        } else {
+            String::new()
+        }
+    );
     for (component, index, status) in &report.unexpected_exits {
         println!(
             "  exited      {}-{index} on its own: {status}",

@@ -26,4 +26,4 @@ pub mod service;
 pub mod writer;
 
 pub use handler::CommandHandler;
-pub use service::{CommandService, ServiceConfig};
+pub use service::{CommandService, ServiceConfig, ServiceError};

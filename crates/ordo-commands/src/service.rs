@@ -12,7 +12,8 @@ use std::{
 use async_nats::RequestErrorKind;
 use futures::StreamExt;
 use ordo_eventstore::{
-    EventMetadata, EventStore, Ownership, OwnershipConfig, StreamId, partition_of, trace,
+    EventMetadata, EventStore, Ownership, OwnershipConfig, StreamId, ownership::OwnershipError,
+    partition_of, trace,
 };
 use tokio::{
     sync::{Semaphore, oneshot},
@@ -43,8 +44,14 @@ pub const DEFAULT_PARTITIONS: u32 = 16;
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot start the command service: {0}")]
-pub struct ServiceError(String);
+pub enum ServiceError {
+    /// Something it needs does not answer yet (JetStream, a stream, the partition leases).
+    #[error("cannot start the command service: {0}")]
+    NotYet(String),
+    /// Started with settings the running instances do not share: waiting does not help.
+    #[error("cannot start the command service: {0}")]
+    Misconfigured(String),
+}
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -168,7 +175,7 @@ impl CommandService {
     ) -> Result<Self, ServiceError> {
         let store = EventStore::open(client.clone(), &Self::STREAMS)
             .await
-            .map_err(|err| ServiceError(format!("opening the event store: {err}")))?;
+            .map_err(|err| ServiceError::NotYet(format!("opening the event store: {err}")))?;
         Self::start(client, Arc::new(CommandHandler::new(store)), config).await
     }
 
@@ -211,7 +218,7 @@ impl CommandService {
                     config.replicas,
                 )
                 .await
-                .map_err(|err| ServiceError(err.to_string()))?,
+                .map_err(|err| ServiceError::NotYet(err.to_string()))?,
             ),
             None => None,
         };
@@ -224,11 +231,16 @@ impl CommandService {
             },
         )
         .await
-        .map_err(|err| ServiceError(err.to_string()))?;
+        .map_err(|err| match err {
+            OwnershipError::PartitionCountDiffers(_) => {
+                ServiceError::Misconfigured(err.to_string())
+            }
+            OwnershipError::Bucket(_) => ServiceError::NotYet(err.to_string()),
+        })?;
         let forwarded = client
             .subscribe(routing::forwarded_to(ownership.instance()))
             .await
-            .map_err(|err| ServiceError(format!("the forwarded commands: {err}")))?;
+            .map_err(|err| ServiceError::NotYet(format!("the forwarded commands: {err}")))?;
         let router = Arc::new(Router::new(
             config.partitions,
             ownership.owners(),
@@ -249,14 +261,14 @@ impl CommandService {
             let subscriber = client
                 .queue_subscribe(endpoint.subject(), QUEUE_GROUP.into())
                 .await
-                .map_err(|err| ServiceError(format!("{}: {err}", endpoint.subject())))?;
+                .map_err(|err| ServiceError::NotYet(format!("{}: {err}", endpoint.subject())))?;
             subscriptions.push((endpoint, subscriber));
         }
         let discovery = micro
             .clone()
             .answer_discovery(client.clone())
             .await
-            .map_err(|err| ServiceError(format!("the discovery subjects: {err}")))?;
+            .map_err(|err| ServiceError::NotYet(format!("the discovery subjects: {err}")))?;
         // A round trip on this connection after the subscriptions: once the service answers its
         // own PING, the server has registered every endpoint before it.
         client
@@ -266,7 +278,7 @@ impl CommandService {
             )
             .await
             .map_err(|err| {
-                ServiceError(format!("the service does not answer its own PING: {err}"))
+                ServiceError::NotYet(format!("the service does not answer its own PING: {err}"))
             })?;
         // Ready once every partition has an owner: a first instance takes them all at once; one
         // that starts after a crash takes the dead owner's once it has found it gone (within a

@@ -2,7 +2,9 @@
 //! instances of a group by rendezvous hashing, and moved when an instance joins, leaves or dies.
 //!
 //! Keys, per group (`commands`, …):
-//! - `<group>.members.<instance>`: each instance's heartbeat, put four times per `renew_every`.
+//! - `<group>.members.<instance>`: each instance's heartbeat, put four times per `renew_every`;
+//!   its value is the number of partitions the instance runs with, so that an instance started
+//!   with another count than the live ones is refused when it joins.
 //! - `<group>.owners.<partition>`: the instance that holds the partition's lease, renewed by an
 //!   update conditional on its revision every `renew_every`.
 //!
@@ -75,6 +77,8 @@ pub struct MemberStatus {
     pub alive: bool,
     /// Partitions whose lease it holds.
     pub owns: u32,
+    /// The partition count it runs with (none from a build that did not say).
+    pub partitions: Option<u32>,
 }
 
 /// Reads the group's leases and heartbeats from the bucket. A bucket that does not exist yet (no
@@ -83,6 +87,54 @@ pub async fn status(
     js: &jetstream::Context,
     config: &OwnershipConfig,
 ) -> Result<GroupStatus, String> {
+    let (owners, mut members) = match js.get_key_value(BUCKET).await {
+        Ok(store) => read_leases(&store, config).await?,
+        Err(err)
+            if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket
+                && err.to_string().contains("not found") =>
+        {
+            Default::default()
+        }
+        Err(err) => return Err(format!("reading the bucket {BUCKET}: {err}")),
+    };
+    let lease_ms = config.lease.as_millis() as u64;
+    // The count the live members run with (they agree: one that did not was refused).
+    let count = members
+        .iter()
+        .filter(|member| member.alive)
+        .find_map(|member| member.partitions)
+        .unwrap_or(config.partitions);
+    let partitions = (0..count)
+        .map(|partition| {
+            let lease = owners.get(&partition);
+            PartitionStatus {
+                partition,
+                owner: lease.map(|(owner, _)| owner.clone()),
+                renewed_ms_ago: lease.map(|(_, ago)| *ago),
+                held: lease.is_some_and(|(_, ago)| *ago < lease_ms),
+            }
+        })
+        .collect::<Vec<_>>();
+    for member in &mut members {
+        member.owns = partitions
+            .iter()
+            .filter(|p| p.held && p.owner.as_deref() == Some(member.instance.as_str()))
+            .count() as u32;
+    }
+    members.sort_by(|a, b| a.instance.cmp(&b.instance));
+    Ok(GroupStatus {
+        group: config.group.clone(),
+        partitions,
+        members,
+    })
+}
+
+/// Each partition's lease (owner, ms since renewed) and each member's heartbeat, as the bucket
+/// holds them now.
+async fn read_leases(
+    store: &kv::Store,
+    config: &OwnershipConfig,
+) -> Result<(BTreeMap<u32, (String, u64)>, Vec<MemberStatus>), String> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_nanos() as i128);
@@ -93,17 +145,7 @@ pub async fn status(
     let lease_ms = config.lease.as_millis() as u64;
     let mut owners: BTreeMap<u32, (String, u64)> = BTreeMap::new();
     let mut members: Vec<MemberStatus> = Vec::new();
-    let store = match js.get_key_value(BUCKET).await {
-        Ok(store) => Some(store),
-        Err(err)
-            if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket
-                && err.to_string().contains("not found") =>
-        {
-            None
-        }
-        Err(err) => return Err(format!("reading the bucket {BUCKET}: {err}")),
-    };
-    if let Some(store) = store {
+    {
         let keys: Vec<String> = store
             .keys()
             .await
@@ -132,6 +174,9 @@ pub async fn status(
                     heartbeat_ms_ago: ago,
                     alive: ago < lease_ms,
                     owns: 0,
+                    partitions: std::str::from_utf8(&entry.value)
+                        .ok()
+                        .and_then(|count| count.parse().ok()),
                 });
             } else if let Some(partition) = partition {
                 let owner = String::from_utf8_lossy(&entry.value).into_owned();
@@ -139,29 +184,7 @@ pub async fn status(
             }
         }
     }
-    let partitions = (0..config.partitions)
-        .map(|partition| {
-            let lease = owners.get(&partition);
-            PartitionStatus {
-                partition,
-                owner: lease.map(|(owner, _)| owner.clone()),
-                renewed_ms_ago: lease.map(|(_, ago)| *ago),
-                held: lease.is_some_and(|(_, ago)| *ago < lease_ms),
-            }
-        })
-        .collect::<Vec<_>>();
-    for member in &mut members {
-        member.owns = partitions
-            .iter()
-            .filter(|p| p.held && p.owner.as_deref() == Some(member.instance.as_str()))
-            .count() as u32;
-    }
-    members.sort_by(|a, b| a.instance.cmp(&b.instance));
-    Ok(GroupStatus {
-        group: config.group.clone(),
-        partitions,
-        members,
-    })
+    Ok((owners, members))
 }
 
 #[derive(Debug, Clone)]
@@ -222,8 +245,16 @@ impl OwnershipConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("partition leases ({BUCKET}): {0}")]
-pub struct OwnershipError(String);
+pub enum OwnershipError {
+    /// The bucket could not be read or written (JetStream not answering yet, a leader being
+    /// elected): trying again later may work.
+    #[error("partition leases ({BUCKET}): {0}")]
+    Bucket(String),
+    /// Live members of the group run with another partition count: this instance may not join
+    /// until they stop, or it is started with their count.
+    #[error("partition leases ({BUCKET}): {0}")]
+    PartitionCountDiffers(String),
+}
 
 /// The right to act for one partition, until it is revoked or its lease runs out. Dropping it
 /// tells the ownership that the holder has stopped, so that the lease can be handed on.
@@ -310,12 +341,13 @@ impl Ownership {
         config: OwnershipConfig,
     ) -> Result<(Self, Grants), OwnershipError> {
         let store = open_bucket(js, config.replicas).await?;
+        agree_on_partitions(&store, &config).await?;
         let instance = format!("{:016x}", rand::random::<u64>());
         let client = js.client();
         let liveness = client
             .subscribe(liveness_subject(&config.group, &instance))
             .await
-            .map_err(|err| OwnershipError(err.to_string()))?;
+            .map_err(|err| OwnershipError::Bucket(err.to_string()))?;
         let (grants_tx, grants) = mpsc::unbounded_channel();
         let (owners_tx, owners) = watch::channel(Owners {
             me: instance.clone(),
@@ -391,6 +423,37 @@ impl Drop for Ownership {
     }
 }
 
+/// Refuses to join a group whose live members run with another partition count: each would map
+/// an aggregate to a partition its own way, and two instances would write for one aggregate (the
+/// conditional appends would keep that correct, and slow).
+async fn agree_on_partitions(
+    store: &kv::Store,
+    config: &OwnershipConfig,
+) -> Result<(), OwnershipError> {
+    let (_, members) = read_leases(store, config)
+        .await
+        .map_err(OwnershipError::Bucket)?;
+    let others: Vec<String> = members
+        .iter()
+        .filter(|member| member.alive)
+        .filter_map(|member| {
+            let count = member.partitions?;
+            (count != config.partitions).then(|| format!("{} ({count})", member.instance))
+        })
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(OwnershipError::PartitionCountDiffers(format!(
+        "this instance was started with {} partitions, but live instances of the group {} run \
+         with another count: {}. Every instance of a group must use the same count; to change it, \
+         stop them all, then start them with the new one",
+        config.partitions,
+        config.group,
+        others.join(", ")
+    )))
+}
+
 async fn open_bucket(
     js: &jetstream::Context,
     replicas: usize,
@@ -405,7 +468,9 @@ async fn open_bucket(
         num_replicas: replicas.max(1),
         ..Default::default()
     };
-    crate::key_value(js, config).await.map_err(OwnershipError)
+    crate::key_value(js, config)
+        .await
+        .map_err(OwnershipError::Bucket)
 }
 
 /// A key as this instance last saw it, and when it saw it change.
@@ -599,9 +664,9 @@ impl Leases {
     async fn heartbeat(&mut self) -> Result<(), OwnershipError> {
         let key = self.config.member_key(&self.me);
         self.store
-            .put(key, Bytes::from(self.me.clone()))
+            .put(key, Bytes::from(self.config.partitions.to_string()))
             .await
-            .map_err(|err| OwnershipError(err.to_string()))?;
+            .map_err(|err| OwnershipError::Bucket(err.to_string()))?;
         self.heartbeat_sent = Some(Instant::now());
         Ok(())
     }

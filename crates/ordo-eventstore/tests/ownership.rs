@@ -9,7 +9,10 @@ use std::{
 };
 
 use async_nats::jetstream;
-use ordo_eventstore::{Ownership, OwnershipConfig, ownership::rendezvous};
+use ordo_eventstore::{
+    Ownership, OwnershipConfig,
+    ownership::{OwnershipError, rendezvous},
+};
 use ordo_testkit::NatsServer;
 
 const PARTITIONS: u32 = 8;
@@ -224,5 +227,48 @@ async fn the_status_shows_every_partition_held_by_a_live_member_and_what_each_me
         assert_eq!(member.owns as usize, expected, "{member:?}");
     }
     first.leave().await;
+    second.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_another_partition_count_than_the_live_ones_is_refused_until_they_leave() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    let holdings = Shared::default();
+    let first = join(&js, &holdings).await;
+    until(&holdings, Duration::from_secs(5), |held| {
+        held.values().map(BTreeSet::len).sum::<usize>() == PARTITIONS as usize
+    })
+    .await;
+
+    let doubled = OwnershipConfig::new("test", PARTITIONS * 2);
+    let refused = match Ownership::join(&js, doubled.clone()).await {
+        Ok(_) => panic!("joined a group that runs with another partition count"),
+        Err(err) => err,
+    };
+    assert!(
+        matches!(refused, OwnershipError::PartitionCountDiffers(_)),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains(first.instance()),
+        "names the instance it differs from: {refused}"
+    );
+    // The status shows the partitions the live members run with, whatever it was asked with.
+    let status = ordo_eventstore::ownership::status(&js, &doubled)
+        .await
+        .unwrap();
+    assert_eq!(status.partitions.len(), PARTITIONS as usize);
+    assert_eq!(status.members[0].partitions, Some(PARTITIONS));
+
+    // Once every member has left, the group may start again with the new count.
+    first.leave().await;
+    let (second, _grants) = Ownership::join(&js, doubled.clone())
+        .await
+        .expect("joined once the others left");
+    let status = ordo_eventstore::ownership::status(&js, &OwnershipConfig::new("test", 1))
+        .await
+        .unwrap();
+    assert_eq!(status.partitions.len(), 2 * PARTITIONS as usize);
     second.leave().await;
 }

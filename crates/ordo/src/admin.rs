@@ -37,9 +37,10 @@ pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Resu
 pub async fn partitions(settings: &Settings, action: PartitionsAction) -> anyhow::Result<()> {
     let PartitionsAction::Status { json } = action;
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
+    // The count the live instances run with, as their heartbeats say; this setting when none is.
     let config = ordo_eventstore::OwnershipConfig::new(
         ordo_commands::service::PARTITION_GROUP,
-        ordo_commands::service::DEFAULT_PARTITIONS,
+        settings.partitions,
     );
     let status = ordo_eventstore::ownership::status(&async_nats::jetstream::new(nats), &config)
         .await
