@@ -387,12 +387,14 @@ async fn main() -> anyhow::Result<()> {
             "## Command → visible in the view, open loop\n\nOrders sent at a fixed rate for {} s \
              each, whatever the answers, through `ordo up`; each placed order is then read with \
              `GET /orders/{{id}}?min_seq=<its seq>` (which waits up to 5 s for the view). Latency \
-             is from sending the command to the read's answer.\n",
+             is from sending the command to the read's answer; the rows \"placed\" take the \
+             same orders from sending to the command's answer alone.\n",
             args.seconds
         )?;
         md += FIGURES_HEADER;
         for (run, _) in &runs {
             md += &figures_row(&run.to_view);
+            md += &figures_row(&run.placed);
         }
         md += "\n| offered orders/s | p99 ms | `ordo up` resident memory after |\n| --- | --- | --- |\n";
         for (run, rss) in &runs {

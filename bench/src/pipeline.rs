@@ -262,6 +262,8 @@ pub struct OpenLoop {
     pub offered_per_second: u32,
     /// Command sent → the order readable in the view at that sequence.
     pub to_view: Figures,
+    /// Command sent → its answer: the command path's share of `to_view`.
+    pub placed: Figures,
 }
 
 /// Runs `rates` one after the other against one `ordo up`, each for `seconds`, and returns the
@@ -296,8 +298,9 @@ pub async fn open_loop(
                         serde_json::from_slice::<serde_json::Value>(&reply.payload).ok()
                     });
                 let outcome = outcome_of(&reply);
+                let placed = (sent.elapsed(), outcome.clone());
                 if outcome != "ok" {
-                    return (sent.elapsed(), format!("place: {outcome}"));
+                    return ((sent.elapsed(), format!("place: {outcome}")), placed);
                 }
                 let reply = reply.expect("ok");
                 let url = format!(
@@ -310,19 +313,25 @@ pub async fn open_loop(
                     Ok(response) => format!("read: HTTP {}", response.status().as_u16()),
                     Err(_) => "read: no answer".to_owned(),
                 };
-                (sent.elapsed(), outcome)
+                ((sent.elapsed(), outcome), placed)
             });
         }
-        let samples = tasks.join_all().await;
+        let (samples, placed): (Vec<_>, Vec<_>) = tasks.join_all().await.into_iter().unzip();
         let to_view = Figures::new(
             format!("open loop, {rate} orders/s"),
             started.elapsed(),
             samples,
         );
+        let placed = Figures::new(
+            format!("open loop, {rate} orders/s: placed (answer only)"),
+            started.elapsed(),
+            placed,
+        );
         runs.push((
             OpenLoop {
                 offered_per_second: rate,
                 to_view,
+                placed,
             },
             up.resident_mib(),
         ));

@@ -57,7 +57,8 @@ pub struct Settings {
         long,
         env = "ORDO_PARTITIONS",
         default_value_t = ordo_commands::service::DEFAULT_PARTITIONS,
-        value_parser = clap::value_parser!(u32).range(1..=1024),
+        value_parser = clap::value_parser!(u32)
+            .range(1..=i64::from(ordo_eventstore::ownership::MAX_PARTITIONS)),
         global = true
     )]
     pub partitions: u32,

@@ -186,6 +186,13 @@ pub async fn run(
                 options.notify_failure_rate.to_string(),
             ),
             (
+                "ORDO_PARTITIONS".into(),
+                options
+                    .partitions
+                    .unwrap_or(ordo_commands::service::DEFAULT_PARTITIONS)
+                    .to_string(),
+            ),
+            (
                 "RUST_LOG".into(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             ),

@@ -86,4 +86,8 @@ pub struct ChaosOptions {
     /// Where the processes' logs go (default: a new temporary directory, kept).
     #[arg(long)]
     pub logs: Option<PathBuf>,
+    /// The partition count the command services run with (`ordo`'s `--partitions`, passed on
+    /// by the command line; none: theirs by default).
+    #[arg(skip)]
+    pub partitions: Option<u32>,
 }

@@ -3,15 +3,18 @@
 //! instance is there to serve it.
 //!
 //! The watch reads the bucket of leases and heartbeats (`ownership::status`, what `ordo
-//! partitions status` shows) a few times a second. A partition is served when its lease is held
-//! and its owner's heartbeat is fresh. When it is not, it has been unserved since its owner's last
-//! heartbeat, or since some instance became able to serve it, whichever is later: while nats-server
-//! is down, or every command service is (an outage), nobody can serve anything and no time is
-//! counted. The tracking is [`Handovers`], a pure function of the samples, so its rules are tested
-//! without a drill.
+//! partitions status` shows) a few times a second. A member is alive while the watch sees its
+//! heartbeat's revision change (measured on the drill's clock alone, never against the
+//! server's). A partition is served when its lease names a live member. When it is not, it has
+//! been unserved since its owner's last heartbeat seen (or, for a lease let go, the last sample
+//! that saw it served), or since some instance became able to serve it, whichever is later:
+//! while every command service is down (an outage) or cut off, nobody can serve anything and no
+//! time is counted, and a stretch of reads that failed (nats-server down, a slow read) is left
+//! out, not counted and not forgotten. The tracking is [`Handovers`], a pure function of the
+//! samples, so its rules are tested without a drill.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -27,7 +30,8 @@ use crate::check::Violation;
 /// The bound: a dead owner's partitions are served again within 5 s.
 pub const SERVED_AGAIN_WITHIN: Duration = Duration::from_secs(5);
 
-/// A heartbeat older than this says its instance is gone (instances beat four times a second).
+/// A heartbeat not seen to change for this long says its instance is gone (instances beat four
+/// times a second).
 pub const FRESH_HEARTBEAT: Duration = Duration::from_millis(1_000);
 
 /// How often the watch reads the bucket.
@@ -48,57 +52,90 @@ pub struct PartitionsReport {
 /// started.
 #[derive(Debug, Default)]
 pub struct Handovers {
-    /// Since when some instance has been able to serve (a fresh heartbeat in every sample).
+    /// member → its heartbeat's revision, and when the watch saw it change (none until it has).
+    beats: HashMap<String, (u64, Option<Duration>)>,
+    /// Since when some instance has been able to serve (a live member in every sample).
     serving_since: Option<Duration>,
     /// partition → since when it has been unserved.
     unserved_since: BTreeMap<u32, Duration>,
+    /// partition → the last sample that saw it served.
+    last_served: BTreeMap<u32, Duration>,
+    /// Since when reads have failed.
+    unread_since: Option<Duration>,
     report: PartitionsReport,
     violations: Vec<Violation>,
 }
 
 impl Handovers {
-    /// A sample that could not be read: nothing can be said, and nothing counts until samples
-    /// come again.
-    pub fn unread(&mut self) {
+    /// A sample that could not be read `at`: that stretch counts for nobody.
+    pub fn unread(&mut self, at: Duration) {
         self.report.unread_samples += 1;
-        self.serving_since = None;
-        self.unserved_since.clear();
+        self.unread_since.get_or_insert(at);
     }
 
     /// A sample read `at` (time since the drill started).
     pub fn sample(&mut self, at: Duration, status: &GroupStatus) {
-        let heartbeat_at = |instance: &str| {
-            status
-                .members
-                .iter()
-                .find(|member| member.instance == instance)
-                .map(|member| at.saturating_sub(Duration::from_millis(member.heartbeat_ms_ago)))
-        };
-        let fresh = |instance: &str| {
-            heartbeat_at(instance).is_some_and(|beat| at.saturating_sub(beat) < FRESH_HEARTBEAT)
-        };
-        if !status.members.iter().any(|member| fresh(&member.instance)) {
+        // Reads failed for a while: move every time counted so far past that stretch.
+        if let Some(from) = self.unread_since.take() {
+            let gap = at.saturating_sub(from);
+            let shift = |time: &mut Duration| *time = (*time + gap).min(at);
+            self.unserved_since.values_mut().for_each(shift);
+            self.last_served.values_mut().for_each(shift);
+            self.beats
+                .values_mut()
+                .filter_map(|(_, seen)| seen.as_mut())
+                .for_each(shift);
+            if let Some(since) = self.serving_since.as_mut() {
+                shift(since);
+            }
+        }
+        for member in &status.members {
+            let beat = self
+                .beats
+                .entry(member.instance.clone())
+                .or_insert((member.heartbeat_revision, None));
+            if beat.0 != member.heartbeat_revision {
+                *beat = (member.heartbeat_revision, Some(at));
+            }
+        }
+        let beats = &self.beats;
+        let last_beat = |instance: &str| beats.get(instance).and_then(|(_, seen)| *seen);
+        let alive: HashSet<&str> = status
+            .members
+            .iter()
+            .map(|member| member.instance.as_str())
+            .filter(|instance| {
+                last_beat(instance).is_some_and(|beat| at.saturating_sub(beat) < FRESH_HEARTBEAT)
+            })
+            .collect();
+        if alive.is_empty() {
             // Nobody could serve: an outage of every command service, or all of them cut off.
             self.serving_since = None;
             self.unserved_since.clear();
             return;
         }
         let serving_since = *self.serving_since.get_or_insert(at);
+        let mut served_again = Vec::new();
         for partition in &status.partitions {
-            let owner = partition.owner.as_deref().filter(|_| partition.held);
-            if owner.is_some_and(fresh) {
-                if let Some(since) = self.unserved_since.remove(&partition.partition) {
-                    self.served_again(partition.partition, since, at);
+            let number = partition.partition;
+            let owner = partition.owner.as_deref();
+            if owner.is_some_and(|owner| alive.contains(owner)) {
+                self.last_served.insert(number, at);
+                if let Some(since) = self.unserved_since.remove(&number) {
+                    served_again.push((number, since));
                 }
             } else {
                 let last_served = owner
-                    .or(partition.owner.as_deref())
-                    .and_then(heartbeat_at)
+                    .and_then(last_beat)
+                    .or_else(|| self.last_served.get(&number).copied())
                     .unwrap_or(at);
                 self.unserved_since
-                    .entry(partition.partition)
+                    .entry(number)
                     .or_insert(last_served.max(serving_since));
             }
+        }
+        for (partition, since) in served_again {
+            self.served_again(partition, since, at);
         }
     }
 
@@ -116,10 +153,11 @@ impl Handovers {
     }
 
     /// The report, and a violation for each partition unserved too long, counting those still
-    /// unserved at `at` (the end of the watch).
+    /// unserved at `at` (the end of the watch, or of its last successful read).
     pub fn finish(mut self, at: Duration) -> (PartitionsReport, Vec<Violation>) {
+        let end = self.unread_since.map_or(at, |from| from.min(at));
         for (partition, since) in std::mem::take(&mut self.unserved_since) {
-            let unserved = at.saturating_sub(since);
+            let unserved = end.saturating_sub(since);
             if unserved > SERVED_AGAIN_WITHIN {
                 self.violations
                     .push(too_long(partition, since, unserved, "still not served"));
@@ -145,7 +183,7 @@ pub async fn watch(
         // A short timeout: while a leader is elected or nats-server is down, a read may hang.
         match tokio::time::timeout(Duration::from_secs(1), ownership::status(&js, &config)).await {
             Ok(Ok(status)) => handovers.sample(at, &status),
-            _ => handovers.unread(),
+            _ => handovers.unread(at),
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
@@ -172,8 +210,8 @@ mod tests {
         Duration::from_millis((secs * 1_000.0).round() as u64)
     }
 
-    /// A bucket with two partitions, owned as given, and members whose last heartbeats were the
-    /// given milliseconds ago.
+    /// A bucket with two partitions, owned as given, and members with their heartbeats'
+    /// revisions.
     fn bucket(owners: [Option<&str>; 2], beats: &[(&str, u64)]) -> GroupStatus {
         GroupStatus {
             group: "commands".into(),
@@ -189,53 +227,65 @@ mod tests {
                 .collect(),
             members: beats
                 .iter()
-                .map(|(instance, ago)| MemberStatus {
+                .map(|(instance, revision)| MemberStatus {
                     instance: (*instance).into(),
-                    heartbeat_ms_ago: *ago,
-                    alive: *ago < 3_000,
+                    // What the server's clock says is not read: the watch counts on its own.
+                    heartbeat_ms_ago: 0,
+                    alive: true,
                     owns: 0,
                     partitions: Some(2),
+                    heartbeat_revision: *revision,
                 })
                 .collect(),
         }
     }
 
-    #[test]
-    fn a_dead_owners_partition_taken_within_a_second_passes() {
+    /// a owns partition 0 and b partition 1, both beating, from 10.0 s (first seen) and 10.2 s.
+    fn a_and_b_serving() -> Handovers {
         let mut watch = Handovers::default();
         watch.sample(
             secs(10.0),
-            &bucket([Some("a"), Some("b")], &[("a", 100), ("b", 100)]),
+            &bucket([Some("a"), Some("b")], &[("a", 1), ("b", 1)]),
         );
-        // a is killed at 10.1 s: its heartbeat ages, its lease still reads as held.
         watch.sample(
-            secs(11.2),
-            &bucket([Some("a"), Some("b")], &[("a", 1_100), ("b", 100)]),
+            secs(10.2),
+            &bucket([Some("a"), Some("b")], &[("a", 2), ("b", 2)]),
+        );
+        watch
+    }
+
+    #[test]
+    fn a_dead_owners_partition_taken_within_a_second_passes() {
+        let mut watch = a_and_b_serving();
+        // a is killed at 10.3 s: its heartbeat stops changing, its lease still names it.
+        watch.sample(
+            secs(10.4),
+            &bucket([Some("a"), Some("b")], &[("a", 2), ("b", 3)]),
         );
         watch.sample(
             secs(11.4),
-            &bucket([Some("b"), Some("b")], &[("a", 1_300), ("b", 100)]),
+            &bucket([Some("a"), Some("b")], &[("a", 2), ("b", 7)]),
+        );
+        watch.sample(
+            secs(11.6),
+            &bucket([Some("b"), Some("b")], &[("a", 2), ("b", 8)]),
         );
         let (report, violations) = watch.finish(secs(12.0));
         assert_eq!(violations, vec![]);
         assert_eq!(report.served_again, 1);
-        // From a's last heartbeat (10.1 s) to the sample that saw b hold it.
-        assert_eq!(report.longest_unserved_ms, 1_300);
+        // From a's last heartbeat seen (10.2 s) to the sample that saw b hold it.
+        assert_eq!(report.longest_unserved_ms, 1_400);
     }
 
     #[test]
     fn a_partition_left_unserved_longer_than_5_s_is_reported() {
-        let mut watch = Handovers::default();
-        watch.sample(
-            secs(10.0),
-            &bucket([Some("a"), Some("b")], &[("a", 100), ("b", 100)]),
-        );
+        let mut watch = a_and_b_serving();
         watch.sample(
             secs(12.0),
-            &bucket([Some("a"), Some("b")], &[("a", 2_000), ("b", 100)]),
+            &bucket([Some("a"), Some("b")], &[("a", 2), ("b", 9)]),
         );
-        watch.sample(secs(16.5), &bucket([None, Some("b")], &[("b", 100)]));
-        watch.sample(secs(16.7), &bucket([Some("b"), Some("b")], &[("b", 100)]));
+        watch.sample(secs(16.5), &bucket([None, Some("b")], &[("b", 20)]));
+        watch.sample(secs(16.7), &bucket([Some("b"), Some("b")], &[("b", 21)]));
         let (report, violations) = watch.finish(secs(20.0));
         assert_eq!(report.served_again, 1);
         assert_eq!(violations.len(), 1, "{violations:?}");
@@ -243,63 +293,100 @@ mod tests {
         assert!(
             violations[0]
                 .detail
-                .starts_with("partition 0 unserved from 10.0 s")
+                .starts_with("partition 0 unserved from 10.2 s"),
+            "{violations:?}"
         );
     }
 
     #[test]
     fn a_partition_never_served_again_is_reported_at_the_end() {
-        let mut watch = Handovers::default();
-        watch.sample(
-            secs(1.0),
-            &bucket([Some("a"), Some("b")], &[("a", 100), ("b", 100)]),
-        );
-        watch.sample(secs(2.0), &bucket([None, Some("b")], &[("b", 100)]));
-        let (_, violations) = watch.finish(secs(8.0));
+        let mut watch = a_and_b_serving();
+        watch.sample(secs(11.0), &bucket([None, Some("b")], &[("b", 5)]));
+        let (_, violations) = watch.finish(secs(17.0));
         assert_eq!(violations.len(), 1, "{violations:?}");
         assert!(violations[0].detail.contains("still not served"));
     }
 
     #[test]
     fn no_time_counts_while_nobody_could_serve() {
-        let mut watch = Handovers::default();
+        let mut watch = a_and_b_serving();
+        // Every command service down (an outage): no heartbeat changes.
         watch.sample(
-            secs(1.0),
-            &bucket([Some("a"), Some("b")], &[("a", 100), ("b", 100)]),
-        );
-        // Every command service down for 15 s (an outage): every heartbeat ages.
-        watch.sample(
-            secs(9.0),
-            &bucket([Some("a"), Some("b")], &[("a", 8_000), ("b", 8_000)]),
+            secs(18.0),
+            &bucket([Some("a"), Some("b")], &[("a", 2), ("b", 2)]),
         );
         // nats-server down: the bucket cannot be read.
-        watch.unread();
-        // c starts at 16 s and takes both within 2 s.
-        watch.sample(secs(16.2), &bucket([Some("a"), Some("b")], &[("c", 100)]));
-        watch.sample(secs(18.0), &bucket([Some("c"), Some("c")], &[("c", 100)]));
-        let (report, violations) = watch.finish(secs(20.0));
+        watch.unread(secs(18.2));
+        // c starts: first seen at 26.2 s, beating at 26.4 s, and takes both by 28.0 s.
+        watch.sample(secs(26.2), &bucket([Some("a"), Some("b")], &[("c", 1)]));
+        watch.sample(secs(26.4), &bucket([Some("a"), Some("b")], &[("c", 2)]));
+        watch.sample(secs(28.0), &bucket([Some("c"), Some("c")], &[("c", 9)]));
+        let (report, violations) = watch.finish(secs(30.0));
         assert_eq!(violations, vec![]);
         assert_eq!(report.served_again, 2);
-        assert_eq!(report.longest_unserved_ms, 1_800);
+        assert_eq!(report.longest_unserved_ms, 1_600);
         assert_eq!(report.unread_samples, 1);
     }
 
     #[test]
-    fn a_hand_over_between_live_instances_counts_from_when_it_was_let_go() {
-        let mut watch = Handovers::default();
-        watch.sample(secs(1.0), &bucket([Some("a"), Some("a")], &[("a", 100)]));
-        // b joins; a lets partition 1 go (its lease deleted) and b takes it.
+    fn reads_that_fail_leave_out_their_stretch_and_keep_what_was_counted() {
+        let mut watch = a_and_b_serving();
+        // a dies; from 11.4 s partition 0 is unserved since 10.2 s.
         watch.sample(
-            secs(1.2),
-            &bucket([Some("a"), None], &[("a", 100), ("b", 50)]),
+            secs(11.4),
+            &bucket([Some("a"), Some("b")], &[("a", 2), ("b", 7)]),
         );
+        // Reads fail from 11.6 s to 13.6 s: 2 s left out.
+        watch.unread(secs(11.6));
+        watch.unread(secs(12.6));
         watch.sample(
-            secs(1.4),
-            &bucket([Some("a"), Some("b")], &[("a", 100), ("b", 50)]),
+            secs(13.6),
+            &bucket([Some("a"), Some("b")], &[("a", 2), ("b", 12)]),
+        );
+        // Still not served when the drill ends at 18.0 s: 18.0 - 10.2 - 2.0 = 5.8 s.
+        let (report, violations) = watch.finish(secs(18.0));
+        assert_eq!(report.unread_samples, 2);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(
+            violations[0].detail.starts_with(
+                "partition 0 unserved from 12.2 s into the drill, still not served after 5.8 s"
+            ),
+            "{violations:?}"
+        );
+    }
+
+    #[test]
+    fn a_hand_over_between_live_instances_counts_from_when_it_was_last_served() {
+        let mut watch = Handovers::default();
+        watch.sample(secs(1.0), &bucket([Some("a"), Some("a")], &[("a", 1)]));
+        watch.sample(secs(1.2), &bucket([Some("a"), Some("a")], &[("a", 2)]));
+        // b joins; a lets partition 1 go (its lease deleted) and b takes it.
+        watch.sample(secs(1.4), &bucket([Some("a"), None], &[("a", 3), ("b", 1)]));
+        watch.sample(
+            secs(1.6),
+            &bucket([Some("a"), Some("b")], &[("a", 4), ("b", 2)]),
         );
         let (report, violations) = watch.finish(secs(2.0));
         assert_eq!(violations, vec![]);
         assert_eq!(report.served_again, 1);
-        assert_eq!(report.longest_unserved_ms, 200);
+        assert_eq!(report.longest_unserved_ms, 400);
+    }
+
+    #[test]
+    fn a_member_first_seen_is_not_taken_for_alive_until_its_heartbeat_changes() {
+        let mut watch = Handovers::default();
+        // A dead member's heartbeat is still in the bucket when the watch starts.
+        watch.sample(secs(0.2), &bucket([Some("a"), None], &[("a", 7)]));
+        watch.sample(secs(0.4), &bucket([Some("a"), None], &[("a", 7), ("b", 1)]));
+        // b beats; nothing counted before it did.
+        watch.sample(secs(0.6), &bucket([Some("a"), None], &[("a", 7), ("b", 2)]));
+        watch.sample(
+            secs(1.0),
+            &bucket([Some("b"), Some("b")], &[("a", 7), ("b", 3)]),
+        );
+        let (report, violations) = watch.finish(secs(2.0));
+        assert_eq!(violations, vec![]);
+        assert_eq!(report.served_again, 2);
+        assert_eq!(report.longest_unserved_ms, 400);
     }
 }

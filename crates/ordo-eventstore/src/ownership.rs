@@ -79,6 +79,24 @@ pub struct MemberStatus {
     pub owns: u32,
     /// The partition count it runs with (none from a build that did not say).
     pub partitions: Option<u32>,
+    /// The revision of its heartbeat: a watcher that sees it change knows the member is alive
+    /// without comparing its clock with the server's.
+    pub heartbeat_revision: u64,
+}
+
+/// The most partitions a group may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// The partition count a heartbeat carries, written as a plain number. Builds before the count
+/// was carried put their instance id there (16 hex digits), which is never read as one.
+fn partition_count(heartbeat: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(heartbeat).ok()?;
+    if text.len() > 4 || text.starts_with('0') {
+        return None;
+    }
+    text.parse()
+        .ok()
+        .filter(|count| (1..=MAX_PARTITIONS).contains(count))
 }
 
 /// Reads the group's leases and heartbeats from the bucket. A bucket that does not exist yet (no
@@ -98,11 +116,13 @@ pub async fn status(
         Err(err) => return Err(format!("reading the bucket {BUCKET}: {err}")),
     };
     let lease_ms = config.lease.as_millis() as u64;
-    // The count the live members run with (they agree: one that did not was refused).
+    // The count of the newest heartbeat: the live members' (one that disagreed was refused), or
+    // with none alive, the last ones'.
     let count = members
         .iter()
-        .filter(|member| member.alive)
-        .find_map(|member| member.partitions)
+        .filter(|member| member.partitions.is_some())
+        .min_by_key(|member| member.heartbeat_ms_ago)
+        .and_then(|member| member.partitions)
         .unwrap_or(config.partitions);
     let partitions = (0..count)
         .map(|partition| {
@@ -174,9 +194,8 @@ async fn read_leases(
                     heartbeat_ms_ago: ago,
                     alive: ago < lease_ms,
                     owns: 0,
-                    partitions: std::str::from_utf8(&entry.value)
-                        .ok()
-                        .and_then(|count| count.parse().ok()),
+                    partitions: partition_count(&entry.value),
+                    heartbeat_revision: entry.revision,
                 });
             } else if let Some(partition) = partition {
                 let owner = String::from_utf8_lossy(&entry.value).into_owned();
@@ -341,9 +360,9 @@ impl Ownership {
         config: OwnershipConfig,
     ) -> Result<(Self, Grants), OwnershipError> {
         let store = open_bucket(js, config.replicas).await?;
-        agree_on_partitions(&store, &config).await?;
-        let instance = format!("{:016x}", rand::random::<u64>());
         let client = js.client();
+        agree_on_partitions(&store, &client, &config).await?;
+        let instance = format!("{:016x}", rand::random::<u64>());
         let liveness = client
             .subscribe(liveness_subject(&config.group, &instance))
             .await
@@ -425,22 +444,38 @@ impl Drop for Ownership {
 
 /// Refuses to join a group whose live members run with another partition count: each would map
 /// an aggregate to a partition its own way, and two instances would write for one aggregate (the
-/// conditional appends would keep that correct, and slow).
+/// conditional appends would keep that correct, and slow). A member counts as live when it
+/// answers on its liveness subject (or does not say "no responders" in time): a heartbeat left
+/// by a killed instance, however young, does not stop the group from starting again with
+/// another count, and no clock is compared.
 async fn agree_on_partitions(
     store: &kv::Store,
+    client: &async_nats::Client,
     config: &OwnershipConfig,
 ) -> Result<(), OwnershipError> {
     let (_, members) = read_leases(store, config)
         .await
         .map_err(OwnershipError::Bucket)?;
-    let others: Vec<String> = members
-        .iter()
-        .filter(|member| member.alive)
-        .filter_map(|member| {
-            let count = member.partitions?;
-            (count != config.partitions).then(|| format!("{} ({count})", member.instance))
-        })
-        .collect();
+    let mut others = Vec::new();
+    for member in members {
+        let Some(count) = member
+            .partitions
+            .filter(|count| *count != config.partitions)
+        else {
+            continue;
+        };
+        let probe = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(config.heartbeat_every() * 2));
+        let answer = client
+            .send_request(liveness_subject(&config.group, &member.instance), probe)
+            .await;
+        let gone =
+            matches!(&answer, Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders);
+        if !gone {
+            others.push(format!("{} ({count})", member.instance));
+        }
+    }
     if others.is_empty() {
         return Ok(());
     }
@@ -599,6 +634,21 @@ impl Leases {
                         self.own_heartbeat_seen = Instant::now();
                     }
                     self.dead.remove(member);
+                    // Two instances that started at the same moment with different counts both
+                    // joined: say so (once each), since the check at joining could not.
+                    if let Some(count) = partition_count(&entry.value)
+                        && count != self.config.partitions
+                        && !self.view.contains_key(&entry.key)
+                    {
+                        tracing::error!(
+                            group = %self.config.group,
+                            member,
+                            its_count = count,
+                            our_count = self.config.partitions,
+                            "a live member runs with another partition count: every instance of \
+                             a group must use the same one"
+                        );
+                    }
                 }
                 self.view.insert(
                     entry.key,
@@ -927,6 +977,24 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heartbeat_reads_as_a_partition_count_only_when_it_is_one() {
+        assert_eq!(partition_count(b"16"), Some(16));
+        assert_eq!(partition_count(b"1024"), Some(1024));
+        for not_a_count in [
+            &b"0"[..],
+            b"1025",
+            b"-3",
+            b"",
+            // An older build's heartbeat: its instance id, even one of decimal digits.
+            b"00000000000000a7",
+            b"0000000000000042",
+            b"4821739021837465",
+        ] {
+            assert_eq!(partition_count(not_a_count), None, "{not_a_count:?}");
+        }
+    }
 
     fn members(names: &[&str]) -> Vec<String> {
         names.iter().map(|name| (*name).to_owned()).collect()

@@ -76,15 +76,18 @@ pub fn partitions_table(status: &ordo_eventstore::GroupStatus) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n{:<18} {:>12} {:>10} {}\n",
-        "instance", "heartbeat", "partitions", "state"
+        "\n{:<18} {:>12} {:>10} {:>8} {}\n",
+        "instance", "heartbeat", "holds", "of", "state"
     ));
     for member in &status.members {
         out.push_str(&format!(
-            "{:<18} {:>12} {:>10} {}\n",
+            "{:<18} {:>12} {:>10} {:>8} {}\n",
             member.instance,
             seconds(member.heartbeat_ms_ago),
             member.owns,
+            member
+                .partitions
+                .map_or("?".to_owned(), |count| count.to_string()),
             if member.alive { "alive" } else { "silent" },
         ));
     }

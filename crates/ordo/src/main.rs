@@ -80,9 +80,10 @@ async fn run(settings: ordo_app::Settings, role: Role) -> anyhow::Result<()> {
 }
 
 async fn chaos(
-    options: ordo_chaos::ChaosOptions,
+    mut options: ordo_chaos::ChaosOptions,
     settings: &ordo_app::Settings,
 ) -> anyhow::Result<()> {
+    options.partitions = Some(settings.partitions);
     let report_file = options.report.clone();
     // Ctrl-C ends the drill and, as its processes and servers are dropped, kills them.
     let report = tokio::select! {
