@@ -388,7 +388,9 @@ async fn main() -> anyhow::Result<()> {
              each, whatever the answers, through `ordo up`; each placed order is then read with \
              `GET /orders/{{id}}?min_seq=<its seq>` (which waits up to 5 s for the view). Latency \
              is from sending the command to the read's answer; the rows \"placed\" take the \
-             same orders from sending to the command's answer alone.\n",
+             same orders from sending to the command's answer alone. The first run, right after \
+             `ordo up` started, is the cold one (reported, left out of the targets and the \
+             plot).\n",
             args.seconds
         )?;
         md += FIGURES_HEADER;
@@ -397,7 +399,7 @@ async fn main() -> anyhow::Result<()> {
             md += &figures_row(&run.placed);
         }
         md += "\n| offered orders/s | p99 ms | `ordo up` resident memory after |\n| --- | --- | --- |\n";
-        for (run, rss) in &runs {
+        for (run, rss) in runs.iter().filter(|(run, _)| !run.cold) {
             writeln!(
                 md,
                 "| {} | {} | {:.0} MiB |",
@@ -408,6 +410,9 @@ async fn main() -> anyhow::Result<()> {
         }
         for (run, rss) in &runs {
             targets.resident(*rss);
+            if run.cold {
+                continue;
+            }
             targets.open_loop = Some((
                 run.offered_per_second,
                 run.to_view.percentile(0.99),
@@ -416,6 +421,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let points: Vec<(f64, &measure::Figures)> = runs
             .iter()
+            .filter(|(run, _)| !run.cold)
             .map(|(run, _)| (f64::from(run.offered_per_second), &run.to_view))
             .collect();
         std::fs::create_dir_all(&args.report_dir)?;

@@ -260,14 +260,18 @@ pub async fn burst(
 /// of the order at the sequence its reply gave (`GET /orders/{id}?min_seq=`).
 pub struct OpenLoop {
     pub offered_per_second: u32,
+    /// The first run after `ordo up` started (every cache, pool and file cold), reported apart
+    /// and left out of the targets and the plot.
+    pub cold: bool,
     /// Command sent → the order readable in the view at that sequence.
     pub to_view: Figures,
     /// Command sent → its answer: the command path's share of `to_view`.
     pub placed: Figures,
 }
 
-/// Runs `rates` one after the other against one `ordo up`, each for `seconds`, and returns the
-/// figures and the resident memory of `ordo up` after each.
+/// Runs `rates` one after the other against one `ordo up`, each for `seconds`, after a first run
+/// at the lowest rate right after start (the cold one), and returns the figures and the resident
+/// memory of `ordo up` after each.
 pub async fn open_loop(
     servers: &Servers,
     rates: &[u32],
@@ -278,7 +282,11 @@ pub async fn open_loop(
         .pool_max_idle_per_host(256)
         .build()?;
     let mut runs = Vec::new();
-    for &rate in rates {
+    let cold_first = rates.iter().min().map(|rate| (*rate, true));
+    for (rate, cold) in cold_first
+        .into_iter()
+        .chain(rates.iter().map(|rate| (*rate, false)))
+    {
         let count = (f64::from(rate) * seconds).round() as usize;
         let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
         let started = Instant::now();
@@ -287,7 +295,7 @@ pub async fn open_loop(
             // Sent on schedule, not after the previous answer: a slow system gets more work.
             tokio::time::sleep_until((started + interval * i as u32).into()).await;
             let (client, http) = (servers.client.clone(), http.clone());
-            let body = order(&format!("open{rate}"), i);
+            let body = order(&format!("open{rate}{}", if cold { "cold" } else { "" }), i);
             tasks.spawn(async move {
                 let sent = Instant::now();
                 let reply = client
@@ -317,19 +325,25 @@ pub async fn open_loop(
             });
         }
         let (samples, placed): (Vec<_>, Vec<_>) = tasks.join_all().await.into_iter().unzip();
+        let cold_label = if cold {
+            " (first after start, cold)"
+        } else {
+            ""
+        };
         let to_view = Figures::new(
-            format!("open loop, {rate} orders/s"),
+            format!("open loop, {rate} orders/s{cold_label}"),
             started.elapsed(),
             samples,
         );
         let placed = Figures::new(
-            format!("open loop, {rate} orders/s: placed (answer only)"),
+            format!("open loop, {rate} orders/s{cold_label}: placed (answer only)"),
             started.elapsed(),
             placed,
         );
         runs.push((
             OpenLoop {
                 offered_per_second: rate,
+                cold,
                 to_view,
                 placed,
             },
