@@ -409,10 +409,10 @@ async fn main() -> anyhow::Result<()> {
             )?;
         }
         for (run, rss) in &runs {
-            targets.resident(*rss);
             if run.cold {
                 continue;
             }
+            targets.resident(*rss);
             targets.open_loop = Some((
                 run.offered_per_second,
                 run.to_view.percentile(0.99),

@@ -56,8 +56,9 @@ pub struct Handovers {
     beats: HashMap<String, (u64, Option<Duration>)>,
     /// Since when some instance has been able to serve (a live member in every sample).
     serving_since: Option<Duration>,
-    /// partition → since when it has been unserved.
-    unserved_since: BTreeMap<u32, Duration>,
+    /// partition → since when it has been unserved, moved later by the stretches of failed reads
+    /// left out, and how much those were (to name the real start in a violation).
+    unserved_since: BTreeMap<u32, (Duration, Duration)>,
     /// partition → the last sample that saw it served.
     last_served: BTreeMap<u32, Duration>,
     /// Since when reads have failed.
@@ -79,7 +80,11 @@ impl Handovers {
         if let Some(from) = self.unread_since.take() {
             let gap = at.saturating_sub(from);
             let shift = |time: &mut Duration| *time = (*time + gap).min(at);
-            self.unserved_since.values_mut().for_each(shift);
+            for (since, left_out) in self.unserved_since.values_mut() {
+                let before = *since;
+                shift(since);
+                *left_out += *since - before;
+            }
             self.last_served.values_mut().for_each(shift);
             self.beats
                 .values_mut()
@@ -121,8 +126,8 @@ impl Handovers {
             let owner = partition.owner.as_deref();
             if owner.is_some_and(|owner| alive.contains(owner)) {
                 self.last_served.insert(number, at);
-                if let Some(since) = self.unserved_since.remove(&number) {
-                    served_again.push((number, since));
+                if let Some(unserved) = self.unserved_since.remove(&number) {
+                    served_again.push((number, unserved));
                 }
             } else {
                 let last_served = owner
@@ -131,7 +136,7 @@ impl Handovers {
                     .unwrap_or(at);
                 self.unserved_since
                     .entry(number)
-                    .or_insert(last_served.max(serving_since));
+                    .or_insert((last_served.max(serving_since), Duration::ZERO));
             }
         }
         for (partition, since) in served_again {
@@ -139,8 +144,8 @@ impl Handovers {
         }
     }
 
-    fn served_again(&mut self, partition: u32, since: Duration, at: Duration) {
-        let unserved = at.saturating_sub(since);
+    fn served_again(&mut self, partition: u32, since: (Duration, Duration), at: Duration) {
+        let unserved = at.saturating_sub(since.0);
         self.report.served_again += 1;
         self.report.longest_unserved_ms = self
             .report
@@ -157,7 +162,7 @@ impl Handovers {
     pub fn finish(mut self, at: Duration) -> (PartitionsReport, Vec<Violation>) {
         let end = self.unread_since.map_or(at, |from| from.min(at));
         for (partition, since) in std::mem::take(&mut self.unserved_since) {
-            let unserved = end.saturating_sub(since);
+            let unserved = end.saturating_sub(since.0);
             if unserved > SERVED_AGAIN_WITHIN {
                 self.violations
                     .push(too_long(partition, since, unserved, "still not served"));
@@ -190,12 +195,26 @@ pub async fn watch(
     handovers.finish(started.elapsed())
 }
 
-fn too_long(partition: u32, since: Duration, unserved: Duration, then: &str) -> Violation {
+/// `since`: when it became unserved, moved later by the failed reads left out, and those.
+fn too_long(
+    partition: u32,
+    (since, left_out): (Duration, Duration),
+    unserved: Duration,
+    then: &str,
+) -> Violation {
+    let note = if left_out.is_zero() {
+        String::new()
+    } else {
+        format!(
+            " ({:.1} s of failed reads left out)",
+            left_out.as_secs_f64()
+        )
+    };
     Violation {
         invariant: "partition_served_again_within_5s",
         detail: format!(
-            "partition {partition} unserved from {:.1} s into the drill, {then} after {:.1} s",
-            since.as_secs_f64(),
+            "partition {partition} unserved from {:.1} s into the drill, {then} after {:.1} s{note}",
+            since.saturating_sub(left_out).as_secs_f64(),
             unserved.as_secs_f64()
         ),
     }
@@ -349,7 +368,8 @@ mod tests {
         assert_eq!(violations.len(), 1, "{violations:?}");
         assert!(
             violations[0].detail.starts_with(
-                "partition 0 unserved from 12.2 s into the drill, still not served after 5.8 s"
+                "partition 0 unserved from 10.2 s into the drill, still not served after 5.8 s \
+                 (2.0 s of failed reads left out)"
             ),
             "{violations:?}"
         );

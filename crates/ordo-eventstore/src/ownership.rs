@@ -394,6 +394,7 @@ impl Ownership {
             suspected,
             own_heartbeat_seen: Instant::now(),
             epochs: 0,
+            other_counts_reported: HashSet::new(),
         };
         leases.heartbeat().await?;
         let task = tokio::spawn(leases.run(stopped));
@@ -470,10 +471,17 @@ async fn agree_on_partitions(
         let answer = client
             .send_request(liveness_subject(&config.group, &member.instance), probe)
             .await;
-        let gone =
-            matches!(&answer, Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders);
-        if !gone {
-            others.push(format!("{} ({count})", member.instance));
+        match answer {
+            Ok(_) => others.push(format!("{} ({count})", member.instance)),
+            Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            // No answer in time, or the connection dropped: nothing is known yet, so this is
+            // tried again later rather than taken for a misconfiguration.
+            Err(err) => {
+                return Err(OwnershipError::Bucket(format!(
+                    "asking member {} whether it is alive: {err}",
+                    member.instance
+                )));
+            }
         }
     }
     if others.is_empty() {
@@ -550,6 +558,8 @@ struct Leases {
     /// When this member's own heartbeat last came back through the watch.
     own_heartbeat_seen: Instant,
     epochs: u64,
+    /// Members already logged for running with another partition count.
+    other_counts_reported: HashSet<String>,
 }
 
 impl Leases {
@@ -635,10 +645,13 @@ impl Leases {
                     }
                     self.dead.remove(member);
                     // Two instances that started at the same moment with different counts both
-                    // joined: say so (once each), since the check at joining could not.
+                    // joined: say so (once each), since the check at joining could not. Only a
+                    // heartbeat seen to change is a live member's: the watch replays those of
+                    // instances killed in the last minute too.
                     if let Some(count) = partition_count(&entry.value)
                         && count != self.config.partitions
-                        && !self.view.contains_key(&entry.key)
+                        && self.view.contains_key(&entry.key)
+                        && self.other_counts_reported.insert(member.to_owned())
                     {
                         tracing::error!(
                             group = %self.config.group,

@@ -84,6 +84,10 @@ fn a_short_drill_on_a_cluster_whose_stream_leaders_are_killed_breaks_no_invarian
     );
     // Command services were killed, and the drill saw their partitions served again.
     assert!(
+        report["kills"]["commands"].as_u64().unwrap_or(0) > 0,
+        "{printed}"
+    );
+    assert!(
         report["partitions"]["served_again"].as_u64().unwrap() > 0,
         "{printed}"
     );
@@ -131,6 +135,10 @@ fn a_short_drill_with_kills_a_server_restart_and_a_command_outage_breaks_no_inva
     // ~575 in a quiet run and fewer when other tests compete for the cores.
     assert!(
         report["commands"]["acknowledged"].as_u64().unwrap() > 200,
+        "{printed}"
+    );
+    assert!(
+        report["kills"]["commands"].as_u64().unwrap_or(0) > 0,
         "{printed}"
     );
     assert!(
