@@ -165,42 +165,40 @@ async fn read_leases(
     let lease_ms = config.lease.as_millis() as u64;
     let mut owners: BTreeMap<u32, (String, u64)> = BTreeMap::new();
     let mut members: Vec<MemberStatus> = Vec::new();
-    {
-        let keys: Vec<String> = store
-            .keys()
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|err| format!("listing {BUCKET}: {err}"))?
+        .try_collect()
+        .await
+        .map_err(|err| format!("listing {BUCKET}: {err}"))?;
+    for key in keys {
+        let member = config.member_of_key(&key);
+        let partition = config.partition_of_key(&key);
+        if member.is_none() && partition.is_none() {
+            continue;
+        }
+        let Some(entry) = store
+            .entry(&key)
             .await
-            .map_err(|err| format!("listing {BUCKET}: {err}"))?
-            .try_collect()
-            .await
-            .map_err(|err| format!("listing {BUCKET}: {err}"))?;
-        for key in keys {
-            let member = config.member_of_key(&key);
-            let partition = config.partition_of_key(&key);
-            if member.is_none() && partition.is_none() {
-                continue;
-            }
-            let Some(entry) = store
-                .entry(&key)
-                .await
-                .map_err(|err| format!("reading {key}: {err}"))?
-                .filter(|entry| entry.operation == Operation::Put)
-            else {
-                continue;
-            };
-            let ago = ms_ago(&entry);
-            if let Some(instance) = member {
-                members.push(MemberStatus {
-                    instance: instance.to_owned(),
-                    heartbeat_ms_ago: ago,
-                    alive: ago < lease_ms,
-                    owns: 0,
-                    partitions: partition_count(&entry.value),
-                    heartbeat_revision: entry.revision,
-                });
-            } else if let Some(partition) = partition {
-                let owner = String::from_utf8_lossy(&entry.value).into_owned();
-                owners.insert(partition, (owner, ago));
-            }
+            .map_err(|err| format!("reading {key}: {err}"))?
+            .filter(|entry| entry.operation == Operation::Put)
+        else {
+            continue;
+        };
+        let ago = ms_ago(&entry);
+        if let Some(instance) = member {
+            members.push(MemberStatus {
+                instance: instance.to_owned(),
+                heartbeat_ms_ago: ago,
+                alive: ago < lease_ms,
+                owns: 0,
+                partitions: partition_count(&entry.value),
+                heartbeat_revision: entry.revision,
+            });
+        } else if let Some(partition) = partition {
+            let owner = String::from_utf8_lossy(&entry.value).into_owned();
+            owners.insert(partition, (owner, ago));
         }
     }
     Ok((owners, members))
@@ -465,13 +463,14 @@ async fn agree_on_partitions(
         else {
             continue;
         };
-        let probe = async_nats::Request::new()
-            .payload(Bytes::new())
-            .timeout(Some(config.heartbeat_every() * 2));
-        let answer = client
-            .send_request(liveness_subject(&config.group, &member.instance), probe)
-            .await;
-        match answer {
+        match ask_liveness(
+            client,
+            config,
+            &member.instance,
+            config.heartbeat_every() * 2,
+        )
+        .await
+        {
             Ok(_) => others.push(format!("{} ({count})", member.instance)),
             Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders => {}
             // No answer in time, or the connection dropped: nothing is known yet, so this is
@@ -495,6 +494,22 @@ async fn agree_on_partitions(
         config.group,
         others.join(", ")
     )))
+}
+
+/// Asks `member` on its liveness subject whether it is still connected: "no responders" means
+/// its connection is gone; an answer, that it is there.
+async fn ask_liveness(
+    client: &async_nats::Client,
+    config: &OwnershipConfig,
+    member: &str,
+    timeout: Duration,
+) -> Result<async_nats::Message, async_nats::RequestError> {
+    let probe = async_nats::Request::new()
+        .payload(Bytes::new())
+        .timeout(Some(timeout));
+    client
+        .send_request(liveness_subject(&config.group, member), probe)
+        .await
 }
 
 async fn open_bucket(
@@ -798,13 +813,13 @@ impl Leases {
     /// on its liveness subject.
     async fn probe(&mut self, member: &str) -> bool {
         self.probed.insert(member.to_owned(), Instant::now());
-        let probe = async_nats::Request::new()
-            .payload(Bytes::new())
-            .timeout(Some(self.config.heartbeat_every()));
-        let answer = self
-            .client
-            .send_request(liveness_subject(&self.config.group, member), probe)
-            .await;
+        let answer = ask_liveness(
+            &self.client,
+            &self.config,
+            member,
+            self.config.heartbeat_every(),
+        )
+        .await;
         let gone =
             matches!(&answer, Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders);
         if gone {
