@@ -37,6 +37,10 @@ use crate::{
 /// whose replay is faster than its writes, and a bound for one whose is not.
 const MAX_CATCH_UP_ROUNDS: usize = 20;
 
+/// How near the live view the new one gets before the swap locks the live checkpoint: the
+/// live projector waits while the new view applies at most about this many events.
+const CATCH_UP_MARGIN: u64 = 1_000;
+
 /// Where a rebuild is: events applied to the new view, and the stream's head when it started.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
@@ -92,7 +96,7 @@ pub async fn rebuild<P: Projection>(
     // Near the live view before the lock, so that the lock is held for a few events only.
     for _ in 0..MAX_CATCH_UP_ROUNDS {
         let live_checkpoint = checkpoint::<P>(pool, &live).await?;
-        if live_checkpoint <= replay.applied + batch_size as u64 {
+        if live_checkpoint <= replay.applied + CATCH_UP_MARGIN {
             break;
         }
         replay
@@ -156,13 +160,18 @@ pub async fn rebuild<P: Projection>(
     })
 }
 
+/// Batches a replay keeps read ahead of the one being applied: fetching and decoding the next
+/// batches overlaps writing this one.
+const READ_AHEAD: usize = 2;
+
 /// The stream read in order from its first event, through an ordered consumer, and applied to
-/// the new view in `schema`.
+/// the new view in `schema`. A task reads ahead (fetches, checks that the sequences follow
+/// each other, decodes) while this applies; it ends with the replay.
 struct Replay<P: Projection> {
-    messages: jetstream::consumer::pull::Ordered,
+    batches: tokio::sync::mpsc::Receiver<Result<Vec<Fetched>, ProjectorError>>,
+    reader: tokio::task::JoinHandle<()>,
     projector: Projector<P>,
     schema: String,
-    batch_size: usize,
     /// The new view's checkpoint.
     applied: u64,
 }
@@ -184,11 +193,13 @@ impl<P: Projection> Replay<P> {
             .await
             .map_err(|err| js_err(&err))?;
         let messages = consumer.messages().await.map_err(|err| js_err(&err))?;
+        let (sender, batches) = tokio::sync::mpsc::channel(READ_AHEAD);
+        let reader = tokio::spawn(read_ahead(messages, batch_size, sender));
         Ok(Self {
-            messages,
+            batches,
+            reader,
             projector,
             schema,
-            batch_size,
             applied: 0,
         })
     }
@@ -211,43 +222,93 @@ impl<P: Projection> Replay<P> {
         Ok(())
     }
 
-    /// Reads up to `batch_size` events after `checkpoint` (waiting for the first), applies them
-    /// to the new view and returns the new checkpoint.
+    /// Applies the next batch read ahead (waiting up to 30 s for it) to the new view and returns
+    /// the new checkpoint.
     async fn apply_next_batch(&mut self, checkpoint: u64) -> Result<u64, ProjectorError> {
-        let mut batch = Vec::with_capacity(self.batch_size);
-        while batch.len() < self.batch_size {
-            let wait = if batch.is_empty() {
-                Duration::from_secs(30)
-            } else {
-                Duration::from_millis(50)
-            };
-            let Ok(next) = tokio::time::timeout(wait, self.messages.next()).await else {
-                break;
-            };
-            let message = next
-                .ok_or_else(|| ProjectorError::JetStream("the replay ended early".into()))?
-                .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
-            let seq = message
-                .info()
-                .map_err(|err| ProjectorError::JetStream(err.to_string()))?
-                .stream_sequence;
-            let expected = checkpoint + batch.len() as u64 + 1;
-            if seq != expected {
-                return Err(ProjectorError::Gap { expected, got: seq });
+        let batch = match tokio::time::timeout(Duration::from_secs(30), self.batches.recv()).await {
+            Err(_) => {
+                return Err(ProjectorError::JetStream(
+                    "no event arrived within 30 s during the replay".into(),
+                ));
             }
-            batch.push(Fetched::new(
-                seq,
-                message.subject.to_string(),
-                message.payload.to_vec(),
-            ));
-        }
-        if batch.is_empty() {
-            return Err(ProjectorError::JetStream(
-                "no event arrived within 30 s during the replay".into(),
-            ));
+            Ok(None) => return Err(ProjectorError::JetStream("the replay ended early".into())),
+            Ok(Some(batch)) => batch?,
+        };
+        let first = batch.first().map_or(0, |fetched| fetched.seq);
+        if first != checkpoint + 1 {
+            return Err(ProjectorError::Gap {
+                expected: checkpoint + 1,
+                got: first,
+            });
         }
         self.projector
             .apply_batch(&self.schema, checkpoint, &batch)
             .await
     }
+}
+
+impl<P: Projection> Drop for Replay<P> {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// Reads `messages` from the stream's first event into batches of up to `batch_size`
+/// contiguous events (what has arrived, once the first of a batch is there) and sends them on,
+/// until the replay stops taking them or the reading fails (sent on as the last item).
+async fn read_ahead(
+    mut messages: jetstream::consumer::pull::Ordered,
+    batch_size: usize,
+    batches: tokio::sync::mpsc::Sender<Result<Vec<Fetched>, ProjectorError>>,
+) {
+    let mut next_seq = 1;
+    loop {
+        let batch = next_batch(&mut messages, batch_size, &mut next_seq).await;
+        let failed = batch.is_err();
+        if batches.send(batch).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Up to `batch_size` events starting at `next_seq`: what arrives within 100 ms of the first,
+/// for which it waits as long as it takes. Near the stream's head, where events trickle in as
+/// they are written, a batch is closed by time rather than by size.
+async fn next_batch(
+    messages: &mut jetstream::consumer::pull::Ordered,
+    batch_size: usize,
+    next_seq: &mut u64,
+) -> Result<Vec<Fetched>, ProjectorError> {
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut closes = None;
+    while batch.len() < batch_size {
+        let message = match closes {
+            None => messages.next().await,
+            Some(closes) => match tokio::time::timeout_at(closes, messages.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+        };
+        closes.get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(100));
+        let message = message
+            .ok_or_else(|| ProjectorError::JetStream("the replay ended early".into()))?
+            .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+        let seq = message
+            .info()
+            .map_err(|err| ProjectorError::JetStream(err.to_string()))?
+            .stream_sequence;
+        if seq != *next_seq {
+            return Err(ProjectorError::Gap {
+                expected: *next_seq,
+                got: seq,
+            });
+        }
+        *next_seq += 1;
+        batch.push(Fetched::new(
+            seq,
+            message.subject.to_string(),
+            message.payload.to_vec(),
+        ));
+    }
+    Ok(batch)
 }

@@ -655,6 +655,14 @@ async fn busy_day(setup: &Setup, from: usize, to: usize) {
             setup
                 .command(Endpoint::OrderConfirm, json!({"order_id": order}))
                 .await;
+        } else if i % 3 == 0 {
+            // Every character COPY's text format escapes, and one it does not.
+            setup
+                .command(
+                    Endpoint::OrderCancel,
+                    json!({"order_id": order, "reason": "out\tof \\N\r\nstock é"}),
+                )
+                .await;
         }
     }
 }

@@ -184,7 +184,7 @@ pub async fn rebuild(view: View, pool: &PgPool, nats: &async_nats::Client) -> an
         }
     };
     let rebuilt = view
-        .rebuild(pool, &js, ProjectorConfig::default(), &mut report)
+        .rebuild(pool, &js, ProjectorConfig::for_rebuild(), &mut report)
         .await?;
     bar.finish_and_clear();
     println!(
