@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 
 use crate::{
     ApplyError, Projection,
-    projection::{CopyRows, bigint, copy_all, timestamp, write_all},
+    projection::{bigint, timestamp, write_all},
 };
 
 pub struct OrdersView;
@@ -104,7 +104,7 @@ impl Projection for OrdersView {
             return Ok(false);
         };
         let (mut placed, mut lines, mut changed) =
-            (CopyRows::default(), CopyRows::default(), Vec::new());
+            (NewOrders::default(), NewLines::default(), Vec::new());
         for order in folded {
             let Some(placed_row) = order.placed else {
                 changed.push(json!({
@@ -119,41 +119,115 @@ impl Projection for OrdersView {
                 continue;
             };
             for (line_no, line) in placed_row.lines.iter().enumerate() {
+                lines.order_id.push(order.order_id.clone());
+                lines.line_no.push(line_no as i32);
+                lines.sku.push(line.sku.as_str().to_owned());
+                lines.qty.push(i64::from(line.qty));
                 lines
-                    .text(&order.order_id)
-                    .int(line_no as i64)
-                    .text(line.sku.as_str())
-                    .int(i64::from(line.qty))
-                    .int(bigint(line.unit_price_cents, "unit_price_cents")?)
-                    .end_row();
+                    .unit_price_cents
+                    .push(bigint(line.unit_price_cents, "unit_price_cents")?);
             }
             placed
-                .text(&order.order_id)
-                .text(&placed_row.customer_id)
-                .text(order.status.as_str())
-                .text(&placed_row.currency)
-                .int(bigint(placed_row.total_cents, "total_cents")?)
-                .optional_text(order.reason.as_deref())
-                .int(order.version)
-                .int(placed_row.seq)
-                .timestamp(&placed_row.at)
-                .timestamp(&order.updated_at)
-                .int(order.last_seq)
-                .end_row();
+                .total_cents
+                .push(bigint(placed_row.total_cents, "total_cents")?);
+            placed.order_id.push(order.order_id);
+            placed.customer_id.push(placed_row.customer_id);
+            placed.status.push(order.status.as_str());
+            placed.currency.push(placed_row.currency);
+            placed.reason.push(order.reason);
+            placed.version.push(order.version);
+            placed.placed_seq.push(placed_row.seq);
+            placed.placed_at.push(placed_row.at);
+            placed.updated_at.push(order.updated_at);
+            placed.last_seq.push(order.last_seq);
         }
         // Any row not written (an order already there, a version that does not follow): the
         // batch goes event by event, which finds the event and parks it.
-        Ok(copy_all(connection, INSERT_ORDERS, placed).await?
-            && copy_all(connection, INSERT_LINES, lines).await?
+        Ok(placed.insert(connection).await?
+            && lines.insert(connection).await?
             && write_all(connection, UPDATE_ORDERS, changed).await?)
     }
 }
 
-/// New orders and their lines are copied in (`COPY`), the fastest way to insert many rows.
-const INSERT_ORDERS: &str = "orders (order_id, customer_id, status, currency, total_cents, \
-    reason, version, placed_seq, placed_at, updated_at, last_seq)";
+/// New orders, a column each, inserted with one statement from arrays (`unnest`): sent in
+/// PostgreSQL's binary form, with nothing to build or parse as JSON.
+#[derive(Default)]
+struct NewOrders {
+    order_id: Vec<String>,
+    customer_id: Vec<String>,
+    status: Vec<&'static str>,
+    currency: Vec<String>,
+    total_cents: Vec<i64>,
+    reason: Vec<Option<String>>,
+    version: Vec<i64>,
+    placed_seq: Vec<i64>,
+    placed_at: Vec<DateTime<Utc>>,
+    updated_at: Vec<DateTime<Utc>>,
+    last_seq: Vec<i64>,
+}
 
-const INSERT_LINES: &str = "order_lines (order_id, line_no, sku, qty, unit_price_cents)";
+impl NewOrders {
+    /// Whether every order was inserted (a duplicate is an error, and so is a row too many).
+    async fn insert(self, connection: &mut PgConnection) -> Result<bool, ApplyError> {
+        if self.order_id.is_empty() {
+            return Ok(true);
+        }
+        let expected = self.order_id.len() as u64;
+        let inserted = sqlx::query(
+            "INSERT INTO orders (order_id, customer_id, status, currency, total_cents, reason,
+                                 version, placed_seq, placed_at, updated_at, last_seq)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[],
+                                  $6::text[], $7::bigint[], $8::bigint[], $9::timestamptz[],
+                                  $10::timestamptz[], $11::bigint[])",
+        )
+        .bind(self.order_id)
+        .bind(self.customer_id)
+        .bind(self.status)
+        .bind(self.currency)
+        .bind(self.total_cents)
+        .bind(self.reason)
+        .bind(self.version)
+        .bind(self.placed_seq)
+        .bind(self.placed_at)
+        .bind(self.updated_at)
+        .bind(self.last_seq)
+        .execute(connection)
+        .await?;
+        Ok(inserted.rows_affected() == expected)
+    }
+}
+
+/// The new orders' lines, a column each, as [`NewOrders`].
+#[derive(Default)]
+struct NewLines {
+    order_id: Vec<String>,
+    line_no: Vec<i32>,
+    sku: Vec<String>,
+    qty: Vec<i64>,
+    unit_price_cents: Vec<i64>,
+}
+
+impl NewLines {
+    async fn insert(self, connection: &mut PgConnection) -> Result<bool, ApplyError> {
+        if self.order_id.is_empty() {
+            return Ok(true);
+        }
+        let expected = self.order_id.len() as u64;
+        let inserted = sqlx::query(
+            "INSERT INTO order_lines (order_id, line_no, sku, qty, unit_price_cents)
+             SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::bigint[],
+                                  $5::bigint[])",
+        )
+        .bind(self.order_id)
+        .bind(self.line_no)
+        .bind(self.sku)
+        .bind(self.qty)
+        .bind(self.unit_price_cents)
+        .execute(connection)
+        .await?;
+        Ok(inserted.rows_affected() == expected)
+    }
+}
 
 const UPDATE_ORDERS: &str = "
     UPDATE orders o SET status = u.status, reason = COALESCE(u.reason, o.reason),

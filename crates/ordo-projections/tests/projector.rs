@@ -746,6 +746,44 @@ async fn a_batch_applied_set_wise_gives_the_same_rows_as_its_events_applied_one_
     );
 }
 
+#[tokio::test]
+async fn a_whole_stream_of_orders_applies_set_wise_without_falling_back() {
+    // The fallback gives the same rows, so the comparison above cannot see the set-wise path
+    // fail: here it must take every event itself.
+    let setup = Setup::start().await;
+    busy_day(&setup, 0, 30).await;
+    let js = jetstream::new(setup.engine.client.clone());
+    let stream = js.get_stream(OrdersView::STREAM).await.unwrap();
+    let last = stream.clone().info().await.unwrap().state.last_sequence;
+    let mut events = Vec::new();
+    for seq in 1..=last {
+        let message = stream.get_raw_message(seq).await.unwrap();
+        events.push(ordo_eventstore::RecordedEvent {
+            subject: message.subject.to_string(),
+            seq,
+            envelope: ordo_eventstore::EventEnvelope::from_bytes(&message.payload).unwrap(),
+        });
+    }
+    schema::ensure_view::<OrdersView>(setup.pool(), "view_orders_check")
+        .await
+        .unwrap();
+    let mut tx = setup.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL search_path = view_orders_check, public")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let applied = OrdersView::apply_all(&mut tx, &events).await;
+    assert!(matches!(applied, Ok(true)), "{applied:?}");
+    let (orders, cancelled_with_reason): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE reason = E'out\\tof \\\\N\\r\\nstock é')
+         FROM orders",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!((orders, cancelled_with_reason), (30, 5));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_during_live_writes_ends_equal_to_the_stream() {
     let setup = Setup::start().await;
