@@ -37,8 +37,9 @@ use crate::{
 /// whose replay is faster than its writes, and a bound for one whose is not.
 const MAX_CATCH_UP_ROUNDS: usize = 20;
 
-/// How near the live view the new one gets before the swap locks the live checkpoint: the
-/// live projector waits while the new view applies at most about this many events.
+/// How near the live view the new one gets before the swap locks the live checkpoint (or
+/// within a batch, if batches are smaller): the live projector waits while the new view applies
+/// at most this many events.
 const CATCH_UP_MARGIN: u64 = 1_000;
 
 /// Where a rebuild is: events applied to the new view, and the stream's head when it started.
@@ -88,7 +89,7 @@ pub async fn rebuild<P: Projection>(
     .execute(pool)
     .await?;
 
-    let batch_size = config.batch_size;
+    let batch_size = config.batch_size.max(1);
     let projector = Projector::<P>::new(pool.clone(), js.clone(), config);
     let mut replay = Replay::open(js, projector, next.clone(), batch_size).await?;
     replay.apply_until(target, target, &mut progress).await?;
@@ -96,7 +97,7 @@ pub async fn rebuild<P: Projection>(
     // Near the live view before the lock, so that the lock is held for a few events only.
     for _ in 0..MAX_CATCH_UP_ROUNDS {
         let live_checkpoint = checkpoint::<P>(pool, &live).await?;
-        if live_checkpoint <= replay.applied + CATCH_UP_MARGIN {
+        if live_checkpoint <= replay.applied + CATCH_UP_MARGIN.min(batch_size as u64) {
             break;
         }
         replay
@@ -170,6 +171,8 @@ const READ_AHEAD: usize = 2;
 struct Replay<P: Projection> {
     batches: tokio::sync::mpsc::Receiver<Result<Vec<Fetched>, ProjectorError>>,
     reader: tokio::task::JoinHandle<()>,
+    /// What was read ahead and not applied yet: the rest of a batch cut at a target.
+    pending: Vec<Fetched>,
     projector: Projector<P>,
     schema: String,
     /// The new view's checkpoint.
@@ -198,6 +201,7 @@ impl<P: Projection> Replay<P> {
         Ok(Self {
             batches,
             reader,
+            pending: Vec::new(),
             projector,
             schema,
             applied: 0,
@@ -213,7 +217,7 @@ impl<P: Projection> Replay<P> {
         progress: &mut impl FnMut(Progress),
     ) -> Result<(), ProjectorError> {
         while self.applied < to {
-            self.applied = self.apply_next_batch(self.applied).await?;
+            self.applied = self.apply_next_batch(self.applied, to).await?;
             progress(Progress {
                 applied: self.applied,
                 target: target.max(to),
@@ -222,25 +226,37 @@ impl<P: Projection> Replay<P> {
         Ok(())
     }
 
-    /// Applies the next batch read ahead (waiting up to 30 s for it) to the new view and returns
-    /// the new checkpoint.
-    async fn apply_next_batch(&mut self, checkpoint: u64) -> Result<u64, ProjectorError> {
-        let batch = match tokio::time::timeout(Duration::from_secs(30), self.batches.recv()).await {
-            Err(_) => {
-                return Err(ProjectorError::JetStream(
-                    "no event arrived within 30 s during the replay".into(),
-                ));
-            }
-            Ok(None) => return Err(ProjectorError::JetStream("the replay ended early".into())),
-            Ok(Some(batch)) => batch?,
-        };
-        let first = batch.first().map_or(0, |fetched| fetched.seq);
+    /// Applies the next events read ahead (waiting up to 30 s for them), no further than `to`
+    /// (under the swap's lock, what the live view holds), to the new view and returns the new
+    /// checkpoint.
+    async fn apply_next_batch(&mut self, checkpoint: u64, to: u64) -> Result<u64, ProjectorError> {
+        if self.pending.is_empty() {
+            self.pending =
+                match tokio::time::timeout(Duration::from_secs(30), self.batches.recv()).await {
+                    Err(_) => {
+                        return Err(ProjectorError::JetStream(
+                            "no event arrived within 30 s during the replay".into(),
+                        ));
+                    }
+                    Ok(None) => {
+                        return Err(ProjectorError::JetStream("the replay ended early".into()));
+                    }
+                    Ok(Some(batch)) => batch?,
+                };
+        }
+        let first = self.pending.first().map_or(0, |fetched| fetched.seq);
         if first != checkpoint + 1 {
             return Err(ProjectorError::Gap {
                 expected: checkpoint + 1,
                 got: first,
             });
         }
+        let take = self
+            .pending
+            .len()
+            .min(to.saturating_sub(checkpoint).max(1) as usize);
+        let rest = self.pending.split_off(take);
+        let batch = std::mem::replace(&mut self.pending, rest);
         self.projector
             .apply_batch(&self.schema, checkpoint, &batch)
             .await

@@ -337,22 +337,26 @@ impl<P: Projection> Projector<P> {
         events: &[Fetched],
     ) -> Result<(usize, Option<String>), ProjectorError> {
         let (mut tx, generation) = self.begin(schema).await?;
-        if events.len() > 1
-            && let Some(recorded) = events
-                .iter()
-                .map(|fetched| fetched.recorded().ok())
-                .collect::<Option<Vec<_>>>()
-        {
-            // Set-wise first: a few statements for the whole batch. If an event does not fit,
-            // the batch is applied event by event below, which finds it and parks it.
+        // The events before the first that cannot be read as an envelope (usually all of them).
+        let readable: Vec<RecordedEvent> = events
+            .iter()
+            .map_while(|fetched| fetched.recorded().ok())
+            .collect();
+        if readable.len() > 1 {
+            // Set-wise first: a few statements for all of them. If an event does not fit, the
+            // batch is applied event by event below, which finds it and parks it.
             let mut savepoint = tx.begin().await?;
-            match P::apply_all(&mut savepoint, &recorded).await {
+            match P::apply_all(&mut savepoint, &readable).await {
                 Ok(true) => {
                     savepoint.commit().await?;
-                    let to = checkpoint + events.len() as u64;
+                    let to = checkpoint + readable.len() as u64;
                     advance_checkpoint::<P>(&mut tx, &generation, checkpoint, to).await?;
                     tx.commit().await?;
-                    return Ok((events.len(), None));
+                    // The unreadable event, if any, is the caller's to retry or park.
+                    let failure = events
+                        .get(readable.len())
+                        .and_then(|unreadable| unreadable.envelope.as_ref().err().cloned());
+                    return Ok((readable.len(), failure));
                 }
                 Ok(false) | Err(ApplyError::Rejected(_)) => savepoint.rollback().await?,
                 Err(ApplyError::Unavailable(reason)) => {
@@ -417,6 +421,9 @@ impl<P: Projection> Projector<P> {
         let attempts = if earlier_parked {
             reason = format!("an earlier event of {} is parked; {reason}", event.subject);
             1
+        } else if event.envelope.is_err() {
+            // Its bytes will not read differently on another try.
+            1
         } else {
             self.config.max_attempts
         };
@@ -447,7 +454,7 @@ impl<P: Projection> Projector<P> {
         .bind(&event.subject)
         .bind(event.envelope.as_ref().ok().map(|envelope| envelope.event_type.clone()))
         .bind(&reason)
-        .bind(self.config.max_attempts as i32)
+        .bind(attempts as i32)
         .bind(String::from_utf8_lossy(&event.payload).into_owned())
         .bind(schema)
         .execute(&mut *tx)
