@@ -283,9 +283,10 @@ pub async fn open_loop(
         .build()?;
     let mut runs = Vec::new();
     let cold_first = rates.iter().min().map(|rate| (*rate, true));
-    for (rate, cold) in cold_first
+    for (run, (rate, cold)) in cold_first
         .into_iter()
         .chain(rates.iter().map(|rate| (*rate, false)))
+        .enumerate()
     {
         let count = (f64::from(rate) * seconds).round() as usize;
         let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
@@ -295,7 +296,9 @@ pub async fn open_loop(
             // Sent on schedule, not after the previous answer: a slow system gets more work.
             tokio::time::sleep_until((started + interval * i as u32).into()).await;
             let (client, http) = (servers.client.clone(), http.clone());
-            let body = order(&format!("open{rate}{}", if cold { "cold" } else { "" }), i);
+            // Ids of this run alone: a run that sent ids of an earlier one would find those
+            // orders placed already, and measure only their replays.
+            let body = order(&format!("open{run}r{rate}"), i);
             tasks.spawn(async move {
                 let sent = Instant::now();
                 let reply = client

@@ -28,7 +28,11 @@ impl Servers {
             nats,
             database,
             client,
-            logs: tempfile::Builder::new().prefix("ordo-bench-").tempdir()?,
+            // ORDO_BENCH_KEEP_LOGS=1 keeps the processes' logs for a look after the run.
+            logs: tempfile::Builder::new()
+                .prefix("ordo-bench-")
+                .disable_cleanup(std::env::var_os("ORDO_BENCH_KEEP_LOGS").is_some())
+                .tempdir()?,
         })
     }
 
@@ -54,7 +58,10 @@ impl Servers {
             .args(args)
             .env("ORDO_NATS_URL", self.nats.url())
             .env("ORDO_DATABASE_URL", self.database.url())
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("ORDO_BENCH_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("NO_COLOR", "1")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())

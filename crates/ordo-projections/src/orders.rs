@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 
 use crate::{
     ApplyError, Projection,
-    projection::{bigint, timestamp, write_all},
+    projection::{bigint, timestamp, update_all},
 };
 
 pub struct OrdersView;
@@ -103,8 +103,12 @@ impl Projection for OrdersView {
         let Some(folded) = fold(events) else {
             return Ok(false);
         };
-        let (mut placed, mut lines, mut changed) =
-            (NewOrders::default(), NewLines::default(), Vec::new());
+        let (mut placed, mut lines, mut changed, mut changed_ids) = (
+            NewOrders::default(),
+            NewLines::default(),
+            Vec::new(),
+            Vec::new(),
+        );
         for order in folded {
             let Some(placed_row) = order.placed else {
                 changed.push(json!({
@@ -116,6 +120,7 @@ impl Projection for OrdersView {
                     "updated_at": timestamp(&order.updated_at),
                     "last_seq": order.last_seq,
                 }));
+                changed_ids.push(order.order_id);
                 continue;
             };
             for (line_no, line) in placed_row.lines.iter().enumerate() {
@@ -145,7 +150,7 @@ impl Projection for OrdersView {
         // batch goes event by event, which finds the event and parks it.
         Ok(placed.insert(connection).await?
             && lines.insert(connection).await?
-            && write_all(connection, UPDATE_ORDERS, changed).await?)
+            && update_all(connection, UPDATE_ORDERS, changed, changed_ids).await?)
     }
 }
 
@@ -234,7 +239,8 @@ const UPDATE_ORDERS: &str = "
            version = u.version, updated_at = u.updated_at, last_seq = u.last_seq
     FROM jsonb_to_recordset($1) AS u(order_id text, status text, reason text,
          first_version bigint, version bigint, updated_at timestamptz, last_seq bigint)
-    WHERE o.order_id = u.order_id AND o.version = u.first_version - 1";
+    WHERE o.order_id = u.order_id AND o.version = u.first_version - 1
+      AND o.order_id = ANY($2)";
 
 /// An `OrderPlaced`, as its row needs it.
 struct Placed {
@@ -319,4 +325,48 @@ fn fold(events: &[RecordedEvent]) -> Option<Vec<FoldedOrder>> {
         }
     }
     Some(orders)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The orders of a new system are not analysed for their first thousands; a batch's status
+    /// changes must still find their orders by key, not by reading every order.
+    #[tokio::test]
+    async fn a_batch_of_status_changes_looks_its_orders_up_by_key_in_a_view_never_analysed() {
+        let database = ordo_testkit::TestDatabase::create().await;
+        let pool = database.pool();
+        crate::schema::ensure_view::<OrdersView>(pool, "view_orders")
+            .await
+            .unwrap();
+        let mut connection = pool.acquire().await.unwrap();
+        sqlx::query("SET search_path = view_orders, public")
+            .execute(&mut *connection)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO orders (order_id, customer_id, status, currency, total_cents, version,
+                                 placed_seq, placed_at, updated_at, last_seq)
+             SELECT 'o-' || i, 'c1', 'pending', 'EUR', 100, 1, i, now(), now(), i
+             FROM generate_series(1, 5000) i",
+        )
+        .execute(&mut *connection)
+        .await
+        .unwrap();
+        let change = json!([{"order_id": "o-7", "status": "confirmed", "first_version": 2,
+                             "version": 2, "updated_at": "2026-12-02T10:00:00Z", "last_seq": 5001}]);
+        let plan: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {UPDATE_ORDERS}")))
+                .bind(change)
+                .bind(vec!["o-7"])
+                .fetch_all(&mut *connection)
+                .await
+                .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("orders_pkey") && !plan.contains("Seq Scan on orders"),
+            "{plan}"
+        );
+    }
 }

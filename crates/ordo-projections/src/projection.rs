@@ -96,6 +96,30 @@ pub async fn write_all(
     Ok(written.rows_affected() == expected)
 }
 
+/// Runs the update `sql` with `rows` as its `$1` (a JSON array, read with `jsonb_to_recordset`)
+/// and the rows' keys as its `$2` (`text[]`), and says whether it wrote every row. The statement
+/// must also match the key against `= ANY($2)`: PostgreSQL guesses 100 rows for any
+/// `jsonb_to_recordset`, and against that guess it scans a table of a few thousand rows whole
+/// rather than look each row up by its key, on every batch, until the table is large enough.
+/// The keys give it an index scan at any size.
+pub async fn update_all(
+    connection: &mut PgConnection,
+    sql: &'static str,
+    rows: Vec<serde_json::Value>,
+    keys: Vec<String>,
+) -> Result<bool, ApplyError> {
+    if rows.is_empty() {
+        return Ok(true);
+    }
+    let expected = rows.len() as u64;
+    let written = sqlx::query(sql)
+        .bind(serde_json::Value::Array(rows))
+        .bind(keys)
+        .execute(connection)
+        .await?;
+    Ok(written.rows_affected() == expected)
+}
+
 /// A timestamp as PostgreSQL stores it (microseconds, truncated as sqlx binds them), for rows
 /// sent as JSON.
 pub fn timestamp(at: &chrono::DateTime<chrono::Utc>) -> String {

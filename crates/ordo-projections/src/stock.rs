@@ -10,7 +10,7 @@ use sqlx::PgConnection;
 
 use crate::{
     ApplyError, Projection,
-    projection::{bigint, timestamp, write_all},
+    projection::{bigint, timestamp, update_all, write_all},
 };
 
 pub struct StockView;
@@ -79,7 +79,7 @@ impl Projection for StockView {
         let Some(folded) = fold(events) else {
             return Ok(false);
         };
-        let (mut new, mut changed) = (Vec::new(), Vec::new());
+        let (mut new, mut changed, mut changed_skus) = (Vec::new(), Vec::new(), Vec::new());
         for sku in folded {
             let row = json!({
                 "sku": sku.sku,
@@ -94,12 +94,13 @@ impl Projection for StockView {
                 new.push(row);
             } else {
                 changed.push(row);
+                changed_skus.push(sku.sku);
             }
         }
         // Any row not written (a SKU already there, a version that does not follow, a count
         // out of bounds): the batch goes event by event, which finds the event and parks it.
         Ok(write_all(connection, INSERT_STOCK, new).await?
-            && write_all(connection, UPDATE_STOCK, changed).await?)
+            && update_all(connection, UPDATE_STOCK, changed, changed_skus).await?)
     }
 }
 
@@ -114,7 +115,7 @@ const UPDATE_STOCK: &str = "
            version = u.version, updated_at = u.updated_at, last_seq = u.last_seq
     FROM jsonb_to_recordset($1) AS u(sku text, on_hand bigint, reserved bigint,
          first_version bigint, version bigint, updated_at timestamptz, last_seq bigint)
-    WHERE s.sku = u.sku AND s.version = u.first_version - 1";
+    WHERE s.sku = u.sku AND s.version = u.first_version - 1 AND s.sku = ANY($2)";
 
 /// What a batch's events come to for one SKU: the changes of its counts, summed.
 struct FoldedSku {

@@ -61,7 +61,10 @@ pub(super) fn saga_row(
 /// its deadline has passed. The version tells apart two rows of one saga in one batch (two
 /// drivers of it in one coordinator, after a lease ran out): only the one whose version matches
 /// is written, and only it may be told so. A running saga is never due later than its deadline,
-/// so that the claim's one range scan finds both retries and deadlines.
+/// so that the claim's one range scan finds both retries and deadlines. `$2` holds the rows'
+/// order ids again: matched with `= ANY($2)`, they give PostgreSQL an index scan where its guess
+/// of 100 rows for any `jsonb_to_recordset` has it scan the whole table on every save until the
+/// table is large enough (the first 20 s of a fresh system at 250 orders/s).
 pub(super) const SAVE_SAGAS: &str = "
     UPDATE sagas s SET state = u.state, steps = u.steps, reason = u.reason, data = u.data,
            updated_at = now(),
@@ -76,6 +79,7 @@ pub(super) const SAVE_SAGAS: &str = "
                                      data jsonb, next_attempt_in float8, before_pivot boolean,
                                      expected bigint, deadline_in float8)
     WHERE s.order_id = u.order_id AND (u.expected IS NULL OR s.version = u.expected)
+      AND s.order_id = ANY($2)
     RETURNING s.order_id, u.expected, coalesce(s.deadline_at <= now(), false)";
 
 /// Writes one saga, if its version is still `expected` (any version when `None`), and says
@@ -90,6 +94,7 @@ pub(super) async fn save(
     let row = saga_row(saga, expected, next_attempt_in, start_deadline_in);
     let saved: Vec<(String, Option<i64>, bool)> = sqlx::query_as(SAVE_SAGAS)
         .bind(Value::Array(vec![row]))
+        .bind(vec![saga.order_id.as_str()])
         .fetch_all(executor)
         .await?;
     Ok(!saved.is_empty())
@@ -149,8 +154,16 @@ pub(super) async fn save_batches(pool: PgPool, mut requests: mpsc::Receiver<Save
                 .map(|request| std::mem::take(&mut request.row))
                 .collect(),
         );
+        let order_ids: Vec<&str> = batch
+            .iter()
+            .map(|request| request.order_id.as_str())
+            .collect();
         let result: Result<Vec<(String, Option<i64>, bool)>, sqlx::Error> =
-            sqlx::query_as(SAVE_SAGAS).bind(rows).fetch_all(&pool).await;
+            sqlx::query_as(SAVE_SAGAS)
+                .bind(rows)
+                .bind(order_ids)
+                .fetch_all(&pool)
+                .await;
         metrics::histogram!("ordo_saga_save_batch_size").record(batch.len() as f64);
         match result {
             Ok(saved) => {
@@ -289,5 +302,35 @@ mod tests {
         assert_eq!(version, 8);
         drop(saves);
         saver.await.unwrap();
+    }
+
+    /// A fresh system's sagas table is never analysed for its first thousands of rows; a save
+    /// must still look its rows up by key rather than scan the table (as it did for the first
+    /// 20 s at 250 orders/s, each save reading every saga).
+    #[tokio::test]
+    async fn a_save_looks_its_sagas_up_by_key_in_a_table_never_analysed() {
+        let database = TestDatabase::create().await;
+        crate::schema::migrate(database.pool()).await.unwrap();
+        let pool = database.pool().clone();
+        sqlx::query(
+            "INSERT INTO sagas (order_id, state, steps, data, next_attempt_at)
+             SELECT 'o-' || i, 'running', '[]', '{}', now() FROM generate_series(1, 5000) i",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let rows = Value::Array(vec![saga_row(&saga("o-7"), Some(0), None, None)]);
+        let plan: Vec<String> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {SAVE_SAGAS}")))
+                .bind(rows)
+                .bind(vec!["o-7"])
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("sagas_pkey") && !plan.contains("Seq Scan on sagas"),
+            "{plan}"
+        );
     }
 }
