@@ -29,8 +29,10 @@ pub async fn start_command_services(
     Ok(services)
 }
 
-/// Waits until `instances` command services each hold a share of the partitions, all of them
-/// held: until then a partition may be moving, and a command wait for its next owner.
+/// Waits until `instances` command services are live and every partition is held by the one
+/// that rendezvous hashing deals it to: until then a partition may be moving, and a command wait
+/// for its next owner. (Not "each holds some": with 4 instances and 16 partitions, about one
+/// dealing in 25 gives an instance none.)
 pub async fn partitions_shared(servers: &Servers, instances: usize) -> anyhow::Result<()> {
     let js = jetstream::new(servers.client.clone());
     let config = ordo_eventstore::OwnershipConfig::new(
@@ -41,10 +43,18 @@ pub async fn partitions_shared(servers: &Servers, instances: usize) -> anyhow::R
         ordo_eventstore::ownership::status(&js, &config)
             .await
             .is_ok_and(|status| {
-                let live: Vec<_> = status.members.iter().filter(|m| m.alive).collect();
+                let live: Vec<String> = status
+                    .members
+                    .iter()
+                    .filter(|m| m.alive)
+                    .map(|m| m.instance.clone())
+                    .collect();
                 live.len() == instances
-                    && live.iter().all(|m| m.owns > 0)
-                    && status.partitions.iter().all(|p| p.held)
+                    && status.partitions.iter().all(|p| {
+                        p.held
+                            && p.owner.as_deref()
+                                == Some(ordo_eventstore::ownership::rendezvous(p.partition, &live))
+                    })
             })
     })
     .await

@@ -85,15 +85,7 @@ pub async fn write_all(
     sql: &'static str,
     rows: Vec<serde_json::Value>,
 ) -> Result<bool, ApplyError> {
-    if rows.is_empty() {
-        return Ok(true);
-    }
-    let expected = rows.len() as u64;
-    let written = sqlx::query(sql)
-        .bind(serde_json::Value::Array(rows))
-        .execute(connection)
-        .await?;
-    Ok(written.rows_affected() == expected)
+    write_rows(connection, sql, rows, None).await
 }
 
 /// Runs the update `sql` with `rows` as its `$1` (a JSON array, read with `jsonb_to_recordset`)
@@ -108,15 +100,24 @@ pub async fn update_all(
     rows: Vec<serde_json::Value>,
     keys: Vec<String>,
 ) -> Result<bool, ApplyError> {
+    write_rows(connection, sql, rows, Some(keys)).await
+}
+
+async fn write_rows(
+    connection: &mut PgConnection,
+    sql: &'static str,
+    rows: Vec<serde_json::Value>,
+    keys: Option<Vec<String>>,
+) -> Result<bool, ApplyError> {
     if rows.is_empty() {
         return Ok(true);
     }
     let expected = rows.len() as u64;
-    let written = sqlx::query(sql)
-        .bind(serde_json::Value::Array(rows))
-        .bind(keys)
-        .execute(connection)
-        .await?;
+    let mut query = sqlx::query(sql).bind(serde_json::Value::Array(rows));
+    if let Some(keys) = keys {
+        query = query.bind(keys);
+    }
+    let written = query.execute(connection).await?;
     Ok(written.rows_affected() == expected)
 }
 

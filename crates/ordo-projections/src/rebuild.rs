@@ -38,8 +38,9 @@ use crate::{
 const MAX_CATCH_UP_ROUNDS: usize = 20;
 
 /// How near the live view the new one gets before the swap locks the live checkpoint (or
-/// within a batch, if batches are smaller): the live projector waits while the new view applies
-/// at most this many events.
+/// within a batch, if batches are smaller): the live projector then usually waits while the new
+/// view applies about this many events (more if the catch-up rounds ran out, or the live view
+/// moved on before the lock).
 const CATCH_UP_MARGIN: u64 = 1_000;
 
 /// Where a rebuild is: events applied to the new view, and the stream's head when it started.

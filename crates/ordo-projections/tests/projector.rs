@@ -803,6 +803,88 @@ async fn a_whole_stream_of_orders_applies_set_wise_without_falling_back() {
     assert_eq!((orders, cancelled_with_reason), (30, 5));
 }
 
+#[tokio::test]
+async fn batches_of_changes_to_rows_already_in_the_views_apply_set_wise() {
+    // Each view's first events in one batch (rows inserted), the rest in a second (rows
+    // updated): the updates must take their events themselves, not fall back.
+    let setup = Setup::start().await;
+    busy_day(&setup, 0, 30).await;
+    let js = jetstream::new(setup.engine.client.clone());
+    let events_of = |stream: &'static str| {
+        let js = js.clone();
+        async move {
+            let stream = js.get_stream(stream).await.unwrap();
+            let last = stream.clone().info().await.unwrap().state.last_sequence;
+            let mut events = Vec::new();
+            for seq in 1..=last {
+                let message = stream.get_raw_message(seq).await.unwrap();
+                events.push(ordo_eventstore::RecordedEvent {
+                    subject: message.subject.to_string(),
+                    seq,
+                    envelope: ordo_eventstore::EventEnvelope::from_bytes(&message.payload).unwrap(),
+                });
+            }
+            events
+                .into_iter()
+                .partition::<Vec<_>, _>(|event| event.envelope.version == 1)
+        }
+    };
+    let (placed, changes) = events_of(OrdersView::STREAM).await;
+    let (received, stock_changes) = events_of(StockView::STREAM).await;
+    assert!(!changes.is_empty() && !stock_changes.is_empty());
+    for schema_name in ["view_orders_check", "view_stock_check"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema_name} CASCADE"
+        )))
+        .execute(setup.pool())
+        .await
+        .unwrap();
+    }
+    schema::ensure_view::<OrdersView>(setup.pool(), "view_orders_check")
+        .await
+        .unwrap();
+    schema::ensure_view::<StockView>(setup.pool(), "view_stock_check")
+        .await
+        .unwrap();
+    let mut tx = setup.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL search_path = view_orders_check, public")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for batch in [&placed, &changes] {
+        let applied = OrdersView::apply_all(&mut tx, batch).await;
+        assert!(matches!(applied, Ok(true)), "{applied:?}");
+    }
+    let statuses: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status ORDER BY status")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(
+        statuses,
+        vec![
+            ("cancelled".to_owned(), 5),
+            ("confirmed".to_owned(), 15),
+            ("pending".to_owned(), 10)
+        ]
+    );
+    sqlx::query("SET LOCAL search_path = view_stock_check, public")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for batch in [&received, &stock_changes] {
+        let applied = StockView::apply_all(&mut tx, batch).await;
+        assert!(matches!(applied, Ok(true)), "{applied:?}");
+    }
+    let held: (i64, i64) =
+        sqlx::query_as("SELECT sum(on_hand)::bigint, sum(reserved)::bigint FROM stock")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(held.0, 60, "30 receipts of 2");
+    assert!(held.1 > 0, "reserves of open orders");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_during_live_writes_ends_equal_to_the_stream() {
     let setup = Setup::start().await;
