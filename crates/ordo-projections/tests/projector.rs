@@ -765,14 +765,10 @@ async fn a_batch_applied_set_wise_gives_the_same_rows_as_its_events_applied_one_
     );
 }
 
-#[tokio::test]
-async fn a_whole_stream_of_orders_applies_set_wise_without_falling_back() {
-    // The fallback gives the same rows, so the comparison above cannot see the set-wise path
-    // fail: here it must take every event itself.
-    let setup = Setup::start().await;
-    busy_day(&setup, 0, 30).await;
+/// Every event of `stream`, in order, as a projection is given it.
+async fn recorded_events(setup: &Setup, stream: &str) -> Vec<ordo_eventstore::RecordedEvent> {
     let js = jetstream::new(setup.engine.client.clone());
-    let stream = js.get_stream(OrdersView::STREAM).await.unwrap();
+    let stream = js.get_stream(stream).await.unwrap();
     let last = stream.clone().info().await.unwrap().state.last_sequence;
     let mut events = Vec::new();
     for seq in 1..=last {
@@ -783,6 +779,16 @@ async fn a_whole_stream_of_orders_applies_set_wise_without_falling_back() {
             envelope: ordo_eventstore::EventEnvelope::from_bytes(&message.payload).unwrap(),
         });
     }
+    events
+}
+
+#[tokio::test]
+async fn a_whole_stream_of_orders_applies_set_wise_without_falling_back() {
+    // The fallback gives the same rows, so the comparison above cannot see the set-wise path
+    // fail: here it must take every event itself.
+    let setup = Setup::start().await;
+    busy_day(&setup, 0, 30).await;
+    let events = recorded_events(&setup, OrdersView::STREAM).await;
     schema::ensure_view::<OrdersView>(setup.pool(), "view_orders_check")
         .await
         .unwrap();
@@ -809,25 +815,13 @@ async fn batches_of_changes_to_rows_already_in_the_views_apply_set_wise() {
     // updated): the updates must take their events themselves, not fall back.
     let setup = Setup::start().await;
     busy_day(&setup, 0, 30).await;
-    let js = jetstream::new(setup.engine.client.clone());
-    let events_of = |stream: &'static str| {
-        let js = js.clone();
-        async move {
-            let stream = js.get_stream(stream).await.unwrap();
-            let last = stream.clone().info().await.unwrap().state.last_sequence;
-            let mut events = Vec::new();
-            for seq in 1..=last {
-                let message = stream.get_raw_message(seq).await.unwrap();
-                events.push(ordo_eventstore::RecordedEvent {
-                    subject: message.subject.to_string(),
-                    seq,
-                    envelope: ordo_eventstore::EventEnvelope::from_bytes(&message.payload).unwrap(),
-                });
-            }
-            events
-                .into_iter()
-                .partition::<Vec<_>, _>(|event| event.envelope.version == 1)
-        }
+    // Each row's first event (version 1) apart from the rest.
+    let setup_ref = &setup;
+    let events_of = move |stream: &'static str| async move {
+        recorded_events(setup_ref, stream)
+            .await
+            .into_iter()
+            .partition::<Vec<_>, _>(|event| event.envelope.version == 1)
     };
     let (placed, changes) = events_of(OrdersView::STREAM).await;
     let (received, stock_changes) = events_of(StockView::STREAM).await;
