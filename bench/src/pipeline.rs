@@ -371,14 +371,12 @@ pub async fn views_caught_up(servers: &Servers) -> anyhow::Result<()> {
             .info()
             .await?
             .state
-            .last_sequence as i64;
-        let query = format!("SELECT coalesce(max(seq), 0) FROM {schema}.checkpoints");
+            .last_sequence;
         let pool = servers.database.pool().clone();
         wait_until(Duration::from_secs(300), "the views catching up", || {
-            let (pool, query) = (pool.clone(), query.clone());
+            let pool = pool.clone();
             async move {
-                sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(query))
-                    .fetch_one(&pool)
+                ordo_projections::schema::checkpoint_of(&pool, schema, stream)
                     .await
                     .is_ok_and(|seq| seq >= last)
             }

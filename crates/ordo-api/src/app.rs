@@ -25,6 +25,9 @@ pub struct ApiState {
     pub nats: async_nats::Client,
     /// How long a read with `min_seq` waits for its view.
     pub min_seq_wait: Duration,
+    /// The partitions of the views (the projectors' count): a read of one order or SKU with
+    /// `min_seq` waits for its partition only.
+    pub partitions: u32,
     /// Reads served at once, those waiting for `min_seq` included. Each holds a connection and
     /// memory (and may wait for a database connection, or up to `min_seq_wait` for its view);
     /// past this bound a read is answered 503 with `Retry-After` at once, as `order.place` sheds
@@ -52,6 +55,7 @@ impl ApiState {
             pool,
             nats,
             min_seq_wait: Duration::from_secs(5),
+            partitions: ordo_eventstore::partition::DEFAULT_PARTITIONS,
             reads_in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_READS_IN_FLIGHT)),
             cache: Cache::builder()
                 .max_capacity(10_000)

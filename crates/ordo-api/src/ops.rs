@@ -8,7 +8,7 @@ use axum::{
     http::{StatusCode, Uri, header},
     response::IntoResponse,
 };
-use ordo_projections::schema::{catalog, checkpoint_of};
+use ordo_projections::schema::{catalog, checkpoint_of, checkpoints_by_partition};
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -23,6 +23,7 @@ pub async fn projection_status(
     let mut status = Vec::new();
     for projection in catalog() {
         let checkpoint = checkpoint_of(pool, &projection.schema(), projection.stream).await?;
+        let partitions = checkpoints_by_partition(pool, &projection.schema()).await?;
         let head = match js.get_stream(projection.stream).await {
             Ok(mut stream) => stream
                 .info()
@@ -60,6 +61,14 @@ pub async fn projection_status(
             "checkpoint": checkpoint,
             "stream_head": head,
             "lag": head.map(|head| head.saturating_sub(checkpoint)),
+            "partitions": partitions
+                .iter()
+                .map(|(partition, checkpoint)| json!({
+                    "partition": partition,
+                    "checkpoint": checkpoint,
+                    "lag": head.map(|head| head.saturating_sub(*checkpoint)),
+                }))
+                .collect::<Vec<_>>(),
             "parked": parked.len(),
             "parked_events": parked,
         }));
@@ -156,6 +165,18 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
                 gauge("ordo_projection_checkpoint", "checkpoint");
                 gauge("ordo_projection_stream_head", "stream_head");
                 gauge("ordo_projection_lag_events", "lag");
+                for partition in projection["partitions"].as_array().into_iter().flatten() {
+                    if let (Some(number), Some(lag)) =
+                        (partition["partition"].as_u64(), partition["lag"].as_u64())
+                    {
+                        metrics::gauge!(
+                            "ordo_projection_partition_lag_events",
+                            "projection" => name.clone(),
+                            "partition" => number.to_string()
+                        )
+                        .set(lag as f64);
+                    }
+                }
                 gauge("ordo_projection_parked_events", "parked");
             }
             metrics::gauge!("ordo_read_model_up").set(1.0);

@@ -1,5 +1,6 @@
 //! The view endpoints. Path and query parameters are validated before any read; a read with
-//! `min_seq` waits (up to 5 s) until the view's checkpoint reaches it, else answers 504.
+//! `min_seq` waits (up to 5 s) until the view's checkpoint reaches it, else answers 504: for one
+//! order or SKU, the checkpoint of its partition; for a list, the view's (every partition's).
 
 use std::{
     sync::Arc,
@@ -11,7 +12,7 @@ use axum::{
     extract::{Path, Query, State, rejection::QueryRejection},
 };
 use ordo_domain::{CustomerId, OrderId, Sku};
-use ordo_projections::schema::{ProjectionInfo, checkpoint_of};
+use ordo_projections::schema::{ProjectionInfo, checkpoint_of, checkpoint_of_partition};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::{Row, postgres::PgRow};
@@ -59,16 +60,50 @@ fn stock_view() -> ProjectionInfo {
     ProjectionInfo::of::<ordo_projections::stock::StockView>()
 }
 
-/// Waits until `view` has applied `min_seq` (if asked) and returns its checkpoint.
+/// What a read waits for: the view as a whole, or the partition of one aggregate.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    View,
+    AggregateOf(u32),
+}
+
+impl Scope {
+    fn of_aggregate(state: &ApiState, aggregate_id: &str) -> Self {
+        Self::AggregateOf(ordo_eventstore::partition_of(
+            aggregate_id,
+            state.partitions,
+        ))
+    }
+}
+
+/// Waits until `view` has applied `min_seq` (if asked) for `scope`, and returns the
+/// checkpoint of `scope`.
 async fn caught_up(
     state: &ApiState,
     view: ProjectionInfo,
+    scope: Scope,
     min_seq: Option<u64>,
 ) -> Result<u64, ApiError> {
     let deadline = Instant::now() + state.min_seq_wait;
     let mut announced = state.checkpoints.subscribe(view.name);
+    let announced_for_scope = |announced: &crate::checkpoints::Announced| match scope {
+        Scope::View => announced.of_view(),
+        Scope::AggregateOf(partition) => announced.of_partition(partition),
+    };
     loop {
-        let checkpoint = checkpoint_of(&state.pool, &view.schema(), view.stream).await?;
+        let checkpoint = match scope {
+            Scope::View => checkpoint_of(&state.pool, &view.schema(), view.stream).await?,
+            Scope::AggregateOf(partition) => {
+                checkpoint_of_partition(
+                    &state.pool,
+                    &view.schema(),
+                    view.stream,
+                    state.partitions,
+                    partition,
+                )
+                .await?
+            }
+        };
         match min_seq {
             Some(wanted) if checkpoint < wanted => {
                 let now = Instant::now();
@@ -82,13 +117,14 @@ async fn caught_up(
                 match &mut announced {
                     // Announced already, yet not in the view's table: a rebuild's new view, not
                     // swapped in yet. Poll.
-                    Some(announced) if *announced.borrow() >= wanted => {
+                    Some(announced) if announced_for_scope(&announced.borrow()) >= wanted => {
                         tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
                     }
                     Some(announced) => {
                         let _ = tokio::time::timeout(
                             wait,
-                            announced.wait_for(|announced| *announced >= wanted),
+                            announced
+                                .wait_for(|announced| announced_for_scope(announced) >= wanted),
                         )
                         .await;
                     }
@@ -176,7 +212,8 @@ pub async fn get_order(
     let params = params(query)?;
     let order_id =
         OrderId::parse(order_id).map_err(|err| ApiError::InvalidQuery(err.to_string()))?;
-    let checkpoint = caught_up(&state, orders_view(), params.min_seq).await?;
+    let scope = Scope::of_aggregate(&state, order_id.as_str());
+    let checkpoint = caught_up(&state, orders_view(), scope, params.min_seq).await?;
     let key = format!("order:{order_id}");
     let order = cached(&state, key, checkpoint, params.min_seq, async {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -231,7 +268,7 @@ pub async fn list_orders(
                 ApiError::InvalidQuery(format!("cursor {cursor:?} is not one this API returned"))
             })?,
     };
-    caught_up(&state, orders_view(), params.min_seq).await?;
+    caught_up(&state, orders_view(), Scope::View, params.min_seq).await?;
     // Keyset paging on the sequence of OrderPlaced: orders placed later sort after every cursor,
     // so a page never repeats or skips an order while others are inserted.
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -277,7 +314,8 @@ pub async fn get_stock(
 ) -> Result<Json<Value>, ApiError> {
     let params = params(query)?;
     let sku = Sku::parse(sku).map_err(|err| ApiError::InvalidQuery(err.to_string()))?;
-    let checkpoint = caught_up(&state, stock_view(), params.min_seq).await?;
+    let scope = Scope::of_aggregate(&state, sku.as_str());
+    let checkpoint = caught_up(&state, stock_view(), scope, params.min_seq).await?;
     let stock = cached(
         &state,
         format!("stock:{sku}"),

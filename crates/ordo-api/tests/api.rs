@@ -134,7 +134,8 @@ async fn each_committed_projector_batch_announces_its_views_checkpoint() {
             seq = setup.place(&format!("o-{i}"), "c1").await["seq"]
                 .as_u64()
                 .unwrap();
-            if tokio::time::timeout(Duration::from_millis(200), orders.wait_for(|s| *s >= seq))
+            let announced = orders.wait_for(|announced| announced.of_view() >= seq);
+            if tokio::time::timeout(Duration::from_millis(200), announced)
                 .await
                 .is_ok()
             {
@@ -144,7 +145,7 @@ async fn each_committed_projector_batch_announces_its_views_checkpoint() {
     })
     .await;
     assert!(announced.is_ok(), "no announcement of the orders view");
-    assert!(*orders.borrow() >= seq);
+    assert!(orders.borrow().of_view() >= seq);
     assert!(signals.subscribe("nonexistent").is_none());
 }
 
@@ -208,6 +209,46 @@ async fn a_view_that_does_not_catch_up_in_time_answers_504_with_its_checkpoint()
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(body["error"]["code"], "not_caught_up");
     assert!(body["error"]["checkpoint"].as_u64().unwrap() < ahead);
+}
+
+/// A read of one order waits for the partition the order is in, not for the whole view: a view
+/// whose other partitions are behind still answers it, while a list, which holds orders of every
+/// partition, waits for all of them.
+#[tokio::test]
+async fn a_read_of_one_order_waits_for_its_partition_and_a_list_for_every_partition() {
+    let setup = Setup::start_configured(
+        ordo_api::AccessTokens::default(),
+        ordo_api::DEFAULT_MAX_READS_IN_FLIGHT,
+        SHORT_WAIT,
+    )
+    .await;
+    let seq = setup.place("o-1", "c1").await["seq"].as_u64().unwrap();
+    let (status, _) = setup.get(&format!("/orders/o-1?min_seq={seq}")).await;
+    assert_eq!(status, StatusCode::OK);
+    // Every other partition of the view back before the order (as if their projector were
+    // behind; no event comes after, so none moves them again).
+    let partition =
+        ordo_eventstore::partition_of("o-1", ordo_eventstore::partition::DEFAULT_PARTITIONS);
+    let behind =
+        sqlx::query("UPDATE view_orders.partition_checkpoints SET seq = 0 WHERE partition <> $1")
+            .bind(partition as i32)
+            .execute(setup.database.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        behind.rows_affected(),
+        u64::from(ordo_eventstore::partition::DEFAULT_PARTITIONS) - 1
+    );
+
+    let (status, order) = setup.get(&format!("/orders/o-1?min_seq={seq}")).await;
+    assert_eq!(status, StatusCode::OK, "{order}");
+    assert_eq!(order["order_id"], "o-1");
+    let (status, body) = setup.get(&format!("/orders?min_seq={seq}")).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert_eq!(
+        body["error"]["checkpoint"], 0,
+        "the partition furthest behind"
+    );
 }
 
 /// Each read in flight holds a connection and memory (a waiting one for up to 5 s); past the

@@ -173,7 +173,14 @@ impl App {
                     None => ordo_projections::View::ALL.to_vec(),
                 };
                 for view in views {
-                    let task = components::projector(view, pool(), nats.clone(), shutdown.clone());
+                    let task = components::projector(
+                        view,
+                        pool(),
+                        nats.clone(),
+                        settings.partitions,
+                        settings.streams.clone(),
+                        shutdown.clone(),
+                    );
                     components.spawn(async move { (format!("projector {view}"), task.await) });
                 }
             }
@@ -183,6 +190,7 @@ impl App {
                     components::api(
                         settings.http_addr,
                         settings.http_max_reads_in_flight,
+                        settings.partitions,
                         pool(),
                         nats.clone(),
                         settings.streams.clone(),
@@ -270,6 +278,8 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut failed = None;
     tokio::select! {
+        // A component that ends because the shutdown began did not stop on its own.
+        biased;
         () = shutdown.signal() => {}
         Some(ended) = components.join_next() => {
             let (name, result) = ended?;

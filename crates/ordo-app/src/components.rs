@@ -163,15 +163,23 @@ pub async fn commands(
     Ok(())
 }
 
-/// Runs the projector of `view` until shutdown.
+/// Runs a projector of `view` until shutdown: it shares the view's `partitions` with the
+/// view's other projectors.
 pub async fn projector(
     view: View,
     pool: PgPool,
     nats: async_nats::Client,
+    partitions: u32,
+    streams: StreamSettings,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(nats);
-    view.run_projector(pool, js, ProjectorConfig::default(), shutdown.signal())
+    let config = ProjectorConfig {
+        partitions,
+        replicas: streams.stream_replicas.unwrap_or(1),
+        ..ProjectorConfig::default()
+    };
+    view.run_projector(pool, js, config, shutdown.signal())
         .await;
     Ok(())
 }
@@ -305,6 +313,7 @@ impl HttpAccess {
 pub async fn api(
     addr: SocketAddr,
     max_reads_in_flight: usize,
+    partitions: u32,
     pool: PgPool,
     nats: async_nats::Client,
     streams: StreamSettings,
@@ -314,6 +323,7 @@ pub async fn api(
     let mut state = ordo_api::ApiState::new(pool, nats);
     state.streams = streams.definitions()?;
     state.tokens = access.tokens();
+    state.partitions = partitions;
     state.reads_in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(max_reads_in_flight));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening on {addr} (set ORDO_HTTP_ADDR to use another address)")

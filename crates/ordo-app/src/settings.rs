@@ -49,10 +49,11 @@ pub struct Settings {
     #[arg(long, env = "ORDO_METRICS_ADDR", global = true)]
     pub metrics_addr: Option<SocketAddr>,
 
-    /// How many partitions the command service spreads aggregates over, each owned by one
-    /// instance at a time. Every command service must run with the same count: one started with
-    /// another count than the live ones stops with an error. How to choose it and how to change
-    /// it: docs/operations.md, "Partitions".
+    /// How many partitions the command service and each view's projectors spread aggregates
+    /// over, each owned by one instance at a time. Every instance must run with the same count:
+    /// one started with another count than the live ones stops with an error, and a projector
+    /// refuses a view that keeps another count (a rebuild gives the view this one). How to
+    /// choose it and how to change it: docs/operations.md, "Partitions".
     #[arg(
         long,
         env = "ORDO_PARTITIONS",

@@ -56,15 +56,11 @@ pub async fn stream_events(
     Ok(events)
 }
 
-/// The checkpoint of a projection's live view (0 before its first batch).
+/// The checkpoint of a projection's live view (0 before its first batch): that of the
+/// partition furthest behind.
 async fn checkpoint(pool: &PgPool, projection: &str, stream: &str) -> anyhow::Result<i64> {
-    let checkpoint: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT seq FROM view_{projection}.checkpoints WHERE stream = $1"
-    )))
-    .bind(stream)
-    .fetch_optional(pool)
-    .await?;
-    Ok(checkpoint.unwrap_or(0))
+    let schema = format!("view_{projection}");
+    Ok(ordo_projections::schema::checkpoint_of(pool, &schema, stream).await? as i64)
 }
 
 /// The head (last sequence) of `stream`.

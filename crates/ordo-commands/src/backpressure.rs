@@ -2,10 +2,11 @@
 //! behind, `order.place` says `unavailable` with a `retry_after_ms` instead of taking in orders
 //! that would only queue inside ordo. Nothing is appended for a shed request.
 //!
-//! The backlogs are the durable consumers' pending events (delivered but not acknowledged,
-//! plus not yet delivered), read from JetStream every `check_every` by every command service
-//! instance: no process needs to tell another, and a worker that is down (its backlog grows)
-//! counts as one that is slow.
+//! The backlogs are read every `check_every` by every command service instance: the saga's is
+//! its durable consumer's pending events (delivered but not acknowledged, plus not yet
+//! delivered), a view's the events of its stream past the position its projectors report in the
+//! partition bucket (`ordo_eventstore::progress`). No process needs to tell another, and a worker
+//! that is down (its backlog grows) counts as one that is slow.
 
 use std::{
     sync::{Arc, RwLock},
@@ -13,7 +14,7 @@ use std::{
 };
 
 use async_nats::jetstream;
-use ordo_eventstore::ConsumerId;
+use ordo_eventstore::{ConsumerId, consume::backlog, progress::Progress};
 
 /// How far behind each backlog may fall before `order.place` sheds load.
 #[derive(Debug, Clone)]
@@ -154,12 +155,25 @@ impl Gate {
     /// shed: the append would say what is wrong.
     pub async fn watch(self, js: jetstream::Context, limits: BacklogLimits) {
         let watched_backlogs = Watched::all();
+        let progress: Vec<Option<Progress>> = watched_backlogs
+            .iter()
+            .map(|watched| {
+                watched
+                    .consumer
+                    .partition_group()
+                    .map(|group| Progress::watch(js.clone(), group))
+            })
+            .collect();
         let mut previous: Vec<Option<(Instant, u64)>> = vec![None; watched_backlogs.len()];
         loop {
             let shedding = self.overload();
             let mut overload = None;
             for (index, watched) in watched_backlogs.iter().enumerate() {
-                let Some((pending, ack_floor)) = backlog(&js, watched).await else {
+                let read = match &progress[index] {
+                    Some(progress) => view_backlog(&js, watched.consumer, progress).await,
+                    None => backlog(&js, watched.consumer).await,
+                };
+                let Some((pending, ack_floor)) = read else {
                     previous[index] = None;
                     continue;
                 };
@@ -205,17 +219,23 @@ impl Gate {
     }
 }
 
-/// (pending events, acknowledged-floor stream sequence) of a watched consumer.
-async fn backlog(js: &jetstream::Context, watched: &Watched) -> Option<(u64, u64)> {
-    let stream = js
-        .get_stream_no_info(watched.consumer.stream().name())
+/// The events of a view's stream past the position its projectors reported, and that position.
+async fn view_backlog(
+    js: &jetstream::Context,
+    consumer: ConsumerId,
+    progress: &Progress,
+) -> Option<(u64, u64)> {
+    let position = progress.position()?;
+    let head = js
+        .get_stream_no_info(consumer.stream().name())
         .await
-        .ok()?;
-    let info = stream.consumer_info(watched.consumer.name()).await.ok()?;
-    Some((
-        info.num_pending + info.num_ack_pending as u64,
-        info.ack_floor.stream_sequence,
-    ))
+        .ok()?
+        .get_info()
+        .await
+        .ok()?
+        .state
+        .last_sequence;
+    Some((head.saturating_sub(position), position))
 }
 
 #[cfg(test)]

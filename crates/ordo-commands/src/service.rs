@@ -37,8 +37,7 @@ pub const SERVICE_NAME: &str = "ordo";
 pub const QUEUE_GROUP: &str = "ordo-commands";
 /// The ownership group of the command service's partitions (docs/operations.md).
 pub const PARTITION_GROUP: &str = "commands";
-/// Partitions of the aggregates, until the event streams say how many they have.
-pub const DEFAULT_PARTITIONS: u32 = 16;
+pub use ordo_eventstore::partition::DEFAULT_PARTITIONS;
 /// How long a starting instance waits for every partition to have an owner: longer than a lease,
 /// so that even the leases of an instance that is not found dead have run out.
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);

@@ -1,13 +1,15 @@
-//! The one way ordo's workers read a durable consumer: [`Batches`] pulls continuously and hands
-//! out what has arrived a batch at a time, and each [`Batch`] is settled as its worker says, by
-//! the consumer's ack policy. The projector
-//! runtime, the saga intake and the notifier all read so; what they do with a batch is theirs.
+//! How ordo's workers read the streams. [`Batches`] pulls a durable consumer continuously and
+//! hands out what has arrived a batch at a time, and each [`Batch`] is settled as its worker
+//! says: the saga intake and the notifier read so. A projector instance reads through a
+//! [`Reader`] of its own, by sequence, without a consumer (the view's checkpoints say where it
+//! is).
+//! What a worker does with a batch is its own.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{
     self, AckKind, Message,
-    consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    consumer::{DeliverPolicy, PullConsumer, pull},
 };
 use futures::StreamExt;
 
@@ -74,26 +76,6 @@ impl Batches {
         Self::reading(id, consumer, max).await
     }
 
-    /// The consumer `id`, created anew to deliver from stream sequence `start`: for a
-    /// projector, whose checkpoint, not the consumer's acknowledgements, says where it is.
-    pub async fn recreated_at(
-        js: &jetstream::Context,
-        id: ConsumerId,
-        start: u64,
-        max: usize,
-    ) -> Result<Self, ConsumeError> {
-        let stream = stream_of(js, id).await?;
-        let _ = stream.delete_consumer(id.name()).await;
-        let deliver = DeliverPolicy::ByStartSequence {
-            start_sequence: start,
-        };
-        let consumer = stream
-            .create_consumer(id.config(deliver, ConsumerId::ACK_WAIT))
-            .await
-            .map_err(|err| ConsumeError::of(id, err))?;
-        Self::reading(id, consumer, max).await
-    }
-
     /// A continuous pull of `consumer`: the server keeps up to `max` messages on their way to
     /// this client while a batch is handled, so that the next batch is there when it is done.
     async fn reading(
@@ -148,32 +130,7 @@ impl Batch {
     /// Settles each message as `settles` says, in order; a message without one is left to be
     /// delivered again after its ack wait. A lost acknowledgement only means a redelivery, which
     /// every worker takes in again without effect.
-    ///
-    /// Under ack policy `all` (a projector's) an acknowledgement also acknowledges every message
-    /// before it: the leading messages settled `Ack` are acknowledged by the last of them (its
-    /// reply waited for), the first one not is asked again, and those after it are left. (A later
-    /// batch's acknowledgement would still cover it: a consumer under policy `all` acknowledges
-    /// or stops, as the projector does.)
     pub async fn settle(self, settles: impl IntoIterator<Item = Settle>) {
-        let settles: Vec<Settle> = settles.into_iter().collect();
-        if self.id.ack_policy() == AckPolicy::All {
-            let acked = settles
-                .iter()
-                .take_while(|settle| **settle == Settle::Ack)
-                .count()
-                .min(self.messages.len());
-            if let Some(last) = acked.checked_sub(1).map(|i| &self.messages[i])
-                && let Err(err) = last.double_ack().await
-            {
-                tracing::debug!(consumer = %self.id, %err, "ack not confirmed");
-            }
-            if let (Some(message), Some(Settle::Nak(delay))) =
-                (self.messages.get(acked), settles.get(acked))
-            {
-                nak(self.id, message, *delay).await;
-            }
-            return;
-        }
         for (message, settle) in self.messages.iter().zip(settles) {
             match settle {
                 Settle::Ack => {
@@ -187,15 +144,8 @@ impl Batch {
     }
 
     /// Each message on its own, to be settled as soon as it is handled rather than with the
-    /// batch: for a consumer that handles messages concurrently (ack policy explicit; under
-    /// policy `all` one settle would settle others).
+    /// batch: for a consumer that handles messages concurrently.
     pub fn one_by_one(self) -> Vec<Delivery> {
-        assert_eq!(
-            self.id.ack_policy(),
-            AckPolicy::Explicit,
-            "{} acknowledges batches, not messages",
-            self.id
-        );
         let id = self.id;
         self.messages
             .into_iter()
@@ -234,4 +184,248 @@ impl Delivery {
             Settle::Nak(delay) => nak(self.id, &self.message, delay).await,
         }
     }
+}
+
+/// One message of a stream as a [`Reader`] returns it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub seq: u64,
+    pub subject: String,
+    /// The headers it was published with (a trace context, among others).
+    pub headers: Option<async_nats::HeaderMap>,
+    pub payload: bytes::Bytes,
+}
+
+/// A projector instance's reading of a stream, whole and in order, from a sequence on, without a
+/// consumer: batches of stored messages asked for by sequence (JetStream's batch direct get),
+/// the next asked for as soon as one is taken, and, at the stream's head, as soon as an event is
+/// published (the reader listens to the stream's subjects) or every [`Reader::POLL`] otherwise.
+///
+/// Why no consumer: creating one, of any name, lets the creator change every consumer of the
+/// stream (a create request names the consumer in its body and updates an existing one), and a
+/// projector's credentials must not reach the saga's consumer. Reading by sequence needs only
+/// the permission to read the stream, which a projector has anyway.
+pub struct Reader {
+    client: async_nats::Client,
+    stream: jetstream::stream::Stream<()>,
+    /// When the stream read was created: one deleted and created again under the same name
+    /// starts its sequences over, and must not be read as the same.
+    created: i128,
+    id: ConsumerId,
+    /// The next sequence to ask for.
+    next: u64,
+    max: usize,
+    /// Where the answers to this reader's requests arrive: `<inbox>.<request>`.
+    inbox: String,
+    answers: async_nats::Subscriber,
+    requests: u64,
+    /// Every event published on the stream's subjects: a sign that there is more to read.
+    published: async_nats::Subscriber,
+}
+
+/// The most messages one batch direct get returns.
+const DIRECT_BATCH: usize = 1000;
+
+impl Reader {
+    /// How long a reader at the head waits for a sign of a new event before it asks anyway.
+    pub const POLL: Duration = Duration::from_millis(250);
+
+    /// Reads `id`'s stream from sequence `start`, in batches of up to `max` messages.
+    pub async fn from(
+        js: &jetstream::Context,
+        id: ConsumerId,
+        start: u64,
+        max: usize,
+    ) -> Result<Self, ConsumeError> {
+        let client = js.client();
+        let stream = js
+            .get_stream_no_info(id.stream().name())
+            .await
+            .map_err(|err| ConsumeError::of(id, err))?;
+        let created = stream
+            .get_info()
+            .await
+            .map_err(|err| ConsumeError::of(id, err))?
+            .created
+            .unix_timestamp_nanos();
+        let published = client
+            .subscribe(id.stream().subjects())
+            .await
+            .map_err(|err| ConsumeError::of(id, err))?;
+        let inbox = client.new_inbox();
+        let answers = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|err| ConsumeError::of(id, err))?;
+        Ok(Self {
+            client,
+            stream,
+            created,
+            id,
+            next: start.max(1),
+            max: max.max(1),
+            inbox,
+            answers,
+            requests: 0,
+            published,
+        })
+    }
+
+    /// The next messages, in stream order: those stored from the next sequence on, up to `max`,
+    /// waiting for the first as long as it takes.
+    pub async fn next(&mut self) -> Result<Vec<Stored>, ConsumeError> {
+        loop {
+            // Signs that came before this read are answered by it.
+            while let Some(Some(_)) = futures::FutureExt::now_or_never(self.published.next()) {}
+            let read = self.read().await?;
+            if !read.is_empty() {
+                return self.of_the_same_stream(read).await;
+            }
+            // At the head: a publish may reach this reader a moment before the stream stores
+            // it, so a sign is followed by a few quick reads.
+            if tokio::time::timeout(Self::POLL, self.published.next())
+                .await
+                .is_ok()
+            {
+                for pause in [1, 2, 4, 8, 16] {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    let read = self.read().await?;
+                    if !read.is_empty() {
+                        return self.of_the_same_stream(read).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `read`, if the stream is still the one this reader began on: read first and checked
+    /// after, so that messages of a stream created again in between are never returned.
+    async fn of_the_same_stream(&self, read: Vec<Stored>) -> Result<Vec<Stored>, ConsumeError> {
+        let created = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|err| ConsumeError::of(self.id, err))?
+            .created
+            .unix_timestamp_nanos();
+        if created != self.created {
+            return Err(ConsumeError::of(
+                self.id,
+                format!(
+                    "stream {} was deleted and created again while it was read",
+                    self.id.stream()
+                ),
+            ));
+        }
+        Ok(read)
+    }
+
+    /// What the stream holds from the next sequence on, up to `max` messages (several batch
+    /// direct gets, each of up to [`DIRECT_BATCH`]), without a hole.
+    ///
+    /// In a cluster a direct get is answered by any replica, and one that is catching up may
+    /// lack a stretch of messages: what it returns past a hole is left, and the hole asked again
+    /// (another replica, or the same one caught up, fills it). A hole that stays is returned as
+    /// it is, for the caller to see.
+    async fn read(&mut self) -> Result<Vec<Stored>, ConsumeError> {
+        let mut read = Vec::new();
+        let mut holes = 0;
+        while read.len() < self.max {
+            let wanted = (self.max - read.len()).min(DIRECT_BATCH);
+            let mut batch = self.direct_batch(wanted).await?;
+            let contiguous = batch
+                .iter()
+                .zip(self.next..)
+                .take_while(|(stored, seq)| stored.seq == *seq)
+                .count();
+            if contiguous < batch.len() && holes < 10 {
+                batch.truncate(contiguous);
+                if batch.is_empty() {
+                    holes += 1;
+                    tokio::time::sleep(Duration::from_millis(5 * holes)).await;
+                    continue;
+                }
+            }
+            if let Some(last) = batch.last() {
+                self.next = last.seq + 1;
+            }
+            let whole = batch.len() == wanted;
+            read.extend(batch);
+            if !whole {
+                break;
+            }
+        }
+        Ok(read)
+    }
+
+    /// One batch direct get of up to `wanted` messages from the next sequence (ADR-31): the
+    /// messages come one by one to this reader's inbox, and a status ends them (204: the batch
+    /// is done; 404: nothing stored from that sequence on).
+    async fn direct_batch(&mut self, wanted: usize) -> Result<Vec<Stored>, ConsumeError> {
+        self.requests += 1;
+        let request = self.requests.to_string();
+        let reply = format!("{}.{request}", self.inbox);
+        let body = serde_json::json!({"seq": self.next, "batch": wanted});
+        self.client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{}", self.id.stream().name()),
+                reply,
+                body.to_string().into(),
+            )
+            .await
+            .map_err(|err| ConsumeError::of(self.id, err))?;
+        let mut batch = Vec::with_capacity(wanted);
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), self.answers.next())
+                .await
+                .map_err(|_| ConsumeError::of(self.id, "no answer to a batch read within 5 s"))?
+                .ok_or_else(|| ConsumeError::of(self.id, "the reader's inbox closed"))?;
+            if !message.subject.ends_with(&format!(".{request}")) {
+                continue; // The late answer of an earlier request that timed out.
+            }
+            match message.status {
+                None => batch.push(stored(self.id, message)?),
+                Some(status) if status.as_u16() == 204 || status.as_u16() == 404 => {
+                    return Ok(batch);
+                }
+                Some(status) => {
+                    return Err(ConsumeError::of(
+                        self.id,
+                        format!(
+                            "batch read refused: {status} {}",
+                            message.description.unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// A direct get's answer as the message it returns.
+fn stored(id: ConsumerId, message: async_nats::Message) -> Result<Stored, ConsumeError> {
+    let seq = crate::header(&message, "Nats-Sequence")
+        .and_then(|seq| seq.parse().ok())
+        .ok_or_else(|| ConsumeError::of(id, "a batch read's message has no sequence"))?;
+    let subject = crate::header(&message, "Nats-Subject")
+        .ok_or_else(|| ConsumeError::of(id, "a batch read's message has no subject"))?;
+    Ok(Stored {
+        seq,
+        subject,
+        headers: message.headers,
+        payload: message.payload,
+    })
+}
+
+/// How far behind the durable consumer `id` is: its events not yet delivered or delivered and
+/// not acknowledged, and the stream sequence below which it has acknowledged everything. `None`
+/// when it cannot be read (not created yet, NATS unreachable). (A view's projectors read
+/// without a consumer: `progress` says how far they are.)
+pub async fn backlog(js: &jetstream::Context, id: ConsumerId) -> Option<(u64, u64)> {
+    let stream = js.get_stream_no_info(id.stream().name()).await.ok()?;
+    let info = stream.consumer_info(id.name()).await.ok()?;
+    Some((
+        info.num_pending + info.num_ack_pending as u64,
+        info.ack_floor.stream_sequence,
+    ))
 }

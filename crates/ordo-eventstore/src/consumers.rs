@@ -17,9 +17,11 @@ use crate::StreamId;
 pub enum ConsumerId {
     /// The saga coordinators' intake of order events, shared by every coordinator.
     Saga,
-    /// The orders view's projector.
+    /// The orders view's projectors. They read the stream without a consumer (by sequence,
+    /// `consume::Reader`); the name is their catalogue entry, and that of the durable consumer
+    /// of builds before partitioned projectors, which they delete.
     OrdersView,
-    /// The stock view's projector.
+    /// The stock view's projectors, as the orders view's.
     StockView,
     /// The notifiers', shared by every notifier.
     Notifier,
@@ -51,8 +53,9 @@ impl ConsumerId {
         }
     }
 
-    /// A projector's: recreated at its view's checkpoint each time a projector leads, so that
-    /// the checkpoint, not the consumer's acknowledgements, says how far the view is.
+    /// A view's projectors': no consumer (their partitions' checkpoints say how far the view is,
+    /// and they read by sequence). Builds before partitioned projectors had one durable consumer
+    /// of this name.
     pub const fn is_projection(self) -> bool {
         matches!(self, Self::OrdersView | Self::StockView)
     }
@@ -75,27 +78,15 @@ impl ConsumerId {
         }
     }
 
-    /// A projector acknowledges the last event of a batch, which acknowledges the batch (its
-    /// checkpoint is where its view is); the others each event on its own, as it is handled,
-    /// asked again or held back.
-    pub const fn ack_policy(self) -> AckPolicy {
-        if self.is_projection() {
-            AckPolicy::All
-        } else {
-            AckPolicy::Explicit
-        }
-    }
-
     /// How long a delivered event may go unacknowledged before it is delivered again.
     pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
     /// Events delivered and not yet acknowledged, at most (0: the server's default, 1,000).
     const fn max_ack_pending(self) -> i64 {
         match self {
-            Self::OrdersView | Self::StockView => 10_000,
             // Four of the intake's batches.
             Self::Saga => 1024,
-            Self::Notifier => 0,
+            Self::Notifier | Self::OrdersView | Self::StockView => 0,
         }
     }
 
@@ -103,15 +94,29 @@ impl ConsumerId {
     /// after `ack_wait` ([`Self::ACK_WAIT`] but in tests). Every delivery is retried for as
     /// long as it takes (no `max_deliver`): an event is handled or held back, never dropped.
     pub fn config(self, deliver: DeliverPolicy, ack_wait: Duration) -> pull::Config {
+        debug_assert!(!self.is_projection(), "{self} is read by ordered consumers");
         pull::Config {
             durable_name: Some(self.name().to_owned()),
             description: Some(self.description().to_owned()),
             deliver_policy: deliver,
-            ack_policy: self.ack_policy(),
+            // Each event acknowledged on its own, as it is handled, asked again or held back.
+            ack_policy: AckPolicy::Explicit,
             ack_wait,
             max_deliver: -1,
             max_ack_pending: self.max_ack_pending(),
             ..Default::default()
+        }
+    }
+}
+
+impl ConsumerId {
+    /// A view's projectors: their group in the partition bucket (`ordo partitions status
+    /// --group`), where they share the view's partitions and report how far they are.
+    pub const fn partition_group(self) -> Option<&'static str> {
+        match self {
+            Self::OrdersView => Some("projection-orders"),
+            Self::StockView => Some("projection-stock"),
+            Self::Saga | Self::Notifier => None,
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod consumers;
 pub mod envelope;
 pub mod ownership;
 pub mod partition;
+pub mod progress;
 pub mod publish;
 pub mod store;
 pub mod streams;

@@ -5,6 +5,10 @@
 //! the partition ordo gives it. ordo needs it where the server cannot compute it: a command's
 //! aggregate id is in its body, not its subject.
 
+/// How many partitions the command service and the projectors spread aggregates over, unless
+/// told otherwise (`--partitions`).
+pub const DEFAULT_PARTITIONS: u32 = 16;
+
 /// A partition number, `0..count`.
 pub type Partition = u32;
 

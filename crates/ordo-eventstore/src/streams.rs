@@ -39,6 +39,16 @@ impl StreamId {
         }
     }
 
+    /// The subjects it stores, as its definition names them.
+    pub const fn subjects(self) -> &'static str {
+        match self {
+            Self::Orders => "ordo.order.events.*",
+            Self::Stock => "ordo.stock.events.*",
+            Self::CommandOutcomes => "ordo.outcomes.*",
+            Self::Snapshots => "ordo.snapshots.*.*",
+        }
+    }
+
     /// The stream of an aggregate category's events (`order`, `stock`), if it is one.
     pub fn of_category(category: &str) -> Option<StreamId> {
         match category {
@@ -325,6 +335,15 @@ mod tests {
             assert_eq!(config.retention, stream::RetentionPolicy::Limits);
             assert!(config.allow_direct && config.deny_delete, "{}", config.name);
             assert!(!config.duplicate_window.is_zero(), "{}", config.name);
+        }
+    }
+
+    #[test]
+    fn each_stream_names_the_subjects_of_its_definition() {
+        for stream in StreamId::ALL {
+            let (file, json) = stream.built_in();
+            let definition = StreamDefinition::parse(file, json).unwrap();
+            assert_eq!(definition.config.subjects, [stream.subjects()], "{file}");
         }
     }
 

@@ -1,5 +1,5 @@
 //! The one consumer loop of the workers: a batch is what the consumer has, and each message is
-//! settled as the worker says, by the consumer's ack policy.
+//! settled as the worker says.
 
 use std::time::Duration;
 
@@ -77,33 +77,4 @@ async fn a_message_asked_again_comes_back_alone_and_those_acknowledged_do_not() 
     assert_eq!(take(&mut batches, 3, ask_again_for_2).await, [1, 2, 3]);
     assert_eq!(take(&mut batches, 1, |_| Settle::Ack).await, [2]);
     assert!(nothing_more(&mut batches).await, "all settled");
-}
-
-/// A projector acknowledges a batch by its last message, which acknowledges all before it: a
-/// message asked again must not be acknowledged so by a later one.
-#[tokio::test]
-async fn under_ack_policy_all_a_message_asked_again_is_not_acknowledged_by_a_later_one() {
-    let (_server, js) = three_order_messages().await;
-    let mut batches = Batches::recreated_at(&js, ConsumerId::OrdersView, 1, 10)
-        .await
-        .unwrap();
-    let ask_again_for_2 = |seq| match seq {
-        2 => Settle::Nak(Duration::ZERO),
-        _ => Settle::Ack,
-    };
-    assert_eq!(take(&mut batches, 3, ask_again_for_2).await, [1, 2, 3]);
-    let again = next(&mut batches).await;
-    assert_eq!(
-        seqs(&again)[0],
-        2,
-        "the message asked again comes back first"
-    );
-    again.settle([Settle::Ack, Settle::Ack]).await;
-    assert!(nothing_more(&mut batches).await, "all settled");
-
-    // Recreated where a projector's checkpoint says: it delivers from there.
-    let mut from_two = Batches::recreated_at(&js, ConsumerId::OrdersView, 2, 10)
-        .await
-        .unwrap();
-    assert_eq!(take(&mut from_two, 2, |_| Settle::Ack).await, [2, 3]);
 }

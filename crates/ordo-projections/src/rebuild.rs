@@ -5,11 +5,13 @@
 //!    while the live view keeps serving and updating.
 //! 2. The new view catches up with the live one without any lock, round after round, until it
 //!    is within a batch of the live checkpoint (events keep coming while it replays).
-//! 3. The swap locks the live `checkpoints` table against writes (`EXCLUSIVE`: reads go on, so
-//!    the API keeps answering), which pauses the live projector between batches; the new view
-//!    applies the last few events to reach at least the live checkpoint (a view never goes
-//!    back), and the two schemas are renamed in one transaction. The old schema is dropped
-//!    afterwards.
+//! 3. The swap locks the live checkpoint tables against writes (`EXCLUSIVE`: reads go on, so
+//!    the API keeps answering), which pauses the live projectors between batches; the new view
+//!    applies the last few events to reach at least the checkpoint of the live partition
+//!    furthest ahead (a view never goes back), and the two schemas are renamed in one
+//!    transaction. The old schema is dropped afterwards. The new view keeps the checkpoints of
+//!    the partitions the rebuild was told of (`ProjectorConfig::partitions`): a rebuild is how a
+//!    view changes its count.
 //! 4. Parked events of the projection that applied this time are no longer parked (a rebuild is
 //!    how a parked event is retried once its cause is fixed).
 //! 5. A live projector caught in the middle of a batch finds its checkpoint fenced, starts a new
@@ -29,8 +31,8 @@ use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::{
     Projection, Projector, ProjectorConfig,
-    runtime::{Fetched, ProjectorError, stream_identity},
-    schema::{self, checkpoint, ensure_view, live_schema},
+    runtime::{Fetched, Lanes, ProjectorError, stream_identity},
+    schema::{self, checkpoint, ensure_view, live_schema, partition_checkpoints},
 };
 
 /// Rounds of catching up with the live view before the swap locks it: enough for any stream
@@ -90,15 +92,24 @@ pub async fn rebuild<P: Projection>(
     .execute(pool)
     .await?;
 
+    let lanes = Lanes {
+        partitions: config.partitions,
+        checkpoints: partition_checkpoints::<P>(pool, &next, config.partitions)
+            .await?
+            .into_iter()
+            .enumerate()
+            .map(|(partition, checkpoint)| (partition as u32, checkpoint))
+            .collect(),
+    };
     let batch_size = config.batch_size.max(1);
     let projector = Projector::<P>::new(pool.clone(), js.clone(), config);
-    let mut replay = Replay::open(js, projector, next.clone(), batch_size).await?;
+    let mut replay = Replay::open(js, projector, next.clone(), lanes, batch_size).await?;
     replay.apply_until(target, target, &mut progress).await?;
 
     // Near the live view before the lock, so that the lock is held for a few events only.
     for _ in 0..MAX_CATCH_UP_ROUNDS {
         let live_checkpoint = checkpoint::<P>(pool, &live).await?;
-        if live_checkpoint <= replay.applied + CATCH_UP_MARGIN.min(batch_size as u64) {
+        if live_checkpoint <= replay.applied() + CATCH_UP_MARGIN.min(batch_size as u64) {
             break;
         }
         replay
@@ -106,15 +117,15 @@ pub async fn rebuild<P: Projection>(
             .await?;
     }
 
-    // The swap: the live projector waits at its next checkpoint update while this holds the
-    // lock; readers of the checkpoint do not wait.
+    // The swap: the live projectors wait at their next checkpoint update while this holds the
+    // lock; readers of the checkpoints do not wait.
     let mut swap = pool.begin().await?;
     sqlx::query(AssertSqlSafe(format!(
-        "LOCK TABLE {live}.checkpoints IN EXCLUSIVE MODE"
+        "LOCK TABLE {live}.partition_checkpoints, {live}.checkpoints IN EXCLUSIVE MODE"
     )))
     .execute(&mut *swap)
     .await?;
-    let live_checkpoint = schema::checkpoint_of_in(&mut swap, &live, P::STREAM).await?;
+    let live_checkpoint = schema::furthest_checkpoint_in(&mut swap, &live, P::STREAM).await?;
     replay
         .apply_until(live_checkpoint, target, &mut progress)
         .await?;
@@ -176,8 +187,8 @@ struct Replay<P: Projection> {
     pending: Vec<Fetched>,
     projector: Projector<P>,
     schema: String,
-    /// The new view's checkpoint.
-    applied: u64,
+    /// The new view's checkpoints: all partitions, at the same sequence.
+    lanes: Lanes,
 }
 
 impl<P: Projection> Replay<P> {
@@ -185,6 +196,7 @@ impl<P: Projection> Replay<P> {
         js: &jetstream::Context,
         projector: Projector<P>,
         schema: String,
+        lanes: Lanes,
         batch_size: usize,
     ) -> Result<Self, ProjectorError> {
         let js_err = |err: &dyn std::fmt::Display| ProjectorError::JetStream(err.to_string());
@@ -205,8 +217,13 @@ impl<P: Projection> Replay<P> {
             pending: Vec::new(),
             projector,
             schema,
-            applied: 0,
+            lanes,
         })
+    }
+
+    /// The new view's checkpoint.
+    fn applied(&self) -> u64 {
+        self.lanes.start()
     }
 
     /// Applies batches until the new view holds `to`, reporting progress against `target` (or
@@ -217,10 +234,10 @@ impl<P: Projection> Replay<P> {
         target: u64,
         progress: &mut impl FnMut(Progress),
     ) -> Result<(), ProjectorError> {
-        while self.applied < to {
-            self.applied = self.apply_next_batch(self.applied, to).await?;
+        while self.applied() < to {
+            self.apply_next_batch(self.applied(), to).await?;
             progress(Progress {
-                applied: self.applied,
+                applied: self.applied(),
                 target: target.max(to),
             });
         }
@@ -228,9 +245,8 @@ impl<P: Projection> Replay<P> {
     }
 
     /// Applies the next events read ahead (waiting up to 30 s for them), no further than `to`
-    /// (under the swap's lock, what the live view holds), to the new view and returns the new
-    /// checkpoint.
-    async fn apply_next_batch(&mut self, checkpoint: u64, to: u64) -> Result<u64, ProjectorError> {
+    /// (under the swap's lock, what the live view holds), to the new view.
+    async fn apply_next_batch(&mut self, checkpoint: u64, to: u64) -> Result<(), ProjectorError> {
         if self.pending.is_empty() {
             self.pending =
                 match tokio::time::timeout(Duration::from_secs(30), self.batches.recv()).await {
@@ -258,8 +274,9 @@ impl<P: Projection> Replay<P> {
             .min(to.saturating_sub(checkpoint).max(1) as usize);
         let rest = self.pending.split_off(take);
         let batch = std::mem::replace(&mut self.pending, rest);
+        let read_to = checkpoint + batch.len() as u64;
         self.projector
-            .apply_batch(&self.schema, checkpoint, &batch)
+            .apply_batch(&self.schema, &mut self.lanes, &batch, read_to)
             .await
     }
 }

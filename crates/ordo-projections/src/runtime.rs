@@ -1,13 +1,13 @@
 //! [`Projector`]: one projection's worker. See the crate documentation for the guarantees.
 
-use std::{future::Future, marker::PhantomData, time::Duration};
+use std::{
+    collections::BTreeMap, convert::Infallible, future::Future, marker::PhantomData, time::Duration,
+};
 
 use async_nats::jetstream;
 use ordo_eventstore::{
-    EventEnvelope, RecordedEvent,
-    backoff::Backoff,
-    consume::{Batches, Settle},
-    trace,
+    EventEnvelope, Grant, Ownership, OwnershipConfig, Partition, RecordedEvent, backoff::Backoff,
+    consume::Reader, partition::DEFAULT_PARTITIONS, partition_of, progress::Reporter, trace,
 };
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
@@ -24,8 +24,11 @@ pub struct ProjectorConfig {
     pub max_attempts: u32,
     /// The first pause between tries; it doubles each time.
     pub retry_base: Duration,
-    /// How often a standby instance asks whether it can take over.
-    pub standby_poll: Duration,
+    /// The partitions of the view, spread over its projector instances (the command service's
+    /// count: every instance of every group uses the same).
+    pub partitions: u32,
+    /// Replicas of the partition lease bucket, when this instance creates it.
+    pub replicas: usize,
 }
 
 impl ProjectorConfig {
@@ -47,7 +50,8 @@ impl Default for ProjectorConfig {
             batch_size: 1000,
             max_attempts: 5,
             retry_base: Duration::from_millis(100),
-            standby_poll: Duration::from_secs(1),
+            partitions: DEFAULT_PARTITIONS,
+            replicas: 1,
         }
     }
 }
@@ -60,8 +64,22 @@ pub enum ProjectorError {
     Unavailable(String),
     #[error("JetStream: {0}")]
     JetStream(String),
-    #[error("the checkpoint of {stream} is no longer {expected}: another instance took over")]
-    Fenced { stream: String, expected: u64 },
+    #[error(
+        "the checkpoint of a partition of {stream} moved since this instance read it: another \
+         instance took the partition over, or a rebuild swapped the view"
+    )]
+    Fenced { stream: String },
+    #[error(
+        "the view in schema {schema} keeps the checkpoints of {found} partitions, and this \
+         projector runs with {configured}: run every instance with {found} partitions, or rebuild \
+         the view (`ordo projections rebuild {name}`) to change its count"
+    )]
+    PartitionCountDiffers {
+        schema: String,
+        name: String,
+        found: usize,
+        configured: u32,
+    },
     #[error("expected event {expected} next but got {got}: reading again from the checkpoint")]
     Gap { expected: u64, got: u64 },
     #[error(
@@ -113,10 +131,51 @@ impl Fetched {
     }
 }
 
-/// How a leadership term ended.
-enum Term {
-    /// Another instance leads: wait and ask again.
-    Standby,
+/// The partitions a projector instance applies in a term, and the checkpoint of each: every event
+/// of a partition at or below its checkpoint is in the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Lanes {
+    pub(crate) partitions: u32,
+    pub(crate) checkpoints: BTreeMap<Partition, u64>,
+}
+
+impl Lanes {
+    /// Where the term's reader starts: after the checkpoint of the partition furthest behind.
+    pub(crate) fn start(&self) -> u64 {
+        self.checkpoints.values().copied().min().unwrap_or(0)
+    }
+
+    /// Whether the event at `seq` on `subject` is one of these partitions' and not in the view.
+    fn takes(&self, subject: &str, seq: u64) -> bool {
+        let aggregate_id = subject.rsplit('.').next().unwrap_or(subject);
+        self.checkpoints
+            .get(&partition_of(aggregate_id, self.partitions))
+            .is_some_and(|checkpoint| seq > *checkpoint)
+    }
+
+    /// Every partition's checkpoint once the events up to `to` are in the view.
+    fn advanced_to(&self, to: u64) -> BTreeMap<Partition, u64> {
+        self.checkpoints
+            .iter()
+            .map(|(partition, checkpoint)| (*partition, (*checkpoint).max(to)))
+            .collect()
+    }
+}
+
+/// The partition group of `P`'s projectors in the lease bucket.
+fn group<P: Projection>() -> &'static str {
+    P::CONSUMER
+        .partition_group()
+        .expect("a view's consumer has a partition group")
+}
+
+/// The partition group of `view`'s projectors in the lease bucket (`ordo partitions status
+/// --group`).
+pub fn group_of(view: crate::View) -> &'static str {
+    view.info()
+        .consumer
+        .partition_group()
+        .expect("a view's consumer has a partition group")
 }
 
 pub struct Projector<P: Projection> {
@@ -136,58 +195,112 @@ impl<P: Projection> Projector<P> {
         }
     }
 
-    /// Also the key of the leader lock: two builds of a rolling upgrade lock the same one.
-    fn consumer_name() -> &'static str {
-        P::CONSUMER.name()
-    }
-
-    /// Keeps the view up to date until `shutdown` completes. Failures (PostgreSQL or NATS down,
-    /// a lost take-over) end the current term; the projector then starts again from its
-    /// checkpoint, after a pause that grows up to 10 s.
+    /// Keeps this instance's share of the view up to date until `shutdown` completes: it joins
+    /// the view's partition group, and applies the partitions it is granted. Failures
+    /// (PostgreSQL or NATS down, a partition taken over) end the current term; the projector
+    /// then starts again from its partitions' checkpoints, after a pause that grows up to 10 s.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(10));
         loop {
-            let term_began = std::time::Instant::now();
+            let began = std::time::Instant::now();
+            let err = tokio::select! {
+                () = &mut shutdown => return,
+                Err(err) = self.serve(&mut backoff) => err,
+            };
+            let wait = backoff.after_run(began.elapsed());
+            tracing::warn!(projection = P::NAME, %err, retry_in = ?wait, "projector stopped; starting again");
             tokio::select! {
                 () = &mut shutdown => return,
-                ended = self.lead() => {
-                    let wait = match ended {
-                        Ok(Term::Standby) => self.config.standby_poll,
-                        Err(err) => {
-                            let wait = backoff.after_run(term_began.elapsed());
-                            tracing::warn!(projection = P::NAME, %err, retry_in = ?wait, "projector stopped; starting again");
-                            wait
-                        }
-                    };
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// A membership of the view's partition group: terms over the partitions held, each ended
+    /// when one is taken away or another is granted. Returns when the membership cannot go on.
+    /// (`run` drops it at shutdown, in the middle of a batch if it must: its transaction then
+    /// never commits.)
+    async fn serve(&self, backoff: &mut Backoff) -> Result<Infallible, ProjectorError> {
+        // Held for as long as this membership lasts: dropping it leaves the group.
+        let (ownership, mut grants) = Ownership::join(
+            &self.js,
+            OwnershipConfig {
+                replicas: self.config.replicas,
+                ..OwnershipConfig::new(group::<P>(), self.config.partitions)
+            },
+        )
+        .await
+        .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+        let mut reporter = Reporter::open(&self.js, group::<P>(), ownership.instance())
+            .await
+            .map_err(ProjectorError::JetStream)?;
+        self.remove_durable_of_earlier_builds().await;
+        let mut held: BTreeMap<Partition, Grant> = BTreeMap::new();
+        loop {
+            while let Ok(grant) = grants.try_recv() {
+                held.insert(grant.partition, grant);
+            }
+            held.retain(|_, grant| grant.is_valid());
+            if held.is_empty() {
+                let grant = grants.recv().await.ok_or_else(|| {
+                    ProjectorError::JetStream("the partition leases stopped".into())
+                })?;
+                held.insert(grant.partition, grant);
+                continue;
+            }
+            let partitions: Vec<Partition> = held.keys().copied().collect();
+            let began = std::time::Instant::now();
+            let ended = {
+                let changed = async {
+                    let any_revoked = futures::future::select_all(
+                        held.values().map(|grant| Box::pin(grant.revoked())),
+                    );
                     tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(wait) => {}
+                        _ = any_revoked => None,
+                        grant = grants.recv() => Some(grant),
                     }
+                };
+                tokio::pin!(changed);
+                self.term(&partitions, &mut reporter, changed).await
+            };
+            match ended {
+                Ok(None) => {}
+                Ok(Some(Some(grant))) => {
+                    held.insert(grant.partition, grant);
+                }
+                Ok(Some(None)) => {
+                    return Err(ProjectorError::JetStream(
+                        "the partition leases stopped".into(),
+                    ));
+                }
+                Err(err) => {
+                    let wait = backoff.after_run(began.elapsed());
+                    tracing::warn!(projection = P::NAME, %err, retry_in = ?wait, "projector term ended; starting again");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
     }
 
-    /// One term: take the projection's lock or stand by; as leader, apply batches until
-    /// something fails.
-    async fn lead(&self) -> Result<Term, ProjectorError> {
-        // The lock lives as long as this connection, which never goes back to the pool.
-        let mut lock = self.pool.acquire().await?.detach();
-        let leader: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-            .bind(Self::consumer_name())
-            .fetch_one(&mut lock)
-            .await?;
-        if !leader {
-            lock.close().await.ok();
-            return Ok(Term::Standby);
+    /// Builds before partitioned projectors read through one durable consumer per view; nothing
+    /// reads it any more, and it would keep its place in the stream for ever.
+    async fn remove_durable_of_earlier_builds(&self) {
+        if let Ok(stream) = self.js.get_stream_no_info(P::STREAM).await {
+            let _ = stream.delete_consumer(P::CONSUMER.name()).await;
         }
-        let result = self.lead_as_leader().await;
-        lock.close().await.ok();
-        result
     }
 
-    async fn lead_as_leader(&self) -> Result<Term, ProjectorError> {
+    /// One term over `partitions`: reads the stream from the checkpoint of the partition
+    /// furthest behind and applies the events of these partitions, until something fails or the
+    /// partitions held change (`changed` completes, with what it says). A change is taken in
+    /// between batches, never in the middle of one's transaction.
+    async fn term<C>(
+        &self,
+        partitions: &[Partition],
+        reporter: &mut Reporter,
+        mut changed: std::pin::Pin<&mut impl Future<Output = C>>,
+    ) -> Result<C, ProjectorError> {
         let schema = schema::live_schema::<P>();
         schema::ensure_view::<P>(&self.pool, &schema).await?;
         let found = schema::definition_of(&self.pool, &schema).await?;
@@ -198,56 +311,75 @@ impl<P: Projection> Projector<P> {
                 found: found.unwrap_or_else(|| "no definition mark".into()),
             });
         }
-        let mut checkpoint = schema::checkpoint::<P>(&self.pool, &schema).await?;
-        self.check_same_stream(&schema, checkpoint).await?;
-        let mut batches = Batches::recreated_at(
-            &self.js,
-            P::CONSUMER,
-            checkpoint + 1,
-            self.config.batch_size,
-        )
-        .await
-        .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+        let all =
+            schema::partition_checkpoints::<P>(&self.pool, &schema, self.config.partitions).await?;
+        let mut lanes = Lanes {
+            partitions: self.config.partitions,
+            checkpoints: partitions
+                .iter()
+                .map(|partition| (*partition, all[*partition as usize]))
+                .collect(),
+        };
+        reporter.report(&lanes.checkpoints).await;
+        let furthest = lanes.checkpoints.values().copied().max().unwrap_or(0);
+        self.check_same_stream(&schema, furthest).await?;
+        let mut position = lanes.start();
+        let mut reader = Reader::from(&self.js, P::CONSUMER, position + 1, self.config.batch_size)
+            .await
+            .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
         tracing::info!(
             projection = P::NAME,
-            checkpoint,
-            "projector leads; reading from checkpoint + 1"
+            partitions = ?partitions,
+            from = position + 1,
+            "projector applies its partitions"
         );
         loop {
-            let fetched = batches
-                .next()
-                .await
-                .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+            let messages = tokio::select! {
+                change = &mut changed => return Ok(change),
+                () = reporter.sent_late() => continue,
+                messages = reader.next() => {
+                    messages.map_err(|err| ProjectorError::JetStream(err.to_string()))?
+                }
+            };
             let mut batch = Vec::new();
             // A span per event, under the command that wrote it, only for a trace viewer.
             let mut spans = Vec::new();
-            for message in &fetched.messages {
-                let seq = message
-                    .info()
-                    .map_err(|err| ProjectorError::JetStream(err.to_string()))?
-                    .stream_sequence;
-                if is_new(seq, checkpoint, batch.len())? {
-                    if trace::exporting() {
-                        let span = tracing::info_span!(
-                            "project",
-                            otel.name = %format_args!("project {}", P::NAME),
-                            projection = P::NAME,
-                            seq,
-                            trace_id = tracing::field::Empty,
-                        );
-                        trace::follow(&span, trace::extract(message.headers.as_ref()));
-                        spans.push(span);
-                    }
-                    batch.push(Fetched::new(
-                        seq,
-                        message.subject.to_string(),
-                        message.payload.to_vec(),
-                    ));
+            let mut read_to = position;
+            for message in &messages {
+                let seq = message.seq;
+                if !is_next(seq, read_to)? {
+                    continue;
                 }
+                read_to = seq;
+                if !lanes.takes(&message.subject, seq) {
+                    continue;
+                }
+                if trace::exporting() {
+                    let span = tracing::info_span!(
+                        "project",
+                        otel.name = %format_args!("project {}", P::NAME),
+                        projection = P::NAME,
+                        seq,
+                        trace_id = tracing::field::Empty,
+                    );
+                    trace::follow(&span, trace::extract(message.headers.as_ref()));
+                    spans.push(span);
+                }
+                batch.push(Fetched::new(
+                    seq,
+                    message.subject.clone(),
+                    message.payload.to_vec(),
+                ));
             }
+            if read_to == position {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            self.apply_batch(&schema, &mut lanes, &batch, read_to)
+                .await?;
+            position = read_to;
+            reporter.report(&lanes.checkpoints).await;
             if !batch.is_empty() {
-                let started = std::time::Instant::now();
-                checkpoint = self.apply_batch(&schema, checkpoint, &batch).await?;
                 let labels = [("projection", P::NAME)];
                 metrics::histogram!("ordo_projection_batch_size", &labels)
                     .record(batch.len() as f64);
@@ -255,14 +387,9 @@ impl<P: Projection> Projector<P> {
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("ordo_projection_events_total", &labels)
                     .increment(batch.len() as u64);
-                // Each event's span ends with the transaction that applied it.
-                drop(spans);
             }
-            // Applied, or already in the view (the checkpoint skips it).
-            let applied = fetched.messages.len();
-            fetched
-                .settle(std::iter::repeat_n(Settle::Ack, applied))
-                .await;
+            // Each event's span ends with the transaction that applied it.
+            drop(spans);
         }
     }
 
@@ -304,37 +431,40 @@ impl<P: Projection> Projector<P> {
         Ok(())
     }
 
-    /// Applies `batch` (contiguous, starting at `checkpoint + 1`) and returns the new checkpoint.
-    /// An event that cannot be applied is retried alone, then parked; the rest goes on.
+    /// Applies `batch` (the events of `lanes`' partitions that the stream holds after their
+    /// checkpoints, up to `read_to`, in stream order) and moves every partition's checkpoint to
+    /// `read_to`. An event that cannot be applied is retried alone, then parked; the rest goes on.
     pub(crate) async fn apply_batch(
         &self,
         schema: &str,
-        mut checkpoint: u64,
+        lanes: &mut Lanes,
         batch: &[Fetched],
-    ) -> Result<u64, ProjectorError> {
+        read_to: u64,
+    ) -> Result<(), ProjectorError> {
         let mut rest = batch;
-        while !rest.is_empty() {
-            let (applied, failure) = self.apply_in_transaction(schema, checkpoint, rest).await?;
-            checkpoint += applied as u64;
+        loop {
+            let (applied, failure) = self
+                .apply_in_transaction(schema, lanes, rest, read_to)
+                .await?;
             let Some(first_reason) = failure else {
-                break;
+                return Ok(());
             };
             let failing = &rest[applied];
-            checkpoint = self
-                .retry_or_park(schema, checkpoint, failing, first_reason)
+            self.retry_or_park(schema, lanes, failing, first_reason)
                 .await?;
             rest = &rest[applied + 1..];
         }
-        Ok(checkpoint)
     }
 
-    /// Applies as many events of `events` as it can in one transaction, with the checkpoint.
-    /// Returns how many it applied and, if it stopped early, why the next one failed.
+    /// Applies as many events of `events` as it can in one transaction, with the checkpoints:
+    /// to `read_to` if all of them applied, else to just before the one that failed. Returns
+    /// how many it applied and, if it stopped early, why the next one failed.
     async fn apply_in_transaction(
         &self,
         schema: &str,
-        checkpoint: u64,
+        lanes: &mut Lanes,
         events: &[Fetched],
+        read_to: u64,
     ) -> Result<(usize, Option<String>), ProjectorError> {
         let (mut tx, generation) = self.begin(schema).await?;
         // The events before the first that cannot be read as an envelope (usually all of them).
@@ -349,12 +479,13 @@ impl<P: Projection> Projector<P> {
             match P::apply_all(&mut savepoint, &readable).await {
                 Ok(true) => {
                     savepoint.commit().await?;
-                    let to = checkpoint + readable.len() as u64;
-                    advance_checkpoint::<P>(&mut tx, &generation, checkpoint, to).await?;
-                    tx.commit().await?;
                     // The unreadable event, if any, is the caller's to retry or park.
-                    let failure = events
-                        .get(readable.len())
+                    let unreadable = events.get(readable.len());
+                    let to = unreadable.map_or(read_to, |unreadable| unreadable.seq - 1);
+                    advance_checkpoints::<P>(&mut tx, &generation, lanes, to).await?;
+                    tx.commit().await?;
+                    lanes.checkpoints = lanes.advanced_to(to);
+                    let failure = unreadable
                         .and_then(|unreadable| unreadable.envelope.as_ref().err().cloned());
                     return Ok((readable.len(), failure));
                 }
@@ -366,6 +497,7 @@ impl<P: Projection> Projector<P> {
         }
         let mut applied = 0;
         let mut failure = None;
+        let mut to = read_to;
         for fetched in events {
             let mut savepoint = tx.begin().await?;
             let result = match fetched.recorded() {
@@ -383,15 +515,16 @@ impl<P: Projection> Projector<P> {
                 Err(ApplyError::Rejected(reason)) => {
                     savepoint.rollback().await?;
                     failure = Some(reason);
+                    to = fetched.seq - 1;
                     break;
                 }
             }
         }
-        if applied > 0 {
-            let to = checkpoint + applied as u64;
-            advance_checkpoint::<P>(&mut tx, &generation, checkpoint, to).await?;
+        if to > lanes.start() {
+            advance_checkpoints::<P>(&mut tx, &generation, lanes, to).await?;
         }
         tx.commit().await?;
+        lanes.checkpoints = lanes.advanced_to(to);
         Ok((applied, failure))
     }
 
@@ -400,10 +533,10 @@ impl<P: Projection> Projector<P> {
     async fn retry_or_park(
         &self,
         schema: &str,
-        checkpoint: u64,
+        lanes: &mut Lanes,
         event: &Fetched,
         first_reason: String,
-    ) -> Result<u64, ProjectorError> {
+    ) -> Result<(), ProjectorError> {
         let mut reason = first_reason;
         let mut pause = self.config.retry_base;
         // Once an event of an aggregate is parked, its later events cannot apply either (their
@@ -432,10 +565,10 @@ impl<P: Projection> Projector<P> {
             tokio::time::sleep(pause).await;
             pause *= 2;
             let (applied, failure) = self
-                .apply_in_transaction(schema, checkpoint, std::slice::from_ref(event))
+                .apply_in_transaction(schema, lanes, std::slice::from_ref(event), event.seq)
                 .await?;
             if applied == 1 {
-                return Ok(checkpoint + 1);
+                return Ok(());
             }
             reason = failure.unwrap_or_default();
         }
@@ -459,9 +592,10 @@ impl<P: Projection> Projector<P> {
         .bind(schema)
         .execute(&mut *tx)
         .await?;
-        advance_checkpoint::<P>(&mut tx, &generation, checkpoint, checkpoint + 1).await?;
+        advance_checkpoints::<P>(&mut tx, &generation, lanes, event.seq).await?;
         tx.commit().await?;
-        Ok(checkpoint + 1)
+        lanes.checkpoints = lanes.advanced_to(event.seq);
+        Ok(())
     }
 
     /// A transaction on `schema`, and the generation of the schema it started on.
@@ -508,49 +642,58 @@ struct Generation {
     oid: i64,
 }
 
-/// Moves the checkpoint from `expected` to `to`, or fails if another instance moved it, or a
-/// rebuild swapped the view since the batch began (its rows went to the old view: the whole
-/// transaction must roll back, and the batch is applied again to the new one).
-async fn advance_checkpoint<P: Projection>(
+/// Moves the checkpoint of each of `lanes`' partitions from what `lanes` says to `to` (or leaves
+/// one that is further as it is), or fails if another instance moved one (it took the partition
+/// over), or a rebuild swapped the view since the batch began (its rows went to the old view: the
+/// whole transaction must roll back, and the batch is applied again to the new one).
+async fn advance_checkpoints<P: Projection>(
     connection: &mut PgConnection,
     generation: &Generation,
-    expected: u64,
+    lanes: &Lanes,
     to: u64,
 ) -> Result<(), ProjectorError> {
-    // The announcement (`<projection>:<checkpoint>`) is delivered when the batch commits, so
-    // that reads waiting for `min_seq` wake at once (ordo-api's `checkpoints`).
-    let updated = sqlx::query(
+    let (partitions, expected): (Vec<i32>, Vec<i64>) = lanes
+        .checkpoints
+        .iter()
+        .map(|(partition, checkpoint)| (*partition as i32, *checkpoint as i64))
+        .unzip();
+    // The announcement (`<projection>:<checkpoint>:<partition>,…`) is delivered when the batch
+    // commits, so that reads waiting for `min_seq` wake at once (ordo-api's `checkpoints`).
+    let advanced = sqlx::query(
         "WITH advanced AS (
-             UPDATE checkpoints SET seq = $2, updated_at = now()
-             WHERE stream = $1 AND seq = $3 AND to_regnamespace($4)::oid::bigint = $5
-             RETURNING seq)
-         SELECT pg_notify($6, $7 || ':' || seq) FROM advanced",
+             UPDATE partition_checkpoints c SET seq = greatest(c.seq, $3), updated_at = now()
+             FROM unnest($1::int[], $2::bigint[]) AS expected(partition, seq)
+             WHERE c.partition = expected.partition AND c.seq = expected.seq
+               AND to_regnamespace($4)::oid::bigint = $5
+             RETURNING c.partition),
+         summary AS (
+             SELECT count(*) AS advanced, string_agg(partition::text, ',' ORDER BY partition) AS partitions
+             FROM advanced)
+         SELECT pg_notify($6, $7 || ':' || $3 || ':' || partitions) FROM summary WHERE advanced = $8",
     )
-    .bind(P::STREAM)
+    .bind(&partitions)
+    .bind(&expected)
     .bind(to as i64)
-    .bind(expected as i64)
     .bind(&generation.schema)
     .bind(generation.oid)
     .bind(CHECKPOINT_CHANNEL)
     .bind(P::NAME)
+    .bind(partitions.len() as i64)
     .execute(connection)
     .await?;
-    if updated.rows_affected() != 1 {
+    if advanced.rows_affected() != 1 {
         return Err(ProjectorError::Fenced {
             stream: P::STREAM.to_owned(),
-            expected,
         });
     }
     Ok(())
 }
 
-/// Whether the event at `seq` is the next one for a view at `checkpoint` with `batched` events
-/// taken in since. Below the next sequence it was taken in before: applied (at or below the
-/// checkpoint) or already in this batch, a redelivery after a lost ack or an ack wait that ran
-/// out, which can arrive in the same pull as the first copy; it is skipped. Past the next
-/// sequence, events are missing.
-fn is_new(seq: u64, checkpoint: u64, batched: usize) -> Result<bool, ProjectorError> {
-    let expected = checkpoint + batched as u64 + 1;
+/// Whether the event at `seq` is the next one for a reader that has read up to `read_to`. An
+/// event at or below it was read before (an ordered consumer that was recreated may deliver
+/// again what it delivered); it is skipped. Past the next sequence, events are missing.
+fn is_next(seq: u64, read_to: u64) -> Result<bool, ProjectorError> {
+    let expected = read_to + 1;
     if seq > expected {
         return Err(ProjectorError::Gap { expected, got: seq });
     }
@@ -563,21 +706,50 @@ mod tests {
     use crate::{schema::ensure_view, stock::StockView};
 
     #[test]
-    fn an_event_taken_in_before_is_skipped_and_one_past_the_next_is_a_gap() {
-        // A view at 5 with two events (6, 7) taken into the batch: 8 is next.
-        assert!(!is_new(1, 5, 2).unwrap(), "redelivered");
-        assert!(!is_new(5, 5, 2).unwrap(), "redelivered");
-        assert!(is_new(8, 5, 2).unwrap());
-        assert!(!is_new(6, 5, 2).unwrap(), "a second copy in the same batch");
-        assert!(!is_new(7, 5, 2).unwrap(), "a second copy in the same batch");
+    fn an_event_read_before_is_skipped_and_one_past_the_next_is_a_gap() {
+        // A reader that has read up to 7: 8 is next.
+        assert!(!is_next(1, 7).unwrap(), "delivered again");
+        assert!(!is_next(7, 7).unwrap(), "delivered again");
+        assert!(is_next(8, 7).unwrap());
         assert!(matches!(
-            is_new(9, 5, 2),
+            is_next(9, 7),
             Err(ProjectorError::Gap {
                 expected: 8,
                 got: 9
             })
         ));
-        assert!(is_new(1, 0, 0).unwrap(), "a new view takes the first event");
+        assert!(is_next(1, 0).unwrap(), "a new view takes the first event");
+    }
+
+    #[test]
+    fn a_views_projectors_lease_its_partitions_under_its_name() {
+        assert_eq!(group::<StockView>(), group_of(crate::View::Stock));
+        assert_eq!(group::<crate::orders::OrdersView>(), "projection-orders");
+    }
+
+    #[test]
+    fn a_term_takes_the_events_of_its_partitions_past_their_checkpoints() {
+        let partitions = 16;
+        // "o-1" is in partition 8, "o-2" in 1 (partition's own test).
+        let lanes = Lanes {
+            partitions,
+            checkpoints: BTreeMap::from([(8, 10), (3, 4)]),
+        };
+        assert_eq!(lanes.start(), 4, "from the partition furthest behind");
+        assert!(lanes.takes("ordo.order.events.o-1", 11));
+        assert!(
+            !lanes.takes("ordo.order.events.o-1", 10),
+            "in the view already"
+        );
+        assert!(
+            !lanes.takes("ordo.order.events.o-2", 11),
+            "another instance's"
+        );
+        assert_eq!(
+            lanes.advanced_to(7),
+            BTreeMap::from([(8, 10), (3, 7)]),
+            "a checkpoint never goes back"
+        );
     }
     use ordo_testkit::{NatsServer, TestDatabase};
 
@@ -593,6 +765,9 @@ mod tests {
             jetstream::new(server.client().await),
             ProjectorConfig::default(),
         );
+        crate::schema::partition_checkpoints::<StockView>(&pool, "view_stock", 1)
+            .await
+            .unwrap();
         // Given a live batch that began writing to the view at checkpoint 0…
         let (mut live, generation) = projector.begin("view_stock").await.unwrap();
         sqlx::query("INSERT INTO stock (sku, on_hand, reserved, version, updated_at, last_seq) VALUES ('A1', 1, 0, 1, now(), 1)")
@@ -612,7 +787,11 @@ mod tests {
         }
         swap.commit().await.unwrap();
         // then the live batch's checkpoint update is fenced: its rows went to the old view.
-        let fenced = advance_checkpoint::<StockView>(&mut live, &generation, 0, 1).await;
+        let lanes = Lanes {
+            partitions: 1,
+            checkpoints: BTreeMap::from([(0, 0)]),
+        };
+        let fenced = advance_checkpoints::<StockView>(&mut live, &generation, &lanes, 1).await;
         assert!(
             matches!(fenced, Err(ProjectorError::Fenced { .. })),
             "{fenced:?}"

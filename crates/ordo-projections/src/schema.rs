@@ -4,7 +4,7 @@
 
 use sqlx::{AssertSqlSafe, PgPool, migrate::Migrator};
 
-use crate::Projection;
+use crate::{Projection, runtime::ProjectorError};
 
 /// Where the projections' migrations are recorded as applied (apart from the saga's).
 pub const HISTORY_TABLE: &str = "_ordo_projection_migrations";
@@ -115,6 +115,9 @@ pub async fn ensure_view<P: Projection>(pool: &PgPool, schema: &str) -> Result<(
         .execute(&mut *tx)
         .await?;
     sqlx::raw_sql(P::DDL).execute(&mut *tx).await?;
+    sqlx::raw_sql(PARTITION_CHECKPOINTS_DDL)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("INSERT INTO checkpoints (stream, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING")
         .bind(P::STREAM)
         .execute(&mut *tx)
@@ -122,33 +125,128 @@ pub async fn ensure_view<P: Projection>(pool: &PgPool, schema: &str) -> Result<(
     tx.commit().await
 }
 
-/// The stream sequence of the last event the view in `schema` applied.
+/// Every view's checkpoint per partition, next to its tables (not part of its definition: the
+/// same for every view). `projections/migrations/0002` adds it to views built before it.
+const PARTITION_CHECKPOINTS_DDL: &str = "
+CREATE TABLE IF NOT EXISTS partition_checkpoints (
+    partition   integer PRIMARY KEY,
+    seq         bigint NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+)";
+
+/// The checkpoint of each of the view's `partitions` partitions, in partition order. A view
+/// that has none yet gets them, each at the view's single checkpoint (a new view's 0, or where
+/// a view built before partitions was). A view that keeps another count is refused: its
+/// partitions hold other aggregates.
+pub async fn partition_checkpoints<P: Projection>(
+    pool: &PgPool,
+    schema: &str,
+    partitions: u32,
+) -> Result<Vec<u64>, ProjectorError> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {schema}.partition_checkpoints (partition, seq)
+         SELECT partition, COALESCE((SELECT seq FROM {schema}.checkpoints WHERE stream = $1), 0)
+         FROM generate_series(0, $2 - 1) AS partition
+         WHERE NOT EXISTS (SELECT 1 FROM {schema}.partition_checkpoints)
+         ON CONFLICT DO NOTHING"
+    )))
+    .bind(P::STREAM)
+    .bind(partitions as i32)
+    .execute(pool)
+    .await?;
+    let rows: Vec<(i32, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT partition, seq FROM {schema}.partition_checkpoints ORDER BY partition"
+    )))
+    .fetch_all(pool)
+    .await?;
+    let in_order = rows
+        .iter()
+        .enumerate()
+        .all(|(index, (partition, _))| *partition as usize == index);
+    if rows.len() != partitions as usize || !in_order {
+        return Err(ProjectorError::PartitionCountDiffers {
+            schema: schema.to_owned(),
+            name: P::NAME.to_owned(),
+            found: rows.len(),
+            configured: partitions,
+        });
+    }
+    Ok(rows.into_iter().map(|(_, seq)| seq as u64).collect())
+}
+
+/// Each partition's checkpoint in the view in `schema`, by partition (none for a view built
+/// before partitions whose projector has not run since).
+pub async fn checkpoints_by_partition(
+    pool: &PgPool,
+    schema: &str,
+) -> Result<Vec<(u32, u64)>, sqlx::Error> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT partition, seq FROM {schema}.partition_checkpoints ORDER BY partition"
+    )))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(partition, seq)| (partition as u32, seq as u64))
+        .collect())
+}
+
+/// The view's checkpoint: every event of the stream at or below it is in the view (the
+/// checkpoint of the partition furthest behind).
 pub async fn checkpoint<P: Projection>(pool: &PgPool, schema: &str) -> Result<u64, sqlx::Error> {
     checkpoint_of(pool, schema, P::STREAM).await
 }
 
-/// The checkpoint of `stream` in `schema` (0 before the first event).
+/// The checkpoint of the view of `stream` in `schema` (0 before the first event). A view built
+/// before partitions, whose projector has not run since, has its single checkpoint.
 pub async fn checkpoint_of(pool: &PgPool, schema: &str, stream: &str) -> Result<u64, sqlx::Error> {
     let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT seq FROM {schema}.checkpoints WHERE stream = $1"
+        "SELECT COALESCE((SELECT min(seq) FROM {schema}.partition_checkpoints),
+                         (SELECT seq FROM {schema}.checkpoints WHERE stream = $1))"
     )))
     .bind(stream)
-    .fetch_optional(pool)
+    .fetch_one(pool)
     .await?;
     Ok(seq.unwrap_or(0) as u64)
 }
 
-/// The checkpoint of `stream` in `schema`, read inside a transaction of the caller's.
-pub async fn checkpoint_of_in(
+/// The checkpoint of the partition `partition` of `partitions`, which the events of an
+/// aggregate of that partition wait for: the view's own checkpoint if the view keeps another
+/// count of partitions (or none yet).
+pub async fn checkpoint_of_partition(
+    pool: &PgPool,
+    schema: &str,
+    stream: &str,
+    partitions: u32,
+    partition: u32,
+) -> Result<u64, sqlx::Error> {
+    let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT COALESCE(
+             (SELECT CASE WHEN count(*) = $2 THEN max(seq) FILTER (WHERE partition = $3) ELSE min(seq) END
+              FROM {schema}.partition_checkpoints),
+             (SELECT seq FROM {schema}.checkpoints WHERE stream = $1))"
+    )))
+    .bind(stream)
+    .bind(i64::from(partitions))
+    .bind(partition as i32)
+    .fetch_one(pool)
+    .await?;
+    Ok(seq.unwrap_or(0) as u64)
+}
+
+/// The checkpoint of the partition furthest ahead in the view of `stream` in `schema`, read
+/// inside a transaction of the caller's: every event past it is still to be applied.
+pub async fn furthest_checkpoint_in(
     connection: &mut sqlx::PgConnection,
     schema: &str,
     stream: &str,
 ) -> Result<u64, sqlx::Error> {
     let seq: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT seq FROM {schema}.checkpoints WHERE stream = $1"
+        "SELECT COALESCE((SELECT max(seq) FROM {schema}.partition_checkpoints),
+                         (SELECT seq FROM {schema}.checkpoints WHERE stream = $1))"
     )))
     .bind(stream)
-    .fetch_optional(connection)
+    .fetch_one(connection)
     .await?;
     Ok(seq.unwrap_or(0) as u64)
 }

@@ -35,13 +35,22 @@ pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Resu
 }
 
 pub async fn partitions(settings: &Settings, action: PartitionsAction) -> anyhow::Result<()> {
-    let PartitionsAction::Status { json } = action;
+    let PartitionsAction::Status { json, group } = action;
+    let known: Vec<String> = std::iter::once(ordo_commands::service::PARTITION_GROUP.to_owned())
+        .chain(
+            View::ALL
+                .iter()
+                .map(|view| ordo_projections::runtime::group_of(*view).to_owned()),
+        )
+        .collect();
+    anyhow::ensure!(
+        known.contains(&group),
+        "no partition group {group:?} (there are: {})",
+        known.join(", ")
+    );
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
     // The count the live instances run with, as their heartbeats say; this setting when none is.
-    let config = ordo_eventstore::OwnershipConfig::new(
-        ordo_commands::service::PARTITION_GROUP,
-        settings.partitions,
-    );
+    let config = ordo_eventstore::OwnershipConfig::new(&group, settings.partitions);
     let status = ordo_eventstore::ownership::status(&async_nats::jetstream::new(nats), &config)
         .await
         .map_err(anyhow::Error::msg)?;
@@ -111,7 +120,7 @@ pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyh
         }
         ProjectionsAction::Rebuild { view } => {
             let pool = database::connect_and_prepare(&settings.database_url()).await?;
-            rebuild(view, &pool, &nats).await
+            rebuild(view, &pool, &nats, settings.partitions).await
         }
     }
 }
@@ -150,7 +159,14 @@ pub async fn notifications(settings: &Settings, action: NotificationsAction) -> 
 
 /// Rebuilds the view `name` with a progress bar (events/s, ETA) on a terminal, plain lines
 /// otherwise.
-pub async fn rebuild(view: View, pool: &PgPool, nats: &async_nats::Client) -> anyhow::Result<()> {
+/// The new view keeps the checkpoints of `partitions` partitions, the count its projectors run
+/// with.
+pub async fn rebuild(
+    view: View,
+    pool: &PgPool,
+    nats: &async_nats::Client,
+    partitions: u32,
+) -> anyhow::Result<()> {
     use ordo_projections::rebuild::Progress;
     use std::io::IsTerminal;
 
@@ -184,7 +200,15 @@ pub async fn rebuild(view: View, pool: &PgPool, nats: &async_nats::Client) -> an
         }
     };
     let rebuilt = view
-        .rebuild(pool, &js, ProjectorConfig::for_rebuild(), &mut report)
+        .rebuild(
+            pool,
+            &js,
+            ProjectorConfig {
+                partitions,
+                ..ProjectorConfig::for_rebuild()
+            },
+            &mut report,
+        )
         .await?;
     bar.finish_and_clear();
     println!(

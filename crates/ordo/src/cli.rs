@@ -123,12 +123,16 @@ pub enum SagasAction {
 
 #[derive(Subcommand)]
 pub enum PartitionsAction {
-    /// Each partition's owner and when its lease was last renewed, and each command-service
-    /// instance with its heartbeat and how many partitions it holds.
+    /// Each partition's owner and when its lease was last renewed, and each instance of the
+    /// group with its heartbeat and how many partitions it holds.
     Status {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Whose partitions: the command service's (`commands`) or a view's projectors'
+        /// (`projection-orders`, `projection-stock`).
+        #[arg(long, default_value = ordo_commands::service::PARTITION_GROUP)]
+        group: String,
     },
 }
 

@@ -609,9 +609,11 @@ fn every_metric_ordo_records_is_documented_and_named_by_prometheus_conventions()
 }
 
 /// Every durable consumer of the catalogue may be created, read, pulled and acknowledged by the
-/// user of the component that owns it, in that user's block of docker/nats.conf; and every
-/// consumer nats.conf names is one of the catalogue's. (A consumer renamed or added in one place
-/// only fails here, not only when a worker is refused at run time.)
+/// user of the component that owns it, in that user's block of docker/nats.conf; a view's
+/// projectors may read its stream by sequence and hear its events, create no consumer, and
+/// delete the durable consumer of earlier builds; and every consumer nats.conf names is one of
+/// the catalogue's. (A consumer renamed or added in one place only
+/// fails here, not only when a worker is refused at run time.)
 #[test]
 fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other() {
     use ordo_eventstore::ConsumerId;
@@ -632,17 +634,25 @@ fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other
             ConsumerId::OrdersView | ConsumerId::StockView => "ordo-projector",
         };
         let (stream, name) = (consumer.stream().name(), consumer.name());
-        let mut needed = vec![
-            format!("\"$JS.API.CONSUMER.CREATE.{stream}.{name}\""),
-            format!("\"$JS.API.CONSUMER.CREATE.{stream}.{name}.>\""),
-            format!("\"$JS.API.CONSUMER.INFO.{stream}.{name}\""),
-            format!("\"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}\""),
-            format!("\"$JS.ACK.{stream}.{name}.>\""),
-        ];
-        // A projector recreates its consumer at its view's checkpoint.
-        if consumer.is_projection() {
-            needed.push(format!("\"$JS.API.CONSUMER.DELETE.{stream}.{name}\""));
-        }
+        let needed = if consumer.is_projection() {
+            assert!(
+                !block_of(owner).contains(&format!("\"$JS.API.CONSUMER.CREATE.{stream}")),
+                "{owner} may create consumers on {stream}, and so change the saga's"
+            );
+            vec![
+                format!("\"$JS.API.DIRECT.GET.{stream}\""),
+                format!("\"{}\"", consumer.stream().subjects()),
+                format!("\"$JS.API.CONSUMER.DELETE.{stream}.{name}\""),
+            ]
+        } else {
+            vec![
+                format!("\"$JS.API.CONSUMER.CREATE.{stream}.{name}\""),
+                format!("\"$JS.API.CONSUMER.CREATE.{stream}.{name}.>\""),
+                format!("\"$JS.API.CONSUMER.INFO.{stream}.{name}\""),
+                format!("\"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}\""),
+                format!("\"$JS.ACK.{stream}.{name}.>\""),
+            ]
+        };
         for permission in needed {
             assert!(
                 block_of(owner).contains(&permission),

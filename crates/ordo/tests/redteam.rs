@@ -613,6 +613,45 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         pulled.is_err(),
         "the projector's user pulled the saga's deliveries: {pulled:?}"
     );
+    // Nor change the saga's consumer with a consumer request (one that names the consumer in its
+    // body, sent where a consumer of any name is created), nor create one of its own.
+    let stream = ConsumerId::Saga.stream().name();
+    for config in [
+        json!({"name": ConsumerId::Saga.name(), "filter_subject": "ordo.order.events.none",
+               "ack_policy": "explicit", "deliver_policy": "all"}),
+        json!({"durable_name": "ordo-stolen", "ack_policy": "explicit", "deliver_policy": "all"}),
+    ] {
+        let body = json!({"stream_name": stream, "config": config}).to_string();
+        let answer = projector_client
+            .send_request(
+                format!("$JS.API.CONSUMER.CREATE.{stream}"),
+                async_nats::Request::new()
+                    .payload(body.into())
+                    .timeout(Some(Duration::from_secs(3))),
+            )
+            .await;
+        let refused = match &answer {
+            Err(_) => true,
+            Ok(answer) => serde_json::from_slice::<Value>(&answer.payload)
+                .map(|answer| answer.get("error").is_some())
+                .unwrap_or(true),
+        };
+        assert!(refused, "{config}: {answer:?}");
+    }
+    let saga_filter = system
+        .admin()
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .consumer_info(ConsumerId::Saga.name())
+        .await
+        .unwrap()
+        .config
+        .filter_subject;
+    assert_eq!(
+        saga_filter, "",
+        "the saga's consumer still reads every order event"
+    );
     assert_eq!(system.message_count("ORDO_SNAPSHOTS").await, 0);
     assert!(
         System::request(

@@ -463,7 +463,12 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
     .await;
     let migrated = database.migrate();
     assert!(migrated.contains("created what was missing"), "{migrated}");
-    logged(&log, "projector leads", Duration::from_secs(60)).await;
+    logged(
+        &log,
+        "projector applies its partitions",
+        Duration::from_secs(60),
+    )
+    .await;
     let again = database.migrate();
     assert!(again.contains("already set up"), "{again}");
 
@@ -472,6 +477,7 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
     let allowed = [
         "SELECT count(*) FROM view_orders.orders",
         "UPDATE view_stock.checkpoints SET seq = seq",
+        "UPDATE view_stock.partition_checkpoints SET seq = seq",
         "SELECT count(*) FROM sagas",
         "SELECT count(*) FROM _ordo_saga_migrations",
         "SELECT count(*) FROM _ordo_projection_migrations",
@@ -505,6 +511,7 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
         .expect("the reader reads the views");
     for statement in [
         "UPDATE view_stock.checkpoints SET seq = seq",
+        "UPDATE view_stock.partition_checkpoints SET seq = seq",
         "DELETE FROM sagas",
         "INSERT INTO notifications (order_id, kind) VALUES ('x', 'y')",
         "CREATE TABLE extra (id int)",
@@ -529,7 +536,7 @@ async fn workers_wait_for_the_owner_to_set_up_the_database_and_cannot_change_its
         String::from_utf8_lossy(&rebuilt.stderr)
     );
     worker
-        .execute("UPDATE view_stock.checkpoints SET seq = seq")
+        .execute("UPDATE view_stock.partition_checkpoints SET seq = seq")
         .await
         .expect("the rebuilt view is the workers' too");
 
