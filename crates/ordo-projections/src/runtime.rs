@@ -29,6 +29,9 @@ pub struct ProjectorConfig {
     pub partitions: u32,
     /// Replicas of the partition lease bucket, when this instance creates it.
     pub replicas: usize,
+    /// How many transactions a rebuild applies at once, each to its share of the partitions
+    /// (a live projector applies one at a time).
+    pub rebuild_lanes: usize,
 }
 
 impl ProjectorConfig {
@@ -39,6 +42,7 @@ impl ProjectorConfig {
     pub fn for_rebuild() -> Self {
         Self {
             batch_size: 10_000,
+            rebuild_lanes: 2,
             ..Self::default()
         }
     }
@@ -52,6 +56,7 @@ impl Default for ProjectorConfig {
             retry_base: Duration::from_millis(100),
             partitions: DEFAULT_PARTITIONS,
             replicas: 1,
+            rebuild_lanes: 1,
         }
     }
 }
@@ -101,7 +106,7 @@ pub enum ProjectorError {
 /// One fetched message: its sequence, subject and payload, read as an envelope if it is one.
 pub(crate) struct Fetched {
     pub(crate) seq: u64,
-    subject: String,
+    pub(crate) subject: String,
     payload: Vec<u8>,
     envelope: Result<EventEnvelope, String>,
 }
@@ -145,8 +150,26 @@ impl Lanes {
         self.checkpoints.values().copied().min().unwrap_or(0)
     }
 
+    /// These partitions dealt into `count` lanes (partition modulo `count`), each to be applied
+    /// on its own.
+    pub(crate) fn split(self, count: usize) -> Vec<Lanes> {
+        let count = count.clamp(1, self.checkpoints.len().max(1));
+        let mut lanes: Vec<Lanes> = (0..count)
+            .map(|_| Lanes {
+                partitions: self.partitions,
+                checkpoints: BTreeMap::new(),
+            })
+            .collect();
+        for (partition, checkpoint) in self.checkpoints {
+            lanes[partition as usize % count]
+                .checkpoints
+                .insert(partition, checkpoint);
+        }
+        lanes
+    }
+
     /// Whether the event at `seq` on `subject` is one of these partitions' and not in the view.
-    fn takes(&self, subject: &str, seq: u64) -> bool {
+    pub(crate) fn takes(&self, subject: &str, seq: u64) -> bool {
         let aggregate_id = subject.rsplit('.').next().unwrap_or(subject);
         self.checkpoints
             .get(&partition_of(aggregate_id, self.partitions))
@@ -322,11 +345,19 @@ impl<P: Projection> Projector<P> {
         };
         reporter.report(&lanes.checkpoints).await;
         let furthest = lanes.checkpoints.values().copied().max().unwrap_or(0);
-        self.check_same_stream(&schema, furthest).await?;
         let mut position = lanes.start();
         let mut reader = Reader::from(&self.js, P::CONSUMER, position + 1, self.config.batch_size)
             .await
             .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
+        // After the reader began: the stream it reads is the one checked (the reader then checks
+        // that it stays so).
+        let checked = self.check_same_stream(&schema, furthest).await?;
+        if checked.timestamp_micros() != reader.stream_created_micros() {
+            return Err(ProjectorError::JetStream(format!(
+                "stream {} was created again as the projector began; reading again",
+                P::STREAM
+            )));
+        }
         tracing::info!(
             projection = P::NAME,
             partitions = ?partitions,
@@ -395,7 +426,12 @@ impl<P: Projection> Projector<P> {
 
     /// Refuses to go on with a view built from another stream of the same name: its checkpoint
     /// would skip the new stream's first events.
-    async fn check_same_stream(&self, schema: &str, checkpoint: u64) -> Result<(), ProjectorError> {
+    /// Returns when the stream checked was created.
+    async fn check_same_stream(
+        &self,
+        schema: &str,
+        checkpoint: u64,
+    ) -> Result<chrono::DateTime<chrono::Utc>, ProjectorError> {
         let (created, last_sequence) = stream_identity(&self.js, P::STREAM).await?;
         let recorded: Option<chrono::DateTime<chrono::Utc>> =
             sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -428,7 +464,7 @@ impl<P: Projection> Projector<P> {
                 "its checkpoint {checkpoint} is past this stream's last sequence {last_sequence}"
             )));
         }
-        Ok(())
+        Ok(created)
     }
 
     /// Applies `batch` (the events of `lanes`' partitions that the stream holds after their
@@ -750,6 +786,16 @@ mod tests {
             BTreeMap::from([(8, 10), (3, 7)]),
             "a checkpoint never goes back"
         );
+        let split = lanes.clone().split(2);
+        assert_eq!(
+            split
+                .iter()
+                .map(|lanes| lanes.checkpoints.clone())
+                .collect::<Vec<_>>(),
+            [BTreeMap::from([(8, 10)]), BTreeMap::from([(3, 4)])],
+            "dealt by partition, each keeping its checkpoint"
+        );
+        assert_eq!(lanes.split(5).len(), 2, "no lane without a partition");
     }
     use ordo_testkit::{NatsServer, TestDatabase};
 

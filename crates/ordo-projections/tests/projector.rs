@@ -682,12 +682,17 @@ async fn a_rebuild_gives_the_same_rows_as_the_incremental_view() {
 
     let js = jetstream::new(setup.engine.client.clone());
     let mut reports = Vec::new();
+    // In one transaction, and in three at once (each applying a third of the partitions).
     let rebuilt = rebuild::<StockView>(setup.pool(), &js, ProjectorConfig::default(), |p| {
         reports.push(p)
     })
     .await
     .unwrap();
-    rebuild::<OrdersView>(setup.pool(), &js, ProjectorConfig::default(), |_| {})
+    let in_three_lanes = ProjectorConfig {
+        rebuild_lanes: 3,
+        ..ProjectorConfig::for_rebuild()
+    };
+    rebuild::<OrdersView>(setup.pool(), &js, in_three_lanes, |_| {})
         .await
         .unwrap();
 
@@ -869,6 +874,7 @@ async fn a_rebuild_during_live_writes_ends_equal_to_the_stream() {
     let js = jetstream::new(setup.engine.client.clone());
     let config = ProjectorConfig {
         batch_size: 8,
+        rebuild_lanes: 2,
         ..Default::default()
     };
     let (stock, orders, ()) = tokio::join!(
@@ -976,14 +982,39 @@ async fn the_projectors_of_a_view_share_its_partitions_each_with_its_own_checkpo
     // What the command service's load shedding reads: both instances' reports, together at the
     // head (a report goes out at most every 250 ms).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while progress.position() != Some(head) {
+    let partitions = ordo_eventstore::partition::DEFAULT_PARTITIONS;
+    while progress.position(partitions) != Some(head) {
         assert!(
             std::time::Instant::now() < deadline,
             "reported {:?}, head {head}",
-            progress.position()
+            progress.position(partitions)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Each instance reports (and moves) the partitions it holds, and no other's: the two reports
+    // share no partition and together hold them all.
+    let bucket = js.get_key_value("ordo_partitions").await.unwrap();
+    let mut reported: Vec<BTreeSet<u32>> = Vec::new();
+    let mut keys = bucket.keys().await.unwrap();
+    while let Some(key) = keys.next().await {
+        let key = key.unwrap();
+        if key.starts_with("projection-stock.progress.") {
+            let report = bucket.get(&key).await.unwrap().unwrap();
+            reported.push(
+                String::from_utf8_lossy(&report)
+                    .split(',')
+                    .map(|pair| pair.split_once(':').unwrap().0.parse().unwrap())
+                    .collect(),
+            );
+        }
+    }
+    assert_eq!(reported.len(), 2, "{reported:?}");
+    assert!(reported[0].is_disjoint(&reported[1]), "{reported:?}");
+    assert_eq!(
+        reported[0].len() + reported[1].len(),
+        ordo_eventstore::partition::DEFAULT_PARTITIONS as usize
+    );
 
     // One leaves: the other takes its partitions from their checkpoints.
     let (stop_first, _first_task) = first;

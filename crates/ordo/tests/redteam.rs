@@ -638,6 +638,27 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         };
         assert!(refused, "{config}: {answer:?}");
     }
+    // Nor take or forge the command service's partition leases (only its views' groups).
+    let leases = refused_soon(projector_client.clone())
+        .get_key_value("ordo_partitions")
+        .await
+        .unwrap();
+    assert!(
+        leases
+            .put("commands.owners.0", "forged".into())
+            .await
+            .is_err(),
+        "the projector's user wrote a command-service lease"
+    );
+    let owner = system
+        .admin()
+        .get_key_value("ordo_partitions")
+        .await
+        .unwrap()
+        .get("commands.owners.0")
+        .await
+        .unwrap();
+    assert_ne!(owner.as_deref(), Some(&b"forged"[..]));
     let saga_filter = system
         .admin()
         .get_stream(stream)
