@@ -350,6 +350,10 @@ impl Reader {
                 .count();
             if contiguous < batch.len() && holes < 10 {
                 batch.truncate(contiguous);
+                if batch.is_empty() && !self.read.is_empty() {
+                    // What was read before the hole goes first; the hole is asked next time.
+                    break;
+                }
                 if batch.is_empty() {
                     holes += 1;
                     tokio::time::sleep(Duration::from_millis(5 * holes)).await;

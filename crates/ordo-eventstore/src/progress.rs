@@ -5,7 +5,8 @@
 //!
 //! A partition's checkpoint is the highest any instance reported for it (an instance that lost
 //! it, or died, reported less), and the view's is the lowest of those; a partition nobody
-//! reported counts as at 0. Reports are hints for load shedding; the view's own tables stay the
+//! reported yet (projectors starting) is left out rather than counted as at 0, which would shed
+//! every placing of a large system for the second its projectors take to report. Reports are hints for load shedding; the view's own tables stay the
 //! answer. A live instance reports again every [`REFRESH_EVERY`] while idle, so that its report
 //! outlives the bucket's one minute for keys nobody renews. A view whose projectors all stopped
 //! reports nothing new, so its position stays while its stream grows: it counts as behind, until
@@ -50,21 +51,18 @@ fn decode(report: &str) -> impl Iterator<Item = (Partition, u64)> + '_ {
 }
 
 /// The position of a view of `partitions` partitions from its instances' reports: the lowest
-/// over partitions of the highest checkpoint reported for each (0 for one nobody reported).
-/// `None` without a report. Partitions past the count (from before a rebuild changed it) are
-/// left out.
+/// over the partitions reported of the highest checkpoint reported for each. `None` without a
+/// report. Partitions past the count (from before a rebuild changed it) are left out.
 pub fn position<'r>(reports: impl IntoIterator<Item = &'r str>, partitions: u32) -> Option<u64> {
-    let mut highest = vec![0; partitions as usize];
-    let mut reported = false;
+    let mut highest: Vec<Option<u64>> = vec![None; partitions as usize];
     for report in reports {
         for (partition, checkpoint) in decode(report) {
             if let Some(seen) = highest.get_mut(partition as usize) {
-                *seen = (*seen).max(checkpoint);
-                reported = true;
+                *seen = Some(seen.unwrap_or(0).max(checkpoint));
             }
         }
     }
-    reported.then(|| highest.into_iter().min().unwrap_or(0))
+    highest.into_iter().flatten().min()
 }
 
 /// One projector instance's reports.
@@ -226,8 +224,8 @@ mod tests {
         assert_eq!(position([first.as_str()], 2), Some(10));
         assert_eq!(
             position([first.as_str()], 3),
-            Some(0),
-            "partition 2 never reported"
+            Some(10),
+            "partition 2 not reported yet"
         );
         assert_eq!(
             position([first.as_str(), second.as_str()], 2),

@@ -288,6 +288,11 @@ impl<P: Projection> Projector<P> {
                 self.term(&partitions, &mut reporter, changed).await
             };
             match ended {
+                // A grant revoked at once (the leases stopped being renewed): not a loop of
+                // readers opened and dropped.
+                Ok(None) if began.elapsed() < Duration::from_millis(100) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Ok(None) => {}
                 Ok(Some(Some(grant))) => {
                     held.insert(grant.partition, grant);
