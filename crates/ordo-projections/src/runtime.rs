@@ -185,6 +185,11 @@ impl Lanes {
     }
 }
 
+/// How long a projector waits, once a partition is granted, for the others dealt with it: an
+/// instance that joins is granted its partitions one by one within a few milliseconds, and each
+/// new set of partitions begins a term (a reader, the checkpoints read again).
+const GRANTS_SETTLE: Duration = Duration::from_millis(50);
+
 /// The partition group of `P`'s projectors in the lease bucket.
 fn group<P: Projection>() -> &'static str {
     P::CONSUMER
@@ -270,6 +275,7 @@ impl<P: Projection> Projector<P> {
                     ProjectorError::JetStream("the partition leases stopped".into())
                 })?;
                 held.insert(grant.partition, grant);
+                tokio::time::sleep(GRANTS_SETTLE).await;
                 continue;
             }
             let partitions: Vec<Partition> = held.keys().copied().collect();
@@ -296,6 +302,7 @@ impl<P: Projection> Projector<P> {
                 Ok(None) => {}
                 Ok(Some(Some(grant))) => {
                     held.insert(grant.partition, grant);
+                    tokio::time::sleep(GRANTS_SETTLE).await;
                 }
                 Ok(Some(None)) => {
                     return Err(ProjectorError::JetStream(
