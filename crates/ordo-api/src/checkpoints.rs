@@ -7,6 +7,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use ordo_eventstore::ownership::MAX_PARTITIONS;
 use ordo_projections::runtime::CHECKPOINT_CHANNEL;
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::watch;
@@ -50,8 +51,6 @@ impl Announced {
         moved
     }
 }
-
-use ordo_eventstore::ownership::MAX_PARTITIONS;
 
 /// Reads `<checkpoint>:<partition>,…` of an announcement, after the view's name.
 fn parse(announcement: &str) -> Option<(u64, Vec<u32>)> {

@@ -74,6 +74,31 @@ impl Scope {
             state.partitions,
         ))
     }
+
+    /// Its checkpoint in the view's table.
+    async fn checkpoint(self, state: &ApiState, view: &ProjectionInfo) -> Result<u64, sqlx::Error> {
+        match self {
+            Self::View => checkpoint_of(&state.pool, &view.schema(), view.stream).await,
+            Self::AggregateOf(partition) => {
+                checkpoint_of_partition(
+                    &state.pool,
+                    &view.schema(),
+                    view.stream,
+                    state.partitions,
+                    partition,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Its checkpoint as the projectors announced it.
+    fn announced(self, announced: &crate::checkpoints::Announced) -> u64 {
+        match self {
+            Self::View => announced.of_view(),
+            Self::AggregateOf(partition) => announced.of_partition(partition),
+        }
+    }
 }
 
 /// Waits until `view` has applied `min_seq` (if asked) for `scope`, and returns the
@@ -86,24 +111,8 @@ async fn caught_up(
 ) -> Result<u64, ApiError> {
     let deadline = Instant::now() + state.min_seq_wait;
     let mut announced = state.checkpoints.subscribe(view.name);
-    let announced_for_scope = |announced: &crate::checkpoints::Announced| match scope {
-        Scope::View => announced.of_view(),
-        Scope::AggregateOf(partition) => announced.of_partition(partition),
-    };
     loop {
-        let checkpoint = match scope {
-            Scope::View => checkpoint_of(&state.pool, &view.schema(), view.stream).await?,
-            Scope::AggregateOf(partition) => {
-                checkpoint_of_partition(
-                    &state.pool,
-                    &view.schema(),
-                    view.stream,
-                    state.partitions,
-                    partition,
-                )
-                .await?
-            }
-        };
+        let checkpoint = scope.checkpoint(state, &view).await?;
         match min_seq {
             Some(wanted) if checkpoint < wanted => {
                 let now = Instant::now();
@@ -117,14 +126,13 @@ async fn caught_up(
                 match &mut announced {
                     // Announced already, yet not in the view's table: a rebuild's new view, not
                     // swapped in yet. Poll.
-                    Some(announced) if announced_for_scope(&announced.borrow()) >= wanted => {
+                    Some(announced) if scope.announced(&announced.borrow()) >= wanted => {
                         tokio::time::sleep(wait.min(Duration::from_millis(20))).await;
                     }
                     Some(announced) => {
                         let _ = tokio::time::timeout(
                             wait,
-                            announced
-                                .wait_for(|announced| announced_for_scope(announced) >= wanted),
+                            announced.wait_for(|announced| scope.announced(announced) >= wanted),
                         )
                         .await;
                     }

@@ -207,7 +207,7 @@ pub struct Stored {
 /// the permission to read the stream, which a projector has anyway.
 pub struct Reader {
     client: async_nats::Client,
-    stream: jetstream::stream::Stream<()>,
+    stream: jetstream::stream::Stream,
     /// When the stream read was created: one deleted and created again under the same name
     /// starts its sequences over, and must not be read as the same.
     created: i128,
@@ -246,16 +246,8 @@ impl Reader {
         max: usize,
     ) -> Result<Self, ConsumeError> {
         let client = js.client();
-        let stream = js
-            .get_stream_no_info(id.stream().name())
-            .await
-            .map_err(|err| ConsumeError::of(id, err))?;
-        let created = stream
-            .get_info()
-            .await
-            .map_err(|err| ConsumeError::of(id, err))?
-            .created
-            .unix_timestamp_nanos();
+        let stream = stream_of(js, id).await?;
+        let created = stream.cached_info().created.unix_timestamp_nanos();
         let published = client
             .subscribe(id.stream().subjects())
             .await

@@ -78,6 +78,16 @@ impl ConsumerId {
         }
     }
 
+    /// A view's projectors: their group in the partition bucket (`ordo partitions status
+    /// --group`), where they share the view's partitions and report how far they are.
+    pub const fn partition_group(self) -> Option<&'static str> {
+        match self {
+            Self::OrdersView => Some("projection-orders"),
+            Self::StockView => Some("projection-stock"),
+            Self::Saga | Self::Notifier => None,
+        }
+    }
+
     /// How long a delivered event may go unacknowledged before it is delivered again.
     pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
@@ -94,7 +104,10 @@ impl ConsumerId {
     /// after `ack_wait` ([`Self::ACK_WAIT`] but in tests). Every delivery is retried for as
     /// long as it takes (no `max_deliver`): an event is handled or held back, never dropped.
     pub fn config(self, deliver: DeliverPolicy, ack_wait: Duration) -> pull::Config {
-        debug_assert!(!self.is_projection(), "{self} is read by ordered consumers");
+        debug_assert!(
+            !self.is_projection(),
+            "{self}'s projectors read by sequence"
+        );
         pull::Config {
             durable_name: Some(self.name().to_owned()),
             description: Some(self.description().to_owned()),
@@ -105,18 +118,6 @@ impl ConsumerId {
             max_deliver: -1,
             max_ack_pending: self.max_ack_pending(),
             ..Default::default()
-        }
-    }
-}
-
-impl ConsumerId {
-    /// A view's projectors: their group in the partition bucket (`ordo partitions status
-    /// --group`), where they share the view's partitions and report how far they are.
-    pub const fn partition_group(self) -> Option<&'static str> {
-        match self {
-            Self::OrdersView => Some("projection-orders"),
-            Self::StockView => Some("projection-stock"),
-            Self::Saga | Self::Notifier => None,
         }
     }
 }

@@ -6,9 +6,10 @@
 //! A partition's checkpoint is the highest any instance reported for it (an instance that lost
 //! it, or died, reported less), and the view's is the lowest of those; a partition nobody
 //! reported yet (projectors starting) is left out rather than counted as at 0, which would shed
-//! every placing of a large system for the second its projectors take to report. Reports are hints for load shedding; the view's own tables stay the
-//! answer. A live instance reports again every [`REFRESH_EVERY`] while idle, so that its report
-//! outlives the bucket's one minute for keys nobody renews. A view whose projectors all stopped
+//! every placing of a large system for the second its projectors take to report. Reports are
+//! hints for load shedding; the view's own tables stay the answer. A live instance reports again
+//! every [`REFRESH_EVERY`] while idle, so that its report outlives the bucket's one minute for
+//! keys nobody renews. A view whose projectors all stopped
 //! reports nothing new, so its position stays while its stream grows: it counts as behind, until
 //! its reports are a minute old; a watcher that starts after that finds none, and a view without
 //! reports does not shed (as a consumer that does not exist).
