@@ -204,6 +204,8 @@ impl App {
                     settings.saga.clone(),
                     pool(),
                     nats.clone(),
+                    settings.partitions,
+                    settings.streams.clone(),
                     shutdown.clone(),
                 );
                 components.spawn(named("saga", saga));

@@ -225,13 +225,19 @@ impl SagaOptions {
         }
     }
 
+    /// A coordinator whose intake shares `partitions` of the order events (the command
+    /// service's count), with a partition bucket of `replicas` if it creates it.
     pub fn coordinator(
         &self,
         pool: PgPool,
         nats: async_nats::Client,
+        partitions: u32,
+        replicas: usize,
     ) -> ordo_saga::Coordinator<ordo_saga::SimulatedGateway> {
         let config = ordo_saga::CoordinatorConfig {
             saga_timeout: std::time::Duration::from_secs(self.saga_timeout_secs),
+            partitions,
+            replicas,
             ..Default::default()
         };
         let gateway = self.gateway(&pool);
@@ -244,9 +250,15 @@ pub async fn saga(
     options: SagaOptions,
     pool: PgPool,
     nats: async_nats::Client,
+    partitions: u32,
+    streams: StreamSettings,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    options.coordinator(pool, nats).run(shutdown.signal()).await;
+    let replicas = streams.stream_replicas.unwrap_or(1);
+    options
+        .coordinator(pool, nats, partitions, replicas)
+        .run(shutdown.signal())
+        .await;
     Ok(())
 }
 

@@ -293,7 +293,14 @@ pub async fn run(
     let progress = Progress::new(duration);
     let mut faults = faults::Faults::new(&options, duration, rng, started);
     let watching = Arc::new(AtomicBool::new(false));
-    let partition_watch = tokio::spawn(partitions::watch(js.clone(), started, watching.clone()));
+    let partition_watch = tokio::spawn(partitions::watch(
+        js.clone(),
+        options
+            .partitions
+            .unwrap_or(ordo_commands::service::DEFAULT_PARTITIONS),
+        started,
+        watching.clone(),
+    ));
     while started.elapsed() < duration {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let elapsed = started.elapsed();

@@ -167,10 +167,21 @@ pub async fn still_moving(js: &jetstream::Context, pool: &PgPool) -> anyhow::Res
             moving.push(format!("projection {projection} at {checkpoint} of {head}"));
         }
     }
-    // The workers' consumers; the views' are measured by their checkpoints above.
+    // The saga's intake: its partition furthest behind.
+    let intake: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM saga_intake")
+        .fetch_one(pool)
+        .await?;
+    let orders_head = head(js, ordo_eventstore::StreamId::Orders.name()).await?;
+    if intake.unwrap_or(0) != orders_head as i64 {
+        moving.push(format!(
+            "saga intake at {} of {orders_head}",
+            intake.unwrap_or(0)
+        ));
+    }
+    // The durable consumers (the notifier's).
     for consumer in ordo_eventstore::ConsumerId::ALL
         .into_iter()
-        .filter(|consumer| !consumer.is_projection())
+        .filter(|consumer| !consumer.reads_by_partition())
     {
         let info = js
             .get_stream(consumer.stream().name())

@@ -1,6 +1,7 @@
-//! Watching the command service's partitions while the drill runs: each partition must be served
+//! Watching the partitions while the drill runs, of every group that shares them (the command
+//! service's writers, the saga's intake, each view's projectors): each partition must be served
 //! again within [`SERVED_AGAIN_WITHIN`] of losing its owner (a kill, a hand-over), whenever some
-//! instance is there to serve it.
+//! instance of its group is there to serve it.
 //!
 //! The watch reads the bucket of leases and heartbeats (`ownership::status`, what `ordo
 //! partitions status` shows) a few times a second. A member is alive while the watch sees its
@@ -172,27 +173,60 @@ impl Handovers {
     }
 }
 
-/// Samples the bucket every [`SAMPLE_EVERY`] until `stop` is set; `started` is the drill's start.
+/// The groups that share partitions: the command service's, and each partitioned reader's.
+pub fn groups() -> Vec<&'static str> {
+    std::iter::once(ordo_commands::service::PARTITION_GROUP)
+        .chain(
+            ordo_eventstore::ConsumerId::ALL
+                .into_iter()
+                .filter_map(ordo_eventstore::ConsumerId::partition_group),
+        )
+        .collect()
+}
+
+/// Samples the bucket, every group of [`groups`] with `partitions` partitions, every
+/// [`SAMPLE_EVERY`] until `stop` is set; `started` is the drill's start. The report adds up the
+/// groups'; a violation names its group.
 pub async fn watch(
     js: async_nats::jetstream::Context,
+    partitions: u32,
     started: Instant,
     stop: Arc<AtomicBool>,
 ) -> (PartitionsReport, Vec<Violation>) {
-    let config = OwnershipConfig::new(
-        ordo_commands::service::PARTITION_GROUP,
-        ordo_commands::service::DEFAULT_PARTITIONS,
-    );
-    let mut handovers = Handovers::default();
+    let mut watched: Vec<(OwnershipConfig, Handovers)> = groups()
+        .into_iter()
+        .map(|group| {
+            (
+                OwnershipConfig::new(group, partitions),
+                Handovers::default(),
+            )
+        })
+        .collect();
     while !stop.load(Ordering::Relaxed) {
-        let at = started.elapsed();
-        // A short timeout: while a leader is elected or nats-server is down, a read may hang.
-        match tokio::time::timeout(Duration::from_secs(1), ownership::status(&js, &config)).await {
-            Ok(Ok(status)) => handovers.sample(at, &status),
-            _ => handovers.unread(at),
+        for (config, handovers) in &mut watched {
+            let at = started.elapsed();
+            // A short timeout: while a leader is elected or nats-server is down, a read may hang.
+            match tokio::time::timeout(Duration::from_secs(1), ownership::status(&js, config)).await
+            {
+                Ok(Ok(status)) => handovers.sample(at, &status),
+                _ => handovers.unread(at),
+            }
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
-    handovers.finish(started.elapsed())
+    let mut report = PartitionsReport::default();
+    let mut violations = Vec::new();
+    for (config, handovers) in watched {
+        let (of_group, group_violations) = handovers.finish(started.elapsed());
+        report.served_again += of_group.served_again;
+        report.longest_unserved_ms = report.longest_unserved_ms.max(of_group.longest_unserved_ms);
+        report.unread_samples += of_group.unread_samples;
+        violations.extend(group_violations.into_iter().map(|violation| Violation {
+            detail: format!("group {}: {}", config.group, violation.detail),
+            ..violation
+        }));
+    }
+    (report, violations)
 }
 
 /// `since`: when it became unserved, moved later by the failed reads left out, and those.

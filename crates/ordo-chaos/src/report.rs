@@ -101,7 +101,7 @@ pub fn print(report: &Report) {
     }
     let p = &report.partitions;
     println!(
-        "  partitions  served again {} times after losing an owner, at the latest after {:.1} s ({} s allowed){}",
+        "  partitions  served again {} times after losing an owner (writers, saga intake, projectors), at the latest after {:.1} s ({} s allowed){}",
         p.served_again,
         p.longest_unserved_ms as f64 / 1_000.0,
         partitions::SERVED_AGAIN_WITHIN.as_secs(),

@@ -2,11 +2,11 @@
 //! behind, `order.place` says `unavailable` with a `retry_after_ms` instead of taking in orders
 //! that would only queue inside ordo. Nothing is appended for a shed request.
 //!
-//! The backlogs are read every `check_every` by every command service instance: the saga's is
-//! its durable consumer's pending events (delivered but not acknowledged, plus not yet
-//! delivered), a view's the events of its stream past the position its projectors report in the
-//! partition bucket (`ordo_eventstore::progress`). No process needs to tell another, and a worker
-//! that is down (its backlog grows) counts as one that is slow.
+//! The backlogs are read every `check_every` by every command service instance: the saga's and
+//! a view's are the events of its stream past the position its readers (the coordinators'
+//! intakes, the view's projectors) report in the partition bucket (`ordo_eventstore::progress`);
+//! a durable consumer's would be its pending events. No process needs to tell another, and a
+//! worker that is down (its backlog grows) counts as one that is slow.
 
 use std::{
     sync::{Arc, RwLock},
@@ -38,7 +38,7 @@ impl Default for BacklogLimits {
     }
 }
 
-/// A backlog ordo watches: the pending events of a durable consumer.
+/// A backlog ordo watches: how far a reader of a stream is behind it.
 #[derive(Debug, Clone, Copy)]
 struct Watched {
     what: &'static str,
@@ -153,7 +153,7 @@ impl Gate {
     /// Reads the backlogs every `check_every` and keeps the gate up to date, until dropped. A
     /// backlog that cannot be read (a consumer not created yet, NATS unreachable) does not
     /// shed: the append would say what is wrong.
-    /// `partitions`: the views' count, as the command service's.
+    /// `partitions`: the readers' count, as the command service's.
     pub async fn watch(self, js: jetstream::Context, limits: BacklogLimits, partitions: u32) {
         let watched_backlogs = Watched::all();
         let progress: Vec<Option<Progress>> = watched_backlogs
@@ -172,7 +172,7 @@ impl Gate {
             for (index, watched) in watched_backlogs.iter().enumerate() {
                 let read = match &progress[index] {
                     Some(progress) => {
-                        view_backlog(&js, watched.consumer, progress, partitions).await
+                        reported_backlog(&js, watched.consumer, progress, partitions).await
                     }
                     None => backlog(&js, watched.consumer).await,
                 };
@@ -222,8 +222,9 @@ impl Gate {
     }
 }
 
-/// The events of a view's stream past the position its projectors reported, and that position.
-async fn view_backlog(
+/// The events of a stream past the position its partitioned readers reported, and that
+/// position.
+async fn reported_backlog(
     js: &jetstream::Context,
     consumer: ConsumerId,
     progress: &Progress,

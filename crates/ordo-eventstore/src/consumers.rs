@@ -15,7 +15,10 @@ use crate::StreamId;
 /// the rest (a new view also gets its variant, which `ordo_projections::views` checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConsumerId {
-    /// The saga coordinators' intake of order events, shared by every coordinator.
+    /// The saga coordinators' intake of order events. The coordinators share the stream's
+    /// partitions and read it by sequence (`consume::Reader`), as the projectors do; the name is
+    /// their catalogue entry, and that of the durable consumer of builds before the partitioned
+    /// intake, which they delete.
     Saga,
     /// The orders view's projectors. They read the stream without a consumer (by sequence,
     /// `consume::Reader`); the name is their catalogue entry, and that of the durable consumer
@@ -78,36 +81,32 @@ impl ConsumerId {
         }
     }
 
-    /// A view's projectors: their group in the partition bucket (`ordo partitions status
-    /// --group`), where they share the view's partitions and report how far they are.
+    /// The readers that share their stream's partitions and read it by sequence, without a
+    /// consumer (a view's projectors, the saga's intake): their group in the partition bucket
+    /// (`ordo partitions status --group`), where they share the partitions and report how far
+    /// they are. `None` for a durable consumer.
     pub const fn partition_group(self) -> Option<&'static str> {
         match self {
             Self::OrdersView => Some("projection-orders"),
             Self::StockView => Some("projection-stock"),
-            Self::Saga | Self::Notifier => None,
+            Self::Saga => Some("saga"),
+            Self::Notifier => None,
         }
+    }
+
+    /// Read by sequence, per partition, rather than through a durable consumer.
+    pub const fn reads_by_partition(self) -> bool {
+        self.partition_group().is_some()
     }
 
     /// How long a delivered event may go unacknowledged before it is delivered again.
     pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
-    /// Events delivered and not yet acknowledged, at most (0: the server's default, 1,000).
-    const fn max_ack_pending(self) -> i64 {
-        match self {
-            // Four of the intake's batches.
-            Self::Saga => 1024,
-            Self::Notifier | Self::OrdersView | Self::StockView => 0,
-        }
-    }
-
     /// The consumer as JetStream keeps it, delivering from `deliver`, its events redelivered
     /// after `ack_wait` ([`Self::ACK_WAIT`] but in tests). Every delivery is retried for as
     /// long as it takes (no `max_deliver`): an event is handled or held back, never dropped.
     pub fn config(self, deliver: DeliverPolicy, ack_wait: Duration) -> pull::Config {
-        debug_assert!(
-            !self.is_projection(),
-            "{self}'s projectors read by sequence"
-        );
+        debug_assert!(!self.reads_by_partition(), "{self} reads by sequence");
         pull::Config {
             durable_name: Some(self.name().to_owned()),
             description: Some(self.description().to_owned()),
@@ -116,7 +115,6 @@ impl ConsumerId {
             ack_policy: AckPolicy::Explicit,
             ack_wait,
             max_deliver: -1,
-            max_ack_pending: self.max_ack_pending(),
             ..Default::default()
         }
     }

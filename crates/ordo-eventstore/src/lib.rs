@@ -15,6 +15,9 @@
 //! - [`partition`]: which partition an aggregate belongs to (the server's own hash).
 //! - [`ownership`]: one owner per partition: leases in a KV bucket, spread over the live
 //!   instances by rendezvous hashing.
+//! - [`terms`]: a reader's share of a partitioned stream (a view's projectors, the saga's
+//!   intake), taken in terms that change only between batches; [`progress`]: how far each
+//!   instance has read, reported in the same bucket.
 //! - [`trace`]: W3C trace context in NATS headers, so that one trace follows an order.
 //!
 //! Subjects are `ordo.<category>.events.<aggregate id>`; the stream sequence of an aggregate's last
@@ -30,6 +33,7 @@ pub mod progress;
 pub mod publish;
 pub mod store;
 pub mod streams;
+pub mod terms;
 pub mod trace;
 
 pub use consumers::ConsumerId;

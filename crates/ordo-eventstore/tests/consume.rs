@@ -67,7 +67,7 @@ async fn nothing_more(batches: &mut Batches) -> bool {
 #[tokio::test]
 async fn a_message_asked_again_comes_back_alone_and_those_acknowledged_do_not() {
     let (_server, js) = three_order_messages().await;
-    let mut batches = Batches::open(&js, ConsumerId::Saga, Duration::from_secs(30), 10)
+    let mut batches = Batches::open(&js, ConsumerId::Notifier, Duration::from_secs(30), 10)
         .await
         .unwrap();
     let ask_again_for_2 = |seq| match seq {

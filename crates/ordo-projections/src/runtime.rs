@@ -6,8 +6,14 @@ use std::{
 
 use async_nats::jetstream;
 use ordo_eventstore::{
-    EventEnvelope, Grant, Ownership, OwnershipConfig, Partition, RecordedEvent, backoff::Backoff,
-    consume::Reader, partition::DEFAULT_PARTITIONS, partition_of, progress::Reporter, trace,
+    EventEnvelope, OwnershipConfig, Partition, RecordedEvent,
+    backoff::Backoff,
+    consume::Reader,
+    partition::DEFAULT_PARTITIONS,
+    partition_of,
+    progress::Reporter,
+    terms::{LeasesStopped, Membership},
+    trace,
 };
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
@@ -185,11 +191,6 @@ impl Lanes {
     }
 }
 
-/// How long a projector waits, once a partition is granted, for the others dealt with it: an
-/// instance that joins is granted its partitions one by one within a few milliseconds, and each
-/// new set of partitions begins a term (a reader, the checkpoints read again).
-const GRANTS_SETTLE: Duration = Duration::from_millis(50);
-
 /// The partition group of `P`'s projectors in the lease bucket.
 fn group<P: Projection>() -> &'static str {
     P::CONSUMER
@@ -250,8 +251,7 @@ impl<P: Projection> Projector<P> {
     /// (`run` drops it at shutdown, in the middle of a batch if it must: its transaction then
     /// never commits.)
     async fn serve(&self, backoff: &mut Backoff) -> Result<Infallible, ProjectorError> {
-        // Held for as long as this membership lasts: dropping it leaves the group.
-        let (ownership, mut grants) = Ownership::join(
+        let mut membership = Membership::join(
             &self.js,
             OwnershipConfig {
                 replicas: self.config.replicas,
@@ -260,55 +260,19 @@ impl<P: Projection> Projector<P> {
         )
         .await
         .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
-        let mut reporter = Reporter::open(&self.js, group::<P>(), ownership.instance())
+        let mut reporter = Reporter::open(&self.js, group::<P>(), membership.instance())
             .await
             .map_err(ProjectorError::JetStream)?;
         self.remove_durable_of_earlier_builds().await;
-        let mut held: BTreeMap<Partition, Grant> = BTreeMap::new();
         loop {
-            while let Ok(grant) = grants.try_recv() {
-                held.insert(grant.partition, grant);
-            }
-            held.retain(|_, grant| grant.is_valid());
-            if held.is_empty() {
-                let grant = grants.recv().await.ok_or_else(|| {
-                    ProjectorError::JetStream("the partition leases stopped".into())
-                })?;
-                held.insert(grant.partition, grant);
-                tokio::time::sleep(GRANTS_SETTLE).await;
-                continue;
-            }
-            let partitions: Vec<Partition> = held.keys().copied().collect();
+            let partitions = membership
+                .next_term()
+                .await
+                .map_err(|err| ProjectorError::JetStream(err.to_string()))?;
             let began = std::time::Instant::now();
-            let ended = {
-                let changed = async {
-                    let any_revoked = futures::future::select_all(
-                        held.values().map(|grant| Box::pin(grant.revoked())),
-                    );
-                    tokio::select! {
-                        _ = any_revoked => None,
-                        grant = grants.recv() => Some(grant),
-                    }
-                };
-                tokio::pin!(changed);
-                self.term(&partitions, &mut reporter, changed).await
-            };
-            match ended {
-                // A grant revoked at once (the leases stopped being renewed): not a loop of
-                // readers opened and dropped.
-                Ok(None) if began.elapsed() < Duration::from_millis(100) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Ok(None) => {}
-                Ok(Some(Some(grant))) => {
-                    held.insert(grant.partition, grant);
-                    tokio::time::sleep(GRANTS_SETTLE).await;
-                }
-                Ok(Some(None)) => {
-                    return Err(ProjectorError::JetStream(
-                        "the partition leases stopped".into(),
-                    ));
-                }
+            match self.term(&partitions, &mut membership, &mut reporter).await {
+                Ok(Ok(())) => {}
+                Ok(Err(stopped)) => return Err(ProjectorError::JetStream(stopped.to_string())),
                 Err(err) => {
                     let wait = backoff.after_run(began.elapsed());
                     tracing::warn!(projection = P::NAME, %err, retry_in = ?wait, "projector term ended; starting again");
@@ -328,14 +292,14 @@ impl<P: Projection> Projector<P> {
 
     /// One term over `partitions`: reads the stream from the checkpoint of the partition
     /// furthest behind and applies the events of these partitions, until something fails or the
-    /// partitions held change (`changed` completes, with what it says). A change is taken in
-    /// between batches, never in the middle of one's transaction.
-    async fn term<C>(
+    /// partitions held change (returns what `membership` said). A change is taken in between
+    /// batches, never in the middle of one's transaction.
+    async fn term(
         &self,
         partitions: &[Partition],
+        membership: &mut Membership,
         reporter: &mut Reporter,
-        mut changed: std::pin::Pin<&mut impl Future<Output = C>>,
-    ) -> Result<C, ProjectorError> {
+    ) -> Result<Result<(), LeasesStopped>, ProjectorError> {
         let schema = schema::live_schema::<P>();
         schema::ensure_view::<P>(&self.pool, &schema).await?;
         let found = schema::definition_of(&self.pool, &schema).await?;
@@ -378,7 +342,7 @@ impl<P: Projection> Projector<P> {
         );
         loop {
             let messages = tokio::select! {
-                change = &mut changed => return Ok(change),
+                change = membership.changed() => return Ok(change),
                 () = reporter.sent_late() => continue,
                 messages = reader.next() => {
                     messages.map_err(|err| ProjectorError::JetStream(err.to_string()))?

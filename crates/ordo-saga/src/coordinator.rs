@@ -1,9 +1,10 @@
 //! [`Coordinator`]: starts, advances and persists order sagas.
 //!
-//! - Intake: a durable consumer (`ordo-saga`, shared by every coordinator) on `ORDO_ORDERS`,
-//!   read in batches. The `OrderPlaced` of a batch start their sagas in one statement;
-//!   `OrderCancelled` and `OrderShipped` extend theirs one by one. Events are acked once applied;
-//!   applying one twice changes nothing.
+//! - Intake: the coordinators share the partitions of `ORDO_ORDERS`; each reads the stream by
+//!   sequence and takes in its partitions' events in batches, with a checkpoint per partition
+//!   (see [`intake`]). The `OrderPlaced` of a batch start their sagas in one statement;
+//!   `OrderCancelled`, `OrderShipped` and `OrderRejected` extend theirs one by one. Applying an
+//!   event twice changes nothing.
 //! - Driving: a coordinator claims due sagas in batches (`FOR UPDATE SKIP LOCKED`), leasing each
 //!   (its `next_attempt_at` moves past the lease), and drives up to `in_flight` of them at once,
 //!   each in a task of its own that holds no lock and no connection while a step runs. A step is
@@ -70,6 +71,11 @@ pub struct CoordinatorConfig {
     pub retry_cap: Duration,
     /// Sagas driven at once by this coordinator.
     pub in_flight: usize,
+    /// The partitions of the order events, shared by the coordinators' intakes (the command
+    /// service's count: every instance of every group uses the same).
+    pub partitions: u32,
+    /// Replicas of the partition lease bucket, when this coordinator creates it.
+    pub replicas: usize,
     /// How often an idle coordinator looks for due sagas (new ones wake it at once).
     pub poll: Duration,
     /// The time this coordinator stamps on what it only shows (a step's last attempt). Leases,
@@ -113,6 +119,8 @@ impl Default for CoordinatorConfig {
             retry_base: Duration::from_millis(200),
             retry_cap: Duration::from_secs(10),
             in_flight: 256,
+            partitions: ordo_eventstore::partition::DEFAULT_PARTITIONS,
+            replicas: 1,
             poll: Duration::from_millis(50),
             clock: Clock::default(),
         }

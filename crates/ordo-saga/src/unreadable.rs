@@ -74,6 +74,15 @@ pub fn redelivery_delay(first: Duration, deliveries: i64) -> Duration {
 
 const MAX_REDELIVERY_DELAY: Duration = Duration::from_secs(60);
 
+/// Where a held-back event is, and how often it was tried.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldAt<'a> {
+    pub stream: &'a str,
+    pub seq: u64,
+    pub subject: &'a str,
+    pub deliveries: i64,
+}
+
 /// Holds back an event `consumer` cannot read: recorded, counted, logged, and not acknowledged:
 /// returns how long until it is to be delivered again (a nak with that delay).
 pub async fn hold_back(
@@ -86,7 +95,33 @@ pub async fn hold_back(
         Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
         Err(_) => (String::new(), 0, 1),
     };
-    let subject = message.subject.as_str();
+    let at = HeldAt {
+        stream: &stream,
+        seq,
+        subject: message.subject.as_str(),
+        deliveries,
+    };
+    if let Err(err) = record(pool, consumer, at, unreadable, None).await {
+        tracing::warn!(consumer, seq, %err, "an unreadable event could not be recorded");
+    }
+    redelivery_delay(Duration::from_secs(1), deliveries)
+}
+
+/// Records an event `consumer` holds back (logged and counted): shown until it is handled.
+/// `next_attempt_in`: when its holder tries it again by itself (the saga's intake), if it does.
+pub async fn record(
+    pool: &PgPool,
+    consumer: &str,
+    at: HeldAt<'_>,
+    unreadable: &Unreadable,
+    next_attempt_in: Option<Duration>,
+) -> Result<(), sqlx::Error> {
+    let HeldAt {
+        stream,
+        seq,
+        subject,
+        deliveries,
+    } = at;
     tracing::warn!(
         consumer,
         subject,
@@ -96,30 +131,29 @@ pub async fn hold_back(
         event_type = unreadable.event_type.as_deref().unwrap_or("unknown"),
         schema = unreadable.schema,
         reason = %unreadable.reason,
-        "an order event this build cannot read is held back (not acknowledged) until a build that reads it takes it"
+        "an order event this build cannot take in is held back until a build that reads it takes it"
     );
     metrics::counter!("ordo_events_unreadable_total", "consumer" => consumer.to_owned())
         .increment(1);
-    let recorded = sqlx::query(
-        "INSERT INTO unreadable_events (consumer, stream, seq, subject, event_type, schema, reason, deliveries)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    sqlx::query(
+        "INSERT INTO unreadable_events (consumer, stream, seq, subject, event_type, schema, reason, deliveries, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now() + make_interval(secs => $9))
          ON CONFLICT (consumer, stream, seq) DO UPDATE
-         SET reason = excluded.reason, deliveries = excluded.deliveries, last_seen_at = now()",
+         SET reason = excluded.reason, deliveries = excluded.deliveries, last_seen_at = now(),
+             next_attempt_at = excluded.next_attempt_at",
     )
     .bind(consumer)
-    .bind(&stream)
+    .bind(stream)
     .bind(seq as i64)
     .bind(subject)
     .bind(&unreadable.event_type)
     .bind(unreadable.schema.map(i64::from))
     .bind(&unreadable.reason)
     .bind(deliveries)
+    .bind(next_attempt_in.map(|delay| delay.as_secs_f64()))
     .execute(pool)
-    .await;
-    if let Err(err) = recorded {
-        tracing::warn!(consumer, seq, %err, "an unreadable event could not be recorded");
-    }
-    redelivery_delay(Duration::from_secs(1), deliveries)
+    .await?;
+    Ok(())
 }
 
 /// An event that was delivered before (and may have been held back) is handled now: it is no

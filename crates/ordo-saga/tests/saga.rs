@@ -84,6 +84,49 @@ impl Setup {
         tokio::spawn(async move { coordinator.run(std::future::pending()).await })
     }
 
+    /// Every partition of the saga's intake back at the start of the stream, as no coordinator
+    /// runs: the next coordinators take every order event in again.
+    async fn saga_intake_back_to_the_start(&self) {
+        let moved = sqlx::query("UPDATE saga_intake SET seq = 0")
+            .execute(self.pool())
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(moved, 16, "one checkpoint per partition");
+    }
+
+    /// Waits until the saga's intake has read every order event there is, in every partition.
+    async fn saga_intake_caught_up(&self) {
+        let head = self.orders_head().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let taken_in: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM saga_intake")
+                .fetch_one(self.pool())
+                .await
+                .unwrap();
+            if taken_in >= Some(head as i64) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the intake is at {taken_in:?} of {head}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn orders_head(&self) -> u64 {
+        jetstream::new(self.client.clone())
+            .get_stream(ordo_eventstore::StreamId::Orders.name())
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence
+    }
+
     /// Deletes `consumer` (its owner makes it again, from the first event) and waits until the
     /// new one has acknowledged every order event there was: each was delivered again and
     /// handled, so that what a test then checks is after the redelivery, not before it.
@@ -996,10 +1039,10 @@ async fn a_coordinator_killed_between_reservation_and_confirmation_is_resumed_by
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redelivered_events_and_two_coordinators_never_reserve_twice() {
+async fn events_taken_in_again_and_two_coordinators_never_reserve_twice() {
     let setup = Setup::start().await;
-    let _one = setup.coordinator(gateway(0.0, 1), quick());
-    let _two = setup.coordinator(gateway(0.0, 1), quick());
+    let one = setup.coordinator(gateway(0.0, 1), quick());
+    let two = setup.coordinator(gateway(0.0, 1), quick());
     setup.receive("A1", 50).await;
     for i in 0..10 {
         setup.place(&format!("o-{i}"), &[("A1", 1)]).await;
@@ -1007,10 +1050,14 @@ async fn redelivered_events_and_two_coordinators_never_reserve_twice() {
     for i in 0..10 {
         setup.saga_ends(&format!("o-{i}"), "confirmed").await;
     }
-    // Every order event is delivered again, and taken in.
-    setup
-        .deliver_every_order_event_again(ConsumerId::Saga.name())
-        .await;
+    // The coordinators stop; the next ones take every order event in again, from the start.
+    one.abort();
+    two.abort();
+    let _ = (one.await, two.await);
+    setup.saga_intake_back_to_the_start().await;
+    let _one = setup.coordinator(gateway(0.0, 1), quick());
+    let _two = setup.coordinator(gateway(0.0, 1), quick());
+    setup.saga_intake_caught_up().await;
     for i in 0..10 {
         setup.saga_ends(&format!("o-{i}"), "confirmed").await;
     }
@@ -1276,11 +1323,34 @@ async fn a_saga_row_that_cannot_be_read_is_set_aside_visibly_and_the_others_go_o
 
 /// An order event as a newer build would write it: schema 99, which this build cannot read.
 async fn publish_newer_schema(setup: &Setup, order_id: &str, event_type: &str, version: u64) {
+    let data = serde_json::json!({"in_a_shape": "this build has never seen"});
+    publish_envelope(setup, order_id, event_type, 99, version, data).await;
+}
+
+/// An order event of this build's schema.
+async fn publish_order_event(
+    setup: &Setup,
+    order_id: &str,
+    event_type: &str,
+    version: u64,
+    data: Value,
+) {
+    publish_envelope(setup, order_id, event_type, 1, version, data).await;
+}
+
+async fn publish_envelope(
+    setup: &Setup,
+    order_id: &str,
+    event_type: &str,
+    schema: u32,
+    version: u64,
+    data: Value,
+) {
     let envelope = serde_json::json!({
-        "id": "0190e2b4-0000-7000-8000-000000000000", "type": event_type, "schema": 99,
+        "id": "0190e2b4-0000-7000-8000-000000000000", "type": event_type, "schema": schema,
         "aggregate_id": order_id, "version": version, "at": chrono::Utc::now(),
         "command_id": format!("newer-{order_id}-{version}"), "correlation_id": "newer",
-        "causation_id": null, "data": {"in_a_shape": "this build has never seen"}
+        "causation_id": null, "data": data
     });
     jetstream::new(setup.client.clone())
         .publish(
@@ -1314,17 +1384,39 @@ async fn unreadable_events(setup: &Setup, consumer: &str) -> Vec<(String, Option
     .unwrap()
 }
 
+/// The saga intake's held-back events: (subject, schema, deliveries, reason), in stream order.
+async fn held_back(setup: &Setup) -> Vec<(String, Option<i64>, i64, String)> {
+    sqlx::query_as(
+        "SELECT subject, schema, deliveries, reason FROM unreadable_events
+         WHERE consumer = $1 ORDER BY seq",
+    )
+    .bind(ConsumerId::Saga.name())
+    .fetch_all(setup.pool())
+    .await
+    .unwrap()
+}
+
 /// During a rolling upgrade a newer build writes an order's events in a schema this build cannot
-/// read. Acknowledging them would lose the order's saga for good; they are held back instead
-/// (delivered again, less and less often), shown, and the other orders go on.
+/// read. Skipping them would lose the order's saga for good; they are held back instead (tried
+/// again by themselves, less and less often), shown, the order's later events wait behind them,
+/// and the other orders go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledged() {
+async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_skipped() {
     let setup = Setup::start().await;
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
     let _notifier = setup.notifier().await;
     setup.receive("A1", 5).await;
     publish_newer_schema(&setup, "o-newer", "OrderPlaced", 1).await;
     publish_newer_schema(&setup, "o-newer", "OrderConfirmed", 2).await;
+    // A cancellation this build reads, behind the two it cannot.
+    publish_order_event(
+        &setup,
+        "o-newer",
+        "OrderCancelled",
+        3,
+        serde_json::json!({"reason": null}),
+    )
+    .await;
     setup.place("o-1", &[("A1", 1)]).await;
     setup.saga_ends("o-1", "confirmed").await;
     assert_eq!(
@@ -1333,49 +1425,55 @@ async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_acknowledge
     );
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while unreadable_events(&setup, ConsumerId::Saga.name())
-        .await
-        .len()
-        < 2
+    while held_back(&setup).await.len() < 3
         || unreadable_events(&setup, ConsumerId::Notifier.name())
             .await
             .is_empty()
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "never shown as unreadable"
+            "never shown as held back: {:?}",
+            held_back(&setup).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let shown = unreadable_events(&setup, ConsumerId::Saga.name()).await;
+    let shown = held_back(&setup).await;
     assert_eq!(shown[0].0, "ordo.order.events.o-newer");
     assert_eq!(shown[0].1, Some(99));
+    assert_eq!(shown[1].1, Some(99));
+    assert_eq!(shown[2].1, Some(1), "the cancellation is readable");
+    assert!(
+        shown[2].3.starts_with("waits for event"),
+        "held behind the placing: {}",
+        shown[2].3
+    );
     assert_eq!(
         setup.saga("o-newer").await,
         None,
         "no saga from an event it cannot read"
     );
-    let (_, saga_pending) = consumer_state(&setup, ConsumerId::Saga.name()).await;
+    // The intake went past them (they are held, not in the way of the partition's other orders).
+    setup.saga_intake_caught_up().await;
     let (_, notifier_pending) = consumer_state(&setup, ConsumerId::Notifier.name()).await;
-    assert!(
-        saga_pending >= 2,
-        "the saga acknowledged an event it cannot read"
-    );
     assert!(
         notifier_pending >= 1,
         "the notifier acknowledged an event it cannot read"
     );
 
-    // Held back, not hammered: each is delivered again less and less often (with a fixed
-    // 200 ms pause, three seconds would take some 15 deliveries each).
-    let (before, _) = consumer_state(&setup, ConsumerId::Saga.name()).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (after, _) = consumer_state(&setup, ConsumerId::Saga.name()).await;
+    // Held back, not hammered: each is tried again less and less often (after 1 s, 2 s, 4 s,
+    // …; with a fixed 200 ms pause, 4.5 seconds would take some 22 tries each).
+    let tries = |shown: &[(String, Option<i64>, i64, String)]| -> i64 {
+        shown.iter().map(|(_, _, deliveries, _)| deliveries).sum()
+    };
+    let before = tries(&held_back(&setup).await);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let after = tries(&held_back(&setup).await);
     assert!(
-        after - before <= 8,
-        "{} deliveries of two held-back events in 3 s",
+        after - before <= 9,
+        "{} tries of three held-back events in 4.5 s",
         after - before
     );
+    assert!(after > before, "never tried again");
     // And the others still go on.
     setup.place("o-2", &[("A1", 1)]).await;
     setup.saga_ends("o-2", "confirmed").await;
@@ -1445,80 +1543,100 @@ async fn an_operators_reject_while_the_saga_runs_gives_back_the_stock_and_the_ch
     );
 }
 
-/// A cancellation that reaches the intake before its order's OrderPlaced (another coordinator
-/// holds that one) is neither acknowledged nor set aside as unreadable: it is delivered again
-/// until the saga exists, and then it is applied.
+/// An earlier build held an order's OrderPlaced back (it could not read it) and its cancellation
+/// behind it, and moved its checkpoint past both. A build that reads them takes them in by
+/// themselves, in order: the saga starts, the cancellation takes over, and the order ends
+/// cancelled with nothing held; the rows are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_that_arrives_before_its_saga_exists_is_delivered_again_until_it_does() {
-    use async_nats::jetstream::{AckKind, consumer::DeliverPolicy};
+async fn held_back_events_are_taken_in_in_order_by_a_build_that_reads_them() {
     let setup = Setup::start().await;
     setup.receive("A1", 5).await;
     setup.place("o-1", &[("A1", 2)]).await;
     setup.cancel("o-1").await;
-    // "Another coordinator" takes the OrderPlaced from the shared consumer and holds it
-    // (unacknowledged: the consumer gives it to no one else until it is let go).
-    let consumer: jetstream::consumer::PullConsumer = jetstream::new(setup.client.clone())
-        .get_stream(ordo_eventstore::StreamId::Orders.name())
-        .await
-        .unwrap()
-        .get_or_create_consumer(
-            ConsumerId::Saga.name(),
-            ConsumerId::Saga.config(DeliverPolicy::All, ConsumerId::ACK_WAIT),
+    let head = setup.orders_head().await as i64;
+    sqlx::query(
+        "INSERT INTO saga_intake (partition, seq) SELECT partition, $1 FROM generate_series(0, 15) AS partition",
+    )
+    .bind(head)
+    .execute(setup.pool())
+    .await
+    .unwrap();
+    for (seq, reason) in [
+        (head - 1, "unknown schema 2 of OrderPlaced"),
+        (head, "waits for event of its order, which is held back"),
+    ] {
+        sqlx::query(
+            "INSERT INTO unreadable_events (consumer, stream, seq, subject, reason, deliveries, next_attempt_at)
+             VALUES ($1, 'ORDO_ORDERS', $2, 'ordo.order.events.o-1', $3, 4, now() + interval '1 second')",
         )
+        .bind(ConsumerId::Saga.name())
+        .bind(seq)
+        .bind(reason)
+        .execute(setup.pool())
         .await
         .unwrap();
-    let placed = consumer
-        .fetch()
-        .max_messages(1)
-        .messages()
-        .await
-        .unwrap()
-        .next()
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        placed
-            .headers
-            .as_ref()
-            .unwrap()
-            .get("Ordo-Event-Type")
-            .unwrap()
-            .as_str(),
-        "OrderPlaced"
-    );
+    }
 
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
-    // The cancellation is delivered, and again: the placing once, the cancellation twice.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (delivered, _) = consumer_state(&setup, ConsumerId::Saga.name()).await;
-        if delivered >= 3 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{delivered} deliveries"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        setup.saga("o-1").await,
-        None,
-        "the OrderPlaced is still held"
-    );
-    assert!(
-        unreadable_events(&setup, ConsumerId::Saga.name())
-            .await
-            .is_empty(),
-        "too early is not unreadable"
-    );
-    // The OrderPlaced is let go and comes back, the saga starts, and the cancellation delivered
-    // after it takes over: the order ends cancelled with nothing held.
-    placed.ack_with(AckKind::Nak(None)).await.unwrap();
     setup.saga_ends("o-1", "cancelled").await;
     assert_eq!(setup.order_status("o-1").await, OrderStatus::Cancelled);
     assert_eq!(setup.stock("A1").await, (5, 0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !held_back(&setup).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still shown as held back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Upgrading from a build whose intake read through the durable consumer `ordo-saga`: the first
+/// coordinator starts every partition where that consumer had acknowledged everything (not from
+/// the start of the stream), and deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_coordinator_starts_where_the_durable_consumer_of_earlier_builds_stood() {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+    let setup = Setup::start().await;
+    setup.receive("A1", 5).await;
+    setup.place("o-earlier", &[("A1", 1)]).await;
+    // An earlier build's intake took o-earlier's OrderPlaced in and acknowledged it.
+    let stream = jetstream::new(setup.client.clone())
+        .get_stream(ordo_eventstore::StreamId::Orders.name())
+        .await
+        .unwrap();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            durable_name: Some(ConsumerId::Saga.name().into()),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.fetch().max_messages(1).messages().await.unwrap();
+    messages
+        .next()
+        .await
+        .unwrap()
+        .unwrap()
+        .double_ack()
+        .await
+        .unwrap();
+    setup.place("o-later", &[("A1", 1)]).await;
+
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    setup.saga_ends("o-later", "confirmed").await;
+    setup.saga_intake_caught_up().await;
+    assert_eq!(
+        setup.saga("o-earlier").await,
+        None,
+        "read from the start: the acknowledged OrderPlaced was taken in again"
+    );
+    assert!(
+        stream.consumer_info(ConsumerId::Saga.name()).await.is_err(),
+        "the durable consumer of earlier builds is left behind"
+    );
 }
 
 /// Refunds that get no answer until the gateway is repaired.

@@ -132,7 +132,7 @@ pub async fn sagas(settings: &Settings, action: SagasAction) -> anyhow::Result<(
     let pool = PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
     match settings
         .saga
-        .coordinator(pool, nats)
+        .coordinator(pool, nats, settings.partitions, 1)
         .retry_stuck(&order_id)
         .await?
     {

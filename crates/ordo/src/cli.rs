@@ -129,8 +129,8 @@ pub enum PartitionsAction {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
-        /// Whose partitions: the command service's (`commands`) or a view's projectors'
-        /// (`projection-orders`, `projection-stock`).
+        /// Whose partitions: the command service's (`commands`), the saga coordinators' intake
+        /// (`saga`) or a view's projectors' (`projection-orders`, `projection-stock`).
         #[arg(long, default_value = ordo_commands::service::PARTITION_GROUP)]
         group: String,
     },

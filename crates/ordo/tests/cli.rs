@@ -455,19 +455,18 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&placed.payload).contains("\"ok\":true"));
-    jetstream::new(client.clone())
-        .get_stream(ordo_eventstore::StreamId::Orders.name())
-        .await
-        .unwrap()
-        .get_or_create_consumer(
-            ConsumerId::Saga.name(),
-            jetstream::consumer::pull::Config {
-                durable_name: Some(ConsumerId::Saga.name().into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    // A saga intake that reported and takes nothing in.
+    let mut intake = ordo_eventstore::progress::Reporter::open(
+        &jetstream::new(client.clone()),
+        ConsumerId::Saga.partition_group().unwrap(),
+        "stalled",
+    )
+    .await
+    .unwrap();
+    let nothing_taken_in = (0..ordo_eventstore::partition::DEFAULT_PARTITIONS)
+        .map(|partition| (partition, 0))
+        .collect();
+    intake.report(&nothing_taken_in).await;
     for probe in 0.. {
         let reply = client
             .request(

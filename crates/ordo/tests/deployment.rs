@@ -634,15 +634,17 @@ fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other
             ConsumerId::OrdersView | ConsumerId::StockView => "ordo-projector",
         };
         let (stream, name) = (consumer.stream().name(), consumer.name());
-        let needed = if consumer.is_projection() {
+        let needed = if let Some(group) = consumer.partition_group() {
             assert!(
                 !block_of(owner).contains(&format!("\"$JS.API.CONSUMER.CREATE.{stream}")),
-                "{owner} may create consumers on {stream}, and so change the saga's"
+                "{owner} may create consumers on {stream}, and so change the notifier's"
             );
             vec![
                 format!("\"$JS.API.DIRECT.GET.{stream}\""),
                 format!("\"{}\"", consumer.stream().subjects()),
                 format!("\"$JS.API.CONSUMER.DELETE.{stream}.{name}\""),
+                format!("\"$KV.ordo_partitions.{group}.>\""),
+                format!("\"ordo.ownership.{group}.>\""),
             ]
         } else {
             vec![

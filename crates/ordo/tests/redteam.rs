@@ -587,12 +587,15 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         Err(_) => false,
     };
     assert!(!purged, "the command service's user purged ORDO_SNAPSHOTS");
-    // The projector's user cannot delete the saga's consumer, nor take its deliveries.
+    // The projector's user cannot delete the notifier's consumer, nor take its deliveries.
     let projector_client = system.connect("ordo-projector").await;
     let projector = refused_soon(projector_client.clone());
     assert!(
         projector
-            .delete_consumer_from_stream(ConsumerId::Saga.name(), ConsumerId::Saga.stream().name())
+            .delete_consumer_from_stream(
+                ConsumerId::Notifier.name(),
+                ConsumerId::Notifier.stream().name()
+            )
             .await
             .is_err()
     );
@@ -601,8 +604,8 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         .send_request(
             format!(
                 "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-                ConsumerId::Saga.stream().name(),
-                ConsumerId::Saga
+                ConsumerId::Notifier.stream().name(),
+                ConsumerId::Notifier
             ),
             async_nats::Request::new()
                 .payload(json!({"batch": 1, "no_wait": true}).to_string().into())
@@ -611,13 +614,13 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         .await;
     assert!(
         pulled.is_err(),
-        "the projector's user pulled the saga's deliveries: {pulled:?}"
+        "the projector's user pulled the notifier's deliveries: {pulled:?}"
     );
-    // Nor change the saga's consumer with a consumer request (one that names the consumer in its
+    // Nor change the notifier's consumer with a consumer request (one that names the consumer in its
     // body, sent where a consumer of any name is created), nor create one of its own.
-    let stream = ConsumerId::Saga.stream().name();
+    let stream = ConsumerId::Notifier.stream().name();
     for config in [
-        json!({"name": ConsumerId::Saga.name(), "filter_subject": "ordo.order.events.none",
+        json!({"name": ConsumerId::Notifier.name(), "filter_subject": "ordo.order.events.none",
                "ack_policy": "explicit", "deliver_policy": "all"}),
         json!({"durable_name": "ordo-stolen", "ack_policy": "explicit", "deliver_policy": "all"}),
     ] {
@@ -638,7 +641,32 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         };
         assert!(refused, "{config}: {answer:?}");
     }
-    // Nor take or forge the command service's partition leases (only its views' groups).
+    // The saga's coordinators read by sequence too: their user cannot change the notifier's
+    // consumer either.
+    let saga_client = system.connect("ordo-saga").await;
+    let body = json!({"stream_name": stream, "config": {"name": ConsumerId::Notifier.name(),
+        "filter_subject": "ordo.order.events.none", "ack_policy": "explicit",
+        "deliver_policy": "all"}})
+    .to_string();
+    let answer = saga_client
+        .send_request(
+            format!("$JS.API.CONSUMER.CREATE.{stream}"),
+            async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(Duration::from_secs(3))),
+        )
+        .await;
+    assert!(
+        match &answer {
+            Err(_) => true,
+            Ok(answer) => serde_json::from_slice::<Value>(&answer.payload)
+                .map(|answer| answer.get("error").is_some())
+                .unwrap_or(true),
+        },
+        "the saga's user changed the notifier's consumer: {answer:?}"
+    );
+    // Nor take or forge the command service's partition leases (only its views' groups, not
+    // the saga's either).
     let leases = refused_soon(projector_client.clone())
         .get_key_value("ordo_partitions")
         .await
@@ -659,19 +687,23 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         .await
         .unwrap();
     assert_ne!(owner.as_deref(), Some(&b"forged"[..]));
-    let saga_filter = system
+    assert!(
+        leases.put("saga.owners.0", "forged".into()).await.is_err(),
+        "the projector's user wrote a saga intake lease"
+    );
+    let notifier_filter = system
         .admin()
         .get_stream(stream)
         .await
         .unwrap()
-        .consumer_info(ConsumerId::Saga.name())
+        .consumer_info(ConsumerId::Notifier.name())
         .await
         .unwrap()
         .config
         .filter_subject;
     assert_eq!(
-        saga_filter, "",
-        "the saga's consumer still reads every order event"
+        notifier_filter, "",
+        "the notifier's consumer still reads every order event"
     );
     assert_eq!(system.message_count("ORDO_SNAPSHOTS").await, 0);
     assert!(

@@ -1,99 +1,322 @@
 //! Intake: order events in, sagas started or extended.
+//!
+//! The coordinators share the partitions of `ORDO_ORDERS` (group `saga` in the partition bucket,
+//! with the command service's count): each instance reads the stream by sequence, as the
+//! projectors do, and takes in the events of the partitions it holds, so that all of an order's
+//! events are taken in by one instance, in stream order. Each partition has a checkpoint
+//! (`saga_intake`), moved once the batch's sagas are written, fenced on the value it was read at
+//! (an instance that lost the partition cannot move it). Taking an event in twice changes nothing
+//! (a saga starts once; an extension a saga already has leaves it as it is), so a checkpoint
+//! written after the rows never loses an event, and reading again from it (after a crash or a
+//! takeover) never does one twice.
+//!
+//! An event the intake cannot take in (a newer schema during a rolling upgrade, or an extension
+//! of a saga that does not exist) is held back: recorded in `unreadable_events`, shown, and
+//! tried again by itself, less and less often, until a build that reads it takes it; the later
+//! events of its order wait behind it, and every other order goes on.
 
 use ordo_eventstore::{
-    ConsumerId,
-    consume::{Batches, Settle},
+    ConsumerId, OwnershipConfig, Partition,
+    consume::{Reader, Stored},
+    partition_of,
+    progress::Reporter,
+    terms::Membership,
 };
 
 use super::*;
 
-/// Order events taken in per statement, at most.
+/// Order events read per batch, at most.
 pub(super) const INTAKE_BATCH: usize = 256;
+
+/// The intake's group in the partition bucket.
+fn group() -> &'static str {
+    ConsumerId::Saga
+        .partition_group()
+        .expect("the saga's intake reads by partition")
+}
+
+const STREAM: &str = ordo_eventstore::StreamId::Orders.name();
+
+fn js_err(err: impl std::fmt::Display) -> CoordinatorError {
+    CoordinatorError::JetStream(err.to_string())
+}
 
 impl<G: PaymentGateway> Coordinator<G> {
     pub(super) async fn intake_forever(&self, started: mpsc::Sender<Claimed>) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
-            if let Err(err) = self.intake(&mut backoff, &started).await {
-                let delay = backoff.next_delay();
-                tracing::warn!(%err, retry_in = ?delay, "saga intake stopped; starting again");
-                tokio::time::sleep(delay).await;
+            let began = std::time::Instant::now();
+            match self.intake(&mut backoff, &started).await {
+                Ok(()) => return, // Stopping.
+                Err(err) => {
+                    let delay = backoff.after_run(began.elapsed());
+                    tracing::warn!(%err, retry_in = ?delay, "saga intake stopped; starting again");
+                    tokio::time::sleep(delay).await;
+                }
             }
         }
     }
 
-    /// Takes order events in until the consumer fails; every batch taken in resets `backoff`.
-    pub(super) async fn intake(
+    /// A membership of the intake's partition group: terms over the partitions held. Returns
+    /// when the membership cannot go on, or `Ok` when the driving has stopped.
+    async fn intake(
         &self,
         backoff: &mut Backoff,
         started: &mpsc::Sender<Claimed>,
     ) -> Result<(), CoordinatorError> {
         let js = jetstream::new(self.nats.clone());
-        let mut batches = Batches::open(&js, ConsumerId::Saga, ConsumerId::ACK_WAIT, INTAKE_BATCH)
+        let mut membership = Membership::join(
+            &js,
+            OwnershipConfig {
+                replicas: self.config.replicas,
+                ..OwnershipConfig::new(group(), self.config.partitions)
+            },
+        )
+        .await
+        .map_err(js_err)?;
+        let mut reporter = Reporter::open(&js, group(), membership.instance())
             .await
-            .map_err(|err| CoordinatorError::JetStream(err.to_string()))?;
+            .map_err(CoordinatorError::JetStream)?;
         loop {
-            let batch = batches
-                .next()
+            let partitions = membership.next_term().await.map_err(js_err)?;
+            let began = std::time::Instant::now();
+            match self
+                .term(&js, &partitions, &mut membership, &mut reporter, started)
                 .await
-                .map_err(|err| CoordinatorError::JetStream(err.to_string()))?;
-            if batch.is_empty() {
-                continue;
-            }
-            let (taken_in, new_sagas) = match self.take_in(&batch.messages).await {
-                Ok(taken_in) => taken_in,
+            {
+                Ok(TermEnded::Changed) => {}
+                Ok(TermEnded::Stopping) => return Ok(()),
                 Err(err) => {
-                    batch.retry_all(Duration::from_secs(1)).await;
-                    return Err(err);
-                }
-            };
-            backoff.reset();
-            let mut settles = Vec::with_capacity(taken_in.len());
-            for (message, taken_in) in batch.messages.iter().zip(taken_in) {
-                settles.push(match taken_in {
-                    TakenIn::Done => {
-                        unreadable::handled(&self.pool, CONSUMER, message).await;
-                        Settle::Ack
-                    }
-                    // The saga's OrderPlaced is not in yet (another coordinator holds it, or
-                    // it is held back unreadable): asked again less and less often.
-                    TakenIn::TooEarly => {
-                        let deliveries = message.info().map_or(1, |info| info.delivered);
-                        Settle::Nak(unreadable::redelivery_delay(
-                            Duration::from_millis(200),
-                            deliveries,
-                        ))
-                    }
-                    TakenIn::Unreadable(why) => Settle::Nak(
-                        unreadable::hold_back(&self.pool, CONSUMER, message, &why).await,
-                    ),
-                });
-            }
-            // Redelivered after ack_wait if a settle is lost; taking it in again changes nothing.
-            batch.settle(settles).await;
-            for saga in new_sagas {
-                if started.send(saga).await.is_err() {
-                    return Ok(()); // Stopping.
+                    let wait = backoff.after_run(began.elapsed());
+                    tracing::warn!(%err, retry_in = ?wait, "saga intake term ended; starting again");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
     }
 
-    /// Applies a batch of order events to their sagas: the new sagas in one statement, then
-    /// the events that extend one, in stream order (an order's OrderPlaced always comes first).
-    /// Returns what to do with each message, and the sagas it started, leased to this
-    /// coordinator (not those an earlier delivery of the same events started).
+    /// One term over `partitions`: reads the stream from the checkpoint of the partition
+    /// furthest behind and takes in these partitions' events, and the held-back ones when they
+    /// are due, until something fails or the partitions held change.
+    async fn term(
+        &self,
+        js: &jetstream::Context,
+        partitions: &[Partition],
+        membership: &mut Membership,
+        reporter: &mut Reporter,
+        started: &mpsc::Sender<Claimed>,
+    ) -> Result<TermEnded, CoordinatorError> {
+        let stream = js.get_stream(STREAM).await.map_err(js_err)?;
+        let created = created_micros(stream.cached_info().created.unix_timestamp_nanos());
+        let all = checkpoints(&self.pool, js, self.config.partitions, created).await?;
+        let mut checkpoints: BTreeMap<Partition, u64> = partitions
+            .iter()
+            .map(|partition| (*partition, all[*partition as usize]))
+            .collect();
+        reporter.report(&checkpoints).await;
+        let mut position = checkpoints.values().copied().min().unwrap_or(0);
+        let mut reader = Reader::from(js, ConsumerId::Saga, position + 1, INTAKE_BATCH)
+            .await
+            .map_err(js_err)?;
+        if reader.stream_created_micros() != created {
+            return Err(js_err(format!(
+                "stream {STREAM} was created again as the intake began; reading again"
+            )));
+        }
+        let mut held = HeldBack::load(&self.pool, self.config.partitions, &checkpoints).await?;
+        tracing::info!(partitions = ?partitions, from = position + 1, "saga intake takes in its partitions");
+        loop {
+            let messages = tokio::select! {
+                change = membership.changed() => {
+                    change.map_err(js_err)?;
+                    return Ok(TermEnded::Changed);
+                }
+                () = reporter.sent_late() => continue,
+                () = held.next_due() => {
+                    if self.retry_held(&stream, &mut held, started).await? == TermEnded::Stopping {
+                        return Ok(TermEnded::Stopping);
+                    }
+                    continue;
+                }
+                messages = reader.next() => messages.map_err(js_err)?,
+            };
+            let mut read_to = position;
+            let mut batch = Vec::new();
+            for message in messages {
+                if message.seq <= read_to {
+                    continue; // Read before.
+                }
+                if message.seq != read_to + 1 {
+                    return Err(js_err(format!(
+                        "expected event {} next but got {}: reading again from the checkpoint",
+                        read_to + 1,
+                        message.seq
+                    )));
+                }
+                read_to = message.seq;
+                let partition =
+                    partition_of(aggregate_of(&message.subject), self.config.partitions);
+                if checkpoints
+                    .get(&partition)
+                    .is_some_and(|checkpoint| message.seq > *checkpoint)
+                {
+                    batch.push(message);
+                }
+            }
+            if read_to == position {
+                continue;
+            }
+            let new_sagas = self.take_in_batch(&batch, &mut held).await?;
+            advance(&self.pool, &checkpoints, read_to).await?;
+            for checkpoint in checkpoints.values_mut() {
+                *checkpoint = (*checkpoint).max(read_to);
+            }
+            position = read_to;
+            reporter.report(&checkpoints).await;
+            for saga in new_sagas {
+                if started.send(saga).await.is_err() {
+                    return Ok(TermEnded::Stopping);
+                }
+            }
+        }
+    }
+
+    /// Takes in a batch of this term's events, in stream order: those it cannot take in (and the
+    /// later events of their orders) are held back. Returns the sagas it started.
+    async fn take_in_batch(
+        &self,
+        batch: &[Stored],
+        held: &mut HeldBack,
+    ) -> Result<Vec<Claimed>, CoordinatorError> {
+        let mut readable = Vec::with_capacity(batch.len());
+        for stored in batch {
+            if held.holds_seq(stored.seq) {
+                continue; // Recorded before this term read it again: its retries take it.
+            }
+            match unreadable::read_order_event(&stored.payload) {
+                Ok(event) if held.holds_order(&stored.subject).is_none() => {
+                    readable.push((stored, event));
+                }
+                Ok(event) => {
+                    let waits_for = held.holds_order(&stored.subject).unwrap_or_default();
+                    let why = waiting(&event, waits_for);
+                    self.hold_back(held, stored, &why, 1).await?;
+                }
+                Err(why) => self.hold_back(held, stored, &why, 1).await?,
+            }
+        }
+        let (taken_in, new_sagas) = self.take_in(&readable).await?;
+        for ((stored, event), taken_in) in readable.iter().zip(taken_in) {
+            if taken_in == TakenIn::TooEarly {
+                self.hold_back(held, stored, &no_saga(event), 1).await?;
+            }
+        }
+        Ok(new_sagas)
+    }
+
+    /// Tries the held-back events that are due, in stream order; an event whose order has an
+    /// earlier one still held waits behind it.
+    async fn retry_held(
+        &self,
+        stream: &jetstream::stream::Stream,
+        held: &mut HeldBack,
+        started: &mpsc::Sender<Claimed>,
+    ) -> Result<TermEnded, CoordinatorError> {
+        for (seq, entry) in held.due() {
+            let stored = match stream.direct_get(seq).await {
+                Ok(message) => Stored {
+                    seq,
+                    subject: message.subject.to_string(),
+                    headers: Some(message.headers),
+                    payload: message.payload,
+                },
+                Err(err)
+                    if err.kind()
+                        == async_nats::jetstream::stream::DirectGetErrorKind::NotFound =>
+                {
+                    tracing::error!(
+                        seq,
+                        subject = entry.subject,
+                        "a held-back order event is no longer in the stream; dropped from the held-back list"
+                    );
+                    self.handled(held, seq).await?;
+                    continue;
+                }
+                Err(err) => return Err(js_err(err)),
+            };
+            let deliveries = entry.deliveries + 1;
+            let event = match unreadable::read_order_event(&stored.payload) {
+                Ok(event) => event,
+                Err(why) => {
+                    self.hold_back(held, &stored, &why, deliveries).await?;
+                    continue;
+                }
+            };
+            if let Some(earlier) = held.holds_order_before(&stored.subject, seq) {
+                let why = waiting(&event, earlier);
+                self.hold_back(held, &stored, &why, deliveries).await?;
+                continue;
+            }
+            let (taken_in, new_sagas) = self.take_in(&[(&stored, event.clone())]).await?;
+            if taken_in.first() == Some(&TakenIn::TooEarly) {
+                self.hold_back(held, &stored, &no_saga(&event), deliveries)
+                    .await?;
+                continue;
+            }
+            self.handled(held, seq).await?;
+            tracing::info!(seq, subject = %stored.subject, "a held-back order event is taken in");
+            for saga in new_sagas {
+                if started.send(saga).await.is_err() {
+                    return Ok(TermEnded::Stopping);
+                }
+            }
+        }
+        Ok(TermEnded::Changed)
+    }
+
+    async fn hold_back(
+        &self,
+        held: &mut HeldBack,
+        stored: &Stored,
+        why: &Unreadable,
+        deliveries: i64,
+    ) -> Result<(), CoordinatorError> {
+        let delay = unreadable::redelivery_delay(Duration::from_secs(1), deliveries);
+        let at = unreadable::HeldAt {
+            stream: STREAM,
+            seq: stored.seq,
+            subject: &stored.subject,
+            deliveries,
+        };
+        unreadable::record(&self.pool, CONSUMER, at, why, Some(delay)).await?;
+        held.hold(stored.seq, stored.subject.clone(), deliveries, delay);
+        Ok(())
+    }
+
+    async fn handled(&self, held: &mut HeldBack, seq: u64) -> Result<(), CoordinatorError> {
+        sqlx::query(
+            "DELETE FROM unreadable_events WHERE consumer = $1 AND stream = $2 AND seq = $3",
+        )
+        .bind(CONSUMER)
+        .bind(STREAM)
+        .bind(seq as i64)
+        .execute(&self.pool)
+        .await?;
+        held.entries.remove(&seq);
+        Ok(())
+    }
+
+    /// Applies order events to their sagas: the new sagas in one statement, then the events that
+    /// extend one, in stream order (an order's OrderPlaced always comes first). Returns what
+    /// became of each event, and the sagas it started, leased to this coordinator (not those an
+    /// earlier reading of the same events started).
     pub(super) async fn take_in(
         &self,
-        messages: &[jetstream::Message],
+        events: &[(&Stored, ReadEvent)],
     ) -> Result<(Vec<TakenIn>, Vec<Claimed>), CoordinatorError> {
-        let events: Vec<Result<ReadEvent, Unreadable>> = messages
-            .iter()
-            .map(|message| unreadable::read_order_event(&message.payload))
-            .collect();
         let mut starts: BTreeMap<String, (Saga, DateTime<Utc>, Option<String>)> = BTreeMap::new();
-        for (message, event) in messages.iter().zip(&events) {
-            if let Ok(ReadEvent {
+        for (stored, event) in events {
+            if let ReadEvent {
                 order_id,
                 envelope,
                 event:
@@ -103,10 +326,10 @@ impl<G: PaymentGateway> Coordinator<G> {
                         total_cents,
                         ..
                     },
-            }) = event
+            } = event
             {
                 let saga = Saga::start(order_id.clone(), customer_id.clone(), lines, *total_cents);
-                let traceparent = trace::traceparent(&trace::extract(message.headers.as_ref()));
+                let traceparent = trace::traceparent(&trace::extract(stored.headers.as_ref()));
                 starts.insert(order_id.to_string(), (saga, envelope.at, traceparent));
             }
         }
@@ -151,30 +374,17 @@ impl<G: PaymentGateway> Coordinator<G> {
             }
         }
         let mut taken_in = Vec::with_capacity(events.len());
-        for event in events {
-            taken_in.push(match event {
-                Ok(ReadEvent {
-                    order_id,
-                    event: OrderEvent::OrderCancelled { .. },
-                    ..
-                }) => self.extend(&order_id, Saga::cancel).await?,
-                Ok(ReadEvent {
-                    order_id,
-                    event: OrderEvent::OrderShipped {},
-                    ..
-                }) => self.extend(&order_id, Saga::ship).await?,
-                Ok(ReadEvent {
-                    order_id,
-                    event: OrderEvent::OrderRejected { reason },
-                    ..
-                }) => {
-                    self.extend(&order_id, |saga| saga.order_rejected(&reason))
+        for (_, event) in events {
+            let order_id = &event.order_id;
+            taken_in.push(match &event.event {
+                OrderEvent::OrderCancelled { .. } => self.extend(order_id, Saga::cancel).await?,
+                OrderEvent::OrderShipped {} => self.extend(order_id, Saga::ship).await?,
+                OrderEvent::OrderRejected { reason } => {
+                    self.extend(order_id, |saga| saga.order_rejected(reason))
                         .await?
                 }
-                // Not acknowledged: acking would lose a saga's start or its cancellation.
-                Err(why) => TakenIn::Unreadable(why),
                 // Started above; the saga's own doings.
-                Ok(_) => TakenIn::Done,
+                _ => TakenIn::Done,
             });
         }
         Ok((taken_in, new_sagas))
@@ -199,8 +409,281 @@ impl<G: PaymentGateway> Coordinator<G> {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum TakenIn {
     Done,
+    /// It extends a saga that does not exist.
     TooEarly,
-    Unreadable(Unreadable),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TermEnded {
+    Changed,
+    /// The driving has stopped: so does the intake.
+    Stopping,
+}
+
+/// The aggregate an event subject (`ordo.order.events.<id>`) is of.
+fn aggregate_of(subject: &str) -> &str {
+    subject.rsplit('.').next().unwrap_or(subject)
+}
+
+fn created_micros(nanos: i128) -> i64 {
+    (nanos / 1_000) as i64
+}
+
+/// Why a readable event is held back: an earlier event of its order is.
+fn waiting(event: &ReadEvent, earlier: u64) -> Unreadable {
+    Unreadable {
+        reason: format!("waits for event {earlier} of its order, which is held back"),
+        event_type: Some(event.envelope.event_type.clone()),
+        schema: Some(event.envelope.schema),
+        order_id: Some(event.order_id.to_string()),
+    }
+}
+
+/// Why a readable event is held back: it extends a saga that does not exist.
+fn no_saga(event: &ReadEvent) -> Unreadable {
+    Unreadable {
+        reason: "its order's saga does not exist (its OrderPlaced was not taken in)".into(),
+        event_type: Some(event.envelope.event_type.clone()),
+        schema: Some(event.envelope.schema),
+        order_id: Some(event.order_id.to_string()),
+    }
+}
+
+/// One held-back event of the term's partitions.
+#[derive(Debug, Clone)]
+struct HeldEvent {
+    subject: String,
+    deliveries: i64,
+    due: tokio::time::Instant,
+}
+
+/// The held-back events of the term's partitions, by sequence.
+struct HeldBack {
+    entries: BTreeMap<u64, HeldEvent>,
+}
+
+impl HeldBack {
+    /// The rows of `unreadable_events` the intake recorded for these partitions.
+    async fn load(
+        pool: &PgPool,
+        partitions: u32,
+        checkpoints: &BTreeMap<Partition, u64>,
+    ) -> Result<Self, sqlx::Error> {
+        let rows: Vec<(i64, String, i64, f64)> = sqlx::query_as(
+            "SELECT seq, subject, deliveries,
+                    greatest(extract(epoch FROM coalesce(next_attempt_at, now()) - now()), 0)::float8
+             FROM unreadable_events WHERE consumer = $1 AND stream = $2",
+        )
+        .bind(CONSUMER)
+        .bind(STREAM)
+        .fetch_all(pool)
+        .await?;
+        let now = tokio::time::Instant::now();
+        let entries = rows
+            .into_iter()
+            .filter(|(_, subject, _, _)| {
+                checkpoints.contains_key(&partition_of(aggregate_of(subject), partitions))
+            })
+            .map(|(seq, subject, deliveries, due_in)| {
+                let due = now + Duration::from_secs_f64(due_in.min(3600.0));
+                (
+                    seq as u64,
+                    HeldEvent {
+                        subject,
+                        deliveries,
+                        due,
+                    },
+                )
+            })
+            .collect();
+        Ok(Self { entries })
+    }
+
+    fn hold(&mut self, seq: u64, subject: String, deliveries: i64, delay: Duration) {
+        let due = tokio::time::Instant::now() + delay;
+        self.entries.insert(
+            seq,
+            HeldEvent {
+                subject,
+                deliveries,
+                due,
+            },
+        );
+    }
+
+    fn holds_seq(&self, seq: u64) -> bool {
+        self.entries.contains_key(&seq)
+    }
+
+    /// The first held-back event of the order `subject` is of, if any.
+    fn holds_order(&self, subject: &str) -> Option<u64> {
+        self.holds_order_before(subject, u64::MAX)
+    }
+
+    /// The first held-back event before `seq` of the order `subject` is of, if any.
+    fn holds_order_before(&self, subject: &str, seq: u64) -> Option<u64> {
+        self.entries
+            .range(..seq)
+            .find(|(_, entry)| entry.subject == subject)
+            .map(|(seq, _)| *seq)
+    }
+
+    /// Completes when a held-back event is due; never, while none is held.
+    async fn next_due(&self) {
+        match self.entries.values().map(|entry| entry.due).min() {
+            Some(due) => tokio::time::sleep_until(due).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The events due now, in stream order.
+    fn due(&self) -> Vec<(u64, HeldEvent)> {
+        let now = tokio::time::Instant::now();
+        self.entries
+            .iter()
+            .filter(|(_, entry)| entry.due <= now)
+            .map(|(seq, entry)| (*seq, entry.clone()))
+            .collect()
+    }
+}
+
+/// Every partition's checkpoint, for a stream created at `created` (microseconds): the rows of
+/// `saga_intake`, made when there are none (from the durable consumer of earlier builds, which
+/// is then deleted), dealt again when their count is not `partitions`, and started over for a
+/// partition whose sequence is of a stream deleted since.
+async fn checkpoints(
+    pool: &PgPool,
+    js: &jetstream::Context,
+    partitions: u32,
+    created: i64,
+) -> Result<Vec<u64>, CoordinatorError> {
+    let created = DateTime::<Utc>::from_timestamp_micros(created).unwrap_or_default();
+    let rows: Vec<(i32, i64, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT partition, seq, stream_created FROM saga_intake ORDER BY partition")
+            .fetch_all(pool)
+            .await?;
+    if rows.len() != partitions as usize {
+        // First start, or another count: every partition begins where the intake surely had
+        // taken everything in (taking an event in again changes nothing).
+        let from = match rows.iter().map(|(_, seq, _)| *seq).min() {
+            Some(from) => from as u64,
+            None => durable_consumer_floor(js).await,
+        };
+        let mut tx = pool.begin().await?;
+        sqlx::query("LOCK TABLE saga_intake IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM saga_intake")
+            .fetch_one(&mut *tx)
+            .await?;
+        if count == rows.len() as i64 {
+            sqlx::query("DELETE FROM saga_intake")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO saga_intake (partition, seq)
+                 SELECT partition, $2 FROM generate_series(0, $1 - 1) AS partition",
+            )
+            .bind(partitions as i32)
+            .bind(from as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        if rows.is_empty() {
+            if let Ok(stream) = js.get_stream_no_info(STREAM).await {
+                let _ = stream.delete_consumer(CONSUMER).await;
+            }
+        }
+    }
+    checkpoints_of(pool, partitions, created).await
+}
+
+/// The rows of `saga_intake` as they are (`partitions` of them), a partition of another stream
+/// started over.
+async fn checkpoints_of(
+    pool: &PgPool,
+    partitions: u32,
+    created: DateTime<Utc>,
+) -> Result<Vec<u64>, CoordinatorError> {
+    // A partition whose sequence is of a stream deleted since starts over (the sagas of orders
+    // that stream held are kept, and not started twice: order ids are their keys).
+    let restarted: Vec<i32> = sqlx::query_scalar(
+        "UPDATE saga_intake SET seq = 0, stream_created = $1, updated_at = now()
+         WHERE stream_created IS DISTINCT FROM $1 AND stream_created IS NOT NULL
+         RETURNING partition",
+    )
+    .bind(created)
+    .fetch_all(pool)
+    .await?;
+    if !restarted.is_empty() {
+        tracing::warn!(
+            stream = STREAM,
+            partitions = ?restarted,
+            "the stream was created again since the saga's intake last read it: it reads it from the start"
+        );
+    }
+    sqlx::query("UPDATE saga_intake SET stream_created = $1 WHERE stream_created IS NULL")
+        .bind(created)
+        .execute(pool)
+        .await?;
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, seq FROM saga_intake ORDER BY partition")
+            .fetch_all(pool)
+            .await?;
+    if rows.len() != partitions as usize {
+        return Err(CoordinatorError::JetStream(format!(
+            "the saga's intake keeps {} partition checkpoints while it runs with {partitions}: \
+             another coordinator changed them; starting again",
+            rows.len()
+        )));
+    }
+    Ok(rows.into_iter().map(|(_, seq)| seq as u64).collect())
+}
+
+/// Where the durable consumer of builds before the partitioned intake had acknowledged every
+/// event up to (0 when there is none).
+async fn durable_consumer_floor(js: &jetstream::Context) -> u64 {
+    let Ok(stream) = js.get_stream_no_info(STREAM).await else {
+        return 0;
+    };
+    match stream.consumer_info(CONSUMER).await {
+        Ok(info) => info.ack_floor.stream_sequence,
+        Err(_) => 0,
+    }
+}
+
+/// Moves the checkpoint of each of `checkpoints`' partitions from what it says to `to`, or fails
+/// if another instance moved one (it took the partition over).
+async fn advance(
+    pool: &PgPool,
+    checkpoints: &BTreeMap<Partition, u64>,
+    to: u64,
+) -> Result<(), CoordinatorError> {
+    let (partitions, expected): (Vec<i32>, Vec<i64>) = checkpoints
+        .iter()
+        .map(|(partition, seq)| (*partition as i32, *seq as i64))
+        .unzip();
+    let moved = sqlx::query(
+        "UPDATE saga_intake c SET seq = greatest(c.seq, $3), updated_at = now()
+         FROM unnest($1::int[], $2::bigint[]) AS e(partition, expected)
+         WHERE c.partition = e.partition AND c.seq = e.expected",
+    )
+    .bind(&partitions)
+    .bind(&expected)
+    .bind(to as i64)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if moved != partitions.len() as u64 {
+        return Err(CoordinatorError::JetStream(
+            "a partition's checkpoint of the saga's intake moved since this instance read it: \
+             another instance took it over"
+                .into(),
+        ));
+    }
+    Ok(())
 }
