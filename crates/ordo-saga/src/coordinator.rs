@@ -191,8 +191,8 @@ impl<G: PaymentGateway> Coordinator<G> {
     }
 
     /// Runs the intake and the driving until `shutdown` completes. Failures are logged and
-    /// retried; nothing is lost, since events are acked only once applied and a claimed saga's
-    /// lease ends by itself.
+    /// retried; nothing is lost, since a partition's checkpoint moves only once its events are
+    /// applied (or held back) and a claimed saga's lease ends by itself.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         let mut tasks = tokio::task::JoinSet::new();
         // Sagas the intake started, handed to the driving already leased: no claim needed.

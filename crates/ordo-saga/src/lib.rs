@@ -7,8 +7,8 @@
 //! - [`schema`]: the saga's tables and their migrations (`migrations/`).
 //! - [`notifier`]: [`Notifier`], one notification per (order, kind), published on NATS and to an
 //!   optional webhook.
-//! - [`unreadable`]: order events this build cannot read (a newer schema) are held back, not
-//!   acknowledged, and shown.
+//! - [`unreadable`]: order events this build cannot read (a newer schema) are held back (the
+//!   intake tries them again by itself, the notifier leaves them unacknowledged) and shown.
 //!
 //! The rules themselves (which step comes next, what an outcome means) are pure, in
 //! `ordo_domain::saga`.

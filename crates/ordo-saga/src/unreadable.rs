@@ -1,10 +1,11 @@
 //! Order events a worker cannot read, and what it does with them.
 //!
 //! During a rolling upgrade a newer build may write an event in a schema this build does not
-//! know. Acknowledging it would lose it for good: the saga would never start (or never cancel)
-//! that order, the notifier would never tell its customer. So an event that cannot be read is
-//! not acknowledged. It is delivered again, less and less often (up to once a minute), until a
-//! build that reads it takes it. Meanwhile it shows:
+//! know. Skipping it would lose it for good: the saga would never start (or never cancel) that
+//! order, the notifier would never tell its customer. So an event that cannot be read is held
+//! back: the notifier does not acknowledge it (its durable consumer delivers it again), the saga's
+//! intake records it and tries it again by itself; either way less and less often (up to once a
+//! minute), until a build that reads it takes it. Meanwhile it shows:
 //! - in the `unreadable_events` table, which `/readyz` counts per consumer;
 //! - in `ordo_events_unreadable_total`;
 //! - in a warning that names the order.

@@ -1473,7 +1473,12 @@ async fn an_order_event_of_a_newer_schema_is_held_back_and_shown_not_skipped() {
         "{} tries of three held-back events in 4.5 s",
         after - before
     );
-    assert!(after > before, "never tried again");
+    // But tried again (the longest pause is a minute).
+    let deadline = std::time::Instant::now() + Duration::from_secs(65);
+    while tries(&held_back(&setup).await) <= before {
+        assert!(std::time::Instant::now() < deadline, "never tried again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // And the others still go on.
     setup.place("o-2", &[("A1", 1)]).await;
     setup.saga_ends("o-2", "confirmed").await;
@@ -1561,23 +1566,48 @@ async fn held_back_events_are_taken_in_in_order_by_a_build_that_reads_them() {
     .execute(setup.pool())
     .await
     .unwrap();
-    for (seq, reason) in [
-        (head - 1, "unknown schema 2 of OrderPlaced"),
-        (head, "waits for event of its order, which is held back"),
+    // The cancellation is due first: it must wait for the placing all the same.
+    for (seq, reason, due_in) in [
+        (head - 1, "unknown schema 2 of OrderPlaced", 2.0),
+        (
+            head,
+            "waits for event of its order, which is held back",
+            0.0,
+        ),
     ] {
         sqlx::query(
             "INSERT INTO unreadable_events (consumer, stream, seq, subject, reason, deliveries, next_attempt_at)
-             VALUES ($1, 'ORDO_ORDERS', $2, 'ordo.order.events.o-1', $3, 4, now() + interval '1 second')",
+             VALUES ($1, 'ORDO_ORDERS', $2, 'ordo.order.events.o-1', $3, 4, now() + make_interval(secs => $4))",
         )
         .bind(ConsumerId::Saga.name())
         .bind(seq)
         .bind(reason)
+        .bind(due_in)
         .execute(setup.pool())
         .await
         .unwrap();
     }
 
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let shown = held_back(&setup).await;
+        if shown.iter().any(|(_, _, deliveries, reason)| {
+            *deliveries == 5 && reason.starts_with("waits for event")
+        }) {
+            break;
+        }
+        assert_eq!(
+            setup.saga("o-1").await,
+            None,
+            "the cancellation went before the placing"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancellation was not tried first: {shown:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     setup.saga_ends("o-1", "cancelled").await;
     assert_eq!(setup.order_status("o-1").await, OrderStatus::Cancelled);
     assert_eq!(setup.stock("A1").await, (5, 0));
@@ -1628,6 +1658,34 @@ async fn the_first_coordinator_starts_where_the_durable_consumer_of_earlier_buil
     let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
     setup.saga_ends("o-later", "confirmed").await;
     setup.saga_intake_caught_up().await;
+    // The intake reports how far it is (what the command service's load shedding reads).
+    let head = setup.orders_head().await;
+    let reports = jetstream::new(setup.client.clone())
+        .get_key_value(ordo_eventstore::ownership::BUCKET)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut keys = reports.keys().await.unwrap();
+        let mut reported = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.unwrap();
+            if key.starts_with("saga.progress.")
+                && let Some(report) = reports.get(&key).await.unwrap()
+            {
+                reported.push(String::from_utf8(report.to_vec()).unwrap());
+            }
+        }
+        let position = ordo_eventstore::progress::position(reported.iter().map(String::as_str), 16);
+        if position == Some(head) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reported {reported:?}, the head is {head}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         setup.saga("o-earlier").await,
         None,

@@ -86,6 +86,8 @@ impl<G: PaymentGateway> Coordinator<G> {
             {
                 Ok(TermEnded::Changed) => {}
                 Ok(TermEnded::Stopping) => return Ok(()),
+                // The membership cannot go on: joined again (after `intake_forever`'s pause).
+                Ok(TermEnded::LeasesStopped(why)) => return Err(CoordinatorError::JetStream(why)),
                 Err(err) => {
                     let wait = backoff.after_run(began.elapsed());
                     tracing::warn!(%err, retry_in = ?wait, "saga intake term ended; starting again");
@@ -127,14 +129,12 @@ impl<G: PaymentGateway> Coordinator<G> {
         tracing::info!(partitions = ?partitions, from = position + 1, "saga intake takes in its partitions");
         loop {
             let messages = tokio::select! {
-                change = membership.changed() => {
-                    change.map_err(js_err)?;
-                    return Ok(TermEnded::Changed);
-                }
+                change = membership.changed() => return Ok(TermEnded::from(change)),
                 () = reporter.sent_late() => continue,
                 () = held.next_due() => {
-                    if self.retry_held(&stream, &mut held, started).await? == TermEnded::Stopping {
-                        return Ok(TermEnded::Stopping);
+                    let new_sagas = self.retry_held(&stream, &mut held).await?;
+                    if let Some(ended) = hand_over(new_sagas, started, membership).await {
+                        return Ok(ended);
                     }
                     continue;
                 }
@@ -173,10 +173,8 @@ impl<G: PaymentGateway> Coordinator<G> {
             }
             position = read_to;
             reporter.report(&checkpoints).await;
-            for saga in new_sagas {
-                if started.send(saga).await.is_err() {
-                    return Ok(TermEnded::Stopping);
-                }
+            if let Some(ended) = hand_over(new_sagas, started, membership).await {
+                return Ok(ended);
             }
         }
     }
@@ -220,8 +218,8 @@ impl<G: PaymentGateway> Coordinator<G> {
         &self,
         stream: &jetstream::stream::Stream,
         held: &mut HeldBack,
-        started: &mpsc::Sender<Claimed>,
-    ) -> Result<TermEnded, CoordinatorError> {
+    ) -> Result<Vec<Claimed>, CoordinatorError> {
+        let mut started = Vec::new();
         for (seq, entry) in held.due() {
             let stored = match stream.direct_get(seq).await {
                 Ok(message) => Stored {
@@ -265,13 +263,9 @@ impl<G: PaymentGateway> Coordinator<G> {
             }
             self.handled(held, seq).await?;
             tracing::info!(seq, subject = %stored.subject, "a held-back order event is taken in");
-            for saga in new_sagas {
-                if started.send(saga).await.is_err() {
-                    return Ok(TermEnded::Stopping);
-                }
-            }
+            started.extend(new_sagas);
         }
-        Ok(TermEnded::Changed)
+        Ok(started)
     }
 
     async fn hold_back(
@@ -302,7 +296,7 @@ impl<G: PaymentGateway> Coordinator<G> {
         .bind(seq as i64)
         .execute(&self.pool)
         .await?;
-        held.entries.remove(&seq);
+        held.handled(seq);
         Ok(())
     }
 
@@ -416,11 +410,42 @@ pub(super) enum TakenIn {
     TooEarly,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum TermEnded {
     Changed,
     /// The driving has stopped: so does the intake.
     Stopping,
+    /// The partition leases stopped: the membership cannot go on.
+    LeasesStopped(String),
+}
+
+impl From<Result<(), ordo_eventstore::terms::LeasesStopped>> for TermEnded {
+    fn from(change: Result<(), ordo_eventstore::terms::LeasesStopped>) -> Self {
+        match change {
+            Ok(()) => Self::Changed,
+            Err(stopped) => Self::LeasesStopped(stopped.to_string()),
+        }
+    }
+}
+
+/// Hands the sagas a batch started to the driving, already leased. When the driving's slots are
+/// all taken this waits, but not past a change of the partitions held: the sagas not handed
+/// over then are left to their leases in PostgreSQL (the driving claims them once those end),
+/// so that a partition taken away is let go at once. Returns how the term ends, if it does.
+async fn hand_over(
+    new_sagas: Vec<Claimed>,
+    started: &mpsc::Sender<Claimed>,
+    membership: &mut Membership,
+) -> Option<TermEnded> {
+    for saga in new_sagas {
+        tokio::select! {
+            sent = started.send(saga) => if sent.is_err() {
+                return Some(TermEnded::Stopping);
+            },
+            change = membership.changed() => return Some(TermEnded::from(change)),
+        }
+    }
+    None
 }
 
 /// The aggregate an event subject (`ordo.order.events.<id>`) is of.
@@ -514,6 +539,22 @@ impl HeldBack {
         );
     }
 
+    /// `seq` is taken in: the next held-back event of its order, waiting behind it, is due now.
+    fn handled(&mut self, seq: u64) {
+        let Some(entry) = self.entries.remove(&seq) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        if let Some(next) = self
+            .entries
+            .range_mut(seq..)
+            .map(|(_, next)| next)
+            .find(|next| next.subject == entry.subject)
+        {
+            next.due = next.due.min(now);
+        }
+    }
+
     fn holds_seq(&self, seq: u64) -> bool {
         self.entries.contains_key(&seq)
     }
@@ -567,10 +608,18 @@ async fn checkpoints(
             .await?;
     if rows.len() != partitions as usize {
         // First start, or another count: every partition begins where the intake surely had
-        // taken everything in (taking an event in again changes nothing).
-        let from = match rows.iter().map(|(_, seq, _)| *seq).min() {
-            Some(from) => from as u64,
-            None => durable_consumer_floor(js).await,
+        // taken everything in (taking an event in again changes nothing); a row of a stream
+        // deleted since counts as 0.
+        let of_this_stream = |(_, seq, stream_created): &(i32, i64, Option<DateTime<Utc>>)| {
+            if stream_created.is_none_or(|recorded| recorded == created) {
+                *seq as u64
+            } else {
+                0
+            }
+        };
+        let from = match rows.iter().map(of_this_stream).min() {
+            Some(from) => from,
+            None => durable_consumer_floor(js).await?,
         };
         let mut tx = pool.begin().await?;
         sqlx::query("LOCK TABLE saga_intake IN EXCLUSIVE MODE")
@@ -584,22 +633,24 @@ async fn checkpoints(
                 .execute(&mut *tx)
                 .await?;
             sqlx::query(
-                "INSERT INTO saga_intake (partition, seq)
-                 SELECT partition, $2 FROM generate_series(0, $1 - 1) AS partition",
+                "INSERT INTO saga_intake (partition, seq, stream_created)
+                 SELECT partition, $2, $3 FROM generate_series(0, $1 - 1) AS partition",
             )
             .bind(partitions as i32)
             .bind(from as i64)
+            .bind(created)
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
-        if rows.is_empty() {
-            if let Ok(stream) = js.get_stream_no_info(STREAM).await {
-                let _ = stream.delete_consumer(CONSUMER).await;
-            }
-        }
     }
-    checkpoints_of(pool, partitions, created).await
+    let checkpoints = checkpoints_of(pool, partitions, created).await?;
+    // Once the checkpoints exist, nothing reads the durable consumer of earlier builds (deleted
+    // at every term, in case a start died between its checkpoints and the deletion).
+    if let Ok(stream) = js.get_stream_no_info(STREAM).await {
+        let _ = stream.delete_consumer(CONSUMER).await;
+    }
+    Ok(checkpoints)
 }
 
 /// The rows of `saga_intake` as they are (`partitions` of them), a partition of another stream
@@ -611,14 +662,24 @@ async fn checkpoints_of(
 ) -> Result<Vec<u64>, CoordinatorError> {
     // A partition whose sequence is of a stream deleted since starts over (the sagas of orders
     // that stream held are kept, and not started twice: order ids are their keys).
+    // Its held-back events go with it: their sequences are of the old stream.
+    let mut tx = pool.begin().await?;
     let restarted: Vec<i32> = sqlx::query_scalar(
         "UPDATE saga_intake SET seq = 0, stream_created = $1, updated_at = now()
          WHERE stream_created IS DISTINCT FROM $1 AND stream_created IS NOT NULL
          RETURNING partition",
     )
     .bind(created)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    if !restarted.is_empty() {
+        sqlx::query("DELETE FROM unreadable_events WHERE consumer = $1 AND stream = $2")
+            .bind(CONSUMER)
+            .bind(STREAM)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     if !restarted.is_empty() {
         tracing::warn!(
             stream = STREAM,
@@ -645,14 +706,22 @@ async fn checkpoints_of(
 }
 
 /// Where the durable consumer of builds before the partitioned intake had acknowledged every
-/// event up to (0 when there is none).
-async fn durable_consumer_floor(js: &jetstream::Context) -> u64 {
-    let Ok(stream) = js.get_stream_no_info(STREAM).await else {
-        return 0;
-    };
+/// event up to (0 when there is none). An answer that does not say (NATS unreachable) is an
+/// error, not a 0: the term starts again rather than read the whole stream.
+async fn durable_consumer_floor(js: &jetstream::Context) -> Result<u64, CoordinatorError> {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    let stream = js.get_stream_no_info(STREAM).await.map_err(js_err)?;
     match stream.consumer_info(CONSUMER).await {
-        Ok(info) => info.ack_floor.stream_sequence,
-        Err(_) => 0,
+        Ok(info) => Ok(info.ack_floor.stream_sequence),
+        Err(err)
+            if matches!(
+                err.kind(),
+                ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound
+            ) =>
+        {
+            Ok(0)
+        }
+        Err(err) => Err(js_err(err)),
     }
 }
 
