@@ -624,47 +624,17 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
                "ack_policy": "explicit", "deliver_policy": "all"}),
         json!({"durable_name": "ordo-stolen", "ack_policy": "explicit", "deliver_policy": "all"}),
     ] {
-        let body = json!({"stream_name": stream, "config": config}).to_string();
-        let answer = projector_client
-            .send_request(
-                format!("$JS.API.CONSUMER.CREATE.{stream}"),
-                async_nats::Request::new()
-                    .payload(body.into())
-                    .timeout(Some(Duration::from_secs(3))),
-            )
-            .await;
-        let refused = match &answer {
-            Err(_) => true,
-            Ok(answer) => serde_json::from_slice::<Value>(&answer.payload)
-                .map(|answer| answer.get("error").is_some())
-                .unwrap_or(true),
-        };
-        assert!(refused, "{config}: {answer:?}");
+        consumer_request_is_refused(&projector_client, stream, config).await;
     }
     // The saga's coordinators read by sequence too: their user cannot change the notifier's
     // consumer either.
-    let saga_client = system.connect("ordo-saga").await;
-    let body = json!({"stream_name": stream, "config": {"name": ConsumerId::Notifier.name(),
-        "filter_subject": "ordo.order.events.none", "ack_policy": "explicit",
-        "deliver_policy": "all"}})
-    .to_string();
-    let answer = saga_client
-        .send_request(
-            format!("$JS.API.CONSUMER.CREATE.{stream}"),
-            async_nats::Request::new()
-                .payload(body.into())
-                .timeout(Some(Duration::from_secs(3))),
-        )
-        .await;
-    assert!(
-        match &answer {
-            Err(_) => true,
-            Ok(answer) => serde_json::from_slice::<Value>(&answer.payload)
-                .map(|answer| answer.get("error").is_some())
-                .unwrap_or(true),
-        },
-        "the saga's user changed the notifier's consumer: {answer:?}"
-    );
+    consumer_request_is_refused(
+        &system.connect("ordo-saga").await,
+        stream,
+        json!({"name": ConsumerId::Notifier.name(), "filter_subject": "ordo.order.events.none",
+               "ack_policy": "explicit", "deliver_policy": "all"}),
+    )
+    .await;
     // Nor take or forge the command service's partition leases (only its views' groups, not
     // the saga's either).
     let leases = refused_soon(projector_client.clone())
@@ -996,4 +966,25 @@ async fn only_the_command_service_appends_events_and_no_application_reaches_the_
         assert_eq!(info.state.messages, messages, "{}", info.config.name);
         assert_eq!(info.state.consumer_count, 0, "{}", info.config.name);
     }
+}
+
+/// Asserts that `client`'s consumer request on `stream` (sent where a consumer of any name is
+/// created, naming it in its body) is refused: no answer, or JetStream's error.
+async fn consumer_request_is_refused(client: &async_nats::Client, stream: &str, config: Value) {
+    let body = json!({"stream_name": stream, "config": config}).to_string();
+    let answer = client
+        .send_request(
+            format!("$JS.API.CONSUMER.CREATE.{stream}"),
+            async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(Duration::from_secs(3))),
+        )
+        .await;
+    let refused = match &answer {
+        Err(_) => true,
+        Ok(answer) => serde_json::from_slice::<Value>(&answer.payload)
+            .map(|answer| answer.get("error").is_some())
+            .unwrap_or(true),
+    };
+    assert!(refused, "{config}: {answer:?}");
 }

@@ -191,16 +191,8 @@ impl<G: PaymentGateway> Coordinator<G> {
             if held.holds_seq(stored.seq) {
                 continue; // Recorded before this term read it again: its retries take it.
             }
-            match unreadable::read_order_event(&stored.payload) {
-                Ok(event) if held.holds_order(&stored.subject).is_none() => {
-                    readable.push((stored, event));
-                }
-                Ok(event) => {
-                    let waits_for = held.holds_order(&stored.subject).unwrap_or_default();
-                    let why = waiting(&event, waits_for);
-                    self.hold_back(held, stored, &why, 1).await?;
-                }
-                Err(why) => self.hold_back(held, stored, &why, 1).await?,
+            if let Some(event) = self.readable_or_held(held, stored, 1).await? {
+                readable.push((stored, event));
             }
         }
         let (taken_in, new_sagas) = self.take_in(&readable).await?;
@@ -243,18 +235,9 @@ impl<G: PaymentGateway> Coordinator<G> {
                 Err(err) => return Err(js_err(err)),
             };
             let deliveries = entry.deliveries + 1;
-            let event = match unreadable::read_order_event(&stored.payload) {
-                Ok(event) => event,
-                Err(why) => {
-                    self.hold_back(held, &stored, &why, deliveries).await?;
-                    continue;
-                }
-            };
-            if let Some(earlier) = held.holds_order_before(&stored.subject, seq) {
-                let why = waiting(&event, earlier);
-                self.hold_back(held, &stored, &why, deliveries).await?;
+            let Some(event) = self.readable_or_held(held, &stored, deliveries).await? else {
                 continue;
-            }
+            };
             let (taken_in, new_sagas) = self.take_in(&[(&stored, event.clone())]).await?;
             if taken_in.first() == Some(&TakenIn::TooEarly) {
                 self.hold_back(held, &stored, &no_saga(&event), deliveries)
@@ -266,6 +249,25 @@ impl<G: PaymentGateway> Coordinator<G> {
             started.extend(new_sagas);
         }
         Ok(started)
+    }
+
+    /// An order event as the intake meets it (its `deliveries`-th try): held back if it cannot
+    /// be read or an earlier event of its order is held back, else read.
+    async fn readable_or_held(
+        &self,
+        held: &mut HeldBack,
+        stored: &Stored,
+        deliveries: i64,
+    ) -> Result<Option<ReadEvent>, CoordinatorError> {
+        let why = match unreadable::read_order_event(&stored.payload) {
+            Ok(event) => match held.holds_order_before(&stored.subject, stored.seq) {
+                None => return Ok(Some(event)),
+                Some(earlier) => waiting(&event, earlier),
+            },
+            Err(why) => why,
+        };
+        self.hold_back(held, stored, &why, deliveries).await?;
+        Ok(None)
     }
 
     async fn hold_back(
@@ -557,11 +559,6 @@ impl HeldBack {
 
     fn holds_seq(&self, seq: u64) -> bool {
         self.entries.contains_key(&seq)
-    }
-
-    /// The first held-back event of the order `subject` is of, if any.
-    fn holds_order(&self, subject: &str) -> Option<u64> {
-        self.holds_order_before(subject, u64::MAX)
     }
 
     /// The first held-back event before `seq` of the order `subject` is of, if any.
