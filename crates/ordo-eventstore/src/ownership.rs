@@ -390,7 +390,7 @@ impl Ownership {
             released_tx,
             released_rx,
             suspected,
-            own_heartbeat_seen: Instant::now(),
+            heartbeat_unseen: None,
             epochs: 0,
             other_counts_reported: HashSet::new(),
         };
@@ -570,8 +570,9 @@ struct Leases {
     released_rx: mpsc::UnboundedReceiver<(u32, u64)>,
     /// Members some request found gone.
     suspected: mpsc::UnboundedReceiver<String>,
-    /// When this member's own heartbeat last came back through the watch.
-    own_heartbeat_seen: Instant,
+    /// The oldest heartbeat the bucket acknowledged that has not yet come back through the
+    /// watch: its revision, and when it was acknowledged.
+    heartbeat_unseen: Option<(u64, Instant)>,
     epochs: u64,
     /// Members already logged for running with another partition count.
     other_counts_reported: HashSet<String>,
@@ -604,11 +605,15 @@ impl Leases {
                 _ = &mut stop => break,
                 _ = tick.tick() => {
                     self.tick().await;
-                    // This member's own heartbeats come back through the watch; when they stop
-                    // coming, the watch has gone quiet (a reconnect it did not survive).
-                    if self.own_heartbeat_seen.elapsed() > self.config.lease {
+                    // This member's own heartbeats come back through the watch within
+                    // milliseconds; one acknowledged a renewal period ago and not yet seen says
+                    // the watch has gone quiet (its consumer was on a server that died, or a
+                    // reconnect it did not survive). Its client would notice only after two
+                    // missed idle heartbeats (10 s), while this member's view of the leases
+                    // stood still and it could take no partition of a dead member.
+                    if self.heartbeat_unseen.is_some_and(|(_, acked)| acked.elapsed() > self.config.renew_every) {
                         tracing::warn!("the watch of the partition leases went quiet; opening it again");
-                        self.own_heartbeat_seen = Instant::now();
+                        self.heartbeat_unseen = None;
                         watch = None;
                     }
                 }
@@ -648,6 +653,14 @@ impl Leases {
     }
 
     fn observe(&mut self, entry: kv::Entry) {
+        // A watch that fell behind may bring back what a refresh already read past.
+        if self
+            .view
+            .get(&entry.key)
+            .is_some_and(|seen| seen.revision > entry.revision)
+        {
+            return;
+        }
         if entry.operation == Operation::Put {
             let unchanged = self
                 .view
@@ -655,8 +668,12 @@ impl Leases {
                 .is_some_and(|seen| seen.revision == entry.revision);
             if !unchanged {
                 if let Some(member) = self.config.member_of_key(&entry.key) {
-                    if member == self.me {
-                        self.own_heartbeat_seen = Instant::now();
+                    if member == self.me
+                        && self
+                            .heartbeat_unseen
+                            .is_some_and(|(revision, _)| entry.revision >= revision)
+                    {
+                        self.heartbeat_unseen = None;
                     }
                     self.dead.remove(member);
                     // Two instances that started at the same moment with different counts both
@@ -741,11 +758,14 @@ impl Leases {
 
     async fn heartbeat(&mut self) -> Result<(), OwnershipError> {
         let key = self.config.member_key(&self.me);
-        self.store
+        let revision = self
+            .store
             .put(key, Bytes::from(self.config.partitions.to_string()))
             .await
             .map_err(|err| OwnershipError::Bucket(err.to_string()))?;
-        self.heartbeat_sent = Some(Instant::now());
+        let acked = Instant::now();
+        self.heartbeat_sent = Some(acked);
+        self.heartbeat_unseen.get_or_insert((revision, acked));
         Ok(())
     }
 
@@ -924,6 +944,11 @@ impl Leases {
                     Ok(revision) => Some(revision),
                     Err(err) => {
                         tracing::debug!(partition, %err, "lease not taken over");
+                        if err.kind() == UpdateErrorKind::WrongLastRevision {
+                            // The watch is behind the bucket: read the lease as it is, so that the
+                            // next tick tries with its current revision.
+                            self.refresh(&key).await;
+                        }
                         None
                     }
                 }
@@ -959,6 +984,17 @@ impl Leases {
         if self.grants.send(grant).is_err() {
             // Nobody takes grants any more: the held entry sees its grant dropped and hands the
             // lease back on the next tick.
+        }
+    }
+
+    /// Reads `key` from the bucket itself, for when the watch has fallen behind it.
+    async fn refresh(&mut self, key: &str) {
+        match self.store.entry(key).await {
+            Ok(Some(entry)) => self.observe(entry),
+            Ok(None) => {
+                self.view.remove(key);
+            }
+            Err(err) => tracing::debug!(key, %err, "lease not read"),
         }
     }
 

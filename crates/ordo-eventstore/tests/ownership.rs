@@ -9,6 +9,7 @@ use std::{
 };
 
 use async_nats::jetstream;
+use futures::TryStreamExt;
 use ordo_eventstore::{
     Ownership, OwnershipConfig,
     ownership::{OwnershipError, rendezvous},
@@ -192,6 +193,49 @@ async fn a_member_that_starts_after_the_owner_died_takes_its_partitions_soon() {
         "taken over after {took:?}"
     );
     second.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_watch_fell_silent_still_takes_a_dead_members_partitions_soon() {
+    let server = NatsServer::start();
+    let js = jetstream::new(server.client().await);
+    let holdings = Shared::default();
+    let first = join(&js, &holdings).await;
+    let second = join_dealt_some(&js, &holdings, &[first.instance()]).await;
+    let (a, b) = (first.instance().to_owned(), second.instance().to_owned());
+    let both = [a.as_str(), b.as_str()];
+    until(&holdings, Duration::from_secs(5), all_held_by(&both)).await;
+
+    // The members' watches are ordered consumers of the bucket's stream: deleted, they fall
+    // silent without an error, as when the server holding them dies in a cluster (the client
+    // would notice after two missed idle heartbeats, 10 s). The second member's leases move on
+    // meanwhile (a renewal a second), past the revisions the first member's view holds.
+    let bucket = js
+        .get_stream(format!("KV_{}", ordo_eventstore::ownership::BUCKET))
+        .await
+        .unwrap();
+    let watches: Vec<String> = bucket.consumer_names().try_collect().await.unwrap();
+    assert!(!watches.is_empty());
+    for watch in watches {
+        bucket.delete_consumer(&watch).await.unwrap();
+    }
+    // The second member renews its leases meanwhile: the first member's view of them is stale.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+
+    // Killed now, it is found dead within a second, and its partitions are taken at their
+    // current revisions: the first member has opened its watch again, its own heartbeat not
+    // back for a second (it used to wait 3 s), and reads from the bucket itself a lease it
+    // failed to take.
+    drop(second);
+    let took = until(&holdings, Duration::from_secs(8), all_held_by(&[&a])).await;
+    // A member killed on its own is taken over within about 1.5 s; with the watch standing
+    // still until 3 s after it fell silent, this took 2.8 s.
+    assert!(
+        took < Duration::from_millis(2200),
+        "taken over after {took:?}"
+    );
+    assert_eq!(holdings.lock().unwrap().overlaps, Vec::<String>::new());
+    first.leave().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,23 +3,24 @@
 //! For every `OrderConfirmed`, `OrderRejected`, `OrderCancelled` and `OrderShipped`, exactly one
 //! notification per (order, kind) is recorded in PostgreSQL (its primary key), whatever is
 //! redelivered. It is published on `ordo.notifications.<customer_id>` and, if configured, POSTed
-//! to a webhook. Delivery is tried with growing pauses, under a lock on the record so that two
-//! redeliveries never send it twice; after the last attempt the record is dead-lettered and shows
+//! to a webhook. The events a pull brings are handled together: their notifications recorded,
+//! sent and marked sent in one transaction, with one flush of NATS. One whose sending failed is
+//! tried again on its own, with growing pauses. Every sending happens under a lock on the record,
+//! so that two redeliveries never send it twice; after the last attempt the record is dead-lettered and shows
 //! in `/notifications`, and an operator can retry it (`ordo notifications retry`). Notification is the saga's pivot: it is never undone, only retried.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::{StreamExt, TryStreamExt};
 use ordo_domain::order::{OrderAggregate, OrderEvent};
 use ordo_eventstore::{
     ConsumerId, EventStore, StreamId,
     backoff::Backoff,
-    consume::{Batches, ConsumeError, Settle},
+    consume::{Batches, Delivery, Settle},
     trace,
 };
 use serde_json::{Value, json};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -36,7 +37,8 @@ pub struct NotifierConfig {
     pub retry_base: Duration,
     /// A share of deliveries made to fail on purpose, to exercise retries and dead letters.
     pub failure_rate: f64,
-    /// Notifications handled at once.
+    /// Notifications tried again at once (each after its first sending failed), beside the
+    /// batch under way; with that many waiting for their pauses, no more events are taken.
     pub concurrency: usize,
     /// How long a delivered order event may go unacknowledged before the consumer gives it to
     /// another notifier: longer than a delivery takes (5 attempts, 2 s timeouts, growing pauses,
@@ -144,79 +146,265 @@ impl Notifier {
         }
     }
 
-    /// Notifies as order events arrive, `concurrency` at a time, each event settled as soon as
-    /// it is handled; ends when the consumer fails, with why.
+    /// Notifies as order events arrive, a pull's worth at a time; a notification whose first
+    /// sending failed is tried again on its own task, and its event settled when that ends.
+    /// Ends when the consumer fails, with why.
     async fn consume(&self) -> NotifierError {
         let js = jetstream::new(self.nats.clone());
-        let concurrency = self.config.concurrency.max(1);
-        // Batches the size of the slots: what is pulled waits for a slot at most about one
-        // delivery, rather than in a long queue past its ack wait behind slow deliveries.
-        let batches =
-            match Batches::open(&js, ConsumerId::Notifier, self.config.ack_wait, concurrency).await
-            {
-                Ok(batches) => batches,
-                Err(err) => return NotifierError::JetStream(err.to_string()),
+        let mut batches = match Batches::open(
+            &js,
+            ConsumerId::Notifier,
+            self.config.ack_wait,
+            NOTIFY_BATCH,
+        )
+        .await
+        {
+            Ok(batches) => batches,
+            Err(err) => return NotifierError::JetStream(err.to_string()),
+        };
+        let mut retrying = tokio::task::JoinSet::new();
+        let failed = loop {
+            while retrying.try_join_next().is_some() {}
+            if retrying.len() >= self.config.concurrency.max(1) {
+                retrying.join_next().await;
+                continue;
+            }
+            let batch = match batches.next().await {
+                Ok(batch) => batch,
+                Err(err) => break err.to_string(),
             };
-        let deliveries = futures::stream::try_unfold(batches, |mut batches| async move {
-            let batch = batches.next().await?;
-            Ok::<_, ConsumeError>(Some((batch.one_by_one(), batches)))
-        })
-        .map_ok(|deliveries| {
-            futures::stream::iter(deliveries.into_iter().map(Ok::<_, ConsumeError>))
-        })
-        .try_flatten();
-        // When the consumer fails, no delivery more is taken, but those under way end: one cut
-        // off between its send and its record would send again when the event comes back.
-        let failed = std::sync::Mutex::new(None);
-        deliveries
-            .take_while(|delivery| {
-                if let Err(err) = delivery {
-                    *failed.lock().expect("not poisoned") = Some(err.to_string());
+            for (delivery, handled) in self.notify_batch(batch.one_by_one()).await {
+                match handled {
+                    Handled::Settle(settle) => delivery.settle(settle).await,
+                    Handled::TryAgain(first) => {
+                        let notifier = self.clone();
+                        retrying.spawn(async move {
+                            let settle = notifier.try_again(first).await;
+                            delivery.settle(settle).await;
+                        });
+                    }
                 }
-                futures::future::ready(delivery.is_ok())
-            })
-            .filter_map(|delivery| futures::future::ready(delivery.ok()))
-            .for_each_concurrent(concurrency, |delivery| async move {
-                let settle = self.notify(&delivery.message).await;
-                delivery.settle(settle).await;
-            })
-            .await;
-        let failed = failed.lock().expect("not poisoned").take();
-        NotifierError::JetStream(failed.unwrap_or_else(|| "the consumer's batches ended".into()))
-    }
-
-    /// Sends the notification an order event calls for, if any, and says what becomes of it.
-    async fn notify(&self, message: &jetstream::Message) -> Settle {
-        let span = tracing::info_span!(
-            "notify",
-            otel.name = "notify",
-            order_id = tracing::field::Empty,
-            kind = tracing::field::Empty,
-            trace_id = tracing::field::Empty,
-        );
-        trace::follow(&span, trace::extract(message.headers.as_ref()));
-        let read = match unreadable::read_order_event(&message.payload) {
-            Ok(read) => read,
-            // Not acknowledged: acking would mean a customer never told.
-            Err(why) => {
-                return Settle::Nak(
-                    unreadable::hold_back(&self.pool, CONSUMER, message, &why).await,
-                );
             }
         };
-        match self.handle(read).instrument(span).await {
-            Ok(()) => {
-                unreadable::handled(&self.pool, CONSUMER, message).await;
-                Settle::Ack
+        // No event more is taken, but the retries under way end: one cut off between its send
+        // and its record would send again when the event comes back.
+        while retrying.join_next().await.is_some() {}
+        NotifierError::JetStream(failed)
+    }
+
+    /// Handles a pull's order events: the notifications they call for are recorded (or found),
+    /// locked, sent, and marked sent in one transaction. Says what becomes of each event.
+    async fn notify_batch(&self, deliveries: Vec<Delivery>) -> Vec<(Delivery, Handled)> {
+        let mut handled = Vec::with_capacity(deliveries.len());
+        let mut wanted = Vec::new();
+        for (index, delivery) in deliveries.iter().enumerate() {
+            let message = &delivery.message;
+            let span = tracing::info_span!(
+                "notify",
+                otel.name = "notify",
+                order_id = tracing::field::Empty,
+                kind = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+            );
+            trace::follow(&span, trace::extract(message.headers.as_ref()));
+            let read = match unreadable::read_order_event(&message.payload) {
+                Ok(read) => read,
+                // Not acknowledged: acking would mean a customer never told.
+                Err(why) => {
+                    let delay = unreadable::hold_back(&self.pool, CONSUMER, message, &why).await;
+                    handled.push(Handled::Settle(Settle::Nak(delay)));
+                    continue;
+                }
+            };
+            // In stream order: an order's `OrderPlaced` is kept before its end is handled.
+            match self.wanted(read).instrument(span.clone()).await {
+                Ok(Some(notification)) => {
+                    wanted.push((index, notification, span));
+                    handled.push(Handled::Settle(Settle::Ack));
+                }
+                Ok(None) => handled.push(Handled::Settle(Settle::Ack)),
+                Err(err) => {
+                    tracing::warn!(parent: &span, %err, "notification not handled; it will be redelivered");
+                    handled.push(Handled::Settle(Settle::Nak(Duration::from_secs(1))));
+                }
             }
+        }
+        if !wanted.is_empty() {
+            match self.send_batch(&wanted).await {
+                Ok(outcomes) => {
+                    for ((index, _, _), outcome) in wanted.iter().zip(outcomes) {
+                        if let Some(first) = outcome {
+                            handled[*index] = Handled::TryAgain(first);
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "notifications not handled; their events will be redelivered");
+                    for (index, _, _) in &wanted {
+                        handled[*index] = Handled::Settle(Settle::Nak(Duration::from_secs(1)));
+                    }
+                }
+            }
+        }
+        for (delivery, handled) in deliveries.iter().zip(&handled) {
+            if *handled == Handled::Settle(Settle::Ack) {
+                unreadable::handled(&self.pool, CONSUMER, &delivery.message).await;
+            }
+        }
+        deliveries.into_iter().zip(handled).collect()
+    }
+
+    /// Records the notifications `wanted` (one row per order and kind, a row already there
+    /// kept), sends the pending ones once each, marks those sent, and commits. Returns, for
+    /// each notification, how its sending failed, if it did: it is pending still, to be tried
+    /// again.
+    async fn send_batch(
+        &self,
+        wanted: &[(usize, Wanted, tracing::Span)],
+    ) -> Result<Vec<Option<FirstAttempt>>, NotifierError> {
+        let (mut order_ids, mut kinds, mut customer_ids, mut payloads) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut seen = std::collections::HashSet::new();
+        for (_, notification, _) in wanted {
+            // A statement may not update one row twice: an event delivered twice in one pull is
+            // recorded once.
+            if seen.insert((notification.order_id.as_str(), notification.kind)) {
+                order_ids.push(notification.order_id.as_str());
+                kinds.push(notification.kind);
+                customer_ids.push(notification.customer_id.as_str());
+                payloads.push(&notification.payload);
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        // Recorded and locked in one statement, in key order (two notifiers handling redelivered
+        // events lock their rows in the same order): a new notification is inserted; one already
+        // there waits for any delivery of it under way (and a row of a build before the payload
+        // column gets its payload).
+        let rows: Vec<(String, String, String, String, Value)> = sqlx::query_as(
+            "INSERT INTO notifications (order_id, kind, customer_id, status, payload)
+             SELECT order_id, kind, customer_id, 'pending', payload
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[])
+                  AS n(order_id, kind, customer_id, payload)
+             ORDER BY order_id, kind
+             ON CONFLICT (order_id, kind)
+             DO UPDATE SET payload = coalesce(notifications.payload, EXCLUDED.payload)
+             RETURNING order_id, kind, status, customer_id, payload",
+        )
+        .bind(&order_ids)
+        .bind(&kinds)
+        .bind(&customer_ids)
+        .bind(&payloads)
+        .fetch_all(&mut *tx)
+        .await?;
+        let rows: std::collections::HashMap<(String, String), (String, String, Value)> = rows
+            .into_iter()
+            .map(|(order_id, kind, status, customer_id, payload)| {
+                ((order_id, kind), (status, customer_id, payload))
+            })
+            .collect();
+        // Each pending notification sent once: published, then one flush for all, then the
+        // webhook's POSTs side by side.
+        let mut sending: Vec<(usize, Result<(), String>)> = Vec::new();
+        let mut sent_here = std::collections::HashSet::new();
+        for (at, (_, notification, span)) in wanted.iter().enumerate() {
+            let key = (notification.order_id.clone(), notification.kind.to_owned());
+            let Some((status, customer_id, payload)) = rows.get(&key) else {
+                continue;
+            };
+            if status != "pending" || !sent_here.insert(key) {
+                continue; // Sent before, dead-lettered, or the same one twice in this pull.
+            }
+            let published = self
+                .publish(
+                    customer_id,
+                    &notification.order_id,
+                    notification.kind,
+                    payload,
+                )
+                .instrument(span.clone())
+                .await;
+            sending.push((at, published));
+        }
+        if sending.iter().any(|(_, published)| published.is_ok())
+            && let Err(err) = self.nats.flush().await
+        {
+            for (_, published) in &mut sending {
+                if published.is_ok() {
+                    *published = Err(format!("NATS: {err}"));
+                }
+            }
+        }
+        if let Some(url) = &self.config.webhook_url {
+            let posts = sending.iter().map(|(at, published)| {
+                let (_, notification, span) = &wanted[*at];
+                let key = (notification.order_id.clone(), notification.kind.to_owned());
+                let payload = &rows[&key].2;
+                async move {
+                    match published {
+                        Ok(()) => self.post(url, payload).instrument(span.clone()).await,
+                        Err(err) => Err(err.clone()),
+                    }
+                }
+            });
+            let posted = futures::future::join_all(posts).await;
+            for ((_, sent), posted) in sending.iter_mut().zip(posted) {
+                *sent = posted;
+            }
+        }
+        let (sent_orders, sent_kinds): (Vec<&str>, Vec<&str>) = sending
+            .iter()
+            .filter(|(_, sent)| sent.is_ok())
+            .map(|(at, _)| {
+                let notification = &wanted[*at].1;
+                (notification.order_id.as_str(), notification.kind)
+            })
+            .unzip();
+        if !sent_orders.is_empty() {
+            sqlx::query(
+                "UPDATE notifications n SET status = 'sent', attempts = 1, last_error = NULL,
+                        sent_at = now()
+                 FROM unnest($1::text[], $2::text[]) AS s(order_id, kind)
+                 WHERE n.order_id = s.order_id AND n.kind = s.kind",
+            )
+            .bind(&sent_orders)
+            .bind(&sent_kinds)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        metrics::counter!("ordo_notifications_total", "status" => "sent")
+            .increment(sent_orders.len() as u64);
+        let mut outcomes: Vec<Option<FirstAttempt>> = vec![None; wanted.len()];
+        for (at, sent) in sending {
+            if let Err(error) = sent {
+                let notification = &wanted[at].1;
+                tracing::info!(parent: &wanted[at].2, order_id = %notification.order_id, kind = notification.kind, attempt = 1, %error, "notification not delivered");
+                outcomes[at] = Some(FirstAttempt {
+                    order_id: notification.order_id.clone(),
+                    kind: notification.kind,
+                    error,
+                });
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// A notification whose first sending failed, tried again on its own under its record's
+    /// lock, with pauses; says what becomes of its event.
+    async fn try_again(&self, first: FirstAttempt) -> Settle {
+        let tried = self.deliver_after(&first.order_id, first.kind, 1, first.error);
+        match tried.await {
+            Ok(()) => Settle::Ack,
             Err(err) => {
-                tracing::warn!(%err, "notification not handled; it will be redelivered");
+                tracing::warn!(order_id = %first.order_id, kind = first.kind, %err, "notification not handled; it will be redelivered");
                 Settle::Nak(Duration::from_secs(1))
             }
         }
     }
 
-    async fn handle(&self, read: ReadEvent) -> Result<(), NotifierError> {
+    /// The notification an order event calls for, if any; an `OrderPlaced` only leaves its
+    /// customer with the notifier.
+    async fn wanted(&self, read: ReadEvent) -> Result<Option<Wanted>, NotifierError> {
         let ReadEvent {
             envelope, event, ..
         } = read;
@@ -230,7 +418,7 @@ impl Notifier {
                 self.customers
                     .insert(envelope.aggregate_id, customer_id)
                     .await;
-                return Ok(());
+                return Ok(None);
             }
         };
         let order_id = envelope.aggregate_id.clone();
@@ -248,37 +436,24 @@ impl Notifier {
                     .map_err(|err| NotifierError::JetStream(err.to_string()))?;
                 let Some(order) = loaded.state else {
                     tracing::warn!(order_id, kind, "no such order; nothing to notify");
-                    return Ok(());
+                    return Ok(None);
                 };
                 order.customer_id.as_str().to_owned()
             }
         };
-        let notification = json!({
+        let payload = json!({
             "order_id": order_id,
             "kind": kind,
             "customer_id": customer_id,
             "reason": reason,
             "at": envelope.at,
         });
-        // Recorded and locked in one statement: a new notification is inserted; a redelivered
-        // event finds its row, after any delivery of it under way (and gives a row of a build
-        // before the payload column its payload).
-        let mut tx = self.pool.begin().await?;
-        let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
-            "INSERT INTO notifications (order_id, kind, customer_id, status, payload)
-             VALUES ($1, $2, $3, 'pending', $4)
-             ON CONFLICT (order_id, kind)
-             DO UPDATE SET payload = coalesce(notifications.payload, EXCLUDED.payload)
-             RETURNING status, customer_id, payload",
-        )
-        .bind(&order_id)
-        .bind(kind)
-        .bind(&customer_id)
-        .bind(&notification)
-        .fetch_one(&mut *tx)
-        .await?;
-        self.deliver_locked(tx, &order_id, kind, &status, &customer_id, &payload)
-            .await
+        Ok(Some(Wanted {
+            order_id,
+            kind,
+            customer_id,
+            payload,
+        }))
     }
 
     /// An operator's retry of a dead-lettered notification: it is pending again and delivered
@@ -293,7 +468,7 @@ impl Notifier {
         .execute(&self.pool)
         .await?;
         if reset.rows_affected() == 1 {
-            self.deliver(order_id, kind).await?;
+            self.deliver_after(order_id, kind, 0, String::new()).await?;
         }
         let status: Option<String> = sqlx::query_scalar(
             "SELECT status FROM notifications WHERE order_id = $1 AND kind = $2",
@@ -305,8 +480,15 @@ impl Notifier {
         Ok(status)
     }
 
-    /// Delivers a pending notification, under a lock on its record.
-    async fn deliver(&self, order_id: &str, kind: &str) -> Result<(), NotifierError> {
+    /// Delivers a pending notification, under a lock on its record, after `tried` attempts
+    /// (the last of which failed with `last_error`).
+    async fn deliver_after(
+        &self,
+        order_id: &str,
+        kind: &str,
+        tried: u32,
+        last_error: String,
+    ) -> Result<(), NotifierError> {
         let mut tx = self.pool.begin().await?;
         let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
             // Rows of builds before the payload column have none: the fields every payload has.
@@ -319,28 +501,16 @@ impl Notifier {
         .bind(kind)
         .fetch_one(&mut *tx)
         .await?;
-        self.deliver_locked(tx, order_id, kind, &status, &customer_id, &payload)
-            .await
-    }
-
-    /// Delivers the notification whose record `tx` holds locked, if it is pending, and records
-    /// how it went.
-    async fn deliver_locked(
-        &self,
-        mut tx: Transaction<'_, Postgres>,
-        order_id: &str,
-        kind: &str,
-        status: &str,
-        customer_id: &str,
-        payload: &Value,
-    ) -> Result<(), NotifierError> {
         if status != "pending" {
             return Ok(());
         }
         let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(5));
-        let mut last_error = String::new();
-        for attempt in 1..=self.config.attempts {
-            match self.send(customer_id, order_id, kind, payload).await {
+        let mut last_error = last_error;
+        for attempt in tried + 1..=self.config.attempts {
+            if attempt > 1 {
+                backoff.wait().await;
+            }
+            match self.send(&customer_id, order_id, kind, &payload).await {
                 Ok(()) => {
                     sqlx::query(
                         "UPDATE notifications SET status = 'sent', attempts = $3, last_error = NULL, sent_at = now()
@@ -358,9 +528,6 @@ impl Notifier {
                 Err(error) => {
                     tracing::info!(order_id, kind, attempt, %error, "notification not delivered");
                     last_error = error;
-                    if attempt < self.config.attempts {
-                        backoff.wait().await;
-                    }
                 }
             }
         }
@@ -380,7 +547,27 @@ impl Notifier {
         Ok(())
     }
 
+    /// Sends one notification: published, flushed, and POSTed to the webhook if there is one.
     async fn send(
+        &self,
+        customer_id: &str,
+        order_id: &str,
+        kind: &str,
+        payload: &Value,
+    ) -> Result<(), String> {
+        self.publish(customer_id, order_id, kind, payload).await?;
+        self.nats
+            .flush()
+            .await
+            .map_err(|err| format!("NATS: {err}"))?;
+        if let Some(url) = &self.config.webhook_url {
+            self.post(url, payload).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a notification on `ordo.notifications.<customer_id>`, not yet flushed.
+    async fn publish(
         &self,
         customer_id: &str,
         order_id: &str,
@@ -401,31 +588,58 @@ impl Notifier {
             .publish_with_headers(
                 format!("ordo.notifications.{customer_id}"),
                 headers,
-                body.clone().into(),
+                body.into(),
             )
             .await
-            .map_err(|err| format!("NATS: {err}"))?;
-        self.nats
-            .flush()
+            .map_err(|err| format!("NATS: {err}"))
+    }
+
+    /// POSTs a notification to the webhook.
+    async fn post(&self, url: &str, payload: &Value) -> Result<(), String> {
+        let body = serde_json::to_vec(payload).expect("payloads serialize");
+        let response = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
             .await
-            .map_err(|err| format!("NATS: {err}"))?;
-        if let Some(url) = &self.config.webhook_url {
-            let response = self
-                .http
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                // Without the URL: it may carry a token, and this text reaches `last_error`, the
-                // log and the trace.
-                .map_err(|err| format!("webhook: {}", with_causes(&err.without_url())))?;
-            if !response.status().is_success() {
-                return Err(format!("webhook answered {}", response.status()));
-            }
+            // Without the URL: it may carry a token, and this text reaches `last_error`, the log
+            // and the trace.
+            .map_err(|err| format!("webhook: {}", with_causes(&err.without_url())))?;
+        if !response.status().is_success() {
+            return Err(format!("webhook answered {}", response.status()));
         }
         Ok(())
     }
+}
+
+/// Order events a notifier takes at once: their notifications are recorded, sent and marked
+/// sent together.
+const NOTIFY_BATCH: usize = 64;
+
+/// A notification an order event calls for.
+struct Wanted {
+    order_id: String,
+    kind: &'static str,
+    customer_id: String,
+    payload: Value,
+}
+
+/// A notification whose first sending failed: pending still.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FirstAttempt {
+    order_id: String,
+    kind: &'static str,
+    error: String,
+}
+
+/// What becomes of an event of a pull.
+#[derive(Debug, Clone, PartialEq)]
+enum Handled {
+    Settle(Settle),
+    /// Its notification is tried again on its own; the event is settled when that ends.
+    TryAgain(FirstAttempt),
 }
 
 /// An error and what caused it, on one line.

@@ -1209,6 +1209,69 @@ async fn webhook(fail_first: usize) -> (String, Arc<std::sync::Mutex<Vec<Value>>
     (url, received)
 }
 
+/// The notifier takes a pull's events together: their notifications are recorded and sent in
+/// one transaction; those whose first sending failed are tried again on their own; a second
+/// event asking for a notification already in the pull does not send it twice.
+#[tokio::test]
+async fn a_pull_of_many_orders_notifies_each_once_and_tries_the_failed_ones_again_alone() {
+    let setup = Setup::start().await;
+    let _coordinator = setup.coordinator(gateway(0.0, 1), quick());
+    setup.receive("A1", 100).await;
+    let orders: Vec<String> = (1..=20).map(|n| format!("o-{n}")).collect();
+    for order_id in &orders {
+        setup.place(order_id, &[("A1", 1)]).await;
+    }
+    for order_id in &orders {
+        setup.saga_ends(order_id, "confirmed").await;
+    }
+    // A second copy of o-1's confirmation, later in the stream.
+    publish_envelope(
+        &setup,
+        "o-1",
+        "OrderConfirmed",
+        1,
+        99,
+        serde_json::json!({}),
+    )
+    .await;
+
+    // Started now, the notifier finds all 41 events waiting, and takes them up to 64 a pull.
+    let (url, received) = webhook(3).await;
+    let _notifier = setup
+        .notifier_with(NotifierConfig {
+            webhook_url: Some(url),
+            retry_base: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .await;
+    for order_id in &orders {
+        assert_eq!(
+            setup.notifications(order_id).await,
+            [("confirmed".into(), "sent".into())]
+        );
+    }
+    let mut told: Vec<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|body| body["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    told.sort();
+    let mut expected = orders.clone();
+    expected.sort();
+    assert_eq!(told, expected, "each order told once");
+    let attempts: Vec<i32> =
+        sqlx::query_scalar("SELECT attempts FROM notifications ORDER BY attempts")
+            .fetch_all(setup.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        attempts,
+        [vec![1; 17], vec![2; 3]].concat(),
+        "the three POSTs that failed went through on their second attempt"
+    );
+}
+
 #[tokio::test]
 async fn the_webhook_gets_one_post_per_order_and_kind_after_retries_and_redeliveries() {
     let setup = Setup::start().await;

@@ -4,8 +4,9 @@
 //! with the command service's count): each instance reads the stream by sequence, as the
 //! projectors do, and takes in the events of the partitions it holds, so that all of an order's
 //! events are taken in by one instance, in stream order. Each partition has a checkpoint
-//! (`saga_intake`), moved once the batch's sagas are written, fenced on the value it was read at
-//! (an instance that lost the partition cannot move it). Taking an event in twice changes nothing
+//! (`saga_intake`), written after the sagas of the events it passes (at most every 200 ms while
+//! events come), fenced on the value it was read at (an instance that lost the partition cannot
+//! move it). Taking an event in twice changes nothing
 //! (a saga starts once; an extension a saga already has leaves it as it is), so a checkpoint
 //! written after the rows never loses an event, and reading again from it (after a crash or a
 //! takeover) never does one twice.
@@ -27,6 +28,12 @@ use super::*;
 
 /// Order events read per batch, at most.
 pub(super) const INTAKE_BATCH: usize = 256;
+
+/// How often the intake writes its checkpoints while it reads. Under load its batches are small
+/// and many; a checkpoint write per batch was a commit per batch. Reading again what was taken in
+/// since the last write (after a crash or a takeover) changes nothing, and costs at most this
+/// much of the stream.
+const WRITE_CHECKPOINTS_EVERY: Duration = Duration::from_millis(200);
 
 /// The intake's group in the partition bucket.
 fn group() -> &'static str {
@@ -127,9 +134,28 @@ impl<G: PaymentGateway> Coordinator<G> {
         }
         let mut held = HeldBack::load(&self.pool, self.config.partitions, &checkpoints).await?;
         tracing::info!(partitions = ?partitions, from = position + 1, "saga intake takes in its partitions");
+        // Taken in up to `position`; the checkpoints say so once written.
+        let mut written_at = tokio::time::Instant::now();
         loop {
+            let unwritten = checkpoints
+                .values()
+                .any(|checkpoint| *checkpoint < position);
             let messages = tokio::select! {
-                change = membership.changed() => return Ok(TermEnded::from(change)),
+                change = membership.changed() => {
+                    if unwritten {
+                        // Saves the next owner of a partition re-reading what this one took in;
+                        // if another instance already took one over, the fence refuses it.
+                        if let Err(err) = advance(&self.pool, &mut checkpoints, position).await {
+                            tracing::debug!(%err, "the intake's checkpoints not written at the term's end");
+                        }
+                    }
+                    return Ok(TermEnded::from(change));
+                }
+                () = tokio::time::sleep_until(written_at + WRITE_CHECKPOINTS_EVERY), if unwritten => {
+                    advance(&self.pool, &mut checkpoints, position).await?;
+                    written_at = tokio::time::Instant::now();
+                    continue;
+                }
                 () = reporter.sent_late() => continue,
                 () = held.next_due() => {
                     let new_sagas = self.retry_held(&stream, &mut held).await?;
@@ -167,12 +193,20 @@ impl<G: PaymentGateway> Coordinator<G> {
                 continue;
             }
             let new_sagas = self.take_in_batch(&batch, &mut held).await?;
-            advance(&self.pool, &checkpoints, read_to).await?;
-            for checkpoint in checkpoints.values_mut() {
-                *checkpoint = (*checkpoint).max(read_to);
-            }
             position = read_to;
-            reporter.report(&checkpoints).await;
+            if written_at.elapsed() >= WRITE_CHECKPOINTS_EVERY {
+                advance(&self.pool, &mut checkpoints, position).await?;
+                written_at = tokio::time::Instant::now();
+            }
+            // What was taken in is done, written or not: load shedding reads this.
+            reporter
+                .report(
+                    &checkpoints
+                        .iter()
+                        .map(|(partition, checkpoint)| (*partition, position.max(*checkpoint)))
+                        .collect(),
+                )
+                .await;
             if let Some(ended) = hand_over(new_sagas, started, membership).await {
                 return Ok(ended);
             }
@@ -722,11 +756,11 @@ async fn durable_consumer_floor(js: &jetstream::Context) -> Result<u64, Coordina
     }
 }
 
-/// Moves the checkpoint of each of `checkpoints`' partitions from what it says to `to`, or fails
-/// if another instance moved one (it took the partition over).
+/// Moves the checkpoint of each of `checkpoints`' partitions from what it says to `to` (and
+/// `checkpoints` with them), or fails if another instance moved one (it took the partition over).
 async fn advance(
     pool: &PgPool,
-    checkpoints: &BTreeMap<Partition, u64>,
+    checkpoints: &mut BTreeMap<Partition, u64>,
     to: u64,
 ) -> Result<(), CoordinatorError> {
     let (partitions, expected): (Vec<i32>, Vec<i64>) = checkpoints
@@ -750,6 +784,9 @@ async fn advance(
              another instance took it over"
                 .into(),
         ));
+    }
+    for checkpoint in checkpoints.values_mut() {
+        *checkpoint = (*checkpoint).max(to);
     }
     Ok(())
 }
