@@ -132,7 +132,7 @@ pub async fn connect_and_prepare(url: &str) -> anyhow::Result<PgPool> {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         let attempt = async {
-            // Notifier deliveries (8) hold a connection while they wait on NATS or a webhook;
+            // The notifier's pull holds a connection while it waits on NATS or a webhook;
             // the saga coordinator (it holds none across a step), projectors and the API need
             // theirs too.
             let pool = PgPoolOptions::new()

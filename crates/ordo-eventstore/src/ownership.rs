@@ -33,7 +33,7 @@ use async_nats::jetstream::{
     kv::{self, CreateErrorKind, Operation, UpdateErrorKind},
 };
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::JoinHandle,
@@ -536,6 +536,8 @@ struct Seen {
     value: Bytes,
     revision: u64,
     changed_at: Instant,
+    /// Read from the bucket itself, past where the watch had brought it.
+    refreshed: bool,
 }
 
 /// A lease this instance holds.
@@ -591,7 +593,13 @@ impl Leases {
                     .watch_with_history(format!("{}.>", self.config.group))
                     .await
                 {
-                    Ok(opened) => watch = Some(opened),
+                    Ok(opened) => {
+                        // It starts from the bucket as it is: none of the view is ahead of it.
+                        for seen in self.view.values_mut() {
+                            seen.refreshed = false;
+                        }
+                        watch = Some(opened);
+                    }
                     Err(err) => tracing::warn!(%err, "cannot watch the partition leases"),
                 }
             }
@@ -611,7 +619,14 @@ impl Leases {
                     // reconnect it did not survive). Its client would notice only after two
                     // missed idle heartbeats (10 s), while this member's view of the leases
                     // stood still and it could take no partition of a dead member.
-                    if self.heartbeat_unseen.is_some_and(|(_, acked)| acked.elapsed() > self.config.renew_every) {
+                    let silent = |leases: &Self| leases.heartbeat_unseen.is_some_and(|(_, acked)| acked.elapsed() > leases.config.renew_every);
+                    if silent(&self) {
+                        // A slow tick kept this loop from reading: what arrived meanwhile first.
+                        while let Some(Some(Ok(entry))) = watch.as_mut().and_then(|watch| watch.next().now_or_never()) {
+                            self.observe(entry, false);
+                        }
+                    }
+                    if silent(&self) {
                         tracing::warn!("the watch of the partition leases went quiet; opening it again");
                         self.heartbeat_unseen = None;
                         watch = None;
@@ -636,7 +651,7 @@ impl Leases {
                     Some(Ok(entry)) => {
                         // A lease handed back: its next owner takes it now, not at the next tick.
                         let deleted = entry.operation != Operation::Put;
-                        self.observe(entry);
+                        self.observe(entry, false);
                         if deleted {
                             self.tick().await;
                         }
@@ -652,12 +667,13 @@ impl Leases {
         self.leave().await;
     }
 
-    fn observe(&mut self, entry: kv::Entry) {
+    /// Takes a key's entry into the view: from the watch, or `refreshed` from the bucket itself.
+    fn observe(&mut self, entry: kv::Entry, refreshed: bool) {
         // A watch that fell behind may bring back what a refresh already read past.
         if self
             .view
             .get(&entry.key)
-            .is_some_and(|seen| seen.revision > entry.revision)
+            .is_some_and(|seen| seen.refreshed && seen.revision > entry.revision)
         {
             return;
         }
@@ -701,6 +717,7 @@ impl Leases {
                         value: entry.value,
                         revision: entry.revision,
                         changed_at: Instant::now(),
+                        refreshed,
                     },
                 );
             }
@@ -926,7 +943,11 @@ impl Leases {
         let taken = match self.view.get(&key) {
             None => match self.store.create(&key, value).await {
                 Ok(revision) => Some(revision),
-                Err(err) if err.kind() == CreateErrorKind::AlreadyExists => None,
+                Err(err) if err.kind() == CreateErrorKind::AlreadyExists => {
+                    // The watch has not brought it yet.
+                    self.refresh(&key).await;
+                    None
+                }
                 Err(err) => {
                     tracing::debug!(partition, %err, "lease not created");
                     None
@@ -990,7 +1011,7 @@ impl Leases {
     /// Reads `key` from the bucket itself, for when the watch has fallen behind it.
     async fn refresh(&mut self, key: &str) {
         match self.store.entry(key).await {
-            Ok(Some(entry)) => self.observe(entry),
+            Ok(Some(entry)) => self.observe(entry, true),
             Ok(None) => {
                 self.view.remove(key);
             }

@@ -3,11 +3,11 @@
 //! For every `OrderConfirmed`, `OrderRejected`, `OrderCancelled` and `OrderShipped`, exactly one
 //! notification per (order, kind) is recorded in PostgreSQL (its primary key), whatever is
 //! redelivered. It is published on `ordo.notifications.<customer_id>` and, if configured, POSTed
-//! to a webhook. The events a pull brings are handled together: their notifications recorded,
-//! sent and marked sent in one transaction, with one flush of NATS. One whose sending failed is
-//! tried again on its own, with growing pauses. Every sending happens under a lock on the record,
-//! so that two redeliveries never send it twice; after the last attempt the record is dead-lettered and shows
-//! in `/notifications`, and an operator can retry it (`ordo notifications retry`). Notification is the saga's pivot: it is never undone, only retried.
+//! to a webhook. The events a pull brings (up to 64) are handled together, in one transaction
+//! that holds their records locked: recorded, sent with one flush of NATS, those that failed
+//! tried again side by side with growing pauses, and marked sent. Every sending happens under the
+//! lock on its record, so that two redeliveries never send it twice; after the last attempt the
+//! record is dead-lettered and shows in `/notifications`, and an operator can retry it (`ordo notifications retry`). Notification is the saga's pivot: it is never undone, only retried.
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use ordo_domain::order::{OrderAggregate, OrderEvent};
 use ordo_eventstore::{
     ConsumerId, EventStore, StreamId,
     backoff::Backoff,
-    consume::{Batches, Delivery, Settle},
+    consume::{Batches, Settle},
     trace,
 };
 use serde_json::{Value, json};
@@ -37,12 +37,10 @@ pub struct NotifierConfig {
     pub retry_base: Duration,
     /// A share of deliveries made to fail on purpose, to exercise retries and dead letters.
     pub failure_rate: f64,
-    /// Notifications tried again at once (each after its first sending failed), beside the
-    /// batch under way; with that many waiting for their pauses, no more events are taken.
-    pub concurrency: usize,
     /// How long a delivered order event may go unacknowledged before the consumer gives it to
-    /// another notifier: longer than a delivery takes (5 attempts, 2 s timeouts, growing pauses,
-    /// about 12 s), so that a slow delivery is not done twice, and the time it takes another
+    /// another notifier: longer than a pull takes (its failed sendings tried again side by side:
+    /// 5 attempts, 2 s timeouts, growing pauses, about 12 s) and the next pull waits for it, so
+    /// that a slow delivery is not done twice, and the time it takes another
     /// notifier to take over one that died in the middle of a delivery. Set when the shared
     /// consumer is created.
     pub ack_wait: Duration,
@@ -56,7 +54,6 @@ impl Default for NotifierConfig {
             attempts: 5,
             retry_base: Duration::from_millis(100),
             failure_rate: 0.0,
-            concurrency: 8,
             ack_wait: Duration::from_secs(30),
         }
     }
@@ -146,9 +143,9 @@ impl Notifier {
         }
     }
 
-    /// Notifies as order events arrive, a pull's worth at a time; a notification whose first
-    /// sending failed is tried again on its own task, and its event settled when that ends.
-    /// Ends when the consumer fails, with why.
+    /// Notifies as order events arrive, a pull's worth at a time, each event settled once its
+    /// pull is handled. Ends when the consumer fails, with why; a pull under way ends first (one
+    /// cut off between its sends and its record would send again when the events come back).
     async fn consume(&self) -> NotifierError {
         let js = jetstream::new(self.nats.clone());
         let mut batches = match Batches::open(
@@ -162,43 +159,23 @@ impl Notifier {
             Ok(batches) => batches,
             Err(err) => return NotifierError::JetStream(err.to_string()),
         };
-        let mut retrying = tokio::task::JoinSet::new();
-        let failed = loop {
-            while retrying.try_join_next().is_some() {}
-            if retrying.len() >= self.config.concurrency.max(1) {
-                retrying.join_next().await;
-                continue;
-            }
+        loop {
             let batch = match batches.next().await {
                 Ok(batch) => batch,
-                Err(err) => break err.to_string(),
+                Err(err) => return NotifierError::JetStream(err.to_string()),
             };
-            for (delivery, handled) in self.notify_batch(batch.one_by_one()).await {
-                match handled {
-                    Handled::Settle(settle) => delivery.settle(settle).await,
-                    Handled::TryAgain(first) => {
-                        let notifier = self.clone();
-                        retrying.spawn(async move {
-                            let settle = notifier.try_again(first).await;
-                            delivery.settle(settle).await;
-                        });
-                    }
-                }
-            }
-        };
-        // No event more is taken, but the retries under way end: one cut off between its send
-        // and its record would send again when the event comes back.
-        while retrying.join_next().await.is_some() {}
-        NotifierError::JetStream(failed)
+            let settles = self.notify_batch(&batch.messages).await;
+            batch.settle(settles).await;
+        }
     }
 
     /// Handles a pull's order events: the notifications they call for are recorded (or found),
-    /// locked, sent, and marked sent in one transaction. Says what becomes of each event.
-    async fn notify_batch(&self, deliveries: Vec<Delivery>) -> Vec<(Delivery, Handled)> {
-        let mut handled = Vec::with_capacity(deliveries.len());
+    /// locked, sent, and recorded as sent (or dead-lettered) in one transaction. Says what
+    /// becomes of each event.
+    async fn notify_batch(&self, messages: &[jetstream::Message]) -> Vec<Settle> {
+        let mut settles = Vec::with_capacity(messages.len());
         let mut wanted = Vec::new();
-        for (index, delivery) in deliveries.iter().enumerate() {
-            let message = &delivery.message;
+        for (index, message) in messages.iter().enumerate() {
             let span = tracing::info_span!(
                 "notify",
                 otel.name = "notify",
@@ -212,7 +189,7 @@ impl Notifier {
                 // Not acknowledged: acking would mean a customer never told.
                 Err(why) => {
                     let delay = unreadable::hold_back(&self.pool, CONSUMER, message, &why).await;
-                    handled.push(Handled::Settle(Settle::Nak(delay)));
+                    settles.push(Settle::Nak(delay));
                     continue;
                 }
             };
@@ -220,48 +197,39 @@ impl Notifier {
             match self.wanted(read).instrument(span.clone()).await {
                 Ok(Some(notification)) => {
                     wanted.push((index, notification, span));
-                    handled.push(Handled::Settle(Settle::Ack));
+                    settles.push(Settle::Ack);
                 }
-                Ok(None) => handled.push(Handled::Settle(Settle::Ack)),
+                Ok(None) => settles.push(Settle::Ack),
                 Err(err) => {
                     tracing::warn!(parent: &span, %err, "notification not handled; it will be redelivered");
-                    handled.push(Handled::Settle(Settle::Nak(Duration::from_secs(1))));
+                    settles.push(Settle::Nak(Duration::from_secs(1)));
                 }
             }
         }
-        if !wanted.is_empty() {
-            match self.send_batch(&wanted).await {
-                Ok(outcomes) => {
-                    for ((index, _, _), outcome) in wanted.iter().zip(outcomes) {
-                        if let Some(first) = outcome {
-                            handled[*index] = Handled::TryAgain(first);
-                        }
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "notifications not handled; their events will be redelivered");
-                    for (index, _, _) in &wanted {
-                        handled[*index] = Handled::Settle(Settle::Nak(Duration::from_secs(1)));
-                    }
-                }
+        if !wanted.is_empty()
+            && let Err(err) = self.send_batch(&wanted).await
+        {
+            tracing::warn!(%err, "notifications not handled; their events will be redelivered");
+            for (index, _, _) in &wanted {
+                settles[*index] = Settle::Nak(Duration::from_secs(1));
             }
         }
-        for (delivery, handled) in deliveries.iter().zip(&handled) {
-            if *handled == Handled::Settle(Settle::Ack) {
-                unreadable::handled(&self.pool, CONSUMER, &delivery.message).await;
+        for (message, settle) in messages.iter().zip(&settles) {
+            if *settle == Settle::Ack {
+                unreadable::handled(&self.pool, CONSUMER, message).await;
             }
         }
-        deliveries.into_iter().zip(handled).collect()
+        settles
     }
 
     /// Records the notifications `wanted` (one row per order and kind, a row already there
-    /// kept), sends the pending ones once each, marks those sent, and commits. Returns, for
-    /// each notification, how its sending failed, if it did: it is pending still, to be tried
-    /// again.
+    /// kept), sends each pending one, tries those that failed again with pauses, side by side,
+    /// and records each as sent or dead-lettered, all in one transaction that holds their rows
+    /// locked.
     async fn send_batch(
         &self,
         wanted: &[(usize, Wanted, tracing::Span)],
-    ) -> Result<Vec<Option<FirstAttempt>>, NotifierError> {
+    ) -> Result<(), NotifierError> {
         let (mut order_ids, mut kinds, mut customer_ids, mut payloads) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut seen = std::collections::HashSet::new();
@@ -296,110 +264,153 @@ impl Notifier {
         .bind(&payloads)
         .fetch_all(&mut *tx)
         .await?;
-        let rows: std::collections::HashMap<(String, String), (String, String, Value)> = rows
-            .into_iter()
-            .map(|(order_id, kind, status, customer_id, payload)| {
-                ((order_id, kind), (status, customer_id, payload))
+        // The pending ones, once each, with the span of the first event that asked for it.
+        let spans: std::collections::HashMap<(&str, &str), &tracing::Span> = wanted
+            .iter()
+            .rev()
+            .map(|(_, notification, span)| {
+                ((notification.order_id.as_str(), notification.kind), span)
             })
             .collect();
-        // Each pending notification sent once: published, then one flush for all, then the
-        // webhook's POSTs side by side.
-        let mut sending: Vec<(usize, Result<(), String>)> = Vec::new();
-        let mut sent_here = std::collections::HashSet::new();
-        for (at, (_, notification, span)) in wanted.iter().enumerate() {
-            let key = (notification.order_id.clone(), notification.kind.to_owned());
-            let Some((status, customer_id, payload)) = rows.get(&key) else {
-                continue;
-            };
-            if status != "pending" || !sent_here.insert(key) {
-                continue; // Sent before, dead-lettered, or the same one twice in this pull.
-            }
-            let published = self
-                .publish(
+        let mut pending: Vec<Sending> = rows
+            .into_iter()
+            .filter(|(_, _, status, _, _)| status == "pending")
+            .map(|(order_id, kind, _, customer_id, payload)| {
+                let span = spans
+                    .get(&(order_id.as_str(), kind.as_str()))
+                    .map_or_else(tracing::Span::current, |span| (*span).clone());
+                Sending {
+                    order_id,
+                    kind,
                     customer_id,
-                    &notification.order_id,
-                    notification.kind,
                     payload,
-                )
-                .instrument(span.clone())
-                .await;
-            sending.push((at, published));
-        }
-        if sending.iter().any(|(_, published)| published.is_ok())
-            && let Err(err) = self.nats.flush().await
-        {
-            for (_, published) in &mut sending {
-                if published.is_ok() {
-                    *published = Err(format!("NATS: {err}"));
+                    span,
+                    last_error: String::new(),
                 }
+            })
+            .collect();
+        let attempts = self.config.attempts.max(1);
+        let mut sent: Vec<(Sending, u32)> = Vec::new();
+        let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(5));
+        for attempt in 1..=attempts {
+            if pending.is_empty() {
+                break;
             }
-        }
-        if let Some(url) = &self.config.webhook_url {
-            let posts = sending.iter().map(|(at, published)| {
-                let (_, notification, span) = &wanted[*at];
-                let key = (notification.order_id.clone(), notification.kind.to_owned());
-                let payload = &rows[&key].2;
-                async move {
-                    match published {
-                        Ok(()) => self.post(url, payload).instrument(span.clone()).await,
-                        Err(err) => Err(err.clone()),
+            if attempt > 1 {
+                backoff.wait().await;
+            }
+            let outcomes = self.send_all(&pending).await;
+            let mut failed = Vec::new();
+            for (mut sending, outcome) in pending.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => sent.push((sending, attempt)),
+                    Err(error) => {
+                        tracing::info!(parent: &sending.span, order_id = %sending.order_id, kind = %sending.kind, attempt, %error, "notification not delivered");
+                        sending.last_error = error;
+                        failed.push(sending);
                     }
                 }
-            });
-            let posted = futures::future::join_all(posts).await;
-            for ((_, sent), posted) in sending.iter_mut().zip(posted) {
-                *sent = posted;
             }
+            pending = failed;
         }
-        let (sent_orders, sent_kinds): (Vec<&str>, Vec<&str>) = sending
-            .iter()
-            .filter(|(_, sent)| sent.is_ok())
-            .map(|(at, _)| {
-                let notification = &wanted[*at].1;
-                (notification.order_id.as_str(), notification.kind)
-            })
-            .unzip();
-        if !sent_orders.is_empty() {
+        if !sent.is_empty() {
+            let (orders, kinds, attempts): (Vec<&str>, Vec<&str>, Vec<i32>) = sent
+                .iter()
+                .map(|(sending, attempt)| {
+                    (
+                        sending.order_id.as_str(),
+                        sending.kind.as_str(),
+                        *attempt as i32,
+                    )
+                })
+                .collect();
             sqlx::query(
-                "UPDATE notifications n SET status = 'sent', attempts = 1, last_error = NULL,
-                        sent_at = now()
-                 FROM unnest($1::text[], $2::text[]) AS s(order_id, kind)
+                "UPDATE notifications n SET status = 'sent', attempts = s.attempts,
+                        last_error = NULL, sent_at = now()
+                 FROM unnest($1::text[], $2::text[], $3::int[]) AS s(order_id, kind, attempts)
                  WHERE n.order_id = s.order_id AND n.kind = s.kind",
             )
-            .bind(&sent_orders)
-            .bind(&sent_kinds)
+            .bind(&orders)
+            .bind(&kinds)
+            .bind(&attempts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for sending in &pending {
+            tracing::warn!(parent: &sending.span, order_id = %sending.order_id, kind = %sending.kind, last_error = %sending.last_error, "notification dead-lettered");
+        }
+        if !pending.is_empty() {
+            let (orders, kinds, errors): (Vec<&str>, Vec<&str>, Vec<&str>) = pending
+                .iter()
+                .map(|sending| {
+                    (
+                        sending.order_id.as_str(),
+                        sending.kind.as_str(),
+                        sending.last_error.as_str(),
+                    )
+                })
+                .collect();
+            sqlx::query(
+                "UPDATE notifications n SET status = 'dead_lettered', attempts = $4,
+                        last_error = s.last_error
+                 FROM unnest($1::text[], $2::text[], $3::text[]) AS s(order_id, kind, last_error)
+                 WHERE n.order_id = s.order_id AND n.kind = s.kind",
+            )
+            .bind(&orders)
+            .bind(&kinds)
+            .bind(&errors)
+            .bind(attempts as i32)
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
         metrics::counter!("ordo_notifications_total", "status" => "sent")
-            .increment(sent_orders.len() as u64);
-        let mut outcomes: Vec<Option<FirstAttempt>> = vec![None; wanted.len()];
-        for (at, sent) in sending {
-            if let Err(error) = sent {
-                let notification = &wanted[at].1;
-                tracing::info!(parent: &wanted[at].2, order_id = %notification.order_id, kind = notification.kind, attempt = 1, %error, "notification not delivered");
-                outcomes[at] = Some(FirstAttempt {
-                    order_id: notification.order_id.clone(),
-                    kind: notification.kind,
-                    error,
-                });
-            }
-        }
-        Ok(outcomes)
+            .increment(sent.len() as u64);
+        metrics::counter!("ordo_notifications_total", "status" => "dead_lettered")
+            .increment(pending.len() as u64);
+        Ok(())
     }
 
-    /// A notification whose first sending failed, tried again on its own under its record's
-    /// lock, with pauses; says what becomes of its event.
-    async fn try_again(&self, first: FirstAttempt) -> Settle {
-        let tried = self.deliver_after(&first.order_id, first.kind, 1, first.error);
-        match tried.await {
-            Ok(()) => Settle::Ack,
-            Err(err) => {
-                tracing::warn!(order_id = %first.order_id, kind = first.kind, %err, "notification not handled; it will be redelivered");
-                Settle::Nak(Duration::from_secs(1))
+    /// Sends each of `pending` once: published, then one flush for all, then the webhook's
+    /// POSTs side by side. Says how each went.
+    async fn send_all(&self, pending: &[Sending]) -> Vec<Result<(), String>> {
+        let mut outcomes = Vec::with_capacity(pending.len());
+        for sending in pending {
+            outcomes.push(
+                self.publish(
+                    &sending.customer_id,
+                    &sending.order_id,
+                    &sending.kind,
+                    &sending.payload,
+                )
+                .instrument(sending.span.clone())
+                .await,
+            );
+        }
+        if outcomes.iter().any(Result::is_ok)
+            && let Err(err) = self.nats.flush().await
+        {
+            for outcome in outcomes.iter_mut().filter(|outcome| outcome.is_ok()) {
+                *outcome = Err(format!("NATS: {err}"));
             }
         }
+        if let Some(url) = &self.config.webhook_url {
+            let posts = pending
+                .iter()
+                .zip(&outcomes)
+                .map(|(sending, published)| async move {
+                    match published {
+                        Ok(()) => {
+                            self.post(url, &sending.payload)
+                                .instrument(sending.span.clone())
+                                .await
+                        }
+                        Err(err) => Err(err.clone()),
+                    }
+                });
+            outcomes = futures::future::join_all(posts).await;
+        }
+        outcomes
     }
 
     /// The notification an order event calls for, if any; an `OrderPlaced` only leaves its
@@ -468,7 +479,7 @@ impl Notifier {
         .execute(&self.pool)
         .await?;
         if reset.rows_affected() == 1 {
-            self.deliver_after(order_id, kind, 0, String::new()).await?;
+            self.deliver(order_id, kind).await?;
         }
         let status: Option<String> = sqlx::query_scalar(
             "SELECT status FROM notifications WHERE order_id = $1 AND kind = $2",
@@ -480,15 +491,8 @@ impl Notifier {
         Ok(status)
     }
 
-    /// Delivers a pending notification, under a lock on its record, after `tried` attempts
-    /// (the last of which failed with `last_error`).
-    async fn deliver_after(
-        &self,
-        order_id: &str,
-        kind: &str,
-        tried: u32,
-        last_error: String,
-    ) -> Result<(), NotifierError> {
+    /// Delivers a pending notification, under a lock on its record.
+    async fn deliver(&self, order_id: &str, kind: &str) -> Result<(), NotifierError> {
         let mut tx = self.pool.begin().await?;
         let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
             // Rows of builds before the payload column have none: the fields every payload has.
@@ -505,8 +509,9 @@ impl Notifier {
             return Ok(());
         }
         let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(5));
-        let mut last_error = last_error;
-        for attempt in tried + 1..=self.config.attempts {
+        let mut last_error = String::new();
+        let attempts = self.config.attempts.max(1);
+        for attempt in 1..=attempts {
             if attempt > 1 {
                 backoff.wait().await;
             }
@@ -538,7 +543,7 @@ impl Notifier {
         )
         .bind(order_id)
         .bind(kind)
-        .bind(self.config.attempts as i32)
+        .bind(attempts as i32)
         .bind(&last_error)
         .execute(&mut *tx)
         .await?;
@@ -626,20 +631,14 @@ struct Wanted {
     payload: Value,
 }
 
-/// A notification whose first sending failed: pending still.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct FirstAttempt {
+/// A pending notification being sent, and why its last attempt failed.
+struct Sending {
     order_id: String,
-    kind: &'static str,
-    error: String,
-}
-
-/// What becomes of an event of a pull.
-#[derive(Debug, Clone, PartialEq)]
-enum Handled {
-    Settle(Settle),
-    /// Its notification is tried again on its own; the event is settled when that ends.
-    TryAgain(FirstAttempt),
+    kind: String,
+    customer_id: String,
+    payload: Value,
+    span: tracing::Span,
+    last_error: String,
 }
 
 /// An error and what caused it, on one line.

@@ -142,13 +142,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                 .any(|checkpoint| *checkpoint < position);
             let messages = tokio::select! {
                 change = membership.changed() => {
-                    if unwritten {
-                        // Saves the next owner of a partition re-reading what this one took in;
-                        // if another instance already took one over, the fence refuses it.
-                        if let Err(err) = advance(&self.pool, &mut checkpoints, position).await {
-                            tracing::debug!(%err, "the intake's checkpoints not written at the term's end");
-                        }
-                    }
+                    write_on_leaving(&self.pool, &mut checkpoints, position).await;
                     return Ok(TermEnded::from(change));
                 }
                 () = tokio::time::sleep_until(written_at + WRITE_CHECKPOINTS_EVERY), if unwritten => {
@@ -160,6 +154,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                 () = held.next_due() => {
                     let new_sagas = self.retry_held(&stream, &mut held).await?;
                     if let Some(ended) = hand_over(new_sagas, started, membership).await {
+                        write_on_leaving(&self.pool, &mut checkpoints, position).await;
                         return Ok(ended);
                     }
                     continue;
@@ -208,6 +203,7 @@ impl<G: PaymentGateway> Coordinator<G> {
                 )
                 .await;
             if let Some(ended) = hand_over(new_sagas, started, membership).await {
+                write_on_leaving(&self.pool, &mut checkpoints, position).await;
                 return Ok(ended);
             }
         }
@@ -753,6 +749,31 @@ async fn durable_consumer_floor(js: &jetstream::Context) -> Result<u64, Coordina
             Ok(0)
         }
         Err(err) => Err(js_err(err)),
+    }
+}
+
+/// Writes the checkpoints up to `position` as a term ends, if they are behind, so that the next
+/// holder of a partition does not read again what this one took in. Best effort and brief: if
+/// another instance already took a partition over, the fence refuses the write; if PostgreSQL is
+/// slow, the term ends without it (reading again changes nothing).
+async fn write_on_leaving(
+    pool: &PgPool,
+    checkpoints: &mut BTreeMap<Partition, u64>,
+    position: u64,
+) {
+    if checkpoints
+        .values()
+        .all(|checkpoint| *checkpoint >= position)
+    {
+        return;
+    }
+    let written = tokio::time::timeout(
+        Duration::from_millis(500),
+        advance(pool, checkpoints, position),
+    )
+    .await;
+    if !matches!(written, Ok(Ok(()))) {
+        tracing::debug!("the intake's checkpoints not written as its term ended");
     }
 }
 
