@@ -622,8 +622,15 @@ impl Leases {
                     let silent = |leases: &Self| leases.heartbeat_unseen.is_some_and(|(_, acked)| acked.elapsed() > leases.config.renew_every);
                     if silent(&self) {
                         // A slow tick kept this loop from reading: what arrived meanwhile first.
-                        while let Some(Some(Ok(entry))) = watch.as_mut().and_then(|watch| watch.next().now_or_never()) {
-                            self.observe(entry, false);
+                        while let Some(ready) = watch.as_mut().and_then(|watch| watch.next().now_or_never()) {
+                            match ready {
+                                Some(Ok(entry)) => self.observe(entry, false),
+                                // Failed or ended: opened again.
+                                Some(Err(_)) | None => {
+                                    watch = None;
+                                    break;
+                                }
+                            }
                         }
                     }
                     if silent(&self) {

@@ -33,16 +33,17 @@ pub struct NotifierConfig {
     pub webhook_timeout: Duration,
     /// Deliveries tried before the notification is dead-lettered.
     pub attempts: u32,
-    /// The first pause between attempts; it doubles.
+    /// The first pause between attempts (between half and all of it); it doubles.
     pub retry_base: Duration,
     /// A share of deliveries made to fail on purpose, to exercise retries and dead letters.
     pub failure_rate: f64,
     /// How long a delivered order event may go unacknowledged before the consumer gives it to
     /// another notifier: longer than a pull takes (its failed sendings tried again side by side:
-    /// 5 attempts, 2 s timeouts, growing pauses, about 12 s) and the next pull waits for it, so
-    /// that a slow delivery is not done twice, and the time it takes another
-    /// notifier to take over one that died in the middle of a delivery. Set when the shared
-    /// consumer is created.
+    /// 5 attempts, 2 s timeouts, pauses of at most 1.5 s in all, about 12 s). An event that
+    /// waits longer (behind two slow pulls, or a record another notifier holds locked) comes
+    /// again, and its copy finds the notification sent or locked: never sent twice. Also the
+    /// time it takes another notifier to take over one that died in the middle of a pull. Set
+    /// when the shared consumer is created.
     pub ack_wait: Duration,
 }
 
@@ -129,24 +130,26 @@ impl Notifier {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             let began = std::time::Instant::now();
+            let Some(err) = self.consume(shutdown.as_mut()).await else {
+                return;
+            };
+            let delay = backoff.after_run(began.elapsed());
+            tracing::warn!(%err, retry_in = ?delay, "notifier stopped; starting again");
             tokio::select! {
                 () = &mut shutdown => return,
-                err = self.consume() => {
-                    let delay = backoff.after_run(began.elapsed());
-                    tracing::warn!(%err, retry_in = ?delay, "notifier stopped; starting again");
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                }
+                () = tokio::time::sleep(delay) => {}
             }
         }
     }
 
     /// Notifies as order events arrive, a pull's worth at a time, each event settled once its
-    /// pull is handled. Ends when the consumer fails, with why; a pull under way ends first (one
-    /// cut off between its sends and its record would send again when the events come back).
-    async fn consume(&self) -> NotifierError {
+    /// pull is handled. Ends when the consumer fails, with why, or at `shutdown` (with nothing);
+    /// either way between pulls, never in one (cut off between its sends and its record, it
+    /// would send again when the events come back).
+    async fn consume(
+        &self,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Option<NotifierError> {
         let js = jetstream::new(self.nats.clone());
         let mut batches = match Batches::open(
             &js,
@@ -157,12 +160,16 @@ impl Notifier {
         .await
         {
             Ok(batches) => batches,
-            Err(err) => return NotifierError::JetStream(err.to_string()),
+            Err(err) => return Some(NotifierError::JetStream(err.to_string())),
         };
         loop {
-            let batch = match batches.next().await {
+            let next = tokio::select! {
+                () = &mut shutdown => return None,
+                next = batches.next() => next,
+            };
+            let batch = match next {
                 Ok(batch) => batch,
-                Err(err) => return NotifierError::JetStream(err.to_string()),
+                Err(err) => return Some(NotifierError::JetStream(err.to_string())),
             };
             let settles = self.notify_batch(&batch.messages).await;
             batch.settle(settles).await;
@@ -209,9 +216,14 @@ impl Notifier {
         if !wanted.is_empty()
             && let Err(err) = self.send_batch(&wanted).await
         {
-            tracing::warn!(%err, "notifications not handled; their events will be redelivered");
-            for (index, _, _) in &wanted {
-                settles[*index] = Settle::Nak(Duration::from_secs(1));
+            // One at a time, so that a notification no statement takes holds back only its own
+            // event (PostgreSQL down fails each of them quickly).
+            tracing::warn!(%err, "a pull's notifications not handled together; one at a time");
+            for one in &wanted {
+                if let Err(err) = self.send_batch(std::slice::from_ref(one)).await {
+                    tracing::warn!(parent: &one.2, %err, "notification not handled; it will be redelivered");
+                    settles[one.0] = Settle::Nak(Duration::from_secs(1));
+                }
             }
         }
         for (message, settle) in messages.iter().zip(&settles) {
@@ -388,10 +400,10 @@ impl Notifier {
             );
         }
         if outcomes.iter().any(Result::is_ok)
-            && let Err(err) = self.nats.flush().await
+            && let Err(err) = self.flush().await
         {
             for outcome in outcomes.iter_mut().filter(|outcome| outcome.is_ok()) {
-                *outcome = Err(format!("NATS: {err}"));
+                *outcome = Err(err.clone());
             }
         }
         if let Some(url) = &self.config.webhook_url {
@@ -561,10 +573,7 @@ impl Notifier {
         payload: &Value,
     ) -> Result<(), String> {
         self.publish(customer_id, order_id, kind, payload).await?;
-        self.nats
-            .flush()
-            .await
-            .map_err(|err| format!("NATS: {err}"))?;
+        self.flush().await?;
         if let Some(url) = &self.config.webhook_url {
             self.post(url, payload).await?;
         }
@@ -597,6 +606,16 @@ impl Notifier {
             )
             .await
             .map_err(|err| format!("NATS: {err}"))
+    }
+
+    /// Flushes what was published, within the webhook's timeout: while NATS reconnects a flush
+    /// waits for the connection, and the pull's rows stay locked meanwhile.
+    async fn flush(&self) -> Result<(), String> {
+        match tokio::time::timeout(self.config.webhook_timeout, self.nats.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(format!("NATS: {err}")),
+            Err(_) => Err("NATS: the flush did not complete in time".into()),
+        }
     }
 
     /// POSTs a notification to the webhook.
