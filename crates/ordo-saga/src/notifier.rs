@@ -66,6 +66,9 @@ pub enum NotifierError {
     Database(#[from] sqlx::Error),
     #[error("JetStream: {0}")]
     JetStream(String),
+    /// What was published could not be flushed: NATS is down or reconnecting.
+    #[error("{0}")]
+    Nats(String),
 }
 
 #[derive(Clone)]
@@ -213,9 +216,17 @@ impl Notifier {
                 }
             }
         }
-        if !wanted.is_empty()
-            && let Err(err) = self.send_batch(&wanted).await
-        {
+        let handled = if wanted.is_empty() {
+            Ok(())
+        } else {
+            self.send_batch(&wanted).await
+        };
+        if let Err(NotifierError::Nats(err)) = &handled {
+            tracing::warn!(%err, "notifications not sent; their events will be redelivered");
+            for (index, _, _) in &wanted {
+                settles[*index] = Settle::Nak(Duration::from_secs(1));
+            }
+        } else if let Err(err) = handled {
             // One at a time, so that a notification no statement takes holds back only its own
             // event (PostgreSQL down fails each of them quickly).
             tracing::warn!(%err, "a pull's notifications not handled together; one at a time");
@@ -311,7 +322,7 @@ impl Notifier {
             if attempt > 1 {
                 backoff.wait().await;
             }
-            let outcomes = self.send_all(&pending).await;
+            let outcomes = self.send_all(&pending).await?;
             let mut failed = Vec::new();
             for (mut sending, outcome) in pending.into_iter().zip(outcomes) {
                 match outcome {
@@ -384,8 +395,13 @@ impl Notifier {
     }
 
     /// Sends each of `pending` once: published, then one flush for all, then the webhook's
-    /// POSTs side by side. Says how each went.
-    async fn send_all(&self, pending: &[Sending]) -> Vec<Result<(), String>> {
+    /// POSTs side by side. Says how each went; fails, sending none, when NATS does not take
+    /// the flush (down, or reconnecting): that is no attempt of a channel, and the pull is
+    /// handled again once NATS is back rather than dead-lettered while it is away.
+    async fn send_all(
+        &self,
+        pending: &[Sending],
+    ) -> Result<Vec<Result<(), String>>, NotifierError> {
         let mut outcomes = Vec::with_capacity(pending.len());
         for sending in pending {
             outcomes.push(
@@ -399,12 +415,8 @@ impl Notifier {
                 .await,
             );
         }
-        if outcomes.iter().any(Result::is_ok)
-            && let Err(err) = self.flush().await
-        {
-            for outcome in outcomes.iter_mut().filter(|outcome| outcome.is_ok()) {
-                *outcome = Err(err.clone());
-            }
+        if outcomes.iter().any(Result::is_ok) {
+            self.flush().await.map_err(NotifierError::Nats)?;
         }
         if let Some(url) = &self.config.webhook_url {
             let posts = pending
@@ -422,7 +434,7 @@ impl Notifier {
                 });
             outcomes = futures::future::join_all(posts).await;
         }
-        outcomes
+        Ok(outcomes)
     }
 
     /// The notification an order event calls for, if any; an `OrderPlaced` only leaves its
