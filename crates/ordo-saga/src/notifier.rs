@@ -230,8 +230,17 @@ impl Notifier {
             // One at a time, so that a notification no statement takes holds back only its own
             // event (PostgreSQL down fails each of them quickly).
             tracing::warn!(%err, "a pull's notifications not handled together; one at a time");
+            let mut nats_down = false;
             for one in &wanted {
-                if let Err(err) = self.send_batch(std::slice::from_ref(one)).await {
+                // NATS gone meanwhile: the rest come again with it, rather than each wait out
+                // a flush.
+                let handled = if nats_down {
+                    Err(NotifierError::Nats("NATS is down".into()))
+                } else {
+                    self.send_batch(std::slice::from_ref(one)).await
+                };
+                if let Err(err) = handled {
+                    nats_down |= matches!(err, NotifierError::Nats(_));
                     tracing::warn!(parent: &one.2, %err, "notification not handled; it will be redelivered");
                     settles[one.0] = Settle::Nak(Duration::from_secs(1));
                 }
