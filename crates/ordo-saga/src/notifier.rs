@@ -6,7 +6,8 @@
 //! to a webhook. The events a pull brings (up to 64) are handled together, in one transaction
 //! that holds their records locked: recorded, sent with one flush of NATS, those that failed
 //! tried again side by side with growing pauses, and marked sent. Every sending happens under the
-//! lock on its record, so that two redeliveries never send it twice; after the last attempt the
+//! lock on its record, so that two copies of an event never send it at the same time (a pull
+//! rolled back after sending, see `send_all`, sends again: at least once); after the last attempt the
 //! record is dead-lettered and shows in `/notifications`, and an operator can retry it (`ordo notifications retry`). Notification is the saga's pivot: it is never undone, only retried.
 
 use std::time::Duration;
@@ -41,7 +42,7 @@ pub struct NotifierConfig {
     /// another notifier: longer than a pull takes (its failed sendings tried again side by side:
     /// 5 attempts, 2 s timeouts, pauses of at most 1.5 s in all, about 12 s). An event that
     /// waits longer (behind two slow pulls, or a record another notifier holds locked) comes
-    /// again, and its copy finds the notification sent or locked: never sent twice. Also the
+    /// again, and its copy finds the notification sent, or waits for its lock. Also the
     /// time it takes another notifier to take over one that died in the middle of a pull. Set
     /// when the shared consumer is created.
     pub ack_wait: Duration,
