@@ -119,6 +119,19 @@ async fn join_dealt_some(js: &jetstream::Context, holdings: &Shared, others: &[&
     }
 }
 
+/// Two members, each dealt some partitions, once every partition is held by the one it is dealt
+/// to.
+async fn two_members_holding_their_share(
+    js: &jetstream::Context,
+    holdings: &Shared,
+) -> (Ownership, Ownership) {
+    let first = join(js, holdings).await;
+    let second = join_dealt_some(js, holdings, &[first.instance()]).await;
+    let both = [first.instance(), second.instance()];
+    until(holdings, Duration::from_secs(5), all_held_by(&both)).await;
+    (first, second)
+}
+
 /// Every partition held, each by the member it is dealt to among `members`.
 fn all_held_by(members: &[&str]) -> impl Fn(&BTreeMap<String, BTreeSet<u32>>) -> bool {
     let expected = dealt(members);
@@ -154,11 +167,8 @@ async fn a_member_that_lost_its_connection_is_taken_over_after_one_missed_heartb
     let server = NatsServer::start();
     let js = jetstream::new(server.client().await);
     let holdings = Shared::default();
-    let first = join(&js, &holdings).await;
-    let second = join_dealt_some(&js, &holdings, &[first.instance()]).await;
-    let (a, b) = (first.instance().to_owned(), second.instance().to_owned());
-    let both = [a.as_str(), b.as_str()];
-    until(&holdings, Duration::from_secs(5), all_held_by(&both)).await;
+    let (first, second) = two_members_holding_their_share(&js, &holdings).await;
+    let a = first.instance().to_owned();
 
     // Dropped without leaving: it stops renewing and its liveness subscription is gone, as
     // when a process is killed. Its holders stop at once; the survivor takes its partitions
@@ -200,11 +210,8 @@ async fn a_member_whose_watch_fell_silent_still_takes_a_dead_members_partitions_
     let server = NatsServer::start();
     let js = jetstream::new(server.client().await);
     let holdings = Shared::default();
-    let first = join(&js, &holdings).await;
-    let second = join_dealt_some(&js, &holdings, &[first.instance()]).await;
-    let (a, b) = (first.instance().to_owned(), second.instance().to_owned());
-    let both = [a.as_str(), b.as_str()];
-    until(&holdings, Duration::from_secs(5), all_held_by(&both)).await;
+    let (first, second) = two_members_holding_their_share(&js, &holdings).await;
+    let a = first.instance().to_owned();
 
     // The members' watches are ordered consumers of the bucket's stream: deleted, they fall
     // silent without an error, as when the server holding them dies in a cluster (the client
