@@ -381,8 +381,13 @@ fn base_options() -> async_nats::ConnectOptions {
         })
 }
 
-/// The longest pause between two attempts to reconnect.
+/// The longest pause between two attempts to reconnect (to one of the servers known; a server
+/// that does not answer at all adds the connection timeout).
 const RECONNECT_AT_MOST: Duration = Duration::from_secs(1);
+/// The longest pause between two attempts to connect at start-up. A process started while
+/// nats-server is down (restarted by its supervisor, or starting a member a drill killed) finds
+/// it this late at most (with 30 s, a 20 s outage could make it more than 10 s).
+const CONNECT_AT_MOST: Duration = Duration::from_secs(2);
 
 /// How long the client waits before its `attempts`-th attempt to reconnect: none for the first,
 /// then doubling from 2 ms up to a second, plus up to a fifth more at random so that a fleet
@@ -398,7 +403,8 @@ fn reconnect_delay(attempts: usize) -> Duration {
     delay + delay.mul_f64(rand::random_range(0.0..0.2))
 }
 
-/// Connects, waiting for the server with exponential backoff (capped at 30 s) and saying so.
+/// Connects, waiting for the server with exponential backoff (capped at [`CONNECT_AT_MOST`]) and
+/// saying so.
 /// Once connected, the client reconnects by itself whenever the connection drops. A server
 /// that refuses the credentials or the TLS handshake is an error at once: retrying would only
 /// repeat the refusal (and lock an account that counts failures).
@@ -407,7 +413,7 @@ pub async fn connect_with_backoff(
     auth: &NatsAuth,
 ) -> anyhow::Result<async_nats::Client> {
     let servers = server_addrs(url)?;
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut backoff = Backoff::new(Duration::from_millis(250), CONNECT_AT_MOST);
     loop {
         match auth.options(url).await?.connect(servers.as_slice()).await {
             Ok(client) => {
