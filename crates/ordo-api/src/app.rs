@@ -98,6 +98,9 @@ pub fn prometheus() -> PrometheusHandle {
                     "a metrics recorder was already installed; /metrics shows only this one"
                 );
             }
+            // Which build a process runs, for dashboards and for `up`/`absent` alerts that
+            // need a series every process has.
+            metrics::gauge!("ordo_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
@@ -147,15 +150,25 @@ async fn shed_reads(
     }
 }
 
-/// Serves only `GET /metrics` (Prometheus text of this process) on `listener` until `shutdown`
-/// completes: the metrics port of a worker that has no HTTP API (`--metrics-addr`).
+/// What a worker's `/readyz` checks: its NATS connection, and its database when it has one.
+#[derive(Clone)]
+pub struct WorkerChecks {
+    pub nats: async_nats::Client,
+    pub pool: Option<sqlx::PgPool>,
+}
+
+/// Serves the metrics port of a worker that has no HTTP API (`--metrics-addr`) on `listener`
+/// until `shutdown` completes: `GET /metrics` (Prometheus text of this process), and, for an
+/// orchestrator's probes and without a token, `GET /healthz` (alive) and `GET /readyz` (its
+/// NATS connection up and, if it has one, its database answering).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     tokens: &AccessTokens,
+    checks: WorkerChecks,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let handle = prometheus();
-    // Only /metrics is served here, and it asks for what it asks for on the API.
+    // /metrics asks for what it asks for on the API; the probes for nothing.
     let tokens = AccessTokens {
         api: None,
         metrics: tokens.metrics_token().cloned(),
@@ -168,6 +181,15 @@ pub async fn serve_metrics(
                 async move { handle.render() }
             }),
         )
+        .route("/healthz", get(ops::healthz))
+        .route(
+            "/readyz",
+            get(move || {
+                let checks = checks.clone();
+                async move { ops::worker_readyz(&checks).await }
+            }),
+        )
+        .fallback(ops::not_found)
         .layer(middleware::from_fn_with_state(tokens, auth::require_token));
     tracing::info!(addr = %listener.local_addr()?, "metrics ready");
     axum::serve(listener, router)

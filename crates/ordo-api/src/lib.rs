@@ -15,5 +15,7 @@ pub mod error;
 pub mod ops;
 pub mod reads;
 
-pub use app::{ApiState, DEFAULT_MAX_READS_IN_FLIGHT, prometheus, router, serve, serve_metrics};
+pub use app::{
+    ApiState, DEFAULT_MAX_READS_IN_FLIGHT, WorkerChecks, prometheus, router, serve, serve_metrics,
+};
 pub use auth::{AccessTokens, Token};

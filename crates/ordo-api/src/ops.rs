@@ -86,17 +86,44 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// "ok", or why PostgreSQL does not answer.
+async fn postgres_check(pool: &sqlx::PgPool) -> String {
+    match sqlx::query("SELECT 1").execute(pool).await {
+        Ok(_) => "ok".to_owned(),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// "ok", or the state of a NATS connection that is not up.
+fn nats_check(nats: &async_nats::Client) -> String {
+    match nats.connection_state() {
+        async_nats::connection::State::Connected => "ok".to_owned(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// A worker's readiness on its metrics port: its NATS connection up and, if it has a database,
+/// the database answering. 503 with the failing check otherwise.
+pub async fn worker_readyz(checks: &crate::WorkerChecks) -> axum::response::Response {
+    let mut shown = serde_json::Map::new();
+    shown.insert("nats".into(), nats_check(&checks.nats).into());
+    if let Some(pool) = &checks.pool {
+        shown.insert("postgres".into(), postgres_check(pool).await.into());
+    }
+    let ready = shown.values().all(|check| check == "ok");
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ready, "checks": shown}))).into_response()
+}
+
 /// Ready when PostgreSQL answers (the views were prepared before the API started) and NATS is
 /// connected.
 pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
-    let postgres = match sqlx::query("SELECT 1").execute(&state.pool).await {
-        Ok(_) => "ok".to_owned(),
-        Err(err) => err.to_string(),
-    };
-    let nats = match state.nats.connection_state() {
-        async_nats::connection::State::Connected => "ok".to_owned(),
-        other => format!("{other:?}").to_lowercase(),
-    };
+    let postgres = postgres_check(&state.pool).await;
+    let nats = nats_check(&state.nats);
     let ready = postgres == "ok" && nats == "ok";
     let status = if ready {
         StatusCode::OK
@@ -155,31 +182,37 @@ fn holding_consumers() -> impl Iterator<Item = &'static str> {
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     match projection_status(&state.pool, &state.nats).await {
         Ok(projections) => {
+            // Up only when both sides answered: PostgreSQL (the query above) and JetStream
+            // (every stream's head). A head not read leaves the lag unknown: NaN, not the last
+            // value, which would look like a view keeping up.
+            let heads_read = projections
+                .iter()
+                .all(|projection| projection["stream_head"].is_u64());
             for projection in projections {
                 let name = projection["name"].as_str().unwrap_or_default().to_owned();
                 let gauge = |metric: &'static str, key: &str| {
-                    if let Some(value) = projection[key].as_u64() {
-                        metrics::gauge!(metric, "projection" => name.clone()).set(value as f64);
-                    }
+                    let value = projection[key]
+                        .as_u64()
+                        .map_or(f64::NAN, |value| value as f64);
+                    metrics::gauge!(metric, "projection" => name.clone()).set(value);
                 };
                 gauge("ordo_projection_checkpoint", "checkpoint");
                 gauge("ordo_projection_stream_head", "stream_head");
                 gauge("ordo_projection_lag_events", "lag");
                 for partition in projection["partitions"].as_array().into_iter().flatten() {
-                    if let (Some(number), Some(lag)) =
-                        (partition["partition"].as_u64(), partition["lag"].as_u64())
-                    {
+                    if let Some(number) = partition["partition"].as_u64() {
+                        let lag = partition["lag"].as_u64().map_or(f64::NAN, |lag| lag as f64);
                         metrics::gauge!(
                             "ordo_projection_partition_lag_events",
                             "projection" => name.clone(),
                             "partition" => number.to_string()
                         )
-                        .set(lag as f64);
+                        .set(lag);
                     }
                 }
                 gauge("ordo_projection_parked_events", "parked");
             }
-            metrics::gauge!("ordo_read_model_up").set(1.0);
+            metrics::gauge!("ordo_read_model_up").set(if heads_read { 1.0 } else { 0.0 });
             if let Ok(sagas) = count_by(
                 &state.pool,
                 "SELECT state, count(*) FROM sagas GROUP BY state",

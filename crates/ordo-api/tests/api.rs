@@ -761,13 +761,30 @@ async fn while_nats_is_down_readiness_names_nats_and_postgresql_stays_ok() {
     schema::prepare(database.pool()).await.unwrap();
     let server = NatsServer::start();
     let client = server.client().await;
+    ordo_eventstore::streams::apply_all(
+        &jetstream::new(client.clone()),
+        &ordo_eventstore::StreamDefinition::built_in(),
+    )
+    .await
+    .unwrap();
     let base = serve_api(database.pool(), client).await;
     let http = reqwest::Client::new();
     let readyz = || async {
         let response = http.get(format!("{base}/readyz")).send().await.unwrap();
         (response.status(), response.json::<Value>().await.unwrap())
     };
+    let metrics = || async {
+        let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
+        let response = http.get(format!("{base}/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    };
     assert_eq!(readyz().await.0, StatusCode::OK);
+    let scraped = metrics().await;
+    assert!(
+        scraped.contains("ordo_read_model_up 1\n")
+            && scraped.contains(r#"ordo_projection_lag_events{projection="orders"} 0"#),
+        "{scraped}"
+    );
 
     server.kill();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -790,11 +807,40 @@ async fn while_nats_is_down_readiness_names_nats_and_postgresql_stays_ok() {
         !why.is_empty() && why != "ok",
         "readiness does not say why: {ready}"
     );
+    // The read model is not up without its streams' heads, and a lag it cannot know is NaN,
+    // not the last figure (which would look like a view keeping up).
+    let scraped = metrics().await;
+    assert!(scraped.contains("ordo_read_model_up 0\n"), "{scraped}");
+    assert!(
+        scraped.contains(r#"ordo_projection_lag_events{projection="orders"} NaN"#),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains(&format!(
+            r#"ordo_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{scraped}"
+    );
 
     server.restart();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while readyz().await.0 != StatusCode::OK {
         assert!(std::time::Instant::now() < deadline, "not ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let scraped = metrics().await;
+        if scraped.contains("ordo_read_model_up 1\n")
+            && scraped.contains(r#"ordo_projection_lag_events{projection="orders"} 0"#)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not up again: {scraped}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -12,7 +12,7 @@ use crate::{Settings, Shutdown, components, connect, database};
 pub enum Component {
     /// The command service (NATS micro service `ordo`, queue group `ordo-commands`).
     Commands,
-    /// Projector workers; one instance leads each projection, the others stand by.
+    /// Projector workers; the instances share each view's partitions.
     Projector {
         /// Only this projection (orders or stock); all when absent.
         #[arg(long)]
@@ -82,9 +82,9 @@ impl App {
         let (nats_url, local_nats, database_url, local_postgres) = match role {
             Role::Everything => {
                 let (nats_url, local_nats) =
-                    connect::url_for_up(settings.nats_url.clone(), &settings.home).await?;
+                    connect::url_for_up(settings.nats_url.clone(), &settings.home()).await?;
                 let (database_url, local_postgres) =
-                    database::url_for_up(settings.database_url.clone(), &settings.home).await?;
+                    database::url_for_up(settings.database_url.clone(), &settings.home()).await?;
                 (nats_url, local_nats, database_url, local_postgres)
             }
             Role::Only(_) => (settings.nats_url(), None, settings.database_url(), None),
@@ -126,7 +126,15 @@ impl App {
         if let (Role::Only(_), Some(addr)) = (&self.role, self.settings.metrics_addr) {
             components.spawn(named(
                 "metrics",
-                components::metrics(addr, self.settings.http_access.clone(), shutdown.clone()),
+                components::metrics(
+                    addr,
+                    self.settings.http_access.clone(),
+                    ordo_api::WorkerChecks {
+                        nats: self.nats.clone(),
+                        pool: self.pool.clone(),
+                    },
+                    shutdown.clone(),
+                ),
             ));
         }
         for component in self.role.components() {

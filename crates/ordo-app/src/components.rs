@@ -80,17 +80,32 @@ pub struct LoadSheddingOptions {
     /// Order events the saga coordinators may have not taken in yet before `order.place`
     /// answers `unavailable`. Divided by the rate orders are confirmed at, it is how long an
     /// order may wait for its saga to start.
-    #[arg(long, env = "ORDO_MAX_SAGA_BACKLOG", default_value_t = 5_000)]
+    #[arg(
+        long,
+        env = "ORDO_MAX_SAGA_BACKLOG",
+        default_value_t = 5_000,
+        global = true
+    )]
     pub max_saga_backlog: u64,
     /// Events a projector may have not applied yet before `order.place` answers `unavailable`.
-    #[arg(long, env = "ORDO_MAX_PROJECTION_LAG", default_value_t = 50_000)]
+    #[arg(
+        long,
+        env = "ORDO_MAX_PROJECTION_LAG",
+        default_value_t = 50_000,
+        global = true
+    )]
     pub max_projection_lag: u64,
     /// Orders per second one customer may place, sustained (shared by every command service);
     /// over it, `order.place` answers `rate_limited` with `retry_after_ms`. Unset: no limit.
-    #[arg(long, env = "ORDO_CUSTOMER_ORDER_RATE", value_parser = positive_rate)]
+    #[arg(long, env = "ORDO_CUSTOMER_ORDER_RATE", value_parser = positive_rate, global = true)]
     pub customer_order_rate: Option<f64>,
     /// Orders one customer may place at once after a pause (with --customer-order-rate).
-    #[arg(long, env = "ORDO_CUSTOMER_ORDER_BURST", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "ORDO_CUSTOMER_ORDER_BURST",
+        default_value_t = 10,
+        global = true
+    )]
     pub customer_order_burst: u32,
 }
 
@@ -188,19 +203,31 @@ pub async fn projector(
 #[derive(clap::Args, Clone, Debug)]
 pub struct SagaOptions {
     /// Share of orders the simulated payment gateway declines (0 to 1).
-    #[arg(long, env = "ORDO_PAYMENT_DECLINE_RATE", default_value_t = 0.0, value_parser = share)]
+    #[arg(long, env = "ORDO_PAYMENT_DECLINE_RATE", default_value_t = 0.0, value_parser = share, global = true)]
     pub payment_decline_rate: f64,
     /// How long the simulated payment gateway takes to answer, in milliseconds.
-    #[arg(long, env = "ORDO_PAYMENT_LATENCY_MS", default_value_t = 5)]
+    #[arg(
+        long,
+        env = "ORDO_PAYMENT_LATENCY_MS",
+        default_value_t = 5,
+        global = true
+    )]
     pub payment_latency_ms: u64,
-    /// How long an order may stay pending before its saga rejects it with reason `timeout`.
-    #[arg(long, env = "ORDO_SAGA_TIMEOUT_SECS", default_value_t = 30)]
+    /// How long a saga waits, counted from the first step that gets no answer, before it rejects
+    /// an order still reserving or paying with reason `timeout` (time queued inside ordo does not
+    /// count; once its confirm may have been sent, it only goes forward).
+    #[arg(
+        long,
+        env = "ORDO_SAGA_TIMEOUT_SECS",
+        default_value_t = 30,
+        global = true
+    )]
     pub saga_timeout_secs: u64,
     /// Also POST every notification to this URL.
-    #[arg(long, env = "ORDO_WEBHOOK_URL", hide_env_values = true)]
+    #[arg(long, env = "ORDO_WEBHOOK_URL", hide_env_values = true, global = true)]
     pub webhook_url: Option<String>,
     /// Share of notification deliveries that fail on purpose, to exercise retries (0 to 1).
-    #[arg(long, env = "ORDO_NOTIFY_FAILURE_RATE", default_value_t = 0.0, value_parser = share)]
+    #[arg(long, env = "ORDO_NOTIFY_FAILURE_RATE", default_value_t = 0.0, value_parser = share, global = true)]
     pub notify_failure_rate: f64,
 }
 
@@ -348,11 +375,12 @@ pub async fn api(
 pub async fn metrics(
     addr: SocketAddr,
     access: HttpAccess,
+    checks: ordo_api::WorkerChecks,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening for metrics on {addr} (set ORDO_METRICS_ADDR to use another address)")
     })?;
-    ordo_api::serve_metrics(listener, &access.tokens(), shutdown.signal()).await?;
+    ordo_api::serve_metrics(listener, &access.tokens(), checks, shutdown.signal()).await?;
     Ok(())
 }

@@ -30,7 +30,7 @@ pub fn configured_or_recorded(configured: Option<String>, file: &Path, default: 
         .unwrap_or_else(|| default.to_owned())
 }
 
-/// `ordo up`'s NATS: the configured URL; else 127.0.0.1:4222 if a nats-server >= 2.10 with
+/// `ordo up`'s NATS: the configured URL; else 127.0.0.1:4222 if a nats-server >= 2.12 with
 /// JetStream answers there; else the one an earlier `ordo up` left running; else one started here
 /// with its data under `<home>/nats`.
 pub async fn url_for_up(
@@ -56,6 +56,7 @@ pub async fn url_for_up(
         let url = url.trim().to_owned();
         if probe(&url).await.is_ok() {
             tracing::info!(%url, "using the nats-server an earlier `ordo up` left running");
+            write_nats_context(&url, home);
             return Ok((url, None));
         }
     }
@@ -68,8 +69,9 @@ pub async fn url_for_up(
         %url,
         data = %home.join("nats").display(),
         log = %server.log_file().display(),
-        "started a local nats-server; use `nats --server {url} …` or `ordo …` (it finds it)"
+        "started a local nats-server; `ordo …` finds it"
     );
+    write_nats_context(&url, home);
     Ok((
         url,
         Some(LocalNats {
@@ -77,6 +79,24 @@ pub async fn url_for_up(
             url_file: home.join(URL_FILE),
         }),
     ))
+}
+
+/// Writes the `nats` CLI's context `ordo` for the server `ordo up` runs at `url`, and says how
+/// to use it; a failure to write it is only logged (the engine runs without it).
+fn write_nats_context(url: &str, home: &Path) {
+    match crate::nats_tools::write_up_context(url, home, &|name| std::env::var(name).ok()) {
+        Ok(file) => tracing::info!(
+            context = %file.display(),
+            "wrote the nats CLI's context `{}`: `nats --context {} req …` reaches this server",
+            crate::nats_tools::CONTEXT_NAME,
+            crate::nats_tools::CONTEXT_NAME,
+        ),
+        Err(why) => tracing::warn!(
+            %url,
+            "did not write the nats CLI's context `{}` ({why}); use `nats --server {url} …`",
+            crate::nats_tools::CONTEXT_NAME,
+        ),
+    }
 }
 
 /// A nats-server `ordo up` started: it stops with `ordo up`, its data stays.
@@ -91,7 +111,7 @@ impl Drop for LocalNats {
     }
 }
 
-/// Ok when a nats-server >= 2.10 with JetStream answers at `url`.
+/// Ok when a nats-server of at least [`MINIMUM_VERSION`] with JetStream answers at `url`.
 async fn probe(url: &str) -> Result<(), String> {
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_millis(500))
@@ -101,7 +121,12 @@ async fn probe(url: &str) -> Result<(), String> {
     let version = client.server_info().version;
     match parse_version(&version) {
         Some(found) if found >= MINIMUM_VERSION => {}
-        _ => return Err(format!("nats-server {version} is older than 2.10")),
+        _ => {
+            let (major, minor) = MINIMUM_VERSION;
+            return Err(format!(
+                "nats-server {version} is older than {major}.{minor}"
+            ));
+        }
     }
     let js = async_nats::jetstream::new(client);
     tokio::time::timeout(Duration::from_secs(2), js.query_account())
@@ -143,6 +168,12 @@ impl Secret {
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("***")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Self {
+        Self(text)
     }
 }
 
@@ -223,6 +254,11 @@ fn inbox_prefix(text: &str) -> Result<String, String> {
 enum UrlCredentials {
     UserPassword(String, String),
     Token(String),
+}
+
+/// Whether a server of `url` carries credentials (`user:password@` or `token@`).
+pub fn url_names_credentials(url: &str) -> bool {
+    url_credentials(url).is_some()
 }
 
 /// The credentials of the first server in `url` that names some (percent-decoded).

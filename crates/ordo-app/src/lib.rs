@@ -10,6 +10,8 @@
 //!   settings of each.
 //! - [`connect`]: NATS: URLs, credentials, TLS, connecting with back-off, and the local
 //!   nats-server `ordo up` starts when none answers.
+//! - [`nats_tools`]: the NATS tools' conventions ordo follows: `NATS_URL`, `NATS_CREDS`, …, and
+//!   the `nats` CLI's contexts, one of which `ordo up` writes.
 //! - [`database`]: PostgreSQL: URLs, migrations, grants, and the local PostgreSQL `ordo up`
 //!   starts when none answers.
 //! - [`shutdown`]: [`Shutdown`], and the SIGINT/SIGTERM handler.
@@ -18,6 +20,7 @@ pub mod app;
 pub mod components;
 pub mod connect;
 pub mod database;
+pub mod nats_tools;
 pub mod settings;
 pub mod shutdown;
 

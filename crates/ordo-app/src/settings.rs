@@ -8,13 +8,23 @@ use crate::{
     connect::NatsAuth,
 };
 
+/// The name of the home directory `ordo up` makes when none is configured or found.
+const DEFAULT_HOME: &str = ".ordo";
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct Settings {
-    /// NATS server URL (a comma-separated list for a cluster). Unset, `ordo up` uses
-    /// 127.0.0.1:4222 if a nats-server >= 2.10 with JetStream answers there, else starts one.
-    /// (Its value is never shown by --help: a URL may carry a password.)
+    /// NATS server URL (a comma-separated list for a cluster). Unset: NATS_URL, else the URL of
+    /// the context named by --nats-context; else `ordo up` uses 127.0.0.1:4222 if a nats-server
+    /// >= 2.12 with JetStream answers there, or starts one, and the other commands the one it
+    /// started. (Its value is never shown by --help: a URL may carry a password.)
     #[arg(long, env = "ORDO_NATS_URL", hide_env_values = true, global = true)]
     pub nats_url: Option<String>,
+
+    /// A context of the `nats` CLI (a name under ~/.config/nats/context, or a .json file) to
+    /// take the URL, credentials and TLS files from when neither ordo's settings nor the
+    /// NATS_* variables give them. `ordo up` writes one named `ordo` for a server it starts.
+    #[arg(long, env = "NATS_CONTEXT", global = true)]
+    pub nats_context: Option<String>,
 
     /// PostgreSQL URL of the read views. Unset, `ordo up` uses database `ordo` on a local server
     /// that accepts `postgres` without a password, else starts a private one under .ordo/pg.
@@ -64,9 +74,11 @@ pub struct Settings {
     )]
     pub partitions: u32,
 
-    /// Where `ordo up` keeps the data of servers it starts itself.
-    #[arg(long, env = "ORDO_HOME", default_value = ".ordo", global = true)]
-    pub home: PathBuf,
+    /// Where `ordo up` keeps the data of servers it starts itself, and records their URLs for
+    /// the other commands. Unset: the nearest `.ordo` directory here or above (as git finds
+    /// `.git`), else `.ordo` here.
+    #[arg(long, env = "ORDO_HOME", global = true)]
+    pub home: Option<PathBuf>,
 
     #[command(flatten)]
     pub nats_auth: NatsAuth,
@@ -99,16 +111,48 @@ impl Settings {
             settings: Settings,
         }
         let args = std::iter::once("ordo".into()).chain(args.into_iter().map(Into::into));
-        <Flags as clap::Parser>::try_parse_from(args).map(|flags| flags.settings)
+        let mut settings = <Flags as clap::Parser>::try_parse_from(args)?.settings;
+        settings.adopt_nats_tool_settings().map_err(|err| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("{err:#}\n"),
+            )
+        })?;
+        Ok(settings)
+    }
+
+    /// Fills the NATS URL, credentials and TLS files that ordo's own settings leave unset from
+    /// the `NATS_*` variables and the context named by `--nats-context` (`nats_tools`).
+    pub fn adopt_nats_tool_settings(&mut self) -> anyhow::Result<()> {
+        crate::nats_tools::fill_in(
+            &mut self.nats_url,
+            &mut self.nats_auth,
+            self.nats_context.as_deref(),
+            &|name| std::env::var(name).ok(),
+        )
+    }
+
+    /// The home directory: as configured, else the nearest `.ordo` here or above, else `.ordo`.
+    pub fn home(&self) -> PathBuf {
+        self.home.clone().unwrap_or_else(|| {
+            std::env::current_dir()
+                .ok()
+                .and_then(|here| {
+                    here.ancestors()
+                        .map(|dir| dir.join(DEFAULT_HOME))
+                        .find(|home| home.is_dir())
+                })
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_HOME))
+        })
     }
 
     /// The NATS URL: as configured, else the one `ordo up` recorded, else the default.
     pub fn nats_url(&self) -> String {
-        crate::connect::configured_url(self.nats_url.clone(), &self.home)
+        crate::connect::configured_url(self.nats_url.clone(), &self.home())
     }
 
     /// The database URL: as configured, else the one `ordo up` recorded, else the default.
     pub fn database_url(&self) -> String {
-        crate::database::configured_url(self.database_url.clone(), &self.home)
+        crate::database::configured_url(self.database_url.clone(), &self.home())
     }
 }

@@ -13,7 +13,8 @@ use super::fleet::Component;
 const SHIPPED: &str = include_str!("../../../docker/nats.conf");
 
 /// The users of docker/nats.conf and the variables their passwords come from.
-const USERS: [(&str, &str); 8] = [
+const USERS: [(&str, &str); 9] = [
+    ("ordo-operator", "ORDO_OPERATOR_NATS_PASSWORD"),
     ("ordo-admin", "ORDO_ADMIN_NATS_PASSWORD"),
     ("ordo-commands", "ORDO_COMMANDS_NATS_PASSWORD"),
     ("ordo-projector", "ORDO_PROJECTOR_NATS_PASSWORD"),

@@ -640,13 +640,18 @@ impl Notifier {
         }
     }
 
-    /// POSTs a notification to the webhook.
+    /// POSTs a notification to the webhook, in the order's trace (`traceparent`, as the NATS
+    /// notification carries it).
     async fn post(&self, url: &str, payload: &Value) -> Result<(), String> {
         let body = serde_json::to_vec(payload).expect("payloads serialize");
-        let response = self
+        let mut request = self
             .http
             .post(url)
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        if let Some(traceparent) = trace::traceparent(&tracing::Span::current().context()) {
+            request = request.header("traceparent", traceparent);
+        }
+        let response = request
             .body(body)
             .send()
             .await

@@ -20,18 +20,49 @@ pub async fn migrate(
 }
 
 pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Result<()> {
-    let StreamsAction::Apply { dir } = action;
-    let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
+    let StreamsAction::Apply { dir, wait } = action;
     let streams = components::StreamSettings {
         streams_dir: dir.or(settings.streams.streams_dir.clone()),
         ..settings.streams.clone()
     };
     let definitions = streams.definitions()?;
-    let js = async_nats::jetstream::new(nats);
-    for (stream, applied) in apply_all(&js, &definitions).await? {
-        println!("{stream}: {applied}");
+    let url = settings.nats_url();
+    if wait == 0 {
+        let nats = connect::connect_once(&url, &settings.nats_auth).await?;
+        let js = async_nats::jetstream::new(nats);
+        for (stream, applied) in apply_all(&js, &definitions).await? {
+            println!("{stream}: {applied}");
+        }
+        return Ok(());
     }
-    Ok(())
+    // A cluster just started answers connections before it has elected a JetStream meta
+    // leader, and a stream's creation fails until it has: try again until the deadline.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
+    let nats = tokio::time::timeout_at(
+        deadline.into(),
+        connect::connect_with_backoff(&url, &settings.nats_auth),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("NATS did not answer within {wait} s"))??;
+    let js = async_nats::jetstream::new(nats);
+    loop {
+        match apply_all(&js, &definitions).await {
+            Ok(applied) => {
+                for (stream, applied) in applied {
+                    println!("{stream}: {applied}");
+                }
+                return Ok(());
+            }
+            Err(err) if std::time::Instant::now() < deadline => {
+                eprintln!("JetStream is not ready yet ({err:#}); trying again in a second");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(err) => {
+                return Err(anyhow::Error::new(err)
+                    .context(format!("JetStream was not ready within {wait} s")));
+            }
+        }
+    }
 }
 
 pub async fn partitions(settings: &Settings, action: PartitionsAction) -> anyhow::Result<()> {
@@ -109,13 +140,17 @@ pub fn partitions_table(status: &ordo_eventstore::GroupStatus) -> String {
 pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyhow::Result<()> {
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
     match action {
-        ProjectionsAction::Status => {
+        ProjectionsAction::Status { json } => {
             let pool =
                 PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
             let status = ordo_api::ops::projection_status(&pool, &nats)
                 .await
                 .map_err(|err| anyhow::anyhow!("{err:?}"))?;
-            print!("{}", status_table(&status));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status_table(&status));
+            }
             Ok(())
         }
         ProjectionsAction::Rebuild { view } => {

@@ -1,5 +1,6 @@
 //! The client conveniences: each builds the JSON body a `nats req` would send, sends it to the
-//! same subject, prints the reply and fails when the reply is not ok.
+//! same subject, prints the reply (alone on stdout; the equivalent `nats req` on stderr) and fails
+//! when the reply is not ok.
 
 use std::time::Duration;
 
@@ -152,7 +153,8 @@ pub async fn send(settings: &ordo_app::Settings, request: Request) -> anyhow::Re
         Some(id) => format!("-H {}:{id} ", headers::MSG_ID),
         None => String::new(),
     };
-    println!("> nats req {header}{subject} '{body}'");
+    // The request on stderr, the reply alone on stdout (for `| jq`).
+    eprintln!("> nats req {header}{subject} '{body}'");
     let reply = nats
         .send_request(
             subject,

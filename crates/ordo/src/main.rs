@@ -8,6 +8,7 @@
 //!   ([`client`]).
 //! - `ordo chaos`: a drill of the whole system under faults, and a check of every invariant
 //!   (the `ordo-chaos` crate).
+//! - `ordo completions <shell>`, `ordo man`: shell completions and the manual pages.
 //!
 //! The system itself is the `ordo-app` crate; this binary parses the command line ([`cli`]),
 //! sets up logs and traces ([`telemetry`]) and dispatches.
@@ -31,7 +32,17 @@ async fn main() -> anyhow::Result<()> {
     // One TLS implementation for every client that asks rustls for the process's provider (the
     // OTLP/HTTP exporter's): ring, as async-nats, sqlx and the webhook client use.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            cli::print_completions(*shell);
+            return Ok(());
+        }
+        Command::Man { dir } => return cli::print_man(dir.as_deref()),
+        // A drill starts its own servers unless given ordo's URL: it kills them.
+        Command::Chaos(_) => {}
+        _ => cli.settings.adopt_nats_tool_settings()?,
+    }
     let role = match &cli.command {
         Command::Up => Some(Role::Everything),
         Command::Run { component } => Some(Role::Only(component.clone())),
@@ -45,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = &cli.settings;
     match cli.command {
         Command::Up | Command::Run { .. } => unreachable!("a role, run above"),
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("printed above"),
         Command::Migrate {
             grant_to,
             grant_read_to,

@@ -141,16 +141,59 @@ async fn client_commands_send_the_json_a_nats_req_would_and_print_the_reply() {
     )
     .await;
 
+    // The reply alone on stdout (for `| jq`), the request it sent on stderr.
     let received = ordo(&url, &["stock", "receive", "A1", "5"]);
     let stdout = String::from_utf8_lossy(&received.stdout);
     assert!(received.status.success(), "{stdout}");
-    assert!(
-        stdout.contains(r#"> nats req ordo.cmd.stock.receive '{"sku":"A1","qty":5}'"#),
-        "{stdout}"
+    assert_eq!(
+        stdout,
+        "{\"ok\":true,\"sku\":\"A1\",\"version\":1,\"seq\":1}\n"
     );
+    assert_eq!(
+        String::from_utf8_lossy(&received.stderr),
+        "> nats req ordo.cmd.stock.receive '{\"sku\":\"A1\",\"qty\":5}'\n"
+    );
+
+    // The server named the way every NATS tool reads it: NATS_URL, or a context of the nats
+    // CLI named by NATS_CONTEXT (here in a config directory of the test's own).
+    let config = tempfile::tempdir().unwrap();
+    let contexts = config.path().join("nats").join("context");
+    std::fs::create_dir_all(&contexts).unwrap();
+    std::fs::write(
+        contexts.join("local.json"),
+        json!({"description": "the test's", "url": url}).to_string(),
+    )
+    .unwrap();
+    let in_nats_ways = |args: &[&str], env: (&str, &str)| {
+        Command::new(ORDO)
+            .args(args)
+            .env_remove("ORDO_NATS_URL")
+            .env("XDG_CONFIG_HOME", config.path())
+            .env(env.0, env.1)
+            .current_dir(config.path())
+            .output()
+            .unwrap()
+    };
+    let by_variable = in_nats_ways(&["stock", "receive", "B1", "5"], ("NATS_URL", &url));
+    assert_eq!(
+        String::from_utf8_lossy(&by_variable.stdout),
+        "{\"ok\":true,\"sku\":\"B1\",\"version\":1,\"seq\":2}\n",
+        "{}",
+        String::from_utf8_lossy(&by_variable.stderr)
+    );
+    let by_context = in_nats_ways(&["stock", "receive", "B1", "1"], ("NATS_CONTEXT", "local"));
+    assert_eq!(
+        String::from_utf8_lossy(&by_context.stdout),
+        "{\"ok\":true,\"sku\":\"B1\",\"version\":2,\"seq\":3}\n",
+        "{}",
+        String::from_utf8_lossy(&by_context.stderr)
+    );
+    let no_such_context = in_nats_ways(&["stock", "receive", "B1", "1"], ("NATS_CONTEXT", "nope"));
+    assert!(!no_such_context.status.success());
     assert!(
-        stdout.contains(r#"{"ok":true,"sku":"A1","version":1,"seq":1}"#),
-        "{stdout}"
+        String::from_utf8_lossy(&no_such_context.stderr).contains("NATS context \"nope\""),
+        "{}",
+        String::from_utf8_lossy(&no_such_context.stderr)
     );
 
     let placed = ordo(
@@ -206,6 +249,32 @@ async fn streams_apply_creates_then_leaves_the_streams_alone() {
     assert_eq!(
         String::from_utf8_lossy(&again.stdout),
         "ORDO_ORDERS: unchanged\nORDO_STOCK: unchanged\nORDO_COMMAND_OUTCOMES: unchanged\nORDO_SNAPSHOTS: unchanged\n"
+    );
+}
+
+/// As compose starts it: before the servers answer, and until JetStream takes the streams.
+#[test]
+fn streams_apply_with_wait_waits_for_a_server_that_starts_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, url) = unused_nats_url();
+    let apply = Command::new(ORDO)
+        .args(["streams", "apply", "--wait", "60"])
+        .env("ORDO_NATS_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let _server = NatsServer::start_kept(&dir.path().join("nats"), port).unwrap();
+    let applied = apply.wait_with_output().unwrap();
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&applied.stdout),
+        "ORDO_ORDERS: created\nORDO_STOCK: created\nORDO_COMMAND_OUTCOMES: created\nORDO_SNAPSHOTS: created\n"
     );
 }
 
@@ -520,6 +589,43 @@ async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its
         .await
         .unwrap();
     assert_eq!(without_token.status(), reqwest::StatusCode::UNAUTHORIZED);
+
+    // The probes of an orchestrator need no token: alive, and ready while NATS is connected
+    // (the command service has no database).
+    let probe = |path: &'static str| {
+        let url = format!("http://{addr}{path}");
+        async move {
+            let response = reqwest::get(url).await.unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        }
+    };
+    assert_eq!(
+        probe("/healthz").await,
+        (reqwest::StatusCode::OK, json!({"status": "ok"}))
+    );
+    assert_eq!(
+        probe("/readyz").await,
+        (
+            reqwest::StatusCode::OK,
+            json!({"ready": true, "checks": {"nats": "ok"}})
+        )
+    );
+    server.kill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (status, ready) = loop {
+        let (status, ready) = probe("/readyz").await;
+        if status != reqwest::StatusCode::OK {
+            break (status, ready);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready without NATS: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready["ready"], false, "{ready}");
+    assert_ne!(ready["checks"]["nats"], "ok", "{ready}");
 }
 
 /// `ordo sagas retry` gives a saga stuck in a compensation a fresh count of attempts, due at

@@ -83,6 +83,10 @@ fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
         "otel-collector",
         "jaeger",
         "prometheus",
+        "alertmanager",
+        "alert-sink",
+        "nats-exporter-1",
+        "postgres-exporter",
         "grafana",
     ] {
         assert!(names.contains(expected), "no service {expected}: {names:?}");
@@ -92,7 +96,7 @@ fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
         assert_eq!(replicas(worker), 2, "{worker} runs twice");
     }
     for (name, command) in [
-        ("streams", "streams apply"),
+        ("streams", "streams apply --wait 120"),
         (
             "migrate",
             "migrate --grant-to ordo_worker --grant-read-to ordo_reader",
@@ -192,7 +196,7 @@ fn every_nats_user_is_defined_with_the_password_compose_gives_the_servers() {
 #[test]
 fn monitoring_answers_on_this_host_only_and_grafana_asks_for_a_password() {
     let services = services();
-    for name in ["jaeger", "prometheus", "grafana"] {
+    for name in ["jaeger", "prometheus", "alertmanager", "grafana"] {
         for port in services[name]["ports"].as_sequence().unwrap() {
             assert!(
                 text(port).starts_with("127.0.0.1:"),
@@ -278,11 +282,12 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
         ),
         "{mounted:?}"
     );
-    // The script creates both roles with the passwords compose hands the container.
+    // The script creates the roles with the passwords compose hands the container.
     for (role, password) in [
         ("ordo_owner", "ORDO_DB_OWNER_PASSWORD"),
         ("ordo_worker", "ORDO_DB_WORKER_PASSWORD"),
         ("ordo_reader", "ORDO_DB_READER_PASSWORD"),
+        ("ordo_monitor", "ORDO_DB_MONITOR_PASSWORD"),
     ] {
         assert!(
             roles_script.contains(&format!("CREATE ROLE {role} LOGIN")),
@@ -334,7 +339,12 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
 
     // Prometheus sends the metrics token on every scrape, from the secret compose mounts.
     let prometheus = yaml("docker/prometheus/prometheus.yml");
-    for job in prometheus["scrape_configs"].as_sequence().unwrap() {
+    let ordo_jobs = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|job| text(&job["job_name"]).starts_with("ordo-"));
+    for job in ordo_jobs {
         assert_eq!(
             text(&job["authorization"]["credentials_file"]),
             "/run/secrets/metrics_token",
@@ -509,7 +519,9 @@ fn series_names(metrics: &BTreeMap<String, String>) -> BTreeSet<String> {
 
 #[test]
 fn the_dashboard_and_the_rules_read_only_metrics_ordo_exports() {
-    let exported = series_names(&documented_metrics());
+    let mut exported = series_names(&documented_metrics());
+    // Prometheus's own series of every target it scrapes.
+    exported.insert("up".to_owned());
     let dashboard: serde_json::Value =
         serde_json::from_str(&read("docker/grafana/dashboards/ordo.json")).unwrap();
     let mut expressions: Vec<(String, String)> = dashboard["panels"]
@@ -531,12 +543,32 @@ fn the_dashboard_and_the_rules_read_only_metrics_ordo_exports() {
             .into_iter()
             .map(|rule| (rule.alert, rule.expr)),
     );
+    // The servers' series come from the exporters Prometheus scrapes for them.
+    let prometheus = yaml("docker/prometheus/prometheus.yml");
+    let jobs: BTreeSet<String> = prometheus["scrape_configs"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|job| text(&job["job_name"]))
+        .collect();
     for (source, expr) in expressions {
         for metric in metrics_read_by(&expr) {
-            assert!(
-                exported.contains(&metric),
-                "{source} reads {metric}, which ordo does not export"
-            );
+            if metric.starts_with("gnatsd_") {
+                assert!(
+                    jobs.contains("nats"),
+                    "{source} reads {metric}, nothing scrapes NATS"
+                );
+            } else if metric.starts_with("pg_") {
+                assert!(
+                    jobs.contains("postgres"),
+                    "{source} reads {metric}, nothing scrapes PostgreSQL"
+                );
+            } else {
+                assert!(
+                    exported.contains(&metric),
+                    "{source} reads {metric}, which ordo does not export"
+                );
+            }
         }
     }
 }
@@ -676,4 +708,198 @@ fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other
             "docker/nats.conf names a consumer {stream}.{name} that is not in ConsumerId"
         );
     }
+}
+
+/// The strings of a compose healthcheck's `test`.
+fn healthcheck(service: &Value) -> Vec<String> {
+    service["healthcheck"]["test"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("no healthcheck: {service:?}"))
+        .iter()
+        .map(text)
+        .collect()
+}
+
+/// Compose starts the stack the same way every time: each service waits for what it needs to
+/// be really ready, not only started.
+#[test]
+fn every_service_waits_for_what_it_needs_to_be_ready() {
+    let services = services();
+    // NATS: JetStream current on the node (a meta leader elected), not only enabled.
+    for node in ["nats-1", "nats-2", "nats-3"] {
+        let test = healthcheck(&services[node]);
+        assert_eq!(
+            test.last().map(String::as_str),
+            Some("http://127.0.0.1:8222/healthz"),
+            "{node}: {test:?}"
+        );
+    }
+    // PostgreSQL: over TCP, which it listens on only once its init scripts have run.
+    let test = healthcheck(&services["postgres"]);
+    assert!(
+        test.windows(2)
+            .any(|pair| pair[0] == "-h" && pair[1] == "127.0.0.1"),
+        "postgres: {test:?}"
+    );
+    // ordo's long-running processes: each one's own readiness, on the port it serves it on.
+    let metrics_port = text(&services["commands"]["environment"]["ORDO_METRICS_ADDR"])
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    for name in ["commands", "projectors", "sagas", "notifier", "api"] {
+        let test = healthcheck(&services[name]);
+        assert!(
+            test.contains(&format!("http://127.0.0.1:{metrics_port}/readyz")),
+            "{name}: {test:?}"
+        );
+        assert_eq!(
+            text(&services[name]["environment"]["ORDO_METRICS_ADDR"]),
+            format!("0.0.0.0:{metrics_port}"),
+            "{name}"
+        );
+    }
+    // The image has what the healthchecks run.
+    let dockerfile = read("docker/Dockerfile");
+    assert!(dockerfile.contains(" curl"), "the image has no curl");
+}
+
+/// The nats-server compose runs is the release the tests run (the one scripts/lib.sh installs),
+/// and at least the one ordo needs.
+#[test]
+fn compose_runs_the_nats_server_release_ordo_is_tested_with() {
+    let services = services();
+    let image = text(&services["nats-1"]["image"]);
+    let tag = image
+        .strip_prefix("nats:")
+        .and_then(|tag| tag.strip_suffix("-alpine"))
+        .unwrap_or_else(|| panic!("nats image {image:?}"));
+    let lib = read("scripts/lib.sh");
+    let tested = lib
+        .lines()
+        .find_map(|line| line.strip_prefix("NATS_SERVER_VERSION="))
+        .expect("scripts/lib.sh names NATS_SERVER_VERSION");
+    assert_eq!(tag, tested);
+    let found = ordo_local::parse_version(tag).expect("a version");
+    assert!(found >= ordo_local::MINIMUM_VERSION, "{tag}");
+}
+
+/// The build context leaves out what the image does not need (gigabytes of target/ and .ordo/,
+/// and the secrets file).
+#[test]
+fn the_image_build_sends_neither_build_output_nor_secrets() {
+    let ignored: BTreeSet<String> = read(".dockerignore")
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
+    for path in ["target/", ".ordo/", ".git/", "docker/.env"] {
+        assert!(
+            ignored.contains(path),
+            ".dockerignore does not leave out {path}"
+        );
+    }
+}
+
+/// docker/.env.example names exactly the variables compose.yaml requires: those it
+/// substitutes (`${NAME:?…}`) and those its secrets are read from.
+#[test]
+fn the_env_example_names_every_variable_compose_requires() {
+    let compose = read("docker/compose.yaml");
+    let pattern = regex::Regex::new(r"\$\{([A-Z_]+):\?").unwrap();
+    let mut required: BTreeSet<String> = pattern
+        .captures_iter(&compose)
+        .map(|found| found[1].to_owned())
+        .collect();
+    let secrets = yaml("docker/compose.yaml")["secrets"].clone();
+    for (_, secret) in secrets.as_mapping().unwrap() {
+        required.insert(text(&secret["environment"]));
+    }
+    let example: BTreeSet<String> = read("docker/.env.example")
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim().to_owned()))
+        .collect();
+    assert_eq!(example, required);
+}
+
+/// Prometheus sends alerts to the Alertmanager compose runs, which sends them to a receiver
+/// compose runs too; the operator's NATS user is in the system account.
+#[test]
+fn alerts_reach_a_receiver_and_operators_reach_the_system_account() {
+    let services = services();
+    let prometheus = yaml("docker/prometheus/prometheus.yml");
+    let target =
+        text(&prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0]);
+    let (host, port) = target.split_once(':').unwrap();
+    assert!(services.contains_key(host), "no service {host}");
+    let alertmanager = yaml("docker/alertmanager.yml");
+    let route = text(&alertmanager["route"]["receiver"]);
+    let receiver = alertmanager["receivers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|receiver| text(&receiver["name"]) == route)
+        .expect("the route's receiver");
+    let url = text(&receiver["webhook_configs"][0]["url"]);
+    let sink = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split(':').next())
+        .unwrap();
+    assert!(services.contains_key(sink), "no service {sink}");
+    assert!(
+        text(&services[host]["command"][0]).contains("alertmanager.yml") || port == "9093",
+        "{target}"
+    );
+
+    let conf = read("docker/nats.conf");
+    assert!(conf.contains("\nsystem_account: SYS\n"));
+    assert!(conf.contains("{ user: ordo-operator, password: $ORDO_OPERATOR_NATS_PASSWORD }"));
+    let nats = environment(&services["nats-1"]);
+    assert!(nats["ORDO_OPERATOR_NATS_PASSWORD"].starts_with("${ORDO_OPERATOR_NATS_PASSWORD:?"));
+}
+
+/// Each NATS node's exporter shares the node's network (its monitoring port answers on the
+/// node's loopback only) and is scraped at the node's address; PostgreSQL's reads as a role
+/// that may read the statistics views only.
+#[test]
+fn the_servers_metrics_are_scraped_where_their_exporters_listen() {
+    let services = services();
+    let prometheus = yaml("docker/prometheus/prometheus.yml");
+    let job = |name: &str| {
+        prometheus["scrape_configs"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|job| text(&job["job_name"]) == name)
+            .unwrap_or_else(|| panic!("no job {name}"))["static_configs"][0]["targets"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect::<Vec<_>>()
+    };
+    for (n, target) in (1..=3).zip(job("nats")) {
+        let exporter = &services[format!("nats-exporter-{n}").as_str()];
+        assert_eq!(text(&exporter["network_mode"]), format!("service:nats-{n}"));
+        assert_eq!(target, format!("nats-{n}:7777"));
+        let args: Vec<String> = exporter["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect();
+        assert!(args.contains(&"-port=7777".to_owned()), "{args:?}");
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("http://127.0.0.1:8222")
+        );
+    }
+    assert_eq!(job("postgres"), ["postgres-exporter:9187"]);
+    let source = text(&services["postgres-exporter"]["environment"]["DATA_SOURCE_NAME"]);
+    assert!(source.starts_with("postgresql://ordo_monitor:"), "{source}");
+    assert!(
+        read("docker/postgres-roles.sh")
+            .contains("ordo_monitor LOGIN PASSWORD :'monitor_password' IN ROLE pg_monitor")
+    );
 }

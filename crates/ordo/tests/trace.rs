@@ -163,6 +163,34 @@ async fn http_receiver(received: Received) -> String {
     endpoint
 }
 
+/// A webhook receiver on a free port: its URL, and the `traceparent` of every POST (order id,
+/// kind, header).
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<(String, String, Option<String>)>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let posts = Arc::new(Mutex::new(Vec::new()));
+    let recorded = posts.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| async move {
+                let traceparent = headers
+                    .get("traceparent")
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_owned);
+                recorded.lock().unwrap().push((
+                    body["order_id"].as_str().unwrap_or_default().to_owned(),
+                    body["kind"].as_str().unwrap_or_default().to_owned(),
+                    traceparent,
+                ));
+                axum::http::StatusCode::OK
+            },
+        ),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, posts)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
@@ -254,6 +282,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
     let database = TestDatabase::create().await;
     let received = Received::default();
     let endpoint = grpc_receiver(received.clone()).await;
+    let (webhook_url, posts) = webhook_receiver().await;
     let http_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -264,6 +293,7 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
         ("ORDO_DATABASE_URL", database.url().to_owned()),
         ("ORDO_HTTP_ADDR", format!("127.0.0.1:{http_port}")),
         ("ORDO_HOME", dir.path().display().to_string()),
+        ("ORDO_WEBHOOK_URL", webhook_url),
     ];
     // Exported over gRPC: the protocol when none is named.
     let _up = exporting(&["up"], &env, &endpoint, &dir.path().join("up.log"));
@@ -357,6 +387,32 @@ async fn the_spans_of_one_order_arrive_under_one_trace_with_the_right_parents() 
             .get(&notified.parent_span_id)
             .map(|span| span.name.as_str()),
         Some(Endpoint::OrderConfirm.subject())
+    );
+    // The webhook's POST carries the notification's span as its parent, as NATS's message does.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let posted = loop {
+        let found = posts
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(order, kind, _)| order == "o-1" && kind == "confirmed")
+            .cloned();
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no webhook POST of o-1 confirmed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        posted.2,
+        Some(format!(
+            "00-{CALLER_TRACE_ID}-{}-01",
+            hex(&notified.span_id)
+        )),
+        "the webhook POST's traceparent"
     );
     // A projector's apply hangs under the command whose event it applied.
     for project in named(&spans, "project orders")

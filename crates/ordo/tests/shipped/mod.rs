@@ -4,7 +4,8 @@
 use std::path::Path;
 
 /// The users of docker/nats.conf and the variable each one's password is read from.
-pub const USERS: [(&str, &str); 8] = [
+pub const USERS: [(&str, &str); 9] = [
+    ("ordo-operator", "ORDO_OPERATOR_NATS_PASSWORD"),
     ("ordo-admin", "ORDO_ADMIN_NATS_PASSWORD"),
     ("ordo-commands", "ORDO_COMMANDS_NATS_PASSWORD"),
     ("ordo-projector", "ORDO_PROJECTOR_NATS_PASSWORD"),
