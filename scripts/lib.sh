@@ -67,6 +67,22 @@ ensure_nats_server() {
   say "nats-server: $ORDO_NATS_SERVER ($("$ORDO_NATS_SERVER" --version))"
 }
 
+# nats-py, for the Python client example's test (examples/python), in the same venv as
+# nats-server; ORDO_PYTHON names the python that has it.
+NATS_PY_VERSION=2.16.0
+ensure_python_client() {
+  local venv="$ORDO_TOOLS/venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    command -v python3 >/dev/null || apt_install python3
+    python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; rm -rf "$venv"; python3 -m venv "$venv"; }
+  fi
+  if ! "$venv/bin/python" -c 'import nats' 2>/dev/null; then
+    say "installing nats-py $NATS_PY_VERSION from PyPI into .ordo/tools/venv (the Python example's test)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "nats-py==$NATS_PY_VERSION"
+  fi
+  export ORDO_PYTHON="$venv/bin/python"
+}
+
 pg_answers() { # URL
   command -v psql >/dev/null && psql "$1" -qtAc 'select 1' >/dev/null 2>&1
 }

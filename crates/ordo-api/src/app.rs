@@ -153,8 +153,21 @@ async fn shed_reads(
 /// What a worker's `/readyz` checks: its NATS connection, and its database when it has one.
 #[derive(Clone)]
 pub struct WorkerChecks {
-    pub nats: async_nats::Client,
-    pub pool: Option<sqlx::PgPool>,
+    pub(crate) nats: async_nats::Client,
+    pub(crate) pool: Option<sqlx::PgPool>,
+    /// The database's last answer and when: anyone may ask `/readyz`, so PostgreSQL is asked at
+    /// most once a second, one probe at a time.
+    pub(crate) postgres: Arc<tokio::sync::Mutex<Option<(std::time::Instant, bool)>>>,
+}
+
+impl WorkerChecks {
+    pub fn new(nats: async_nats::Client, pool: Option<sqlx::PgPool>) -> Self {
+        Self {
+            nats,
+            pool,
+            postgres: Arc::default(),
+        }
+    }
 }
 
 /// Serves the metrics port of a worker that has no HTTP API (`--metrics-addr`) on `listener`

@@ -129,10 +129,7 @@ impl App {
                 components::metrics(
                     addr,
                     self.settings.http_access.clone(),
-                    ordo_api::WorkerChecks {
-                        nats: self.nats.clone(),
-                        pool: self.pool.clone(),
-                    },
+                    ordo_api::WorkerChecks::new(self.nats.clone(), self.pool.clone()),
                     shutdown.clone(),
                 ),
             ));

@@ -46,6 +46,7 @@ pub async fn url_for_up(
                 url = DEFAULT_URL,
                 "using the nats-server that answers there"
             );
+            write_nats_context(DEFAULT_URL, home);
             return Ok((DEFAULT_URL.to_owned(), None));
         }
         Err(reason) => tracing::info!(url = DEFAULT_URL, %reason, "not using it"),
@@ -81,8 +82,9 @@ pub async fn url_for_up(
     ))
 }
 
-/// Writes the `nats` CLI's context `ordo` for the server `ordo up` runs at `url`, and says how
-/// to use it; a failure to write it is only logged (the engine runs without it).
+/// Writes the `nats` CLI's context `ordo` for the local server `ordo up` uses at `url` (each
+/// start writes it again, so it names the server in use), and says how to use it; a failure to
+/// write it is only logged (the engine runs without it).
 fn write_nats_context(url: &str, home: &Path) {
     match crate::nats_tools::write_up_context(url, home, &|name| std::env::var(name).ok()) {
         Ok(file) => tracing::info!(

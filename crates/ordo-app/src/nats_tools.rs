@@ -4,11 +4,13 @@
 //! writes a context (`ordo`) for the nats-server it started, so that `nats --context ordo …`
 //! reaches it from anywhere.
 //!
-//! Precedence, highest first: ordo's flags and `ORDO_*` variables; the `NATS_*` variables; the
-//! context named by `--nats-context` or `NATS_CONTEXT`; what `ordo up` recorded in its home. The
-//! context the `nats` CLI has *selected* is not followed unless named: `ordo up` would otherwise
-//! attach to whatever system a user last pointed their CLI at. Credentials and TLS are each taken
-//! whole from one layer (ordo's, else the variables', else the context's), never mixed.
+//! Only the commands a person types read them (`ordo order …`, `ordo stock …`, the operator's
+//! commands): `ordo up`, `ordo run` and `ordo chaos` read ordo's own settings alone, so that a
+//! shell's NATS setup never points a running engine at another system. Precedence: ordo's flags
+//! and `ORDO_NATS_*` variables, and if any of them is given nothing else; else the `NATS_*`
+//! variables over the context named by `--nats-context` or `NATS_CONTEXT`; else what `ordo up`
+//! recorded in its home. Credentials and TLS files are each taken whole from one place, never
+//! mixed. The context the `nats` CLI has *selected* is not followed unless named.
 
 use std::path::{Path, PathBuf};
 
@@ -73,93 +75,111 @@ fn set(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
-/// Fills what ordo's own settings leave unset from the `NATS_*` variables, then from the context
-/// named by `context` (see the module's precedence). `env` reads the environment (a map in
-/// tests).
+/// Whether any of ordo's own NATS settings (flags, `ORDO_NATS_*`) is given.
+fn ordo_configures_nats(nats_url: &Option<String>, auth: &NatsAuth) -> bool {
+    nats_url.is_some()
+        || auth.nats_user.is_some()
+        || auth.nats_password.is_some()
+        || auth.nats_token.is_some()
+        || auth.nats_nkey_file.is_some()
+        || auth.nats_creds.is_some()
+        || auth.nats_ca.is_some()
+        || auth.nats_cert.is_some()
+        || auth.nats_key.is_some()
+        || auth.nats_inbox_prefix.is_some()
+}
+
+/// When none of ordo's own NATS settings is given, takes them from the `NATS_*` variables and
+/// from the context named by `context` (see the module's precedence); with any of ordo's given,
+/// takes nothing, so that a deployment's settings are never mixed with a shell's. `env` reads
+/// the environment (a map in tests).
 pub fn fill_in(
     nats_url: &mut Option<String>,
     auth: &mut NatsAuth,
     context: Option<&str>,
     env: &impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<()> {
+    if ordo_configures_nats(nats_url, auth) {
+        return Ok(());
+    }
     let var = |name: &str| env(name).filter(|value| !value.is_empty());
     let context = context
+        .filter(|name| !name.is_empty())
         .map(|name| read_context(name, env))
         .transpose()?
         .unwrap_or_default();
 
-    if nats_url.is_none() {
-        *nats_url = var("NATS_URL").or(set(context.url));
-    }
-    // A URL that carries credentials is a way to authenticate already.
+    *nats_url = var("NATS_URL").or(set(context.url));
+    // Credentials come whole from the variables, else whole from the context; none when the URL
+    // carries some (`nats://user:password@host`).
     let url_has_credentials = nats_url
         .as_deref()
-        .is_some_and(|url| crate::connect::url_names_credentials(url));
+        .is_some_and(crate::connect::url_names_credentials);
     let has_auth = |auth: &NatsAuth| {
         auth.nats_user.is_some()
+            || auth.nats_password.is_some()
             || auth.nats_token.is_some()
             || auth.nats_nkey_file.is_some()
             || auth.nats_creds.is_some()
     };
-    if !has_auth(auth) && !url_has_credentials {
-        let from_vars = NatsAuth {
-            nats_user: var("NATS_USER"),
-            nats_password: var("NATS_PASSWORD").map(Secret::from),
-            nats_creds: var("NATS_CREDS").map(PathBuf::from),
-            nats_nkey_file: var("NATS_NKEY").map(PathBuf::from),
-            ..NatsAuth::default()
-        };
-        let from_context = NatsAuth {
-            nats_user: set(context.user),
-            nats_password: set(context.password).map(Secret::from),
-            nats_token: set(context.token).map(Secret::from),
-            nats_creds: set(context.creds).map(PathBuf::from),
-            nats_nkey_file: set(context.nkey).map(PathBuf::from),
-            ..NatsAuth::default()
-        };
-        let chosen = if has_auth(&from_vars) {
-            from_vars
-        } else {
-            from_context
-        };
-        auth.nats_user = chosen.nats_user;
-        auth.nats_password = chosen.nats_password;
-        auth.nats_token = chosen.nats_token;
-        auth.nats_creds = chosen.nats_creds;
-        auth.nats_nkey_file = chosen.nats_nkey_file;
-    }
-    let has_tls = |auth: &NatsAuth| {
-        auth.nats_ca.is_some() || auth.nats_cert.is_some() || auth.nats_key.is_some()
+    let from_vars = NatsAuth {
+        nats_user: var("NATS_USER"),
+        nats_password: var("NATS_PASSWORD").map(Secret::from),
+        nats_creds: var("NATS_CREDS").map(PathBuf::from),
+        nats_nkey_file: var("NATS_NKEY").map(PathBuf::from),
+        ..NatsAuth::default()
     };
-    if !has_tls(auth) {
-        let from_vars = (
-            var("NATS_CA").map(PathBuf::from),
-            var("NATS_CERT").map(PathBuf::from),
-            var("NATS_KEY").map(PathBuf::from),
-        );
-        let (ca, cert, key) = if from_vars != (None, None, None) {
-            from_vars
-        } else {
-            (
-                set(context.ca).map(PathBuf::from),
-                set(context.cert).map(PathBuf::from),
-                set(context.key).map(PathBuf::from),
-            )
-        };
-        (auth.nats_ca, auth.nats_cert, auth.nats_key) = (ca, cert, key);
-    }
-    if auth.nats_inbox_prefix.is_none() {
-        auth.nats_inbox_prefix = set(context.inbox_prefix);
-    }
+    let from_context = NatsAuth {
+        nats_user: set(context.user),
+        nats_password: set(context.password).map(Secret::from),
+        nats_token: set(context.token).map(Secret::from),
+        nats_creds: set(context.creds).map(PathBuf::from),
+        nats_nkey_file: set(context.nkey).map(PathBuf::from),
+        ..NatsAuth::default()
+    };
+    let (chosen, inbox_prefix) = if url_has_credentials {
+        (NatsAuth::default(), None)
+    } else if has_auth(&from_vars) {
+        (from_vars, None)
+    } else {
+        // The context's inbox prefix goes with the context's user.
+        let prefix = has_auth(&from_context)
+            .then(|| set(context.inbox_prefix))
+            .flatten();
+        (from_context, prefix)
+    };
+    auth.nats_user = chosen.nats_user;
+    auth.nats_password = chosen.nats_password;
+    auth.nats_token = chosen.nats_token;
+    auth.nats_creds = chosen.nats_creds;
+    auth.nats_nkey_file = chosen.nats_nkey_file;
+    auth.nats_inbox_prefix = inbox_prefix;
+    // TLS files whole from the variables, else whole from the context.
+    let from_vars = (
+        var("NATS_CA").map(PathBuf::from),
+        var("NATS_CERT").map(PathBuf::from),
+        var("NATS_KEY").map(PathBuf::from),
+    );
+    (auth.nats_ca, auth.nats_cert, auth.nats_key) = if from_vars != (None, None, None) {
+        from_vars
+    } else {
+        (
+            set(context.ca).map(PathBuf::from),
+            set(context.cert).map(PathBuf::from),
+            set(context.key).map(PathBuf::from),
+        )
+    };
     // The same checks as the flags': a user without a password, a certificate without its key.
     if auth.nats_user.is_some() != auth.nats_password.is_some() {
         anyhow::bail!(
-            "a NATS user needs its password, and a password its user (NATS_USER and NATS_PASSWORD, or the context's user and password)"
+            "a NATS user needs its password, and a password its user (NATS_USER and \
+             NATS_PASSWORD, or the context's user and password)"
         );
     }
     if auth.nats_cert.is_some() != auth.nats_key.is_some() {
         anyhow::bail!(
-            "a NATS client certificate needs its key, and a key its certificate (NATS_CERT and NATS_KEY, or the context's cert and key)"
+            "a NATS client certificate needs its key, and a key its certificate (NATS_CERT and \
+             NATS_KEY, or the context's cert and key)"
         );
     }
     Ok(())
@@ -225,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn ordos_own_settings_win_then_the_nats_variables_then_the_named_context() {
+    fn the_nats_variables_win_over_the_named_context_and_each_group_comes_from_one_place() {
         let config = tempfile::tempdir().unwrap();
         write_context(
             config.path(),
@@ -234,8 +254,8 @@ mod tests {
         );
         let config_dir = config.path().to_str().unwrap();
 
-        // Nothing of ordo's: the variables for the URL and the credentials, the context for
-        // what the variables leave unset (TLS, inbox).
+        // The variables give the URL and the credentials; the context what they leave unset
+        // (its TLS files), but not its inbox prefix, which goes with its own user.
         let env = env_of(&[
             ("XDG_CONFIG_HOME", config_dir),
             ("NATS_URL", "nats://variable:4222"),
@@ -246,32 +266,74 @@ mod tests {
         assert_eq!(url.as_deref(), Some("nats://variable:4222"));
         assert_eq!(auth.nats_creds, Some(PathBuf::from("/variable.creds")));
         assert_eq!(auth.nats_ca, Some(PathBuf::from("/context-ca.pem")));
-        assert_eq!(auth.nats_inbox_prefix.as_deref(), Some("_INBOX_ctx"));
+        assert_eq!(auth.nats_inbox_prefix, None);
 
-        // ordo's own URL and token: nothing of the variables' or the context's credentials.
-        let (mut url, mut auth) = (
-            Some("nats://ordo:4222".to_owned()),
-            NatsAuth {
-                nats_token: Some(Secret::from("t".to_owned())),
-                ..NatsAuth::default()
-            },
-        );
-        fill_in(&mut url, &mut auth, Some("prod"), &env).unwrap();
-        assert_eq!(url.as_deref(), Some("nats://ordo:4222"));
-        assert_eq!(auth.nats_creds, None);
-
-        // Only the context.
+        // Only the context: all of it, its inbox prefix with its credentials.
         let env = env_of(&[("XDG_CONFIG_HOME", config_dir)]);
         let (mut url, mut auth) = (None, NatsAuth::default());
         fill_in(&mut url, &mut auth, Some("prod"), &env).unwrap();
         assert_eq!(url.as_deref(), Some("nats://context:4222"));
         assert_eq!(auth.nats_creds, Some(PathBuf::from("/context.creds")));
+        assert_eq!(auth.nats_inbox_prefix.as_deref(), Some("_INBOX_ctx"));
 
-        // No context named: the selected one is not followed, nothing is filled in.
-        let (mut url, mut auth) = (None, NatsAuth::default());
-        fill_in(&mut url, &mut auth, None, &env).unwrap();
-        assert_eq!(url, None);
-        assert_eq!(auth.nats_creds, None);
+        // No context named (or an empty name): the selected one is not followed.
+        for named in [None, Some("")] {
+            let (mut url, mut auth) = (None, NatsAuth::default());
+            fill_in(&mut url, &mut auth, named, &env).unwrap();
+            assert_eq!(url, None);
+            assert_eq!(auth.nats_creds, None);
+        }
+    }
+
+    /// A deployment's settings are never mixed with a shell's: any one of ordo's own NATS
+    /// settings, and nothing is taken from the variables or a context.
+    #[test]
+    fn any_of_ordos_own_nats_settings_and_nothing_else_is_taken() {
+        let config = tempfile::tempdir().unwrap();
+        write_context(
+            config.path(),
+            "prod",
+            serde_json::json!({"url": "nats://context:4222", "creds": "/context.creds"}),
+        );
+        let env = env_of(&[
+            ("XDG_CONFIG_HOME", config.path().to_str().unwrap()),
+            ("NATS_URL", "nats://variable:4222"),
+            ("NATS_USER", "someone"),
+            ("NATS_PASSWORD", "theirs"),
+            ("NATS_CA", "/variable-ca.pem"),
+        ]);
+        let ordos = [
+            (Some("nats://ordo:4222".to_owned()), NatsAuth::default()),
+            (
+                None,
+                NatsAuth {
+                    nats_user: Some("ordo-commands".into()),
+                    nats_password: Some(Secret::from("ours".to_owned())),
+                    ..NatsAuth::default()
+                },
+            ),
+            (
+                None,
+                NatsAuth {
+                    nats_password: Some(Secret::from("ours".to_owned())),
+                    ..NatsAuth::default()
+                },
+            ),
+            (
+                None,
+                NatsAuth {
+                    nats_cert: Some("/ours.pem".into()),
+                    nats_key: Some("/ours.key".into()),
+                    ..NatsAuth::default()
+                },
+            ),
+        ];
+        for (url, auth) in ordos {
+            let (mut filled_url, mut filled) = (url.clone(), auth.clone());
+            fill_in(&mut filled_url, &mut filled, Some("prod"), &env).unwrap();
+            assert_eq!(filled_url, url);
+            assert_eq!(format!("{filled:?}"), format!("{auth:?}"));
+        }
     }
 
     #[test]

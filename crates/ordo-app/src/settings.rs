@@ -13,16 +13,18 @@ const DEFAULT_HOME: &str = ".ordo";
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Settings {
-    /// NATS server URL (a comma-separated list for a cluster). Unset: NATS_URL, else the URL of
-    /// the context named by --nats-context; else `ordo up` uses 127.0.0.1:4222 if a nats-server
-    /// >= 2.12 with JetStream answers there, or starts one, and the other commands the one it
-    /// started. (Its value is never shown by --help: a URL may carry a password.)
+    /// NATS server URL (a comma-separated list for a cluster). Unset, `ordo up` uses
+    /// 127.0.0.1:4222 if a nats-server >= 2.12 with JetStream answers there, else starts one;
+    /// the commands a person types use NATS_URL or the context --nats-context names when none
+    /// of ordo's NATS settings is given, else the server `ordo up` started. (Its value is never
+    /// shown by --help: a URL may carry a password.)
     #[arg(long, env = "ORDO_NATS_URL", hide_env_values = true, global = true)]
     pub nats_url: Option<String>,
 
-    /// A context of the `nats` CLI (a name under ~/.config/nats/context, or a .json file) to
-    /// take the URL, credentials and TLS files from when neither ordo's settings nor the
-    /// NATS_* variables give them. `ordo up` writes one named `ordo` for a server it starts.
+    /// A context of the `nats` CLI (a name under ~/.config/nats/context, or a .json file) for
+    /// the commands a person types: its URL, credentials and TLS files are used when none of
+    /// ordo's NATS settings is given and the NATS_* variables do not give them. `ordo up`
+    /// writes one named `ordo` for the local server it uses.
     #[arg(long, env = "NATS_CONTEXT", global = true)]
     pub nats_context: Option<String>,
 
@@ -111,18 +113,13 @@ impl Settings {
             settings: Settings,
         }
         let args = std::iter::once("ordo".into()).chain(args.into_iter().map(Into::into));
-        let mut settings = <Flags as clap::Parser>::try_parse_from(args)?.settings;
-        settings.adopt_nats_tool_settings().map_err(|err| {
-            clap::Error::raw(
-                clap::error::ErrorKind::ValueValidation,
-                format!("{err:#}\n"),
-            )
-        })?;
-        Ok(settings)
+        <Flags as clap::Parser>::try_parse_from(args).map(|flags| flags.settings)
     }
 
-    /// Fills the NATS URL, credentials and TLS files that ordo's own settings leave unset from
-    /// the `NATS_*` variables and the context named by `--nats-context` (`nats_tools`).
+    /// When none of ordo's own NATS settings is given, takes the NATS URL, credentials and TLS
+    /// files from the `NATS_*` variables and the context named by `--nats-context`
+    /// ([`crate::nats_tools`]). The binary does so for the commands a person types, not for
+    /// `ordo up`, `ordo run` or `ordo chaos`.
     pub fn adopt_nats_tool_settings(&mut self) -> anyhow::Result<()> {
         crate::nats_tools::fill_in(
             &mut self.nats_url,

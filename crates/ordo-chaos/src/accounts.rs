@@ -63,8 +63,10 @@ impl Accounts {
 
     /// The servers' configuration: the password variables, then the shipped accounts block.
     pub fn server_config(&self) -> anyhow::Result<String> {
+        // From `system_account`, which names the account the operator's user is in.
         let start = SHIPPED
-            .find("\naccounts {")
+            .find("\nsystem_account:")
+            .or_else(|| SHIPPED.find("\naccounts {"))
             .context("docker/nats.conf has no accounts block")?;
         let end = start
             + SHIPPED[start..]

@@ -21,6 +21,9 @@ use serde_json::{Value, json};
 pub struct EndpointInfo {
     pub name: String,
     pub subject: String,
+    /// Strings about the endpoint (ADR-32's `metadata`): for ordo's, whether it is internal
+    /// and the JSON Schemas of its request and reply.
+    pub metadata: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -125,7 +128,7 @@ impl Micro {
                     "name": endpoint.name,
                     "subject": endpoint.subject,
                     "queue_group": self.queue_group,
-                    "metadata": null,
+                    "metadata": endpoint.metadata,
                 })
             })
             .collect();
@@ -218,6 +221,7 @@ mod tests {
         let endpoints = vec![EndpointInfo {
             name: "order-place".into(),
             subject: ordo_contract::Endpoint::OrderPlace.subject().into(),
+            metadata: serde_json::Map::new(),
         }];
         Micro::new(
             "ordo",

@@ -193,6 +193,7 @@ impl CommandService {
             .map(|endpoint| EndpointInfo {
                 name: micro_name(*endpoint),
                 subject: endpoint.subject().to_owned(),
+                metadata: endpoint_metadata(*endpoint),
             })
             .collect();
         let micro = Arc::new(Micro::new(
@@ -506,6 +507,21 @@ fn merged(
 }
 
 /// An endpoint's name in the micro service (`order-place`): names there may not hold dots.
+/// What `nats micro info ordo` says of an endpoint besides its subject: whether it is internal
+/// (the saga's: no application may send it) and the JSON Schemas of its request and reply
+/// (contracts/ holds the same as files).
+fn endpoint_metadata(endpoint: Endpoint) -> serde_json::Map<String, serde_json::Value> {
+    use ordo_contract::schema::{reply_schema, request_schema};
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("internal".into(), endpoint.is_internal().to_string().into());
+    metadata.insert(
+        "request_schema".into(),
+        request_schema(endpoint).to_string().into(),
+    );
+    metadata.insert("reply_schema".into(), reply_schema().to_string().into());
+    metadata
+}
+
 fn micro_name(endpoint: Endpoint) -> String {
     endpoint.name().replace('.', "-")
 }

@@ -23,6 +23,8 @@
 //! - [`endpoint`]: the subjects ([`Endpoint`]), the headers and the size limits.
 //! - [`request`]: one serde type per subject, and [`CommandRequest`], the one a request is.
 //! - [`reply`]: [`Reply`] and its [`ErrorCode`]s.
+//! - [`schema`]: the JSON Schemas of every request and of the reply, generated from these types
+//!   (the repository's `contracts/` holds them as files).
 //! - `hostile` (feature `hostile`): generated requests the service must refuse, for tests and
 //!   the chaos drill's attacker.
 
@@ -31,6 +33,7 @@ pub mod endpoint;
 pub mod hostile;
 pub mod reply;
 pub mod request;
+pub mod schema;
 
 pub use endpoint::{
     Endpoint, INTERNAL_SUBJECT_PREFIX, MAX_BODY_BYTES, MAX_COMMAND_ID_LEN, MAX_HEADER_VALUE_LEN,

@@ -9,14 +9,24 @@ use ordo_domain::{OrderId, Rejection, Sku};
 use serde::{Deserialize, Serialize};
 
 /// The error codes of the contract. Every refusal carries exactly one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// The request is not one of the contract's (malformed JSON, an unknown or missing field, an
+    /// id that is not a subject token, a number out of range), or its command id was used for a
+    /// different request. Sending it again will not help.
     InvalidCommand,
+    /// The order or SKU does not exist.
     NotFound,
+    /// The order's state does not allow the command (shipping an order not confirmed).
     InvalidState,
+    /// The SKU has less available than the reserve asks.
     InsufficientStock,
+    /// The order or SKU kept changing under the command's attempts (contention): try again.
     Conflict,
+    /// JetStream did not answer, so the command may or may not have happened: send it again
+    /// under the same command id to learn which. With `retry_after_ms` (load shed, or the
+    /// partition moving): nothing was appended; send it again after that long.
     Unavailable,
     /// The customer placed orders faster than its limit allows (`retry_after_ms` says when).
     RateLimited,
@@ -158,23 +168,36 @@ impl Reply {
     }
 }
 
-/// The reply as JSON has it. `ok` comes first, so that a reader of the raw text sees it first.
-#[derive(Serialize, Deserialize)]
-struct WireReply {
+/// A command's reply. `ok` comes first, so that a reader of the raw text sees it first. Accepted
+/// (`ok: true`): the order's or the SKU's id, its `version` (how many events it has) and the
+/// event's stream sequence `seq`. Refused (`ok: false`): the `error`.
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(title = "Reply")]
+pub(crate) struct WireReply {
     ok: bool,
+    /// The order an accepted order command acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::schema::Id>")]
     order_id: Option<OrderId>,
+    /// The SKU an accepted stock command acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::schema::Id>")]
     sku: Option<Sku>,
+    /// How many events the order or SKU has, this command's included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     version: Option<u64>,
+    /// The event's stream sequence: a read with `?min_seq=` waits for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+    /// Why nothing was appended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<WireError>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A refusal: one code of the contract, a message for people, and for `unavailable` and
+/// `rate_limited` how long to wait before sending the command again.
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(rename = "Error")]
 struct WireError {
     code: ErrorCode,
     #[serde(default)]

@@ -53,7 +53,7 @@ pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Resu
                 }
                 return Ok(());
             }
-            Err(err) if std::time::Instant::now() < deadline => {
+            Err(err) if not_ready_yet(&err) && std::time::Instant::now() < deadline => {
                 eprintln!("JetStream is not ready yet ({err:#}); trying again in a second");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
@@ -63,6 +63,25 @@ pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Resu
             }
         }
     }
+}
+
+/// Whether JetStream may take the streams a moment later: it did not answer, or a cluster is
+/// still electing its leader. A definition it refuses, or one that cannot be read, fails at once.
+fn not_ready_yet(err: &ordo_eventstore::streams::StreamsError) -> bool {
+    let ordo_eventstore::streams::StreamsError::JetStream { reason, .. } = err else {
+        return false;
+    };
+    let reason = reason.to_lowercase();
+    [
+        "timed out",
+        "timeout",
+        "no responders",
+        "unavailable",
+        "not enabled",
+        "leader",
+    ]
+    .iter()
+    .any(|sign| reason.contains(sign))
 }
 
 pub async fn partitions(settings: &Settings, action: PartitionsAction) -> anyhow::Result<()> {
@@ -147,7 +166,9 @@ pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyh
                 .await
                 .map_err(|err| anyhow::anyhow!("{err:?}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
+                // GET /projections' document.
+                let document = serde_json::json!({"projections": status});
+                println!("{}", serde_json::to_string_pretty(&document)?);
             } else {
                 print!("{}", status_table(&status));
             }

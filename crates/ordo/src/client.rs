@@ -41,6 +41,14 @@ pub enum OrderAction {
     },
     /// Ship a confirmed order.
     Ship { order_id: String },
+    /// Read an order from the read API at --http-addr (with --http-token when it asks for one):
+    /// `GET /orders/{id}`, printed as it answers.
+    Get {
+        order_id: String,
+        /// Wait (up to 5 s) until the view holds this stream sequence: a command's reply's `seq`.
+        #[arg(long)]
+        min_seq: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,8 +103,45 @@ impl OrderAction {
                 }),
                 command_id: None,
             },
+            Self::Get { .. } => unreachable!("a read, sent by get_order"),
         })
     }
+}
+
+/// `ordo order get`: the order as the read API answers it, alone on stdout; fails when the API
+/// answers an error (printed too: it says why).
+pub async fn get_order(
+    settings: &ordo_app::Settings,
+    order_id: &str,
+    min_seq: Option<u64>,
+) -> anyhow::Result<()> {
+    let order_id = OrderId::parse(order_id)?;
+    let mut url = format!("http://{}/orders/{}", settings.http_addr, order_id.as_str());
+    if let Some(min_seq) = min_seq {
+        url.push_str(&format!("?min_seq={min_seq}"));
+    }
+    let mut request = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(10));
+    if let Some(token) = &settings.http_access.http_token {
+        request = request.bearer_auth(token.expose());
+    }
+    let response = request.send().await.with_context(|| {
+        format!(
+            "no answer from the read API at {} (is `ordo up` running? --http-addr names it)",
+            settings.http_addr
+        )
+    })?;
+    let status = response.status();
+    let body: Value = response
+        .json()
+        .await
+        .with_context(|| format!("the read API answered {status} without JSON"))?;
+    println!("{body}");
+    if !status.is_success() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 impl StockAction {

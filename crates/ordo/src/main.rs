@@ -39,8 +39,10 @@ async fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Man { dir } => return cli::print_man(dir.as_deref()),
-        // A drill starts its own servers unless given ordo's URL: it kills them.
-        Command::Chaos(_) => {}
+        // The engine and the drill run on ordo's own settings alone: a shell's NATS_URL must
+        // not point them at another system (and a drill kills the servers it uses).
+        Command::Up | Command::Run { .. } | Command::Chaos(_) => {}
+        // The commands a person types follow the NATS tools' conventions too.
         _ => cli.settings.adopt_nats_tool_settings()?,
     }
     let role = match &cli.command {
@@ -66,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Projections { action } => admin::projections(settings, action).await,
         Command::Sagas { action } => admin::sagas(settings, action).await,
         Command::Notifications { action } => admin::notifications(settings, action).await,
+        Command::Order {
+            action: client::OrderAction::Get { order_id, min_seq },
+        } => client::get_order(settings, &order_id, min_seq).await,
         Command::Order { action } => client::send(settings, action.into_request()?).await,
         Command::Stock { action } => client::send(settings, action.into_request()?).await,
         Command::Chaos(options) => chaos(options, settings).await,

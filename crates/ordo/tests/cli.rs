@@ -2,7 +2,7 @@
 
 use ordo_contract::Endpoint;
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Output},
     time::{Duration, Instant},
 };
@@ -165,9 +165,24 @@ async fn client_commands_send_the_json_a_nats_req_would_and_print_the_reply() {
     )
     .unwrap();
     let in_nats_ways = |args: &[&str], env: (&str, &str)| {
-        Command::new(ORDO)
+        let mut command = Command::new(ORDO);
+        // Only the one way of naming the server under test.
+        for name in [
+            "ORDO_NATS_URL",
+            "NATS_URL",
+            "NATS_CONTEXT",
+            "NATS_CREDS",
+            "NATS_NKEY",
+            "NATS_USER",
+            "NATS_PASSWORD",
+            "NATS_CA",
+            "NATS_CERT",
+            "NATS_KEY",
+        ] {
+            command.env_remove(name);
+        }
+        command
             .args(args)
-            .env_remove("ORDO_NATS_URL")
             .env("XDG_CONFIG_HOME", config.path())
             .env(env.0, env.1)
             .current_dir(config.path())
@@ -297,30 +312,127 @@ fn a_client_command_without_a_server_says_what_to_do() {
     );
 }
 
+/// The python with nats-py that scripts/test installs (ORDO_PYTHON), else the one it would have
+/// installed it into.
+fn python_with_nats_py() -> PathBuf {
+    let python = std::env::var_os("ORDO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ordo/tools/venv/bin/python")
+        });
+    let has_nats_py = Command::new(&python)
+        .args(["-c", "import nats"])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(
+        has_nats_py,
+        "{} cannot import nats-py: run ./scripts/test (it installs it), or set ORDO_PYTHON",
+        python.display()
+    );
+    python
+}
+
+/// examples/python/ordo_client.py, as a user runs it against `ordo up`: it sends commands with
+/// nats-py (one of them twice under a command id) and reads its own write from the read API.
+#[tokio::test]
+async fn the_python_example_places_an_order_and_reads_it_back_from_ordo_up() {
+    let python = python_with_nats_py();
+    let up = UpUnderTest::start().await;
+    let (server, http_addr) = (&up.server, &up.http_addr);
+    // Up once a command is answered and the read API serves.
+    request_when_up(
+        &server.client().await,
+        Endpoint::OrderShip.subject(),
+        json!({"order_id": "warm-up"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://{http_addr}/healthz"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the read API never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python/ordo_client.py");
+    let ran = Command::new(&python)
+        .arg(&example)
+        .env("NATS_URL", server.url())
+        .env("ORDO_API", format!("http://{http_addr}"))
+        .env_remove("ORDO_HTTP_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&ran.stdout),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let saw: Value = serde_json::from_slice(&ran.stdout).unwrap();
+    assert_eq!(saw["total_cents"], 1000, "{saw}");
+    assert_eq!(saw["repeat_was_the_same"], true, "{saw}");
+    assert_eq!(saw["refusal"], "invalid_command", "{saw}");
+    assert!(saw["order_id"].as_str().unwrap().starts_with("py-order-"));
+}
+
+/// `ordo up` on a nats-server and a database of its own, its read API on a free port.
+struct UpUnderTest {
+    server: NatsServer,
+    _database: ordo_testkit::TestDatabase,
+    dir: tempfile::TempDir,
+    http_addr: String,
+    /// What it was started with, for the commands run beside it.
+    env: Vec<(&'static str, String)>,
+    process: OrdoProcess,
+}
+
+impl UpUnderTest {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = NatsServer::start();
+        let database = ordo_testkit::TestDatabase::create().await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let http_addr = format!("127.0.0.1:{port}");
+        let env = vec![
+            ("ORDO_NATS_URL", server.url()),
+            ("ORDO_DATABASE_URL", database.url().to_owned()),
+            ("ORDO_HTTP_ADDR", http_addr.clone()),
+            ("ORDO_HOME", dir.path().display().to_string()),
+        ];
+        let process = OrdoProcess::start(
+            ORDO,
+            &["up"],
+            env.iter().map(|(key, value)| (*key, value.as_str())),
+            &dir.path().join("up.log"),
+        );
+        Self {
+            server,
+            _database: database,
+            dir,
+            http_addr,
+            env,
+            process,
+        }
+    }
+}
+
 #[tokio::test]
 async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start();
-    let database = ordo_testkit::TestDatabase::create().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let http_addr = format!("127.0.0.1:{port}");
-    let env = [
-        ("ORDO_NATS_URL", server.url()),
-        ("ORDO_DATABASE_URL", database.url().to_owned()),
-        ("ORDO_HTTP_ADDR", http_addr.clone()),
-        ("ORDO_HOME", dir.path().display().to_string()),
-    ];
+    let UpUnderTest {
+        server,
+        _database,
+        dir: _dir,
+        http_addr,
+        env,
+        process: up,
+    } = UpUnderTest::start().await;
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let up = OrdoProcess::start(
-        ORDO,
-        &["up"],
-        env.iter().copied(),
-        &dir.path().join("up.log"),
-    );
 
     let client = server.client().await;
     let received = request_when_up(
@@ -384,9 +496,40 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
             .output()
             .unwrap()
     };
+    // `ordo order get` reads the API at ORDO_HTTP_ADDR: the order alone on stdout; an order that
+    // does not exist is the API's 404, and a failure.
+    let seq = placed["seq"].to_string();
+    let read = command(&["order", "get", "o-1", "--min-seq", &seq]);
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let read: Value = serde_json::from_slice(&read.stdout).unwrap();
+    assert_eq!(read["order_id"], "o-1");
+    assert_eq!(read["total_cents"].as_i64(), Some(1000));
+    let missing = command(&["order", "get", "o-404"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let missing: Value = serde_json::from_slice(&missing.stdout).unwrap();
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+
     let status = command(&["projections", "status"]);
     let status = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(status.starts_with("projection   stream"), "{status}");
+    // --json: the document GET /projections answers.
+    let status = command(&["projections", "status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let api_document = get("/projections".into()).await;
+    let names = |document: &Value| -> Vec<String> {
+        document["projections"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{document}"))
+            .iter()
+            .map(|view| view["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(&status), names(&api_document));
+    assert_eq!(names(&status), ["orders", "stock"]);
     let rebuilt = command(&["projections", "rebuild", "stock"]);
     assert!(
         rebuilt.status.success(),

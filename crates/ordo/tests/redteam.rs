@@ -988,3 +988,29 @@ async fn consumer_request_is_refused(client: &async_nats::Client, stream: &str, 
     };
     assert!(refused, "{config}: {answer:?}");
 }
+
+/// The operator's user in the system account reads the servers' reports (what `nats server
+/// report jetstream` asks) and can do nothing else there: no kick, no reload.
+#[tokio::test]
+async fn the_operator_reads_the_servers_reports_and_can_neither_kick_nor_reload() {
+    let server = NatsServer::start_with_config(&accounts_config());
+    let operator = connect_as(&server.url(), "ordo-operator").await;
+    let report = operator
+        .request("$SYS.REQ.SERVER.PING.JSZ", "{}".into())
+        .await
+        .expect("the operator reads the JetStream report");
+    let report: Value = serde_json::from_slice(&report.payload).unwrap();
+    assert!(report["data"].is_object(), "{report}");
+    let server_id = report["server"]["id"].as_str().unwrap().to_owned();
+    for verb in ["KICK", "RELOAD", "LDM"] {
+        let answer = operator
+            .send_request(
+                format!("$SYS.REQ.SERVER.{server_id}.{verb}"),
+                async_nats::Request::new()
+                    .payload(json!({"cid": 1}).to_string().into())
+                    .timeout(Some(Duration::from_secs(2))),
+            )
+            .await;
+        assert!(answer.is_err(), "{verb} went through: {answer:?}");
+    }
+}

@@ -364,6 +364,27 @@ async fn the_service_is_visible_to_nats_micro_tooling() {
             Endpoint::StockReserve.subject(),
         ]
     );
+    // Each endpoint says whether it is internal, and carries the JSON Schemas of its request
+    // and reply (strings, as ADR-32's metadata is).
+    for endpoint in info["endpoints"].as_array().unwrap() {
+        let subject = endpoint["subject"].as_str().unwrap();
+        let known = Endpoint::ALL
+            .into_iter()
+            .find(|known| known.subject() == subject)
+            .unwrap();
+        let metadata = &endpoint["metadata"];
+        assert_eq!(
+            metadata["internal"],
+            known.is_internal().to_string(),
+            "{subject}"
+        );
+        let request: serde_json::Value =
+            serde_json::from_str(metadata["request_schema"].as_str().unwrap()).unwrap();
+        assert_eq!(request["x-ordo-subject"], subject);
+        let reply: serde_json::Value =
+            serde_json::from_str(metadata["reply_schema"].as_str().unwrap()).unwrap();
+        assert_eq!(reply["title"], "Reply");
+    }
     let ping = engine
         .client
         .request("$SRV.PING.ordo", "".into())

@@ -48,8 +48,10 @@ pub fn accounts_config() -> String {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docker/nats.conf"),
     )
     .unwrap();
+    // From `system_account`, which names the account the operator's user is in.
     let start = shipped
-        .find("\naccounts {")
+        .find("\nsystem_account:")
+        .or_else(|| shipped.find("\naccounts {"))
         .expect("docker/nats.conf has an accounts block");
     let end = start + shipped[start..].find("\n}\n").expect("its end") + 3;
     let variables: String = USERS
