@@ -72,6 +72,7 @@ ensure_nats_server() {
 NATS_PY_VERSION=2.16.0
 ensure_python_client() {
   local venv="$ORDO_TOOLS/venv"
+  if [ -n "${ORDO_PYTHON:-}" ] && "$ORDO_PYTHON" -c 'import nats' 2>/dev/null; then return; fi
   if [ ! -x "$venv/bin/python" ]; then
     command -v python3 >/dev/null || apt_install python3
     python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; rm -rf "$venv"; python3 -m venv "$venv"; }

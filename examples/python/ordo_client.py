@@ -13,6 +13,7 @@ every request and reply are in contracts/ (and in `nats micro info ordo`).
 import asyncio
 import json
 import os
+import urllib.error
 import urllib.request
 import uuid
 
@@ -37,7 +38,11 @@ def read(path):
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        body = error.read()
+        try:
+            return error.code, json.loads(body)
+        except ValueError:
+            return error.code, {"error": {"code": "not_json", "message": body.decode(errors="replace")}}
 
 
 async def main():

@@ -99,12 +99,19 @@ pub fn fill_in(
     context: Option<&str>,
     env: &impl Fn(&str) -> Option<String>,
 ) -> anyhow::Result<()> {
+    let context = context.filter(|name| !name.is_empty());
     if ordo_configures_nats(nats_url, auth) {
+        if let Some(name) = context {
+            anyhow::bail!(
+                "the NATS context {name:?} is named (--nats-context or NATS_CONTEXT) while ordo's \
+                 own NATS settings (--nats-*, ORDO_NATS_*) are given too: ordo takes one or the \
+                 other, never a mix; drop one"
+            );
+        }
         return Ok(());
     }
     let var = |name: &str| env(name).filter(|value| !value.is_empty());
     let context = context
-        .filter(|name| !name.is_empty())
         .map(|name| read_context(name, env))
         .transpose()?
         .unwrap_or_default();
@@ -330,9 +337,12 @@ mod tests {
         ];
         for (url, auth) in ordos {
             let (mut filled_url, mut filled) = (url.clone(), auth.clone());
-            fill_in(&mut filled_url, &mut filled, Some("prod"), &env).unwrap();
+            fill_in(&mut filled_url, &mut filled, None, &env).unwrap();
             assert_eq!(filled_url, url);
             assert_eq!(format!("{filled:?}"), format!("{auth:?}"));
+            // Naming a context as well is a contradiction, said at once.
+            let err = fill_in(&mut filled_url, &mut filled, Some("prod"), &env).unwrap_err();
+            assert!(err.to_string().contains("never a mix"), "{err}");
         }
     }
 

@@ -506,7 +506,6 @@ fn merged(
     )
 }
 
-/// An endpoint's name in the micro service (`order-place`): names there may not hold dots.
 /// What `nats micro info ordo` says of an endpoint besides its subject: whether it is internal
 /// (the saga's: no application may send it) and the JSON Schemas of its request and reply
 /// (contracts/ holds the same as files).
@@ -522,6 +521,7 @@ fn endpoint_metadata(endpoint: Endpoint) -> serde_json::Map<String, serde_json::
     metadata
 }
 
+/// An endpoint's name in the micro service (`order-place`): names there may not hold dots.
 fn micro_name(endpoint: Endpoint) -> String {
     endpoint.name().replace('.', "-")
 }

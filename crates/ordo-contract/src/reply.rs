@@ -171,17 +171,15 @@ impl Reply {
 /// A command's reply. `ok` comes first, so that a reader of the raw text sees it first. Accepted
 /// (`ok: true`): the order's or the SKU's id, its `version` (how many events it has) and the
 /// event's stream sequence `seq`. Refused (`ok: false`): the `error`.
-#[derive(Serialize, Deserialize, schemars::JsonSchema)]
-#[schemars(title = "Reply")]
-pub(crate) struct WireReply {
+/// (Its JSON Schema is written out in `crate::schema`: the wire form is one of two shapes.)
+#[derive(Serialize, Deserialize)]
+struct WireReply {
     ok: bool,
     /// The order an accepted order command acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<crate::schema::Id>")]
     order_id: Option<OrderId>,
     /// The SKU an accepted stock command acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(with = "Option<crate::schema::Id>")]
     sku: Option<Sku>,
     /// How many events the order or SKU has, this command's included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,8 +194,7 @@ pub(crate) struct WireReply {
 
 /// A refusal: one code of the contract, a message for people, and for `unavailable` and
 /// `rate_limited` how long to wait before sending the command again.
-#[derive(Serialize, Deserialize, schemars::JsonSchema)]
-#[schemars(rename = "Error")]
+#[derive(Serialize, Deserialize)]
 struct WireError {
     code: ErrorCode,
     #[serde(default)]

@@ -123,7 +123,7 @@ pub struct PlaceOrder {
     pub order_id: Option<OrderId>,
     #[schemars(with = "crate::schema::Id")]
     pub customer_id: CustomerId,
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = 1, max = ordo_domain::order::MAX_LINES))]
     pub lines: Vec<Line>,
     /// `USD` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -32,6 +32,8 @@ impl JsonSchema for Id {
         json_schema!({
             "type": "string",
             "pattern": "^[A-Za-z0-9_-]{1,64}$",
+            // Validators whose `$` matches before a final newline (Python's) would take "o-1\n".
+            "not": {"pattern": "\n"},
             "description": "1 to 64 characters of A-Z, a-z, 0-9, '_' and '-' (it becomes a NATS subject token)"
         })
     }
@@ -49,6 +51,7 @@ impl JsonSchema for CurrencyCode {
         json_schema!({
             "type": "string",
             "pattern": "^[A-Z]{3}$",
+            "not": {"pattern": "\n"},
             "description": "an ISO 4217 code, three upper-case letters; USD when absent"
         })
     }
@@ -63,7 +66,12 @@ impl JsonSchema for Amount {
     }
 
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": "integer", "minimum": 0, "maximum": MAX_NUMBER})
+        json_schema!({
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_NUMBER,
+            "description": "a JSON integer (5, not 5.0)"
+        })
     }
 }
 
@@ -72,7 +80,7 @@ fn quantity_schema(maximum: u64) -> Schema {
         "type": "integer",
         "minimum": 1,
         "maximum": maximum,
-        "description": "a whole number greater than 0"
+        "description": "a whole number greater than 0, as a JSON integer (5, not 5.0)"
     })
 }
 
@@ -106,18 +114,69 @@ impl JsonSchema for Reason {
             "type": "string",
             "maxLength": ordo_domain::order::MAX_REASON_LEN,
             "pattern": "^[^\\u0000]*$",
-            "description": "at most 1024 bytes of UTF-8 (maxLength counts characters: a reason of many multi-byte characters is refused sooner), without U+0000"
+            "description": "at most 1024 bytes of UTF-8, without U+0000 (maxLength counts characters: a reason of multi-byte characters can pass it and still be refused for its bytes)"
         })
     }
 }
 
+/// What the service sends (written out rather than derived: the wire form is one of two shapes,
+/// which the serde types only read leniently).
 impl JsonSchema for Reply {
     fn schema_name() -> Cow<'static, str> {
         "Reply".into()
     }
 
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        crate::reply::WireReply::json_schema(generator)
+        let id = generator.subschema_for::<Id>();
+        let code = generator.subschema_for::<crate::ErrorCode>();
+        json_schema!({
+            "title": "Reply",
+            "description": "A command's reply: accepted (the event is durable) or refused (nothing was appended). `ok` comes first.",
+            "oneOf": [
+                {
+                    "title": "Accepted",
+                    "type": "object",
+                    "properties": {
+                        "ok": {"const": true},
+                        "order_id": id,
+                        "sku": id,
+                        "version": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "How many events the order or SKU has, this command's included."
+                        },
+                        "seq": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "description": "The event's stream sequence: a read with `?min_seq=` waits for it."
+                        }
+                    },
+                    "required": ["ok", "version", "seq"],
+                    "oneOf": [{"required": ["order_id"]}, {"required": ["sku"]}]
+                },
+                {
+                    "title": "Refused",
+                    "type": "object",
+                    "properties": {
+                        "ok": {"const": false},
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                "code": code,
+                                "message": {"type": "string", "description": "Why, for people."},
+                                "retry_after_ms": {
+                                    "type": "integer",
+                                    "minimum": 0,
+                                    "description": "With unavailable (load shed, a partition moving) and rate_limited: how long to wait before sending the command again."
+                                }
+                            },
+                            "required": ["code", "message"]
+                        }
+                    },
+                    "required": ["ok", "error"]
+                }
+            ]
+        })
     }
 }
 
@@ -138,17 +197,46 @@ pub fn request_schema(endpoint: Endpoint) -> Value {
     .to_value();
     // Every body may carry the command id, which the service takes out before it reads the
     // body as its type (the `Nats-Msg-Id` header wins over it).
+    let prefix = ordo_domain::saga::COMMAND_ID_PREFIX;
+    let mut not = vec![serde_json::json!({"pattern": "\n"})];
+    if !endpoint.is_internal() {
+        not.push(serde_json::json!({"pattern": format!("^{prefix}")}));
+    }
+    // (`not` only inside the string branch: a pattern holds for any non-string, so a `not` of
+    // patterns beside `null` would refuse the null the service takes.)
     schema["properties"]["command_id"] = serde_json::json!({
-        "type": ["string", "null"],
-        "pattern": format!("^[!-.0-~]{{1,{}}}$", crate::MAX_COMMAND_ID_LEN),
+        "anyOf": [
+            {"type": "null"},
+            {
+                "type": "string",
+                "pattern": format!("^[!-.0-~]{{1,{}}}$", crate::MAX_COMMAND_ID_LEN),
+                "not": {"anyOf": not}
+            }
+        ],
         "description": format!(
             "The command id, as the Nats-Msg-Id header (which wins) gives it: 1 to {} printable \
              ASCII characters without spaces or '/'. A request sent again under it runs at most \
-             once and gets the first outcome. Ids that begin with {:?} are the saga's.",
+             once and gets the first outcome. Ids that begin with {prefix:?} are the saga's.",
             crate::MAX_COMMAND_ID_LEN,
-            ordo_domain::saga::COMMAND_ID_PREFIX
         ),
     });
+    // What a schema cannot say.
+    let also = match endpoint {
+        Endpoint::OrderPlace => format!(
+            " Also refused: a SKU on two lines, an order total over {MAX_NUMBER}, a body over \
+             {} bytes.",
+            crate::MAX_BODY_BYTES
+        ),
+        _ => format!(
+            " Also refused: a body over {} bytes.",
+            crate::MAX_BODY_BYTES
+        ),
+    };
+    let described = format!(
+        "{}{also}",
+        schema["description"].as_str().unwrap_or_default()
+    );
+    schema["description"] = described.into();
     schema["x-ordo-subject"] = endpoint.subject().into();
     schema["x-ordo-internal"] = endpoint.is_internal().into();
     schema

@@ -267,6 +267,49 @@ async fn streams_apply_creates_then_leaves_the_streams_alone() {
     );
 }
 
+/// The engine reads ordo's own settings alone: a shell's NATS_URL (often another system) does
+/// not point `ordo run` at it, where a command a person types follows it.
+#[tokio::test]
+async fn a_worker_ignores_the_nats_tools_variables_a_typed_command_follows() {
+    let home = tempfile::tempdir().unwrap();
+    let elsewhere = NatsServer::start();
+    // What `ordo up` would have recorded: a server that is not there.
+    let (_, recorded) = unused_nats_url();
+    std::fs::write(home.path().join("nats.url"), &recorded).unwrap();
+    let log = home.path().join("ordo.log");
+    let _worker = OrdoProcess::start(
+        ORDO,
+        &["run", "commands"],
+        [
+            ("ORDO_HOME", home.path().to_str().unwrap()),
+            ("NATS_URL", elsewhere.url().as_str()),
+        ],
+        &log,
+    );
+    // It waits for the recorded server…
+    logged(&log, "NATS is unreachable; retrying");
+    // …and never serves on the one NATS_URL names.
+    let client = elsewhere.client().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        client.request("$SRV.PING.ordo", "".into()).await.is_err(),
+        "the worker followed NATS_URL"
+    );
+    // A typed command follows it (and finds no command service there).
+    let typed = Command::new(ORDO)
+        .args(["partitions", "status", "--json"])
+        .env_remove("ORDO_NATS_URL")
+        .env("ORDO_HOME", home.path())
+        .env("NATS_URL", elsewhere.url())
+        .output()
+        .unwrap();
+    assert!(
+        typed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&typed.stderr)
+    );
+}
+
 /// As compose starts it: before the servers answer, and until JetStream takes the streams.
 #[test]
 fn streams_apply_with_wait_waits_for_a_server_that_starts_later() {

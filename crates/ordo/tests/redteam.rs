@@ -994,7 +994,26 @@ async fn consumer_request_is_refused(client: &async_nats::Client, stream: &str, 
 #[tokio::test]
 async fn the_operator_reads_the_servers_reports_and_can_neither_kick_nor_reload() {
     let server = NatsServer::start_with_config(&accounts_config());
-    let operator = connect_as(&server.url(), "ordo-operator").await;
+    // The server's word on what it refused, so that a refusal is told from a subject nobody
+    // answers.
+    let refusals = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let heard = refusals.clone();
+    let operator = async_nats::ConnectOptions::with_user_and_password(
+        "ordo-operator".into(),
+        password("ordo-operator"),
+    )
+    .custom_inbox_prefix(inbox_prefix("ordo-operator"))
+    .event_callback(move |event| {
+        let heard = heard.clone();
+        async move {
+            if let async_nats::Event::ServerError(err) = event {
+                heard.lock().unwrap().push(err.to_string());
+            }
+        }
+    })
+    .connect(server.url())
+    .await
+    .unwrap();
     let report = operator
         .request("$SYS.REQ.SERVER.PING.JSZ", "{}".into())
         .await
@@ -1012,5 +1031,12 @@ async fn the_operator_reads_the_servers_reports_and_can_neither_kick_nor_reload(
             )
             .await;
         assert!(answer.is_err(), "{verb} went through: {answer:?}");
+        let refused = refusals.lock().unwrap().iter().any(|refusal| {
+            refusal.contains("Permissions Violation") && refusal.contains(&format!(".{verb}"))
+        });
+        assert!(
+            refused,
+            "{verb}: no permissions violation, only {refusals:?}"
+        );
     }
 }
