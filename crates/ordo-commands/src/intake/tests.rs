@@ -355,11 +355,11 @@ mod properties {
     use rand::{SeedableRng, rngs::StdRng};
     use serde_json::json;
 
-    fn endpoint() -> impl Strategy<Value = Endpoint> {
+    pub(super) fn endpoint() -> impl Strategy<Value = Endpoint> {
         (0..Endpoint::ALL.len()).prop_map(|i| Endpoint::ALL[i])
     }
 
-    fn json_value() -> impl Strategy<Value = Value> {
+    pub(super) fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
@@ -466,7 +466,7 @@ mod properties {
 
     /// A request body shaped like `endpoint`'s: its fields, each mostly valid (so that about
     /// half of them are accepted), sometimes a field left out or one it does not have.
-    fn request_body(endpoint: Endpoint) -> BoxedStrategy<Value> {
+    pub(super) fn request_body(endpoint: Endpoint) -> BoxedStrategy<Value> {
         let fields: Vec<(&'static str, BoxedStrategy<Value>)> = match endpoint {
             Endpoint::OrderPlace => vec![
                 ("order_id", id_value().boxed()),
@@ -548,6 +548,121 @@ mod properties {
             accepted.get()
         );
     }
+}
+
+/// contracts/ says what the service reads. Over bodies shaped like each endpoint's (mostly valid)
+/// and any JSON, the endpoint's JSON Schema accepts what the service accepts and refuses what it
+/// refuses, but for what no schema can say: a body over the size limit, a reason of at most
+/// 1,024 characters that is over 1,024 bytes. Both verdicts are counted, so that agreement
+/// cannot come from refusing everything.
+#[test]
+fn the_json_schemas_accept_exactly_what_the_service_accepts() {
+    use properties::{endpoint, json_value, request_body};
+    use proptest::{
+        prelude::*,
+        test_runner::{Config, TestRunner},
+    };
+    let validators: Vec<jsonschema::Validator> = Endpoint::ALL
+        .iter()
+        .map(|endpoint| {
+            jsonschema::validator_for(&ordo_contract::schema::request_schema(*endpoint)).unwrap()
+        })
+        .collect();
+    let cases = 3000;
+    let mut runner = TestRunner::new(Config::with_cases(cases));
+    let (accepted, refused) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
+    let requests = endpoint().prop_flat_map(|endpoint| {
+        (
+            Just(endpoint),
+            prop_oneof![1 => json_value().boxed(), 3 => request_body(endpoint)],
+        )
+    });
+    runner
+        .run(&requests, |(endpoint, value)| {
+            let bytes = serde_json::to_vec(&value).unwrap();
+            // The lines' count is checked with the order's other rules, after the body is read:
+            // the service refuses it all the same.
+            let too_many_lines = value["lines"]
+                .as_array()
+                .is_some_and(|lines| lines.len() > ordo_domain::order::MAX_LINES);
+            let service = parse(endpoint, &bytes, None).is_ok() && !too_many_lines;
+            let schema = validators[endpoint.index()].is_valid(&value);
+            let beyond_a_schema = bytes.len() > MAX_BODY_BYTES
+                || value["reason"]
+                    .as_str()
+                    .is_some_and(|reason| reason.len() > ordo_domain::order::MAX_REASON_LEN)
+                || has_whole_float(&value);
+            if service != schema && !beyond_a_schema {
+                prop_assert!(
+                    false,
+                    "{}: the service {} and the schema {} {value}",
+                    endpoint.subject(),
+                    if service { "accepts" } else { "refuses" },
+                    if schema { "accepts" } else { "refuses" },
+                );
+            }
+            let count = if service { &accepted } else { &refused };
+            count.set(count.get() + 1);
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        accepted.get() >= cases / 5 && refused.get() >= cases / 5,
+        "{} accepted and {} refused of {cases}: the property said little",
+        accepted.get(),
+        refused.get()
+    );
+}
+
+/// A number written as a float with nothing after the point (`5.0`): JSON Schema's `integer`
+/// takes it, the service reads whole numbers only (the schemas say "5, not 5.0").
+fn has_whole_float(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => {
+            number.is_f64() && number.as_f64().is_some_and(|f| f.fract() == 0.0)
+        }
+        Value::Array(items) => items.iter().any(has_whole_float),
+        Value::Object(fields) => fields.values().any(has_whole_float),
+        _ => false,
+    }
+}
+
+/// Every hostile body the service refuses for its content, the schema refuses too (one with a
+/// bad command id carries it in the body, where the schema sees it).
+#[test]
+fn the_json_schemas_refuse_every_hostile_body() {
+    use rand::{SeedableRng, rngs::StdRng};
+    let validators: Vec<jsonschema::Validator> = Endpoint::ALL
+        .iter()
+        .map(|endpoint| {
+            jsonschema::validator_for(&ordo_contract::schema::request_schema(*endpoint)).unwrap()
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(20261203);
+    let mut checked = 0;
+    for _ in 0..3000 {
+        let endpoint = Endpoint::ALL[checked % Endpoint::ALL.len()];
+        let hostile = ordo_contract::hostile::generate(endpoint, &mut rng);
+        // Not JSON, or over the size limit: no schema applies.
+        let Ok(mut body) = serde_json::from_slice::<Value>(&hostile.body) else {
+            continue;
+        };
+        if hostile.body.len() > MAX_BODY_BYTES {
+            continue;
+        }
+        if let Some(command_id) = hostile.command_id {
+            body["command_id"] = command_id.into();
+        }
+        assert!(
+            !validators[endpoint.index()].is_valid(&body),
+            "{}: the schema accepts {} ({})",
+            endpoint.subject(),
+            body,
+            hostile.kind
+        );
+        checked += 1;
+    }
+    assert!(checked > 2000, "only {checked} hostile bodies were JSON");
 }
 
 /// What a request derives is kept in outcome records and events: its fingerprint, its command id
