@@ -86,12 +86,9 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// "ok", or why PostgreSQL does not answer.
-async fn postgres_check(pool: &sqlx::PgPool) -> String {
-    match sqlx::query("SELECT 1").execute(pool).await {
-        Ok(_) => "ok".to_owned(),
-        Err(err) => err.to_string(),
-    }
+/// Whether PostgreSQL answers a query, and if not, why.
+async fn postgres_answers(pool: &sqlx::PgPool) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1").execute(pool).await.map(|_| ())
 }
 
 /// "ok", or the state of a NATS connection that is not up.
@@ -116,7 +113,7 @@ pub async fn worker_readyz(checks: &crate::WorkerChecks) -> axum::response::Resp
                 answers
             }
             _ => {
-                let check = sqlx::query("SELECT 1").execute(pool);
+                let check = postgres_answers(pool);
                 let answers =
                     match tokio::time::timeout(std::time::Duration::from_secs(2), check).await {
                         Ok(Ok(_)) => true,
@@ -148,7 +145,10 @@ pub async fn worker_readyz(checks: &crate::WorkerChecks) -> axum::response::Resp
 /// Ready when PostgreSQL answers (the views were prepared before the API started) and NATS is
 /// connected.
 pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
-    let postgres = postgres_check(&state.pool).await;
+    let postgres = match postgres_answers(&state.pool).await {
+        Ok(()) => "ok".to_owned(),
+        Err(err) => err.to_string(),
+    };
     let nats = nats_check(&state.nats);
     let ready = postgres == "ok" && nats == "ok";
     let status = if ready {

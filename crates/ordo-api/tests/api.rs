@@ -21,6 +21,18 @@ const READ_YOUR_WRITE_WAIT: Duration = Duration::from_secs(10);
 /// one per process, so two tests' scrapes at once could show one test the other's figures.
 static ONE_SCRAPE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// `/metrics` of the API at `base`, one scrape at a time in this binary.
+async fn scrape(http: &reqwest::Client, base: &str) -> String {
+    let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
+    http.get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// For the tests that wait for a sequence that never comes.
 const SHORT_WAIT: Duration = Duration::from_millis(500);
 
@@ -96,15 +108,7 @@ impl Setup {
 
     /// `/metrics` as Prometheus reads it, one scrape at a time in this binary.
     async fn metrics(&self) -> String {
-        let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
-        self.http
-            .get(format!("{}/metrics", self.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        scrape(&self.http, &self.base).await
     }
 
     async fn get(&self, path: &str) -> (StatusCode, Value) {
@@ -773,11 +777,7 @@ async fn while_nats_is_down_readiness_names_nats_and_postgresql_stays_ok() {
         let response = http.get(format!("{base}/readyz")).send().await.unwrap();
         (response.status(), response.json::<Value>().await.unwrap())
     };
-    let metrics = || async {
-        let _alone = ONE_SCRAPE_AT_A_TIME.lock().await;
-        let response = http.get(format!("{base}/metrics")).send().await.unwrap();
-        response.text().await.unwrap()
-    };
+    let metrics = || scrape(&http, &base);
     assert_eq!(readyz().await.0, StatusCode::OK);
     let scraped = metrics().await;
     assert!(

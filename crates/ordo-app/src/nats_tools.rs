@@ -75,14 +75,19 @@ fn set(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
-/// Whether any of ordo's own NATS settings (flags, `ORDO_NATS_*`) is given.
-fn ordo_configures_nats(nats_url: &Option<String>, auth: &NatsAuth) -> bool {
-    nats_url.is_some()
-        || auth.nats_user.is_some()
+/// Whether `auth` names any way to authenticate (or part of one).
+fn names_credentials(auth: &NatsAuth) -> bool {
+    auth.nats_user.is_some()
         || auth.nats_password.is_some()
         || auth.nats_token.is_some()
         || auth.nats_nkey_file.is_some()
         || auth.nats_creds.is_some()
+}
+
+/// Whether any of ordo's own NATS settings (flags, `ORDO_NATS_*`) is given.
+fn ordo_configures_nats(nats_url: &Option<String>, auth: &NatsAuth) -> bool {
+    nats_url.is_some()
+        || names_credentials(auth)
         || auth.nats_ca.is_some()
         || auth.nats_cert.is_some()
         || auth.nats_key.is_some()
@@ -122,13 +127,6 @@ pub fn fill_in(
     let url_has_credentials = nats_url
         .as_deref()
         .is_some_and(crate::connect::url_names_credentials);
-    let has_auth = |auth: &NatsAuth| {
-        auth.nats_user.is_some()
-            || auth.nats_password.is_some()
-            || auth.nats_token.is_some()
-            || auth.nats_nkey_file.is_some()
-            || auth.nats_creds.is_some()
-    };
     let from_vars = NatsAuth {
         nats_user: var("NATS_USER"),
         nats_password: var("NATS_PASSWORD").map(Secret::from),
@@ -146,11 +144,11 @@ pub fn fill_in(
     };
     let (chosen, inbox_prefix) = if url_has_credentials {
         (NatsAuth::default(), None)
-    } else if has_auth(&from_vars) {
+    } else if names_credentials(&from_vars) {
         (from_vars, None)
     } else {
         // The context's inbox prefix goes with the context's user.
-        let prefix = has_auth(&from_context)
+        let prefix = names_credentials(&from_context)
             .then(|| set(context.inbox_prefix))
             .flatten();
         (from_context, prefix)

@@ -27,23 +27,20 @@ pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Resu
     };
     let definitions = streams.definitions()?;
     let url = settings.nats_url();
-    if wait == 0 {
-        let nats = connect::connect_once(&url, &settings.nats_auth).await?;
-        let js = async_nats::jetstream::new(nats);
-        for (stream, applied) in apply_all(&js, &definitions).await? {
-            println!("{stream}: {applied}");
-        }
-        return Ok(());
-    }
     // A cluster just started answers connections before it has elected a JetStream meta
-    // leader, and a stream's creation fails until it has: try again until the deadline.
+    // leader, and a stream's creation fails until it has: with --wait, try again until the
+    // deadline.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
-    let nats = tokio::time::timeout_at(
-        deadline.into(),
-        connect::connect_with_backoff(&url, &settings.nats_auth),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("NATS did not answer within {wait} s"))??;
+    let nats = if wait == 0 {
+        connect::connect_once(&url, &settings.nats_auth).await?
+    } else {
+        tokio::time::timeout_at(
+            deadline.into(),
+            connect::connect_with_backoff(&url, &settings.nats_auth),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("NATS did not answer within {wait} s"))??
+    };
     let js = async_nats::jetstream::new(nats);
     loop {
         match apply_all(&js, &definitions).await {
@@ -57,6 +54,7 @@ pub async fn streams(settings: &Settings, action: StreamsAction) -> anyhow::Resu
                 eprintln!("JetStream is not ready yet ({err:#}); trying again in a second");
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
+            Err(err) if wait == 0 => return Err(err.into()),
             Err(err) => {
                 return Err(anyhow::Error::new(err)
                     .context(format!("JetStream was not ready within {wait} s")));

@@ -19,15 +19,23 @@ fn commands(url: &str, log: &Path) -> OrdoProcess {
     OrdoProcess::start(ORDO, &["run", "commands"], [("ORDO_NATS_URL", url)], log)
 }
 
-/// A port nothing listens on yet, and its NATS URL.
-fn unused_nats_url() -> (u16, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A port nothing listens on yet.
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// A port nothing listens on yet, and its NATS URL.
+fn unused_nats_url() -> (u16, String) {
+    let port = unused_port();
     (port, format!("nats://127.0.0.1:{port}"))
 }
+
+/// What `ordo streams apply` prints on a server that has none of the streams yet.
+const EVERY_STREAM_CREATED: &str = "ORDO_ORDERS: created\nORDO_STOCK: created\nORDO_COMMAND_OUTCOMES: created\nORDO_SNAPSHOTS: created\n";
 
 fn ordo(url: &str, args: &[&str]) -> Output {
     Command::new(ORDO)
@@ -256,10 +264,7 @@ async fn streams_apply_creates_then_leaves_the_streams_alone() {
         "{}",
         String::from_utf8_lossy(&first.stderr)
     );
-    assert_eq!(
-        String::from_utf8_lossy(&first.stdout),
-        "ORDO_ORDERS: created\nORDO_STOCK: created\nORDO_COMMAND_OUTCOMES: created\nORDO_SNAPSHOTS: created\n"
-    );
+    assert_eq!(String::from_utf8_lossy(&first.stdout), EVERY_STREAM_CREATED);
     let again = ordo(&server.url(), &["streams", "apply"]);
     assert_eq!(
         String::from_utf8_lossy(&again.stdout),
@@ -332,21 +337,14 @@ fn streams_apply_with_wait_waits_for_a_server_that_starts_later() {
     );
     assert_eq!(
         String::from_utf8_lossy(&applied.stdout),
-        "ORDO_ORDERS: created\nORDO_STOCK: created\nORDO_COMMAND_OUTCOMES: created\nORDO_SNAPSHOTS: created\n"
+        EVERY_STREAM_CREATED
     );
 }
 
 #[test]
 fn a_client_command_without_a_server_says_what_to_do() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let output = ordo(
-        &format!("nats://127.0.0.1:{port}"),
-        &["stock", "receive", "A1", "1"],
-    );
+    let (_, url) = unused_nats_url();
+    let output = ordo(&url, &["stock", "receive", "A1", "1"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -436,11 +434,7 @@ impl UpUnderTest {
         let dir = tempfile::tempdir().unwrap();
         let server = NatsServer::start();
         let database = ordo_testkit::TestDatabase::create().await;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = unused_port();
         let http_addr = format!("127.0.0.1:{port}");
         let env = vec![
             ("ORDO_NATS_URL", server.url()),
@@ -660,11 +654,7 @@ async fn a_component_never_changes_a_running_stream_it_reports_the_difference() 
 async fn a_worker_serves_its_metrics_on_its_metrics_address_to_whoever_holds_its_token() {
     let server = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = unused_port();
     let addr = format!("127.0.0.1:{port}");
     let url = server.url();
     let _service = OrdoProcess::start(

@@ -355,11 +355,11 @@ mod properties {
     use rand::{SeedableRng, rngs::StdRng};
     use serde_json::json;
 
-    pub(super) fn endpoint() -> impl Strategy<Value = Endpoint> {
+    fn endpoint() -> impl Strategy<Value = Endpoint> {
         (0..Endpoint::ALL.len()).prop_map(|i| Endpoint::ALL[i])
     }
 
-    pub(super) fn json_value() -> impl Strategy<Value = Value> {
+    fn json_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
@@ -466,7 +466,7 @@ mod properties {
 
     /// A request body shaped like `endpoint`'s: its fields, each mostly valid (so that about
     /// half of them are accepted), sometimes a field left out or one it does not have.
-    pub(super) fn request_body(endpoint: Endpoint) -> BoxedStrategy<Value> {
+    fn request_body(endpoint: Endpoint) -> BoxedStrategy<Value> {
         let fields: Vec<(&'static str, BoxedStrategy<Value>)> = match endpoint {
             Endpoint::OrderPlace => vec![
                 ("order_id", id_value().boxed()),
@@ -512,6 +512,17 @@ mod properties {
             .boxed()
     }
 
+    /// A request to any endpoint: any JSON value, or (three times in four) one shaped like the
+    /// endpoint's body with mostly valid fields.
+    pub(super) fn any_request() -> impl Strategy<Value = (Endpoint, Value)> {
+        endpoint().prop_flat_map(|endpoint| {
+            (
+                Just(endpoint),
+                prop_oneof![1 => json_value().boxed(), 3 => request_body(endpoint)],
+            )
+        })
+    }
+
     /// Whatever JSON arrives (any value, or one shaped like the endpoint's body with mostly
     /// valid fields), what is accepted is a well-formed command: sending its typed form again
     /// parses to the very same command. The accepted cases are counted, so that the property
@@ -522,14 +533,8 @@ mod properties {
         let cases = 3000;
         let mut runner = TestRunner::new(Config::with_cases(cases));
         let accepted = std::cell::Cell::new(0u32);
-        let requests = endpoint().prop_flat_map(|endpoint| {
-            (
-                Just(endpoint),
-                prop_oneof![1 => json_value().boxed(), 3 => request_body(endpoint)],
-            )
-        });
         runner
-            .run(&requests, |(endpoint, value)| {
+            .run(&any_request(), |(endpoint, value)| {
                 let bytes = serde_json::to_vec(&value).unwrap();
                 if let Ok(parsed) = parse(endpoint, &bytes, Some("c-1")) {
                     accepted.set(accepted.get() + 1);
@@ -557,28 +562,16 @@ mod properties {
 /// cannot come from refusing everything.
 #[test]
 fn the_json_schemas_accept_exactly_what_the_service_accepts() {
-    use properties::{endpoint, json_value, request_body};
     use proptest::{
         prelude::*,
         test_runner::{Config, TestRunner},
     };
-    let validators: Vec<jsonschema::Validator> = Endpoint::ALL
-        .iter()
-        .map(|endpoint| {
-            jsonschema::validator_for(&ordo_contract::schema::request_schema(*endpoint)).unwrap()
-        })
-        .collect();
+    let validators = request_validators();
     let cases = 3000;
     let mut runner = TestRunner::new(Config::with_cases(cases));
     let (accepted, refused) = (std::cell::Cell::new(0u32), std::cell::Cell::new(0u32));
-    let requests = endpoint().prop_flat_map(|endpoint| {
-        (
-            Just(endpoint),
-            prop_oneof![1 => json_value().boxed(), 3 => request_body(endpoint)],
-        )
-    });
     runner
-        .run(&requests, |(endpoint, value)| {
+        .run(&properties::any_request(), |(endpoint, value)| {
             let bytes = serde_json::to_vec(&value).unwrap();
             // The lines' count is checked with the order's other rules, after the body is read:
             // the service refuses it all the same.
@@ -614,6 +607,16 @@ fn the_json_schemas_accept_exactly_what_the_service_accepts() {
     );
 }
 
+/// The JSON Schema of each endpoint's request (contracts/), by [`Endpoint::index`].
+fn request_validators() -> Vec<jsonschema::Validator> {
+    Endpoint::ALL
+        .iter()
+        .map(|endpoint| {
+            jsonschema::validator_for(&ordo_contract::schema::request_schema(*endpoint)).unwrap()
+        })
+        .collect()
+}
+
 /// A number written as a float with nothing after the point (`5.0`): JSON Schema's `integer`
 /// takes it, the service reads whole numbers only (the schemas say "5, not 5.0").
 fn has_whole_float(value: &Value) -> bool {
@@ -632,12 +635,7 @@ fn has_whole_float(value: &Value) -> bool {
 #[test]
 fn the_json_schemas_refuse_every_hostile_body() {
     use rand::{SeedableRng, rngs::StdRng};
-    let validators: Vec<jsonschema::Validator> = Endpoint::ALL
-        .iter()
-        .map(|endpoint| {
-            jsonschema::validator_for(&ordo_contract::schema::request_schema(*endpoint)).unwrap()
-        })
-        .collect();
+    let validators = request_validators();
     let mut rng = StdRng::seed_from_u64(20261203);
     let mut checked = 0;
     for _ in 0..3000 {
