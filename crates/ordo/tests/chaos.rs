@@ -36,11 +36,51 @@ fn drill(dir: &Path, args: &[&str]) -> (Value, String) {
                 String::from_utf8_lossy(&output.stderr)
             )
         });
-    assert!(output.status.success(), "the drill failed:\n{printed}");
-    assert_eq!(report["violations"], Value::Array(vec![]), "{printed}");
+    let failed = !output.status.success() || report["violations"] != Value::Array(vec![]);
+    assert!(
+        !failed,
+        "the drill failed:\n{printed}\n{}",
+        warnings_of_partition_holders(&dir.join("logs"))
+    );
     assert_eq!(report["passed"], true);
     assert_eq!(report["settled"], true, "{printed}");
     (report, printed)
+}
+
+/// The warnings of the processes that hold partitions (their logs go with the test's temporary
+/// directory): what a failed drill in CI leaves to explain a partition served late.
+fn warnings_of_partition_holders(logs: &Path) -> String {
+    let mut found = String::new();
+    let mut files: Vec<_> = std::fs::read_dir(logs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            ["commands-", "projector-", "saga-"]
+                .iter()
+                .any(|holder| name.starts_with(holder))
+        })
+        .collect();
+    files.sort();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let warnings: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+            .collect();
+        // The last ones: a late partition is the end of a story.
+        let shown = &warnings[warnings.len().saturating_sub(40)..];
+        found.push_str(&format!(
+            "--- {} ({} warnings, the last {}):\n{}\n",
+            file.display(),
+            warnings.len(),
+            shown.len(),
+            shown.join("\n")
+        ));
+    }
+    found
 }
 
 /// What both drills must show besides their invariants: load got through (more than 200
