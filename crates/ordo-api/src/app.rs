@@ -9,13 +9,16 @@ use std::{
 use axum::{Router, middleware, routing::get};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use moka::future::Cache;
-use serde_json::Value;
 use sqlx::PgPool;
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::{self, AccessTokens},
+    bodies::{Order, Stock},
     checkpoints::CheckpointSignals,
-    ops, reads,
+    ops,
+    reads::{self, RowCache},
 };
 
 #[derive(Clone)]
@@ -33,8 +36,9 @@ pub struct ApiState {
     /// past this bound a read is answered 503 with `Retry-After` at once, as `order.place` sheds
     /// load. Health, readiness and metrics are not counted: they answer under any load.
     pub reads_in_flight: Arc<tokio::sync::Semaphore>,
-    /// Hot rows by key, with the checkpoint their view had when they were read.
-    pub cache: Cache<String, (Value, u64)>,
+    /// Hot orders and SKUs, with the checkpoint their view had when they were read.
+    pub orders_cache: RowCache<Order>,
+    pub stock_cache: RowCache<Stock>,
     pub metrics: PrometheusHandle,
     /// Wakes reads waiting for `min_seq` when a projector commits a batch.
     pub checkpoints: CheckpointSignals,
@@ -57,15 +61,21 @@ impl ApiState {
             min_seq_wait: Duration::from_secs(5),
             partitions: ordo_eventstore::partition::DEFAULT_PARTITIONS,
             reads_in_flight: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_READS_IN_FLIGHT)),
-            cache: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(Duration::from_secs(1))
-                .build(),
+            orders_cache: hot_rows(),
+            stock_cache: hot_rows(),
             metrics: prometheus(),
             streams: ordo_eventstore::StreamDefinition::built_in(),
             tokens: AccessTokens::default(),
         }
     }
+}
+
+/// A cache of hot rows: a row is read again from its view at least every second.
+fn hot_rows<T: Clone + Send + Sync + 'static>() -> RowCache<T> {
+    Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(Duration::from_secs(1))
+        .build()
 }
 
 /// Reads served at once, by default.
@@ -106,23 +116,49 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-pub fn router(state: ApiState) -> Router {
-    let reads = Router::new()
-        .route("/orders", get(reads::list_orders))
-        .route("/orders/{order_id}", get(reads::get_order))
-        .route("/stock/{sku}", get(reads::get_stock))
-        .route("/sagas/{order_id}", get(reads::get_saga))
-        .route("/notifications", get(reads::list_notifications))
-        .route("/projections", get(ops::projections))
-        .layer(middleware::from_fn_with_state(
-            state.reads_in_flight.clone(),
-            shed_reads,
-        ));
-    Router::new()
+/// The routes and the OpenAPI document that describes them, both from one list of handlers.
+fn routes(
+    reads_in_flight: Arc<tokio::sync::Semaphore>,
+) -> (Router<Arc<ApiState>>, utoipa::openapi::OpenApi) {
+    let reads = OpenApiRouter::new()
+        .routes(routes!(reads::list_orders))
+        .routes(routes!(reads::get_order))
+        .routes(routes!(reads::get_stock))
+        .routes(routes!(reads::get_saga))
+        .routes(routes!(reads::list_notifications))
+        .routes(routes!(ops::projections))
+        .layer(middleware::from_fn_with_state(reads_in_flight, shed_reads));
+    let (router, mut document) = OpenApiRouter::with_openapi(crate::openapi::Document::openapi())
         .merge(reads)
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
+        .split_for_parts();
+    crate::openapi::complete(&mut document);
+    (router, document)
+}
+
+/// The OpenAPI document of the read API, as `GET /openapi.json` serves it.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes(Arc::new(tokio::sync::Semaphore::new(1))).1
+}
+
+pub fn router(state: ApiState) -> Router {
+    let (routes, document) = routes(state.reads_in_flight.clone());
+    let document = axum::body::Bytes::from(document.to_pretty_json().expect("it serializes"));
+    routes
+        .route(
+            crate::openapi::PATH,
+            get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        document,
+                    )
+                }
+            }),
+        )
         .fallback(ops::not_found)
         .layer(middleware::from_fn_with_state(
             state.tokens.clone(),

@@ -2,6 +2,8 @@
 //! a view has caught up with a command's reply (`?min_seq=`), so a client can read its own writes.
 //!
 //! # Layout
+//! - [`bodies`]: what the API answers, as types; [`openapi`]: the OpenAPI document made from
+//!   them and from the handlers (`GET /openapi.json`).
 //! - [`error`]: the JSON errors and their HTTP statuses.
 //! - [`reads`]: the view endpoints (`/orders`, `/stock`, `/sagas`, `/notifications`).
 //! - [`ops`]: `/projections`, `/healthz`, `/readyz`, `/metrics`.
@@ -10,12 +12,15 @@
 
 pub mod app;
 pub mod auth;
+pub mod bodies;
 pub mod checkpoints;
 pub mod error;
+pub mod openapi;
 pub mod ops;
 pub mod reads;
 
 pub use app::{
-    ApiState, DEFAULT_MAX_READS_IN_FLIGHT, WorkerChecks, prometheus, router, serve, serve_metrics,
+    ApiState, DEFAULT_MAX_READS_IN_FLIGHT, WorkerChecks, openapi_document, prometheus, router,
+    serve, serve_metrics,
 };
 pub use auth::{AccessTokens, Token};

@@ -9,16 +9,22 @@ use axum::{
     response::IntoResponse,
 };
 use ordo_projections::schema::{catalog, checkpoint_of, checkpoints_by_partition};
-use serde_json::{Value, json};
-use sqlx::Row;
+use serde_json::json;
 
-use crate::{ApiState, error::ApiError};
+use crate::{
+    ApiState,
+    bodies::{
+        ErrorBody, Health, ParkedEvent, PartitionStatus, ProjectionStatus, Projections, Readiness,
+        ReadinessChecks,
+    },
+    error::ApiError,
+};
 
 /// What `/projections` and `ordo projections status` show for each projection.
 pub async fn projection_status(
     pool: &sqlx::PgPool,
     nats: &async_nats::Client,
-) -> Result<Vec<Value>, ApiError> {
+) -> Result<Vec<ProjectionStatus>, ApiError> {
     let js = async_nats::jetstream::new(nats.clone());
     let mut status = Vec::new();
     for projection in catalog() {
@@ -32,9 +38,9 @@ pub async fn projection_status(
                 .map(|info| info.state.last_sequence),
             Err(_) => None,
         };
-        let parked = sqlx::query(
-            // Those of the view that serves (a rebuild's new view parks its own, shown once
-            // it is swapped in).
+        // Those of the view that serves (a rebuild's new view parks its own, shown once it is
+        // swapped in).
+        let parked_events: Vec<ParkedEvent> = sqlx::query_as(
             "SELECT seq, subject, event_type, reason, attempts, parked_at FROM parked_events
              WHERE projection = $1 AND parked_in = $2 ORDER BY seq",
         )
@@ -42,48 +48,59 @@ pub async fn projection_status(
         .bind(projection.schema())
         .fetch_all(pool)
         .await?;
-        let parked: Vec<Value> = parked
-            .iter()
-            .map(|row| {
-                json!({
-                    "seq": row.get::<i64, _>("seq"),
-                    "subject": row.get::<String, _>("subject"),
-                    "event_type": row.get::<Option<String>, _>("event_type"),
-                    "reason": row.get::<String, _>("reason"),
-                    "attempts": row.get::<i32, _>("attempts"),
-                    "parked_at": row.get::<chrono::DateTime<chrono::Utc>, _>("parked_at"),
-                })
-            })
-            .collect();
-        status.push(json!({
-            "name": projection.name,
-            "stream": projection.stream,
-            "checkpoint": checkpoint,
-            "stream_head": head,
-            "lag": head.map(|head| head.saturating_sub(checkpoint)),
-            "partitions": partitions
+        let lag = |checkpoint: u64| head.map(|head| head.saturating_sub(checkpoint));
+        status.push(ProjectionStatus {
+            name: projection.name.to_owned(),
+            stream: projection.stream.to_owned(),
+            checkpoint,
+            stream_head: head,
+            lag: lag(checkpoint),
+            partitions: partitions
                 .iter()
-                .map(|(partition, checkpoint)| json!({
-                    "partition": partition,
-                    "checkpoint": checkpoint,
-                    "lag": head.map(|head| head.saturating_sub(*checkpoint)),
-                }))
-                .collect::<Vec<_>>(),
-            "parked": parked.len(),
-            "parked_events": parked,
-        }));
+                .map(|(partition, checkpoint)| PartitionStatus {
+                    partition: *partition,
+                    checkpoint: *checkpoint,
+                    lag: lag(*checkpoint),
+                })
+                .collect(),
+            parked: parked_events.len(),
+            parked_events,
+        });
     }
     Ok(status)
 }
 
-pub async fn projections(State(state): State<Arc<ApiState>>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(
-        json!({"projections": projection_status(&state.pool, &state.nats).await?}),
-    ))
+/// Each view's checkpoint, its stream's head, the lag between them (per partition too) and the
+/// events it parked.
+#[utoipa::path(
+    get,
+    path = "/projections",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Every projection", body = Projections),
+        (status = 503, description = "PostgreSQL does not answer", body = ErrorBody),
+    ),
+)]
+pub async fn projections(
+    State(state): State<Arc<ApiState>>,
+) -> Result<Json<Projections>, ApiError> {
+    Ok(Json(Projections {
+        projections: projection_status(&state.pool, &state.nats).await?,
+    }))
 }
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// Liveness: the process answers. Never asks for a token.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "Alive", body = Health)),
+)]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".to_owned(),
+    })
 }
 
 /// Whether PostgreSQL answers a query, and if not, why.
@@ -144,7 +161,16 @@ pub async fn worker_readyz(checks: &crate::WorkerChecks) -> axum::response::Resp
 
 /// Ready when PostgreSQL answers (the views were prepared before the API started) and NATS is
 /// connected.
-pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve reads", body = Readiness),
+        (status = 503, description = "Not ready: `checks` says which check failed", body = Readiness),
+    ),
+)]
+pub async fn readyz(State(state): State<Arc<ApiState>>) -> (StatusCode, Json<Readiness>) {
     let postgres = match postgres_answers(&state.pool).await {
         Ok(()) => "ok".to_owned(),
         Err(err) => err.to_string(),
@@ -159,7 +185,7 @@ pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     // A stream that differs from its definition does not make ordo unready; it is shown, for an
     // operator to decide whether to run `ordo streams apply`.
     let js = async_nats::jetstream::new(state.nats.clone());
-    let mut streams = serde_json::Map::new();
+    let mut streams = std::collections::BTreeMap::new();
     if nats == "ok" {
         for definition in &state.streams {
             let shown = match definition.drift(&js).await {
@@ -168,28 +194,26 @@ pub async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
                 Ok(None) => "missing".to_owned(),
                 Err(err) => err.to_string(),
             };
-            streams.insert(definition.config.name.clone(), shown.into());
+            streams.insert(definition.config.name.clone(), shown);
         }
     }
     // Events a worker holds back because it cannot read them (a newer schema during a rolling
     // upgrade) do not make the read API unready either: it serves reads. They are shown, per
     // consumer, for an operator to finish the upgrade.
-    let mut unreadable = serde_json::Map::new();
+    let mut unreadable_events = std::collections::BTreeMap::new();
     if postgres == "ok"
         && let Ok(counts) = count_by(&state.pool, UNREADABLE_BY_CONSUMER).await
     {
-        for (consumer, count) in counts {
-            unreadable.insert(consumer, count.into());
-        }
+        unreadable_events.extend(counts);
     }
     (
         status,
-        Json(json!({
-            "ready": ready,
-            "checks": {"postgres": postgres, "nats": nats},
-            "streams": streams,
-            "unreadable_events": unreadable,
-        })),
+        Json(Readiness {
+            ready,
+            checks: ReadinessChecks { postgres, nats },
+            streams,
+            unreadable_events,
+        }),
     )
 }
 
@@ -205,6 +229,13 @@ fn holding_consumers() -> impl Iterator<Item = &'static str> {
 }
 
 /// Prometheus text: the gauges of every projection, read now, and what this process recorded.
+/// Asks for the metrics token when one is set, else the API's.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String, content_type = "text/plain")),
+)]
 pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     match projection_status(&state.pool, &state.nats).await {
         Ok(projections) => {
@@ -213,30 +244,24 @@ pub async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
             // value, which would look like a view keeping up.
             let heads_read = projections
                 .iter()
-                .all(|projection| projection["stream_head"].is_u64());
+                .all(|projection| projection.stream_head.is_some());
+            let known = |value: Option<u64>| value.map_or(f64::NAN, |value| value as f64);
             for projection in projections {
-                let name = projection["name"].as_str().unwrap_or_default().to_owned();
-                let gauge = |metric: &'static str, key: &str| {
-                    let value = projection[key]
-                        .as_u64()
-                        .map_or(f64::NAN, |value| value as f64);
-                    metrics::gauge!(metric, "projection" => name.clone()).set(value);
+                let gauge = |metric: &'static str, value: f64| {
+                    metrics::gauge!(metric, "projection" => projection.name.clone()).set(value);
                 };
-                gauge("ordo_projection_checkpoint", "checkpoint");
-                gauge("ordo_projection_stream_head", "stream_head");
-                gauge("ordo_projection_lag_events", "lag");
-                for partition in projection["partitions"].as_array().into_iter().flatten() {
-                    if let Some(number) = partition["partition"].as_u64() {
-                        let lag = partition["lag"].as_u64().map_or(f64::NAN, |lag| lag as f64);
-                        metrics::gauge!(
-                            "ordo_projection_partition_lag_events",
-                            "projection" => name.clone(),
-                            "partition" => number.to_string()
-                        )
-                        .set(lag);
-                    }
+                gauge("ordo_projection_checkpoint", projection.checkpoint as f64);
+                gauge("ordo_projection_stream_head", known(projection.stream_head));
+                gauge("ordo_projection_lag_events", known(projection.lag));
+                for partition in &projection.partitions {
+                    metrics::gauge!(
+                        "ordo_projection_partition_lag_events",
+                        "projection" => projection.name.clone(),
+                        "partition" => partition.partition.to_string()
+                    )
+                    .set(known(partition.lag));
                 }
-                gauge("ordo_projection_parked_events", "parked");
+                gauge("ordo_projection_parked_events", projection.parked as f64);
             }
             metrics::gauge!("ordo_read_model_up").set(if heads_read { 1.0 } else { 0.0 });
             if let Ok(sagas) = count_by(

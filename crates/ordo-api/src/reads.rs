@@ -11,40 +11,27 @@ use axum::{
     Json,
     extract::{Path, Query, State, rejection::QueryRejection},
 };
+use moka::future::Cache;
 use ordo_domain::{CustomerId, OrderId, Sku};
 use ordo_projections::schema::{ProjectionInfo, checkpoint_of, checkpoint_of_partition};
-use serde::Deserialize;
-use serde_json::{Value, json};
-use sqlx::{Row, postgres::PgRow};
 
-use crate::{ApiState, checkpoints::RECHECK, error::ApiError};
+use crate::{
+    ApiState,
+    bodies::{
+        ErrorBody, ListParams, NotificationParams, Notifications, Order, OrderLine, OrderPage,
+        OrderStatus, ReadParams, Saga, Stock,
+    },
+    checkpoints::RECHECK,
+    error::ApiError,
+};
 
 type Shared = State<Arc<ApiState>>;
 
 /// The largest page of `/orders`.
 const MAX_LIMIT: i64 = 500;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReadParams {
-    min_seq: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    customer_id: Option<String>,
-    status: Option<String>,
-    limit: Option<i64>,
-    cursor: Option<String>,
-    min_seq: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NotificationParams {
-    order_id: Option<String>,
-}
+/// Hot rows by key, with the checkpoint their view had when they were read.
+pub type RowCache<T> = Cache<String, (T, u64)>;
 
 fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     query
@@ -145,24 +132,25 @@ async fn caught_up(
 }
 
 /// A cached row when it is at least as new as asked, else `read` (and the result is cached).
-async fn cached<F>(
-    state: &ApiState,
+async fn cached<T, F>(
+    cache: &RowCache<T>,
     key: String,
     checkpoint: u64,
     min_seq: Option<u64>,
     read: F,
-) -> Result<Value, ApiError>
+) -> Result<T, ApiError>
 where
-    F: Future<Output = Result<Value, ApiError>>,
+    T: Clone + Send + Sync + 'static,
+    F: Future<Output = Result<T, ApiError>>,
 {
-    if let Some((value, at)) = state.cache.get(&key).await
+    if let Some((row, at)) = cache.get(&key).await
         && at >= min_seq.unwrap_or(0)
     {
-        return Ok(value);
+        return Ok(row);
     }
-    let value = read.await?;
-    state.cache.insert(key, (value.clone(), checkpoint)).await;
-    Ok(value)
+    let row = read.await?;
+    cache.insert(key, (row.clone(), checkpoint)).await;
+    Ok(row)
 }
 
 /// `parked_events` counts the order's events the projector could not apply: when it is not 0,
@@ -172,92 +160,116 @@ const ORDER_COLUMNS: &str = "order_id, customer_id, status, currency, total_cent
      (SELECT count(*) FROM public.parked_events p
       WHERE p.projection = 'orders' AND p.parked_in = 'view_orders' AND p.subject = 'ordo.order.events.' || order_id) AS parked_events";
 
-fn order_json(row: &PgRow, lines: Vec<Value>) -> Value {
-    json!({
-        "order_id": row.get::<String, _>("order_id"),
-        "customer_id": row.get::<String, _>("customer_id"),
-        "status": row.get::<String, _>("status"),
-        "currency": row.get::<String, _>("currency"),
-        "total_cents": row.get::<i64, _>("total_cents"),
-        "reason": row.get::<Option<String>, _>("reason"),
-        "lines": lines,
-        "version": row.get::<i64, _>("version"),
-        "placed_at": row.get::<chrono::DateTime<chrono::Utc>, _>("placed_at"),
-        "updated_at": row.get::<chrono::DateTime<chrono::Utc>, _>("updated_at"),
-        "last_seq": row.get::<i64, _>("last_seq"),
-        "parked_events": row.get::<i64, _>("parked_events"),
-    })
+/// An order of the view with the sequence of its `OrderPlaced`, by which `/orders` pages.
+#[derive(sqlx::FromRow)]
+struct PlacedOrder {
+    #[sqlx(flatten)]
+    order: Order,
+    placed_seq: i64,
+}
+
+/// A line of an order, with the order it belongs to.
+#[derive(sqlx::FromRow)]
+struct LineOf {
+    order_id: String,
+    #[sqlx(flatten)]
+    line: OrderLine,
 }
 
 /// The lines of `order_ids`, by order.
 async fn lines_of(
     state: &ApiState,
     order_ids: &[String],
-) -> Result<std::collections::HashMap<String, Vec<Value>>, ApiError> {
-    let rows = sqlx::query(
+) -> Result<std::collections::HashMap<String, Vec<OrderLine>>, ApiError> {
+    let rows: Vec<LineOf> = sqlx::query_as(
         "SELECT order_id, sku, qty, unit_price_cents FROM view_orders.order_lines
          WHERE order_id = ANY($1) ORDER BY order_id, line_no",
     )
     .bind(order_ids)
     .fetch_all(&state.pool)
     .await?;
-    let mut lines: std::collections::HashMap<String, Vec<Value>> = Default::default();
+    let mut lines: std::collections::HashMap<String, Vec<OrderLine>> = Default::default();
     for row in rows {
-        lines.entry(row.get("order_id")).or_default().push(json!({
-            "sku": row.get::<String, _>("sku"),
-            "qty": row.get::<i64, _>("qty"),
-            "unit_price_cents": row.get::<i64, _>("unit_price_cents"),
-        }));
+        lines.entry(row.order_id).or_default().push(row.line);
     }
     Ok(lines)
 }
 
+/// One order, with its lines.
+#[utoipa::path(
+    get,
+    path = "/orders/{order_id}",
+    tag = "reads",
+    params(("order_id" = String, Path, description = "The order's id"), ReadParams),
+    responses(
+        (status = 200, description = "The order as the view holds it", body = Order),
+        (status = 400, description = "An id or parameter that is not valid", body = ErrorBody),
+        (status = 404, description = "Not in the view (yet, when no min_seq was given)", body = ErrorBody),
+        (status = 504, description = "The view did not reach min_seq in time", body = ErrorBody),
+    ),
+)]
 pub async fn get_order(
     State(state): Shared,
     Path(order_id): Path<String>,
     query: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Order>, ApiError> {
     let params = params(query)?;
     let order_id =
         OrderId::parse(order_id).map_err(|err| ApiError::InvalidQuery(err.to_string()))?;
     let scope = Scope::of_aggregate(&state, order_id.as_str());
     let checkpoint = caught_up(&state, orders_view(), scope, params.min_seq).await?;
     let key = format!("order:{order_id}");
-    let order = cached(&state, key, checkpoint, params.min_seq, async {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {ORDER_COLUMNS} FROM view_orders.orders WHERE order_id = $1"
-        )))
-        .bind(order_id.as_str())
-        .fetch_optional(&state.pool)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("order {order_id} is not in the view")))?;
-        let mut lines = lines_of(&state, &[order_id.to_string()]).await?;
-        Ok(order_json(
-            &row,
-            lines.remove(order_id.as_str()).unwrap_or_default(),
-        ))
-    })
+    let order = cached(
+        &state.orders_cache,
+        key,
+        checkpoint,
+        params.min_seq,
+        async {
+            let mut order: Order = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {ORDER_COLUMNS} FROM view_orders.orders WHERE order_id = $1"
+            )))
+            .bind(order_id.as_str())
+            .fetch_optional(&state.pool)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("order {order_id} is not in the view")))?;
+            let mut lines = lines_of(&state, &[order_id.to_string()]).await?;
+            order.lines = lines.remove(order_id.as_str()).unwrap_or_default();
+            Ok(order)
+        },
+    )
     .await?;
     Ok(Json(order))
 }
 
+/// Orders in the order they were placed, a page at a time, by customer and status.
+#[utoipa::path(
+    get,
+    path = "/orders",
+    tag = "reads",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of orders", body = OrderPage),
+        (status = 400, description = "A parameter that is not valid", body = ErrorBody),
+        (status = 504, description = "The view did not reach min_seq in time", body = ErrorBody),
+    ),
+)]
 pub async fn list_orders(
     State(state): Shared,
     query: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<OrderPage>, ApiError> {
     let params = params(query)?;
     let customer_id = params
         .customer_id
         .map(CustomerId::parse)
         .transpose()
         .map_err(|err| ApiError::InvalidQuery(err.to_string()))?;
-    const STATUSES: [&str; 5] = ["pending", "confirmed", "rejected", "cancelled", "shipped"];
     if let Some(status) = &params.status
-        && !STATUSES.contains(&status.as_str())
+        && OrderStatus::parse(status).is_none()
     {
+        let known: Vec<&str> = OrderStatus::ALL.map(OrderStatus::as_str).into();
         return Err(ApiError::InvalidQuery(format!(
             "status {status:?} is not one of {}",
-            STATUSES.join(", ")
+            known.join(", ")
         )));
     }
     let limit = params.limit.unwrap_or(50);
@@ -279,7 +291,7 @@ pub async fn list_orders(
     caught_up(&state, orders_view(), Scope::View, params.min_seq).await?;
     // Keyset paging on the sequence of OrderPlaced: orders placed later sort after every cursor,
     // so a page never repeats or skips an order while others are inserted.
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let mut rows: Vec<PlacedOrder> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {ORDER_COLUMNS} FROM view_orders.orders
          WHERE ($1::text IS NULL OR customer_id = $1) AND ($2::text IS NULL OR status = $2)
            AND placed_seq > $3
@@ -292,45 +304,55 @@ pub async fn list_orders(
     .fetch_all(&state.pool)
     .await?;
     let more = rows.len() as i64 > limit;
-    let page = &rows[..rows.len().min(limit as usize)];
-    let ids: Vec<String> = page.iter().map(|row| row.get("order_id")).collect();
+    rows.truncate(limit as usize);
+    let next_cursor = rows
+        .last()
+        .filter(|_| more)
+        .map(|last| last.placed_seq.to_string());
+    let ids: Vec<String> = rows.iter().map(|row| row.order.order_id.clone()).collect();
     let mut lines = lines_of(&state, &ids).await?;
-    let orders: Vec<Value> = page
-        .iter()
-        .map(|row| {
-            order_json(
-                row,
-                lines
-                    .remove(&row.get::<String, _>("order_id"))
-                    .unwrap_or_default(),
-            )
+    let orders = rows
+        .into_iter()
+        .map(|PlacedOrder { mut order, .. }| {
+            order.lines = lines.remove(&order.order_id).unwrap_or_default();
+            order
         })
         .collect();
-    let next_cursor = more.then(|| {
-        page.last()
-            .map(|row| row.get::<i64, _>("placed_seq").to_string())
-    });
-    Ok(Json(
-        json!({"orders": orders, "next_cursor": next_cursor.flatten()}),
-    ))
+    Ok(Json(OrderPage {
+        orders,
+        next_cursor,
+    }))
 }
 
+/// One SKU's stock.
+#[utoipa::path(
+    get,
+    path = "/stock/{sku}",
+    tag = "reads",
+    params(("sku" = String, Path, description = "The SKU"), ReadParams),
+    responses(
+        (status = 200, description = "The SKU as the view holds it", body = Stock),
+        (status = 400, description = "A SKU or parameter that is not valid", body = ErrorBody),
+        (status = 404, description = "Not in the view", body = ErrorBody),
+        (status = 504, description = "The view did not reach min_seq in time", body = ErrorBody),
+    ),
+)]
 pub async fn get_stock(
     State(state): Shared,
     Path(sku): Path<String>,
     query: Result<Query<ReadParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Stock>, ApiError> {
     let params = params(query)?;
     let sku = Sku::parse(sku).map_err(|err| ApiError::InvalidQuery(err.to_string()))?;
     let scope = Scope::of_aggregate(&state, sku.as_str());
     let checkpoint = caught_up(&state, stock_view(), scope, params.min_seq).await?;
     let stock = cached(
-        &state,
+        &state.stock_cache,
         format!("stock:{sku}"),
         checkpoint,
         params.min_seq,
         async {
-            let row = sqlx::query(
+            sqlx::query_as(
                 "SELECT sku, on_hand, reserved, available, version, updated_at, last_seq,
                     (SELECT count(*) FROM public.parked_events p
                      WHERE p.projection = 'stock' AND p.parked_in = 'view_stock' AND p.subject = 'ordo.stock.events.' || sku) AS parked_events
@@ -339,78 +361,68 @@ pub async fn get_stock(
             .bind(sku.as_str())
             .fetch_optional(&state.pool)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("sku {sku} is not in the view")))?;
-            Ok(json!({
-                "sku": row.get::<String, _>("sku"),
-                "on_hand": row.get::<i64, _>("on_hand"),
-                "reserved": row.get::<i64, _>("reserved"),
-                "available": row.get::<i64, _>("available"),
-                "version": row.get::<i64, _>("version"),
-                "updated_at": row.get::<chrono::DateTime<chrono::Utc>, _>("updated_at"),
-                "last_seq": row.get::<i64, _>("last_seq"),
-                // Not 0: events of this SKU could not be applied; the row is behind.
-                "parked_events": row.get::<i64, _>("parked_events"),
-            }))
+            .ok_or_else(|| ApiError::NotFound(format!("sku {sku} is not in the view")))
         },
     )
     .await?;
     Ok(Json(stock))
 }
 
+/// An order's saga: its state, and each step with its attempts and last error.
+#[utoipa::path(
+    get,
+    path = "/sagas/{order_id}",
+    tag = "reads",
+    params(("order_id" = String, Path, description = "The order's id")),
+    responses(
+        (status = 200, description = "The saga", body = Saga),
+        (status = 400, description = "An id that is not valid", body = ErrorBody),
+        (status = 404, description = "No saga for this order", body = ErrorBody),
+    ),
+)]
 pub async fn get_saga(
     State(state): Shared,
     Path(order_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Saga>, ApiError> {
     let order_id =
         OrderId::parse(order_id).map_err(|err| ApiError::InvalidQuery(err.to_string()))?;
-    let row = sqlx::query(
+    let saga: Saga = sqlx::query_as(
         "SELECT order_id, state, steps, reason, started_at, updated_at, deadline_at FROM sagas WHERE order_id = $1",
     )
     .bind(order_id.as_str())
     .fetch_optional(&state.pool)
     .await?
     .ok_or_else(|| ApiError::NotFound(format!("no saga for order {order_id}")))?;
-    Ok(Json(json!({
-        "order_id": row.get::<String, _>("order_id"),
-        "state": row.get::<String, _>("state"),
-        "steps": row.get::<Value, _>("steps"),
-        "reason": row.get::<Option<String>, _>("reason"),
-        "started_at": row.get::<chrono::DateTime<chrono::Utc>, _>("started_at"),
-        "updated_at": row.get::<chrono::DateTime<chrono::Utc>, _>("updated_at"),
-        "deadline_at": row.get::<Option<chrono::DateTime<chrono::Utc>>, _>("deadline_at"),
-    })))
+    Ok(Json(saga))
 }
 
+/// Customer notifications, of one order or of all (at most 500, oldest first).
+#[utoipa::path(
+    get,
+    path = "/notifications",
+    tag = "reads",
+    params(NotificationParams),
+    responses(
+        (status = 200, description = "The notifications and how their delivery went", body = Notifications),
+        (status = 400, description = "An id that is not valid", body = ErrorBody),
+    ),
+)]
 pub async fn list_notifications(
     State(state): Shared,
     query: Result<Query<NotificationParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Notifications>, ApiError> {
     let params = params(query)?;
     let order_id = params
         .order_id
         .map(OrderId::parse)
         .transpose()
         .map_err(|err| ApiError::InvalidQuery(err.to_string()))?;
-    let rows = sqlx::query(
+    let notifications = sqlx::query_as(
         "SELECT order_id, kind, customer_id, status, attempts, last_error, recorded_at FROM notifications
          WHERE ($1::text IS NULL OR order_id = $1) ORDER BY recorded_at, order_id, kind LIMIT 500",
     )
     .bind(order_id.as_ref().map(|id| id.as_str()))
     .fetch_all(&state.pool)
     .await?;
-    let notifications: Vec<Value> = rows
-        .iter()
-        .map(|row| {
-            json!({
-                "order_id": row.get::<String, _>("order_id"),
-                "kind": row.get::<String, _>("kind"),
-                "customer_id": row.get::<String, _>("customer_id"),
-                "status": row.get::<String, _>("status"),
-                "attempts": row.get::<i32, _>("attempts"),
-                "last_error": row.get::<Option<String>, _>("last_error"),
-                "recorded_at": row.get::<chrono::DateTime<chrono::Utc>, _>("recorded_at"),
-            })
-        })
-        .collect();
-    Ok(Json(json!({"notifications": notifications})))
+    Ok(Json(Notifications { notifications }))
 }

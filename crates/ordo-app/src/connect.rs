@@ -229,7 +229,7 @@ pub struct NatsAuth {
     /// The prefix of this process's reply subjects (its inbox): replies, pull-consumer
     /// deliveries and direct gets come back under it. Unset: `_INBOX_<user>` when a NATS user
     /// is configured, so that a server can let each user read its own inbox only
-    /// (docker/nats.conf), else `_INBOX`.
+    /// (docker/nats-accounts.conf), else `_INBOX`.
     #[arg(long, env = "ORDO_NATS_INBOX_PREFIX", global = true, value_parser = inbox_prefix)]
     pub nats_inbox_prefix: Option<String>,
 }

@@ -1,5 +1,5 @@
-//! The NATS accounts, users and permissions docker/nats.conf ships, as the drill runs them: the
-//! file's `accounts { … }` block as it is, with passwords drawn for this drill. Every component
+//! The NATS accounts, users and permissions docker/nats-accounts.conf ships, as the drill runs
+//! them: the file as it is, with passwords drawn for this drill. Every component
 //! connects as its own user, the load as the applications `shop` and `warehouse`, and the
 //! hostile client attacks as them too, so that a drill proves the configuration users deploy.
 
@@ -9,10 +9,10 @@ use anyhow::Context;
 
 use super::fleet::Component;
 
-/// docker/nats.conf, compiled in.
-const SHIPPED: &str = include_str!("../../../docker/nats.conf");
+/// docker/nats-accounts.conf, compiled in.
+const SHIPPED: &str = include_str!("../../../docker/nats-accounts.conf");
 
-/// The users of docker/nats.conf and the variables their passwords come from.
+/// The users of docker/nats-accounts.conf and the variables their passwords come from.
 const USERS: [(&str, &str); 9] = [
     ("ordo-operator", "ORDO_OPERATOR_NATS_PASSWORD"),
     ("ordo-admin", "ORDO_ADMIN_NATS_PASSWORD"),
@@ -61,23 +61,13 @@ impl Accounts {
         &self.passwords[user]
     }
 
-    /// The servers' configuration: the password variables, then the shipped accounts block.
-    pub fn server_config(&self) -> anyhow::Result<String> {
-        // From `system_account`, which names the account the operator's user is in.
-        let start = SHIPPED
-            .find("\nsystem_account:")
-            .or_else(|| SHIPPED.find("\naccounts {"))
-            .context("docker/nats.conf has no accounts block")?;
-        let end = start
-            + SHIPPED[start..]
-                .find("\n}\n")
-                .context("docker/nats.conf's accounts block does not end")?
-            + 3;
+    /// The servers' configuration: the password variables, then the shipped accounts.
+    pub fn server_config(&self) -> String {
         let variables: String = USERS
             .iter()
             .map(|(user, variable)| format!("{variable}: \"{}\"\n", self.passwords[user]))
             .collect();
-        Ok(format!("{variables}{}", &SHIPPED[start..end]))
+        format!("{variables}{SHIPPED}")
     }
 
     /// A connection as `user`, reading the inbox the configuration gives it (ordo's own users

@@ -3,7 +3,7 @@
 //! whole components taken away), waits for the system to settle and checks every invariant of
 //! the README's "Chaos drills" against what the streams and the views hold.
 //!
-//! - [`accounts`]: the NATS accounts and users docker/nats.conf ships, which servers of the
+//! - [`accounts`]: the NATS accounts and users docker/nats-accounts.conf ships, which servers of the
 //!   drill's own run, with a user per component and the load sent as the applications.
 //! - [`fleet`]: the processes, started, killed and started again.
 //! - [`faults`]: the schedule of kills, nats-server restarts, node kills and outages.
@@ -95,13 +95,13 @@ pub async fn run(
 
     // The servers: a nats-server (or cluster) of the drill's own, or the one given; a fresh
     // database.
-    // Servers of the drill's own run the accounts and users docker/nats.conf ships. A missing
+    // Servers of the drill's own run the accounts and users docker/nats-accounts.conf ships. A missing
     // nats-server is said plainly, before anything starts.
     if nats_url.is_none() {
         ordo_local::find_nats_server().map_err(anyhow::Error::msg)?;
     }
     let accounts = nats_url.is_none().then(Accounts::generate);
-    let server_config = accounts.as_ref().map(Accounts::server_config).transpose()?;
+    let server_config = accounts.as_ref().map(Accounts::server_config);
     let cluster = if options.cluster > 0 {
         let (size, config) = (options.cluster, server_config.clone());
         Some(

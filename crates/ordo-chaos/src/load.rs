@@ -93,7 +93,7 @@ impl Caller {
 }
 
 /// The applications of the load: the shop places and cancels, the warehouse receives and ships,
-/// as docker/nats.conf allows them.
+/// as docker/nats-accounts.conf allows them.
 #[derive(Clone)]
 pub struct Callers {
     pub shop: Caller,

@@ -117,7 +117,7 @@ impl Endpoint {
 mod tests {
     use super::*;
 
-    /// The subjects are a contract with every client and with deployments (docker/nats.conf's
+    /// The subjects are a contract with every client and with deployments (docker/nats-accounts.conf's
     /// permissions and imports): this is the one place they are written as text.
     #[test]
     fn every_subject_keeps_its_shipped_name() {

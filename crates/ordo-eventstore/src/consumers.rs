@@ -8,7 +8,7 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
 
 use crate::StreamId;
 
-/// A durable consumer. Its name is its identity in JetStream, in docker/nats.conf's permissions,
+/// A durable consumer. Its name is its identity in JetStream, in docker/nats-accounts.conf's permissions,
 /// in the `unreadable_events` rows, in metric labels and, for a view, in its projector's leader
 /// lock: a name never changes, or two builds of a rolling upgrade would read as two consumers
 /// (or lead one view twice). A new consumer is a new variant here; the compiler then asks for

@@ -496,6 +496,16 @@ async fn agree_on_partitions(
     )))
 }
 
+/// How long one of a member's writes to the bucket (a heartbeat, a renewal, a claim, a hand-back)
+/// may take. The member makes them one after the other, and one in flight when the connection
+/// drops, or while the bucket has no leader, is answered by nobody and waits out JetStream's
+/// whole timeout (5 s): meanwhile the member neither beats, renews nor claims. In a cluster drill
+/// a projector held its partitions unserved for 5 s that way, and another claimed a dead
+/// member's partitions only after a stretch of such waits. Given up after a renewal period, a
+/// write is made again on the next tick, on the new connection. (The watch keeps JetStream's
+/// timeout: opening one while a leader is elected takes longer than a second.)
+const BUCKET_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Asks `member` on its liveness subject whether it is still connected: "no responders" means
 /// its connection is gone; an answer, that it is there.
 async fn ask_liveness(
@@ -782,10 +792,12 @@ impl Leases {
 
     async fn heartbeat(&mut self) -> Result<(), OwnershipError> {
         let key = self.config.member_key(&self.me);
-        let revision = self
+        let put = self
             .store
-            .put(key, Bytes::from(self.config.partitions.to_string()))
+            .put(key, Bytes::from(self.config.partitions.to_string()));
+        let revision = tokio::time::timeout(BUCKET_WRITE_TIMEOUT, put)
             .await
+            .map_err(|_| OwnershipError::Bucket("timed out".into()))?
             .map_err(|err| OwnershipError::Bucket(err.to_string()))?;
         let acked = Instant::now();
         self.heartbeat_sent = Some(acked);
@@ -885,10 +897,12 @@ impl Leases {
             let key = self.config.owner_key(partition);
             let revision = self.held[&partition].revision;
             let sent = Instant::now();
-            match self
+            let update = self
                 .store
-                .update(&key, Bytes::from(self.me.clone()), revision)
+                .update(&key, Bytes::from(self.me.clone()), revision);
+            match tokio::time::timeout(BUCKET_WRITE_TIMEOUT, update)
                 .await
+                .unwrap_or_else(|_| Err(kv::UpdateError::new(UpdateErrorKind::TimedOut)))
             {
                 Ok(revision) => {
                     let held = self.held.get_mut(&partition).expect("held");
@@ -931,12 +945,15 @@ impl Leases {
         for partition in released {
             let held = self.held.remove(&partition).expect("held");
             let key = self.config.owner_key(partition);
-            if let Err(err) = self
-                .store
-                .delete_expect_revision(&key, Some(held.revision))
-                .await
-            {
-                tracing::debug!(partition, %err, "lease not deleted; it runs out instead");
+            let delete = self.store.delete_expect_revision(&key, Some(held.revision));
+            match tokio::time::timeout(BUCKET_WRITE_TIMEOUT, delete).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::debug!(partition, %err, "lease not deleted; it runs out instead")
+                }
+                Err(_) => {
+                    tracing::debug!(partition, "lease not deleted in time; it runs out instead")
+                }
             }
             tracing::info!(group = %self.config.group, partition, "partition handed back");
         }
@@ -948,18 +965,27 @@ impl Leases {
         let value = Bytes::from(self.me.clone());
         let sent = Instant::now();
         let taken = match self.view.get(&key) {
-            None => match self.store.create(&key, value).await {
-                Ok(revision) => Some(revision),
-                Err(err) if err.kind() == CreateErrorKind::AlreadyExists => {
-                    // The watch has not brought it yet.
-                    self.refresh(&key).await;
-                    None
+            None => {
+                match tokio::time::timeout(BUCKET_WRITE_TIMEOUT, self.store.create(&key, value))
+                    .await
+                {
+                    Ok(Ok(revision)) => Some(revision),
+                    Ok(Err(err)) if err.kind() == CreateErrorKind::AlreadyExists => {
+                        // The watch has not brought it yet.
+                        self.refresh(&key).await;
+                        None
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(partition, %err, "lease not created");
+                        None
+                    }
+                    // Made or not, the watch brings the lease as it is.
+                    Err(_) => {
+                        tracing::debug!(partition, "lease not created in time");
+                        None
+                    }
                 }
-                Err(err) => {
-                    tracing::debug!(partition, %err, "lease not created");
-                    None
-                }
-            },
+            }
             Some(seen)
                 if seen.value == self.me.as_bytes()
                     || !self.fresh(seen)
@@ -968,7 +994,11 @@ impl Leases {
                         .contains(String::from_utf8_lossy(&seen.value).as_ref()) =>
             {
                 let revision = seen.revision;
-                match self.store.update(&key, value, revision).await {
+                let update = self.store.update(&key, value, revision);
+                match tokio::time::timeout(BUCKET_WRITE_TIMEOUT, update)
+                    .await
+                    .unwrap_or_else(|_| Err(kv::UpdateError::new(UpdateErrorKind::TimedOut)))
+                {
                     Ok(revision) => Some(revision),
                     Err(err) => {
                         tracing::debug!(partition, %err, "lease not taken over");

@@ -24,6 +24,15 @@ const GRANTS_SETTLE: Duration = Duration::from_millis(50);
 /// being renewed) is not a loop of readers opened and dropped.
 const TERMS_APART: Duration = Duration::from_millis(100);
 
+/// The longest pause before a member tries a failed term again, or joins its group again after
+/// its membership ended. While a member pauses in a term it still renews its leases, so nobody
+/// else serves its partitions; and when every member of a group failed at once (a stream's leader
+/// killed), the partitions wait for the first to come back. A partition must be served again
+/// within 5 s of its owner's failure (the drills hold this), so the pause stays well under it
+/// however often terms fail, where an exponential pause that grows over a run of failures would
+/// reach seconds. Trying again costs a few requests.
+pub const RETRY_AT_MOST: Duration = Duration::from_secs(1);
+
 /// The leases stopped: the membership cannot go on, and the worker joins again.
 #[derive(Debug, thiserror::Error)]
 #[error("the partition leases of group {0} stopped")]

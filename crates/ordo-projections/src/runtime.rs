@@ -12,7 +12,7 @@ use ordo_eventstore::{
     partition::DEFAULT_PARTITIONS,
     partition_of,
     progress::Reporter,
-    terms::{LeasesStopped, Membership},
+    terms::{self, LeasesStopped, Membership},
     trace,
 };
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
@@ -227,10 +227,11 @@ impl<P: Projection> Projector<P> {
     /// Keeps this instance's share of the view up to date until `shutdown` completes: it joins
     /// the view's partition group, and applies the partitions it is granted. Failures
     /// (PostgreSQL or NATS down, a partition taken over) end the current term; the projector
-    /// then starts again from its partitions' checkpoints, after a pause that grows up to 10 s.
+    /// then starts again from its partitions' checkpoints, after a pause that grows up to
+    /// [`terms::RETRY_AT_MOST`].
     pub async fn run(&self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(10));
+        let mut backoff = Backoff::new(self.config.retry_base, terms::RETRY_AT_MOST);
         loop {
             let began = std::time::Instant::now();
             let err = tokio::select! {

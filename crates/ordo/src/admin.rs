@@ -4,7 +4,6 @@
 use ordo_app::{Settings, components, connect, database};
 use ordo_eventstore::streams::apply_all;
 use ordo_projections::{ProjectorConfig, View};
-use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::cli::{
@@ -165,7 +164,9 @@ pub async fn projections(settings: &Settings, action: ProjectionsAction) -> anyh
                 .map_err(|err| anyhow::anyhow!("{err:?}"))?;
             if json {
                 // GET /projections' document.
-                let document = serde_json::json!({"projections": status});
+                let document = ordo_api::bodies::Projections {
+                    projections: status,
+                };
                 println!("{}", serde_json::to_string_pretty(&document)?);
             } else {
                 print!("{}", status_table(&status));
@@ -273,31 +274,26 @@ pub async fn rebuild(
 }
 
 /// The projection status as a table for a terminal.
-pub fn status_table(status: &[Value]) -> String {
+pub fn status_table(status: &[ordo_api::bodies::ProjectionStatus]) -> String {
     let mut out = format!(
         "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
         "projection", "stream", "checkpoint", "head", "lag", "parked"
     );
-    let show = |value: &Value| match value {
-        Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    };
+    let show = |value: Option<u64>| value.map_or("-".to_owned(), |value| value.to_string());
     for projection in status {
         out.push_str(&format!(
             "{:<12} {:<14} {:>10} {:>10} {:>8} {:>7}\n",
-            projection["name"].as_str().unwrap_or_default(),
-            projection["stream"].as_str().unwrap_or_default(),
-            show(&projection["checkpoint"]),
-            show(&projection["stream_head"]),
-            show(&projection["lag"]),
-            show(&projection["parked"]),
+            projection.name,
+            projection.stream,
+            projection.checkpoint,
+            show(projection.stream_head),
+            show(projection.lag),
+            projection.parked,
         ));
-        for parked in projection["parked_events"].as_array().into_iter().flatten() {
+        for parked in &projection.parked_events {
             out.push_str(&format!(
                 "  parked: seq {} on {}: {}\n",
-                parked["seq"],
-                parked["subject"].as_str().unwrap_or_default(),
-                parked["reason"].as_str().unwrap_or_default()
+                parked.seq, parked.subject, parked.reason
             ));
         }
     }

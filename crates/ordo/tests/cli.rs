@@ -525,6 +525,7 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(notifications["notifications"][0]["kind"], "confirmed");
+    answers_are_what_the_openapi_document_says(&http, &http_addr).await;
 
     let command = |args: &[&str]| {
         Command::new(ORDO)
@@ -584,6 +585,76 @@ async fn ordo_up_serves_commands_and_reads_of_them_then_rebuilds_a_view() {
     );
 
     assert!(up.terminate().success());
+}
+
+/// Every path of the read API at `http_addr` (an order o-1 of customer c1 confirmed, with its
+/// notification sent) answers what its `GET /openapi.json` says, in each case this can provoke.
+async fn answers_are_what_the_openapi_document_says(http: &reqwest::Client, http_addr: &str) {
+    let answer = |path: &str| {
+        let url = format!("http://{http_addr}{path}");
+        async move {
+            let response = http.get(url).send().await.unwrap();
+            let status = response.status().as_u16();
+            let content_type = response.headers()[reqwest::header::CONTENT_TYPE].clone();
+            (status, content_type, response.text().await.unwrap())
+        }
+    };
+    let (status, _, document) = answer("/openapi.json").await;
+    assert_eq!(status, 200, "{document}");
+    let document: Value = serde_json::from_str(&document).unwrap();
+    let mut checked = std::collections::BTreeSet::new();
+    for (template, path, expected) in [
+        ("/orders", "/orders?customer_id=c1&status=confirmed", 200),
+        ("/orders", "/orders?limit=1", 200),
+        ("/orders", "/orders?limit=0", 400),
+        ("/orders/{order_id}", "/orders/o-1", 200),
+        ("/orders/{order_id}", "/orders/o-404", 404),
+        ("/orders/{order_id}", "/orders/o.1", 400),
+        // Waits the API's 5 s for a sequence that never comes.
+        ("/orders/{order_id}", "/orders/o-1?min_seq=999999", 504),
+        ("/stock/{sku}", "/stock/A1", 200),
+        ("/sagas/{order_id}", "/sagas/o-1", 200),
+        ("/sagas/{order_id}", "/sagas/o-404", 404),
+        ("/notifications", "/notifications?order_id=o-1", 200),
+        ("/notifications", "/notifications", 200),
+        ("/projections", "/projections", 200),
+        ("/healthz", "/healthz", 200),
+        ("/readyz", "/readyz", 200),
+        ("/metrics", "/metrics", 200),
+    ] {
+        let (status, content_type, body) = answer(path).await;
+        assert_eq!(status, expected, "{path}: {body}");
+        let documented = &document["paths"][template]["get"]["responses"][status.to_string()];
+        let content = documented["content"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{template} does not document {status}: {documented}"));
+        let (media_type, content) = content.iter().next().unwrap();
+        assert_eq!(
+            content_type.to_str().unwrap().split(';').next(),
+            Some(media_type.as_str()),
+            "{path}"
+        );
+        if media_type == "application/json" {
+            // The response's schema, with the document's components its `$ref`s point into.
+            let mut schema = content["schema"].clone();
+            schema["components"] = document["components"].clone();
+            let validator = jsonschema::validator_for(&schema).unwrap();
+            let body: Value = serde_json::from_str(&body).unwrap();
+            let errors: Vec<String> = validator
+                .iter_errors(&body)
+                .map(|error| format!("{} at {}", error, error.instance_path()))
+                .collect();
+            assert!(errors.is_empty(), "{path} ({status}): {errors:?}\n{body}");
+        }
+        checked.insert(template);
+    }
+    let documented: std::collections::BTreeSet<&str> = document["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(checked, documented, "every documented path is checked");
 }
 
 #[tokio::test]

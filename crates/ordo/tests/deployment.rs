@@ -1,6 +1,8 @@
-//! `docker/` as a specification, checked without a Docker engine: the compose file runs every
-//! component with settings ordo understands, the alert rules and the dashboard are valid
-//! PromQL over metrics ordo exports, and those metrics are the ones docs/operations.md lists.
+//! `docker/` and `deploy/kubernetes/` as a specification, checked without a Docker engine or a
+//! cluster: the compose file runs every component with settings ordo understands, the
+//! Kubernetes manifests run the same components with the same settings, users and secrets, the
+//! alert rules and the dashboard are valid PromQL over metrics ordo exports, and those metrics
+//! are the ones docs/operations.md lists.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -132,7 +134,7 @@ fn every_ordo_service_agrees_on_the_cluster_and_three_replicas_in_settings_ordo_
             env["OTEL_EXPORTER_OTLP_ENDPOINT"],
             "http://otel-collector:4317"
         );
-        // Authenticated as its own user of docker/nats.conf, with the password the nats
+        // Authenticated as its own user of docker/nats-accounts.conf, with the password the nats
         // containers give that user, which the operator sets (never one written here).
         let (user, variable) = nats_user_of(name);
         assert_eq!(env["ORDO_NATS_USER"], user, "{name}");
@@ -160,7 +162,7 @@ fn nats_user_of(service: &str) -> (&'static str, &'static str) {
 
 #[test]
 fn every_nats_user_is_defined_with_the_password_compose_gives_the_servers() {
-    let conf = read("docker/nats.conf");
+    let conf = read("docker/nats-accounts.conf");
     let services = services();
     let nats = environment(&services["nats-1"]);
     let mut users: Vec<(&str, &str)> = ORDO_SERVICES
@@ -174,7 +176,10 @@ fn every_nats_user_is_defined_with_the_password_compose_gives_the_servers() {
     ]);
     for (user, variable) in users {
         let defined = format!("user: {user}\n        password: ${variable}\n");
-        assert!(conf.contains(&defined), "docker/nats.conf: no {defined:?}");
+        assert!(
+            conf.contains(&defined),
+            "docker/nats-accounts.conf: no {defined:?}"
+        );
         assert!(
             nats[variable].starts_with(&format!("${{{variable}:?")),
             "the nats servers are not given {variable}"
@@ -190,7 +195,7 @@ fn every_nats_user_is_defined_with_the_password_compose_gives_the_servers() {
     }
     assert!(
         !conf.contains("password: \""),
-        "a password written in docker/nats.conf"
+        "a password written in docker/nats-accounts.conf"
     );
 }
 
@@ -313,7 +318,12 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
             .starts_with("postgres://ordo_owner:${ORDO_DB_OWNER_PASSWORD:?"),
         "{migrate:?}"
     );
-    for name in ORDO_SERVICES {
+    // Streams are NATS's alone: that job gets neither the database nor the metrics token.
+    let streams = environment(&services["streams"]);
+    assert!(
+        !streams.contains_key("ORDO_DATABASE_URL") && !streams.contains_key("ORDO_METRICS_TOKEN")
+    );
+    for name in ORDO_SERVICES.into_iter().filter(|name| *name != "streams") {
         let env = environment(&services[name]);
         // The read API only reads, as a role that may only SELECT.
         let role = if name == "api" {
@@ -331,9 +341,7 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
             "{name}"
         );
         let depends = &services[name]["depends_on"]["migrate"]["condition"];
-        if name != "streams" {
-            assert_eq!(text(depends), "service_completed_successfully", "{name}");
-        }
+        assert_eq!(text(depends), "service_completed_successfully", "{name}");
     }
     let api = environment(&services["api"]);
     assert!(api["ORDO_HTTP_TOKEN"].starts_with("${ORDO_HTTP_TOKEN:?"));
@@ -554,7 +562,7 @@ fn the_dashboard_and_the_rules_read_only_metrics_ordo_exports() {
         .collect();
     for (source, expr) in expressions {
         for metric in metrics_read_by(&expr) {
-            if metric.starts_with("gnatsd_") {
+            if metric.starts_with("nats_") {
                 assert!(
                     jobs.contains("nats"),
                     "{source} reads {metric}, nothing scrapes NATS"
@@ -642,7 +650,7 @@ fn every_metric_ordo_records_is_documented_and_named_by_prometheus_conventions()
 }
 
 /// Every durable consumer of the catalogue may be created, read, pulled and acknowledged by the
-/// user of the component that owns it, in that user's block of docker/nats.conf; a view's
+/// user of the component that owns it, in that user's block of docker/nats-accounts.conf; a view's
 /// projectors may read its stream by sequence and hear its events, create no consumer, and
 /// delete the durable consumer of earlier builds; and every consumer nats.conf names is one of
 /// the catalogue's. (A consumer renamed or added in one place only
@@ -650,11 +658,11 @@ fn every_metric_ordo_records_is_documented_and_named_by_prometheus_conventions()
 #[test]
 fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other() {
     use ordo_eventstore::ConsumerId;
-    let conf = read("docker/nats.conf");
+    let conf = read("docker/nats-accounts.conf");
     let block_of = |user: &str| -> &str {
         let start = conf
             .find(&format!("user: {user}\n"))
-            .unwrap_or_else(|| panic!("no user {user} in docker/nats.conf"));
+            .unwrap_or_else(|| panic!("no user {user} in docker/nats-accounts.conf"));
         let end = conf[start + 1..]
             .find("user: ")
             .map_or(conf.len(), |end| start + 1 + end);
@@ -706,7 +714,7 @@ fn every_durable_consumer_is_permitted_to_its_owner_and_nats_conf_names_no_other
             ConsumerId::ALL
                 .iter()
                 .any(|consumer| consumer.name() == name && consumer.stream().name() == stream),
-            "docker/nats.conf names a consumer {stream}.{name} that is not in ConsumerId"
+            "docker/nats-accounts.conf names a consumer {stream}.{name} that is not in ConsumerId"
         );
     }
 }
@@ -794,7 +802,13 @@ fn the_image_build_sends_neither_build_output_nor_secrets() {
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
         .map(str::to_owned)
         .collect();
-    for path in ["target/", ".ordo/", ".git/", "docker/.env"] {
+    for path in [
+        "target/",
+        ".ordo/",
+        ".git/",
+        "docker/.env",
+        "deploy/kubernetes/secrets.env",
+    ] {
         assert!(
             ignored.contains(path),
             ".dockerignore does not leave out {path}"
@@ -816,12 +830,16 @@ fn the_env_example_names_every_variable_compose_requires() {
     for (_, secret) in secrets.as_mapping().unwrap() {
         required.insert(text(&secret["environment"]));
     }
-    let example: BTreeSet<String> = read("docker/.env.example")
+    assert_eq!(env_example_variables(), required);
+}
+
+/// The variables docker/.env.example names: every secret of a deployment.
+fn env_example_variables() -> BTreeSet<String> {
+    read("docker/.env.example")
         .lines()
         .filter(|line| !line.starts_with('#'))
         .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim().to_owned()))
-        .collect();
-    assert_eq!(example, required);
+        .collect()
 }
 
 /// Prometheus sends alerts to the Alertmanager compose runs, which sends them to a receiver
@@ -856,7 +874,7 @@ fn alerts_reach_a_receiver_and_operators_reach_the_system_account() {
 
     // The operator's user (defined with its password in every_nats_user_is_defined_…) is in
     // the system account.
-    let conf = read("docker/nats.conf");
+    let conf = read("docker/nats-accounts.conf");
     assert!(conf.contains("\nsystem_account: SYS\n"));
     let sys = conf.find("\n  SYS {").expect("an account SYS");
     let operator = conf.find("user: ordo-operator").unwrap();
@@ -907,4 +925,413 @@ fn the_servers_metrics_are_scraped_where_their_exporters_listen() {
         read("docker/postgres-roles.sh")
             .contains("ordo_monitor LOGIN PASSWORD :'monitor_password' IN ROLE pg_monitor")
     );
+}
+
+// ---- Kubernetes (deploy/kubernetes) ----
+
+/// Every document of the files deploy/kubernetes/kustomization.yaml lists, in order.
+fn kubernetes_objects() -> Vec<Value> {
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    let mut objects = Vec::new();
+    for file in kustomization["resources"].as_sequence().unwrap() {
+        let path = format!("deploy/kubernetes/{}", text(file));
+        for document in serde_yaml_ng::Deserializer::from_str(&read(&path)) {
+            let object = Value::deserialize(document).unwrap_or_else(|err| panic!("{path}: {err}"));
+            assert!(
+                object["kind"].is_string(),
+                "{path}: a document without a kind"
+            );
+            objects.push(object);
+        }
+    }
+    objects
+}
+
+fn kubernetes_object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|object| object["kind"] == kind && object["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/kubernetes"))
+}
+
+fn kubernetes_names(objects: &[Value], kind: &str) -> BTreeSet<String> {
+    objects
+        .iter()
+        .filter(|object| object["kind"] == kind)
+        .map(|object| text(&object["metadata"]["name"]))
+        .collect()
+}
+
+/// A variable's value in a form both deployments share: a secret is `secret:<variable of
+/// docker/.env.example>`, wherever it appears in the value.
+fn compose_form(value: &str) -> String {
+    let secret = regex::Regex::new(r"\$\{([A-Z_]+):\?[^}]*\}").unwrap();
+    secret.replace_all(value, "secret:$1").into_owned()
+}
+
+/// The environment of a pod's only container, in [`compose_form`]: the ConfigMaps it takes
+/// whole, then its own variables, `$(NAME)` references expanded as Kubernetes expands them.
+fn kubernetes_environment(objects: &[Value], workload: &Value) -> BTreeMap<String, String> {
+    let container = &workload["spec"]["template"]["spec"]["containers"][0];
+    let mut env = BTreeMap::new();
+    for source in container["envFrom"].as_sequence().into_iter().flatten() {
+        let name = text(&source["configMapRef"]["name"]);
+        let map = kubernetes_object(objects, "ConfigMap", &name);
+        for (key, value) in map["data"].as_mapping().unwrap() {
+            env.insert(text(key), text(value));
+        }
+    }
+    let reference = regex::Regex::new(r"\$\(([A-Z_]+)\)").unwrap();
+    for variable in container["env"].as_sequence().into_iter().flatten() {
+        let name = text(&variable["name"]);
+        let value = if let Some(value) = variable.get("value") {
+            reference
+                .replace_all(&text(value), |found: &regex::Captures| {
+                    env.get(&found[1])
+                        .unwrap_or_else(|| {
+                            panic!("{name} refers to {} before it is set", &found[1])
+                        })
+                        .clone()
+                })
+                .into_owned()
+        } else if let Some(secret) = variable["valueFrom"].get("secretKeyRef") {
+            assert_eq!(text(&secret["name"]), "ordo-secrets", "{name}");
+            format!("secret:{}", text(&secret["key"]))
+        } else if let Some(config) = variable["valueFrom"].get("configMapKeyRef") {
+            let map = kubernetes_object(objects, "ConfigMap", &text(&config["name"]));
+            text(&map["data"][text(&config["key"]).as_str()])
+        } else {
+            panic!("{name}: a value ordo's manifests do not use: {variable:?}")
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+/// Each compose service and the Kubernetes workload that runs the same command.
+const KUBERNETES_WORKLOADS: [(&str, &str, &str); 7] = [
+    ("streams", "Job", "ordo-streams"),
+    ("migrate", "Job", "ordo-migrate"),
+    ("commands", "Deployment", "ordo-commands"),
+    ("projectors", "Deployment", "ordo-projector"),
+    ("sagas", "Deployment", "ordo-saga"),
+    ("notifier", "Deployment", "ordo-notifier"),
+    ("api", "Deployment", "ordo-api"),
+];
+
+#[test]
+fn kubernetes_runs_what_compose_runs_with_the_same_settings_users_and_secrets() {
+    let services = services();
+    let objects = kubernetes_objects();
+    let mut workloads = kubernetes_names(&objects, "Deployment");
+    workloads.extend(kubernetes_names(&objects, "Job"));
+    assert_eq!(
+        workloads,
+        KUBERNETES_WORKLOADS
+            .iter()
+            .map(|(_, _, name)| name.to_string())
+            .collect()
+    );
+    let secrets = env_example_variables();
+    for (service, kind, name) in KUBERNETES_WORKLOADS {
+        let workload = kubernetes_object(&objects, kind, name);
+        let container = &workload["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["args"], services[service]["command"], "{name}");
+        assert_eq!(text(&container["image"]), "ordo", "{name}");
+        // The same settings as compose, but for where NATS is: the chart's Service rather
+        // than compose's three nodes by name.
+        let ordo_settings = |env: BTreeMap<String, String>| -> BTreeMap<String, String> {
+            env.into_iter()
+                .filter(|(key, _)| {
+                    (key.starts_with("ORDO_") || key.starts_with("OTEL_") || key == "RUST_LOG")
+                        && key != "ORDO_NATS_URL"
+                })
+                .map(|(key, value)| (key, compose_form(&value)))
+                .collect()
+        };
+        let kubernetes = kubernetes_environment(&objects, workload);
+        assert_eq!(
+            ordo_settings(kubernetes.clone()),
+            ordo_settings(environment(&services[service])),
+            "{name} and compose's {service}"
+        );
+        if kubernetes.contains_key("ORDO_NATS_URL") {
+            assert_eq!(kubernetes["ORDO_NATS_URL"], "nats://nats:4222", "{name}");
+        }
+        for value in kubernetes.values() {
+            if let Some(secret) = value.strip_prefix("secret:") {
+                assert!(
+                    secrets.contains(secret),
+                    "{name}: {secret} is not in docker/.env.example"
+                );
+            }
+        }
+    }
+    // The Secret is made from those variables, and they are never committed.
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    let generator = &kustomization["secretGenerator"][0];
+    assert_eq!(text(&generator["name"]), "ordo-secrets");
+    assert_eq!(text(&generator["envs"][0]), "secrets.env");
+    assert!(read(".gitignore").contains("/deploy/kubernetes/secrets.env\n"));
+    assert_eq!(text(&kustomization["namespace"]), "ordo");
+}
+
+#[test]
+fn each_kubernetes_worker_is_probed_budgeted_and_scaled_as_it_can_be() {
+    let objects = kubernetes_objects();
+    let deployments: Vec<&Value> = objects
+        .iter()
+        .filter(|object| object["kind"] == "Deployment")
+        .collect();
+    let budgets = kubernetes_names(&objects, "PodDisruptionBudget");
+    let scalers = kubernetes_names(&objects, "HorizontalPodAutoscaler");
+    for deployment in deployments {
+        let name = text(&deployment["metadata"]["name"]);
+        let spec = &deployment["spec"];
+        let pod = &spec["template"]["spec"];
+        let container = &pod["containers"][0];
+        let labels = &spec["template"]["metadata"]["labels"];
+        for (key, value) in spec["selector"]["matchLabels"].as_mapping().unwrap() {
+            assert_eq!(&labels[key], value, "{name}: the selector matches its pods");
+        }
+        // Probes on the port ordo serves them on, without a token.
+        let env = kubernetes_environment(&objects, deployment);
+        let metrics_port: u64 = env["ORDO_METRICS_ADDR"]
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let port = container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|port| port["name"] == "metrics")
+            .unwrap_or_else(|| panic!("{name}: no metrics port"));
+        assert_eq!(port["containerPort"].as_u64(), Some(metrics_port), "{name}");
+        for (probe, path) in [
+            ("startupProbe", "/healthz"),
+            ("livenessProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+        ] {
+            assert_eq!(
+                text(&container[probe]["httpGet"]["path"]),
+                path,
+                "{name} {probe}"
+            );
+            assert_eq!(
+                text(&container[probe]["httpGet"]["port"]),
+                "metrics",
+                "{name} {probe}"
+            );
+        }
+        // Sized, and without privileges: the image's own user.
+        let resources = &container["resources"];
+        assert!(
+            resources["requests"]["cpu"].is_string() && resources["requests"]["memory"].is_string(),
+            "{name}: requests"
+        );
+        assert!(
+            resources["limits"]["memory"].is_string(),
+            "{name}: a memory limit"
+        );
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"].as_bool(),
+            Some(true),
+            "{name}"
+        );
+        assert!(read("docker/Dockerfile").contains(&format!(
+            "\nUSER {}:{}\n",
+            pod["securityContext"]["runAsUser"].as_u64().unwrap(),
+            pod["securityContext"]["runAsGroup"].as_u64().unwrap()
+        )));
+        assert_eq!(
+            container["securityContext"]["readOnlyRootFilesystem"].as_bool(),
+            Some(true),
+            "{name}"
+        );
+        // A worker that runs twice keeps one through a voluntary disruption and scales out;
+        // the notifier runs once, and a budget would block every drain of its node.
+        let replicas = spec["replicas"].as_u64().unwrap();
+        if replicas >= 2 {
+            assert!(budgets.contains(&name), "{name}: no PodDisruptionBudget");
+            let budget = kubernetes_object(&objects, "PodDisruptionBudget", &name);
+            assert!(budget["spec"]["minAvailable"].as_u64().unwrap() < replicas);
+            assert_eq!(budget["spec"]["selector"], spec["selector"], "{name}");
+            let scaler = kubernetes_object(&objects, "HorizontalPodAutoscaler", &name);
+            assert_eq!(text(&scaler["spec"]["scaleTargetRef"]["name"]), name);
+            assert_eq!(
+                scaler["spec"]["minReplicas"].as_u64(),
+                Some(replicas),
+                "{name}"
+            );
+        } else {
+            assert!(
+                !budgets.contains(&name) && !scalers.contains(&name),
+                "{name}"
+            );
+        }
+    }
+    // More command services than partitions would own none.
+    let commands = kubernetes_object(&objects, "HorizontalPodAutoscaler", "ordo-commands");
+    assert!(
+        commands["spec"]["maxReplicas"].as_u64().unwrap()
+            <= u64::from(ordo_eventstore::partition::DEFAULT_PARTITIONS)
+    );
+    // The projectors' backlog is a metric ordo exports.
+    let projector = kubernetes_object(&objects, "HorizontalPodAutoscaler", "ordo-projector");
+    let backlog = text(&projector["spec"]["metrics"][0]["external"]["metric"]["name"]);
+    assert!(documented_metrics().contains_key(&backlog), "{backlog}");
+    // The API's Service reaches the port it listens on.
+    let api = kubernetes_object(&objects, "Deployment", "ordo-api");
+    let http_port: u64 = kubernetes_environment(&objects, api)["ORDO_HTTP_ADDR"]
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let service = kubernetes_object(&objects, "Service", "ordo-api");
+    assert_eq!(text(&service["spec"]["ports"][0]["targetPort"]), "http");
+    let container = &api["spec"]["template"]["spec"]["containers"][0];
+    let http = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|port| port["name"] == "http")
+        .unwrap();
+    assert_eq!(http["containerPort"].as_u64(), Some(http_port));
+}
+
+/// deploy/kubernetes/nats-values.yaml: the NATS chart runs the servers compose runs (release,
+/// cluster of 3, JetStream), with the accounts of docker/nats-accounts.conf and the passwords
+/// of the Secret.
+#[test]
+fn the_nats_chart_runs_the_servers_compose_runs_with_the_shipped_accounts() {
+    let values = yaml("deploy/kubernetes/nats-values.yaml");
+    let services = services();
+    let compose_image = text(&services["nats-1"]["image"]);
+    assert_eq!(
+        format!("nats:{}", text(&values["container"]["image"]["tag"])),
+        compose_image
+    );
+    assert_eq!(values["config"]["cluster"]["enabled"].as_bool(), Some(true));
+    assert_eq!(values["config"]["cluster"]["replicas"].as_u64(), Some(3));
+    assert_eq!(
+        values["config"]["jetstream"]["enabled"].as_bool(),
+        Some(true)
+    );
+    // The accounts: one file, included by compose's servers and by the chart's.
+    assert_eq!(
+        text(&values["config"]["merge"]["$include"]),
+        "./nats-accounts.conf"
+    );
+    assert!(read("docker/nats.conf").contains("\ninclude ./nats-accounts.conf\n"));
+    for n in 1..=3 {
+        let volumes: Vec<String> = services[format!("nats-{n}").as_str()]["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(text)
+            .collect();
+        assert!(
+            volumes.contains(&"./nats-accounts.conf:/etc/nats/nats-accounts.conf:ro".to_owned()),
+            "nats-{n}: {volumes:?}"
+        );
+    }
+    let install =
+        "--set-file 'configMap.merge.data.nats-accounts\\.conf=docker/nats-accounts.conf'";
+    for doc in ["deploy/kubernetes/nats-values.yaml", "docs/kubernetes.md"] {
+        let text = read(doc);
+        assert!(
+            text.contains(install),
+            "{doc} does not install the accounts"
+        );
+        assert!(
+            text.contains("helm install nats nats/nats --namespace ordo"),
+            "{doc}"
+        );
+    }
+    // The servers' environment holds exactly the passwords compose gives its servers, from the
+    // Secret's variables of the same names.
+    let compose_passwords: BTreeSet<String> =
+        environment(&services["nats-1"]).into_keys().collect();
+    let env = values["container"]["env"].as_mapping().unwrap();
+    let chart_passwords: BTreeSet<String> = env.keys().map(text).collect();
+    assert_eq!(chart_passwords, compose_passwords);
+    for (variable, value) in env {
+        let secret = &value["valueFrom"]["secretKeyRef"];
+        assert_eq!(text(&secret["name"]), "ordo-secrets");
+        assert_eq!(secret["key"], *variable);
+    }
+}
+
+/// Where kubectl is installed (its Kustomize builds offline), the kustomization builds with the
+/// secrets docker/.env.example names, into the objects the tests above read, each in namespace
+/// ordo and running the image `images:` names. Without kubectl, the tests above still read every
+/// file; this one says it did not build.
+#[test]
+fn the_kustomization_builds_into_the_objects_read_above() {
+    let Ok(version) = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+    else {
+        eprintln!("kubectl is not installed: deploy/kubernetes was read, not built");
+        return;
+    };
+    assert!(version.status.success());
+    // A copy with a secrets.env of placeholders: Kustomize reads only inside its directory.
+    let dir = tempfile::tempdir().unwrap();
+    let source = repository().join("deploy/kubernetes");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let placeholders: String = env_example_variables()
+        .iter()
+        .map(|variable| format!("{variable}=placeholder\n"))
+        .collect();
+    std::fs::write(dir.path().join("secrets.env"), placeholders).unwrap();
+    let built = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let built: Vec<Value> =
+        serde_yaml_ng::Deserializer::from_str(&String::from_utf8_lossy(&built.stdout))
+            .map(|document| Value::deserialize(document).unwrap())
+            .collect();
+    let identity = |object: &Value| (text(&object["kind"]), text(&object["metadata"]["name"]));
+    let mut expected: BTreeSet<(String, String)> =
+        kubernetes_objects().iter().map(identity).collect();
+    expected.insert(("Secret".into(), "ordo-secrets".into()));
+    assert_eq!(
+        built.iter().map(identity).collect::<BTreeSet<_>>(),
+        expected
+    );
+    let kustomization = yaml("deploy/kubernetes/kustomization.yaml");
+    let image = format!(
+        "{}:{}",
+        text(&kustomization["images"][0]["newName"]),
+        text(&kustomization["images"][0]["newTag"])
+    );
+    for object in &built {
+        let (kind, name) = identity(object);
+        if kind != "Namespace" {
+            assert_eq!(
+                text(&object["metadata"]["namespace"]),
+                "ordo",
+                "{kind} {name}"
+            );
+        }
+        if let Some(containers) = object["spec"]["template"]["spec"]["containers"].as_sequence() {
+            for container in containers {
+                assert_eq!(text(&container["image"]), image, "{kind} {name}");
+            }
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The red team: the attacks of docs/security.md, sent as an application would send them, against
 //! ordo deployed as docker/ deploys it. The nats-server runs the accounts, users and permissions
-//! of docker/nats.conf exactly as shipped; every component is its own process, connected as its
+//! of docker/nats-accounts.conf exactly as shipped; every component is its own process, connected as its
 //! own user (`ordo-commands`, `ordo-saga`, …). The attackers are the shipped applications, `shop`
 //! and `warehouse`, and a component whose password leaked.
 //!

@@ -1,5 +1,5 @@
 //! ordo against a nats-server that requires TLS with client certificates and the accounts,
-//! users and permissions docker/nats.conf ships, and a PostgreSQL that asks every role for its
+//! users and permissions docker/nats-accounts.conf ships, and a PostgreSQL that asks every role for its
 //! password, where the workers' role may only read and write rows: ordo works end to end with
 //! each component as its own user; the workers' role cannot change a table; wrong credentials
 //! fail at once with a clear message; no secret reaches a log. (crates/ordo/tests/redteam.rs
@@ -104,7 +104,7 @@ impl Database {
 }
 
 /// nats-server's configuration: TLS that verifies client certificates, and the accounts and
-/// users of `docker/nats.conf`.
+/// users of `docker/nats-accounts.conf`.
 fn server_config(certificates: &Certificates) -> String {
     format!(
         r#"

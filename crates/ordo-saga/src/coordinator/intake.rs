@@ -21,7 +21,7 @@ use ordo_eventstore::{
     consume::{Reader, Stored},
     partition_of,
     progress::Reporter,
-    terms::Membership,
+    terms::{self, Membership},
 };
 
 use super::*;
@@ -50,7 +50,7 @@ fn js_err(err: impl std::fmt::Display) -> CoordinatorError {
 
 impl<G: PaymentGateway> Coordinator<G> {
     pub(super) async fn intake_forever(&self, started: mpsc::Sender<Claimed>) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut backoff = Backoff::new(Duration::from_millis(100), terms::RETRY_AT_MOST);
         loop {
             let began = std::time::Instant::now();
             match self.intake(&mut backoff, &started).await {

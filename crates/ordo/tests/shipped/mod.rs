@@ -1,9 +1,9 @@
 //! The NATS configuration docker/ ships, for the tests that run ordo under it: its accounts
-//! block as it is, a password for each of its users, and which user each component runs as.
+//! (docker/nats-accounts.conf) as they are, a password for each of its users, and which user each component runs as.
 
 use std::path::Path;
 
-/// The users of docker/nats.conf and the variable each one's password is read from.
+/// The users of docker/nats-accounts.conf and the variable each one's password is read from.
 pub const USERS: [(&str, &str); 9] = [
     ("ordo-operator", "ORDO_OPERATOR_NATS_PASSWORD"),
     ("ordo-admin", "ORDO_ADMIN_NATS_PASSWORD"),
@@ -41,22 +41,16 @@ pub fn inbox_prefix(user: &str) -> String {
     }
 }
 
-/// The password variables, then the `accounts { … }` block of docker/nats.conf as shipped: the
-/// part of a test server's configuration that says who may do what.
+/// The password variables, then docker/nats-accounts.conf as shipped: the part of a test
+/// server's configuration that says who may do what.
 pub fn accounts_config() -> String {
     let shipped = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docker/nats.conf"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docker/nats-accounts.conf"),
     )
     .unwrap();
-    // From `system_account`, which names the account the operator's user is in.
-    let start = shipped
-        .find("\nsystem_account:")
-        .or_else(|| shipped.find("\naccounts {"))
-        .expect("docker/nats.conf has an accounts block");
-    let end = start + shipped[start..].find("\n}\n").expect("its end") + 3;
     let variables: String = USERS
         .iter()
         .map(|(user, variable)| format!("{variable}: \"{}\"\n", password(user)))
         .collect();
-    format!("{variables}{}", &shipped[start..end])
+    format!("{variables}{shipped}")
 }
