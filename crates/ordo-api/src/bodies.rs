@@ -430,9 +430,21 @@ mod tests {
         ] {
             same_name(step_state(state), state);
         }
-        // A step as the coordinator stores it (its kind's fields, then how it went) is read.
+        // A step as the coordinator stores it (its kind's fields, then how it went) is read, for
+        // every kind: the match says which of the examples below is of which kind, and does not
+        // compile once the domain has a kind more.
         let sku = ordo_domain::Sku::parse("A1").unwrap();
-        for step in [
+        let example_of = |step: &saga::Step| match step {
+            saga::Step::Reserve { .. } => 0,
+            saga::Step::ResolveReserve { .. } => 1,
+            saga::Step::Authorize { .. } => 2,
+            saga::Step::Confirm => 3,
+            saga::Step::Release { .. } => 4,
+            saga::Step::Refund { .. } => 5,
+            saga::Step::Reject { .. } => 6,
+            saga::Step::Deduct { .. } => 7,
+        };
+        let steps = [
             saga::Step::Reserve {
                 sku: sku.clone(),
                 qty: 2,
@@ -449,7 +461,14 @@ mod tests {
                 reason: "out of stock".into(),
             },
             saga::Step::Deduct { sku: sku.clone() },
-        ] {
+        ];
+        let examples: Vec<usize> = steps.iter().map(example_of).collect();
+        assert_eq!(
+            examples,
+            (0..8).collect::<Vec<_>>(),
+            "one example of each kind"
+        );
+        for step in steps {
             let mut stored = serde_json::to_value(&step).unwrap();
             stored["state"] = "succeeded".into();
             stored["attempts"] = 1.into();

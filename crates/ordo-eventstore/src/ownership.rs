@@ -926,6 +926,12 @@ impl Leases {
                         tracing::warn!(group = %self.config.group, partition, "lease ran out");
                         held.revoke.send_replace(true);
                     }
+                    // No answer: the next would wait as long (a lost connection, a bucket without
+                    // a leader). The others are tried on the next tick rather than a second each
+                    // now, while heartbeats and claims wait. A grant runs out by its own deadline.
+                    if err.kind() == UpdateErrorKind::TimedOut {
+                        break;
+                    }
                 }
             }
         }
