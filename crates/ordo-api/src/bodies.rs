@@ -3,6 +3,8 @@
 //! cannot drift apart. Those that are rows of a view read straight from their columns
 //! (`FromRow`).
 //!
+//! A field that may be null is always sent (as null): the document marks it required.
+//!
 //! The closed sets (statuses, states, kinds) mirror the domain's rather than reuse them: they are
 //! this API's published contract, and the pure domain carries no OpenAPI. A test holds each to
 //! the domain's values.
@@ -39,6 +41,7 @@ pub struct Order {
     pub currency: String,
     pub total_cents: i64,
     /// Why the order was rejected or cancelled.
+    #[schema(required)]
     pub reason: Option<String>,
     // Read apart, from `order_lines`.
     #[sqlx(skip)]
@@ -100,6 +103,7 @@ pub struct OrderLine {
 pub struct OrderPage {
     pub orders: Vec<Order>,
     /// Pass as `cursor` for the next page; null on the last page.
+    #[schema(required)]
     pub next_cursor: Option<String>,
 }
 
@@ -128,10 +132,12 @@ pub struct Saga {
     #[sqlx(json)]
     pub steps: Vec<SagaStep>,
     /// Why the order was rejected or the saga is stuck.
+    #[schema(required)]
     pub reason: Option<String>,
     pub started_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// When the saga gives up on reserving and authorising, while it still may.
+    #[schema(required)]
     pub deadline_at: Option<DateTime<Utc>>,
 }
 
@@ -169,8 +175,10 @@ pub struct SagaStep {
     pub reason: Option<String>,
     pub state: StepState,
     pub attempts: u32,
+    #[schema(required)]
     pub last_error: Option<String>,
     #[serde(default)]
+    #[schema(required)]
     pub last_attempt_at: Option<DateTime<Utc>>,
 }
 
@@ -218,6 +226,7 @@ pub struct Notification {
     #[sqlx(try_from = "String")]
     pub status: NotificationStatus,
     pub attempts: i32,
+    #[schema(required)]
     pub last_error: Option<String>,
     pub recorded_at: DateTime<Utc>,
 }
@@ -244,8 +253,10 @@ pub struct ProjectionStatus {
     /// The lowest checkpoint of its partitions: every event up to it is applied.
     pub checkpoint: u64,
     /// The stream's last sequence; null when JetStream did not answer.
+    #[schema(required)]
     pub stream_head: Option<u64>,
     /// `stream_head - checkpoint`; null when the head is unknown.
+    #[schema(required)]
     pub lag: Option<u64>,
     pub partitions: Vec<PartitionStatus>,
     /// How many events are parked.
@@ -257,6 +268,7 @@ pub struct ProjectionStatus {
 pub struct PartitionStatus {
     pub partition: u32,
     pub checkpoint: u64,
+    #[schema(required)]
     pub lag: Option<u64>,
 }
 
@@ -265,6 +277,7 @@ pub struct PartitionStatus {
 pub struct ParkedEvent {
     pub seq: i64,
     pub subject: String,
+    #[schema(required)]
     pub event_type: Option<String>,
     pub reason: String,
     pub attempts: i32,

@@ -78,6 +78,19 @@ fn every_route_is_described_with_its_answers_and_who_may_call_it() {
         document["components"]["schemas"]["OrderStatus"]["enum"],
         serde_json::json!(["pending", "confirmed", "rejected", "cancelled", "shipped"])
     );
+    // A field that may be null is always sent, as null: required, and null among its types.
+    let order = &document["components"]["schemas"]["Order"];
+    assert!(
+        order["required"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("reason")),
+        "{order}"
+    );
+    assert_eq!(
+        order["properties"]["reason"]["type"],
+        serde_json::json!(["string", "null"])
+    );
     let parameters: Vec<&str> = document["paths"]["/orders"]["get"]["parameters"]
         .as_array()
         .unwrap()

@@ -10,7 +10,8 @@
 //! been unserved since its owner's last heartbeat seen (or, for a lease let go, the last sample
 //! that saw it served), or since some instance became able to serve it, whichever is later:
 //! while every command service is down (an outage) or cut off, nobody can serve anything and no
-//! time is counted, and a stretch of reads that failed (nats-server down, a slow read) is left
+//! time is counted, and a stretch of reads that failed (nats-server down, a slow read), or while
+//! the bucket's stream had no leader (it can be read then, but nobody can claim a lease), is left
 //! out, not counted and not forgotten. The tracking is [`Handovers`], a pure function of the
 //! samples, so its rules are tested without a drill.
 
@@ -187,6 +188,23 @@ pub fn groups() -> Vec<&'static str> {
 /// Samples the bucket, every group of [`groups`] with `partitions` partitions, every
 /// [`SAMPLE_EVERY`] until `stop` is set; `started` is the drill's start. The report adds up the
 /// groups'; a violation names its group.
+/// Whether the bucket's stream has a leader, which every claim of a lease needs. Its reads do
+/// not (followers answer direct gets), so a bucket can be read while nobody can take a lease
+/// from it: such a stretch, an outage of the coordination service as a nats-server down is, is
+/// left out like a failed read.
+async fn bucket_writable(js: &async_nats::jetstream::Context) -> bool {
+    // Its info names the leader (in a cluster; a single server leads its streams itself).
+    let stream = format!("KV_{}", ownership::BUCKET);
+    match tokio::time::timeout(Duration::from_secs(1), js.get_stream(&stream)).await {
+        Ok(Ok(stream)) => stream
+            .cached_info()
+            .cluster
+            .as_ref()
+            .is_none_or(|cluster| cluster.leader.is_some()),
+        _ => false,
+    }
+}
+
 pub async fn watch(
     js: async_nats::jetstream::Context,
     partitions: u32,
@@ -203,12 +221,13 @@ pub async fn watch(
         })
         .collect();
     while !stop.load(Ordering::Relaxed) {
+        let writable = bucket_writable(&js).await;
         for (config, handovers) in &mut watched {
             let at = started.elapsed();
             // A short timeout: while a leader is elected or nats-server is down, a read may hang.
             match tokio::time::timeout(Duration::from_secs(1), ownership::status(&js, config)).await
             {
-                Ok(Ok(status)) => handovers.sample(at, &status),
+                Ok(Ok(status)) if writable => handovers.sample(at, &status),
                 _ => handovers.unread(at),
             }
         }
