@@ -573,12 +573,12 @@ fn the_json_schemas_accept_exactly_what_the_service_accepts() {
     runner
         .run(&properties::any_request(), |(endpoint, value)| {
             let bytes = serde_json::to_vec(&value).unwrap();
-            // The lines' count is checked with the order's other rules, after the body is read:
-            // the service refuses it all the same.
-            let too_many_lines = value["lines"]
-                .as_array()
-                .is_some_and(|lines| lines.len() > ordo_domain::order::MAX_LINES);
-            let service = parse(endpoint, &bytes, None).is_ok() && !too_many_lines;
+            // The lines' count (at least one, at most MAX_LINES) is checked with the order's
+            // other rules, after the body is read: the service refuses it all the same.
+            let lines_out_of_bounds = value["lines"].as_array().is_some_and(|lines| {
+                lines.is_empty() || lines.len() > ordo_domain::order::MAX_LINES
+            });
+            let service = parse(endpoint, &bytes, None).is_ok() && !lines_out_of_bounds;
             let schema = validators[endpoint.index()].is_valid(&value);
             let beyond_a_schema = bytes.len() > MAX_BODY_BYTES
                 || value["reason"]
