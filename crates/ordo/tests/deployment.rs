@@ -48,6 +48,16 @@ fn services() -> serde_yaml_ng::Mapping {
     services
 }
 
+/// A sequence of scalars, each as text.
+fn texts(value: &Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .unwrap_or_else(|| panic!("not a sequence: {value:?}"))
+        .iter()
+        .map(text)
+        .collect()
+}
+
 fn text(value: &Value) -> String {
     match value {
         Value::String(text) => text.clone(),
@@ -109,12 +119,7 @@ fn the_compose_file_runs_every_component_of_ordo_and_its_operations_stack() {
         ("notifier", "run notifier"),
         ("api", "run api"),
     ] {
-        let args: Vec<String> = services[name]["command"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(text)
-            .collect();
+        let args = texts(&services[name]["command"]);
         assert_eq!(args.join(" "), command, "{name}");
     }
 }
@@ -236,12 +241,7 @@ fn monitoring_answers_on_this_host_only_and_grafana_asks_for_a_password() {
 
 /// Every ORDO_ setting of `service` is one the command it runs reads (clap shows them in --help).
 fn reads_every_setting(name: &str, service: &Value) {
-    let args: Vec<String> = service["command"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(text)
-        .collect();
+    let args = texts(&service["command"]);
     let help = Command::new(ORDO)
         .args(&args)
         .arg("--help")
@@ -276,12 +276,7 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
     let services = services();
     let roles_script = read("docker/postgres-roles.sh");
     let postgres = environment(&services["postgres"]);
-    let mounted: Vec<String> = services["postgres"]["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(text)
-        .collect();
+    let mounted = texts(&services["postgres"]["volumes"]);
     assert!(
         mounted.contains(
             &"./postgres-roles.sh:/docker-entrypoint-initdb.d/postgres-roles.sh:ro".to_owned()
@@ -361,12 +356,7 @@ fn only_migrate_connects_to_postgresql_as_the_owner_and_every_secret_is_the_oper
             text(&job["job_name"])
         );
     }
-    let secrets: Vec<String> = services["prometheus"]["secrets"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(text)
-        .collect();
+    let secrets = texts(&services["prometheus"]["secrets"]);
     assert_eq!(secrets, ["metrics_token"]);
     let compose = yaml("docker/compose.yaml");
     assert_eq!(
@@ -890,28 +880,19 @@ fn the_servers_metrics_are_scraped_where_their_exporters_listen() {
     let services = services();
     let prometheus = yaml("docker/prometheus/prometheus.yml");
     let job = |name: &str| {
-        prometheus["scrape_configs"]
+        let job = prometheus["scrape_configs"]
             .as_sequence()
             .unwrap()
             .iter()
             .find(|job| text(&job["job_name"]) == name)
-            .unwrap_or_else(|| panic!("no job {name}"))["static_configs"][0]["targets"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(text)
-            .collect::<Vec<_>>()
+            .unwrap_or_else(|| panic!("no job {name}"));
+        texts(&job["static_configs"][0]["targets"])
     };
     for (n, target) in (1..=3).zip(job("nats")) {
         let exporter = &services[format!("nats-exporter-{n}").as_str()];
         assert_eq!(text(&exporter["network_mode"]), format!("service:nats-{n}"));
         assert_eq!(target, format!("nats-{n}:7777"));
-        let args: Vec<String> = exporter["command"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(text)
-            .collect();
+        let args = texts(&exporter["command"]);
         assert!(args.contains(&"-port=7777".to_owned()), "{args:?}");
         assert_eq!(
             args.last().map(String::as_str),
@@ -1240,12 +1221,7 @@ fn the_nats_chart_runs_the_servers_compose_runs_with_the_shipped_accounts() {
     );
     assert!(read("docker/nats.conf").contains("\ninclude ./nats-accounts.conf\n"));
     for n in 1..=3 {
-        let volumes: Vec<String> = services[format!("nats-{n}").as_str()]["volumes"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(text)
-            .collect();
+        let volumes = texts(&services[format!("nats-{n}").as_str()]["volumes"]);
         assert!(
             volumes.contains(&"./nats-accounts.conf:/etc/nats/nats-accounts.conf:ro".to_owned()),
             "nats-{n}: {volumes:?}"
