@@ -27,6 +27,16 @@ ensure_build_tools() {
   command -v cc >/dev/null || apt_install build-essential
 }
 
+# A headless browser and its WebDriver, for the console's tests (Debian's chromium and
+# chromium-driver). ORDO_CHROMEDRIVER names another chromedriver.
+ensure_browser() {
+  if [ -n "${ORDO_CHROMEDRIVER:-}" ]; then return; fi
+  if ! command -v chromedriver >/dev/null || ! command -v chromium >/dev/null; then
+    apt_install chromium chromium-driver
+  fi
+  say "browser: $(chromium --version 2>/dev/null), $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2)"
+}
+
 # nats_version BINARY -> "major minor" or nothing
 nats_version() {
   "$1" --version 2>/dev/null | sed -n 's/.*v\([0-9]\+\)\.\([0-9]\+\).*/\1 \2/p' | head -n1

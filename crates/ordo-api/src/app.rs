@@ -46,6 +46,30 @@ pub struct ApiState {
     pub streams: Vec<ordo_eventstore::StreamDefinition>,
     /// The bearer tokens the API asks for (none by default).
     pub tokens: AccessTokens,
+    /// The console's link to a trace viewer: a URL with `{trace_id}` in it (none by default).
+    pub trace_url: Option<String>,
+    /// The rebuilds the console started in this process.
+    pub rebuilds: crate::console::Rebuilds,
+    /// When `order.place` sheds load (the command service's bounds, for the console to show
+    /// how near they are).
+    pub shed_bounds: ShedBounds,
+}
+
+/// The backlogs over which the command service sheds `order.place`.
+#[derive(Debug, Clone, Copy)]
+pub struct ShedBounds {
+    pub saga_backlog: u64,
+    pub projection_lag: u64,
+}
+
+impl Default for ShedBounds {
+    /// The command service's defaults.
+    fn default() -> Self {
+        Self {
+            saga_backlog: 5_000,
+            projection_lag: 50_000,
+        }
+    }
 }
 
 impl ApiState {
@@ -66,6 +90,9 @@ impl ApiState {
             metrics: prometheus(),
             streams: ordo_eventstore::StreamDefinition::built_in(),
             tokens: AccessTokens::default(),
+            trace_url: None,
+            rebuilds: Default::default(),
+            shed_bounds: ShedBounds::default(),
         }
     }
 }
@@ -123,6 +150,7 @@ fn routes(
     let reads = OpenApiRouter::new()
         .routes(routes!(reads::list_orders))
         .routes(routes!(reads::get_order))
+        .routes(routes!(crate::history::get_order_history))
         .routes(routes!(reads::get_stock))
         .routes(routes!(reads::get_saga))
         .routes(routes!(reads::list_notifications))
@@ -159,6 +187,7 @@ pub fn router(state: ApiState) -> Router {
                 }
             }),
         )
+        .merge(crate::console::routes())
         .fallback(ops::not_found)
         .layer(middleware::from_fn_with_state(
             state.tokens.clone(),

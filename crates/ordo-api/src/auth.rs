@@ -2,6 +2,13 @@
 //! probe that says nothing) answers 401 without `Authorization: Bearer <token>`. `/metrics`
 //! takes its own token when one is given (Prometheus then holds only that one), else the API's.
 //! Tokens are compared in constant time; TLS is left to a reverse proxy (docs/security.md).
+//!
+//! A browser proves it has the API token with the console's session cookie instead (set by the
+//! console's login form: HttpOnly, SameSite=Strict, never a URL). The cookie holds a value
+//! derived from the token, not the token: it opens the console and the API's reads, and is
+//! worth nothing as a bearer token anywhere else. The console's login page and its static
+//! assets ask for nothing; any other console page sends a browser without the cookie to the
+//! login page.
 
 use std::sync::Arc;
 
@@ -30,6 +37,28 @@ impl Token {
     pub fn matches(&self, presented: &str) -> bool {
         let presented: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         self.0.ct_eq(&presented).into()
+    }
+}
+
+impl Token {
+    /// The console's session cookie value for this token: derived from it, so the cookie is not
+    /// the token.
+    pub fn session(&self) -> String {
+        let mut digest = Sha256::new();
+        digest.update(b"ordo console session\0");
+        digest.update(self.0.as_slice());
+        digest
+            .finalize()
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
+    /// Whether `presented` is this token's session cookie value, compared in constant time.
+    pub fn matches_session(&self, presented: &str) -> bool {
+        let expected = self.session();
+        expected.len() == presented.len()
+            && bool::from(expected.as_bytes().ct_eq(presented.as_bytes()))
     }
 }
 
@@ -64,24 +93,62 @@ impl AccessTokens {
     }
 }
 
-/// Middleware: lets a request through when it carries the token its path requires.
+/// The name of the console's session cookie.
+pub const SESSION_COOKIE: &str = "ordo_console";
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name).then_some(value)
+        })
+}
+
+/// Console paths that ask for nothing: the login form and the static assets.
+fn open_console_path(path: &str) -> bool {
+    path == crate::console::LOGIN || path.starts_with(crate::console::ASSETS)
+}
+
+/// Middleware: lets a request through when it carries the token its path requires, as a bearer
+/// token or, for the API's token, as the console's session cookie.
 pub async fn require_token(
     State(tokens): State<AccessTokens>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Some(required) = tokens.required_for(request.uri().path()) else {
+    let path = request.uri().path();
+    let Some(required) = tokens.required_for(path) else {
         return next.run(request).await;
     };
+    if open_console_path(path) {
+        return next.run(request).await;
+    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
-    match presented {
-        Some(presented) if required.matches(presented.trim()) => next.run(request).await,
-        Some(_) => ApiError::Unauthorized("the bearer token is not valid".into()).into_response(),
-        None => {
+    // The cookie stands for the API's token only (not for a separate /metrics token).
+    let asks_for_api_token = tokens
+        .api
+        .as_ref()
+        .is_some_and(|api| std::ptr::eq(api, required));
+    let session = cookie(request.headers(), SESSION_COOKIE).filter(|_| asks_for_api_token);
+    match (presented, session) {
+        (Some(presented), _) if required.matches(presented.trim()) => next.run(request).await,
+        (_, Some(session)) if required.matches_session(session) => next.run(request).await,
+        _ if crate::console::is_console_path(path) => {
+            crate::console::login_required(&request).into_response()
+        }
+        (Some(_), _) => {
+            ApiError::Unauthorized("the bearer token is not valid".into()).into_response()
+        }
+        (None, _) => {
             ApiError::Unauthorized("this endpoint requires `Authorization: Bearer <token>`".into())
                 .into_response()
         }

@@ -107,6 +107,53 @@ pub struct OrderPage {
     pub next_cursor: Option<String>,
 }
 
+/// An order's events as its stream holds them, each with the order's state right after it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OrderHistory {
+    pub order_id: String,
+    /// Oldest first; with `at_seq`, none after it.
+    pub events: Vec<HistoryEvent>,
+    /// True when the order has more events than the at most 200 shown.
+    pub more: bool,
+}
+
+/// One stored event of an order.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct HistoryEvent {
+    /// The stream sequence.
+    pub seq: u64,
+    /// 1 for the order's first event, then +1 per event.
+    pub version: u64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub schema: u32,
+    pub at: DateTime<Utc>,
+    /// The command that wrote it (its `command_id`, or the saga's id for its step).
+    pub command_id: String,
+    pub correlation_id: String,
+    #[schema(required)]
+    pub causation_id: Option<String>,
+    /// The W3C trace id of the command that wrote it, if it was traced.
+    #[schema(required)]
+    pub trace_id: Option<String>,
+    /// The event's data, as stored.
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+    /// The order right after this event, folded from its events by the domain's own rules.
+    #[schema(value_type = Object)]
+    pub state: serde_json::Value,
+}
+
+/// `?at_seq=` of an order's history.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryParams {
+    /// Only the events up to this stream sequence: the last one's `state` is the order as it
+    /// was then.
+    pub at_seq: Option<u64>,
+}
+
 /// A SKU's stock as the stock view holds it.
 #[derive(Debug, Clone, Serialize, ToSchema, FromRow)]
 pub struct Stock {

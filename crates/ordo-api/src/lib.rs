@@ -6,6 +6,9 @@
 //!   them and from the handlers (`GET /openapi.json`).
 //! - [`error`]: the JSON errors and their HTTP statuses.
 //! - [`reads`]: the view endpoints (`/orders`, `/stock`, `/sagas`, `/notifications`).
+//! - [`history`]: an order's events from its stream, with its state after each
+//!   (`/orders/{id}/history`).
+//! - [`console`]: the operator console, HTML under `/ui/`.
 //! - [`ops`]: `/projections`, `/healthz`, `/readyz`, `/metrics`.
 //! - [`app`]: [`router`] and [`serve`]: the routes, the shared state, the listener.
 //! - [`auth`]: the optional bearer tokens of the API and of `/metrics`.
@@ -14,13 +17,15 @@ pub mod app;
 pub mod auth;
 pub mod bodies;
 pub mod checkpoints;
+pub mod console;
 pub mod error;
+pub mod history;
 pub mod openapi;
 pub mod ops;
 pub mod reads;
 
 pub use app::{
-    ApiState, DEFAULT_MAX_READS_IN_FLIGHT, WorkerChecks, openapi_document, prometheus, router,
-    serve, serve_metrics,
+    ApiState, DEFAULT_MAX_READS_IN_FLIGHT, ShedBounds, WorkerChecks, openapi_document, prometheus,
+    router, serve, serve_metrics,
 };
 pub use auth::{AccessTokens, Token};

@@ -33,7 +33,7 @@ const MAX_LIMIT: i64 = 500;
 /// Hot rows by key, with the checkpoint their view had when they were read.
 pub type RowCache<T> = Cache<String, (T, u64)>;
 
-fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn params<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     query
         .map(|Query(params)| params)
         .map_err(|rejection| ApiError::InvalidQuery(rejection.body_text()))
@@ -155,7 +155,7 @@ where
 
 /// `parked_events` counts the order's events the projector could not apply: when it is not 0,
 /// the row is behind its stream (and `ordo projections status` says why).
-const ORDER_COLUMNS: &str = "order_id, customer_id, status, currency, total_cents, reason, version,
+pub(crate) const ORDER_COLUMNS: &str = "order_id, customer_id, status, currency, total_cents, reason, version,
      placed_seq, placed_at, updated_at, last_seq,
      (SELECT count(*) FROM public.parked_events p
       WHERE p.projection = 'orders' AND p.parked_in = 'view_orders' AND p.subject = 'ordo.order.events.' || order_id) AS parked_events";
@@ -177,7 +177,7 @@ struct LineOf {
 }
 
 /// The lines of `order_ids`, by order.
-async fn lines_of(
+pub(crate) async fn lines_of(
     state: &ApiState,
     order_ids: &[String],
 ) -> Result<std::collections::HashMap<String, Vec<OrderLine>>, ApiError> {

@@ -844,3 +844,24 @@ async fn while_nats_is_down_readiness_names_nats_and_postgresql_stays_ok() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The console's partitions page names the command service's partition group as the command
+/// service does (the API does not depend on the command service).
+#[test]
+fn the_console_names_the_command_services_partition_group() {
+    assert_eq!(
+        ordo_api::console::COMMANDS_GROUP,
+        ordo_commands::service::PARTITION_GROUP
+    );
+}
+
+/// The console shows how near the backlogs are to the command service's default bounds.
+#[test]
+fn the_consoles_shedding_bounds_default_to_the_command_services() {
+    let shown = ordo_api::ShedBounds::default();
+    let applied = ordo_commands::backpressure::BacklogLimits::default();
+    assert_eq!(
+        (shown.saga_backlog, shown.projection_lag),
+        (applied.saga, applied.projection)
+    );
+}

@@ -41,6 +41,7 @@ fn every_route_is_described_with_its_answers_and_who_may_call_it() {
             "/notifications",
             "/orders",
             "/orders/{order_id}",
+            "/orders/{order_id}/history",
             "/projections",
             "/readyz",
             "/sagas/{order_id}",
@@ -60,6 +61,10 @@ fn every_route_is_described_with_its_answers_and_who_may_call_it() {
     assert_eq!(
         responses("/orders/{order_id}"),
         ["200", "400", "401", "404", "500", "503", "504"]
+    );
+    assert_eq!(
+        responses("/orders/{order_id}/history"),
+        ["200", "400", "401", "404", "500", "503"]
     );
     assert_eq!(responses("/healthz"), ["200"]);
     assert_eq!(responses("/readyz"), ["200", "401", "503"]);

@@ -192,16 +192,7 @@ impl App {
             Component::Api => {
                 components.spawn(named(
                     "api",
-                    components::api(
-                        settings.http_addr,
-                        settings.http_max_reads_in_flight,
-                        settings.partitions,
-                        pool(),
-                        nats.clone(),
-                        settings.streams.clone(),
-                        settings.http_access.clone(),
-                        shutdown.clone(),
-                    ),
+                    components::api(settings.clone(), pool(), nats.clone(), shutdown.clone()),
                 ));
             }
             Component::Saga => {

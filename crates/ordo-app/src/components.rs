@@ -282,10 +282,15 @@ pub async fn saga(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let replicas = streams.stream_replicas.unwrap_or(1);
-    options
-        .coordinator(pool, nats, partitions, replicas)
-        .run(shutdown.signal())
-        .await;
+    let coordinator = options.coordinator(pool, nats.clone(), partitions, replicas);
+    // A person's retries (the console's), answered by whichever coordinator gets them.
+    let retries = tokio::spawn(ordo_saga::operations::answer_saga_retries(
+        nats,
+        coordinator.clone(),
+        shutdown.signal(),
+    ));
+    coordinator.run(shutdown.signal()).await;
+    let _ = retries.await;
     Ok(())
 }
 
@@ -310,10 +315,15 @@ pub async fn notifier(
     nats: async_nats::Client,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    notifier_of(&options, pool, nats)
-        .await?
-        .run(shutdown.signal())
-        .await;
+    let notifier = notifier_of(&options, pool, nats.clone()).await?;
+    // A person's redeliveries (the console's), answered by whichever notifier gets them.
+    let retries = tokio::spawn(ordo_saga::operations::answer_notification_retries(
+        nats,
+        notifier.clone(),
+        shutdown.signal(),
+    ));
+    notifier.run(shutdown.signal()).await;
+    let _ = retries.await;
     Ok(())
 }
 
@@ -348,22 +358,26 @@ impl HttpAccess {
     }
 }
 
-/// Serves the HTTP read API on `addr` until shutdown.
+/// Serves the HTTP read API and its console on `settings.http_addr` until shutdown.
 pub async fn api(
-    addr: SocketAddr,
-    max_reads_in_flight: usize,
-    partitions: u32,
+    settings: crate::Settings,
     pool: PgPool,
     nats: async_nats::Client,
-    streams: StreamSettings,
-    access: HttpAccess,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
+    let addr = settings.http_addr;
     let mut state = ordo_api::ApiState::new(pool, nats);
-    state.streams = streams.definitions()?;
-    state.tokens = access.tokens();
-    state.partitions = partitions;
-    state.reads_in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(max_reads_in_flight));
+    state.trace_url = settings.trace_url;
+    state.shed_bounds = ordo_api::ShedBounds {
+        saga_backlog: settings.load_shedding.max_saga_backlog,
+        projection_lag: settings.load_shedding.max_projection_lag,
+    };
+    state.streams = settings.streams.definitions()?;
+    state.tokens = settings.http_access.tokens();
+    state.partitions = settings.partitions;
+    state.reads_in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        settings.http_max_reads_in_flight,
+    ));
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("listening on {addr} (set ORDO_HTTP_ADDR to use another address)")
     })?;

@@ -55,6 +55,12 @@ pub struct Settings {
     )]
     pub http_max_reads_in_flight: usize,
 
+    /// The console's link from an order to its trace: a trace viewer's URL with `{trace_id}` in
+    /// it, e.g. `http://localhost:16686/trace/{trace_id}` for Jaeger. Unset: the trace id is
+    /// shown without a link.
+    #[arg(long, env = "ORDO_TRACE_URL", value_parser = trace_url, global = true)]
+    pub trace_url: Option<String>,
+
     /// `ordo run`: serve this process's metrics (Prometheus text, `GET /metrics`) on this
     /// address. `ordo up` and `ordo run api` serve them on the API's address (and `ordo up` only
     /// there).
@@ -152,4 +158,17 @@ impl Settings {
     pub fn database_url(&self) -> String {
         crate::database::configured_url(self.database_url.clone(), &self.home())
     }
+}
+
+/// A trace viewer's URL template: http(s), with `{trace_id}` where the id goes.
+fn trace_url(text: &str) -> Result<String, String> {
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return Err(format!("{text:?} is not an http:// or https:// URL"));
+    }
+    if !text.contains("{trace_id}") {
+        return Err(format!(
+            "{text:?} has no {{trace_id}} for the trace id to go in"
+        ));
+    }
+    Ok(text.to_owned())
 }

@@ -185,9 +185,6 @@ pub fn groups() -> Vec<&'static str> {
         .collect()
 }
 
-/// Samples the bucket, every group of [`groups`] with `partitions` partitions, every
-/// [`SAMPLE_EVERY`] until `stop` is set; `started` is the drill's start. The report adds up the
-/// groups'; a violation names its group.
 /// Whether the bucket's stream has a leader, which every claim of a lease needs. Its reads do
 /// not (followers answer direct gets), so a bucket can be read while nobody can take a lease
 /// from it: such a stretch, an outage of the coordination service as a nats-server down is, is
@@ -205,6 +202,9 @@ async fn bucket_writable(js: &async_nats::jetstream::Context) -> bool {
     }
 }
 
+/// Samples the bucket, every group of [`groups`] with `partitions` partitions, every
+/// [`SAMPLE_EVERY`] until `stop` is set; `started` is the drill's start. The report adds up the
+/// groups'; a violation names its group.
 pub async fn watch(
     js: async_nats::jetstream::Context,
     partitions: u32,
@@ -224,10 +224,14 @@ pub async fn watch(
         let writable = bucket_writable(&js).await;
         for (config, handovers) in &mut watched {
             let at = started.elapsed();
+            if !writable {
+                handovers.unread(at);
+                continue;
+            }
             // A short timeout: while a leader is elected or nats-server is down, a read may hang.
             match tokio::time::timeout(Duration::from_secs(1), ownership::status(&js, config)).await
             {
-                Ok(Ok(status)) if writable => handovers.sample(at, &status),
+                Ok(Ok(status)) => handovers.sample(at, &status),
                 _ => handovers.unread(at),
             }
         }

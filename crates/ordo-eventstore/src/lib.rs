@@ -12,6 +12,7 @@
 //!   map to typed outcomes (conflict, duplicate, unavailable).
 //! - [`store`]: [`EventStore`], which loads an aggregate from its subject and appends one event
 //!   with optimistic concurrency, with a moka cache of `(state, last sequence)` per aggregate.
+//! - [`history`]: an aggregate's events as stored, with their trace context, for people to read.
 //! - [`partition`]: which partition an aggregate belongs to (the server's own hash).
 //! - [`ownership`]: one owner per partition: leases in a KV bucket, spread over the live
 //!   instances by rendezvous hashing.
@@ -27,6 +28,7 @@ pub mod backoff;
 pub mod consume;
 pub mod consumers;
 pub mod envelope;
+pub mod history;
 pub mod ownership;
 pub mod partition;
 pub mod progress;

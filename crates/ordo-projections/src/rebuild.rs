@@ -70,6 +70,19 @@ pub async fn rebuild<P: Projection>(
     let started = Instant::now();
     let live = live_schema::<P>();
     let next = format!("{live}_next");
+    // One rebuild of a view at a time, whoever starts it (two operators, the console and the
+    // CLI): a second would drop the new view the first is filling. The lock is the session's of
+    // a connection of its own, closed (and the lock with it) when the rebuild ends, however.
+    let mut held = pool.acquire().await?.detach();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+        .bind(format!("ordo-rebuild-{}", P::NAME))
+        .fetch_one(&mut held)
+        .await?;
+    if !locked {
+        return Err(ProjectorError::RebuildRunning {
+            name: P::NAME.to_owned(),
+        });
+    }
     ensure_view::<P>(pool, &live).await?;
     sqlx::query(AssertSqlSafe(format!(
         "DROP SCHEMA IF EXISTS {next} CASCADE"

@@ -93,6 +93,8 @@ pub enum ProjectorError {
     },
     #[error("expected event {expected} next but got {got}: reading again from the checkpoint")]
     Gap { expected: u64, got: u64 },
+    #[error("a rebuild of {name} is already running; this one did not start")]
+    RebuildRunning { name: String },
     #[error(
         "the view was built from another {stream} ({reason}); it is left as it is. Rebuild it \
          (`ordo projections rebuild`) or point ORDO_DATABASE_URL at the database of this stream"

@@ -209,20 +209,32 @@ impl<G: PaymentGateway> Coordinator<G> {
         while tasks.join_next().await.is_some() {}
     }
 
-    /// An operator's retry of a saga stuck in a compensation.
-    pub async fn retry_stuck(
-        &self,
-        order_id: &OrderId,
-    ) -> Result<Option<SagaState>, CoordinatorError> {
+    /// An operator's retry of a saga stuck in a compensation: a fresh count for its unanswered
+    /// steps, due at once. A saga that is not stuck is left as it is.
+    pub async fn retry_stuck(&self, order_id: &OrderId) -> Result<StuckRetry, CoordinatorError> {
         let mut tx = self.pool.begin().await?;
         let Some(saga) = load_for_update(&mut tx, order_id.as_str()).await? else {
-            return Ok(None);
+            return Ok(StuckRetry::NoSaga);
         };
+        if saga.state != SagaState::CompensationStuck {
+            return Ok(StuckRetry::NotStuck(saga.state));
+        }
         let saga = saga.retry_stuck();
         save(&mut *tx, &saga, None, Some(Duration::ZERO), None).await?;
         tx.commit().await?;
-        Ok(Some(saga.state))
+        Ok(StuckRetry::Retried(saga.state))
     }
+}
+
+/// What an operator's retry of a stuck saga did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StuckRetry {
+    /// No saga for the order.
+    NoSaga,
+    /// The saga is in this state, not `compensation_stuck`: nothing was changed.
+    NotStuck(SagaState),
+    /// Retried: the saga is back in this state, its step due at once.
+    Retried(SagaState),
 }
 
 mod driving;

@@ -7,6 +7,8 @@
 //! - [`schema`]: the saga's tables and their migrations (`migrations/`).
 //! - [`notifier`]: [`Notifier`], one notification per (order, kind), published on NATS and to an
 //!   optional webhook.
+//! - [`operations`]: what a person asks of the running coordinators and notifiers over NATS
+//!   (the console's retries), answered with their own rights on the database.
 //! - [`unreadable`]: order events this build cannot read (a newer schema) are held back (the
 //!   intake tries them again by itself, the notifier leaves them unacknowledged) and shown.
 //!
@@ -15,10 +17,11 @@
 
 pub mod coordinator;
 pub mod notifier;
+pub mod operations;
 pub mod payment;
 pub mod schema;
 pub mod unreadable;
 
-pub use coordinator::{Clock, Coordinator, CoordinatorConfig};
+pub use coordinator::{Clock, Coordinator, CoordinatorConfig, StuckRetry};
 pub use notifier::{Notifier, NotifierConfig};
 pub use payment::{PaymentGateway, SimulatedGateway};

@@ -72,6 +72,21 @@ pub enum NotifierError {
     Nats(String),
 }
 
+/// The kinds of notification: the order events a customer is told of.
+pub const KINDS: [&str; 4] = ["confirmed", "rejected", "cancelled", "shipped"];
+
+/// What an operator's retry of a dead-lettered notification did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Redelivery {
+    /// None for this order and kind.
+    NoNotification,
+    /// It has this status, not `dead_lettered`: nothing was changed.
+    NotDeadLettered(String),
+    /// Pending again and delivered once more: its status after that attempt (`sent`, or
+    /// `pending` when the attempt failed and the notifier keeps trying).
+    Delivered(String),
+}
+
 #[derive(Clone)]
 pub struct Notifier {
     pool: PgPool,
@@ -502,8 +517,12 @@ impl Notifier {
     }
 
     /// An operator's retry of a dead-lettered notification: it is pending again and delivered
-    /// now. Returns its status after the attempt, or `None` if there is no such notification.
-    pub async fn retry(&self, order_id: &str, kind: &str) -> Result<Option<String>, NotifierError> {
+    /// now. One that is not dead-lettered is left as it is.
+    pub async fn retry_dead_lettered(
+        &self,
+        order_id: &str,
+        kind: &str,
+    ) -> Result<Redelivery, NotifierError> {
         let reset = sqlx::query(
             "UPDATE notifications SET status = 'pending', attempts = 0 WHERE order_id = $1 AND kind = $2
              AND status = 'dead_lettered'",
@@ -522,7 +541,11 @@ impl Notifier {
         .bind(kind)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(status)
+        Ok(match status {
+            None => Redelivery::NoNotification,
+            Some(status) if reset.rows_affected() == 1 => Redelivery::Delivered(status),
+            Some(status) => Redelivery::NotDeadLettered(status),
+        })
     }
 
     /// Delivers a pending notification, under a lock on its record.

@@ -1376,13 +1376,25 @@ async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() 
     )
     .await
     .unwrap();
+    use ordo_saga::notifier::Redelivery;
     assert_eq!(
-        working.retry("o-1", "confirmed").await.unwrap().as_deref(),
-        Some("sent")
+        working
+            .retry_dead_lettered("o-1", "confirmed")
+            .await
+            .unwrap(),
+        Redelivery::Delivered("sent".into())
     );
     assert_eq!(
-        working.retry("o-1", "shipped").await.unwrap(),
-        None,
+        working
+            .retry_dead_lettered("o-1", "confirmed")
+            .await
+            .unwrap(),
+        Redelivery::NotDeadLettered("sent".into()),
+        "sent already: left as it is"
+    );
+    assert_eq!(
+        working.retry_dead_lettered("o-1", "shipped").await.unwrap(),
+        Redelivery::NoNotification,
         "no such notification"
     );
 }
@@ -1846,7 +1858,7 @@ async fn a_refund_with_no_answer_is_compensation_stuck_until_an_operator_retries
     let o1 = OrderId::parse("o-1").unwrap();
     assert_eq!(
         operator.retry_stuck(&o1).await.unwrap(),
-        Some(ordo_domain::saga::SagaState::Cancelling)
+        ordo_saga::StuckRetry::Retried(ordo_domain::saga::SagaState::Cancelling)
     );
     let (state, due, steps): (String, bool, Value) = sqlx::query_as(
         "SELECT state, next_attempt_at <= now(), steps FROM sagas WHERE order_id = 'o-1'",
@@ -1871,7 +1883,12 @@ async fn a_refund_with_no_answer_is_compensation_stuck_until_an_operator_retries
             .retry_stuck(&OrderId::parse("nope").unwrap())
             .await
             .unwrap(),
-        None
+        ordo_saga::StuckRetry::NoSaga
+    );
+    // A saga that is not stuck (any more) is left as it is.
+    assert_eq!(
+        operator.retry_stuck(&o1).await.unwrap(),
+        ordo_saga::StuckRetry::NotStuck(ordo_domain::saga::SagaState::Cancelled)
     );
 }
 

@@ -191,23 +191,32 @@ pub async fn sagas(settings: &Settings, action: SagasAction) -> anyhow::Result<(
         .retry_stuck(&order_id)
         .await?
     {
-        Some(state) => println!("saga of {order_id}: {}", state.as_str()),
-        None => anyhow::bail!("no saga for order {order_id}"),
+        ordo_saga::StuckRetry::Retried(state) => println!("saga of {order_id}: {}", state.as_str()),
+        ordo_saga::StuckRetry::NotStuck(state) => anyhow::bail!(
+            "the saga of {order_id} is {}, not compensation_stuck: nothing to retry",
+            state.as_str()
+        ),
+        ordo_saga::StuckRetry::NoSaga => anyhow::bail!("no saga for order {order_id}"),
     }
     Ok(())
 }
 
 pub async fn notifications(settings: &Settings, action: NotificationsAction) -> anyhow::Result<()> {
+    use ordo_saga::notifier::Redelivery;
     let NotificationsAction::Retry { order_id, kind } = action;
     let nats = connect::connect_once(&settings.nats_url(), &settings.nats_auth).await?;
     let pool = PgPool::connect_with(database::connect_options(&settings.database_url())?).await?;
     match components::notifier_of(&settings.saga, pool, nats)
         .await?
-        .retry(&order_id, &kind)
+        .retry_dead_lettered(&order_id, &kind)
         .await?
     {
-        Some(status) => println!("notification {kind} of {order_id}: {status}"),
-        None => anyhow::bail!("no {kind} notification for order {order_id}"),
+        Redelivery::Delivered(status) => println!("notification {kind} of {order_id}: {status}"),
+        Redelivery::NotDeadLettered(status) => anyhow::bail!(
+            "the {kind} notification of {order_id} is {status}, not dead_lettered: nothing to \
+             deliver again"
+        ),
+        Redelivery::NoNotification => anyhow::bail!("no {kind} notification for order {order_id}"),
     }
     Ok(())
 }

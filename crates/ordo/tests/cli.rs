@@ -612,6 +612,14 @@ async fn answers_are_what_the_openapi_document_says(http: &reqwest::Client, http
         ("/orders/{order_id}", "/orders/o.1", 400),
         // Waits the API's 5 s for a sequence that never comes.
         ("/orders/{order_id}", "/orders/o-1?min_seq=999999", 504),
+        ("/orders/{order_id}/history", "/orders/o-1/history", 200),
+        (
+            "/orders/{order_id}/history",
+            "/orders/o-1/history?at_seq=1",
+            200,
+        ),
+        ("/orders/{order_id}/history", "/orders/o-404/history", 404),
+        ("/orders/{order_id}/history", "/orders/o.1/history", 400),
         ("/stock/{sku}", "/stock/A1", 200),
         ("/sagas/{order_id}", "/sagas/o-1", 200),
         ("/sagas/{order_id}", "/sagas/o-404", 404),

@@ -17,9 +17,9 @@ use std::{
 use async_nats::{HeaderMap, jetstream};
 use futures::StreamExt;
 use ordo_eventstore::ConsumerId;
-use ordo_testkit::{NatsServer, OrdoProcess, TestDatabase};
+use ordo_testkit::NatsServer;
 use serde_json::{Value, json};
-use shipped::{COMPONENTS, accounts_config, inbox_prefix, password};
+use shipped::{Shipped, accounts_config, connect_as, inbox_prefix, password};
 
 mod shipped;
 
@@ -27,71 +27,16 @@ const ORDO: &str = env!("CARGO_BIN_EXE_ordo");
 
 /// ordo as docker/compose.yaml runs it, on a server with the shipped accounts.
 struct System {
-    server: NatsServer,
-    _database: TestDatabase,
-    dir: tempfile::TempDir,
-    http: String,
-    _processes: Vec<OrdoProcess>,
+    shipped: Shipped,
     /// The operator's connection: it reads the streams and the service's stats.
     operator: async_nats::Client,
 }
 
 impl System {
     async fn start() -> Self {
-        let server = NatsServer::start_with_config(&accounts_config());
-        let database = TestDatabase::create().await;
-        let dir = tempfile::tempdir().unwrap();
-        let http = format!(
-            "127.0.0.1:{}",
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        );
-        let env = |user: &str| -> Vec<(String, String)> {
-            vec![
-                ("ORDO_NATS_URL".into(), server.url()),
-                ("ORDO_NATS_USER".into(), user.into()),
-                ("ORDO_NATS_PASSWORD".into(), password(user)),
-                ("ORDO_DATABASE_URL".into(), database.url().into()),
-                ("ORDO_HTTP_ADDR".into(), http.clone()),
-                ("ORDO_HOME".into(), dir.path().display().to_string()),
-                ("NO_COLOR".into(), "1".into()),
-            ]
-        };
-        // Set-up, as compose's one-shot services: the streams as the operator, then the database.
-        for (args, user) in [
-            (&["streams", "apply"][..], "ordo-admin"),
-            (&["migrate"][..], "ordo-admin"),
-        ] {
-            let output = Command::new(ORDO)
-                .args(args)
-                .envs(env(user))
-                .output()
-                .unwrap();
-            assert!(
-                output.status.success(),
-                "ordo {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let processes = COMPONENTS
-            .into_iter()
-            .map(|(component, user)| {
-                let log = dir.path().join(format!("{component}.log"));
-                OrdoProcess::start(ORDO, &["run", component], env(user), &log)
-            })
-            .collect();
-        let operator = connect_as(&server.url(), "ordo-admin").await;
-        let system = Self {
-            server,
-            _database: database,
-            dir,
-            http,
-            _processes: processes,
-            operator,
-        };
+        let shipped = Shipped::start(&[]).await;
+        let operator = connect_as(&shipped.server.url(), "ordo-admin").await;
+        let system = Self { shipped, operator };
         // Ready once the warehouse is answered and an order goes all the way through, to the
         // shop's notification.
         let warehouse = system.connect("warehouse").await;
@@ -128,19 +73,12 @@ impl System {
     /// No component was refused anything by the server: the shipped permissions are enough for
     /// ordo itself.
     fn components_were_refused_nothing(&self) {
-        for (component, _) in COMPONENTS {
-            let log = self.dir.path().join(format!("{component}.log"));
-            let logged = std::fs::read_to_string(&log).unwrap();
-            assert!(
-                !logged.contains("Permissions Violation"),
-                "{component} was refused: {logged}"
-            );
-        }
+        self.shipped.components_were_refused_nothing();
     }
 
     /// A connection as `user`, with the inbox the server lets that user read.
     async fn connect(&self, user: &str) -> async_nats::Client {
-        connect_as(&self.server.url(), user).await
+        connect_as(&self.shipped.server.url(), user).await
     }
 
     /// The operator's view of the streams (it may read everything).
@@ -150,7 +88,7 @@ impl System {
 
     /// Where the components log; named in every failure.
     fn logs(&self) -> PathBuf {
-        self.dir.path().to_owned()
+        self.shipped.dir.path().to_owned()
     }
 
     async fn answered(&self, client: &async_nats::Client, subject: &str, body: Value) -> Value {
@@ -177,7 +115,7 @@ impl System {
     }
 
     async fn read(&self, path: &str) -> Value {
-        reqwest::get(format!("http://{}{path}", self.http))
+        reqwest::get(format!("http://{}{path}", self.shipped.http))
             .await
             .unwrap()
             .json()
@@ -190,7 +128,7 @@ impl System {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(response) =
-                reqwest::get(format!("http://{}/sagas/{order_id}", self.http)).await
+                reqwest::get(format!("http://{}/sagas/{order_id}", self.shipped.http)).await
                 && let Ok(saga) = response.json::<Value>().await
                 && saga["state"] == state
             {
@@ -255,15 +193,6 @@ impl System {
         let mut stream = admin.get_stream(stream).await.unwrap();
         stream.info().await.unwrap().state.messages
     }
-}
-
-/// A connection to `url` as `user`, with the inbox the server lets that user read.
-async fn connect_as(url: &str, user: &str) -> async_nats::Client {
-    async_nats::ConnectOptions::with_user_and_password(user.into(), password(user))
-        .custom_inbox_prefix(inbox_prefix(user))
-        .connect(url)
-        .await
-        .unwrap_or_else(|err| panic!("connect as {user}: {err}"))
 }
 
 /// A JetStream context whose calls give up after 2 s: a refused one gets no answer (the server
