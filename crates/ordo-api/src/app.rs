@@ -187,8 +187,21 @@ pub fn router(state: ApiState) -> Router {
                 }
             }),
         )
-        .merge(crate::console::routes())
-        .fallback(ops::not_found)
+        // The console's pages read the same tables as the API's reads, so the same bound sheds them.
+        .merge(
+            crate::console::routes().layer(middleware::from_fn_with_state(
+                state.reads_in_flight.clone(),
+                shed_reads,
+            )),
+        )
+        .fallback(|uri: axum::http::Uri| async move {
+            use axum::response::IntoResponse;
+            if crate::console::is_console_path(uri.path()) {
+                crate::console::not_found()
+            } else {
+                ops::not_found(uri).await.into_response()
+            }
+        })
         .layer(middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::require_token,

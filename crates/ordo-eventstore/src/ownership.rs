@@ -165,13 +165,21 @@ async fn read_leases(
     let lease_ms = config.lease.as_millis() as u64;
     let mut owners: BTreeMap<u32, (String, u64)> = BTreeMap::new();
     let mut members: Vec<MemberStatus> = Vec::new();
-    let keys: Vec<String> = store
-        .keys()
+    // The group's keys from the stream's subjects (a stream info request), not from a consumer
+    // (what `Store::keys` creates): a reader such as the read API needs no right to create
+    // consumers, which would let it deliver a stream's messages to any subject.
+    let prefix = format!("$KV.{BUCKET}.");
+    let subjects: Vec<(String, usize)> = store
+        .stream
+        .info_with_subjects(format!("{prefix}{}.>", config.group))
         .await
         .map_err(|err| format!("listing {BUCKET}: {err}"))?
         .try_collect()
         .await
         .map_err(|err| format!("listing {BUCKET}: {err}"))?;
+    let keys = subjects
+        .into_iter()
+        .filter_map(|(subject, _)| subject.strip_prefix(&prefix).map(str::to_owned));
     for key in keys {
         let member = config.member_of_key(&key);
         let partition = config.partition_of_key(&key);
@@ -1088,7 +1096,7 @@ impl Leases {
 
 /// The member that owns `partition` among `members`: the one with the highest weight, so that a
 /// member joining or leaving moves only the partitions it gains or held.
-pub fn rendezvous<'a>(partition: u32, members: &'a [String]) -> &'a str {
+pub fn rendezvous(partition: u32, members: &[String]) -> &str {
     members
         .iter()
         .max_by_key(|member| (fnv1a64(format!("{partition}/{member}").as_bytes()), *member))

@@ -174,6 +174,12 @@ pub async fn rebuild<P: Projection>(
         .bind(&live)
         .execute(&mut *swap)
         .await?;
+    // The lock's connection still answers, so its session (and the lock) lasted: had it been
+    // cut, another rebuild could have started meanwhile, and this one gives way.
+    if let Err(err) = sqlx::query("SELECT 1").execute(&mut held).await {
+        tracing::warn!(projection = P::NAME, %err, "the rebuild's lock was lost: not swapped in");
+        return Err(err.into());
+    }
     swap.commit().await?;
     // Dropped after the commit: a live batch holding locks on the old tables finishes first.
     sqlx::query(AssertSqlSafe(format!(

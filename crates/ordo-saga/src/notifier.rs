@@ -82,8 +82,8 @@ pub enum Redelivery {
     NoNotification,
     /// It has this status, not `dead_lettered`: nothing was changed.
     NotDeadLettered(String),
-    /// Pending again and delivered once more: its status after that attempt (`sent`, or
-    /// `pending` when the attempt failed and the notifier keeps trying).
+    /// Delivered again with the notifier's attempts: its status after them (`sent`, or
+    /// `dead_lettered` when every attempt failed).
     Delivered(String),
 }
 
@@ -516,42 +516,17 @@ impl Notifier {
         }))
     }
 
-    /// An operator's retry of a dead-lettered notification: it is pending again and delivered
-    /// now. One that is not dead-lettered is left as it is.
+    /// An operator's retry of a dead-lettered notification: delivered again now, with the
+    /// notifier's attempts, under a lock on its record held until its new status is written (a
+    /// notifier killed meanwhile leaves it dead-lettered, to be retried again). One that is not
+    /// dead-lettered is left as it is.
     pub async fn retry_dead_lettered(
         &self,
         order_id: &str,
         kind: &str,
     ) -> Result<Redelivery, NotifierError> {
-        let reset = sqlx::query(
-            "UPDATE notifications SET status = 'pending', attempts = 0 WHERE order_id = $1 AND kind = $2
-             AND status = 'dead_lettered'",
-        )
-        .bind(order_id)
-        .bind(kind)
-        .execute(&self.pool)
-        .await?;
-        if reset.rows_affected() == 1 {
-            self.deliver(order_id, kind).await?;
-        }
-        let status: Option<String> = sqlx::query_scalar(
-            "SELECT status FROM notifications WHERE order_id = $1 AND kind = $2",
-        )
-        .bind(order_id)
-        .bind(kind)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match status {
-            None => Redelivery::NoNotification,
-            Some(status) if reset.rows_affected() == 1 => Redelivery::Delivered(status),
-            Some(status) => Redelivery::NotDeadLettered(status),
-        })
-    }
-
-    /// Delivers a pending notification, under a lock on its record.
-    async fn deliver(&self, order_id: &str, kind: &str) -> Result<(), NotifierError> {
         let mut tx = self.pool.begin().await?;
-        let (status, customer_id, payload): (String, String, Value) = sqlx::query_as(
+        let record: Option<(String, String, Value)> = sqlx::query_as(
             // Rows of builds before the payload column have none: the fields every payload has.
             "SELECT status, customer_id,
                     coalesce(payload, jsonb_build_object('order_id', order_id, 'kind', kind,
@@ -560,10 +535,13 @@ impl Notifier {
         )
         .bind(order_id)
         .bind(kind)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if status != "pending" {
-            return Ok(());
+        let Some((status, customer_id, payload)) = record else {
+            return Ok(Redelivery::NoNotification);
+        };
+        if status != "dead_lettered" {
+            return Ok(Redelivery::NotDeadLettered(status));
         }
         let mut backoff = Backoff::new(self.config.retry_base, Duration::from_secs(5));
         let mut last_error = String::new();
@@ -585,7 +563,7 @@ impl Notifier {
                     .await?;
                     tx.commit().await?;
                     metrics::counter!("ordo_notifications_total", "status" => "sent").increment(1);
-                    return Ok(());
+                    return Ok(Redelivery::Delivered("sent".into()));
                 }
                 Err(error) => {
                     tracing::info!(order_id, kind, attempt, %error, "notification not delivered");
@@ -606,7 +584,7 @@ impl Notifier {
         .await?;
         tx.commit().await?;
         metrics::counter!("ordo_notifications_total", "status" => "dead_lettered").increment(1);
-        Ok(())
+        Ok(Redelivery::Delivered("dead_lettered".into()))
     }
 
     /// Sends one notification: published, flushed, and POSTed to the webhook if there is one.

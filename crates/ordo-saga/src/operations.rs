@@ -4,8 +4,10 @@
 //! who asks needs neither: the read API connects as a role that may only read.
 //!
 //! Each request is JSON and so is its answer ([`OperationReply`]). Only the read API's and the
-//! operator's NATS users may publish these subjects (docker/nats-accounts.conf); an answer goes
-//! only to an inbox, so a request cannot make a component publish into ordo's own subjects.
+//! operator's NATS users may publish these subjects (docker/nats-accounts.conf), and the
+//! components may answer only in those two users' inboxes; without permissions (`ordo up`), an
+//! answer still goes only to an inbox, so a request cannot make a component publish into ordo's
+//! own subjects.
 
 use std::future::Future;
 
@@ -143,8 +145,14 @@ pub async fn answer_notification_retries(
     .await;
 }
 
-/// Answers each request on `subject` with `handle` until `shutdown`. A request that is not valid
-/// JSON of `R` is refused; one whose reply subject is not an inbox gets no answer.
+/// Requests one instance works on at once: a slow one (a webhook that times out) does not hold
+/// up the others, and a flood of them does not take every database connection.
+const AT_ONCE: usize = 4;
+
+/// Answers each request on `subject` with `handle` until `shutdown`, [`AT_ONCE`] at a time. A
+/// request that is not valid JSON of `R` is refused; one whose reply subject is not an inbox
+/// (`_INBOX.…`, or a user's `_INBOX_<user>.…`) gets no answer, so that no request makes a
+/// component publish on one of ordo's subjects.
 async fn answer<R, F, Fut>(
     nats: async_nats::Client,
     subject: &'static str,
@@ -156,7 +164,7 @@ async fn answer<R, F, Fut>(
     Fut: Future<Output = OperationReply>,
 {
     tokio::pin!(shutdown);
-    let mut requests = loop {
+    let requests = loop {
         match nats.queue_subscribe(subject, QUEUE.into()).await {
             Ok(requests) => break requests,
             Err(err) => {
@@ -168,31 +176,63 @@ async fn answer<R, F, Fut>(
             }
         }
     };
-    loop {
-        let request = tokio::select! {
-            _ = &mut shutdown => return,
-            request = requests.next() => match request {
-                Some(request) => request,
-                None => return,
-            },
-        };
-        let Some(reply_to) = request.reply.filter(|reply| reply.starts_with("_INBOX")) else {
-            tracing::warn!(
-                subject,
-                "an operation request without an inbox to answer: ignored"
-            );
-            continue;
-        };
-        let reply = match serde_json::from_slice::<R>(&request.payload) {
-            Ok(parsed) => handle(parsed).await,
-            Err(err) => OperationReply::Refused {
-                message: format!("not a valid request of {subject}: {err}"),
-            },
-        };
-        tracing::info!(subject, ?reply, "operation answered");
-        let body = serde_json::to_vec(&reply).expect("replies serialize");
-        if let Err(err) = nats.publish(reply_to, body.into()).await {
-            tracing::warn!(%err, subject, "the answer to an operation was not sent");
+    let (nats, handle) = (&nats, &handle);
+    requests
+        .take_until(shutdown)
+        .for_each_concurrent(AT_ONCE, |request| async move {
+            let Some(reply_to) = request.reply.filter(|reply| is_inbox(reply)) else {
+                tracing::warn!(
+                    subject,
+                    "an operation request without an inbox to answer: ignored"
+                );
+                return;
+            };
+            let reply = match serde_json::from_slice::<R>(&request.payload) {
+                Ok(parsed) => handle(parsed).await,
+                Err(err) => OperationReply::Refused {
+                    message: format!("not a valid request of {subject}: {err}"),
+                },
+            };
+            tracing::info!(subject, ?reply, "operation answered");
+            let body = serde_json::to_vec(&reply).expect("replies serialize");
+            if let Err(err) = nats.publish(reply_to, body.into()).await {
+                tracing::warn!(%err, subject, "the answer to an operation was not sent");
+            }
+        })
+        .await;
+}
+
+/// A reply subject a NATS client makes for a request: `_INBOX.<token>…`, or with a custom
+/// prefix per user as docker/nats-accounts.conf gives them, `_INBOX_<user>.<token>…`.
+fn is_inbox(subject: &str) -> bool {
+    let Some((prefix, rest)) = subject.split_once('.') else {
+        return false;
+    };
+    let prefixed = prefix == "_INBOX"
+        || prefix
+            .strip_prefix("_INBOX_")
+            .is_some_and(|user| !user.is_empty());
+    prefixed && !rest.is_empty() && rest.split('.').all(|token| !token.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_go_only_to_inboxes() {
+        assert!(is_inbox("_INBOX.abc.1"));
+        assert!(is_inbox("_INBOX_ordo-api.abc"));
+        for not_an_inbox in [
+            "ordo.stock.events.A1",
+            "_INBOX",
+            "_INBOX.",
+            "_INBOX_.abc",
+            "_INBOXordo.abc",
+            "_INBOX..abc",
+            "$JS.API.STREAM.DELETE.ORDO_ORDERS",
+        ] {
+            assert!(!is_inbox(not_an_inbox), "{not_an_inbox}");
         }
     }
 }

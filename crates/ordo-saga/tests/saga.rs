@@ -1367,6 +1367,40 @@ async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() 
             .unwrap();
     assert_eq!(attempts, 3);
     assert!(last_error.unwrap().contains("simulated delivery failure"));
+    let row = || async {
+        sqlx::query_as::<_, (String, i32, Option<String>)>(
+            "SELECT status, attempts, last_error FROM notifications WHERE order_id = 'o-1'",
+        )
+        .fetch_one(setup.pool())
+        .await
+        .unwrap()
+    };
+
+    // Retried while the channel still fails: tried again as often as configured, and
+    // dead-lettered again with the new count.
+    use ordo_saga::notifier::Redelivery;
+    let still_failing = Notifier::connect(
+        setup.pool().clone(),
+        setup.client.clone(),
+        NotifierConfig {
+            failure_rate: 1.0,
+            attempts: 2,
+            retry_base: Duration::from_millis(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        still_failing
+            .retry_dead_lettered("o-1", "confirmed")
+            .await
+            .unwrap(),
+        Redelivery::Delivered("dead_lettered".into())
+    );
+    let (status, attempts, last_error) = row().await;
+    assert_eq!((status.as_str(), attempts), ("dead_lettered", 2));
+    assert!(last_error.is_some());
 
     // Once the channel works again, an operator retries it.
     let working = Notifier::connect(
@@ -1376,7 +1410,6 @@ async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() 
     )
     .await
     .unwrap();
-    use ordo_saga::notifier::Redelivery;
     assert_eq!(
         working
             .retry_dead_lettered("o-1", "confirmed")
@@ -1384,6 +1417,7 @@ async fn a_notification_that_cannot_be_delivered_is_dead_lettered_and_visible() 
             .unwrap(),
         Redelivery::Delivered("sent".into())
     );
+    assert_eq!(row().await, ("sent".into(), 1, None));
     assert_eq!(
         working
             .retry_dead_lettered("o-1", "confirmed")
@@ -1995,4 +2029,87 @@ async fn a_notifier_that_dies_mid_delivery_is_taken_over_by_another() {
         ),
         (Some("o-1"), Some("confirmed"))
     );
+}
+
+/// The console's retries arrive over NATS: a request that is not one is refused with a reason,
+/// and an answer goes only to an inbox, never to a subject of ordo's that a request names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_request_is_answered_only_when_valid_and_only_in_an_inbox() {
+    use ordo_saga::operations::{OperationReply, RETRY_NOTIFICATION};
+    let setup = Setup::start().await;
+    let notifier = Notifier::connect(
+        setup.pool().clone(),
+        setup.client.clone(),
+        NotifierConfig::default(),
+    )
+    .await
+    .unwrap();
+    let answering = tokio::spawn(ordo_saga::operations::answer_notification_retries(
+        setup.client.clone(),
+        notifier,
+        std::future::pending(),
+    ));
+    let ask = |body: &'static str| {
+        let client = setup.client.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                // The first requests may come before the subscription is in place.
+                match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.request(RETRY_NOTIFICATION, body.into()),
+                )
+                .await
+                {
+                    Ok(Ok(answer)) => {
+                        return serde_json::from_slice::<OperationReply>(&answer.payload).unwrap();
+                    }
+                    _ => assert!(std::time::Instant::now() < deadline, "no answer"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for (body, says) in [
+        ("not json", "not a valid request"),
+        (
+            r#"{"order_id":"o-1","kind":"confirmed","extra":1}"#,
+            "unknown field",
+        ),
+        (r#"{"order_id":"o 1","kind":"confirmed"}"#, "o 1"),
+        (
+            r#"{"order_id":"o-1","kind":"lunch"}"#,
+            "not a kind of notification",
+        ),
+        (
+            r#"{"order_id":"o-1","kind":"confirmed"}"#,
+            "no confirmed notification for order o-1",
+        ),
+    ] {
+        match ask(body).await {
+            OperationReply::Refused { message } => {
+                assert!(message.contains(says), "{body}: {message}")
+            }
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+    // A reply subject that is one of ordo's own gets no answer at all.
+    let mut stock_events = setup.client.subscribe("ordo.stock.events.>").await.unwrap();
+    setup
+        .client
+        .publish_with_reply(
+            RETRY_NOTIFICATION,
+            "ordo.stock.events.A1",
+            r#"{"order_id":"o-1","kind":"confirmed"}"#.into(),
+        )
+        .await
+        .unwrap();
+    setup.client.flush().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), stock_events.next())
+            .await
+            .is_err(),
+        "an answer was published on a stock subject"
+    );
+    answering.abort();
 }

@@ -522,7 +522,29 @@ async fn an_operator_reads_an_orders_story_and_retries_a_stuck_saga_in_a_browser
         .await
         .unwrap();
     assert_eq!(forged.status(), 403);
+    // Nor from another site's page that sends no Origin, or an opaque one.
+    for (name, value) in [("Sec-Fetch-Site", "cross-site"), ("Origin", "null")] {
+        let forged = http
+            .post(&retry_url)
+            .header("Cookie", &session)
+            .header(name, value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(forged.status(), 403, "{name}: {value}");
+    }
+    // Another site cannot log a browser in with a token of its choosing either.
+    let forged_login = http
+        .post(ui("/ui/login"))
+        .header("Origin", "http://evil.example")
+        .form(&[("token", TOKEN), ("next", "/ui/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged_login.status(), 403);
+    assert!(forged_login.headers().get("set-cookie").is_none());
     // A saga that is not stuck is refused, not touched.
+    let before = read(&shipped.http, "/sagas/o-stuck").await.unwrap();
     let not_stuck = http
         .post(&retry_url)
         .header("Cookie", &session)
@@ -530,6 +552,7 @@ async fn an_operator_reads_an_orders_story_and_retries_a_stuck_saga_in_a_browser
         .await
         .unwrap();
     assert_eq!(not_stuck.status(), 409);
+    assert_eq!(read(&shipped.http, "/sagas/o-stuck").await.unwrap(), before);
     // Every answer of the console carries the policy.
     let page = http
         .get(ui("/ui/"))
@@ -539,6 +562,27 @@ async fn an_operator_reads_an_orders_story_and_retries_a_stuck_saga_in_a_browser
         .unwrap();
     let policy = page.headers()["content-security-policy"].to_str().unwrap();
     assert!(policy.contains("script-src 'self'") && policy.contains("default-src 'none'"));
+    // …the way to the login form and a page that does not exist among them.
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let to_login = no_redirects.get(ui("/ui/stock/A1")).send().await.unwrap();
+    assert_eq!(to_login.status(), 303);
+    let missing = http
+        .get(ui("/ui/no-such-page"))
+        .header("Cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    for answer in [&to_login, &missing] {
+        assert!(
+            answer.headers().contains_key("content-security-policy"),
+            "{:?}",
+            answer.url()
+        );
+    }
 
     browser.client.clone().close().await.unwrap();
     shipped.components_were_refused_nothing();
@@ -640,6 +684,19 @@ async fn on_ordo_up_a_person_delivers_a_dead_letter_again_and_rebuilds_a_view() 
         said.starts_with("Delivery of the confirmed notification of o-1 again: now "),
         "{said}"
     );
+    // Delivered again, failed again: still dead-lettered, after the notifier's whole count of
+    // attempts (5 by default) once more.
+    let after: Value = reqwest::get(ui("/notifications?order_id=o-1"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        after["notifications"][0]["status"], "dead_lettered",
+        "{after}"
+    );
+    assert_eq!(after["notifications"][0]["attempts"], 5, "{after}");
     browser.shoot("redelivered").await;
 
     // A rebuild from the projections page, followed there until it is swapped in.
@@ -701,5 +758,17 @@ async fn on_ordo_up_a_person_delivers_a_dead_letter_again_and_rebuilds_a_view() 
         .await
         .unwrap();
     assert_eq!(forged.status(), 403);
+    // Nor a page of another site whose name was pointed at this address (DNS rebinding): to the
+    // browser it is same-origin, so without a token the console acts only when reached by address.
+    let port = http.rsplit_once(':').unwrap().1;
+    let rebound = reqwest::Client::new()
+        .post(ui("/ui/projections/orders/rebuild"))
+        .header("Host", format!("evil.example:{port}"))
+        .header("Origin", format!("http://evil.example:{port}"))
+        .header("Sec-Fetch-Site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status(), 403);
     browser.client.clone().close().await.unwrap();
 }

@@ -478,6 +478,39 @@ async fn an_application_reaches_only_its_own_commands_and_a_leaked_component_onl
         "the API's user appended to ORDO_STOCK"
     );
     assert!(api_js.delete_stream("ORDO_SNAPSHOTS").await.is_err());
+    // Nor create a consumer anywhere: the server would deliver the stream's messages to its
+    // deliver subject, here A1's event subject, without asking whether the API may publish there.
+    let stock_before = system.stored("ORDO_STOCK", "ordo.stock.events.A1").await;
+    for stream in ["KV_ordo_partitions", "ORDO_ORDERS"] {
+        let push = json!({"deliver_subject": "ordo.stock.events.A1", "ack_policy": "none"});
+        consumer_request_is_refused(&api, stream, push.clone()).await;
+        let named = json!({"name": "forged", "deliver_subject": "ordo.stock.events.A1",
+                           "ack_policy": "none", "filter_subject": ">"});
+        let answer = api
+            .send_request(
+                format!("$JS.API.CONSUMER.CREATE.{stream}.forged.>"),
+                async_nats::Request::new()
+                    .payload(
+                        json!({"stream_name": stream, "config": named})
+                            .to_string()
+                            .into(),
+                    )
+                    .timeout(Some(Duration::from_secs(3))),
+            )
+            .await;
+        assert!(
+            answer.is_err()
+                || serde_json::from_slice::<Value>(&answer.as_ref().unwrap().payload)
+                    .map_or(true, |answer| answer.get("error").is_some()),
+            "{stream}: {answer:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        system.stored("ORDO_STOCK", "ordo.stock.events.A1").await,
+        stock_before,
+        "a consumer of the API's delivered into ORDO_STOCK"
+    );
     // A command forwarded to a partition's owner is trusted as the command service's own (its
     // `Nats-Request-Info` is not checked again): only that user may send one. A leaked saga
     // password, which may send internal commands, cannot, even to the real owner.

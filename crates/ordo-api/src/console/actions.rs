@@ -24,7 +24,12 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(15);
 /// `Sec-Fetch-Site`) must be this console's. With the session cookie SameSite=Strict, the
 /// browser would not send it along anyway; without a token there is no cookie, and this is
 /// what stops a page elsewhere from pressing the console's buttons.
-pub(super) fn same_origin(headers: &HeaderMap) -> Result<(), Box<Response>> {
+///
+/// Without a token, the console must also be reached by an address, not a name: a site whose
+/// name is made to resolve to this machine (DNS rebinding) is the console's own origin to the
+/// browser, and only the `Host` it sends gives it away. A console reached by name needs the
+/// token, whose cookie such a site never has.
+pub(super) fn same_origin(state: &ApiState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let host = headers
         .get(header::HOST)
         .and_then(|value| value.to_str().ok());
@@ -49,20 +54,39 @@ pub(super) fn same_origin(headers: &HeaderMap) -> Result<(), Box<Response>> {
         // Not a browser (curl, a script): nothing to forge.
         (None, None) => true,
     };
+    let from_browser = origin.is_some() || fetch_site.is_some();
+    if from_browser && state.tokens.api.is_none() && !host.is_some_and(is_address) {
+        return Err(refused(
+            "This console has no API token and was reached by a name: its actions are taken only \
+             at an address (127.0.0.1:8080, not a name that any site could point here). Set an \
+             API token to use the console by name.",
+        ));
+    }
     if same {
         Ok(())
     } else {
-        Err(Box::new(
-            (
-                StatusCode::FORBIDDEN,
-            super::message_page(
-                "Refused",
-                "This action was sent from another site's page: only the console's own forms may send it.",
-            ),
-        )
-                .into_response(),
+        Err(refused(
+            "This action was sent from another site's page: only the console's own forms may send it.",
         ))
     }
+}
+
+fn refused(why: &str) -> Box<Response> {
+    Box::new((StatusCode::FORBIDDEN, super::message_page("Refused", why)).into_response())
+}
+
+/// Whether a `Host` header names this machine by an IP address, or as `localhost` (which
+/// browsers resolve to a loopback address themselves), with or without a port.
+fn is_address(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        // [::1]:8080
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost")
 }
 
 /// Asks `subject` and reads its answer.
@@ -127,7 +151,7 @@ pub(super) async fn retry_saga(
     headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Response {
-    if let Err(refused) = same_origin(&headers) {
+    if let Err(refused) = same_origin(&state, &headers) {
         return *refused;
     }
     let request = serde_json::to_vec(&RetrySaga {
@@ -149,7 +173,7 @@ pub(super) async fn retry_notification(
     headers: HeaderMap,
     Path((order_id, kind)): Path<(String, String)>,
 ) -> Response {
-    if let Err(refused) = same_origin(&headers) {
+    if let Err(refused) = same_origin(&state, &headers) {
         return *refused;
     }
     let request = serde_json::to_vec(&RetryNotification {
@@ -172,7 +196,7 @@ pub(super) async fn rebuild_view(
     headers: HeaderMap,
     Path(view): Path<String>,
 ) -> Response {
-    if let Err(refused) = same_origin(&headers) {
+    if let Err(refused) = same_origin(&state, &headers) {
         return *refused;
     }
     let what = format!("Rebuild of view {view}");
@@ -185,11 +209,12 @@ pub(super) async fn rebuild_view(
             return answered(&state, &what, reply, "/ui/projections");
         }
     };
-    let reply = match super::rebuilds::may_rebuild(&state.pool).await {
+    let reply = match super::rebuilds::may_rebuild(&state.pool, view).await {
         Ok(false) => OperationReply::Refused {
             message: format!(
-                "this API connects to PostgreSQL as a role that may not create schemas, as a \
-                 rebuild does: run `ordo projections rebuild {}` as the database's owner",
+                "this API connects to PostgreSQL as a role that may not create schemas or does \
+                 not own the view's, as a rebuild needs: run `ordo projections rebuild {}` as \
+                 the database's owner",
                 view.name()
             ),
         },
@@ -211,4 +236,32 @@ pub(super) async fn rebuild_view(
         },
     };
     answered(&state, &what, reply, "/ui/projections")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_is_an_ip_or_localhost_never_a_name() {
+        for address in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "[::1]:8080",
+            "[::1]",
+            "localhost:18080",
+            "10.0.0.7:80",
+        ] {
+            assert!(is_address(address), "{address}");
+        }
+        for name in [
+            "evil.example:8080",
+            "ordo.internal",
+            "127.0.0.1.nip.io:8080",
+            "[::1]x",
+            "localhost.evil.example",
+        ] {
+            assert!(!is_address(name), "{name}");
+        }
+    }
 }

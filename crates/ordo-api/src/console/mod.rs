@@ -77,13 +77,19 @@ pub fn routes() -> Router<Arc<ApiState>> {
             "/ui/assets/console.js",
             get(|| asset(SCRIPT, "text/javascript")),
         )
-        .fallback(|| async {
-            (
-                StatusCode::NOT_FOUND,
-                message_page("Not found", "No such page."),
-            )
-        })
         .layer(middleware::from_fn(secure_headers))
+}
+
+/// A console path no route serves. (The API's router has one fallback for both; it sends
+/// console paths here.)
+pub fn not_found() -> Response {
+    let mut response = (
+        StatusCode::NOT_FOUND,
+        message_page("Not found", "No such page."),
+    )
+        .into_response();
+    protect(&mut response);
+    response
 }
 
 async fn asset(body: &'static str, content_type: &'static str) -> Response {
@@ -101,6 +107,11 @@ async fn asset(body: &'static str, content_type: &'static str) -> Response {
 /// (they hold customer data).
 async fn secure_headers(request: Request, next: Next) -> Response {
     let mut response = next.run(request).await;
+    protect(&mut response);
+    response
+}
+
+fn protect(response: &mut Response) {
     let headers = response.headers_mut();
     let set = |headers: &mut HeaderMap, name, value| {
         headers.insert(name, HeaderValue::from_static(value));
@@ -118,28 +129,31 @@ async fn secure_headers(request: Request, next: Next) -> Response {
     if !headers.contains_key(header::CACHE_CONTROL) {
         set(headers, header::CACHE_CONTROL, "no-store");
     }
-    response
 }
 
 /// What a console request without the session gets: a page is sent to the login form (which
-/// comes back to it), anything else is refused.
+/// comes back to it), anything else is refused. (Answered before the console's routes, so
+/// the headers of [`secure_headers`] are added here.)
 pub fn login_required(request: &Request) -> Response {
-    if request.method() == axum::http::Method::GET {
+    let mut response = if request.method() == axum::http::Method::GET {
         let back = request
             .uri()
             .path_and_query()
             .map_or("/ui/", |path| path.as_str());
         let to = format!("{LOGIN}?next={}", encode(back));
-        return Redirect::to(&to).into_response();
-    }
-    (
-        StatusCode::UNAUTHORIZED,
-        message_page(
-            "Log in first",
-            "This action needs the API token: log in to the console, then try again.",
-        ),
-    )
-        .into_response()
+        Redirect::to(&to).into_response()
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            message_page(
+                "Log in first",
+                "This action needs the API token: log in to the console, then try again.",
+            ),
+        )
+            .into_response()
+    };
+    protect(&mut response);
+    response
 }
 
 /// Percent-encodes `text` for a URL's path segment or query value.
@@ -153,10 +167,16 @@ pub(crate) fn encode(text: &str) -> String {
     utf8_percent_encode(text, KEEP).to_string()
 }
 
-/// Where a login may send the browser back to: a console page of this origin, nothing else.
+/// Where a login may send the browser back to: a console page of this origin, nothing else
+/// (and only as printable ASCII, which is what a `Location` header may hold).
 fn console_page(next: Option<&str>) -> &str {
     match next {
-        Some(next) if next.starts_with("/ui/") && !next.contains("//") && !next.contains('\\') => {
+        Some(next)
+            if next.starts_with("/ui/")
+                && !next.contains("//")
+                && !next.contains('\\')
+                && next.bytes().all(|byte| byte.is_ascii_graphic()) =>
+        {
             next
         }
         _ => "/ui/",
@@ -213,7 +233,7 @@ async fn log_in(
     let Some(api) = state.tokens.api.as_ref() else {
         return Redirect::to(&next).into_response();
     };
-    if let Err(refused) = actions::same_origin(&headers) {
+    if let Err(refused) = actions::same_origin(&state, &headers) {
         return *refused;
     }
     if !api.matches(form.token.trim()) {
@@ -223,23 +243,38 @@ async fn log_in(
         )
             .into_response();
     }
+    let lasts = auth::SESSION_LASTS.as_secs();
+    let until = chrono::Utc::now().timestamp() + lasts as i64;
     let cookie = format!(
-        "{}={}; Path=/; HttpOnly; SameSite=Strict",
+        "{}={}; Path=/; Max-Age={lasts}; HttpOnly; SameSite=Strict{}",
         auth::SESSION_COOKIE,
-        api.session()
+        api.session(until),
+        secure(&headers)
     );
     ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
 }
 
-async fn log_out(headers: HeaderMap) -> Response {
-    if let Err(refused) = actions::same_origin(&headers) {
+async fn log_out(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = actions::same_origin(&state, &headers) {
         return *refused;
     }
     let cookie = format!(
-        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-        auth::SESSION_COOKIE
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        auth::SESSION_COOKIE,
+        secure(&headers)
     );
     ([(header::SET_COOKIE, cookie)], Redirect::to(LOGIN)).into_response()
+}
+
+/// `; Secure` when the browser reached the console over HTTPS, as the reverse proxy that ends
+/// TLS says (`X-Forwarded-Proto`): the cookie then never travels over plain HTTP. (A client
+/// that sends the header itself only restricts its own cookie.)
+fn secure(headers: &HeaderMap) -> &'static str {
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|proto| proto.trim().eq_ignore_ascii_case("https"));
+    if https { "; Secure" } else { "" }
 }
 
 /// Every page: the navigation, the title, the body.
@@ -280,4 +315,28 @@ fn layout(title: &str, logged_in: bool, body: Markup) -> Markup {
 /// A page that only says something.
 fn message_page(title: &str, message: &str) -> Markup {
     layout(title, false, html! { p { (message) } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_login_sends_back_to_a_console_page_of_this_origin_only() {
+        assert_eq!(console_page(Some("/ui/orders/o-1")), "/ui/orders/o-1");
+        assert_eq!(console_page(Some("/ui/stock/A1?x=1")), "/ui/stock/A1?x=1");
+        for elsewhere in [
+            "https://evil.example/ui/",
+            "//evil.example/ui/",
+            "/ui//evil.example",
+            "/ui/\\evil.example",
+            "/metrics",
+            "/ui/é",
+            "/ui/a b",
+            "/ui/a\r\nSet-Cookie: x=1",
+        ] {
+            assert_eq!(console_page(Some(elsewhere)), "/ui/", "{elsewhere:?}");
+        }
+        assert_eq!(console_page(None), "/ui/");
+    }
 }

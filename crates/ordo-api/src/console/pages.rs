@@ -36,16 +36,7 @@ const LAGGING_FROM: u64 = 1_000;
 type Page = Result<Markup, Response>;
 
 fn failed(state: &ApiState, err: ApiError) -> Response {
-    let (status, message) = match err {
-        ApiError::InvalidQuery(message) => (StatusCode::BAD_REQUEST, message),
-        ApiError::NotFound(message) => (StatusCode::NOT_FOUND, message),
-        ApiError::Unavailable(message) | ApiError::Overloaded(message) => {
-            (StatusCode::SERVICE_UNAVAILABLE, message)
-        }
-        ApiError::Internal(message) => (StatusCode::INTERNAL_SERVER_ERROR, message),
-        ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, message),
-        ApiError::NotCaughtUp { .. } => (StatusCode::GATEWAY_TIMEOUT, "not caught up".into()),
-    };
+    let (status, message) = status_and_message(err);
     let title = status.canonical_reason().unwrap_or("Error");
     (
         status,
@@ -56,6 +47,19 @@ fn failed(state: &ApiState, err: ApiError) -> Response {
         ),
     )
         .into_response()
+}
+
+fn status_and_message(err: ApiError) -> (StatusCode, String) {
+    match err {
+        ApiError::InvalidQuery(message) => (StatusCode::BAD_REQUEST, message),
+        ApiError::NotFound(message) => (StatusCode::NOT_FOUND, message),
+        ApiError::Unavailable(message) | ApiError::Overloaded(message) => {
+            (StatusCode::SERVICE_UNAVAILABLE, message)
+        }
+        ApiError::Internal(message) => (StatusCode::INTERNAL_SERVER_ERROR, message),
+        ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, message),
+        ApiError::NotCaughtUp { .. } => (StatusCode::GATEWAY_TIMEOUT, "not caught up".into()),
+    }
 }
 
 /// The page for an id in the URL that is not one: the id as it came, shown as text.
@@ -203,7 +207,7 @@ async fn home_page(state: &ApiState, query: HomeQuery) -> Page {
         .filter(|backlog| *backlog >= bounds.saga_backlog)
         .map(|backlog| {
             format!(
-                "the sagas have {backlog} order events to take in (it sheds from {})",
+                "the sagas have about {backlog} order events to take in (order.place sheds from {})",
                 bounds.saga_backlog
             )
         })
@@ -293,7 +297,7 @@ async fn home_page(state: &ApiState, query: HomeQuery) -> Page {
             }
             section #load {
                 p.hint {
-                    "Backlogs: the sagas' "
+                    "Backlogs, about: the sagas' "
                     @match saga_backlog { Some(backlog) => { (backlog) } None => { "unknown" } }
                     " order events (order.place sheds from " (bounds.saga_backlog) "); the views' "
                     (projections.iter().map(|view| format!("{} {}", view.name, view.lag.map_or("unknown".into(), |lag| lag.to_string()))).collect::<Vec<_>>().join(", "))
@@ -349,9 +353,11 @@ async fn home_page(state: &ApiState, query: HomeQuery) -> Page {
     ))
 }
 
-/// The order events the saga coordinators have not taken in: the orders stream's head past the
-/// intake's checkpoint of its partition furthest behind (as the command service reads it to shed
-/// load); unknown when the head is.
+/// About how many order events the saga coordinators have not taken in: the orders stream's
+/// head past the intake checkpoint (in PostgreSQL, written at most every 200 ms) of the
+/// partition furthest behind. The command service sheds on the positions the intakes report in
+/// the partition bucket, a moment fresher; this is what the console can read without watching
+/// the bucket. Unknown when the head is, or no intake has written a checkpoint yet.
 async fn saga_backlog(
     state: &ApiState,
     projections: &[crate::bodies::ProjectionStatus],
@@ -363,43 +369,48 @@ async fn saga_backlog(
     else {
         return Ok(None);
     };
-    let taken: Vec<(i32, i64)> = sqlx::query_as("SELECT partition, seq FROM saga_intake")
-        .fetch_all(&state.pool)
+    let furthest_behind: Option<i64> = sqlx::query_scalar("SELECT min(seq) FROM saga_intake")
+        .fetch_one(&state.pool)
         .await?;
-    let furthest_behind = (0..state.partitions)
-        .map(|partition| {
-            taken
-                .iter()
-                .find(|(known, _)| u32::try_from(*known) == Ok(partition))
-                .map_or(0, |(_, seq)| u64::try_from(*seq).unwrap_or(0))
-        })
-        .min()
-        .unwrap_or(0);
-    Ok(Some(head.saturating_sub(furthest_behind)))
+    Ok(furthest_behind.map(|seq| head.saturating_sub(u64::try_from(seq).unwrap_or(0))))
 }
 
 /// What an order's reserve steps say of the stock it holds: per SKU, the quantity and whether
-/// it is held, released, shipped, or was never taken.
+/// it is held, released, shipped, or was never taken. A reserve given up on (its answer never
+/// came) is answered by its resolve: refused there (recorded as done with the refusal), it never
+/// ran; done without one, it ran and holds stock until its release.
 fn holdings(steps: &[SagaStep]) -> Vec<(String, u64, &'static str)> {
+    fn of_sku<'a>(
+        steps: &'a [SagaStep],
+        sku: &'a str,
+        kind: StepKind,
+    ) -> impl Iterator<Item = &'a SagaStep> {
+        steps
+            .iter()
+            .filter(move |step| step.kind == kind && step.sku.as_deref() == Some(sku))
+    }
     let ended_by = |sku: &str, kind: StepKind| {
-        steps.iter().any(|step| {
-            step.kind == kind
-                && step.sku.as_deref() == Some(sku)
-                && step.state == StepState::Succeeded
-        })
+        of_sku(steps, sku, kind).any(|step| step.state == StepState::Succeeded)
     };
     steps
         .iter()
         .filter(|step| step.kind == StepKind::Reserve)
         .filter_map(|step| {
             let sku = step.sku.clone()?;
-            let held = match step.state {
-                StepState::Succeeded if ended_by(&sku, StepKind::Deduct) => "shipped",
-                StepState::Succeeded if ended_by(&sku, StepKind::Release) => "released",
-                StepState::Succeeded => "held",
-                StepState::Unknown | StepState::Pending => "not known yet",
-                StepState::Abandoned if ended_by(&sku, StepKind::Release) => "released",
-                StepState::Failed | StepState::Skipped | StepState::Abandoned => "not reserved",
+            let ran = match step.state {
+                StepState::Succeeded => Some(true),
+                StepState::Failed | StepState::Skipped => Some(false),
+                StepState::Unknown | StepState::Pending => None,
+                StepState::Abandoned => of_sku(steps, &sku, StepKind::ResolveReserve)
+                    .find(|resolve| resolve.state == StepState::Succeeded)
+                    .map(|resolve| resolve.last_error.is_none()),
+            };
+            let held = match ran {
+                Some(false) => "not reserved",
+                _ if ended_by(&sku, StepKind::Deduct) => "shipped",
+                _ if ended_by(&sku, StepKind::Release) => "released",
+                Some(true) => "held",
+                None => "not known yet",
             };
             Some((sku, step.qty.unwrap_or(0), held))
         })
@@ -494,12 +505,14 @@ async fn order_page(state: &ApiState, order_id: String) -> Page {
             .map_err(fail)?;
         row.lines = lines.remove(order_id.as_str()).unwrap_or_default();
     }
-    let history: Option<OrderHistory> = match crate::history::of_order(state, &order_id, None).await
-    {
-        Ok(history) => Some(history),
-        Err(ApiError::NotFound(_)) => None,
-        Err(err) => return Err(fail(err)),
-    };
+    // The stream is read from NATS, the rest from PostgreSQL: either may be down while the
+    // other answers, and a person looking into an order wants whatever can be shown.
+    let history: Result<Option<OrderHistory>, String> =
+        match crate::history::of_order(state, &order_id, None).await {
+            Ok(history) => Ok(Some(history)),
+            Err(ApiError::NotFound(_)) => Ok(None),
+            Err(err) => Err(status_and_message(err).1),
+        };
     let saga: Option<Saga> = sqlx::query_as(
         "SELECT order_id, state, steps, reason, started_at, updated_at, deadline_at FROM sagas WHERE order_id = $1",
     )
@@ -522,17 +535,21 @@ async fn order_page(state: &ApiState, order_id: String) -> Page {
     .fetch_optional(pool)
     .await
     .map_err(|err| fail(err.into()))?;
-    if row.is_none() && history.is_none() && saga.is_none() {
+    if row.is_none() && matches!(history, Ok(None)) && saga.is_none() {
         return Err(fail(ApiError::NotFound(format!(
             "order {order_id} has no events, no row in the view and no saga"
         ))));
     }
-    let trace_id = history.as_ref().and_then(|history| {
-        history
-            .events
-            .iter()
-            .find_map(|event| event.trace_id.clone())
-    });
+    let trace_id = history
+        .as_ref()
+        .ok()
+        .and_then(Option::as_ref)
+        .and_then(|history| {
+            history
+                .events
+                .iter()
+                .find_map(|event| event.trace_id.clone())
+        });
     let reason = row
         .as_ref()
         .and_then(|row| row.reason.clone())
@@ -583,8 +600,9 @@ async fn order_page(state: &ApiState, order_id: String) -> Page {
             section #events {
                 h2 { "Events" }
                 @match &history {
-                    None => { p { "No events in the stream." } }
-                    Some(history) => {
+                    Err(err) => { p.error role="alert" { "The stream could not be read: " (err) } }
+                    Ok(None) => { p { "No events in the stream." } }
+                    Ok(Some(history)) => {
                         p.hint { "As stored in the stream. Open an event to see its data and the order right after it, folded from the events up to it." }
                         ol.timeline {
                             @for event in &history.events {
@@ -754,13 +772,19 @@ async fn stock_page(state: &ApiState, sku: String) -> Page {
             "SKU {sku} is not in the stock view"
         ))));
     };
-    // The sagas whose reserve of this SKU succeeded; those that still hold it are kept.
-    let reserved =
-        serde_json::json!([{"kind": "reserve", "sku": sku.as_str(), "state": "succeeded"}]);
+    // The newest sagas whose reserve of this SKU ran or may have run, and whose release or
+    // deduct of it has not succeeded; `holdings` says which of them hold it. (No index serves
+    // this: it scans the saga table, once per page view.)
+    let step = |kind: &str, state: &str| serde_json::json!([{"kind": kind, "sku": sku.as_str(), "state": state}]);
     let sagas: Vec<(String, sqlx::types::Json<Vec<SagaStep>>)> = sqlx::query_as(
-        "SELECT order_id, steps FROM sagas WHERE steps @> $1 ORDER BY started_at LIMIT $2",
+        "SELECT order_id, steps FROM sagas
+         WHERE (steps @> $1 OR steps @> $2) AND NOT steps @> $3 AND NOT steps @> $4
+         ORDER BY started_at DESC LIMIT $5",
     )
-    .bind(&reserved)
+    .bind(step("reserve", "succeeded"))
+    .bind(step("reserve", "abandoned"))
+    .bind(step("release", "succeeded"))
+    .bind(step("deduct", "succeeded"))
     .bind(HOLDERS_AT_MOST)
     .fetch_all(&state.pool)
     .await
@@ -789,7 +813,7 @@ async fn stock_page(state: &ApiState, sku: String) -> Page {
                 p.problem { (row.parked_events) " of this SKU's events are parked: the row is behind its stream." }
             }
             h2 { "Orders holding it" }
-            p.hint { "As their sagas recorded their reserves (of the first " (HOLDERS_AT_MOST) " sagas that reserved it)." }
+            p.hint { "As their sagas recorded their reserves (the newest " (HOLDERS_AT_MOST) " at most)." }
             @if holders.is_empty() {
                 p { "None." }
             } @else {
@@ -811,9 +835,15 @@ pub(super) async fn projections(State(state): State<Arc<ApiState>>) -> Response 
         Ok(status) => status,
         Err(err) => return failed(&state, err),
     };
-    let may_rebuild = super::rebuilds::may_rebuild(&state.pool)
-        .await
-        .unwrap_or(false);
+    let mut may_rebuild = std::collections::HashSet::new();
+    for view in ordo_projections::View::ALL {
+        if super::rebuilds::may_rebuild(&state.pool, view)
+            .await
+            .unwrap_or(false)
+        {
+            may_rebuild.insert(view.name());
+        }
+    }
     let rebuild_of = |name: &str| {
         name.parse::<ordo_projections::View>()
             .ok()
@@ -853,7 +883,7 @@ pub(super) async fn projections(State(state): State<Arc<ApiState>>) -> Response 
                             }
                         }
                     }
-                    @if may_rebuild {
+                    @if may_rebuild.contains(view.name.as_str()) {
                         form.action method="post" action={ "/ui/projections/" (encode(&view.name)) "/rebuild" }
                             data-confirm={ "Rebuild view " (view.name) " from its stream? It keeps serving while the new one is built, then swaps." } {
                             button.rebuild type="submit" { "Rebuild " (view.name) }
@@ -896,6 +926,8 @@ pub(super) async fn projections(State(state): State<Arc<ApiState>>) -> Response 
     .into_response()
 }
 
+const PARTITIONS_READ_WITHIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub(super) async fn partitions(State(state): State<Arc<ApiState>>) -> Response {
     let js = async_nats::jetstream::new(state.nats.clone());
     let groups = std::iter::once(COMMANDS_GROUP).chain(
@@ -906,10 +938,15 @@ pub(super) async fn partitions(State(state): State<Arc<ApiState>>) -> Response {
     let mut shown = Vec::new();
     for group in groups {
         let config = ordo_eventstore::OwnershipConfig::new(group, state.partitions);
-        shown.push((
-            group,
-            ordo_eventstore::ownership::status(&js, &config).await,
-        ));
+        // A bucket without a leader answers nothing: the page says so rather than hang.
+        let status = tokio::time::timeout(
+            PARTITIONS_READ_WITHIN,
+            ordo_eventstore::ownership::status(&js, &config),
+        )
+        .await
+        .map_err(|_| format!("the lease bucket gave no answer within {PARTITIONS_READ_WITHIN:?}"))
+        .and_then(|status| status.map_err(|err| err.to_string()));
+        shown.push((group, status));
     }
     layout(
         "Partitions",
@@ -1003,5 +1040,42 @@ mod tests {
             step(Deduct, "A1", Succeeded),
         ]);
         assert_eq!(shipped, [("A1".into(), 2, "shipped")]);
+    }
+
+    #[test]
+    fn a_reserve_given_up_on_is_answered_by_its_resolve() {
+        use StepKind::*;
+        use StepState::*;
+        let refused = |step: SagaStep| SagaStep {
+            last_error: Some("no such reservation".into()),
+            ..step
+        };
+        let resolving = holdings(&[
+            step(Reserve, "A1", Abandoned),
+            step(ResolveReserve, "A1", Unknown),
+        ]);
+        assert_eq!(resolving, [("A1".into(), 2, "not known yet")]);
+        let voided = holdings(&[
+            step(Reserve, "A1", Abandoned),
+            refused(step(ResolveReserve, "A1", Succeeded)),
+            refused(step(Release, "A1", Succeeded)),
+        ]);
+        assert_eq!(voided, [("A1".into(), 2, "not reserved")]);
+        let ran = holdings(&[
+            step(Reserve, "A1", Abandoned),
+            step(ResolveReserve, "A1", Succeeded),
+            step(Release, "A1", Pending),
+        ]);
+        assert_eq!(
+            ran,
+            [("A1".into(), 2, "held")],
+            "it ran: held until released"
+        );
+        let released = holdings(&[
+            step(Reserve, "A1", Abandoned),
+            step(ResolveReserve, "A1", Succeeded),
+            step(Release, "A1", Succeeded),
+        ]);
+        assert_eq!(released, [("A1".into(), 2, "released")]);
     }
 }

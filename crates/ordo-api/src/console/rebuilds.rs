@@ -1,6 +1,8 @@
-//! Rebuilds started from the console: run by the API process itself (a rebuild creates a schema,
-//! which only a role allowed to create one may do: the database's owner, as `ordo up` connects),
-//! with their progress kept here for the projections page to show.
+//! Rebuilds started from the console: run by the API process itself, when its database role may
+//! (a rebuild creates a schema and replaces the live view's: the database's owner, as `ordo up`
+//! connects, may; the read-only role of the shipped deployment may not, and the page says to run
+//! `ordo projections rebuild` instead), with their progress kept here for the projections page.
+//! One rebuild of a view runs at a time, across processes: the rebuild takes an advisory lock.
 
 use std::{
     collections::BTreeMap,
@@ -74,22 +76,28 @@ impl Rebuilds {
                 partitions,
                 ..ProjectorConfig::for_rebuild()
             };
-            let report = |progress: ordo_projections::rebuild::Progress| {
-                rebuilds.update(view, |status| {
-                    status.applied = progress.applied;
-                    status.target = progress.target;
+            let progress = rebuilds.clone();
+            let report = move |progress_now: ordo_projections::rebuild::Progress| {
+                progress.update(view, |status| {
+                    status.applied = progress_now.applied;
+                    status.target = progress_now.target;
                 });
             };
-            let outcome = view
-                .rebuild(&pool, &js, config, report)
+            // In a task of its own, so that a panic in it still ends the status.
+            let rebuilding = tokio::spawn(async move {
+                view.rebuild(&pool, &js, config, report)
+                    .await
+                    .map(|rebuilt| {
+                        format!(
+                            "rebuilt up to sequence {} in {:.1?} and swapped in",
+                            rebuilt.checkpoint, rebuilt.took
+                        )
+                    })
+                    .map_err(|err| err.to_string())
+            });
+            let outcome = rebuilding
                 .await
-                .map(|rebuilt| {
-                    format!(
-                        "rebuilt up to sequence {} in {:.1?} and swapped in",
-                        rebuilt.checkpoint, rebuilt.took
-                    )
-                })
-                .map_err(|err| err.to_string());
+                .unwrap_or_else(|err| Err(format!("the rebuild stopped: {err}")));
             match &outcome {
                 Ok(done) => tracing::info!(view = view.name(), done, "rebuild from the console"),
                 Err(err) => {
@@ -102,9 +110,16 @@ impl Rebuilds {
     }
 }
 
-/// Whether this process's database role may create schemas, as a rebuild does.
-pub async fn may_rebuild(pool: &sqlx::PgPool) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar("SELECT has_database_privilege(current_database(), 'CREATE')")
-        .fetch_one(pool)
-        .await
+/// Whether this process's database role may rebuild `view`: create schemas (the new view is
+/// built in one) and replace the live one, which takes owning it (or being a member of the role
+/// that does). A view not created yet is the rebuild's to create.
+pub async fn may_rebuild(pool: &sqlx::PgPool, view: View) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT has_database_privilege(current_database(), 'CREATE')
+            AND coalesce((SELECT pg_has_role(nspowner, 'MEMBER') FROM pg_namespace
+                          WHERE nspname = $1), true)",
+    )
+    .bind(view.info().schema())
+    .fetch_one(pool)
+    .await
 }

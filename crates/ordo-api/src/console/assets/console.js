@@ -13,19 +13,24 @@ document.addEventListener('submit', (event) => {
 
 for (const live of document.querySelectorAll('[data-live]')) {
   const every = Math.max(Number(live.dataset.live) || 2000, 500);
-  setInterval(async () => {
+  // The next refresh is planned when this one has finished: a slow answer never piles up
+  // requests on a busy API.
+  const refresh = async () => {
     try {
       const response = await fetch(window.location.href, {
         credentials: 'same-origin',
         headers: { Accept: 'text/html' },
       });
-      if (!response.ok) return;
-      const page = new DOMParser().parseFromString(await response.text(), 'text/html');
-      const fresh = page.querySelector('[data-live]');
-      // A copy of the list first: moving a node out of the fresh page shortens its childNodes.
-      if (fresh) live.replaceChildren(...Array.from(fresh.childNodes));
+      if (response.ok) {
+        const page = new DOMParser().parseFromString(await response.text(), 'text/html');
+        const fresh = page.querySelector('[data-live]');
+        // A copy of the list first: moving a node out of the fresh page shortens its childNodes.
+        if (fresh) live.replaceChildren(...Array.from(fresh.childNodes));
+      }
     } catch (_) {
-      // Unreachable for a moment: the next tick tries again.
+      // Unreachable for a moment: the next refresh tries again.
     }
-  }, every);
+    setTimeout(refresh, every);
+  };
+  setTimeout(refresh, every);
 }
