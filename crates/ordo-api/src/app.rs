@@ -187,13 +187,7 @@ pub fn router(state: ApiState) -> Router {
                 }
             }),
         )
-        // The console's pages read the same tables as the API's reads, so the same bound sheds them.
-        .merge(
-            crate::console::routes().layer(middleware::from_fn_with_state(
-                state.reads_in_flight.clone(),
-                shed_reads,
-            )),
-        )
+        .merge(crate::console::routes(state.reads_in_flight.clone()))
         .fallback(|uri: axum::http::Uri| async move {
             use axum::response::IntoResponse;
             if crate::console::is_console_path(uri.path()) {
@@ -210,7 +204,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 /// Serves a read if fewer than the bound are in flight, else answers 503 at once.
-async fn shed_reads(
+pub(crate) async fn shed_reads(
     axum::extract::State(in_flight): axum::extract::State<Arc<tokio::sync::Semaphore>>,
     request: axum::extract::Request,
     next: middleware::Next,

@@ -156,6 +156,11 @@ pub async fn require_token(
 ) -> Response {
     let path = request.uri().path();
     let Some(required) = tokens.required_for(path) else {
+        if crate::console::is_console_path(path)
+            && let Some(refused) = crate::console::reached_by_name(&request)
+        {
+            return refused;
+        }
         return next.run(request).await;
     };
     if open_console_path(path) {

@@ -308,6 +308,7 @@ pub struct ProjectionStatus {
     pub partitions: Vec<PartitionStatus>,
     /// How many events are parked.
     pub parked: usize,
+    /// The first parked events by sequence, 100 at most (`parked` counts them all).
     pub parked_events: Vec<ParkedEvent>,
 }
 

@@ -20,6 +20,9 @@ use crate::{
     error::ApiError,
 };
 
+/// Parked events listed per view (all are counted).
+const PARKED_SHOWN: i64 = 100;
+
 /// What `/projections` and `ordo projections status` show for each projection.
 pub async fn projection_status(
     pool: &sqlx::PgPool,
@@ -40,13 +43,23 @@ pub async fn projection_status(
         };
         // Those of the view that serves (a rebuild's new view parks its own, shown once it is
         // swapped in).
+        // A few shown, all counted: a projector that parks every event (a bad release) must not
+        // make this answer, or the console's live page that reads it every 2 s, grow with them.
         let parked_events: Vec<ParkedEvent> = sqlx::query_as(
             "SELECT seq, subject, event_type, reason, attempts, parked_at FROM parked_events
-             WHERE projection = $1 AND parked_in = $2 ORDER BY seq",
+             WHERE projection = $1 AND parked_in = $2 ORDER BY seq LIMIT $3",
         )
         .bind(projection.name)
         .bind(projection.schema())
+        .bind(PARKED_SHOWN)
         .fetch_all(pool)
+        .await?;
+        let parked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM parked_events WHERE projection = $1 AND parked_in = $2",
+        )
+        .bind(projection.name)
+        .bind(projection.schema())
+        .fetch_one(pool)
         .await?;
         let lag = |checkpoint: u64| head.map(|head| head.saturating_sub(checkpoint));
         status.push(ProjectionStatus {
@@ -63,7 +76,7 @@ pub async fn projection_status(
                     lag: lag(*checkpoint),
                 })
                 .collect(),
-            parked: parked_events.len(),
+            parked: usize::try_from(parked).unwrap_or(0),
             parked_events,
         });
     }

@@ -134,8 +134,10 @@ pub async fn rebuild<P: Projection>(
     }
 
     // The swap: the live projectors wait at their next checkpoint update while this holds the
-    // lock; readers of the checkpoints do not wait.
-    let mut swap = pool.begin().await?;
+    // lock; readers of the checkpoints do not wait. It runs on the connection that holds the
+    // rebuild's lock, so it commits only if that session (and the lock) lasted: had it been
+    // cut, another rebuild could have started meanwhile, and this one gives way.
+    let mut swap = sqlx::Connection::begin(&mut held).await?;
     sqlx::query(AssertSqlSafe(format!(
         "LOCK TABLE {live}.partition_checkpoints, {live}.checkpoints IN EXCLUSIVE MODE"
     )))
@@ -174,12 +176,6 @@ pub async fn rebuild<P: Projection>(
         .bind(&live)
         .execute(&mut *swap)
         .await?;
-    // The lock's connection still answers, so its session (and the lock) lasted: had it been
-    // cut, another rebuild could have started meanwhile, and this one gives way.
-    if let Err(err) = sqlx::query("SELECT 1").execute(&mut held).await {
-        tracing::warn!(projection = P::NAME, %err, "the rebuild's lock was lost: not swapped in");
-        return Err(err.into());
-    }
     swap.commit().await?;
     // Dropped after the commit: a live batch holding locks on the old tables finishes first.
     sqlx::query(AssertSqlSafe(format!(

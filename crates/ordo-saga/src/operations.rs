@@ -49,6 +49,9 @@ pub enum OperationReply {
     /// It could not be done now (the database did not answer); nothing changed, or the retry
     /// is left for the next attempt.
     Failed { message: String },
+    /// The one who asked got no answer in time: it may have been done, or may still be being
+    /// done. (Never sent by a component; what the asking side makes of its own timeout.)
+    Unknown { message: String },
 }
 
 /// Answers [`RETRY_SAGA`] with `coordinator` until `shutdown`.

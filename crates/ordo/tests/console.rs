@@ -89,9 +89,11 @@ impl Browser {
     /// replaced between the find and the read is found again.
     async fn text(&self, css: &str) -> String {
         for _ in 0..3 {
+            // Waited for: after a click or a submit, the next page may still be on its way.
             let element = self
                 .client
-                .find(Locator::Css(css))
+                .wait()
+                .for_element(Locator::Css(css))
                 .await
                 .unwrap_or_else(|err| panic!("no {css}: {err}"));
             match element.text().await {
@@ -303,7 +305,14 @@ async fn an_operator_reads_an_orders_story_and_retries_a_stuck_saga_in_a_browser
         .unwrap();
     login.set_by_name("token", "not-the-token").await.unwrap();
     login.submit().await.unwrap();
-    let refused = browser.page_text().await;
+    // The submit returns before the answer is shown: wait for it.
+    let refused = browser
+        .client
+        .wait()
+        .for_element(Locator::Css("p.error"))
+        .await
+        .unwrap();
+    let refused = refused.text().await.unwrap();
     assert!(refused.contains("That is not the API token."), "{refused}");
     browser.shoot("login-refused").await;
     let login = browser
@@ -314,8 +323,19 @@ async fn an_operator_reads_an_orders_story_and_retries_a_stuck_saga_in_a_browser
     login.set_by_name("token", TOKEN).await.unwrap();
     login.submit().await.unwrap();
     // Back to the page asked for, and the token is in no URL.
+    browser
+        .client
+        .wait()
+        .for_element(Locator::Css("section#summary"))
+        .await
+        .unwrap_or_else(|err| panic!("not back at the order's page: {err}"));
     let at = browser.client.current_url().await.unwrap();
-    assert_eq!(at.path(), "/ui/orders/o-ok");
+    assert_eq!(
+        at.path(),
+        "/ui/orders/o-ok",
+        "{}",
+        browser.page_text().await
+    );
     assert!(!at.as_str().contains(TOKEN));
     let cookie = browser
         .client
@@ -543,11 +563,15 @@ async fn an_operator_reads_an_orders_story_and_retries_a_stuck_saga_in_a_browser
         .unwrap();
     assert_eq!(forged_login.status(), 403);
     assert!(forged_login.headers().get("set-cookie").is_none());
-    // A saga that is not stuck is refused, not touched.
+    // A saga that is not stuck is refused, not touched; here asked through a TLS proxy that
+    // names the public host in `X-Forwarded-Host`, which the console takes as its own.
     let before = read(&shipped.http, "/sagas/o-stuck").await.unwrap();
     let not_stuck = http
         .post(&retry_url)
         .header("Cookie", &session)
+        .header("Origin", "https://ordo.example")
+        .header("X-Forwarded-Host", "ordo.example")
+        .header("Sec-Fetch-Site", "same-origin")
         .send()
         .await
         .unwrap();
@@ -759,7 +783,8 @@ async fn on_ordo_up_a_person_delivers_a_dead_letter_again_and_rebuilds_a_view() 
         .unwrap();
     assert_eq!(forged.status(), 403);
     // Nor a page of another site whose name was pointed at this address (DNS rebinding): to the
-    // browser it is same-origin, so without a token the console acts only when reached by address.
+    // browser it is same-origin, so without a token the console answers only when reached by
+    // address: it neither acts nor shows a page.
     let port = http.rsplit_once(':').unwrap().1;
     let rebound = reqwest::Client::new()
         .post(ui("/ui/projections/orders/rebuild"))
@@ -770,5 +795,16 @@ async fn on_ordo_up_a_person_delivers_a_dead_letter_again_and_rebuilds_a_view() 
         .await
         .unwrap();
     assert_eq!(rebound.status(), 403);
+    let rebound_read = reqwest::Client::new()
+        .get(ui("/ui/orders/o-1"))
+        .header("Host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound_read.status(), 403);
+    let by_localhost = reqwest::get(format!("http://localhost:{port}/ui/orders/o-1"))
+        .await
+        .unwrap();
+    assert_eq!(by_localhost.status(), 200);
     browser.client.clone().close().await.unwrap();
 }

@@ -338,6 +338,33 @@ async fn ordo_works_end_to_end_over_tls_with_each_component_as_its_own_user() {
     };
     let readyz = with_api_token("/readyz").await.text().await.unwrap();
     assert!(readyz.contains("\"ready\":true"), "{readyz}");
+    // The console reads as the read-only role too, and offers no rebuild it could not run.
+    let order_page = with_api_token("/ui/orders/o-1").await;
+    assert_eq!(order_page.status(), reqwest::StatusCode::OK);
+    let order_page = order_page.text().await.unwrap();
+    assert!(
+        order_page.contains("OrderConfirmed") && order_page.contains("authorize payment"),
+        "{order_page}"
+    );
+    let projections_page = with_api_token("/ui/projections")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        projections_page.contains("Rebuilds need the database's owner")
+            && !projections_page.contains("/rebuild\""),
+        "{projections_page}"
+    );
+    let rebuild = http_client
+        .post(format!("http://{http}/ui/projections/orders/rebuild"))
+        .bearer_auth(HTTP_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebuild.status(), reqwest::StatusCode::CONFLICT);
+    let refusal = rebuild.text().await.unwrap();
+    assert!(refusal.contains("the database's owner"), "{refusal}");
     // /metrics takes its own token: the API's gets a 401.
     let unauthorized = with_api_token("/metrics").await;
     assert_eq!(unauthorized.status(), reqwest::StatusCode::UNAUTHORIZED);

@@ -17,22 +17,25 @@ use ordo_saga::operations::{
 use super::{encode, layout};
 use crate::ApiState;
 
-/// How long an action waits for its answer (a notification's delivery is one webhook POST).
-const ANSWER_WITHIN: Duration = Duration::from_secs(15);
+/// How long an action waits for its answer. A notification delivered again may take the
+/// notifier's every attempt at a webhook that hangs (by default 5 × 2 s, the flushes and the
+/// pauses between: about 20 s); an answer later than this is reported as not known yet.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 /// Refuses a request another site's page made the browser send: its `Origin` (or, without one,
 /// `Sec-Fetch-Site`) must be this console's. With the session cookie SameSite=Strict, the
 /// browser would not send it along anyway; without a token there is no cookie, and this is
-/// what stops a page elsewhere from pressing the console's buttons.
-///
-/// Without a token, the console must also be reached by an address, not a name: a site whose
-/// name is made to resolve to this machine (DNS rebinding) is the console's own origin to the
-/// browser, and only the `Host` it sends gives it away. A console reached by name needs the
-/// token, whose cookie such a site never has.
-pub(super) fn same_origin(state: &ApiState, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok());
+/// what stops a page elsewhere from pressing the console's buttons. The console's host is the
+/// `X-Forwarded-Host` a reverse proxy sets, else `Host` (a proxy may send its upstream's address
+/// as `Host`). A page cannot set either across sites; one a rebinding name made same-origin can,
+/// and is stopped before this (without a token, [`super::reached_by_name`]; with one, it has no
+/// cookie).
+pub(super) fn same_origin(headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let header_text = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    let host = header_text(header::HeaderName::from_static("x-forwarded-host"))
+        .and_then(|hosts| hosts.split(',').next())
+        .map(str::trim)
+        .or_else(|| header_text(header::HOST));
     let origin = headers
         .get(header::ORIGIN)
         .and_then(|value| value.to_str().ok());
@@ -54,14 +57,6 @@ pub(super) fn same_origin(state: &ApiState, headers: &HeaderMap) -> Result<(), B
         // Not a browser (curl, a script): nothing to forge.
         (None, None) => true,
     };
-    let from_browser = origin.is_some() || fetch_site.is_some();
-    if from_browser && state.tokens.api.is_none() && !host.is_some_and(is_address) {
-        return Err(refused(
-            "This console has no API token and was reached by a name: its actions are taken only \
-             at an address (127.0.0.1:8080, not a name that any site could point here). Set an \
-             API token to use the console by name.",
-        ));
-    }
     if same {
         Ok(())
     } else {
@@ -77,7 +72,7 @@ fn refused(why: &str) -> Box<Response> {
 
 /// Whether a `Host` header names this machine by an IP address, or as `localhost` (which
 /// browsers resolve to a loopback address themselves), with or without a port.
-fn is_address(host: &str) -> bool {
+pub(super) fn is_address(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
         // [::1]:8080
         Some(bracketed) => match bracketed.split_once(']') {
@@ -91,26 +86,32 @@ fn is_address(host: &str) -> bool {
 
 /// Asks `subject` and reads its answer.
 async fn ask(state: &ApiState, subject: &'static str, request: Vec<u8>) -> OperationReply {
-    let asked = state.nats.request(subject, request.into());
-    match tokio::time::timeout(ANSWER_WITHIN, asked).await {
-        Ok(Ok(answer)) => {
+    // The client's own request timeout (10 s by default) would end the wait first: the request
+    // carries its own.
+    let asked = async_nats::Request::new()
+        .payload(request.into())
+        .timeout(Some(ANSWER_WITHIN));
+    match state.nats.send_request(subject, asked).await {
+        Ok(answer) => {
             serde_json::from_slice(&answer.payload).unwrap_or_else(|err| OperationReply::Failed {
                 message: format!("the answer could not be read: {err}"),
             })
         }
-        Ok(Err(err)) if err.kind() == async_nats::RequestErrorKind::NoResponders => {
+        Err(err) if err.kind() == async_nats::RequestErrorKind::NoResponders => {
             OperationReply::Failed {
                 message: "no instance is running to answer it (is the component running?)".into(),
             }
         }
-        Ok(Err(err)) => OperationReply::Failed {
+        Err(err) if err.kind() == async_nats::RequestErrorKind::TimedOut => {
+            OperationReply::Unknown {
+                message: format!(
+                    "no answer within {} s: it may still be happening; look again in a moment",
+                    ANSWER_WITHIN.as_secs()
+                ),
+            }
+        }
+        Err(err) => OperationReply::Failed {
             message: format!("NATS: {err}"),
-        },
-        Err(_) => OperationReply::Failed {
-            message: format!(
-                "no answer within {} s: it may still happen; look again in a moment",
-                ANSWER_WITHIN.as_secs()
-            ),
         },
     }
 }
@@ -130,6 +131,11 @@ fn answered(state: &ApiState, what: &str, reply: OperationReply, back: &str) -> 
             StatusCode::SERVICE_UNAVAILABLE,
             "failed",
             format!("{what}: not done. {message}"),
+        ),
+        OperationReply::Unknown { message } => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "unknown",
+            format!("{what}: not known yet. {message}"),
         ),
     };
     (
@@ -151,7 +157,7 @@ pub(super) async fn retry_saga(
     headers: HeaderMap,
     Path(order_id): Path<String>,
 ) -> Response {
-    if let Err(refused) = same_origin(&state, &headers) {
+    if let Err(refused) = same_origin(&headers) {
         return *refused;
     }
     let request = serde_json::to_vec(&RetrySaga {
@@ -173,7 +179,7 @@ pub(super) async fn retry_notification(
     headers: HeaderMap,
     Path((order_id, kind)): Path<(String, String)>,
 ) -> Response {
-    if let Err(refused) = same_origin(&state, &headers) {
+    if let Err(refused) = same_origin(&headers) {
         return *refused;
     }
     let request = serde_json::to_vec(&RetryNotification {
@@ -196,7 +202,7 @@ pub(super) async fn rebuild_view(
     headers: HeaderMap,
     Path(view): Path<String>,
 ) -> Response {
-    if let Err(refused) = same_origin(&state, &headers) {
+    if let Err(refused) = same_origin(&headers) {
         return *refused;
     }
     let what = format!("Rebuild of view {view}");

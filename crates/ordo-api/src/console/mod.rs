@@ -52,8 +52,10 @@ pub fn is_console_path(path: &str) -> bool {
     path == PREFIX || path.starts_with("/ui/")
 }
 
-/// The console's routes; [`crate::router`] adds them beside the API's.
-pub fn routes() -> Router<Arc<ApiState>> {
+/// The console's routes; [`crate::router`] adds them beside the API's. The pages read the same
+/// tables as the API's reads, so the same bound on reads in flight sheds them (its 503 gets the
+/// console's headers too).
+pub fn routes(reads_in_flight: Arc<tokio::sync::Semaphore>) -> Router<Arc<ApiState>> {
     Router::new()
         .route(PREFIX, get(|| async { Redirect::to("/ui/") }))
         .route("/ui/", get(pages::home))
@@ -77,6 +79,10 @@ pub fn routes() -> Router<Arc<ApiState>> {
             "/ui/assets/console.js",
             get(|| asset(SCRIPT, "text/javascript")),
         )
+        .layer(middleware::from_fn_with_state(
+            reads_in_flight,
+            crate::app::shed_reads,
+        ))
         .layer(middleware::from_fn(secure_headers))
 }
 
@@ -129,6 +135,32 @@ fn protect(response: &mut Response) {
     if !headers.contains_key(header::CACHE_CONTROL) {
         set(headers, header::CACHE_CONTROL, "no-store");
     }
+}
+
+/// Without an API token, the console answers only when reached by an address (`127.0.0.1:8080`,
+/// `localhost`), never by a name: a site whose name is made to resolve to this machine (DNS
+/// rebinding) would be the console's own origin to a browser, free to read its pages and press
+/// its buttons, and only the `Host` the browser sends gives it away. `Some` is the refusal.
+pub fn reached_by_name(request: &Request) -> Option<Response> {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok());
+    if host.is_some_and(actions::is_address) {
+        return None;
+    }
+    let mut response = (
+        StatusCode::FORBIDDEN,
+        message_page(
+            "Reached by a name",
+            "This console has no API token, so it answers only at an address (such as \
+             127.0.0.1:8080), not at a name that any site could point here. Open it by address, \
+             or start the API with a token (--http-token) to use it by name.",
+        ),
+    )
+        .into_response();
+    protect(&mut response);
+    Some(response)
 }
 
 /// What a console request without the session gets: a page is sent to the login form (which
@@ -233,7 +265,7 @@ async fn log_in(
     let Some(api) = state.tokens.api.as_ref() else {
         return Redirect::to(&next).into_response();
     };
-    if let Err(refused) = actions::same_origin(&state, &headers) {
+    if let Err(refused) = actions::same_origin(&headers) {
         return *refused;
     }
     if !api.matches(form.token.trim()) {
@@ -254,8 +286,8 @@ async fn log_in(
     ([(header::SET_COOKIE, cookie)], Redirect::to(&next)).into_response()
 }
 
-async fn log_out(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = actions::same_origin(&state, &headers) {
+async fn log_out(headers: HeaderMap) -> Response {
+    if let Err(refused) = actions::same_origin(&headers) {
         return *refused;
     }
     let cookie = format!(

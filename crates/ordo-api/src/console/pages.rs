@@ -894,6 +894,9 @@ pub(super) async fn projections(State(state): State<Arc<ApiState>>) -> Response 
                     @if !view.parked_events.is_empty() {
                         h2 { "Parked in " (view.name) }
                         p.hint { "Fix the cause, then rebuild the view: a rebuild applies every event again, and those that apply stop being parked." }
+                        @if view.parked > view.parked_events.len() {
+                            p.problem { (view.parked) " events are parked; the first " (view.parked_events.len()) " by sequence are listed." }
+                        }
                         table.parked {
                             thead { tr { th { "sequence" } th { "subject" } th { "type" } th { "reason" } th { "attempts" } th { "parked" } } }
                             tbody {
