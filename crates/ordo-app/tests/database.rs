@@ -140,7 +140,13 @@ async fn a_database_an_earlier_build_set_up_is_adopted_at_any_version_with_its_r
         let missing = database::missing(database.pool()).await.unwrap();
         assert_eq!(
             missing.migrations,
-            ["saga 1", "saga 2", "projections 1", "projections 2"],
+            [
+                "saga 1",
+                "saga 2",
+                "saga 3",
+                "projections 1",
+                "projections 2"
+            ],
             "after legacy migrations 1 to {applied}"
         );
         database::prepare(database.pool()).await.unwrap();

@@ -87,7 +87,9 @@ fn when(at: &DateTime<Utc>) -> String {
 }
 
 fn money(cents: i64, currency: &str) -> String {
-    format!("{}.{:02} {currency}", cents / 100, (cents % 100).abs())
+    let sign = if cents < 0 { "-" } else { "" };
+    let cents = cents.unsigned_abs();
+    format!("{sign}{}.{:02} {currency}", cents / 100, cents % 100)
 }
 
 fn order_link(order_id: &str) -> Markup {
@@ -1003,6 +1005,15 @@ pub(super) async fn partitions(State(state): State<Arc<ApiState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn money_is_shown_with_its_sign_and_two_decimals() {
+        assert_eq!(money(500, "USD"), "5.00 USD");
+        assert_eq!(money(7, "EUR"), "0.07 EUR");
+        assert_eq!(money(-50, "USD"), "-0.50 USD");
+        assert_eq!(money(-1234, "USD"), "-12.34 USD");
+        assert_eq!(money(i64::MIN, "USD"), "-92233720368547758.08 USD");
+    }
 
     fn step(kind: StepKind, sku: &str, state: StepState) -> SagaStep {
         SagaStep {
