@@ -176,7 +176,9 @@ pub async fn rebuild<P: Projection>(
         .bind(&live)
         .execute(&mut *swap)
         .await?;
-    swap.commit().await?;
+    swap.commit().await.inspect_err(|err| {
+        tracing::warn!(projection = P::NAME, %err, "the swap did not commit (its lock's session may be lost): the live view is kept");
+    })?;
     // Dropped after the commit: a live batch holding locks on the old tables finishes first.
     sqlx::query(AssertSqlSafe(format!(
         "DROP SCHEMA IF EXISTS {old} CASCADE"

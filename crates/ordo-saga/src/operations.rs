@@ -5,9 +5,9 @@
 //!
 //! Each request is JSON and so is its answer ([`OperationReply`]). Only the read API's and the
 //! operator's NATS users may publish these subjects (docker/nats-accounts.conf), and the
-//! components may answer only in those two users' inboxes; without permissions (`ordo up`), an
-//! answer still goes only to an inbox, so a request cannot make a component publish into ordo's
-//! own subjects.
+//! components may answer only in inboxes (those two users', and `_INBOX.`, which in ordo's
+//! account only the operator reads); without permissions (`ordo up`), an answer still goes only
+//! to an inbox, so a request cannot make a component publish into ordo's own subjects.
 
 use std::future::Future;
 

@@ -802,6 +802,17 @@ async fn on_ordo_up_a_person_delivers_a_dead_letter_again_and_rebuilds_a_view() 
         .await
         .unwrap();
     assert_eq!(rebound_read.status(), 403);
+    // Behind a proxy that sends its upstream's address as `Host`, the name is in
+    // `X-Forwarded-Host`: refused too, and with it the POST whose Origin matches that name.
+    let behind_proxy = reqwest::Client::new()
+        .post(ui("/ui/projections/orders/rebuild"))
+        .header("X-Forwarded-Host", format!("evil.example:{port}"))
+        .header("Origin", format!("http://evil.example:{port}"))
+        .header("Sec-Fetch-Site", "same-origin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(behind_proxy.status(), 403);
     let by_localhost = reqwest::get(format!("http://localhost:{port}/ui/orders/o-1"))
         .await
         .unwrap();

@@ -28,8 +28,8 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 /// what stops a page elsewhere from pressing the console's buttons. The console's host is the
 /// `X-Forwarded-Host` a reverse proxy sets, else `Host` (a proxy may send its upstream's address
 /// as `Host`). A page cannot set either across sites; one a rebinding name made same-origin can,
-/// and is stopped before this (without a token, [`super::reached_by_name`]; with one, it has no
-/// cookie).
+/// and is stopped before this (without a token, [`super::reached_by_name`] refuses a name in
+/// either header; with one, it has no cookie).
 pub(super) fn same_origin(headers: &HeaderMap) -> Result<(), Box<Response>> {
     let header_text = |name| headers.get(name).and_then(|value| value.to_str().ok());
     let host = header_text(header::HeaderName::from_static("x-forwarded-host"))

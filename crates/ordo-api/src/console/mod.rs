@@ -140,13 +140,25 @@ fn protect(response: &mut Response) {
 /// Without an API token, the console answers only when reached by an address (`127.0.0.1:8080`,
 /// `localhost`), never by a name: a site whose name is made to resolve to this machine (DNS
 /// rebinding) would be the console's own origin to a browser, free to read its pages and press
-/// its buttons, and only the `Host` the browser sends gives it away. `Some` is the refusal.
+/// its buttons, and only the `Host` the browser sends gives it away. Behind a proxy, `Host` may
+/// be the proxy's upstream address whatever name the browser used: the `X-Forwarded-Host` the
+/// proxy adds must be an address too. `Some` is the refusal.
 pub fn reached_by_name(request: &Request) -> Option<Response> {
-    let host = request
-        .headers()
+    let headers = request.headers();
+    let host = headers
         .get(header::HOST)
         .and_then(|value| value.to_str().ok());
-    if host.is_some_and(actions::is_address) {
+    let mut forwarded = headers
+        .get_all("x-forwarded-host")
+        .iter()
+        .flat_map(|value| {
+            value
+                .to_str()
+                .map_or(vec!["?"], |text| text.split(',').collect())
+        });
+    if host.is_some_and(actions::is_address)
+        && forwarded.all(|host| actions::is_address(host.trim()))
+    {
         return None;
     }
     let mut response = (
